@@ -1,0 +1,539 @@
+//! The checkpoint coordinator as a pure state machine: it is fed facts (time passed, a
+//! task acknowledged, a source finished, the manifest was written) and returns decisions
+//! (trigger, complete, abort, fail, finished). The runtime's driver does the I/O.
+//!
+//! # Protocol
+//!
+//! 1. On a tick after the interval has passed, and with no checkpoint in flight, the
+//!    coordinator picks the next id and decides [`Decision::Trigger`]. At most one
+//!    checkpoint is in flight.
+//! 2. Sinks report committables as they pre-commit ([`CheckpointCoordinator::on_committables`]);
+//!    they are kept as pending whatever checkpoint they belong to, because output staged
+//!    for an abandoned checkpoint is still part of the next completed one.
+//! 3. Every task acknowledges with its state handle. When all have, the decision is
+//!    [`Decision::Complete`], carrying every pending committable up to that id: the driver
+//!    writes the manifest (the commit point), then commits.
+//! 4. [`CheckpointCoordinator::on_committed`] drops what was committed; a later checkpoint
+//!    subsumes commits that failed earlier.
+//! 5. When every source has finished, the next checkpoint is the final one; when it is
+//!    committed the decision is [`Decision::Finished`].
+//!
+//! # Invariants
+//!
+//! * Ids strictly increase, starting above every id the driver found in storage.
+//! * A checkpoint completes only with an ack from every task.
+//! * Pending committables are only dropped after the driver reports them committed.
+//!
+//! # Failure and recovery
+//!
+//! A checkpoint that times out or is declined (an upload failed) is aborted; acks for it
+//! that arrive later are ignored. More than `tolerable_failures` in a row, or any failure
+//! of the final checkpoint (whose sources have already ended), is [`Decision::Fail`]:
+//! the job restarts from its latest completed checkpoint.
+
+use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
+use crate::manifest::{PendingCommit, TaskStateHandle};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// One task instance: the task's head operator and its subtask index.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskKey {
+    /// Head operator of the task.
+    pub task: OperatorId,
+    /// Subtask index.
+    pub subtask: SubtaskIndex,
+}
+
+/// Coordinator settings.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Time between checkpoints; `None` takes only the final checkpoint.
+    pub interval: Option<Duration>,
+    /// A checkpoint not complete after this long is aborted.
+    pub timeout: Duration,
+    /// Failed checkpoints in a row that are tolerated before the job fails.
+    pub tolerable_failures: u32,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Ask every source to inject barrier `id`.
+    Trigger {
+        /// Checkpoint id.
+        id: CheckpointId,
+        /// Sources end after this barrier.
+        is_final: bool,
+    },
+    /// Every task acked: write the manifest, then commit `pending_commits`.
+    Complete {
+        /// Checkpoint id.
+        id: CheckpointId,
+        /// Whether it is the final one.
+        is_final: bool,
+        /// Task snapshots, sorted.
+        tasks: Vec<TaskStateHandle>,
+        /// Every committable staged up to `id` and not yet committed.
+        pending_commits: Vec<PendingCommit>,
+        /// From trigger to the last ack.
+        duration: Duration,
+    },
+    /// Abandon checkpoint `id`.
+    Abort {
+        /// Checkpoint id.
+        id: CheckpointId,
+        /// Why.
+        reason: String,
+    },
+    /// The job must restart from its latest checkpoint.
+    Fail {
+        /// Why.
+        reason: String,
+    },
+    /// The final checkpoint is committed: the job is done.
+    Finished,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    id: CheckpointId,
+    is_final: bool,
+    started: Instant,
+    acks: BTreeMap<TaskKey, TaskStateHandle>,
+}
+
+/// Checkpoint coordination state.
+#[derive(Debug)]
+pub struct CheckpointCoordinator {
+    config: CoordinatorConfig,
+    tasks: BTreeSet<TaskKey>,
+    sources: BTreeSet<TaskKey>,
+    finished_sources: BTreeSet<TaskKey>,
+    next_id: CheckpointId,
+    in_flight: Option<InFlight>,
+    /// Completed and manifest written, waiting for the driver to commit.
+    committing: Option<(CheckpointId, bool)>,
+    last_completed: Option<CheckpointId>,
+    last_settled: Instant,
+    pending: Vec<PendingCommit>,
+    consecutive_failures: u32,
+}
+
+impl CheckpointCoordinator {
+    /// A coordinator for `tasks` (of which `sources` inject barriers), whose first
+    /// checkpoint id is `first_id`.
+    pub fn new(
+        config: CoordinatorConfig,
+        tasks: impl IntoIterator<Item = TaskKey>,
+        sources: impl IntoIterator<Item = TaskKey>,
+        first_id: CheckpointId,
+        restored_pending: Vec<PendingCommit>,
+        now: Instant,
+    ) -> Self {
+        CheckpointCoordinator {
+            config,
+            tasks: tasks.into_iter().collect(),
+            sources: sources.into_iter().collect(),
+            finished_sources: BTreeSet::new(),
+            next_id: first_id,
+            in_flight: None,
+            committing: None,
+            last_completed: None,
+            last_settled: now,
+            pending: restored_pending,
+            consecutive_failures: 0,
+        }
+    }
+
+    /// The checkpoint in flight, if any.
+    pub fn in_flight(&self) -> Option<CheckpointId> {
+        self.in_flight.as_ref().map(|f| f.id)
+    }
+
+    /// The latest checkpoint whose manifest was written in this attempt.
+    pub fn last_completed(&self) -> Option<CheckpointId> {
+        self.last_completed
+    }
+
+    fn all_sources_finished(&self) -> bool {
+        self.finished_sources.len() == self.sources.len()
+    }
+
+    fn trigger(&mut self, now: Instant, is_final: bool) -> Decision {
+        let id = self.next_id;
+        self.next_id = id.next();
+        self.in_flight = Some(InFlight {
+            id,
+            is_final,
+            started: now,
+            acks: BTreeMap::new(),
+        });
+        Decision::Trigger { id, is_final }
+    }
+
+    /// Time passed.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Decision> {
+        let mut out = Vec::new();
+        if let Some(f) = &self.in_flight {
+            if now.duration_since(f.started) >= self.config.timeout {
+                let id = f.id;
+                let reason = format!(
+                    "checkpoint {id} timed out after {:?} with {}/{} acks",
+                    self.config.timeout,
+                    f.acks.len(),
+                    self.tasks.len()
+                );
+                out.extend(self.fail_in_flight(now, reason));
+            }
+            return out;
+        }
+        if self.committing.is_some() {
+            return out;
+        }
+        if self.all_sources_finished() {
+            out.push(self.trigger(now, true));
+        } else if let Some(interval) = self.config.interval {
+            if now.duration_since(self.last_settled) >= interval {
+                out.push(self.trigger(now, false));
+            }
+        }
+        out
+    }
+
+    /// A source task has read all its input and waits for the final barrier.
+    pub fn on_source_finished(&mut self, task: TaskKey, now: Instant) -> Vec<Decision> {
+        self.finished_sources.insert(task);
+        if self.all_sources_finished() && self.in_flight.is_none() && self.committing.is_none() {
+            vec![self.trigger(now, true)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// A sink subtask pre-committed `committables` at barrier `checkpoint`.
+    pub fn on_committables(&mut self, commits: impl IntoIterator<Item = PendingCommit>) {
+        self.pending.extend(commits);
+    }
+
+    /// A task finished its snapshot for `id` and stored it at `handle`.
+    pub fn on_ack(&mut self, task: TaskKey, id: CheckpointId, handle: TaskStateHandle, now: Instant) -> Vec<Decision> {
+        let Some(f) = &mut self.in_flight else {
+            return Vec::new();
+        };
+        if f.id != id || !self.tasks.contains(&task) {
+            return Vec::new();
+        }
+        f.acks.insert(task, handle);
+        if f.acks.len() < self.tasks.len() {
+            return Vec::new();
+        }
+        let Some(f) = self.in_flight.take() else {
+            return Vec::new();
+        };
+        let pending_commits = self.pending.iter().filter(|p| p.checkpoint <= f.id).cloned().collect();
+        self.committing = Some((f.id, f.is_final));
+        vec![Decision::Complete {
+            id: f.id,
+            is_final: f.is_final,
+            tasks: f.acks.into_values().collect(),
+            pending_commits,
+            duration: now.duration_since(f.started),
+        }]
+    }
+
+    /// A task could not snapshot or store its state for `id`.
+    pub fn on_decline(&mut self, id: CheckpointId, reason: String, now: Instant) -> Vec<Decision> {
+        match &self.in_flight {
+            Some(f) if f.id == id => self.fail_in_flight(now, reason),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Writing the manifest of `id` failed; the checkpoint does not exist.
+    pub fn on_manifest_failed(&mut self, id: CheckpointId, reason: String, now: Instant) -> Vec<Decision> {
+        match self.committing {
+            Some((c, is_final)) if c == id => {
+                self.committing = None;
+                self.register_failure(id, is_final, reason, now)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The manifest of `id` is written and every pending commit up to `id` succeeded.
+    pub fn on_committed(&mut self, id: CheckpointId, now: Instant) -> Vec<Decision> {
+        let is_final = match self.committing {
+            Some((c, f)) if c == id => f,
+            _ => return Vec::new(),
+        };
+        self.committing = None;
+        self.last_completed = Some(id);
+        self.last_settled = now;
+        self.consecutive_failures = 0;
+        self.pending.retain(|p| p.checkpoint > id);
+        if is_final {
+            vec![Decision::Finished]
+        } else if self.all_sources_finished() {
+            vec![self.trigger(now, true)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The manifest of `id` is written but commits failed: the checkpoint is complete
+    /// (it is the restore point), its output stays pending for the next checkpoint.
+    pub fn on_commit_deferred(&mut self, id: CheckpointId, now: Instant) -> Vec<Decision> {
+        match self.committing {
+            Some((c, is_final)) if c == id => {
+                self.committing = None;
+                self.last_completed = Some(id);
+                self.last_settled = now;
+                if is_final {
+                    return vec![Decision::Fail {
+                        reason: format!("commit of final checkpoint {id} failed"),
+                    }];
+                }
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn fail_in_flight(&mut self, now: Instant, reason: String) -> Vec<Decision> {
+        let Some(f) = self.in_flight.take() else {
+            return Vec::new();
+        };
+        self.register_failure(f.id, f.is_final, reason, now)
+    }
+
+    fn register_failure(&mut self, id: CheckpointId, is_final: bool, reason: String, now: Instant) -> Vec<Decision> {
+        self.last_settled = now;
+        self.consecutive_failures += 1;
+        let mut out = vec![Decision::Abort {
+            id,
+            reason: reason.clone(),
+        }];
+        if is_final {
+            out.push(Decision::Fail {
+                reason: format!("final checkpoint {id} failed after sources ended: {reason}"),
+            });
+        } else if self.consecutive_failures > self.config.tolerable_failures {
+            out.push(Decision::Fail {
+                reason: format!("{} consecutive checkpoints failed; last: {reason}", self.consecutive_failures),
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(t: &str, s: usize) -> TaskKey {
+        TaskKey {
+            task: OperatorId(t.into()),
+            subtask: SubtaskIndex(s),
+        }
+    }
+
+    fn handle(k: &TaskKey, id: u64) -> TaskStateHandle {
+        TaskStateHandle {
+            task: k.task.clone(),
+            subtask: k.subtask,
+            parallelism: 1,
+            operators: vec![],
+            path: format!("chk-{id}/{}-{}", k.task, k.subtask),
+            size: 0,
+            crc32: 0,
+        }
+    }
+
+    fn commit(id: u64, sink: &str) -> PendingCommit {
+        PendingCommit {
+            checkpoint: CheckpointId(id),
+            sink: OperatorId(sink.into()),
+            subtask: SubtaskIndex(0),
+            committable: serde_json::json!(id),
+        }
+    }
+
+    fn setup(tolerable: u32) -> (CheckpointCoordinator, Vec<TaskKey>, Instant) {
+        let t0 = Instant::now();
+        let tasks = vec![key("src", 0), key("src", 1), key("sink", 0)];
+        let c = CheckpointCoordinator::new(
+            CoordinatorConfig {
+                interval: Some(Duration::from_secs(1)),
+                timeout: Duration::from_secs(10),
+                tolerable_failures: tolerable,
+            },
+            tasks.clone(),
+            tasks[..2].to_vec(),
+            CheckpointId(5),
+            vec![],
+            t0,
+        );
+        (c, tasks, t0)
+    }
+
+    fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn triggers_on_interval_with_ids_from_first_id() {
+        let (mut c, _, t0) = setup(0);
+        assert!(c.on_tick(t0 + Duration::from_millis(500)).is_empty());
+        assert_eq!(c.on_tick(t0 + s(1)), vec![Decision::Trigger { id: CheckpointId(5), is_final: false }]);
+        // No second trigger while one is in flight.
+        assert!(c.on_tick(t0 + s(3)).is_empty());
+    }
+
+    #[test]
+    fn completes_only_after_every_ack_in_any_order() {
+        for order in [[0, 1, 2], [2, 0, 1], [1, 2, 0]] {
+            let (mut c, tasks, t0) = setup(0);
+            c.on_tick(t0 + s(1));
+            c.on_committables([commit(5, "sink")]);
+            for (k, &i) in order.iter().enumerate() {
+                let d = c.on_ack(tasks[i].clone(), CheckpointId(5), handle(&tasks[i], 5), t0 + s(2));
+                if k < 2 {
+                    assert!(d.is_empty());
+                } else {
+                    match &d[..] {
+                        [Decision::Complete { id, tasks: hs, pending_commits, is_final: false, .. }] => {
+                            assert_eq!(*id, CheckpointId(5));
+                            assert_eq!(hs.len(), 3);
+                            assert_eq!(pending_commits, &vec![commit(5, "sink")]);
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }
+            c.on_committed(CheckpointId(5), t0 + s(2));
+            assert_eq!(c.last_completed(), Some(CheckpointId(5)));
+            // Next trigger one interval after completion, with the next id.
+            assert!(c.on_tick(t0 + s(2)).is_empty());
+            assert_eq!(c.on_tick(t0 + s(3)), vec![Decision::Trigger { id: CheckpointId(6), is_final: false }]);
+        }
+    }
+
+    #[test]
+    fn checkpoint_that_never_completes_times_out_and_late_acks_are_ignored() {
+        let (mut c, tasks, t0) = setup(1);
+        c.on_tick(t0 + s(1));
+        c.on_ack(tasks[0].clone(), CheckpointId(5), handle(&tasks[0], 5), t0 + s(1));
+        let d = c.on_tick(t0 + s(11));
+        assert!(matches!(&d[..], [Decision::Abort { id: CheckpointId(5), .. }]), "{d:?}");
+        // Late acks of the abandoned checkpoint do nothing.
+        assert!(c.on_ack(tasks[1].clone(), CheckpointId(5), handle(&tasks[1], 5), t0 + s(12)).is_empty());
+        assert!(c.on_ack(tasks[2].clone(), CheckpointId(5), handle(&tasks[2], 5), t0 + s(12)).is_empty());
+        // The next one gets a fresh id; a second failure in a row exceeds the tolerance.
+        assert_eq!(c.on_tick(t0 + s(12)), vec![Decision::Trigger { id: CheckpointId(6), is_final: false }]);
+        let d = c.on_decline(CheckpointId(6), "upload failed".into(), t0 + s(12));
+        assert!(matches!(&d[..], [Decision::Abort { .. }, Decision::Fail { .. }]), "{d:?}");
+    }
+
+    #[test]
+    fn committables_of_abandoned_checkpoint_are_carried_into_the_next() {
+        let (mut c, tasks, t0) = setup(5);
+        c.on_tick(t0 + s(1));
+        c.on_committables([commit(5, "sink")]);
+        c.on_decline(CheckpointId(5), "x".into(), t0 + s(1));
+        c.on_tick(t0 + s(2));
+        c.on_committables([commit(6, "sink")]);
+        let mut last = Vec::new();
+        for t in &tasks {
+            last = c.on_ack(t.clone(), CheckpointId(6), handle(t, 6), t0 + s(2));
+        }
+        match &last[..] {
+            [Decision::Complete { pending_commits, .. }] => {
+                assert_eq!(pending_commits, &vec![commit(5, "sink"), commit(6, "sink")])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn failed_commit_stays_pending_until_a_later_checkpoint_commits() {
+        let (mut c, tasks, t0) = setup(5);
+        c.on_tick(t0 + s(1));
+        c.on_committables([commit(5, "sink")]);
+        for t in &tasks {
+            c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0 + s(1));
+        }
+        c.on_commit_deferred(CheckpointId(5), t0 + s(1));
+        c.on_tick(t0 + s(2));
+        let mut last = Vec::new();
+        for t in &tasks {
+            last = c.on_ack(t.clone(), CheckpointId(6), handle(t, 6), t0 + s(2));
+        }
+        match &last[..] {
+            [Decision::Complete { pending_commits, .. }] => assert_eq!(pending_commits, &vec![commit(5, "sink")]),
+            other => panic!("{other:?}"),
+        }
+        c.on_committed(CheckpointId(6), t0 + s(2));
+        c.on_tick(t0 + s(3));
+        let mut last = Vec::new();
+        for t in &tasks {
+            last = c.on_ack(t.clone(), CheckpointId(7), handle(t, 7), t0 + s(3));
+        }
+        match &last[..] {
+            [Decision::Complete { pending_commits, .. }] => assert!(pending_commits.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn final_checkpoint_after_all_sources_finish_then_finished() {
+        let (mut c, tasks, t0) = setup(0);
+        assert!(c.on_source_finished(tasks[0].clone(), t0).is_empty());
+        assert_eq!(
+            c.on_source_finished(tasks[1].clone(), t0),
+            vec![Decision::Trigger { id: CheckpointId(5), is_final: true }]
+        );
+        let mut last = Vec::new();
+        for t in &tasks {
+            last = c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0);
+        }
+        assert!(matches!(&last[..], [Decision::Complete { is_final: true, .. }]));
+        assert_eq!(c.on_committed(CheckpointId(5), t0), vec![Decision::Finished]);
+    }
+
+    #[test]
+    fn sources_finishing_during_a_periodic_checkpoint_get_a_final_one_after_it() {
+        let (mut c, tasks, t0) = setup(0);
+        c.on_tick(t0 + s(1));
+        assert!(c.on_source_finished(tasks[0].clone(), t0 + s(1)).is_empty());
+        assert!(c.on_source_finished(tasks[1].clone(), t0 + s(1)).is_empty());
+        for t in &tasks {
+            c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0 + s(1));
+        }
+        assert_eq!(
+            c.on_committed(CheckpointId(5), t0 + s(1)),
+            vec![Decision::Trigger { id: CheckpointId(6), is_final: true }]
+        );
+    }
+
+    #[test]
+    fn failure_of_final_checkpoint_fails_the_job() {
+        let (mut c, tasks, t0) = setup(10);
+        c.on_source_finished(tasks[0].clone(), t0);
+        c.on_source_finished(tasks[1].clone(), t0);
+        let d = c.on_decline(CheckpointId(5), "disk full".into(), t0);
+        assert!(matches!(&d[..], [Decision::Abort { .. }, Decision::Fail { .. }]), "{d:?}");
+    }
+
+    #[test]
+    fn manifest_write_failure_counts_as_failed_checkpoint() {
+        let (mut c, tasks, t0) = setup(0);
+        c.on_tick(t0 + s(1));
+        for t in &tasks {
+            c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0 + s(1));
+        }
+        let d = c.on_manifest_failed(CheckpointId(5), "403".into(), t0 + s(1));
+        assert!(matches!(&d[..], [Decision::Abort { .. }, Decision::Fail { .. }]), "{d:?}");
+        assert_eq!(c.last_completed(), None);
+    }
+}

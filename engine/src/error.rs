@@ -1,0 +1,230 @@
+//! The engine's error type, classified so the runtime can decide what to do.
+//!
+//! * [`ErrorClass::Retry`]: a transient fault of one operation (an upload that timed out).
+//!   The operation is retried or the checkpoint is abandoned and a later one takes over.
+//! * [`ErrorClass::Restart`]: the running attempt is broken (a task failed or panicked);
+//!   the job restarts from the latest completed checkpoint under its restart policy.
+//! * [`ErrorClass::Stop`]: retrying cannot help (bad configuration, bad input under the
+//!   `Fail` policy, a corrupt checkpoint). `run()` returns the error at once.
+
+use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
+use std::path::PathBuf;
+
+/// Result alias for the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the runtime should do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Transient; retry the operation.
+    Retry,
+    /// Restart the job from the latest checkpoint.
+    Restart,
+    /// Stop the job; retrying cannot help.
+    Stop,
+}
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The job is configured in a way that cannot work.
+    #[error("invalid job configuration: {message}")]
+    Config {
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// A source cannot rewind but the job runs in exactly-once mode.
+    #[error(
+        "source '{operator}' cannot rewind to a checkpointed offset, so it cannot take part in \
+         an exactly-once job; use a replayable source or run the job in at-least-once mode"
+    )]
+    NotReplayable {
+        /// The source's operator id.
+        operator: OperatorId,
+    },
+
+    /// A record in the input could not be read.
+    #[error("bad record in {file}:{line}: {message}")]
+    BadRecord {
+        /// Input file.
+        file: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// Why it was rejected.
+        message: String,
+    },
+
+    /// A user function or operator failed while processing.
+    #[error("operator '{operator}' subtask {subtask} failed: {source}")]
+    Operator {
+        /// Operator that failed.
+        operator: OperatorId,
+        /// Its subtask.
+        subtask: SubtaskIndex,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A task thread panicked.
+    #[error("task '{task}' subtask {subtask} panicked: {message}")]
+    Panic {
+        /// The task (its head operator).
+        task: OperatorId,
+        /// Its subtask.
+        subtask: SubtaskIndex,
+        /// The panic payload, if it was a string.
+        message: String,
+    },
+
+    /// Checkpoint storage could not be read or written.
+    #[error("checkpoint storage {op} '{path}' failed: {source}")]
+    Storage {
+        /// What was attempted.
+        op: &'static str,
+        /// Object path.
+        path: String,
+        /// The object store's error.
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// A checkpoint file exists but does not verify.
+    #[error(
+        "checkpoint {checkpoint} is corrupt: file '{path}': {message}. Refusing to start \
+         from scratch or from an older checkpoint, because output committed after that \
+         checkpoint would be produced twice; restore the file or move the checkpoint \
+         directory aside deliberately"
+    )]
+    CorruptCheckpoint {
+        /// The checkpoint concerned.
+        checkpoint: CheckpointId,
+        /// The file that failed verification.
+        path: String,
+        /// What did not verify.
+        message: String,
+    },
+
+    /// Another writer created a manifest we were about to write.
+    #[error(
+        "manifest for checkpoint {checkpoint} already exists at '{path}': another instance of \
+         this job is writing to the same checkpoint storage"
+    )]
+    ConcurrentWriter {
+        /// The checkpoint concerned.
+        checkpoint: CheckpointId,
+        /// The manifest path.
+        path: String,
+    },
+
+    /// State could not be encoded or decoded.
+    #[error("state codec error in {what}: {message}")]
+    Codec {
+        /// What was being encoded or decoded.
+        what: String,
+        /// The codec's message.
+        message: String,
+    },
+
+    /// A sink failed to stage, commit or abort.
+    #[error("sink '{sink}' failed to {step} for checkpoint {checkpoint:?}: {source}")]
+    Sink {
+        /// The sink's operator id.
+        sink: OperatorId,
+        /// `pre-commit`, `commit`, `abort` or `recover`.
+        step: &'static str,
+        /// The checkpoint concerned, when there is one.
+        checkpoint: Option<CheckpointId>,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A committable of a completed checkpoint can no longer be committed: data loss.
+    #[error(
+        "sink '{sink}' cannot commit checkpoint {checkpoint}: {message}. The staged output \
+         of a completed checkpoint is gone; this is data loss and needs an operator"
+    )]
+    CommitLost {
+        /// The sink's operator id.
+        sink: OperatorId,
+        /// The checkpoint whose output is lost.
+        checkpoint: CheckpointId,
+        /// What was found.
+        message: String,
+    },
+
+    /// Checkpoints kept failing beyond the tolerated number.
+    #[error("{count} consecutive checkpoints failed; last failure: {last}")]
+    CheckpointsFailing {
+        /// How many in a row.
+        count: u32,
+        /// The last reason.
+        last: String,
+    },
+
+    /// The restart policy gave up.
+    #[error("job '{job}' failed after {attempts} restart(s); last failure: {source}")]
+    RestartsExhausted {
+        /// The job.
+        job: String,
+        /// Restarts attempted.
+        attempts: u32,
+        /// The failure that ended it.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// Local I/O outside checkpoint storage (sources, sinks).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, including the path.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The job was cancelled because another task failed.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    /// How the runtime should react to this error.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Config { .. }
+            | Error::NotReplayable { .. }
+            | Error::BadRecord { .. }
+            | Error::CorruptCheckpoint { .. }
+            | Error::ConcurrentWriter { .. }
+            | Error::CommitLost { .. }
+            | Error::RestartsExhausted { .. } => ErrorClass::Stop,
+            Error::Storage { .. } => ErrorClass::Retry,
+            Error::Operator { .. }
+            | Error::Panic { .. }
+            | Error::Codec { .. }
+            | Error::Sink { .. }
+            | Error::CheckpointsFailing { .. }
+            | Error::Io { .. }
+            | Error::Cancelled => ErrorClass::Restart,
+        }
+    }
+
+    /// Shorthand for a configuration error.
+    pub fn config(message: impl Into<String>) -> Self {
+        Error::Config {
+            message: message.into(),
+        }
+    }
+
+    /// Shorthand for an I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
