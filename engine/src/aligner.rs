@@ -181,10 +181,22 @@ mod tests {
         let mut a = BarrierAligner::new(2);
         assert_eq!(a.on_barrier(0, c(5)), None);
         let out = a.on_end(1);
-        assert_eq!(out, EndOutcome { snapshot: Some(c(5)), all_ended: false });
+        assert_eq!(
+            out,
+            EndOutcome {
+                snapshot: Some(c(5)),
+                all_ended: false
+            }
+        );
         assert!(a.is_readable(0));
         let out = a.on_end(0);
-        assert_eq!(out, EndOutcome { snapshot: None, all_ended: true });
+        assert_eq!(
+            out,
+            EndOutcome {
+                snapshot: None,
+                all_ended: true
+            }
+        );
     }
 
     #[test]
@@ -198,7 +210,11 @@ mod tests {
     /// One input's script: a sequence of barrier ids (increasing), then maybe end.
     fn scripts() -> impl Strategy<Value = Vec<(Vec<u64>, bool)>> {
         proptest::collection::vec(
-            (proptest::collection::btree_set(1u64..6, 0..5).prop_map(|s| s.into_iter().collect()), any::<bool>()),
+            (
+                proptest::collection::btree_set(1u64..6, 0..5)
+                    .prop_map(|s| s.into_iter().collect()),
+                any::<bool>(),
+            ),
             1..5,
         )
     }
@@ -236,8 +252,8 @@ mod tests {
                 if let Some(id) = snap {
                     prop_assert!(id.0 > last, "snapshots must increase");
                     last = id.0;
-                    for j in 0..n {
-                        let done = a_input_ended(&a, j) || delivered_max[j] >= id.0;
+                    for (j, &max) in delivered_max.iter().enumerate() {
+                        let done = a_input_ended(&a, j) || max >= id.0;
                         prop_assert!(done, "snapshot {} before input {} delivered it", id.0, j);
                     }
                 }

@@ -217,7 +217,13 @@ impl CheckpointCoordinator {
     }
 
     /// A task finished its snapshot for `id` and stored it at `handle`.
-    pub fn on_ack(&mut self, task: TaskKey, id: CheckpointId, handle: TaskStateHandle, now: Instant) -> Vec<Decision> {
+    pub fn on_ack(
+        &mut self,
+        task: TaskKey,
+        id: CheckpointId,
+        handle: TaskStateHandle,
+        now: Instant,
+    ) -> Vec<Decision> {
         let Some(f) = &mut self.in_flight else {
             return Vec::new();
         };
@@ -231,7 +237,12 @@ impl CheckpointCoordinator {
         let Some(f) = self.in_flight.take() else {
             return Vec::new();
         };
-        let pending_commits = self.pending.iter().filter(|p| p.checkpoint <= f.id).cloned().collect();
+        let pending_commits = self
+            .pending
+            .iter()
+            .filter(|p| p.checkpoint <= f.id)
+            .cloned()
+            .collect();
         self.committing = Some((f.id, f.is_final));
         vec![Decision::Complete {
             id: f.id,
@@ -251,7 +262,12 @@ impl CheckpointCoordinator {
     }
 
     /// Writing the manifest of `id` failed; the checkpoint does not exist.
-    pub fn on_manifest_failed(&mut self, id: CheckpointId, reason: String, now: Instant) -> Vec<Decision> {
+    pub fn on_manifest_failed(
+        &mut self,
+        id: CheckpointId,
+        reason: String,
+        now: Instant,
+    ) -> Vec<Decision> {
         match self.committing {
             Some((c, is_final)) if c == id => {
                 self.committing = None;
@@ -307,7 +323,13 @@ impl CheckpointCoordinator {
         self.register_failure(f.id, f.is_final, reason, now)
     }
 
-    fn register_failure(&mut self, id: CheckpointId, is_final: bool, reason: String, now: Instant) -> Vec<Decision> {
+    fn register_failure(
+        &mut self,
+        id: CheckpointId,
+        is_final: bool,
+        reason: String,
+        now: Instant,
+    ) -> Vec<Decision> {
         self.last_settled = now;
         self.consecutive_failures += 1;
         let mut out = vec![Decision::Abort {
@@ -320,7 +342,10 @@ impl CheckpointCoordinator {
             });
         } else if self.consecutive_failures > self.config.tolerable_failures {
             out.push(Decision::Fail {
-                reason: format!("{} consecutive checkpoints failed; last: {reason}", self.consecutive_failures),
+                reason: format!(
+                    "{} consecutive checkpoints failed; last: {reason}",
+                    self.consecutive_failures
+                ),
             });
         }
         out
@@ -385,7 +410,13 @@ mod tests {
     fn triggers_on_interval_with_ids_from_first_id() {
         let (mut c, _, t0) = setup(0);
         assert!(c.on_tick(t0 + Duration::from_millis(500)).is_empty());
-        assert_eq!(c.on_tick(t0 + s(1)), vec![Decision::Trigger { id: CheckpointId(5), is_final: false }]);
+        assert_eq!(
+            c.on_tick(t0 + s(1)),
+            vec![Decision::Trigger {
+                id: CheckpointId(5),
+                is_final: false
+            }]
+        );
         // No second trigger while one is in flight.
         assert!(c.on_tick(t0 + s(3)).is_empty());
     }
@@ -397,12 +428,23 @@ mod tests {
             c.on_tick(t0 + s(1));
             c.on_committables([commit(5, "sink")]);
             for (k, &i) in order.iter().enumerate() {
-                let d = c.on_ack(tasks[i].clone(), CheckpointId(5), handle(&tasks[i], 5), t0 + s(2));
+                let d = c.on_ack(
+                    tasks[i].clone(),
+                    CheckpointId(5),
+                    handle(&tasks[i], 5),
+                    t0 + s(2),
+                );
                 if k < 2 {
                     assert!(d.is_empty());
                 } else {
                     match &d[..] {
-                        [Decision::Complete { id, tasks: hs, pending_commits, is_final: false, .. }] => {
+                        [Decision::Complete {
+                            id,
+                            tasks: hs,
+                            pending_commits,
+                            is_final: false,
+                            ..
+                        }] => {
                             assert_eq!(*id, CheckpointId(5));
                             assert_eq!(hs.len(), 3);
                             assert_eq!(pending_commits, &vec![commit(5, "sink")]);
@@ -415,7 +457,13 @@ mod tests {
             assert_eq!(c.last_completed(), Some(CheckpointId(5)));
             // Next trigger one interval after completion, with the next id.
             assert!(c.on_tick(t0 + s(2)).is_empty());
-            assert_eq!(c.on_tick(t0 + s(3)), vec![Decision::Trigger { id: CheckpointId(6), is_final: false }]);
+            assert_eq!(
+                c.on_tick(t0 + s(3)),
+                vec![Decision::Trigger {
+                    id: CheckpointId(6),
+                    is_final: false
+                }]
+            );
         }
     }
 
@@ -423,16 +471,53 @@ mod tests {
     fn checkpoint_that_never_completes_times_out_and_late_acks_are_ignored() {
         let (mut c, tasks, t0) = setup(1);
         c.on_tick(t0 + s(1));
-        c.on_ack(tasks[0].clone(), CheckpointId(5), handle(&tasks[0], 5), t0 + s(1));
+        c.on_ack(
+            tasks[0].clone(),
+            CheckpointId(5),
+            handle(&tasks[0], 5),
+            t0 + s(1),
+        );
         let d = c.on_tick(t0 + s(11));
-        assert!(matches!(&d[..], [Decision::Abort { id: CheckpointId(5), .. }]), "{d:?}");
+        assert!(
+            matches!(
+                &d[..],
+                [Decision::Abort {
+                    id: CheckpointId(5),
+                    ..
+                }]
+            ),
+            "{d:?}"
+        );
         // Late acks of the abandoned checkpoint do nothing.
-        assert!(c.on_ack(tasks[1].clone(), CheckpointId(5), handle(&tasks[1], 5), t0 + s(12)).is_empty());
-        assert!(c.on_ack(tasks[2].clone(), CheckpointId(5), handle(&tasks[2], 5), t0 + s(12)).is_empty());
+        assert!(c
+            .on_ack(
+                tasks[1].clone(),
+                CheckpointId(5),
+                handle(&tasks[1], 5),
+                t0 + s(12)
+            )
+            .is_empty());
+        assert!(c
+            .on_ack(
+                tasks[2].clone(),
+                CheckpointId(5),
+                handle(&tasks[2], 5),
+                t0 + s(12)
+            )
+            .is_empty());
         // The next one gets a fresh id; a second failure in a row exceeds the tolerance.
-        assert_eq!(c.on_tick(t0 + s(12)), vec![Decision::Trigger { id: CheckpointId(6), is_final: false }]);
+        assert_eq!(
+            c.on_tick(t0 + s(12)),
+            vec![Decision::Trigger {
+                id: CheckpointId(6),
+                is_final: false
+            }]
+        );
         let d = c.on_decline(CheckpointId(6), "upload failed".into(), t0 + s(12));
-        assert!(matches!(&d[..], [Decision::Abort { .. }, Decision::Fail { .. }]), "{d:?}");
+        assert!(
+            matches!(&d[..], [Decision::Abort { .. }, Decision::Fail { .. }]),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -448,7 +533,9 @@ mod tests {
             last = c.on_ack(t.clone(), CheckpointId(6), handle(t, 6), t0 + s(2));
         }
         match &last[..] {
-            [Decision::Complete { pending_commits, .. }] => {
+            [Decision::Complete {
+                pending_commits, ..
+            }] => {
                 assert_eq!(pending_commits, &vec![commit(5, "sink"), commit(6, "sink")])
             }
             other => panic!("{other:?}"),
@@ -470,7 +557,9 @@ mod tests {
             last = c.on_ack(t.clone(), CheckpointId(6), handle(t, 6), t0 + s(2));
         }
         match &last[..] {
-            [Decision::Complete { pending_commits, .. }] => assert_eq!(pending_commits, &vec![commit(5, "sink")]),
+            [Decision::Complete {
+                pending_commits, ..
+            }] => assert_eq!(pending_commits, &vec![commit(5, "sink")]),
             other => panic!("{other:?}"),
         }
         c.on_committed(CheckpointId(6), t0 + s(2));
@@ -480,7 +569,9 @@ mod tests {
             last = c.on_ack(t.clone(), CheckpointId(7), handle(t, 7), t0 + s(3));
         }
         match &last[..] {
-            [Decision::Complete { pending_commits, .. }] => assert!(pending_commits.is_empty()),
+            [Decision::Complete {
+                pending_commits, ..
+            }] => assert!(pending_commits.is_empty()),
             other => panic!("{other:?}"),
         }
     }
@@ -491,14 +582,23 @@ mod tests {
         assert!(c.on_source_finished(tasks[0].clone(), t0).is_empty());
         assert_eq!(
             c.on_source_finished(tasks[1].clone(), t0),
-            vec![Decision::Trigger { id: CheckpointId(5), is_final: true }]
+            vec![Decision::Trigger {
+                id: CheckpointId(5),
+                is_final: true
+            }]
         );
         let mut last = Vec::new();
         for t in &tasks {
             last = c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0);
         }
-        assert!(matches!(&last[..], [Decision::Complete { is_final: true, .. }]));
-        assert_eq!(c.on_committed(CheckpointId(5), t0), vec![Decision::Finished]);
+        assert!(matches!(
+            &last[..],
+            [Decision::Complete { is_final: true, .. }]
+        ));
+        assert_eq!(
+            c.on_committed(CheckpointId(5), t0),
+            vec![Decision::Finished]
+        );
     }
 
     #[test]
@@ -512,7 +612,10 @@ mod tests {
         }
         assert_eq!(
             c.on_committed(CheckpointId(5), t0 + s(1)),
-            vec![Decision::Trigger { id: CheckpointId(6), is_final: true }]
+            vec![Decision::Trigger {
+                id: CheckpointId(6),
+                is_final: true
+            }]
         );
     }
 
@@ -522,7 +625,10 @@ mod tests {
         c.on_source_finished(tasks[0].clone(), t0);
         c.on_source_finished(tasks[1].clone(), t0);
         let d = c.on_decline(CheckpointId(5), "disk full".into(), t0);
-        assert!(matches!(&d[..], [Decision::Abort { .. }, Decision::Fail { .. }]), "{d:?}");
+        assert!(
+            matches!(&d[..], [Decision::Abort { .. }, Decision::Fail { .. }]),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -533,7 +639,10 @@ mod tests {
             c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0 + s(1));
         }
         let d = c.on_manifest_failed(CheckpointId(5), "403".into(), t0 + s(1));
-        assert!(matches!(&d[..], [Decision::Abort { .. }, Decision::Fail { .. }]), "{d:?}");
+        assert!(
+            matches!(&d[..], [Decision::Abort { .. }, Decision::Fail { .. }]),
+            "{d:?}"
+        );
         assert_eq!(c.last_completed(), None);
     }
 }

@@ -99,7 +99,11 @@ pub fn key_group_of_bytes(encoded_key: &[u8], max_parallelism: u16) -> KeyGroup 
 
 /// The subtask that owns key group `kg` at `parallelism`. Inverse of
 /// [`KeyGroupRange::for_subtask`].
-pub fn subtask_for_key_group(kg: KeyGroup, max_parallelism: u16, parallelism: usize) -> SubtaskIndex {
+pub fn subtask_for_key_group(
+    kg: KeyGroup,
+    max_parallelism: u16,
+    parallelism: usize,
+) -> SubtaskIndex {
     SubtaskIndex(kg.0 as usize * parallelism / max_parallelism as usize)
 }
 
@@ -135,7 +139,10 @@ mod tests {
         // Pinned values: if this changes, checkpoints written by older builds would
         // restore keys into the wrong key groups.
         assert_eq!(xxhash_rust::xxh3::xxh3_64(b"account-1"), PINNED_HASH);
-        assert_eq!(key_group_of_bytes(b"account-1", 128), KeyGroup((PINNED_HASH % 128) as u16));
+        assert_eq!(
+            key_group_of_bytes(b"account-1", 128),
+            KeyGroup((PINNED_HASH % 128) as u16)
+        );
     }
     const PINNED_HASH: u64 = 6_925_527_013_811_150_362;
 }

@@ -1,7 +1,35 @@
-//! exactly's engine: placeholder while modules land.
+//! exactly's engine: the typed DSL, the threaded runtime, barrier checkpoints, keyed
+//! state, checkpoint storage and recovery.
+//!
+//! Start with [`dsl::Job`]; implement [`api::Source`] or [`api::TwoPhaseCommitSink`] to
+//! connect other systems. The protocol modules ([`coordinator`], [`aligner`]) are pure
+//! state machines; the runtime drives them.
+
 pub mod aligner;
+pub mod api;
 pub mod codec;
 pub mod coordinator;
+pub mod dsl;
 pub mod error;
 pub mod ids;
 pub mod manifest;
+pub mod process;
+pub mod runtime;
+pub mod state;
+pub mod storage;
+pub mod testing;
+
+/// Everything a pipeline author needs.
+pub mod prelude {
+    pub use crate::api::{
+        BoxError, Data, Key, RecoveryContext, SinkContext, SinkWriter, Source, SourceContext,
+        SourcePoll, SourceReader, TwoPhaseCommitSink,
+    };
+    pub use crate::dsl::{Job, JobBuilder, KeyedStream, RestartPolicy, Stream};
+    pub use crate::error::{Error, ErrorClass};
+    pub use crate::ids::CheckpointId;
+    pub use crate::process::{KeyedContext, KeyedProcessFunction};
+    pub use crate::runtime::{CheckpointStats, JobReport};
+    pub use crate::state::{MapState, ValueState};
+    pub use crate::testing::{CollectSink, VecSource};
+}

@@ -93,8 +93,8 @@ impl Manifest {
             path: path.to_string(),
             message,
         };
-        let env: Envelope =
-            serde_json::from_slice(bytes).map_err(|e| corrupt(format!("unreadable manifest: {e}")))?;
+        let env: Envelope = serde_json::from_slice(bytes)
+            .map_err(|e| corrupt(format!("unreadable manifest: {e}")))?;
         if env.manifest.format_version != MANIFEST_FORMAT_VERSION {
             return Err(corrupt(format!(
                 "manifest format version {} is not supported (this build reads {MANIFEST_FORMAT_VERSION})",

@@ -1,0 +1,160 @@
+//! The extension points users implement: [`Source`] (replayable input) and
+//! [`TwoPhaseCommitSink`] (staged, idempotently committed output).
+//!
+//! # Protocol (sinks)
+//!
+//! 1. `write`: records since the last barrier go into the writer's current transaction.
+//! 2. `pre_commit(n)` at barrier `n`: make the transaction durable but invisible and
+//!    return a serialisable committable (or `None` if nothing was written). It is recorded
+//!    in the manifest of the first checkpoint `>= n` that completes.
+//! 3. `commit(c)` after that manifest is written. Must be idempotent: it runs again after
+//!    a crash, and a committable already made visible must count as success.
+//! 4. `recover(restored, pending)` before any task starts: commit the committables of the
+//!    restored checkpoint, abort everything else staged (a later checkpoint's lingering
+//!    transactions), and report the highest checkpoint id found in staged artifacts so the
+//!    job's next checkpoint id is above it.
+//!
+//! # Protocol (sources)
+//!
+//! A source is split into stable, named splits. An offset names the **next** record to
+//! read: restoring at offset `o` re-reads nothing before `o` and skips nothing from `o` on.
+
+use crate::error::Result;
+use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
+use serde::{de::DeserializeOwned, Serialize};
+use std::hash::Hash;
+
+/// What flows through streams: owned, clonable (for fan-out), sendable between threads.
+pub trait Data: Clone + Send + 'static {}
+impl<T: Clone + Send + 'static> Data for T {}
+
+/// What streams are keyed by: encoded with postcard to find its key group and state.
+pub trait Key: Data + Serialize + DeserializeOwned + Eq + Hash + Sync {}
+impl<T: Data + Serialize + DeserializeOwned + Eq + Hash + Sync> Key for T {}
+
+/// The error type user functions return.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a source reader produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourcePoll {
+    /// Records were appended (at least one).
+    Ready,
+    /// Nothing available now; poll again later.
+    Idle,
+    /// The split is exhausted (no records appended).
+    End,
+}
+
+/// Where a source instance runs.
+#[derive(Debug, Clone)]
+pub struct SourceContext {
+    /// The source's operator id.
+    pub operator: OperatorId,
+    /// Subtask reading the split.
+    pub subtask: SubtaskIndex,
+}
+
+/// A replayable input, divided into named splits.
+pub trait Source: Send + Sync + 'static {
+    /// Records produced.
+    type Item: Data;
+    /// A position in one split: names the next record to read.
+    type Offset: Serialize + DeserializeOwned + Clone + Send + 'static;
+    /// Reads one split.
+    type Reader: SourceReader<Item = Self::Item, Offset = Self::Offset>;
+
+    /// Stable split names. The same input must give the same names in every run.
+    fn splits(&self) -> Result<Vec<String>>;
+
+    /// Open `split`, positioned at `from` (its start when `None`).
+    fn open(
+        &self,
+        split: &str,
+        from: Option<Self::Offset>,
+        ctx: &SourceContext,
+    ) -> Result<Self::Reader>;
+
+    /// Whether the source can rewind to an offset it reported. Exactly-once jobs refuse
+    /// sources that cannot.
+    fn replayable(&self) -> bool {
+        true
+    }
+}
+
+/// Reads one split of a [`Source`].
+pub trait SourceReader: 'static {
+    /// Records produced.
+    type Item;
+    /// Position type.
+    type Offset;
+
+    /// Append up to `max` records to `out`.
+    fn poll_batch(&mut self, out: &mut Vec<Self::Item>, max: usize) -> Result<SourcePoll>;
+
+    /// The offset of the next record `poll_batch` would return.
+    fn offset(&self) -> Self::Offset;
+}
+
+/// Where a sink instance runs.
+#[derive(Debug, Clone)]
+pub struct SinkContext {
+    /// Job name.
+    pub job: String,
+    /// The sink's operator id.
+    pub sink: OperatorId,
+    /// Subtask index.
+    pub subtask: SubtaskIndex,
+    /// Parallelism of the sink.
+    pub parallelism: usize,
+}
+
+/// What recovery tells a sink.
+#[derive(Debug, Clone)]
+pub struct RecoveryContext {
+    /// Job name.
+    pub job: String,
+    /// The sink's operator id.
+    pub sink: OperatorId,
+    /// The checkpoint being restored, `None` on a fresh start.
+    pub restored: Option<CheckpointId>,
+}
+
+/// A sink that stages output at each barrier and makes it visible only after the
+/// checkpoint completes. See the module docs for the protocol.
+pub trait TwoPhaseCommitSink: Send + Sync + 'static {
+    /// Records written.
+    type Item: Data;
+    /// Identifies staged output; stored in the manifest as JSON.
+    type Committable: Serialize + DeserializeOwned + Send + 'static;
+    /// Per-subtask writer.
+    type Writer: SinkWriter<Item = Self::Item, Committable = Self::Committable>;
+
+    /// Open the writer of one subtask.
+    fn open_writer(&self, ctx: &SinkContext) -> Result<Self::Writer>;
+
+    /// Make staged output visible. Idempotent.
+    fn commit(&self, committable: &Self::Committable) -> Result<()>;
+
+    /// Commit `pending` (from the restored checkpoint), abort all other staged output,
+    /// and return the highest checkpoint id seen among staged artifacts.
+    fn recover(
+        &self,
+        ctx: &RecoveryContext,
+        pending: Vec<Self::Committable>,
+    ) -> Result<Option<CheckpointId>>;
+}
+
+/// Writes one sink subtask's output into its current transaction.
+pub trait SinkWriter: 'static {
+    /// Records written.
+    type Item;
+    /// See [`TwoPhaseCommitSink::Committable`].
+    type Committable;
+
+    /// Write a batch; drains `batch`.
+    fn write(&mut self, batch: &mut Vec<Self::Item>) -> Result<()>;
+
+    /// Stage everything written since the previous barrier.
+    fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<Option<Self::Committable>>;
+}

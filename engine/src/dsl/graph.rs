@@ -1,0 +1,394 @@
+//! The job graph behind the DSL, its execution plan, and how a task instance is built
+//! from it.
+//!
+//! Every node keeps its typed parts behind `Any`: the DSL knows the types when a node is
+//! added, and the builder downcasts with the same types when a task is assembled, so the
+//! operators that run are fully monomorphised.
+
+use crate::api::{Data, Source};
+use crate::coordinator::TaskKey;
+use crate::error::{Error, Result};
+use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
+use crate::runtime::exchange::{ExchangeOut, RoundRobin};
+use crate::runtime::heads::{InputHead, TaskHead};
+use crate::runtime::ops::{Discard, Fanout};
+use crate::runtime::{Collector, Message, SourceControl, TaskEnv};
+use crate::state::OperatorSnapshot;
+use crossbeam_channel::{Receiver, Sender};
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub(crate) type NodeId = usize;
+pub(crate) type EdgeId = usize;
+
+/// Builds a node's operator (and, recursively, what it feeds) for one subtask.
+pub(crate) type OpFactory<I> =
+    Arc<dyn Fn(&mut BuildCtx<'_>) -> Result<Box<dyn Collector<I>>> + Send + Sync>;
+/// Builds the sending side of a hash edge for one upstream subtask.
+pub(crate) type SenderFactory<T> =
+    Arc<dyn Fn(Vec<Sender<Message<T>>>, &BuildCtx<'_>) -> Box<dyn Collector<T>> + Send + Sync>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Partition {
+    /// Same subtask index downstream; chained when parallelism matches.
+    Forward,
+    /// Hash by key group.
+    Hash,
+}
+
+pub(crate) struct Edge {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub partition: Partition,
+    /// `SenderFactory<T>` for hash edges.
+    pub hash_sender: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+/// The typed input side of a node.
+pub(crate) struct NodeInput<I> {
+    pub op: OpFactory<I>,
+}
+
+/// Channels of one edge, typed by what it carries.
+struct EdgeChannels<T> {
+    /// Per upstream subtask: senders ordered by downstream subtask.
+    senders: Vec<Option<Vec<Sender<Message<T>>>>>,
+    /// Per downstream subtask: receivers ordered by upstream subtask.
+    receivers: Vec<Option<Vec<Receiver<Message<T>>>>>,
+}
+
+pub(crate) trait ErasedInput: Send + Sync {
+    fn as_any(&self) -> &dyn Any;
+    fn make_channels(
+        &self,
+        up: usize,
+        down: usize,
+        one_to_one: bool,
+        capacity: usize,
+    ) -> Box<dyn Any + Send>;
+    fn build_head(&self, node: NodeId, ctx: &mut BuildCtx<'_>) -> Result<Box<dyn TaskHead>>;
+}
+
+impl<I: Data> ErasedInput for NodeInput<I> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn make_channels(
+        &self,
+        up: usize,
+        down: usize,
+        one_to_one: bool,
+        capacity: usize,
+    ) -> Box<dyn Any + Send> {
+        let mut senders: Vec<Vec<Sender<Message<I>>>> = (0..up).map(|_| Vec::new()).collect();
+        let mut receivers: Vec<Vec<Receiver<Message<I>>>> = (0..down).map(|_| Vec::new()).collect();
+        for (u, s) in senders.iter_mut().enumerate() {
+            for (d, r) in receivers.iter_mut().enumerate() {
+                if one_to_one && u != d {
+                    continue;
+                }
+                let (tx, rx) = crossbeam_channel::bounded(capacity);
+                s.push(tx);
+                r.push(rx);
+            }
+        }
+        Box::new(EdgeChannels {
+            senders: senders.into_iter().map(Some).collect(),
+            receivers: receivers.into_iter().map(Some).collect(),
+        })
+    }
+
+    fn build_head(&self, node: NodeId, ctx: &mut BuildCtx<'_>) -> Result<Box<dyn TaskHead>> {
+        let mut receivers = Vec::new();
+        for &e in &ctx.graph.nodes[node].in_edges {
+            let mut pool = ctx.channels.lock();
+            let chans = pool
+                .get_mut(&e)
+                .and_then(|c| c.downcast_mut::<EdgeChannels<I>>())
+                .ok_or_else(|| Error::config(format!("internal: no channels for edge {e}")))?;
+            let mine = chans.receivers[ctx.subtask.0].take().ok_or_else(|| {
+                Error::config(format!("internal: receivers of edge {e} taken twice"))
+            })?;
+            receivers.extend(mine);
+        }
+        let op = (self.op)(ctx)?;
+        Ok(Box::new(InputHead {
+            key: ctx.key(),
+            parallelism: ctx.plan.parallelism[node],
+            receivers,
+            op,
+            env: ctx.env.clone(),
+        }))
+    }
+}
+
+/// A source node's typed part.
+pub(crate) trait ErasedSource: Send + Sync {
+    fn replayable(&self) -> bool;
+    fn build_head(&self, node: NodeId, ctx: &mut BuildCtx<'_>) -> Result<Box<dyn TaskHead>>;
+}
+
+pub(crate) struct SourceNode<S: Source> {
+    pub source: Arc<S>,
+}
+
+/// A sink node's typed committer side, used by the driver.
+pub(crate) trait ErasedSink: Send + Sync {
+    fn commit(&self, committable: &serde_json::Value) -> Result<()>;
+    fn recover(
+        &self,
+        ctx: &crate::api::RecoveryContext,
+        pending: Vec<serde_json::Value>,
+    ) -> Result<Option<CheckpointId>>;
+}
+
+pub(crate) struct Node {
+    pub op: OperatorId,
+    pub parallelism: Option<usize>,
+    pub source: Option<Arc<dyn ErasedSource>>,
+    pub input: Option<Arc<dyn ErasedInput>>,
+    pub sink: Option<Arc<dyn ErasedSink>>,
+    pub in_edges: Vec<EdgeId>,
+    pub out_edges: Vec<EdgeId>,
+}
+
+#[derive(Default)]
+pub(crate) struct Graph {
+    pub nodes: Vec<Node>,
+    pub edges: Vec<Edge>,
+    /// Problems found while the DSL was used; reported by `run()`.
+    pub errors: Vec<String>,
+}
+
+impl Graph {
+    pub fn add_node(&mut self, op: OperatorId) -> NodeId {
+        self.nodes.push(Node {
+            op,
+            parallelism: None,
+            source: None,
+            input: None,
+            sink: None,
+            in_edges: Vec::new(),
+            out_edges: Vec::new(),
+        });
+        self.nodes.len() - 1
+    }
+
+    pub fn connect(
+        &mut self,
+        from: NodeId,
+        to: NodeId,
+        partition: Partition,
+        hash_sender: Option<Arc<dyn Any + Send + Sync>>,
+    ) {
+        let e = self.edges.len();
+        self.edges.push(Edge {
+            from,
+            to,
+            partition,
+            hash_sender,
+        });
+        self.nodes[from].out_edges.push(e);
+        self.nodes[to].in_edges.push(e);
+    }
+}
+
+/// Parallelism and chaining decisions for one run.
+pub(crate) struct Plan {
+    pub parallelism: Vec<usize>,
+    pub chained: Vec<bool>,
+    /// Nodes that start a task.
+    pub heads: Vec<NodeId>,
+}
+
+impl Plan {
+    pub fn new(graph: &Graph, default_parallelism: usize) -> Plan {
+        // Nodes are added after their inputs, so one pass in id order sees every input's
+        // parallelism first. A node fed by a single forward edge inherits its input's
+        // parallelism unless set, so that it stays chained.
+        let mut parallelism: Vec<usize> = Vec::with_capacity(graph.nodes.len());
+        for n in &graph.nodes {
+            let inherited = match n.in_edges.as_slice() {
+                [e] if graph.edges[*e].partition == Partition::Forward => {
+                    Some(parallelism[graph.edges[*e].from])
+                }
+                _ => None,
+            };
+            parallelism.push(n.parallelism.or(inherited).unwrap_or(default_parallelism));
+        }
+        let chained: Vec<bool> = graph
+            .edges
+            .iter()
+            .map(|e| {
+                e.partition == Partition::Forward
+                    && parallelism[e.from] == parallelism[e.to]
+                    && graph.nodes[e.to].in_edges.len() == 1
+            })
+            .collect();
+        let heads = (0..graph.nodes.len())
+            .filter(|&n| {
+                graph.nodes[n].in_edges.is_empty()
+                    || graph.nodes[n].in_edges.iter().any(|&e| !chained[e])
+            })
+            .collect();
+        Plan {
+            parallelism,
+            chained,
+            heads,
+        }
+    }
+
+    /// Every task instance.
+    pub fn task_keys(&self, graph: &Graph) -> Vec<(NodeId, TaskKey)> {
+        let mut out = Vec::new();
+        for &h in &self.heads {
+            for s in 0..self.parallelism[h] {
+                out.push((
+                    h,
+                    TaskKey {
+                        task: graph.nodes[h].op.clone(),
+                        subtask: SubtaskIndex(s),
+                    },
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Channels of every edge that crosses tasks, for one run.
+pub(crate) struct ChannelPool(Mutex<HashMap<EdgeId, Box<dyn Any + Send>>>);
+
+impl ChannelPool {
+    pub fn new(graph: &Graph, plan: &Plan, capacity: usize) -> ChannelPool {
+        let mut map = HashMap::new();
+        for (e, edge) in graph.edges.iter().enumerate() {
+            if plan.chained[e] {
+                continue;
+            }
+            let (up, down) = (plan.parallelism[edge.from], plan.parallelism[edge.to]);
+            let one_to_one = edge.partition == Partition::Forward && up == down;
+            let input = graph.nodes[edge.to]
+                .input
+                .as_ref()
+                .expect("non-source node has an input");
+            map.insert(e, input.make_channels(up, down, one_to_one, capacity));
+        }
+        ChannelPool(Mutex::new(map))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<EdgeId, Box<dyn Any + Send>>> {
+        // Only used while tasks are built; a poisoned lock means a builder panicked, and
+        // the map itself is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Restored operator state, by operator id.
+#[derive(Default)]
+pub(crate) struct RestoredState {
+    pub checkpoint: Option<CheckpointId>,
+    pub operators: HashMap<OperatorId, Vec<OperatorSnapshot>>,
+}
+
+/// Everything needed to build one task instance.
+pub(crate) struct BuildCtx<'a> {
+    pub graph: &'a Graph,
+    pub plan: &'a Plan,
+    pub head: NodeId,
+    pub subtask: SubtaskIndex,
+    pub env: &'a TaskEnv,
+    pub channels: &'a ChannelPool,
+    pub restored: &'a RestoredState,
+    pub control: Option<Receiver<SourceControl>>,
+}
+
+impl BuildCtx<'_> {
+    pub fn key(&self) -> TaskKey {
+        TaskKey {
+            task: self.graph.nodes[self.head].op.clone(),
+            subtask: self.subtask,
+        }
+    }
+
+    pub fn parallelism_of(&self, node: NodeId) -> usize {
+        self.plan.parallelism[node]
+    }
+
+    /// Snapshots of `op` from the restored checkpoint (all subtasks).
+    pub fn restored(&self, op: &OperatorId) -> &[OperatorSnapshot] {
+        self.restored
+            .operators
+            .get(op)
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// Build what consumes `node`'s output in this subtask.
+    pub fn build_output<T: Data>(&mut self, node: NodeId) -> Result<Box<dyn Collector<T>>> {
+        let graph = self.graph;
+        let mut outs: Vec<Box<dyn Collector<T>>> = Vec::new();
+        for &e in &graph.nodes[node].out_edges {
+            let edge = &graph.edges[e];
+            if self.plan.chained[e] {
+                outs.push(self.build_input::<T>(edge.to)?);
+                continue;
+            }
+            let senders = {
+                let mut pool = self.channels.lock();
+                let chans = pool
+                    .get_mut(&e)
+                    .and_then(|c| c.downcast_mut::<EdgeChannels<T>>())
+                    .ok_or_else(|| Error::config(format!("internal: no channels for edge {e}")))?;
+                chans.senders[self.subtask.0].take().ok_or_else(|| {
+                    Error::config(format!("internal: senders of edge {e} taken twice"))
+                })?
+            };
+            let out: Box<dyn Collector<T>> = match (&edge.partition, &edge.hash_sender) {
+                (Partition::Hash, Some(f)) => {
+                    let f = f
+                        .downcast_ref::<SenderFactory<T>>()
+                        .ok_or_else(|| Error::config("internal: hash sender of the wrong type"))?;
+                    f(senders, self)
+                }
+                _ => Box::new(ExchangeOut::new(
+                    senders,
+                    RoundRobin(self.subtask.0),
+                    self.env.config.batch_size,
+                    self.env.cancel.clone(),
+                )),
+            };
+            outs.push(out);
+        }
+        Ok(match outs.len() {
+            0 => Box::new(Discard),
+            1 => outs.pop().expect("one output"),
+            _ => Box::new(Fanout {
+                outs,
+                copy: Vec::new(),
+            }),
+        })
+    }
+
+    /// Build `node`'s operator chained into this task.
+    pub fn build_input<T: Data>(&mut self, node: NodeId) -> Result<Box<dyn Collector<T>>> {
+        let input = self.graph.nodes[node].input.clone().ok_or_else(|| {
+            Error::config(format!(
+                "internal: node {} has no input",
+                self.graph.nodes[node].op
+            ))
+        })?;
+        let typed = input
+            .as_any()
+            .downcast_ref::<NodeInput<T>>()
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "internal: input of {} has the wrong type",
+                    self.graph.nodes[node].op
+                ))
+            })?;
+        (typed.op)(self)
+    }
+}

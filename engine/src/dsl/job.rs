@@ -1,0 +1,232 @@
+//! The job: configuration, the graph being built, and `run()`.
+
+use super::graph::{Graph, SourceNode};
+use super::Stream;
+use crate::api::Source;
+use crate::error::{Error, Result};
+use crate::ids::OperatorId;
+use crate::runtime::driver::{self, JobSettings};
+use crate::runtime::{CheckpointStats, JobReport};
+use crate::storage::CheckpointStorage;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What happens when a task fails: how often the job restarts from its latest
+/// checkpoint, and how long it waits before each restart.
+#[derive(Debug, Clone)]
+pub struct RestartPolicy {
+    /// Restarts before `run()` gives up.
+    pub max_restarts: u32,
+    /// Pause before each restart.
+    pub backoff: Duration,
+}
+
+impl RestartPolicy {
+    /// Up to `max_restarts` restarts, `backoff` apart.
+    pub fn fixed(max_restarts: u32, backoff: Duration) -> Self {
+        RestartPolicy {
+            max_restarts,
+            backoff,
+        }
+    }
+
+    /// Never restart in-process; `run()` returns the first failure.
+    pub fn none() -> Self {
+        RestartPolicy {
+            max_restarts: 0,
+            backoff: Duration::ZERO,
+        }
+    }
+}
+
+/// Configures a [`Job`]. Every setting has a default except the name.
+pub struct JobBuilder {
+    s: JobSettings,
+    storage_url: Option<String>,
+}
+
+impl JobBuilder {
+    /// Take a checkpoint this often (default: only the final checkpoint).
+    pub fn checkpoint_every(mut self, interval: Duration) -> Self {
+        self.s.interval = Some(interval);
+        self
+    }
+
+    /// Where checkpoints go: `file:///abs/dir`, a directory path, or `memory://`.
+    /// Default: `./exactly-checkpoints/<job name>`.
+    pub fn checkpoint_storage(mut self, url: impl Into<String>) -> Self {
+        self.storage_url = Some(url.into());
+        self
+    }
+
+    /// Use an already opened storage (e.g. one shared by tests).
+    pub fn checkpoint_storage_instance(mut self, storage: CheckpointStorage) -> Self {
+        self.s.storage = Some(storage);
+        self
+    }
+
+    /// Default parallelism of every operator (default: the number of cores).
+    pub fn parallelism(mut self, n: usize) -> Self {
+        self.s.parallelism = n;
+        self
+    }
+
+    /// Number of key groups; the upper bound for any keyed operator's parallelism.
+    /// Fixed for the lifetime of the job's checkpoints (default 128).
+    pub fn max_parallelism(mut self, n: u16) -> Self {
+        self.s.max_parallelism = n;
+        self
+    }
+
+    /// Completed checkpoints to keep (default 3).
+    pub fn retain_checkpoints(mut self, n: usize) -> Self {
+        self.s.retain = n;
+        self
+    }
+
+    /// Restart policy (default: 3 restarts, 1 s apart).
+    pub fn restart_policy(mut self, p: RestartPolicy) -> Self {
+        self.s.restart = p;
+        self
+    }
+
+    /// Abort a checkpoint not complete after this long (default 10 min).
+    pub fn checkpoint_timeout(mut self, d: Duration) -> Self {
+        self.s.timeout = d;
+        self
+    }
+
+    /// Failed checkpoints in a row tolerated before the job restarts (default 3).
+    pub fn tolerable_checkpoint_failures(mut self, n: u32) -> Self {
+        self.s.tolerable_failures = n;
+        self
+    }
+
+    /// Records per batch between operators (default 1024).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.s.batch_size = n;
+        self
+    }
+
+    /// Longest time a partial batch waits before it is sent (default 10 ms).
+    pub fn buffer_timeout(mut self, d: Duration) -> Self {
+        self.s.buffer_timeout = d;
+        self
+    }
+
+    /// Called on the driver thread after every completed checkpoint (progress display).
+    pub fn on_checkpoint(mut self, f: impl Fn(&CheckpointStats) + Send + Sync + 'static) -> Self {
+        self.s.on_checkpoint = Some(Arc::new(f));
+        self
+    }
+
+    /// Validate the settings and create the job.
+    pub fn build(mut self) -> Result<Job> {
+        let s = &self.s;
+        if !valid_name(&s.name) {
+            return Err(Error::config(format!(
+                "job name '{}' must be 1-100 characters of A-Z a-z 0-9 _ . -",
+                s.name
+            )));
+        }
+        if s.parallelism == 0 {
+            return Err(Error::config("parallelism must be at least 1"));
+        }
+        if s.max_parallelism == 0 || s.max_parallelism > 32768 {
+            return Err(Error::config("max_parallelism must be between 1 and 32768"));
+        }
+        if s.batch_size == 0 {
+            return Err(Error::config("batch_size must be at least 1"));
+        }
+        if s.retain == 0 {
+            return Err(Error::config(
+                "retain_checkpoints must be at least 1: the latest checkpoint is the restore point",
+            ));
+        }
+        if s.interval.is_some_and(|i| i.is_zero()) {
+            return Err(Error::config(
+                "checkpoint interval must be greater than zero",
+            ));
+        }
+        if self.s.storage.is_none() {
+            let url = self
+                .storage_url
+                .take()
+                .unwrap_or_else(|| format!("exactly-checkpoints/{}", self.s.name));
+            self.s.storage = Some(CheckpointStorage::from_url(&url)?);
+        }
+        Ok(Job {
+            settings: self.s,
+            graph: Rc::new(RefCell::new(Graph::default())),
+        })
+    }
+}
+
+pub(crate) fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 100
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// A pipeline and its configuration. Add sources with [`Job::source`], then run it.
+pub struct Job {
+    settings: JobSettings,
+    graph: Rc<RefCell<Graph>>,
+}
+
+impl Job {
+    /// Start configuring a job called `name`. The name identifies the job's checkpoints.
+    pub fn builder(name: &str) -> JobBuilder {
+        JobBuilder {
+            s: JobSettings {
+                name: name.to_string(),
+                interval: None,
+                storage: None,
+                parallelism: std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1),
+                max_parallelism: 128,
+                retain: 3,
+                restart: RestartPolicy::fixed(3, Duration::from_secs(1)),
+                timeout: Duration::from_secs(600),
+                tolerable_failures: 3,
+                batch_size: 1024,
+                buffer_timeout: Duration::from_millis(10),
+                channel_capacity: 16,
+                on_checkpoint: None,
+            },
+            storage_url: None,
+        }
+    }
+
+    /// Add a source named `name`; its offsets are checkpointed under that name.
+    pub fn source<S: Source>(&self, name: &str, source: S) -> Stream<S::Item> {
+        let mut g = self.graph.borrow_mut();
+        let node = g.add_node(OperatorId(name.to_string()));
+        g.nodes[node].source = Some(Arc::new(SourceNode {
+            source: Arc::new(source),
+        }));
+        drop(g);
+        Stream::new(self.graph.clone(), node)
+    }
+
+    /// Run to completion. Resumes from the latest completed checkpoint if there is one;
+    /// when every source is exhausted, takes and commits a final checkpoint, then
+    /// returns. Task failures restart the job from its latest checkpoint under the
+    /// restart policy.
+    pub fn run(&self) -> Result<JobReport> {
+        let graph = self.graph.borrow();
+        driver::run(&graph, &self.settings)
+    }
+
+    /// The checkpoint storage of this job.
+    pub fn storage(&self) -> &CheckpointStorage {
+        self.settings
+            .storage
+            .as_ref()
+            .expect("storage is set by build()")
+    }
+}

@@ -1,0 +1,369 @@
+//! The pipeline DSL: a [`Job`] holds a graph that [`Stream`]s and [`KeyedStream`]s add
+//! typed operators to; [`Job::run`] executes it.
+//!
+//! ```
+//! use exactly_engine::prelude::*;
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! let job = Job::builder("doc")
+//!     .checkpoint_storage(dir.path().join("chk").to_str().unwrap())
+//!     .parallelism(2)
+//!     .build()?;
+//! let out = CollectSink::new();
+//! job.source("numbers", VecSource::new((1..=100u64).collect()))
+//!     .map(|n| n * 2)
+//!     .filter(|n| n % 3 == 0)
+//!     .sink("out", out.clone());
+//! job.run()?;
+//! assert_eq!(out.sorted().len(), 33);
+//! # Ok(()) }
+//! ```
+
+pub(crate) mod graph;
+pub(crate) mod job;
+mod source_node;
+
+pub use job::{Job, JobBuilder, RestartPolicy};
+
+use crate::api::{Data, Key, TwoPhaseCommitSink};
+use crate::error::Result;
+use crate::ids::{KeyGroupRange, OperatorId};
+use crate::process::{KeyedContext, KeyedProcessFunction, ProcessFn};
+use crate::runtime::exchange::{ByKeyGroup, ExchangeOut};
+use crate::runtime::ops::{FilterOp, FlatMapOp, KeyedProcessOp, MapOp, PassOp, SinkOp};
+use crate::runtime::Collector;
+use crate::state::MemoryKeyedState;
+use graph::{ErasedSink, Graph, NodeId, NodeInput, OpFactory, Partition, SenderFactory};
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// A typed stream of records in a job being built.
+pub struct Stream<T> {
+    graph: Rc<RefCell<Graph>>,
+    node: NodeId,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Stream<T> {
+    fn clone(&self) -> Self {
+        Stream {
+            graph: self.graph.clone(),
+            node: self.node,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T: Data> Stream<T> {
+    pub(crate) fn new(graph: Rc<RefCell<Graph>>, node: NodeId) -> Self {
+        Stream {
+            graph,
+            node,
+            _t: PhantomData,
+        }
+    }
+
+    fn chained<U: Data>(
+        &self,
+        kind: &str,
+        make: impl Fn(Box<dyn Collector<U>>) -> Box<dyn Collector<T>> + Send + Sync + 'static,
+    ) -> Stream<U> {
+        let mut g = self.graph.borrow_mut();
+        let node = g.nodes.len();
+        g.add_node(OperatorId(format!("{kind}-{node}")));
+        let op: OpFactory<T> = Arc::new(move |ctx| {
+            let next = ctx.build_output::<U>(node)?;
+            Ok(make(next))
+        });
+        g.nodes[node].input = Some(Arc::new(NodeInput { op }));
+        g.connect(self.node, node, Partition::Forward, None);
+        drop(g);
+        Stream::new(self.graph.clone(), node)
+    }
+
+    /// Transform each record.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let lengths = job.source("words", VecSource::new(vec!["a".to_string()])).map(|w| w.len());
+    /// ```
+    pub fn map<U: Data>(&self, f: impl Fn(T) -> U + Clone + Send + Sync + 'static) -> Stream<U> {
+        self.chained("map", move |next| {
+            Box::new(MapOp {
+                f: f.clone(),
+                buf: Vec::new(),
+                next,
+            })
+        })
+    }
+
+    /// Keep the records for which `f` is true.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let even = job.source("n", VecSource::new(vec![1u32, 2, 3])).filter(|n| n % 2 == 0);
+    /// ```
+    pub fn filter(&self, f: impl Fn(&T) -> bool + Clone + Send + Sync + 'static) -> Stream<T> {
+        self.chained("filter", move |next| {
+            Box::new(FilterOp { f: f.clone(), next })
+        })
+    }
+
+    /// Turn each record into zero or more records.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let words = job
+    ///     .source("lines", VecSource::new(vec!["a b".to_string()]))
+    ///     .flat_map(|l| l.split(' ').map(String::from).collect::<Vec<_>>());
+    /// ```
+    pub fn flat_map<U: Data, I: IntoIterator<Item = U> + 'static>(
+        &self,
+        f: impl Fn(T) -> I + Clone + Send + Sync + 'static,
+    ) -> Stream<U> {
+        self.chained("flat_map", move |next| {
+            Box::new(FlatMapOp {
+                f: f.clone(),
+                buf: Vec::new(),
+                next,
+            })
+        })
+    }
+
+    /// Partition the stream by key: records with equal keys go to the same parallel
+    /// instance, and keyed state is scoped to the key.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let by_account = job.source("p", VecSource::new(vec![(1u64, 5i64)])).key_by(|p| p.0);
+    /// ```
+    pub fn key_by<K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static>(
+        &self,
+        key_fn: KF,
+    ) -> KeyedStream<T, K, KF> {
+        KeyedStream {
+            stream: self.clone(),
+            key_fn,
+            _k: PhantomData,
+        }
+    }
+
+    /// Merge with another stream of the same type. The merged task aligns barriers from
+    /// both inputs.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let a = job.source("a", VecSource::new(vec![1u32]));
+    /// let b = job.source("b", VecSource::new(vec![2u32]));
+    /// let both = a.union(&b);
+    /// ```
+    pub fn union(&self, other: &Stream<T>) -> Stream<T> {
+        let mut g = self.graph.borrow_mut();
+        let node = g.nodes.len();
+        g.add_node(OperatorId(format!("union-{node}")));
+        let op: OpFactory<T> = Arc::new(move |ctx| {
+            Ok(Box::new(PassOp {
+                next: ctx.build_output::<T>(node)?,
+            }))
+        });
+        g.nodes[node].input = Some(Arc::new(NodeInput { op }));
+        g.connect(self.node, node, Partition::Forward, None);
+        g.connect(other.node, node, Partition::Forward, None);
+        drop(g);
+        Stream::new(self.graph.clone(), node)
+    }
+
+    /// Write the stream to a two-phase-commit sink named `name`.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let out = CollectSink::new();
+    /// job.source("n", VecSource::new(vec![1u32])).sink("out", out.clone());
+    /// ```
+    pub fn sink<S: TwoPhaseCommitSink<Item = T>>(&self, name: &str, sink: S) -> Stream<()> {
+        let sink = Arc::new(sink);
+        let mut g = self.graph.borrow_mut();
+        let node = g.add_node(OperatorId(name.to_string()));
+        let writer_sink = sink.clone();
+        let op: OpFactory<T> = Arc::new(move |ctx| {
+            let sink_id = ctx.graph.nodes[node].op.clone();
+            let writer = writer_sink.open_writer(&crate::api::SinkContext {
+                job: ctx.env.config.job.clone(),
+                sink: sink_id.clone(),
+                subtask: ctx.subtask,
+                parallelism: ctx.parallelism_of(node),
+            })?;
+            Ok(Box::new(SinkOp::<S> {
+                sink: sink_id,
+                subtask: ctx.subtask,
+                writer,
+            }))
+        });
+        g.nodes[node].input = Some(Arc::new(NodeInput { op }));
+        g.nodes[node].sink = Some(Arc::new(SinkCommitter {
+            sink,
+            name: OperatorId(name.to_string()),
+        }) as Arc<dyn ErasedSink>);
+        g.connect(self.node, node, Partition::Forward, None);
+        drop(g);
+        Stream::new(self.graph.clone(), node)
+    }
+
+    /// Set the parallelism of the operator that produces this stream.
+    pub fn parallelism(self, n: usize) -> Self {
+        self.graph.borrow_mut().nodes[self.node].parallelism = Some(n);
+        self
+    }
+
+    /// Name the operator that produces this stream. Its state is stored under this name,
+    /// so naming stateful operators keeps checkpoints restorable when the job changes.
+    pub fn name(self, name: &str) -> Self {
+        self.graph.borrow_mut().nodes[self.node].op = OperatorId(name.to_string());
+        self
+    }
+}
+
+struct SinkCommitter<S> {
+    sink: Arc<S>,
+    name: OperatorId,
+}
+
+impl<S: TwoPhaseCommitSink> ErasedSink for SinkCommitter<S> {
+    fn commit(&self, committable: &serde_json::Value) -> Result<()> {
+        let c: S::Committable = serde_json::from_value(committable.clone()).map_err(|e| {
+            crate::error::Error::Codec {
+                what: format!("committable of sink '{}'", self.name),
+                message: e.to_string(),
+            }
+        })?;
+        self.sink.commit(&c)
+    }
+
+    fn recover(
+        &self,
+        ctx: &crate::api::RecoveryContext,
+        pending: Vec<serde_json::Value>,
+    ) -> Result<Option<crate::ids::CheckpointId>> {
+        let typed = pending
+            .into_iter()
+            .map(|v| {
+                serde_json::from_value(v).map_err(|e| crate::error::Error::Codec {
+                    what: format!("committable of sink '{}'", self.name),
+                    message: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<S::Committable>>>()?;
+        self.sink.recover(ctx, typed)
+    }
+}
+
+/// A stream partitioned by key.
+pub struct KeyedStream<T, K, KF> {
+    stream: Stream<T>,
+    key_fn: KF,
+    _k: PhantomData<fn() -> K>,
+}
+
+impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStream<T, K, KF> {
+    /// Run a keyed process function: per record, with state scoped to the record's key.
+    /// See [`KeyedProcessFunction`] for an example.
+    pub fn process<F: KeyedProcessFunction<K, T>>(&self, func: F) -> Stream<F::Out> {
+        let mut g = self.stream.graph.borrow_mut();
+        let node = g.nodes.len();
+        g.add_node(OperatorId(format!("process-{node}")));
+        let kf = self.key_fn.clone();
+        let sender: SenderFactory<T> = Arc::new(move |senders, ctx| {
+            let cfg = &ctx.env.config;
+            Box::new(ExchangeOut::new(
+                senders,
+                ByKeyGroup {
+                    key_fn: kf.clone(),
+                    max_parallelism: cfg.max_parallelism,
+                    scratch: Vec::new(),
+                    _k: PhantomData,
+                },
+                cfg.batch_size,
+                ctx.env.cancel.clone(),
+            ))
+        });
+        let kf = self.key_fn.clone();
+        let op: OpFactory<T> = Arc::new(move |ctx| {
+            let operator = ctx.graph.nodes[node].op.clone();
+            let max = ctx.env.config.max_parallelism;
+            let mut state = MemoryKeyedState::new(KeyGroupRange::for_subtask(
+                max,
+                ctx.parallelism_of(node),
+                ctx.subtask,
+            ));
+            state.restore(ctx.restored(&operator));
+            let next = ctx.build_output::<F::Out>(node)?;
+            Ok(Box::new(KeyedProcessOp {
+                operator,
+                subtask: ctx.subtask,
+                func: func.clone(),
+                key_fn: kf.clone(),
+                state,
+                max_parallelism: max,
+                batch_size: ctx.env.config.batch_size,
+                scratch: Vec::new(),
+                out: Vec::new(),
+                next,
+                _p: PhantomData,
+            }))
+        });
+        g.nodes[node].input = Some(Arc::new(NodeInput { op }));
+        g.connect(
+            self.stream.node,
+            node,
+            Partition::Hash,
+            Some(Arc::new(sender)),
+        );
+        drop(g);
+        Stream::new(self.stream.graph.clone(), node)
+    }
+
+    /// [`KeyedStream::process`] with a closure.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// const COUNT: ValueState<u64> = ValueState::new("count");
+    /// let counts = job
+    ///     .source("words", VecSource::new(vec!["a".to_string(), "a".to_string()]))
+    ///     .key_by(|w| w.clone())
+    ///     .process_fn(|w: String, ctx: &mut KeyedContext<'_, String, (String, u64)>| {
+    ///         let n = ctx.value(COUNT)?.unwrap_or(0) + 1;
+    ///         ctx.set_value(COUNT, &n)?;
+    ///         ctx.emit((w, n));
+    ///         Ok(())
+    ///     });
+    /// ```
+    pub fn process_fn<O: Data>(
+        &self,
+        f: impl FnMut(T, &mut KeyedContext<'_, K, O>) -> std::result::Result<(), crate::api::BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+    ) -> Stream<O> {
+        self.process(ProcessFn::new(f))
+    }
+
+    /// The stream before keying.
+    pub fn unkeyed(&self) -> &Stream<T> {
+        &self.stream
+    }
+
+    /// The key function.
+    pub fn key_fn(&self) -> &KF {
+        &self.key_fn
+    }
+}

@@ -1,0 +1,606 @@
+//! Runs a job: recovery, task threads, the checkpoint coordinator loop, restarts.
+//!
+//! # Protocol
+//!
+//! 1. **Recover.** Scan checkpoint storage. If a manifest exists, read the newest one and
+//!    every state file it names, verifying sizes and checksums; any mismatch is a
+//!    [`Error::CorruptCheckpoint`] that stops the job (falling back to an older checkpoint
+//!    would commit output twice).
+//! 2. **Settle sinks.** Each sink re-commits the committables recorded in that manifest
+//!    (idempotent) and aborts everything else it staged, reporting the highest checkpoint
+//!    id among its staged artifacts.
+//! 3. **Pick ids.** The first checkpoint id of this attempt is above every id seen in
+//!    storage, in the manifest and in staged sink artifacts.
+//! 4. **Run.** One thread per task instance; the driver thread runs the coordinator. On
+//!    [`Decision::Complete`] it writes the manifest (the commit point), then commits the
+//!    pending committables, then applies retention.
+//! 5. **Finish.** When every source has ended, the final checkpoint is taken and
+//!    committed before `run()` returns.
+//!
+//! # Failure and recovery
+//!
+//! Any task error or panic cancels every task of the attempt; once all threads have
+//! exited the job restarts from step 1, under its [`RestartPolicy`]. Errors classified
+//! [`ErrorClass::Stop`] end the job at once. A commit that fails after its manifest is
+//! written stays pending and is retried with the next checkpoint; a commit whose staged
+//! output is gone ([`Error::CommitLost`]) stops the job, because that is data loss.
+
+use super::{RuntimeConfig, SourceControl, TaskEnv, TaskEvent};
+use crate::coordinator::{CheckpointCoordinator, CoordinatorConfig, Decision, TaskKey};
+use crate::dsl::graph::{BuildCtx, ChannelPool, Graph, NodeId, Plan, RestoredState};
+use crate::dsl::RestartPolicy;
+use crate::error::{Error, ErrorClass, Result};
+use crate::ids::CheckpointId;
+use crate::manifest::{Manifest, MANIFEST_FORMAT_VERSION};
+use crate::state::TaskSnapshotPayload;
+use crate::storage::CheckpointStorage;
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use std::collections::{BTreeSet, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Progress callback run after each completed checkpoint.
+pub(crate) type CheckpointCallback = Arc<dyn Fn(&CheckpointStats) + Send + Sync>;
+
+/// Job settings, as configured through `JobBuilder`.
+#[derive(Clone)]
+pub(crate) struct JobSettings {
+    pub name: String,
+    pub interval: Option<Duration>,
+    pub storage: Option<CheckpointStorage>,
+    pub parallelism: usize,
+    pub max_parallelism: u16,
+    pub retain: usize,
+    pub restart: RestartPolicy,
+    pub timeout: Duration,
+    pub tolerable_failures: u32,
+    pub batch_size: usize,
+    pub buffer_timeout: Duration,
+    pub channel_capacity: usize,
+    pub on_checkpoint: Option<CheckpointCallback>,
+}
+
+/// Figures of one completed checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointStats {
+    /// Checkpoint id.
+    pub id: CheckpointId,
+    /// From trigger to the last acknowledgement.
+    pub duration: Duration,
+    /// From trigger to manifest written and output committed.
+    pub end_to_end: Duration,
+    /// Bytes of state written.
+    pub state_bytes: u64,
+    /// Whether it was the final checkpoint.
+    pub is_final: bool,
+}
+
+/// What a finished `run()` reports.
+#[derive(Debug, Clone, Default)]
+pub struct JobReport {
+    /// The checkpoint the first attempt restored, if any.
+    pub restored_from: Option<CheckpointId>,
+    /// Time the first attempt spent restoring (reading state, settling sinks).
+    pub recovery_time: Duration,
+    /// In-process restarts after task failures.
+    pub restarts: u32,
+    /// Every checkpoint completed, in order.
+    pub checkpoints: Vec<CheckpointStats>,
+    /// Wall-clock time of `run()`.
+    pub elapsed: Duration,
+}
+
+pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
+    validate(graph, s)?;
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(format!("{}-io", s.name))
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the job's I/O runtime", e))?;
+    let storage = s
+        .storage
+        .clone()
+        .ok_or_else(|| Error::config("no checkpoint storage"))?;
+    let mut report = JobReport::default();
+    loop {
+        let attempt = report.restarts;
+        match run_attempt(graph, s, &rt, &storage, &mut report, attempt == 0) {
+            Ok(()) => {
+                report.elapsed = started.elapsed();
+                return Ok(report);
+            }
+            Err(e) if e.class() == ErrorClass::Stop => return Err(e),
+            Err(e) => {
+                if report.restarts >= s.restart.max_restarts {
+                    return Err(Error::RestartsExhausted {
+                        job: s.name.clone(),
+                        attempts: report.restarts,
+                        source: Box::new(e),
+                    });
+                }
+                report.restarts += 1;
+                tracing::warn!(job = %s.name, error = %e, restart = report.restarts, "task failed; restarting from the latest checkpoint");
+                std::thread::sleep(s.restart.backoff);
+            }
+        }
+    }
+}
+
+fn validate(graph: &Graph, s: &JobSettings) -> Result<()> {
+    if !graph.errors.is_empty() {
+        return Err(Error::config(graph.errors.join("; ")));
+    }
+    let mut seen = HashSet::new();
+    for n in &graph.nodes {
+        if !crate::dsl::job::valid_name(&n.op.0) {
+            return Err(Error::config(format!(
+                "operator name '{}' must be 1-100 characters of A-Z a-z 0-9 _ . -",
+                n.op
+            )));
+        }
+        if !seen.insert(n.op.clone()) {
+            return Err(Error::config(format!(
+                "two operators are named '{}'; names identify state in checkpoints and must be unique",
+                n.op
+            )));
+        }
+        if let Some(p) = n.parallelism {
+            if p == 0 || p > s.max_parallelism as usize {
+                return Err(Error::config(format!(
+                    "operator '{}' has parallelism {p}; it must be between 1 and max_parallelism ({})",
+                    n.op, s.max_parallelism
+                )));
+            }
+        }
+        if let Some(src) = &n.source {
+            if !src.replayable() {
+                return Err(Error::NotReplayable {
+                    operator: n.op.clone(),
+                });
+            }
+        }
+    }
+    if s.parallelism > s.max_parallelism as usize {
+        return Err(Error::config(format!(
+            "parallelism {} exceeds max_parallelism {}",
+            s.parallelism, s.max_parallelism
+        )));
+    }
+    if !graph.nodes.iter().any(|n| n.source.is_some()) {
+        return Err(Error::config("the job has no source"));
+    }
+    if !graph.nodes.iter().any(|n| n.sink.is_some()) {
+        return Err(Error::config(
+            "the job has no sink, so nothing it computes would ever be committed",
+        ));
+    }
+    Ok(())
+}
+
+struct Restored {
+    state: RestoredState,
+    first_id: CheckpointId,
+}
+
+fn recover(
+    graph: &Graph,
+    s: &JobSettings,
+    rt: &tokio::runtime::Runtime,
+    storage: &CheckpointStorage,
+) -> Result<Restored> {
+    let (ids, max_any) = rt.block_on(storage.scan())?;
+    let mut state = RestoredState::default();
+    let mut pending = Vec::new();
+    if let Some(&latest) = ids.last() {
+        let m = rt.block_on(storage.read_manifest(latest))?;
+        if m.job != s.name {
+            return Err(Error::config(format!(
+                "checkpoint storage {} holds checkpoints of job '{}', not '{}'; use a separate location per job",
+                storage.url(),
+                m.job,
+                s.name
+            )));
+        }
+        if m.max_parallelism != s.max_parallelism {
+            return Err(Error::config(format!(
+                "checkpoint {latest} was taken with max_parallelism {}, the job now has {}; it is fixed for the life of a job's state",
+                m.max_parallelism, s.max_parallelism
+            )));
+        }
+        let reads = m
+            .tasks
+            .iter()
+            .filter(|h| !h.path.is_empty())
+            .map(|h| storage.read_state(latest, h));
+        let files = rt.block_on(futures::future::try_join_all(reads))?;
+        for (bytes, h) in files
+            .iter()
+            .zip(m.tasks.iter().filter(|h| !h.path.is_empty()))
+        {
+            let payload: TaskSnapshotPayload =
+                crate::codec::decode(bytes, &h.path).map_err(|e| Error::CorruptCheckpoint {
+                    checkpoint: latest,
+                    path: h.path.clone(),
+                    message: e.to_string(),
+                })?;
+            for (op, snap) in payload.operators {
+                state.operators.entry(op).or_default().push(snap);
+            }
+        }
+        state.checkpoint = Some(latest);
+        pending = m.pending_commits;
+        tracing::info!(job = %s.name, checkpoint = %latest, "restoring from checkpoint");
+    }
+    let mut max_seen = max_any.max(state.checkpoint);
+    for n in &graph.nodes {
+        if let Some(sink) = &n.sink {
+            let mine = pending
+                .iter()
+                .filter(|p| p.sink == n.op)
+                .map(|p| p.committable.clone())
+                .collect();
+            let ctx = crate::api::RecoveryContext {
+                job: s.name.clone(),
+                sink: n.op.clone(),
+                restored: state.checkpoint,
+            };
+            let staged = sink.recover(&ctx, mine)?;
+            max_seen = max_seen.max(staged);
+        }
+    }
+    Ok(Restored {
+        state,
+        first_id: max_seen.map(|c| c.next()).unwrap_or(CheckpointId(1)),
+    })
+}
+
+fn run_attempt(
+    graph: &Graph,
+    s: &JobSettings,
+    rt: &tokio::runtime::Runtime,
+    storage: &CheckpointStorage,
+    report: &mut JobReport,
+    first_attempt: bool,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let restored = recover(graph, s, rt, storage)?;
+    if first_attempt {
+        report.restored_from = restored.state.checkpoint;
+        report.recovery_time = t0.elapsed();
+    }
+    let plan = Plan::new(graph, s.parallelism);
+    let channels = ChannelPool::new(graph, &plan, s.channel_capacity);
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let env = TaskEnv {
+        config: Arc::new(RuntimeConfig {
+            batch_size: s.batch_size,
+            buffer_timeout: s.buffer_timeout,
+            max_parallelism: s.max_parallelism,
+            job: s.name.clone(),
+        }),
+        events: events_tx,
+        storage: storage.clone(),
+        rt: rt.handle().clone(),
+        cancel: cancel.clone(),
+    };
+    let tasks = plan.task_keys(graph);
+    let mut controls: Vec<Sender<SourceControl>> = Vec::new();
+    let mut source_keys = Vec::new();
+
+    std::thread::scope(|scope| {
+        for (head, key) in &tasks {
+            let control = if graph.nodes[*head].source.is_some() {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                controls.push(tx);
+                source_keys.push(key.clone());
+                Some(rx)
+            } else {
+                None
+            };
+            let (env, plan, channels, restored) = (&env, &plan, &channels, &restored.state);
+            let (head, key) = (*head, key.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("{}-{}", key.task, key.subtask))
+                .spawn_scoped(scope, move || {
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        run_task(graph, plan, head, &key, env, channels, restored, control)
+                    }))
+                    .unwrap_or_else(|payload| {
+                        let message = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "non-string panic payload".into());
+                        Err(Error::Panic {
+                            task: key.task.clone(),
+                            subtask: key.subtask,
+                            message,
+                        })
+                    });
+                    if result.is_err() {
+                        env.cancel.store(true, Ordering::Relaxed);
+                    }
+                    let _ = env.events.send(TaskEvent::Exited { key, result });
+                });
+            if let Err(e) = spawned {
+                cancel.store(true, Ordering::Relaxed);
+                return Err(Error::io("spawning a task thread", e));
+            }
+        }
+        let mut coordinator = CheckpointCoordinator::new(
+            CoordinatorConfig {
+                interval: s.interval,
+                timeout: s.timeout,
+                tolerable_failures: s.tolerable_failures,
+            },
+            tasks.iter().map(|(_, k)| k.clone()),
+            source_keys.iter().cloned(),
+            restored.first_id,
+            Vec::new(),
+            Instant::now(),
+        );
+        let driver = Driver {
+            graph,
+            s,
+            rt,
+            storage,
+            controls: std::mem::take(&mut controls),
+            cancel: cancel.clone(),
+            report,
+            aborted: BTreeSet::new(),
+        };
+        let result = driver.coordinate(&mut coordinator, &events_rx, tasks.len());
+        if result.is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        result
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_task(
+    graph: &Graph,
+    plan: &Plan,
+    head: NodeId,
+    key: &TaskKey,
+    env: &TaskEnv,
+    channels: &ChannelPool,
+    restored: &RestoredState,
+    control: Option<crossbeam_channel::Receiver<SourceControl>>,
+) -> Result<()> {
+    let mut ctx = BuildCtx {
+        graph,
+        plan,
+        head,
+        subtask: key.subtask,
+        env,
+        channels,
+        restored,
+        control,
+    };
+    let node = &graph.nodes[head];
+    let task = if let Some(src) = &node.source {
+        src.build_head(head, &mut ctx)?
+    } else {
+        let input = node
+            .input
+            .clone()
+            .ok_or_else(|| Error::config(format!("operator '{}' has no input", node.op)))?;
+        input.build_head(head, &mut ctx)?
+    };
+    task.run()
+}
+
+struct Driver<'a> {
+    graph: &'a Graph,
+    s: &'a JobSettings,
+    rt: &'a tokio::runtime::Runtime,
+    storage: &'a CheckpointStorage,
+    controls: Vec<Sender<SourceControl>>,
+    cancel: Arc<AtomicBool>,
+    report: &'a mut JobReport,
+    aborted: BTreeSet<CheckpointId>,
+}
+
+impl Driver<'_> {
+    fn coordinate(
+        mut self,
+        c: &mut CheckpointCoordinator,
+        events: &crossbeam_channel::Receiver<TaskEvent>,
+        task_count: usize,
+    ) -> Result<()> {
+        let mut exited = 0usize;
+        let mut failure: Option<Error> = None;
+        let mut finished = false;
+        let mut triggered_at: Option<Instant> = None;
+        loop {
+            let ev = events.recv_timeout(Duration::from_millis(20));
+            let now = Instant::now();
+            let mut decisions = Vec::new();
+            match ev {
+                Ok(TaskEvent::Ack { key, id, handle }) => {
+                    decisions = c.on_ack(key, id, handle, now)
+                }
+                Ok(TaskEvent::Decline { id, reason }) => decisions = c.on_decline(id, reason, now),
+                Ok(TaskEvent::Committables(commits)) => c.on_committables(commits),
+                Ok(TaskEvent::SourceFinished(key)) => decisions = c.on_source_finished(key, now),
+                Ok(TaskEvent::Exited { key, result }) => {
+                    exited += 1;
+                    if let Err(e) = result {
+                        tracing::debug!(task = %key.task, subtask = %key.subtask, error = %e, "task exited with error");
+                        let replace = match &failure {
+                            None => true,
+                            Some(Error::Cancelled) => !matches!(e, Error::Cancelled),
+                            Some(_) => false,
+                        };
+                        if replace {
+                            failure = Some(e);
+                        }
+                        self.cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {}
+            }
+            if failure.is_none() {
+                decisions.extend(c.on_tick(now));
+            }
+            while let Some(d) = (!decisions.is_empty()).then(|| decisions.remove(0)) {
+                if failure.is_some() {
+                    break;
+                }
+                match d {
+                    Decision::Trigger { id, is_final } => {
+                        tracing::debug!(checkpoint = %id, is_final, "trigger");
+                        triggered_at = Some(Instant::now());
+                        for tx in &self.controls {
+                            let _ = tx.send(SourceControl::Trigger { id, is_final });
+                        }
+                    }
+                    Decision::Complete {
+                        id,
+                        is_final,
+                        tasks,
+                        pending_commits,
+                        duration,
+                    } => {
+                        let state_bytes = tasks.iter().map(|t| t.size).sum();
+                        let manifest = Manifest {
+                            format_version: MANIFEST_FORMAT_VERSION,
+                            job: self.s.name.clone(),
+                            checkpoint: id,
+                            completed_at_ms: SystemTime::now()
+                                .duration_since(SystemTime::UNIX_EPOCH)
+                                .map(|d| d.as_millis() as u64)
+                                .unwrap_or(0),
+                            max_parallelism: self.s.max_parallelism,
+                            is_final,
+                            tasks,
+                            pending_commits,
+                        };
+                        match self.rt.block_on(self.storage.write_manifest(&manifest)) {
+                            Ok(()) => {}
+                            Err(e) if e.class() == ErrorClass::Stop => {
+                                failure = Some(e);
+                                self.cancel.store(true, Ordering::Relaxed);
+                                continue;
+                            }
+                            Err(e) => {
+                                decisions.extend(c.on_manifest_failed(
+                                    id,
+                                    e.to_string(),
+                                    Instant::now(),
+                                ));
+                                continue;
+                            }
+                        }
+                        match self.commit(&manifest) {
+                            Ok(()) => decisions.extend(c.on_committed(id, Instant::now())),
+                            Err(e) if e.class() == ErrorClass::Stop => {
+                                failure = Some(e);
+                                self.cancel.store(true, Ordering::Relaxed);
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::warn!(checkpoint = %id, error = %e, "commit failed; retrying with the next checkpoint");
+                                decisions.extend(c.on_commit_deferred(id, Instant::now()));
+                            }
+                        }
+                        let stats = CheckpointStats {
+                            id,
+                            duration,
+                            end_to_end: triggered_at.map(|t| t.elapsed()).unwrap_or(duration),
+                            state_bytes,
+                            is_final,
+                        };
+                        tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
+                        if let Some(cb) = &self.s.on_checkpoint {
+                            cb(&stats);
+                        }
+                        self.report.checkpoints.push(stats);
+                        if let Err(e) = self.retain(id) {
+                            tracing::warn!(error = %e, "retention cleanup failed; will retry after the next checkpoint");
+                        }
+                    }
+                    Decision::Abort { id, reason } => {
+                        tracing::warn!(checkpoint = %id, %reason, "checkpoint aborted");
+                        self.aborted.insert(id);
+                    }
+                    Decision::Fail { reason } => {
+                        failure = Some(Error::CheckpointsFailing {
+                            count: 0,
+                            last: reason,
+                        });
+                        self.cancel.store(true, Ordering::Relaxed);
+                    }
+                    Decision::Finished => finished = true,
+                }
+            }
+            if exited == task_count {
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                if finished {
+                    return Ok(());
+                }
+                if c.in_flight().is_none() {
+                    return Err(Error::Operator {
+                        operator: crate::ids::OperatorId(self.s.name.clone()),
+                        subtask: crate::ids::SubtaskIndex(0),
+                        source: "all tasks exited before the final checkpoint completed".into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Commit every pending committable of `manifest`, oldest first.
+    fn commit(&self, manifest: &Manifest) -> Result<()> {
+        for p in &manifest.pending_commits {
+            let node = self
+                .graph
+                .nodes
+                .iter()
+                .find(|n| n.op == p.sink)
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "manifest names sink '{}' that is not in the job",
+                        p.sink
+                    ))
+                })?;
+            let sink = node
+                .sink
+                .as_ref()
+                .ok_or_else(|| Error::config(format!("operator '{}' is not a sink", p.sink)))?;
+            sink.commit(&p.committable)?;
+        }
+        Ok(())
+    }
+
+    /// Delete completed checkpoints beyond the retention count, and files of aborted ones.
+    fn retain(&mut self, latest: CheckpointId) -> Result<()> {
+        let (ids, _) = self.rt.block_on(self.storage.scan())?;
+        let keep_from = ids.len().saturating_sub(self.s.retain);
+        for &old in &ids[..keep_from] {
+            if old < latest {
+                self.rt.block_on(self.storage.delete_checkpoint(old))?;
+            }
+        }
+        let aborted: Vec<CheckpointId> = self
+            .aborted
+            .iter()
+            .copied()
+            .filter(|&a| a < latest)
+            .collect();
+        for a in aborted {
+            self.rt.block_on(self.storage.delete_checkpoint_files(a))?;
+            self.aborted.remove(&a);
+        }
+        Ok(())
+    }
+}

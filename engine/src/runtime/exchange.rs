@@ -1,0 +1,134 @@
+//! Senders of an edge that leaves a task: forward, round-robin and hash by key group.
+
+use super::{send_blocking, Collector, Message, TaskSnapshot};
+use crate::api::{Data, Key};
+use crate::codec;
+use crate::error::Result;
+use crate::ids::{key_group_of_bytes, subtask_for_key_group, CheckpointId};
+use crossbeam_channel::Sender;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Picks the output channel of each record.
+pub(crate) trait Partitioner<T> {
+    fn channel(&mut self, record: &T, channels: usize) -> Result<usize>;
+}
+
+/// Round-robin (also used for forward edges with a single channel).
+pub(crate) struct RoundRobin(pub usize);
+
+impl<T> Partitioner<T> for RoundRobin {
+    #[inline]
+    fn channel(&mut self, _: &T, channels: usize) -> Result<usize> {
+        self.0 = (self.0 + 1) % channels;
+        Ok(self.0)
+    }
+}
+
+/// Hash by key group: the channel is the subtask owning the record's key group.
+pub(crate) struct ByKeyGroup<K, F> {
+    pub key_fn: F,
+    pub max_parallelism: u16,
+    pub scratch: Vec<u8>,
+    pub _k: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<T, K: Key, F: Fn(&T) -> K> Partitioner<T> for ByKeyGroup<K, F> {
+    #[inline]
+    fn channel(&mut self, record: &T, channels: usize) -> Result<usize> {
+        let key = (self.key_fn)(record);
+        self.scratch.clear();
+        codec::encode_into(&key, &mut self.scratch, "key")?;
+        let kg = key_group_of_bytes(&self.scratch, self.max_parallelism);
+        Ok(subtask_for_key_group(kg, self.max_parallelism, channels).0)
+    }
+}
+
+/// Buffers records per output channel and sends full batches.
+pub(crate) struct ExchangeOut<T, P> {
+    senders: Vec<Sender<Message<T>>>,
+    buffers: Vec<Vec<T>>,
+    partitioner: P,
+    batch_size: usize,
+    cancel: Arc<AtomicBool>,
+}
+
+impl<T: Data, P: Partitioner<T>> ExchangeOut<T, P> {
+    pub fn new(
+        senders: Vec<Sender<Message<T>>>,
+        partitioner: P,
+        batch_size: usize,
+        cancel: Arc<AtomicBool>,
+    ) -> Self {
+        let buffers = senders
+            .iter()
+            .map(|_| Vec::with_capacity(batch_size))
+            .collect();
+        ExchangeOut {
+            senders,
+            buffers,
+            partitioner,
+            batch_size,
+            cancel,
+        }
+    }
+
+    fn send_buffer(&mut self, i: usize) -> Result<()> {
+        if self.buffers[i].is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buffers[i], Vec::with_capacity(self.batch_size));
+        send_blocking(&self.senders[i], Message::Batch(full), &self.cancel)
+    }
+
+    fn broadcast(&mut self, msg: impl Fn() -> Message<T>) -> Result<()> {
+        for i in 0..self.senders.len() {
+            self.send_buffer(i)?;
+            send_blocking(&self.senders[i], msg(), &self.cancel)?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: Data, P: Partitioner<T>> Collector<T> for ExchangeOut<T, P> {
+    fn push(&mut self, batch: &mut Vec<T>) -> Result<()> {
+        let n = self.senders.len();
+        if n == 1 {
+            // Forward edge: move the whole batch when the buffer is empty.
+            if self.buffers[0].is_empty() && batch.len() >= self.batch_size / 2 {
+                let b = std::mem::take(batch);
+                return send_blocking(&self.senders[0], Message::Batch(b), &self.cancel);
+            }
+            self.buffers[0].append(batch);
+            if self.buffers[0].len() >= self.batch_size {
+                self.send_buffer(0)?;
+            }
+            return Ok(());
+        }
+        for record in batch.drain(..) {
+            let i = self.partitioner.channel(&record, n)?;
+            self.buffers[i].push(record);
+            if self.buffers[i].len() >= self.batch_size {
+                let full =
+                    std::mem::replace(&mut self.buffers[i], Vec::with_capacity(self.batch_size));
+                send_blocking(&self.senders[i], Message::Batch(full), &self.cancel)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn barrier(&mut self, id: CheckpointId, _snap: &mut TaskSnapshot) -> Result<()> {
+        self.broadcast(|| Message::Barrier(id))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        for i in 0..self.senders.len() {
+            self.send_buffer(i)?;
+        }
+        Ok(())
+    }
+
+    fn end(&mut self) -> Result<()> {
+        self.broadcast(|| Message::End)
+    }
+}

@@ -1,0 +1,353 @@
+//! Keyed state scoped to the current key, stored per key group.
+//!
+//! State is kept as bytes: a state entry's key is
+//! `len(name) | name | postcard(key) [| postcard(map key)]` and its value is the postcard
+//! encoding of the user's value. Postcard encodings are self-delimiting, so the entries of
+//! one key's map state are exactly the entries under the prefix `len(name) | name | key`.
+//! Byte-level state makes snapshots, restores and re-partitioning by key group independent
+//! of the user's types, and it is the layout the RocksDB backend uses on disk.
+//!
+//! Handles ([`ValueState`], [`MapState`]) are typed names, created in `const` context:
+//! ```
+//! use exactly_engine::state::{MapState, ValueState};
+//! const BALANCE: ValueState<i64> = ValueState::new("balance");
+//! const SEEN: MapState<u64, bool> = MapState::new("seen");
+//! ```
+
+use crate::codec;
+use crate::error::Result;
+use crate::ids::{KeyGroup, KeyGroupRange, OperatorId};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+
+/// A single value per key.
+pub struct ValueState<V> {
+    name: &'static str,
+    _v: PhantomData<fn() -> V>,
+}
+
+impl<V> ValueState<V> {
+    /// A handle for the value state called `name` (unique within its operator).
+    pub const fn new(name: &'static str) -> Self {
+        ValueState {
+            name,
+            _v: PhantomData,
+        }
+    }
+}
+
+impl<V> Clone for ValueState<V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<V> Copy for ValueState<V> {}
+
+/// A map per key, with entries stored individually.
+pub struct MapState<UK, UV> {
+    name: &'static str,
+    _v: PhantomData<fn() -> (UK, UV)>,
+}
+
+impl<UK, UV> MapState<UK, UV> {
+    /// A handle for the map state called `name` (unique within its operator).
+    pub const fn new(name: &'static str) -> Self {
+        MapState {
+            name,
+            _v: PhantomData,
+        }
+    }
+}
+
+impl<UK, UV> Clone for MapState<UK, UV> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<UK, UV> Copy for MapState<UK, UV> {}
+
+/// The entries of one key group: `(entry key, value)` pairs in key order.
+pub type KeyGroupEntries = (KeyGroup, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// The state of one operator instance as stored in a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorSnapshot {
+    /// Keyed state: entries per key group.
+    pub keyed: Vec<KeyGroupEntries>,
+    /// Operator (non-keyed) state entries. On restore every subtask sees the entries of
+    /// all subtasks (union semantics); sources pick the offsets of their own splits.
+    pub list: Vec<Vec<u8>>,
+}
+
+/// Snapshots of every operator of one task instance; the payload of a state file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TaskSnapshotPayload {
+    /// One entry per stateful operator of the task.
+    pub operators: Vec<(OperatorId, OperatorSnapshot)>,
+}
+
+/// In-memory keyed state of one operator instance: an ordered map per key group.
+#[derive(Debug)]
+pub struct MemoryKeyedState {
+    range: KeyGroupRange,
+    groups: Vec<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// The current key's key group and entry prefix without the state name.
+    current_group: usize,
+    current_key: Vec<u8>,
+    scratch: Vec<u8>,
+    value_buf: Vec<u8>,
+}
+
+impl MemoryKeyedState {
+    /// Empty state for the key groups in `range`.
+    pub fn new(range: KeyGroupRange) -> Self {
+        MemoryKeyedState {
+            range,
+            groups: (0..range.len()).map(|_| BTreeMap::new()).collect(),
+            current_group: 0,
+            current_key: Vec::new(),
+            scratch: Vec::new(),
+            value_buf: Vec::new(),
+        }
+    }
+
+    /// The key groups this instance owns.
+    pub fn range(&self) -> KeyGroupRange {
+        self.range
+    }
+
+    /// Make `encoded_key` (in key group `kg`) the current key.
+    pub fn set_current_key(&mut self, kg: KeyGroup, encoded_key: &[u8]) {
+        debug_assert!(
+            self.range.contains(kg),
+            "key group {kg:?} outside {:?}",
+            self.range
+        );
+        self.current_group = (kg.0 - self.range.start) as usize;
+        self.current_key.clear();
+        self.current_key.extend_from_slice(encoded_key);
+    }
+
+    fn entry_key(&mut self, name: &str) {
+        self.scratch.clear();
+        self.scratch.push(name.len() as u8);
+        self.scratch.extend_from_slice(name.as_bytes());
+        self.scratch.extend_from_slice(&self.current_key);
+    }
+
+    /// The current key's value.
+    pub fn get<V: DeserializeOwned>(&mut self, s: ValueState<V>) -> Result<Option<V>> {
+        self.entry_key(s.name);
+        match self.groups[self.current_group].get(self.scratch.as_slice()) {
+            Some(bytes) => codec::decode(bytes, s.name).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Set the current key's value.
+    pub fn put<V: Serialize>(&mut self, s: ValueState<V>, value: &V) -> Result<()> {
+        self.entry_key(s.name);
+        self.value_buf.clear();
+        codec::encode_into(value, &mut self.value_buf, s.name)?;
+        let group = &mut self.groups[self.current_group];
+        match group.get_mut(self.scratch.as_slice()) {
+            Some(existing) => {
+                existing.clear();
+                existing.extend_from_slice(&self.value_buf);
+            }
+            None => {
+                group.insert(self.scratch.clone(), self.value_buf.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove the current key's value.
+    pub fn clear<V>(&mut self, s: ValueState<V>) {
+        self.entry_key(s.name);
+        self.groups[self.current_group].remove(self.scratch.as_slice());
+    }
+
+    fn map_entry_key<UK: Serialize>(&mut self, name: &str, uk: &UK) -> Result<()> {
+        self.entry_key(name);
+        codec::encode_into(uk, &mut self.scratch, name)
+    }
+
+    /// One entry of the current key's map.
+    pub fn map_get<UK: Serialize, UV: DeserializeOwned>(
+        &mut self,
+        s: MapState<UK, UV>,
+        uk: &UK,
+    ) -> Result<Option<UV>> {
+        self.map_entry_key(s.name, uk)?;
+        match self.groups[self.current_group].get(self.scratch.as_slice()) {
+            Some(bytes) => codec::decode(bytes, s.name).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Set one entry of the current key's map.
+    pub fn map_put<UK: Serialize, UV: Serialize>(
+        &mut self,
+        s: MapState<UK, UV>,
+        uk: &UK,
+        value: &UV,
+    ) -> Result<()> {
+        self.map_entry_key(s.name, uk)?;
+        let v = codec::encode(value, s.name)?;
+        self.groups[self.current_group].insert(self.scratch.clone(), v);
+        Ok(())
+    }
+
+    /// Remove one entry of the current key's map.
+    pub fn map_remove<UK: Serialize, UV>(&mut self, s: MapState<UK, UV>, uk: &UK) -> Result<()> {
+        self.map_entry_key(s.name, uk)?;
+        self.groups[self.current_group].remove(self.scratch.as_slice());
+        Ok(())
+    }
+
+    /// All entries of the current key's map, ordered by encoded map key.
+    pub fn map_entries<UK: DeserializeOwned, UV: DeserializeOwned>(
+        &mut self,
+        s: MapState<UK, UV>,
+    ) -> Result<Vec<(UK, UV)>> {
+        self.entry_key(s.name);
+        let prefix = self.scratch.as_slice();
+        let mut out = Vec::new();
+        for (k, v) in self.groups[self.current_group].range(prefix.to_vec()..) {
+            let Some(rest) = k.strip_prefix(prefix) else {
+                break;
+            };
+            out.push((codec::decode(rest, s.name)?, codec::decode(v, s.name)?));
+        }
+        Ok(out)
+    }
+
+    /// Remove every entry of the current key's map.
+    pub fn map_clear<UK, UV>(&mut self, s: MapState<UK, UV>) {
+        self.entry_key(s.name);
+        let prefix = self.scratch.clone();
+        let group = &mut self.groups[self.current_group];
+        let doomed: Vec<Vec<u8>> = group
+            .range(prefix.clone()..)
+            .map(|(k, _)| k.clone())
+            .take_while(|k| k.starts_with(&prefix))
+            .collect();
+        for k in doomed {
+            group.remove(&k);
+        }
+    }
+
+    /// Number of entries over all key groups.
+    pub fn len(&self) -> usize {
+        self.groups.iter().map(|g| g.len()).sum()
+    }
+
+    /// Whether no entry is stored.
+    pub fn is_empty(&self) -> bool {
+        self.groups.iter().all(|g| g.is_empty())
+    }
+
+    /// Copy every non-empty key group out for a checkpoint.
+    pub fn snapshot(&self) -> Vec<KeyGroupEntries> {
+        self.groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| !g.is_empty())
+            .map(|(i, g)| {
+                let kg = KeyGroup(self.range.start + i as u16);
+                (kg, g.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            })
+            .collect()
+    }
+
+    /// Load the entries of the key groups this instance owns from restored snapshots
+    /// (taken at any parallelism).
+    pub fn restore<'a>(&mut self, snapshots: impl IntoIterator<Item = &'a OperatorSnapshot>) {
+        for snap in snapshots {
+            for (kg, entries) in &snap.keyed {
+                if self.range.contains(*kg) {
+                    let g = &mut self.groups[(kg.0 - self.range.start) as usize];
+                    g.extend(entries.iter().cloned());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{key_group_of_bytes, SubtaskIndex};
+    use proptest::prelude::*;
+
+    const V: ValueState<i64> = ValueState::new("v");
+    const M: MapState<String, u32> = MapState::new("m");
+
+    fn full() -> MemoryKeyedState {
+        MemoryKeyedState::new(KeyGroupRange { start: 0, end: 128 })
+    }
+
+    fn key(s: &mut MemoryKeyedState, k: u64) {
+        let enc = codec::encode(&k, "k").unwrap();
+        s.set_current_key(key_group_of_bytes(&enc, 128), &enc);
+    }
+
+    #[test]
+    fn values_and_maps_are_scoped_to_the_current_key() {
+        let mut s = full();
+        key(&mut s, 1);
+        s.put(V, &10).unwrap();
+        s.map_put(M, &"a".to_string(), &1).unwrap();
+        s.map_put(M, &"b".to_string(), &2).unwrap();
+        key(&mut s, 2);
+        assert_eq!(s.get(V).unwrap(), None);
+        assert!(s.map_entries(M).unwrap().is_empty());
+        s.map_put(M, &"a".to_string(), &9).unwrap();
+        key(&mut s, 1);
+        assert_eq!(s.get(V).unwrap(), Some(10));
+        assert_eq!(
+            s.map_entries(M).unwrap(),
+            vec![("a".to_string(), 1), ("b".to_string(), 2)]
+        );
+        s.map_remove(M, &"a".to_string()).unwrap();
+        assert_eq!(s.map_get(M, &"a".to_string()).unwrap(), None);
+        s.map_clear(M);
+        assert!(s.map_entries(M).unwrap().is_empty());
+        key(&mut s, 2);
+        assert_eq!(s.map_get(M, &"a".to_string()).unwrap(), Some(9));
+        s.clear(V);
+    }
+
+    proptest! {
+        /// Snapshot at parallelism `p1`, restore at `p2`: every key sees the same values.
+        #[test]
+        fn rescale_round_trip(entries in proptest::collection::btree_map(any::<u64>(), any::<i64>(), 0..200), p1 in 1usize..5, p2 in 1usize..5) {
+            let max = 128u16;
+            let mut olds: Vec<MemoryKeyedState> = (0..p1)
+                .map(|i| MemoryKeyedState::new(KeyGroupRange::for_subtask(max, p1, SubtaskIndex(i))))
+                .collect();
+            for (k, v) in &entries {
+                let enc = codec::encode(k, "k").unwrap();
+                let kg = key_group_of_bytes(&enc, max);
+                let owner = crate::ids::subtask_for_key_group(kg, max, p1);
+                olds[owner.0].set_current_key(kg, &enc);
+                olds[owner.0].put(V, v).unwrap();
+            }
+            let snaps: Vec<OperatorSnapshot> = olds.iter().map(|s| OperatorSnapshot { keyed: s.snapshot(), list: vec![] }).collect();
+            let mut news: Vec<MemoryKeyedState> = (0..p2)
+                .map(|i| MemoryKeyedState::new(KeyGroupRange::for_subtask(max, p2, SubtaskIndex(i))))
+                .collect();
+            for n in &mut news { n.restore(&snaps); }
+            prop_assert_eq!(news.iter().map(|n| n.len()).sum::<usize>(), entries.len());
+            for (k, v) in &entries {
+                let enc = codec::encode(k, "k").unwrap();
+                let kg = key_group_of_bytes(&enc, max);
+                let owner = crate::ids::subtask_for_key_group(kg, max, p2);
+                news[owner.0].set_current_key(kg, &enc);
+                prop_assert_eq!(news[owner.0].get(V).unwrap(), Some(*v));
+            }
+        }
+    }
+}

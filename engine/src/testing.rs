@@ -1,0 +1,257 @@
+//! In-memory source and sink for tests and examples.
+//!
+//! [`VecSource`] replays a vector (offset = position in its split). [`CollectSink`] is a
+//! real two-phase-commit sink whose "external system" is shared memory: staged batches
+//! become visible only on commit, commit is idempotent, and recovery aborts what was
+//! staged under checkpoints that never completed. It survives in-process restarts, which
+//! makes it the reference sink for exactly-once tests.
+
+use crate::api::{
+    Data, RecoveryContext, SinkContext, SinkWriter, Source, SourceContext, SourcePoll,
+    SourceReader, TwoPhaseCommitSink,
+};
+use crate::error::{Error, Result};
+use crate::ids::{CheckpointId, OperatorId};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A replayable source over a vector, divided into `splits` round-robin splits.
+#[derive(Clone)]
+pub struct VecSource<T> {
+    data: Arc<Vec<T>>,
+    splits: usize,
+}
+
+impl<T: Data + Sync> VecSource<T> {
+    /// One split holding every record in order.
+    pub fn new(data: Vec<T>) -> Self {
+        VecSource {
+            data: Arc::new(data),
+            splits: 1,
+        }
+    }
+
+    /// Spread the records round-robin over `n` splits (read in parallel).
+    pub fn with_splits(mut self, n: usize) -> Self {
+        self.splits = n.max(1);
+        self
+    }
+}
+
+/// Reads one split of a [`VecSource`].
+pub struct VecReader<T> {
+    data: Arc<Vec<T>>,
+    split: usize,
+    splits: usize,
+    /// Records of this split already read; names the next one.
+    next: u64,
+}
+
+impl<T: Data + Sync> Source for VecSource<T> {
+    type Item = T;
+    type Offset = u64;
+    type Reader = VecReader<T>;
+
+    fn splits(&self) -> Result<Vec<String>> {
+        Ok((0..self.splits).map(|i| i.to_string()).collect())
+    }
+
+    fn open(&self, split: &str, from: Option<u64>, ctx: &SourceContext) -> Result<VecReader<T>> {
+        let split = split.parse().map_err(|_| {
+            Error::config(format!(
+                "source '{}': unknown split '{split}'",
+                ctx.operator
+            ))
+        })?;
+        Ok(VecReader {
+            data: self.data.clone(),
+            split,
+            splits: self.splits,
+            next: from.unwrap_or(0),
+        })
+    }
+}
+
+impl<T: Data> SourceReader for VecReader<T> {
+    type Item = T;
+    type Offset = u64;
+
+    fn poll_batch(&mut self, out: &mut Vec<T>, max: usize) -> Result<SourcePoll> {
+        let before = out.len();
+        while out.len() - before < max {
+            let pos = self.next as usize * self.splits + self.split;
+            match self.data.get(pos) {
+                Some(x) => {
+                    out.push(x.clone());
+                    self.next += 1;
+                }
+                None => break,
+            }
+        }
+        Ok(if out.len() > before {
+            SourcePoll::Ready
+        } else {
+            SourcePoll::End
+        })
+    }
+
+    fn offset(&self) -> u64 {
+        self.next
+    }
+}
+
+#[derive(Default)]
+struct Shared<T> {
+    staged: BTreeMap<(u64, usize), Vec<T>>,
+    committed: Vec<T>,
+    committed_keys: BTreeSet<(u64, usize)>,
+    commit_calls: u64,
+}
+
+/// An in-memory two-phase-commit sink; clones share the same contents.
+pub struct CollectSink<T> {
+    shared: Arc<Mutex<Shared<T>>>,
+}
+
+impl<T> Clone for CollectSink<T> {
+    fn clone(&self) -> Self {
+        CollectSink {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T: Data> Default for CollectSink<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Data> CollectSink<T> {
+    /// An empty sink.
+    pub fn new() -> Self {
+        CollectSink {
+            shared: Arc::new(Mutex::new(Shared {
+                staged: BTreeMap::new(),
+                committed: Vec::new(),
+                committed_keys: BTreeSet::new(),
+                commit_calls: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared<T>> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything committed so far, in commit order.
+    pub fn committed(&self) -> Vec<T> {
+        self.lock().committed.clone()
+    }
+
+    /// Number of staged batches not committed.
+    pub fn staged_batches(&self) -> usize {
+        self.lock().staged.len()
+    }
+
+    /// Number of `commit` calls, including idempotent repeats.
+    pub fn commit_calls(&self) -> u64 {
+        self.lock().commit_calls
+    }
+}
+
+impl<T: Data + Ord> CollectSink<T> {
+    /// Committed records, sorted (order across subtasks is not defined).
+    pub fn sorted(&self) -> Vec<T> {
+        let mut v = self.committed();
+        v.sort();
+        v
+    }
+}
+
+/// Identifies one staged batch of a [`CollectSink`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectCommittable {
+    /// Checkpoint whose barrier staged it.
+    pub checkpoint: u64,
+    /// Sink subtask.
+    pub subtask: usize,
+}
+
+/// Writer of one [`CollectSink`] subtask.
+pub struct CollectWriter<T> {
+    shared: Arc<Mutex<Shared<T>>>,
+    subtask: usize,
+    buf: Vec<T>,
+}
+
+impl<T: Data> TwoPhaseCommitSink for CollectSink<T> {
+    type Item = T;
+    type Committable = CollectCommittable;
+    type Writer = CollectWriter<T>;
+
+    fn open_writer(&self, ctx: &SinkContext) -> Result<CollectWriter<T>> {
+        Ok(CollectWriter {
+            shared: self.shared.clone(),
+            subtask: ctx.subtask.0,
+            buf: Vec::new(),
+        })
+    }
+
+    fn commit(&self, c: &CollectCommittable) -> Result<()> {
+        let mut s = self.lock();
+        s.commit_calls += 1;
+        let key = (c.checkpoint, c.subtask);
+        if let Some(batch) = s.staged.remove(&key) {
+            s.committed.extend(batch);
+            s.committed_keys.insert(key);
+            Ok(())
+        } else if s.committed_keys.contains(&key) {
+            Ok(())
+        } else {
+            Err(Error::CommitLost {
+                sink: OperatorId("collect".into()),
+                checkpoint: CheckpointId(c.checkpoint),
+                message: format!("no staged batch for subtask {}", c.subtask),
+            })
+        }
+    }
+
+    fn recover(
+        &self,
+        _ctx: &RecoveryContext,
+        pending: Vec<CollectCommittable>,
+    ) -> Result<Option<CheckpointId>> {
+        for c in &pending {
+            self.commit(c)?;
+        }
+        let mut s = self.lock();
+        let max = s.staged.keys().map(|k| k.0).max().map(CheckpointId);
+        s.staged.clear();
+        Ok(max)
+    }
+}
+
+impl<T: Data> SinkWriter for CollectWriter<T> {
+    type Item = T;
+    type Committable = CollectCommittable;
+
+    fn write(&mut self, batch: &mut Vec<T>) -> Result<()> {
+        self.buf.append(batch);
+        Ok(())
+    }
+
+    fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<Option<CollectCommittable>> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let batch = std::mem::take(&mut self.buf);
+        let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        s.staged.insert((checkpoint.0, self.subtask), batch);
+        Ok(Some(CollectCommittable {
+            checkpoint: checkpoint.0,
+            subtask: self.subtask,
+        }))
+    }
+}

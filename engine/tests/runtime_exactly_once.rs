@@ -1,0 +1,410 @@
+//! End-to-end behaviour of the runtime with the in-memory reference sink.
+
+use exactly_engine::prelude::*;
+use exactly_engine::storage::CheckpointStorage;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SUM: ValueState<i64> = ValueState::new("sum");
+
+/// (account, amount, seq) events, deterministic. The source reads 3 round-robin splits
+/// in parallel; every account lives in one split (account ≡ seq mod 3), so each
+/// account's events reach the keyed operator in sequence order and running sums are
+/// well defined.
+fn events(n: u64, accounts_per_split: u64) -> Vec<(u64, i64, u64)> {
+    (0..n)
+        .map(|i| {
+            (
+                ((i / 3) * 7919 % accounts_per_split) * 3 + i % 3,
+                (i % 13) as i64 - 4,
+                i,
+            )
+        })
+        .collect()
+}
+
+/// The failure-free answer computed without the engine: per event, the account's
+/// running sum after it.
+fn expected(evs: &[(u64, i64, u64)]) -> Vec<(u64, u64, i64)> {
+    let mut sums: BTreeMap<u64, i64> = BTreeMap::new();
+    let mut out: Vec<(u64, u64, i64)> = evs
+        .iter()
+        .map(|&(a, v, seq)| {
+            let s = sums.entry(a).or_default();
+            *s += v;
+            (a, seq, *s)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Running sum per account; panics once when it sees seq `fail_at` (`ANY_SEQ_AFTER_2`:
+/// the first record after the second completed checkpoint), to simulate a task crash.
+#[derive(Clone)]
+struct RunningSum {
+    fail_at: Arc<AtomicU64>,
+}
+
+const ANY_SEQ_AFTER_2: u64 = u64::MAX - 1;
+const ARMED: u64 = u64::MAX - 2;
+
+impl KeyedProcessFunction<u64, (u64, i64, u64)> for RunningSum {
+    type Out = (u64, u64, i64);
+    fn process(
+        &mut self,
+        (a, v, seq): (u64, i64, u64),
+        ctx: &mut KeyedContext<'_, u64, Self::Out>,
+    ) -> Result<(), BoxError> {
+        let f = self.fail_at.load(Ordering::SeqCst);
+        if f == seq || f == ARMED {
+            self.fail_at.store(u64::MAX, Ordering::SeqCst);
+            panic!("injected failure at seq {seq}");
+        }
+        let s = ctx.value(SUM)?.unwrap_or(0) + v;
+        ctx.set_value(SUM, &s)?;
+        ctx.emit((a, seq, s));
+        Ok(())
+    }
+}
+
+fn build(
+    storage: &CheckpointStorage,
+    parallelism: usize,
+    data: &[(u64, i64, u64)],
+    sink: &CollectSink<(u64, u64, i64)>,
+    fail_at: u64,
+    restarts: RestartPolicy,
+) -> Job {
+    let fail = Arc::new(AtomicU64::new(fail_at));
+    let arm = fail.clone();
+    let completed = Arc::new(AtomicU64::new(0));
+    let job = Job::builder("sum")
+        .on_checkpoint(move |_| {
+            if completed.fetch_add(1, Ordering::SeqCst) + 1 == 2 {
+                let _ = arm.compare_exchange(
+                    ANY_SEQ_AFTER_2,
+                    ARMED,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            }
+        })
+        .checkpoint_storage_instance(storage.clone())
+        .checkpoint_every(Duration::from_millis(5))
+        .parallelism(parallelism)
+        .restart_policy(restarts)
+        .batch_size(64)
+        .build()
+        .unwrap();
+    job.source("events", VecSource::new(data.to_vec()).with_splits(3))
+        // A slow map keeps the run long enough for several checkpoints.
+        .map(|e| {
+            if e.2 % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            e
+        })
+        .key_by(|e: &(u64, i64, u64)| e.0)
+        .process(RunningSum { fail_at: fail })
+        .name("running-sum")
+        .sink("out", sink.clone());
+    job
+}
+
+#[test]
+fn failure_free_run_commits_exactly_the_expected_output() {
+    let data = events(20_000, 97);
+    let sink = CollectSink::new();
+    let report = build(
+        &CheckpointStorage::in_memory(),
+        2,
+        &data,
+        &sink,
+        u64::MAX,
+        RestartPolicy::none(),
+    )
+    .run()
+    .unwrap();
+    assert_eq!(sink.sorted(), expected(&data));
+    assert_eq!(
+        sink.staged_batches(),
+        0,
+        "nothing may stay staged after run()"
+    );
+    let last = report.checkpoints.last().expect("a final checkpoint");
+    assert!(last.is_final);
+    assert!(
+        report.checkpoints.len() >= 2,
+        "periodic checkpoints were taken: {}",
+        report.checkpoints.len()
+    );
+    let ids: Vec<u64> = report.checkpoints.iter().map(|c| c.id.0).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+}
+
+#[test]
+fn task_panic_restarts_from_checkpoint_without_duplicates_or_loss() {
+    let data = events(20_000, 97);
+    let sink = CollectSink::new();
+    let report = build(
+        &CheckpointStorage::in_memory(),
+        2,
+        &data,
+        &sink,
+        15_000,
+        RestartPolicy::fixed(2, Duration::from_millis(10)),
+    )
+    .run()
+    .unwrap();
+    assert_eq!(report.restarts, 1);
+    let got = sink.sorted();
+    assert_eq!(got.len(), data.len(), "no loss, no duplicates");
+    assert_eq!(got, expected(&data));
+}
+
+#[test]
+fn exhausted_restarts_name_the_failing_operator() {
+    let data = events(5_000, 7);
+    let sink = CollectSink::new();
+    let err = build(
+        &CheckpointStorage::in_memory(),
+        1,
+        &data,
+        &sink,
+        100,
+        RestartPolicy::none(),
+    )
+    .run()
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("running-sum") && msg.contains("injected failure"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn restore_at_different_parallelism_gives_the_same_output() {
+    let data = events(20_000, 97);
+    let storage = CheckpointStorage::in_memory();
+    let sink = CollectSink::new();
+    // First run at parallelism 2 dies mid-way and may not restart.
+    let err = build(
+        &storage,
+        2,
+        &data,
+        &sink,
+        ANY_SEQ_AFTER_2,
+        RestartPolicy::none(),
+    )
+    .run();
+    assert!(err.is_err(), "the injected failure must end the first run");
+    let committed_before = sink.committed().len();
+    assert!(
+        committed_before > 0 && committed_before < data.len(),
+        "{committed_before}"
+    );
+    // The same job restored at parallelism 3 finishes it.
+    let report = build(&storage, 3, &data, &sink, u64::MAX, RestartPolicy::none())
+        .run()
+        .unwrap();
+    assert!(report.restored_from.is_some());
+    assert_eq!(sink.sorted(), expected(&data));
+}
+
+#[test]
+fn checkpoint_ids_continue_above_everything_seen_after_restart() {
+    let data = events(5_000, 11);
+    let storage = CheckpointStorage::in_memory();
+    let sink = CollectSink::new();
+    let first = build(&storage, 1, &data, &sink, u64::MAX, RestartPolicy::none())
+        .run()
+        .unwrap();
+    let committed = sink.committed().len();
+    // Same storage and sink: the second run restores the final checkpoint (re-committing
+    // its output idempotently); its ids continue above.
+    let second = build(&storage, 1, &data, &sink, u64::MAX, RestartPolicy::none())
+        .run()
+        .unwrap();
+    let max_first = first.checkpoints.iter().map(|c| c.id).max().unwrap();
+    let min_second = second.checkpoints.iter().map(|c| c.id).min().unwrap();
+    assert_eq!(second.restored_from, Some(max_first));
+    assert!(min_second > max_first, "{min_second} > {max_first}");
+    // Restored at the end of input: nothing is processed or committed twice.
+    assert_eq!(sink.committed().len(), committed);
+    assert_eq!(sink.sorted(), expected(&data));
+}
+
+#[test]
+fn union_aligns_barriers_from_both_inputs() {
+    let a: Vec<(u64, i64, u64)> = (0..6_000).map(|i| (i % 5, 1, i)).collect();
+    let b: Vec<(u64, i64, u64)> = (6_000..12_000).map(|i| (i % 5, 2, i)).collect();
+    let all: Vec<_> = a.iter().chain(b.iter()).cloned().collect();
+    let sink = CollectSink::new();
+    let job = Job::builder("union")
+        .checkpoint_storage("memory://")
+        .checkpoint_every(Duration::from_millis(3))
+        .parallelism(2)
+        .restart_policy(RestartPolicy::fixed(1, Duration::ZERO))
+        .batch_size(32)
+        .build()
+        .unwrap();
+    let sa = job.source("a", VecSource::new(a).with_splits(2));
+    let sb = job.source("b", VecSource::new(b).with_splits(2));
+    sa.union(&sb)
+        .key_by(|e: &(u64, i64, u64)| e.0)
+        .process(RunningSum {
+            fail_at: Arc::new(AtomicU64::new(9_000)),
+        })
+        .sink("out", sink.clone());
+    let report = job.run().unwrap();
+    assert_eq!(report.restarts, 1);
+    // Order within a key differs from the single-sequence answer, so compare the
+    // multiset of (key, seq) and the final sum per key.
+    let got = sink.sorted();
+    assert_eq!(got.len(), all.len());
+    let mut seqs: Vec<u64> = got.iter().map(|r| r.1).collect();
+    seqs.sort();
+    assert_eq!(seqs, (0..12_000).collect::<Vec<_>>());
+    let mut final_sum: BTreeMap<u64, i64> = BTreeMap::new();
+    for &(a, v, _) in &all {
+        *final_sum.entry(a).or_default() += v;
+    }
+    for (k, want) in final_sum {
+        // Amounts are positive, so the last running sum of a key is its largest.
+        let last = got.iter().filter(|r| r.0 == k).map(|r| r.2).max().unwrap();
+        assert_eq!(last, want, "key {k}");
+    }
+}
+
+#[test]
+fn non_replayable_source_is_refused() {
+    struct Once;
+    impl Source for Once {
+        type Item = u32;
+        type Offset = ();
+        type Reader = VecReaderStub;
+        fn splits(&self) -> exactly_engine::error::Result<Vec<String>> {
+            Ok(vec!["0".into()])
+        }
+        fn open(
+            &self,
+            _: &str,
+            _: Option<()>,
+            _: &SourceContext,
+        ) -> exactly_engine::error::Result<VecReaderStub> {
+            Ok(VecReaderStub)
+        }
+        fn replayable(&self) -> bool {
+            false
+        }
+    }
+    struct VecReaderStub;
+    impl SourceReader for VecReaderStub {
+        type Item = u32;
+        type Offset = ();
+        fn poll_batch(
+            &mut self,
+            _: &mut Vec<u32>,
+            _: usize,
+        ) -> exactly_engine::error::Result<SourcePoll> {
+            Ok(SourcePoll::End)
+        }
+        fn offset(&self) {}
+    }
+    let job = Job::builder("nr")
+        .checkpoint_storage("memory://")
+        .build()
+        .unwrap();
+    job.source("socket", Once).sink("out", CollectSink::new());
+    let err = job.run().unwrap_err();
+    assert!(matches!(err, Error::NotReplayable { .. }), "{err}");
+    assert!(err.to_string().contains("socket"), "{err}");
+}
+
+#[test]
+fn configuration_errors_are_clear() {
+    let job = Job::builder("cfg")
+        .checkpoint_storage("memory://")
+        .build()
+        .unwrap();
+    job.source("a", VecSource::new(vec![1u32]));
+    assert!(job.run().unwrap_err().to_string().contains("no sink"));
+
+    let job = Job::builder("cfg")
+        .checkpoint_storage("memory://")
+        .build()
+        .unwrap();
+    job.source("a", VecSource::new(vec![1u32]))
+        .sink("a", CollectSink::new());
+    assert!(job
+        .run()
+        .unwrap_err()
+        .to_string()
+        .contains("two operators are named 'a'"));
+
+    assert!(Job::builder("bad name").build().is_err());
+    assert!(Job::builder("x")
+        .parallelism(0)
+        .checkpoint_storage("memory://")
+        .build()
+        .is_err());
+}
+
+#[test]
+fn corrupt_checkpoint_stops_the_job_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let data = events(3_000, 5);
+    let storage = CheckpointStorage::from_url(&url).unwrap();
+    build(
+        &storage,
+        1,
+        &data,
+        &CollectSink::new(),
+        u64::MAX,
+        RestartPolicy::none(),
+    )
+    .run()
+    .unwrap();
+    // Damage the newest checkpoint's keyed state file.
+    let mut newest = None;
+    for entry in walk(dir.path()) {
+        if entry.to_string_lossy().contains("running-sum") {
+            newest = newest.max(Some(entry));
+        }
+    }
+    let file = newest.expect("a state file of the keyed operator");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let err = build(
+        &storage,
+        1,
+        &data,
+        &CollectSink::new(),
+        u64::MAX,
+        RestartPolicy::none(),
+    )
+    .run()
+    .unwrap_err();
+    assert!(matches!(err, Error::CorruptCheckpoint { .. }), "{err}");
+    assert!(err.to_string().contains("running-sum"), "{err}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
