@@ -1,0 +1,438 @@
+//! Exactly-once part files in a local directory.
+//!
+//! # Protocol
+//!
+//! 1. Records of one subtask go to `<dir>/.staging/<sink>/inprogress-<subtask>-<n>` as
+//!    they arrive (buffered).
+//! 2. At barrier `c` (pre-commit) the file is flushed, fsynced and renamed to
+//!    `<dir>/.staging/<sink>/staged-<c>-<subtask>.<ext>`; that name is the committable.
+//! 3. After the manifest of checkpoint `c` is written, commit renames the staged file to
+//!    `<dir>/part-<c>-<subtask>.<ext>` and fsyncs the directory. Readers only ever see
+//!    complete part files.
+//!
+//! # Invariants
+//!
+//! * A part file exists only for a completed checkpoint; its content is exactly the
+//!   records between two barriers of one subtask.
+//! * Commit is idempotent: a committable whose staged file is gone and whose part file
+//!   exists counts as committed. Both missing is data loss and an error.
+//!
+//! # Failure and recovery
+//!
+//! `recover` commits the committables of the restored checkpoint, then deletes every
+//! file left in the sink's staging directory (in-progress files and files staged for
+//! checkpoints that never completed), reporting the highest checkpoint id among them.
+
+use exactly_engine::api::{Data, RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
+use exactly_engine::error::{Error, Result};
+use exactly_engine::ids::{CheckpointId, OperatorId};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Turns a record into bytes (one line, newline included).
+pub trait RecordEncoder<T>: Clone + Send + Sync + 'static {
+    /// Append the encoding of `record` to `out`.
+    fn encode(&self, record: &T, out: &mut Vec<u8>) -> Result<()>;
+    /// File extension of part files.
+    fn extension(&self) -> &str;
+}
+
+/// One JSON document per line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonLines;
+
+impl<T: Serialize> RecordEncoder<T> for JsonLines {
+    fn encode(&self, record: &T, out: &mut Vec<u8>) -> Result<()> {
+        serde_json::to_writer(&mut *out, record).map_err(|e| Error::Codec {
+            what: "JSON line".into(),
+            message: e.to_string(),
+        })?;
+        out.push(b'\n');
+        Ok(())
+    }
+    fn extension(&self) -> &str {
+        "jsonl"
+    }
+}
+
+/// An encoder from a closure, e.g. for CSV.
+#[derive(Clone)]
+pub struct FnEncoder<F> {
+    f: F,
+    ext: &'static str,
+}
+
+impl<F> FnEncoder<F> {
+    /// Encode with `f`; part files get extension `ext`.
+    pub fn new(ext: &'static str, f: F) -> Self {
+        FnEncoder { f, ext }
+    }
+}
+
+impl<T, F: Fn(&T, &mut Vec<u8>) + Clone + Send + Sync + 'static> RecordEncoder<T> for FnEncoder<F> {
+    fn encode(&self, record: &T, out: &mut Vec<u8>) -> Result<()> {
+        (self.f)(record, out);
+        Ok(())
+    }
+    fn extension(&self) -> &str {
+        self.ext
+    }
+}
+
+/// Writes part files that appear only when their checkpoint completes.
+///
+/// ```
+/// use exactly_sinks::FileSink;
+/// let sink = FileSink::<(u64, i64), _>::exactly_once("out/");
+/// ```
+pub struct FileSink<T, E> {
+    dir: PathBuf,
+    encoder: E,
+    _t: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T: Serialize> FileSink<T, JsonLines> {
+    /// JSON-lines part files in `dir`.
+    pub fn exactly_once(dir: impl Into<PathBuf>) -> Self {
+        FileSink {
+            dir: dir.into(),
+            encoder: JsonLines,
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T, E: RecordEncoder<T>> FileSink<T, E> {
+    /// Part files in `dir`, encoded by `encoder`.
+    pub fn with_encoder(dir: impl Into<PathBuf>, encoder: E) -> Self {
+        FileSink {
+            dir: dir.into(),
+            encoder,
+            _t: std::marker::PhantomData,
+        }
+    }
+
+    fn staging(&self, sink: &OperatorId) -> PathBuf {
+        self.dir.join(".staging").join(&sink.0)
+    }
+}
+
+/// A staged part file: where it is and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCommittable {
+    /// Staged file, relative to the sink directory.
+    pub staged: String,
+    /// Final part file, relative to the sink directory.
+    pub part: String,
+    /// Checkpoint id.
+    pub checkpoint: u64,
+}
+
+/// Writer of one [`FileSink`] subtask.
+pub struct FileWriter<T, E> {
+    staging: PathBuf,
+    staging_rel: String,
+    subtask: usize,
+    encoder: E,
+    ext: String,
+    out: Option<(PathBuf, BufWriter<File>)>,
+    buf: Vec<u8>,
+    _t: std::marker::PhantomData<fn(T)>,
+}
+
+static INPROGRESS_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(context, e)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing directory {}", dir.display())))
+}
+
+impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for FileSink<T, E> {
+    type Item = T;
+    type Committable = FileCommittable;
+    type Writer = FileWriter<T, E>;
+
+    fn open_writer(&self, ctx: &SinkContext) -> Result<Self::Writer> {
+        let staging = self.staging(&ctx.sink);
+        std::fs::create_dir_all(&staging).map_err(io(format!("creating {}", staging.display())))?;
+        Ok(FileWriter {
+            staging,
+            staging_rel: format!(".staging/{}", ctx.sink.0),
+            subtask: ctx.subtask.0,
+            encoder: self.encoder.clone(),
+            ext: self.encoder.extension().to_string(),
+            out: None,
+            buf: Vec::with_capacity(64 * 1024),
+            _t: std::marker::PhantomData,
+        })
+    }
+
+    fn commit(&self, c: &FileCommittable) -> Result<()> {
+        let staged = self.dir.join(&c.staged);
+        let part = self.dir.join(&c.part);
+        match std::fs::rename(&staged, &part) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if part.exists() {
+                    Ok(())
+                } else {
+                    Err(Error::CommitLost {
+                        sink: OperatorId(self.dir.display().to_string()),
+                        checkpoint: CheckpointId(c.checkpoint),
+                        message: format!(
+                            "neither staged file {} nor part file {} exists",
+                            staged.display(),
+                            part.display()
+                        ),
+                    })
+                }
+            }
+            Err(e) => Err(Error::io(
+                format!("publishing {} as {}", staged.display(), part.display()),
+                e,
+            )),
+        }
+    }
+
+    fn recover(
+        &self,
+        ctx: &RecoveryContext,
+        pending: Vec<FileCommittable>,
+    ) -> Result<Option<CheckpointId>> {
+        std::fs::create_dir_all(&self.dir).map_err(io(format!(
+            "creating sink directory {}",
+            self.dir.display()
+        )))?;
+        for c in &pending {
+            self.commit(c)?;
+        }
+        let staging = self.staging(&ctx.sink);
+        let mut max_seen: Option<CheckpointId> = None;
+        let entries = match std::fs::read_dir(&staging) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("listing {}", staging.display()), e)),
+        };
+        let mut removed = 0usize;
+        for entry in entries {
+            let entry = entry.map_err(io(format!("listing {}", staging.display())))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name
+                .strip_prefix("staged-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                max_seen = max_seen.max(Some(CheckpointId(id)));
+            }
+            std::fs::remove_file(entry.path())
+                .map_err(io(format!("removing lingering {}", entry.path().display())))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::info!(sink = %ctx.sink, removed, "aborted output staged after the restored checkpoint");
+            sync_dir(&staging)?;
+        }
+        Ok(max_seen)
+    }
+}
+
+impl<T, E: RecordEncoder<T>> FileWriter<T, E> {
+    fn open_file(&mut self) -> Result<&mut BufWriter<File>> {
+        if self.out.is_none() {
+            let n = INPROGRESS_SEQ.fetch_add(1, Ordering::Relaxed);
+            let path = self.staging.join(format!(
+                "inprogress-{}-{}-{n}",
+                self.subtask,
+                std::process::id()
+            ));
+            let f = File::create(&path).map_err(io(format!("creating {}", path.display())))?;
+            self.out = Some((path, BufWriter::with_capacity(256 * 1024, f)));
+        }
+        match &mut self.out {
+            Some((_, w)) => Ok(w),
+            None => unreachable!("opened above"),
+        }
+    }
+}
+
+impl<T: Data, E: RecordEncoder<T>> SinkWriter for FileWriter<T, E> {
+    type Item = T;
+    type Committable = FileCommittable;
+
+    fn write(&mut self, batch: &mut Vec<T>) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.buf.clear();
+        for r in batch.drain(..) {
+            self.encoder.encode(&r, &mut self.buf)?;
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let res = self
+            .open_file()
+            .and_then(|w| w.write_all(&buf).map_err(io("writing part file".into())));
+        self.buf = buf;
+        res
+    }
+
+    fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<Option<FileCommittable>> {
+        let Some((path, w)) = self.out.take() else {
+            return Ok(None);
+        };
+        let f = w
+            .into_inner()
+            .map_err(|e| Error::io(format!("flushing {}", path.display()), e.into_error()))?;
+        f.sync_all()
+            .map_err(io(format!("syncing {}", path.display())))?;
+        let staged_name = format!(
+            "staged-{:012}-{:04}.{}",
+            checkpoint.0, self.subtask, self.ext
+        );
+        let staged = self.staging.join(&staged_name);
+        std::fs::rename(&path, &staged).map_err(io(format!("staging {}", path.display())))?;
+        sync_dir(&self.staging)?;
+        let part = format!("part-{:012}-{:04}.{}", checkpoint.0, self.subtask, self.ext);
+        Ok(Some(FileCommittable {
+            staged: format!("{}/{staged_name}", self.staging_rel),
+            part,
+            checkpoint: checkpoint.0,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exactly_engine::ids::SubtaskIndex;
+
+    fn ctx(sink: &str, subtask: usize) -> SinkContext {
+        SinkContext {
+            job: "j".into(),
+            sink: OperatorId(sink.into()),
+            subtask: SubtaskIndex(subtask),
+            parallelism: 2,
+        }
+    }
+
+    fn rctx(sink: &str, restored: Option<u64>) -> RecoveryContext {
+        RecoveryContext {
+            job: "j".into(),
+            sink: OperatorId(sink.into()),
+            restored: restored.map(CheckpointId),
+        }
+    }
+
+    fn parts(dir: &Path) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read_to_string(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn output_is_invisible_until_commit_and_commit_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::<u32, _>::exactly_once(dir.path());
+        let mut w = sink.open_writer(&ctx("s", 1)).unwrap();
+        w.write(&mut vec![1, 2]).unwrap();
+        w.write(&mut vec![3]).unwrap();
+        let c = w.pre_commit(CheckpointId(7)).unwrap().unwrap();
+        assert!(
+            parts(dir.path()).is_empty(),
+            "nothing visible before commit"
+        );
+        assert_eq!(
+            w.pre_commit(CheckpointId(8)).unwrap(),
+            None,
+            "empty epoch stages nothing"
+        );
+        sink.commit(&c).unwrap();
+        sink.commit(&c).unwrap();
+        assert_eq!(
+            parts(dir.path()),
+            vec![(
+                "part-000000000007-0001.jsonl".to_string(),
+                "1\n2\n3\n".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn recovery_commits_restored_output_and_removes_later_staged_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::<u32, _>::exactly_once(dir.path());
+        let mut w0 = sink.open_writer(&ctx("s", 0)).unwrap();
+        let mut w1 = sink.open_writer(&ctx("s", 1)).unwrap();
+        w0.write(&mut vec![1]).unwrap();
+        w1.write(&mut vec![2]).unwrap();
+        let c0 = w0.pre_commit(CheckpointId(3)).unwrap().unwrap();
+        let c1 = w1.pre_commit(CheckpointId(3)).unwrap().unwrap();
+        // Crash after the manifest of 3, after subtask 0 was committed but not subtask 1;
+        // subtask 0 had also staged output for checkpoint 4 and had a file in progress.
+        sink.commit(&c0).unwrap();
+        w0.write(&mut vec![10]).unwrap();
+        w0.pre_commit(CheckpointId(4)).unwrap().unwrap();
+        w0.write(&mut vec![11]).unwrap();
+        drop((w0, w1));
+        let max = sink.recover(&rctx("s", Some(3)), vec![c0, c1]).unwrap();
+        assert_eq!(max, Some(CheckpointId(4)));
+        assert_eq!(
+            parts(dir.path()),
+            vec![
+                (
+                    "part-000000000003-0000.jsonl".to_string(),
+                    "1\n".to_string()
+                ),
+                (
+                    "part-000000000003-0001.jsonl".to_string(),
+                    "2\n".to_string()
+                ),
+            ]
+        );
+        assert!(parts(&dir.path().join(".staging/s")).is_empty());
+    }
+
+    #[test]
+    fn committing_vanished_output_is_data_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::<u32, _>::exactly_once(dir.path());
+        let c = FileCommittable {
+            staged: ".staging/s/staged-000000000001-0000.jsonl".into(),
+            part: "part-000000000001-0000.jsonl".into(),
+            checkpoint: 1,
+        };
+        let err = sink.commit(&c).unwrap_err();
+        assert!(matches!(err, Error::CommitLost { .. }), "{err}");
+    }
+
+    #[test]
+    fn csv_through_a_closure() {
+        let dir = tempfile::tempdir().unwrap();
+        let enc = FnEncoder::new("csv", |r: &(u32, i64), out: &mut Vec<u8>| {
+            out.extend_from_slice(format!("{},{}\n", r.0, r.1).as_bytes())
+        });
+        let sink = FileSink::with_encoder(dir.path(), enc);
+        let mut w = sink.open_writer(&ctx("s", 0)).unwrap();
+        w.write(&mut vec![(1, -5)]).unwrap();
+        let c = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
+        sink.commit(&c).unwrap();
+        assert_eq!(parts(dir.path())[0].1, "1,-5\n");
+    }
+}
