@@ -1,1 +1,164 @@
-fn main() {}
+//! Keyed running-sum throughput: 1M distinct keys, parallelism 2, in-memory state,
+//! local checkpoint directory. Prints events/s (total and per core) with checkpointing
+//! off (final checkpoint only) and every second, plus checkpoint durations.
+//!
+//! `cargo bench --bench throughput`; `EXACTLY_BENCH_EVENTS` sets the event count.
+
+use exactly::engine::testing::CollectCommittable;
+use exactly::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SUM: ValueState<i64> = ValueState::new("sum");
+const KEYS: u64 = 1_000_000;
+const PARALLELISM: usize = 2;
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Event {
+    key: u64,
+    amount: i64,
+}
+
+#[derive(Clone)]
+struct RunningSum;
+
+impl KeyedProcessFunction<u64, Event> for RunningSum {
+    type Out = (u64, i64);
+    fn process(
+        &mut self,
+        e: Event,
+        ctx: &mut KeyedContext<'_, u64, (u64, i64)>,
+    ) -> Result<(), BoxError> {
+        let s = ctx.value(SUM)?.unwrap_or(0) + e.amount;
+        ctx.set_value(SUM, &s)?;
+        ctx.emit((e.key, s));
+        Ok(())
+    }
+}
+
+/// A two-phase-commit sink that only counts, so the benchmark measures the engine.
+#[derive(Clone, Default)]
+struct CountSink {
+    committed: Arc<AtomicU64>,
+}
+
+struct CountWriter(u64);
+
+impl TwoPhaseCommitSink for CountSink {
+    type Item = (u64, i64);
+    type Committable = (CollectCommittable, u64);
+    type Writer = CountWriter;
+    fn open_writer(&self, _: &SinkContext) -> exactly::engine::error::Result<CountWriter> {
+        Ok(CountWriter(0))
+    }
+    fn commit(&self, c: &Self::Committable) -> exactly::engine::error::Result<()> {
+        self.committed.fetch_add(c.1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn recover(
+        &self,
+        _: &RecoveryContext,
+        _: Vec<Self::Committable>,
+    ) -> exactly::engine::error::Result<Option<CheckpointId>> {
+        Ok(None)
+    }
+}
+
+impl SinkWriter for CountWriter {
+    type Item = (u64, i64);
+    type Committable = (CollectCommittable, u64);
+    fn write(&mut self, batch: &mut Vec<(u64, i64)>) -> exactly::engine::error::Result<()> {
+        self.0 += batch.len() as u64;
+        batch.clear();
+        Ok(())
+    }
+    fn pre_commit(
+        &mut self,
+        c: CheckpointId,
+    ) -> exactly::engine::error::Result<Option<Self::Committable>> {
+        let n = std::mem::take(&mut self.0);
+        Ok((n > 0).then_some((
+            CollectCommittable {
+                checkpoint: c.0,
+                subtask: 0,
+            },
+            n,
+        )))
+    }
+}
+
+fn run(events: u64, interval: Option<Duration>) -> (Duration, JobReport) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = Job::builder("bench")
+        .checkpoint_storage(dir.path().to_str().unwrap())
+        .parallelism(PARALLELISM);
+    if let Some(i) = interval {
+        b = b.checkpoint_every(i);
+    }
+    let job = b.build().unwrap();
+    let sink = CountSink::default();
+    job.source(
+        "events",
+        GeneratorSource::new(events, |i| Event {
+            key: i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % KEYS,
+            amount: (i % 100) as i64,
+        })
+        .with_splits(PARALLELISM as u64),
+    )
+    .key_by(|e: &Event| e.key)
+    .process(RunningSum)
+    .sink("count", sink.clone());
+    let t = Instant::now();
+    let report = job.run().unwrap();
+    let elapsed = t.elapsed();
+    assert_eq!(
+        sink.committed.load(Ordering::Relaxed),
+        events,
+        "every event committed once"
+    );
+    (elapsed, report)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let events: u64 = std::env::var("EXACTLY_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!("keyed running sum: {events} events, {KEYS} distinct keys, parallelism {PARALLELISM}, {cores} cores");
+    for (label, interval) in [
+        ("checkpointing off", None),
+        ("checkpoint every 1 s", Some(Duration::from_secs(1))),
+    ] {
+        let (elapsed, report) = run(events, interval);
+        let eps = events as f64 / elapsed.as_secs_f64();
+        let periodic: Vec<Duration> = report
+            .checkpoints
+            .iter()
+            .filter(|c| !c.is_final)
+            .map(|c| c.duration)
+            .collect();
+        let last = report.checkpoints.last().unwrap();
+        println!(
+            "{label:>22}: {:>10.0} events/s ({:>9.0} events/s per core), {} checkpoints, median checkpoint {:?}, final checkpoint {:?} ({} bytes of state)",
+            eps,
+            eps / cores as f64,
+            report.checkpoints.len(),
+            median(if periodic.is_empty() { vec![last.duration] } else { periodic }),
+            last.duration,
+            last.state_bytes,
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! A ledger job: payments in, a running balance per account out, exactly once.
 //!
 //! ```text
+//! ledger demo [--dir ledger-demo] [--events 1000000]     generate, run, verify in one go
 //! ledger generate --events N --accounts A --seed S --out payments.jsonl
 //! ledger run --input payments.jsonl --out DIR --checkpoints DIR [--interval-ms 100] [--parallelism P]
 //! ledger verify --input payments.jsonl --out DIR
@@ -230,16 +231,59 @@ fn verify(a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Generate an input (unless one exists), run the job, verify its output.
+fn demo(a: &Args) -> Result<()> {
+    let dir =
+        a.0.get("dir")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("ledger-demo"));
+    let events: u64 = a.num("events", 1_000_000)?;
+    std::fs::create_dir_all(&dir)?;
+    let input = dir.join(format!("payments-{events}.jsonl"));
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let arg = |pairs: &[(&str, String)]| {
+        Args(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
+    };
+    if !input.exists() {
+        generate(&arg(&[("events", events.to_string()), ("out", s(&input))]))?;
+    }
+    let out = dir.join("out");
+    let chk = dir.join("checkpoints");
+    eprintln!(
+        "running the ledger job (kill it at any time and run the same command again: it resumes)"
+    );
+    run(&arg(&[
+        ("input", s(&input)),
+        ("out", s(&out)),
+        ("checkpoints", s(&chk)),
+        ("interval-ms", a.num("interval-ms", 100u64)?.to_string()),
+        ("parallelism", a.num("parallelism", 2usize)?.to_string()),
+    ]))?;
+    verify(&arg(&[("input", s(&input)), ("out", s(&out))]))?;
+    eprintln!(
+        "output in {}; delete {} to start from scratch",
+        out.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
-        bail!("usage: ledger generate|run|verify --flag value ...");
+        bail!("usage: ledger demo|generate|run|verify --flag value ...");
     };
     let a = Args::parse(&args[1..])?;
     match cmd.as_str() {
         "generate" => generate(&a),
         "run" => run(&a),
         "verify" => verify(&a),
-        other => bail!("unknown command '{other}'; expected generate, run or verify"),
+        "demo" => demo(&a),
+        other => bail!("unknown command '{other}'; expected demo, generate, run or verify"),
     }
 }

@@ -39,3 +39,8 @@ pub mod prelude {
     pub use exactly_sinks::{FileSink, FnEncoder, JsonLines};
     pub use exactly_sources::{BadRecordPolicy, GeneratorSource, JsonLinesSource};
 }
+
+/// The README's code blocks compile as doctests, so the quick start cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
