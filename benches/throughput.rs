@@ -150,13 +150,20 @@ fn main() {
             .filter(|c| !c.is_final)
             .map(|c| c.duration)
             .collect();
+        let pauses: Vec<Duration> = report
+            .checkpoints
+            .iter()
+            .filter(|c| !c.is_final)
+            .map(|c| c.max_sync_pause)
+            .collect();
         let last = report.checkpoints.last().unwrap();
         println!(
-            "{label:>22}: {:>10.0} events/s ({:>9.0} events/s per core), {} checkpoints, median checkpoint {:?}, final checkpoint {:?} ({} bytes of state)",
+            "{label:>22}: {:>10.0} events/s ({:>9.0} events/s per core), {} checkpoints, median checkpoint {:?} (median synchronous pause {:?}), final checkpoint {:?} ({} bytes of state)",
             eps,
             eps / cores as f64,
             report.checkpoints.len(),
             median(if periodic.is_empty() { vec![last.duration] } else { periodic }),
+            median(if pauses.is_empty() { vec![last.max_sync_pause] } else { pauses }),
             last.duration,
             last.state_bytes,
         );

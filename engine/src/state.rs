@@ -20,6 +20,7 @@ use crate::ids::{KeyGroup, KeyGroupRange, OperatorId};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 /// A single value per key.
 pub struct ValueState<V> {
@@ -87,11 +88,38 @@ pub struct TaskSnapshotPayload {
     pub operators: Vec<(OperatorId, OperatorSnapshot)>,
 }
 
+/// The entries of one key group, shared copy-on-write between the live state and the
+/// snapshots still being written.
+pub type SharedGroup = Arc<BTreeMap<Vec<u8>, Vec<u8>>>;
+
+/// A point-in-time view of one operator's state, taken in O(key groups) at the barrier
+/// and encoded later, off the task thread. Encodes to exactly the bytes of the
+/// equivalent [`OperatorSnapshot`] (a map and a sequence of pairs share postcard's wire
+/// format), which is what restore decodes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StateSnapshot {
+    /// Keyed state per non-empty key group.
+    pub keyed: Vec<(KeyGroup, SharedGroup)>,
+    /// Operator state entries.
+    pub list: Vec<Vec<u8>>,
+}
+
+/// What a task writes at a barrier: every stateful operator's view, encoded later.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TaskStateView {
+    /// One entry per stateful operator of the task.
+    pub operators: Vec<(OperatorId, StateSnapshot)>,
+}
+
 /// In-memory keyed state of one operator instance: an ordered map per key group.
+///
+/// Key groups are shared copy-on-write with snapshots: taking a snapshot clones
+/// `Arc`s, and a group is copied only when it is written while a snapshot that still
+/// holds it is being uploaded.
 #[derive(Debug)]
 pub struct MemoryKeyedState {
     range: KeyGroupRange,
-    groups: Vec<BTreeMap<Vec<u8>, Vec<u8>>>,
+    groups: Vec<SharedGroup>,
     /// The current key's key group and entry prefix without the state name.
     current_group: usize,
     current_key: Vec<u8>,
@@ -104,7 +132,7 @@ impl MemoryKeyedState {
     pub fn new(range: KeyGroupRange) -> Self {
         MemoryKeyedState {
             range,
-            groups: (0..range.len()).map(|_| BTreeMap::new()).collect(),
+            groups: (0..range.len()).map(|_| SharedGroup::default()).collect(),
             current_group: 0,
             current_key: Vec::new(),
             scratch: Vec::new(),
@@ -150,7 +178,7 @@ impl MemoryKeyedState {
         self.entry_key(s.name);
         self.value_buf.clear();
         codec::encode_into(value, &mut self.value_buf, s.name)?;
-        let group = &mut self.groups[self.current_group];
+        let group = Arc::make_mut(&mut self.groups[self.current_group]);
         match group.get_mut(self.scratch.as_slice()) {
             Some(existing) => {
                 existing.clear();
@@ -166,7 +194,9 @@ impl MemoryKeyedState {
     /// Remove the current key's value.
     pub fn clear<V>(&mut self, s: ValueState<V>) {
         self.entry_key(s.name);
-        self.groups[self.current_group].remove(self.scratch.as_slice());
+        if self.groups[self.current_group].contains_key(self.scratch.as_slice()) {
+            Arc::make_mut(&mut self.groups[self.current_group]).remove(self.scratch.as_slice());
+        }
     }
 
     fn map_entry_key<UK: Serialize>(&mut self, name: &str, uk: &UK) -> Result<()> {
@@ -196,14 +226,16 @@ impl MemoryKeyedState {
     ) -> Result<()> {
         self.map_entry_key(s.name, uk)?;
         let v = codec::encode(value, s.name)?;
-        self.groups[self.current_group].insert(self.scratch.clone(), v);
+        Arc::make_mut(&mut self.groups[self.current_group]).insert(self.scratch.clone(), v);
         Ok(())
     }
 
     /// Remove one entry of the current key's map.
     pub fn map_remove<UK: Serialize, UV>(&mut self, s: MapState<UK, UV>, uk: &UK) -> Result<()> {
         self.map_entry_key(s.name, uk)?;
-        self.groups[self.current_group].remove(self.scratch.as_slice());
+        if self.groups[self.current_group].contains_key(self.scratch.as_slice()) {
+            Arc::make_mut(&mut self.groups[self.current_group]).remove(self.scratch.as_slice());
+        }
         Ok(())
     }
 
@@ -228,7 +260,7 @@ impl MemoryKeyedState {
     pub fn map_clear<UK, UV>(&mut self, s: MapState<UK, UV>) {
         self.entry_key(s.name);
         let prefix = self.scratch.clone();
-        let group = &mut self.groups[self.current_group];
+        let group = Arc::make_mut(&mut self.groups[self.current_group]);
         let doomed: Vec<Vec<u8>> = group
             .range(prefix.clone()..)
             .map(|(k, _)| k.clone())
@@ -249,16 +281,13 @@ impl MemoryKeyedState {
         self.groups.iter().all(|g| g.is_empty())
     }
 
-    /// Copy every non-empty key group out for a checkpoint.
-    pub fn snapshot(&self) -> Vec<KeyGroupEntries> {
+    /// A view of every non-empty key group for a checkpoint: O(key groups), no copy.
+    pub fn snapshot(&self) -> Vec<(KeyGroup, SharedGroup)> {
         self.groups
             .iter()
             .enumerate()
             .filter(|(_, g)| !g.is_empty())
-            .map(|(i, g)| {
-                let kg = KeyGroup(self.range.start + i as u16);
-                (kg, g.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            })
+            .map(|(i, g)| (KeyGroup(self.range.start + i as u16), g.clone()))
             .collect()
     }
 
@@ -268,7 +297,7 @@ impl MemoryKeyedState {
         for snap in snapshots {
             for (kg, entries) in &snap.keyed {
                 if self.range.contains(*kg) {
-                    let g = &mut self.groups[(kg.0 - self.range.start) as usize];
+                    let g = Arc::make_mut(&mut self.groups[(kg.0 - self.range.start) as usize]);
                     g.extend(entries.iter().cloned());
                 }
             }
@@ -292,6 +321,29 @@ mod tests {
     fn key(s: &mut MemoryKeyedState, k: u64) {
         let enc = codec::encode(&k, "k").unwrap();
         s.set_current_key(key_group_of_bytes(&enc, 128), &enc);
+    }
+
+    #[test]
+    fn snapshot_is_isolated_from_later_writes() {
+        let mut s = full();
+        key(&mut s, 1);
+        s.put(V, &1).unwrap();
+        let view = StateSnapshot {
+            keyed: s.snapshot(),
+            list: vec![b"x".to_vec()],
+        };
+        let before = codec::encode(&view, "t").unwrap();
+        s.put(V, &2).unwrap();
+        key(&mut s, 2);
+        s.put(V, &3).unwrap();
+        assert_eq!(
+            codec::encode(&view, "t").unwrap(),
+            before,
+            "the view must not see later writes"
+        );
+        let back: OperatorSnapshot = codec::decode(&before, "t").unwrap();
+        assert_eq!(back.list, vec![b"x".to_vec()]);
+        assert_eq!(back.keyed.iter().map(|(_, e)| e.len()).sum::<usize>(), 1);
     }
 
     #[test]
@@ -335,7 +387,11 @@ mod tests {
                 olds[owner.0].set_current_key(kg, &enc);
                 olds[owner.0].put(V, v).unwrap();
             }
-            let snaps: Vec<OperatorSnapshot> = olds.iter().map(|s| OperatorSnapshot { keyed: s.snapshot(), list: vec![] }).collect();
+            // Through the real encoding: a view is written, an OperatorSnapshot is read.
+            let snaps: Vec<OperatorSnapshot> = olds
+                .iter()
+                .map(|s| codec::decode(&codec::encode(&StateSnapshot { keyed: s.snapshot(), list: vec![] }, "t").unwrap(), "t").unwrap())
+                .collect();
             let mut news: Vec<MemoryKeyedState> = (0..p2)
                 .map(|i| MemoryKeyedState::new(KeyGroupRange::for_subtask(max, p2, SubtaskIndex(i))))
                 .collect();

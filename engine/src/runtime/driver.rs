@@ -73,6 +73,8 @@ pub struct CheckpointStats {
     pub end_to_end: Duration,
     /// Bytes of state written.
     pub state_bytes: u64,
+    /// Longest time any task spent on this checkpoint before resuming its input.
+    pub max_sync_pause: Duration,
     /// Whether it was the final checkpoint.
     pub is_final: bool,
 }
@@ -418,12 +420,20 @@ impl Driver<'_> {
         let mut failure: Option<Error> = None;
         let mut finished = false;
         let mut triggered_at: Option<Instant> = None;
+        let mut pauses: std::collections::BTreeMap<CheckpointId, Duration> = Default::default();
         loop {
             let ev = events.recv_timeout(Duration::from_millis(20));
             let now = Instant::now();
             let mut decisions = Vec::new();
             match ev {
-                Ok(TaskEvent::Ack { key, id, handle }) => {
+                Ok(TaskEvent::Ack {
+                    key,
+                    id,
+                    handle,
+                    sync_pause,
+                }) => {
+                    let p = pauses.entry(id).or_insert(Duration::ZERO);
+                    *p = (*p).max(sync_pause);
                     decisions = c.on_ack(key, id, handle, now)
                 }
                 Ok(TaskEvent::Decline { id, reason }) => decisions = c.on_decline(id, reason, now),
@@ -516,8 +526,10 @@ impl Driver<'_> {
                             duration,
                             end_to_end: triggered_at.map(|t| t.elapsed()).unwrap_or(duration),
                             state_bytes,
+                            max_sync_pause: pauses.remove(&id).unwrap_or_default(),
                             is_final,
                         };
+                        pauses.retain(|&p, _| p > id);
                         tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
                         if let Some(cb) = &self.s.on_checkpoint {
                             cb(&stats);

@@ -7,7 +7,7 @@ use crate::codec;
 use crate::coordinator::TaskKey;
 use crate::error::{Error, Result};
 use crate::ids::{CheckpointId, OperatorId};
-use crate::state::OperatorSnapshot;
+use crate::state::StateSnapshot;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,7 @@ pub(crate) type SplitState<O> = (String, O, bool);
 
 impl<S: Source> SourceHead<S> {
     fn barrier(&mut self, id: CheckpointId) -> Result<()> {
+        let started = Instant::now();
         let mut list = Vec::with_capacity(self.readers.len());
         for r in &self.readers {
             let entry: SplitState<S::Offset> = (r.split.clone(), r.reader.offset(), r.done);
@@ -45,14 +46,14 @@ impl<S: Source> SourceHead<S> {
         let mut snap = TaskSnapshot::default();
         snap.operators.push((
             self.operator.clone(),
-            OperatorSnapshot {
+            StateSnapshot {
                 keyed: Vec::new(),
                 list,
             },
         ));
         self.out.barrier(id, &mut snap)?;
         self.env
-            .complete_snapshot(&self.key, self.parallelism, id, snap)
+            .complete_snapshot(&self.key, self.parallelism, id, snap, started)
     }
 
     /// Returns true when the task must end (after the final barrier).
@@ -166,10 +167,11 @@ pub(crate) struct InputHead<T> {
 
 impl<T> InputHead<T> {
     fn snapshot(&mut self, id: CheckpointId) -> Result<()> {
+        let started = Instant::now();
         let mut snap = TaskSnapshot::default();
         self.op.barrier(id, &mut snap)?;
         self.env
-            .complete_snapshot(&self.key, self.parallelism, id, snap)
+            .complete_snapshot(&self.key, self.parallelism, id, snap, started)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::ids::CheckpointId;
 use crate::ids::OperatorId;
 use crate::manifest::{PendingCommit, TaskStateHandle};
-use crate::state::{OperatorSnapshot, TaskSnapshotPayload};
+use crate::state::{StateSnapshot, TaskStateView};
 use crate::storage::CheckpointStorage;
 use crossbeam_channel::Sender;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +35,7 @@ pub(crate) enum Message<T> {
 /// Collected while a barrier passes through a task's chain.
 #[derive(Default)]
 pub(crate) struct TaskSnapshot {
-    pub operators: Vec<(OperatorId, OperatorSnapshot)>,
+    pub operators: Vec<(OperatorId, StateSnapshot)>,
     pub commits: Vec<PendingCommit>,
 }
 
@@ -57,6 +57,8 @@ pub(crate) enum TaskEvent {
         key: TaskKey,
         id: CheckpointId,
         handle: TaskStateHandle,
+        /// Time the task spent on the checkpoint before resuming (the synchronous part).
+        sync_pause: Duration,
     },
     Decline {
         id: CheckpointId,
@@ -100,14 +102,16 @@ impl TaskEnv {
     }
 
     /// Finish a task's part of checkpoint `id`: committables go to the coordinator at
-    /// once (in order with this task's earlier messages), the state is encoded now and
-    /// uploaded asynchronously, then acknowledged.
+    /// once (in order with this task's earlier messages); the state view is encoded and
+    /// uploaded on the I/O runtime while the task goes on, then acknowledged.
+    /// `started` is when the task began handling the barrier.
     pub fn complete_snapshot(
         &self,
         key: &TaskKey,
         parallelism: usize,
         id: CheckpointId,
         snap: TaskSnapshot,
+        started: std::time::Instant,
     ) -> Result<()> {
         if !snap.commits.is_empty() {
             let _ = self.events.send(TaskEvent::Committables(snap.commits));
@@ -127,24 +131,41 @@ impl TaskEnv {
                 key: key.clone(),
                 id,
                 handle,
+                sync_pause: started.elapsed(),
             });
             return Ok(());
         }
-        let payload = crate::codec::encode(
-            &TaskSnapshotPayload {
-                operators: snap.operators,
-            },
-            "task snapshot",
-        )?;
+        let view = TaskStateView {
+            operators: snap.operators,
+        };
         let storage = self.storage.clone();
         let events = self.events.clone();
         let key = key.clone();
+        let sync_pause = started.elapsed();
         self.rt.spawn(async move {
-            let res = storage
-                .put_state(id, &key.task, key.subtask, parallelism, operators, &payload)
-                .await;
+            // Encoding is CPU work: keep it off the I/O workers.
+            let encoded =
+                tokio::task::spawn_blocking(move || crate::codec::encode(&view, "task snapshot"))
+                    .await;
+            let res = match encoded {
+                Ok(Ok(payload)) => {
+                    storage
+                        .put_state(id, &key.task, key.subtask, parallelism, operators, &payload)
+                        .await
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(Error::Codec {
+                    what: "task snapshot".into(),
+                    message: e.to_string(),
+                }),
+            };
             let _ = match res {
-                Ok(handle) => events.send(TaskEvent::Ack { key, id, handle }),
+                Ok(handle) => events.send(TaskEvent::Ack {
+                    key,
+                    id,
+                    handle,
+                    sync_pause,
+                }),
                 Err(e) => events.send(TaskEvent::Decline {
                     id,
                     reason: format!("task {} subtask {}: {e}", key.task, key.subtask),

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::ids::{key_group_of_bytes, CheckpointId, OperatorId, SubtaskIndex};
 use crate::manifest::PendingCommit;
 use crate::process::{KeyedContext, KeyedProcessFunction};
-use crate::state::{MemoryKeyedState, OperatorSnapshot};
+use crate::state::{MemoryKeyedState, StateSnapshot};
 use std::marker::PhantomData;
 
 macro_rules! forward_control {
@@ -174,7 +174,7 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> Collector<I>
     fn barrier(&mut self, id: CheckpointId, snap: &mut TaskSnapshot) -> Result<()> {
         snap.operators.push((
             self.operator.clone(),
-            OperatorSnapshot {
+            StateSnapshot {
                 keyed: self.state.snapshot(),
                 list: Vec::new(),
             },
