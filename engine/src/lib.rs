@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod state;
 pub mod storage;
 pub mod testing;
+pub mod time;
 
 /// Everything a pipeline author needs.
 pub mod prelude {
@@ -32,4 +33,5 @@ pub mod prelude {
     pub use crate::runtime::{CheckpointStats, JobReport};
     pub use crate::state::{MapState, ValueState};
     pub use crate::testing::{CollectSink, VecSource};
+    pub use crate::time::{Clock, ManualClock, TimeDomain, Timer, Timestamp, WatermarkStrategy};
 }

@@ -4,6 +4,7 @@
 use crate::api::{BoxError, Data};
 use crate::error::Result;
 use crate::state::{MapState, MemoryKeyedState, ValueState};
+use crate::time::{Clock, TimeDomain, Timer, Timestamp};
 use serde::{de::DeserializeOwned, Serialize};
 
 /// What a keyed process function sees for one record: its key, the key's state, and
@@ -12,9 +13,62 @@ pub struct KeyedContext<'a, K, O> {
     pub(crate) key: &'a K,
     pub(crate) state: &'a mut MemoryKeyedState,
     pub(crate) out: &'a mut Vec<O>,
+    pub(crate) watermark: Timestamp,
+    pub(crate) clock: &'a dyn Clock,
+}
+
+impl<'a, K, O> KeyedContext<'a, K, O> {
+    /// A context over `state` (whose current key must already be set); used by test
+    /// harnesses that drive a function directly.
+    pub fn new(
+        key: &'a K,
+        state: &'a mut MemoryKeyedState,
+        out: &'a mut Vec<O>,
+        watermark: Timestamp,
+        clock: &'a dyn Clock,
+    ) -> Self {
+        KeyedContext {
+            key,
+            state,
+            out,
+            watermark,
+            clock,
+        }
+    }
 }
 
 impl<K, O> KeyedContext<'_, K, O> {
+    /// The operator's current event time (watermark); `i64::MIN` before the first one.
+    pub fn current_watermark(&self) -> Timestamp {
+        self.watermark
+    }
+
+    /// The job clock's current time.
+    pub fn current_processing_time(&self) -> Timestamp {
+        self.clock.now_ms()
+    }
+
+    /// Call `on_timer` for the current key once the watermark reaches `time`.
+    pub fn register_event_time_timer(&mut self, time: Timestamp) {
+        self.state.register_timer(TimeDomain::EventTime, time)
+    }
+
+    /// Cancel an event-time timer of the current key.
+    pub fn delete_event_time_timer(&mut self, time: Timestamp) {
+        self.state.delete_timer(TimeDomain::EventTime, time)
+    }
+
+    /// Call `on_timer` for the current key once the clock reaches `time`. A timer that
+    /// came due while the job was down fires right after restore.
+    pub fn register_processing_time_timer(&mut self, time: Timestamp) {
+        self.state.register_timer(TimeDomain::ProcessingTime, time)
+    }
+
+    /// Cancel a processing-time timer of the current key.
+    pub fn delete_processing_time_timer(&mut self, time: Timestamp) {
+        self.state.delete_timer(TimeDomain::ProcessingTime, time)
+    }
+
     /// The current record's key.
     pub fn key(&self) -> &K {
         self.key
@@ -113,6 +167,15 @@ pub trait KeyedProcessFunction<K, I>: Clone + Send + Sync + 'static {
         input: I,
         ctx: &mut KeyedContext<'_, K, Self::Out>,
     ) -> std::result::Result<(), BoxError>;
+
+    /// A timer of the current key fired.
+    fn on_timer(
+        &mut self,
+        _timer: Timer,
+        _ctx: &mut KeyedContext<'_, K, Self::Out>,
+    ) -> std::result::Result<(), BoxError> {
+        Ok(())
+    }
 }
 
 /// A keyed process function from a closure; see [`crate::dsl::KeyedStream::process_fn`].

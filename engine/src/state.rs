@@ -17,10 +17,32 @@
 use crate::codec;
 use crate::error::Result;
 use crate::ids::{KeyGroup, KeyGroupRange, OperatorId};
+use crate::time::{TimeDomain, Timestamp};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
+
+/// State names are 1-255 bytes, so entries starting with 0 are free for timers.
+const TIMER_MARK: u8 = 0;
+
+fn domain_byte(d: TimeDomain) -> u8 {
+    match d {
+        TimeDomain::EventTime => b'E',
+        TimeDomain::ProcessingTime => b'P',
+    }
+}
+
+/// Order-preserving encoding of a signed timestamp.
+fn ts_bytes(ts: Timestamp) -> [u8; 8] {
+    ((ts as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn decode_ts(b: &[u8]) -> Timestamp {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    (u64::from_be_bytes(a) ^ (1 << 63)) as i64
+}
 
 /// A single value per key.
 pub struct ValueState<V> {
@@ -271,6 +293,69 @@ impl MemoryKeyedState {
         }
     }
 
+    fn timer_entry(&mut self, domain: TimeDomain, ts: Timestamp) {
+        self.scratch.clear();
+        self.scratch.push(TIMER_MARK);
+        self.scratch.push(domain_byte(domain));
+        self.scratch.extend_from_slice(&ts_bytes(ts));
+        self.scratch.extend_from_slice(&self.current_key);
+    }
+
+    /// Register a timer for the current key (idempotent).
+    pub fn register_timer(&mut self, domain: TimeDomain, ts: Timestamp) {
+        self.timer_entry(domain, ts);
+        if !self.groups[self.current_group].contains_key(self.scratch.as_slice()) {
+            Arc::make_mut(&mut self.groups[self.current_group])
+                .insert(self.scratch.clone(), Vec::new());
+        }
+    }
+
+    /// Delete a timer of the current key, if registered.
+    pub fn delete_timer(&mut self, domain: TimeDomain, ts: Timestamp) {
+        self.timer_entry(domain, ts);
+        if self.groups[self.current_group].contains_key(self.scratch.as_slice()) {
+            Arc::make_mut(&mut self.groups[self.current_group]).remove(self.scratch.as_slice());
+        }
+    }
+
+    /// Remove and return every timer of `domain` due at `upto`, as
+    /// `(key group, time, encoded key)`, in time order within each key group.
+    pub fn drain_due_timers(
+        &mut self,
+        domain: TimeDomain,
+        upto: Timestamp,
+        out: &mut Vec<(KeyGroup, Timestamp, Vec<u8>)>,
+    ) {
+        let lo = vec![TIMER_MARK, domain_byte(domain)];
+        // Exclusive upper bound: the first possible entry of time `upto + 1`.
+        let hi = match upto.checked_add(1) {
+            Some(next) => {
+                let mut hi = lo.clone();
+                hi.extend_from_slice(&ts_bytes(next));
+                hi
+            }
+            None => vec![TIMER_MARK, domain_byte(domain) + 1],
+        };
+        for (i, group) in self.groups.iter_mut().enumerate() {
+            let due: Vec<Vec<u8>> = group
+                .range(lo.clone()..hi.clone())
+                .map(|(k, _)| k.clone())
+                .collect();
+            if due.is_empty() {
+                continue;
+            }
+            let g = Arc::make_mut(group);
+            for k in due {
+                g.remove(&k);
+                out.push((
+                    KeyGroup(self.range.start + i as u16),
+                    decode_ts(&k[2..10]),
+                    k[10..].to_vec(),
+                ));
+            }
+        }
+    }
+
     /// Number of entries over all key groups.
     pub fn len(&self) -> usize {
         self.groups.iter().map(|g| g.len()).sum()
@@ -321,6 +406,57 @@ mod tests {
     fn key(s: &mut MemoryKeyedState, k: u64) {
         let enc = codec::encode(&k, "k").unwrap();
         s.set_current_key(key_group_of_bytes(&enc, 128), &enc);
+    }
+
+    #[test]
+    fn timers_fire_in_time_order_once_and_survive_rescale() {
+        let mut s = full();
+        for (k, ts) in [(1u64, 30), (1, 10), (2, -5), (3, 20), (1, 10), (4, 11)] {
+            key(&mut s, k);
+            s.register_timer(TimeDomain::EventTime, ts);
+        }
+        key(&mut s, 3);
+        s.delete_timer(TimeDomain::EventTime, 20);
+        key(&mut s, 2);
+        s.register_timer(TimeDomain::ProcessingTime, 0);
+        let mut out = Vec::new();
+        s.drain_due_timers(TimeDomain::EventTime, 10, &mut out);
+        let mut fired: Vec<(Timestamp, u64)> = out
+            .iter()
+            .map(|(_, t, k)| (*t, codec::decode(k, "k").unwrap()))
+            .collect();
+        fired.sort();
+        assert_eq!(fired, vec![(-5, 2), (10, 1)]);
+        out.clear();
+        s.drain_due_timers(TimeDomain::EventTime, 10, &mut out);
+        assert!(out.is_empty(), "fired timers are gone");
+        // The remaining timers move with their key groups on rescale.
+        let view = StateSnapshot {
+            keyed: s.snapshot(),
+            list: vec![],
+        };
+        let snap: OperatorSnapshot =
+            codec::decode(&codec::encode(&view, "t").unwrap(), "t").unwrap();
+        let mut a = MemoryKeyedState::new(KeyGroupRange { start: 0, end: 64 });
+        let mut b = MemoryKeyedState::new(KeyGroupRange {
+            start: 64,
+            end: 128,
+        });
+        a.restore([&snap]);
+        b.restore([&snap]);
+        out.clear();
+        a.drain_due_timers(TimeDomain::EventTime, i64::MAX, &mut out);
+        b.drain_due_timers(TimeDomain::EventTime, i64::MAX, &mut out);
+        let mut rest: Vec<(Timestamp, u64)> = out
+            .iter()
+            .map(|(_, t, k)| (*t, codec::decode(k, "k").unwrap()))
+            .collect();
+        rest.sort();
+        assert_eq!(rest, vec![(11, 4), (30, 1)]);
+        out.clear();
+        a.drain_due_timers(TimeDomain::ProcessingTime, 0, &mut out);
+        b.drain_due_timers(TimeDomain::ProcessingTime, 0, &mut out);
+        assert_eq!(out.len(), 1);
     }
 
     #[test]

@@ -146,6 +146,8 @@ pub(crate) trait ErasedSink: Send + Sync {
 
 pub(crate) struct Node {
     pub op: OperatorId,
+    /// `WatermarkStrategy<T>` of a source node.
+    pub watermarks: Option<Arc<dyn Any + Send + Sync>>,
     pub parallelism: Option<usize>,
     pub source: Option<Arc<dyn ErasedSource>>,
     pub input: Option<Arc<dyn ErasedInput>>,
@@ -166,6 +168,7 @@ impl Graph {
     pub fn add_node(&mut self, op: OperatorId) -> NodeId {
         self.nodes.push(Node {
             op,
+            watermarks: None,
             parallelism: None,
             source: None,
             input: None,

@@ -122,6 +122,13 @@ impl JobBuilder {
         self
     }
 
+    /// The clock processing time comes from (default: the system clock). Tests pass a
+    /// [`crate::time::ManualClock`] to control processing-time timers.
+    pub fn clock(mut self, clock: impl crate::time::Clock) -> Self {
+        self.s.clock = Arc::new(clock);
+        self
+    }
+
     /// Validate the settings and create the job.
     pub fn build(mut self) -> Result<Job> {
         let s = &self.s;
@@ -197,6 +204,7 @@ impl Job {
                 buffer_timeout: Duration::from_millis(10),
                 channel_capacity: 16,
                 on_checkpoint: None,
+                clock: Arc::new(crate::time::SystemClock),
             },
             storage_url: None,
         }

@@ -33,6 +33,7 @@ use crate::runtime::exchange::{ByKeyGroup, ExchangeOut};
 use crate::runtime::ops::{FilterOp, FlatMapOp, KeyedProcessOp, MapOp, PassOp, SinkOp};
 use crate::runtime::Collector;
 use crate::state::MemoryKeyedState;
+use crate::time::{Timestamp, WatermarkStrategy};
 use graph::{ErasedSink, Graph, NodeId, NodeInput, OpFactory, Partition, SenderFactory};
 use std::cell::RefCell;
 use std::marker::PhantomData;
@@ -217,6 +218,31 @@ impl<T: Data> Stream<T> {
         Stream::new(self.graph.clone(), node)
     }
 
+    /// Derive watermarks from this source's records. Must directly follow
+    /// [`Job::source`]; watermarks are generated per split and merged as a minimum.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # use std::time::Duration;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let events = job
+    ///     .source("events", VecSource::new(vec![(1_000i64, "a".to_string())]))
+    ///     .with_watermarks(WatermarkStrategy::bounded_out_of_orderness(Duration::from_secs(5), |e: &(i64, String)| e.0));
+    /// ```
+    pub fn with_watermarks(self, strategy: WatermarkStrategy<T>) -> Self {
+        let mut g = self.graph.borrow_mut();
+        if g.nodes[self.node].source.is_none() {
+            let op = g.nodes[self.node].op.clone();
+            g.errors.push(format!(
+                "with_watermarks must directly follow job.source(...), but was called on '{op}'"
+            ));
+        } else {
+            g.nodes[self.node].watermarks = Some(Arc::new(strategy));
+        }
+        drop(g);
+        self
+    }
+
     /// Set the parallelism of the operator that produces this stream.
     pub fn parallelism(self, n: usize) -> Self {
         self.graph.borrow_mut().nodes[self.node].parallelism = Some(n);
@@ -316,6 +342,9 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
                 scratch: Vec::new(),
                 out: Vec::new(),
                 next,
+                watermark: Timestamp::MIN,
+                clock: ctx.env.clock.clone(),
+                due: Vec::new(),
                 _p: PhantomData,
             }))
         });

@@ -4,8 +4,10 @@ use super::graph::{BuildCtx, ErasedSource, NodeId, SourceNode};
 use crate::api::{Source, SourceContext};
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::runtime::heads::{SourceHead, SplitReader, SplitState, TaskHead};
+use crate::runtime::heads::{SourceHead, SourceWatermarks, SplitReader, SplitState, TaskHead};
+use crate::time::{Timestamp, WatermarkStrategy};
 use std::collections::HashMap;
+use std::time::Instant;
 
 impl<S: Source> ErasedSource for SourceNode<S> {
     fn replayable(&self) -> bool {
@@ -16,12 +18,12 @@ impl<S: Source> ErasedSource for SourceNode<S> {
         let operator = ctx.graph.nodes[node].op.clone();
         let parallelism = ctx.parallelism_of(node);
         let splits = self.source.splits()?;
-        let mut restored: HashMap<String, (S::Offset, bool)> = HashMap::new();
+        let mut restored: HashMap<String, (S::Offset, bool, Timestamp)> = HashMap::new();
         for snap in ctx.restored(&operator) {
             for entry in &snap.list {
-                let (split, offset, done): SplitState<S::Offset> =
+                let (split, offset, done, max_ts): SplitState<S::Offset> =
                     codec::decode(entry, &format!("offset of source '{operator}'"))?;
-                restored.insert(split, (offset, done));
+                restored.insert(split, (offset, done, max_ts));
             }
         }
         if ctx.subtask.0 == 0 && ctx.restored.checkpoint.is_some() {
@@ -44,17 +46,41 @@ impl<S: Source> ErasedSource for SourceNode<S> {
             if i % parallelism != ctx.subtask.0 {
                 continue;
             }
-            let (from, done) = match restored.remove(split) {
-                Some((offset, done)) => (Some(offset), done),
-                None => (None, false),
+            let (from, done, max_ts) = match restored.remove(split) {
+                Some((offset, done, max_ts)) => (Some(offset), done, max_ts),
+                None => (None, false, Timestamp::MIN),
             };
             let reader = self.source.open(split, from, &sctx)?;
             readers.push(SplitReader {
                 split: split.clone(),
                 reader,
                 done,
+                max_ts,
+                last_data: Instant::now(),
             });
         }
+        let watermarks = match &ctx.graph.nodes[node].watermarks {
+            None => None,
+            Some(any) => {
+                let strategy = any
+                    .downcast_ref::<WatermarkStrategy<S::Item>>()
+                    .ok_or_else(|| {
+                        Error::config(format!(
+                            "internal: watermark strategy of '{operator}' has the wrong type"
+                        ))
+                    })?
+                    .clone();
+                Some(SourceWatermarks {
+                    strategy,
+                    emitted: Timestamp::MIN,
+                    idle: false,
+                    last_advance: Instant::now(),
+                    records_since_advance: 0,
+                    warned_negative: false,
+                    warned_future: false,
+                })
+            }
+        };
         let out = ctx.build_output::<S::Item>(node)?;
         let control = ctx.control.take().ok_or_else(|| {
             Error::config(format!(
@@ -69,6 +95,7 @@ impl<S: Source> ErasedSource for SourceNode<S> {
             out,
             control,
             env: ctx.env.clone(),
+            watermarks,
         }))
     }
 }

@@ -60,6 +60,7 @@ pub(crate) struct JobSettings {
     pub buffer_timeout: Duration,
     pub channel_capacity: usize,
     pub on_checkpoint: Option<CheckpointCallback>,
+    pub clock: Arc<dyn crate::time::Clock>,
 }
 
 /// Figures of one completed checkpoint.
@@ -289,6 +290,7 @@ fn run_attempt(
         storage: storage.clone(),
         rt: rt.handle().clone(),
         cancel: cancel.clone(),
+        clock: s.clock.clone(),
     };
     let tasks = plan.task_keys(graph);
     let mut controls: Vec<Sender<SourceControl>> = Vec::new();

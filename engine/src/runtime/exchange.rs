@@ -5,6 +5,7 @@ use crate::api::{Data, Key};
 use crate::codec;
 use crate::error::Result;
 use crate::ids::{key_group_of_bytes, subtask_for_key_group, CheckpointId};
+use crate::time::Timestamp;
 use crossbeam_channel::Sender;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -130,5 +131,18 @@ impl<T: Data, P: Partitioner<T>> Collector<T> for ExchangeOut<T, P> {
 
     fn end(&mut self) -> Result<()> {
         self.broadcast(|| Message::End)
+    }
+
+    fn watermark(&mut self, wm: Timestamp) -> Result<()> {
+        // Records buffered before the watermark must reach the channel before it.
+        self.broadcast(|| Message::Watermark(wm))
+    }
+
+    fn idle(&mut self) -> Result<()> {
+        self.broadcast(|| Message::Idle)
+    }
+
+    fn tick(&mut self, _now: Timestamp) -> Result<()> {
+        Ok(())
     }
 }

@@ -8,6 +8,7 @@ use crate::coordinator::TaskKey;
 use crate::error::{Error, Result};
 use crate::ids::{CheckpointId, OperatorId};
 use crate::state::StateSnapshot;
+use crate::time::{Timestamp, WatermarkStrategy};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,25 @@ pub(crate) struct SplitReader<S: Source> {
     pub split: String,
     pub reader: S::Reader,
     pub done: bool,
+    /// Highest timestamp read from the split (`MIN` before the first).
+    pub max_ts: Timestamp,
+    /// Last time the split produced records.
+    pub last_data: Instant,
+}
+
+/// A split's entry in the source's operator state: name, offset, finished, highest
+/// timestamp read.
+pub(crate) type SplitState<O> = (String, O, bool, Timestamp);
+
+/// Event-time bookkeeping of one source subtask.
+pub(crate) struct SourceWatermarks<T> {
+    pub strategy: WatermarkStrategy<T>,
+    pub emitted: Timestamp,
+    pub idle: bool,
+    pub last_advance: Instant,
+    pub records_since_advance: u64,
+    pub warned_negative: bool,
+    pub warned_future: bool,
 }
 
 pub(crate) struct SourceHead<S: Source> {
@@ -30,17 +50,16 @@ pub(crate) struct SourceHead<S: Source> {
     pub out: Box<dyn Collector<S::Item>>,
     pub control: Receiver<SourceControl>,
     pub env: TaskEnv,
+    pub watermarks: Option<SourceWatermarks<S::Item>>,
 }
-
-/// A split's entry in the source's operator state.
-pub(crate) type SplitState<O> = (String, O, bool);
 
 impl<S: Source> SourceHead<S> {
     fn barrier(&mut self, id: CheckpointId) -> Result<()> {
         let started = Instant::now();
         let mut list = Vec::with_capacity(self.readers.len());
         for r in &self.readers {
-            let entry: SplitState<S::Offset> = (r.split.clone(), r.reader.offset(), r.done);
+            let entry: SplitState<S::Offset> =
+                (r.split.clone(), r.reader.offset(), r.done, r.max_ts);
             list.push(codec::encode(&entry, "source offset")?);
         }
         let mut snap = TaskSnapshot::default();
@@ -69,17 +88,109 @@ impl<S: Source> SourceHead<S> {
             }
         }
     }
+
+    /// Note the timestamps of a batch just read from split `i`.
+    fn observe(&mut self, i: usize, batch: &[S::Item]) {
+        let Some(w) = &mut self.watermarks else {
+            return;
+        };
+        let times = w.strategy.extract.scan(batch);
+        let r = &mut self.readers[i];
+        r.last_data = Instant::now();
+        w.records_since_advance += batch.len() as u64;
+        if times.negative > 0 && !w.warned_negative {
+            w.warned_negative = true;
+            tracing::warn!(source = %self.operator, split = %r.split, count = times.negative,
+                "records with negative timestamps (before 1970): check the timestamp extractor");
+        }
+        if let Some(max) = times.max {
+            let limit = self
+                .env
+                .clock
+                .now_ms()
+                .saturating_add(w.strategy.max_future.as_millis() as i64);
+            if max > limit && !w.warned_future {
+                w.warned_future = true;
+                tracing::warn!(source = %self.operator, split = %r.split, timestamp = max,
+                    "record timestamp is far in the future; the watermark jumps with it and later records become late");
+            }
+            r.max_ts = r.max_ts.max(max);
+        }
+    }
+
+    /// Emit the subtask's watermark, or `Idle`, if it changed.
+    fn emit_watermark(&mut self) -> Result<()> {
+        let Some(w) = &mut self.watermarks else {
+            return Ok(());
+        };
+        let idle_timeout = w.strategy.idle_timeout;
+        let mut min: Option<Timestamp> = None;
+        let mut all_idle = true;
+        for r in &self.readers {
+            if r.done {
+                continue;
+            }
+            if idle_timeout.is_some_and(|t| r.last_data.elapsed() >= t) {
+                continue;
+            }
+            all_idle = false;
+            let wm = if r.max_ts == Timestamp::MIN {
+                Timestamp::MIN
+            } else {
+                r.max_ts
+                    .saturating_sub(w.strategy.bound_ms)
+                    .saturating_sub(1)
+            };
+            min = Some(min.map_or(wm, |m| m.min(wm)));
+        }
+        let all_done = self.readers.iter().all(|r| r.done);
+        if all_done {
+            min = Some(Timestamp::MAX);
+            all_idle = false;
+        }
+        if all_idle && !w.idle {
+            w.idle = true;
+            return self.out.idle();
+        }
+        if let Some(wm) = min {
+            if wm > w.emitted || (w.idle && wm >= w.emitted && wm > Timestamp::MIN) {
+                w.idle = false;
+                w.emitted = wm.max(w.emitted);
+                w.last_advance = Instant::now();
+                w.records_since_advance = 0;
+                return self.out.watermark(w.emitted);
+            }
+            if w.records_since_advance > 0 && w.last_advance.elapsed() >= w.strategy.stall_warning {
+                tracing::warn!(source = %self.operator, watermark = w.emitted, records = w.records_since_advance,
+                    "the watermark has not advanced for {:?} while records flowed: timestamps may not increase, or the out-of-orderness bound is too large",
+                    w.strategy.stall_warning);
+                w.last_advance = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    fn periodic(&mut self, last: &mut Instant) -> Result<()> {
+        if last.elapsed() >= self.env.config.buffer_timeout {
+            self.emit_watermark()?;
+            self.out.flush()?;
+            self.out.tick(self.env.clock.now_ms())?;
+            *last = Instant::now();
+        }
+        Ok(())
+    }
 }
 
 impl<S: Source> TaskHead for SourceHead<S> {
     fn run(mut self: Box<Self>) -> Result<()> {
         let batch_size = self.env.config.batch_size;
-        let buffer_timeout = self.env.config.buffer_timeout;
         let mut buf: Vec<S::Item> = Vec::with_capacity(batch_size);
         let mut cursor = 0usize;
         let mut reported = false;
-        let mut last_flush = Instant::now();
+        let mut last_periodic = Instant::now();
         let mut idle_in_row = 0usize;
+        // A restored source re-asserts its event time before any record.
+        self.emit_watermark()?;
         loop {
             loop {
                 match self.control.try_recv() {
@@ -98,6 +209,8 @@ impl<S: Source> TaskHead for SourceHead<S> {
             let active = self.readers.iter().filter(|r| !r.done).count();
             if active == 0 {
                 if !reported {
+                    self.emit_watermark()?;
+                    self.out.watermark(Timestamp::MAX)?;
                     self.out.flush()?;
                     let _ = self
                         .env
@@ -111,7 +224,7 @@ impl<S: Source> TaskHead for SourceHead<S> {
                             return Ok(());
                         }
                     }
-                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Timeout) => self.out.tick(self.env.clock.now_ms())?,
                     Err(RecvTimeoutError::Disconnected) => return Err(Error::Cancelled),
                 }
                 continue;
@@ -120,22 +233,25 @@ impl<S: Source> TaskHead for SourceHead<S> {
             while self.readers[cursor].done {
                 cursor = (cursor + 1) % self.readers.len();
             }
-            let r = &mut self.readers[cursor];
-            match r.reader.poll_batch(&mut buf, batch_size)? {
+            let i = cursor;
+            match self.readers[i].reader.poll_batch(&mut buf, batch_size)? {
                 SourcePoll::Ready => {
                     idle_in_row = 0;
+                    self.observe(i, &buf);
                     self.out.push(&mut buf)?;
+                    self.emit_watermark()?;
                 }
                 SourcePoll::End => {
-                    r.done = true;
+                    self.readers[i].done = true;
                     buf.clear();
+                    self.emit_watermark()?;
                 }
                 SourcePoll::Idle => {
                     idle_in_row += 1;
                     if idle_in_row >= active {
                         idle_in_row = 0;
+                        self.emit_watermark()?;
                         self.out.flush()?;
-                        last_flush = Instant::now();
                         match self.control.recv_timeout(Duration::from_millis(2)) {
                             Ok(msg) => {
                                 if self.handle(msg)? {
@@ -149,10 +265,7 @@ impl<S: Source> TaskHead for SourceHead<S> {
                 }
             }
             cursor += 1;
-            if last_flush.elapsed() >= buffer_timeout {
-                self.out.flush()?;
-                last_flush = Instant::now();
-            }
+            self.periodic(&mut last_periodic)?;
         }
     }
 }
@@ -165,6 +278,46 @@ pub(crate) struct InputHead<T> {
     pub env: TaskEnv,
 }
 
+/// Event time over a task's inputs: the minimum over inputs that are not idle.
+struct InputWatermarks {
+    input: Vec<Timestamp>,
+    idle: Vec<bool>,
+    emitted: Timestamp,
+    idle_emitted: bool,
+}
+
+impl InputWatermarks {
+    fn new(n: usize) -> Self {
+        InputWatermarks {
+            input: vec![Timestamp::MIN; n],
+            idle: vec![false; n],
+            emitted: Timestamp::MIN,
+            idle_emitted: false,
+        }
+    }
+
+    /// What to send downstream after a change: a new watermark, `Idle`, or nothing.
+    fn update(&mut self) -> Option<Option<Timestamp>> {
+        let min = (0..self.input.len())
+            .filter(|&i| !self.idle[i])
+            .map(|i| self.input[i])
+            .min();
+        match min {
+            None if !self.idle_emitted => {
+                self.idle_emitted = true;
+                Some(None)
+            }
+            None => None,
+            Some(wm) if wm > self.emitted => {
+                self.emitted = wm;
+                self.idle_emitted = false;
+                Some(Some(wm))
+            }
+            Some(_) => None,
+        }
+    }
+}
+
 impl<T> InputHead<T> {
     fn snapshot(&mut self, id: CheckpointId) -> Result<()> {
         let started = Instant::now();
@@ -173,6 +326,14 @@ impl<T> InputHead<T> {
         self.env
             .complete_snapshot(&self.key, self.parallelism, id, snap, started)
     }
+
+    fn forward(&mut self, change: Option<Option<Timestamp>>) -> Result<()> {
+        match change {
+            Some(Some(wm)) => self.op.watermark(wm),
+            Some(None) => self.op.idle(),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<T: 'static> TaskHead for InputHead<T> {
@@ -180,11 +341,13 @@ impl<T: 'static> TaskHead for InputHead<T> {
         let timeout = self.env.config.buffer_timeout;
         let receivers = std::mem::take(&mut self.receivers);
         let mut aligner = BarrierAligner::new(receivers.len());
+        let mut wms = InputWatermarks::new(receivers.len());
         let mut ended = vec![false; receivers.len()];
         // The select set changes only when an input blocks, unblocks or ends.
         let mut dirty = true;
         let mut sel = Select::new();
         let mut index_of: Vec<usize> = Vec::new();
+        let mut last_periodic = Instant::now();
         loop {
             if dirty {
                 sel = Select::new();
@@ -197,19 +360,37 @@ impl<T: 'static> TaskHead for InputHead<T> {
                 }
                 dirty = false;
             }
+            if last_periodic.elapsed() >= timeout {
+                if self.env.cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                self.op.flush()?;
+                self.op.tick(self.env.clock.now_ms())?;
+                last_periodic = Instant::now();
+            }
             let oper = match sel.select_timeout(timeout) {
                 Ok(oper) => oper,
-                Err(_) => {
-                    if self.env.cancelled() {
-                        return Err(Error::Cancelled);
-                    }
-                    self.op.flush()?;
-                    continue;
-                }
+                Err(_) => continue,
             };
             let i = index_of[oper.index()];
             match oper.recv(&receivers[i]) {
-                Ok(Message::Batch(mut b)) => self.op.push(&mut b)?,
+                Ok(Message::Batch(mut b)) => {
+                    if wms.idle[i] {
+                        wms.idle[i] = false;
+                    }
+                    self.op.push(&mut b)?
+                }
+                Ok(Message::Watermark(wm)) => {
+                    wms.idle[i] = false;
+                    wms.input[i] = wms.input[i].max(wm);
+                    let change = wms.update();
+                    self.forward(change)?;
+                }
+                Ok(Message::Idle) => {
+                    wms.idle[i] = true;
+                    let change = wms.update();
+                    self.forward(change)?;
+                }
                 Ok(Message::Barrier(id)) => {
                     dirty = true;
                     if let Some(id) = aligner.on_barrier(i, id) {
@@ -219,6 +400,10 @@ impl<T: 'static> TaskHead for InputHead<T> {
                 Ok(Message::End) => {
                     dirty = true;
                     ended[i] = true;
+                    wms.idle[i] = false;
+                    wms.input[i] = Timestamp::MAX;
+                    let change = wms.update();
+                    self.forward(change)?;
                     let out = aligner.on_end(i);
                     if let Some(id) = out.snapshot {
                         self.snapshot(id)?;
@@ -231,5 +416,37 @@ impl<T: 'static> TaskHead for InputHead<T> {
                 Err(_) => return Err(Error::Cancelled),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InputWatermarks;
+
+    #[test]
+    fn input_watermark_is_the_minimum_over_active_inputs() {
+        let mut w = InputWatermarks::new(2);
+        w.input[0] = 10;
+        assert_eq!(
+            w.update(),
+            None,
+            "input 1 still at MIN holds event time back"
+        );
+        w.input[1] = 5;
+        assert_eq!(w.update(), Some(Some(5)));
+        w.idle[1] = true;
+        assert_eq!(
+            w.update(),
+            Some(Some(10)),
+            "an idle input stops holding back"
+        );
+        w.idle[0] = true;
+        assert_eq!(w.update(), Some(None), "all idle: forward idleness once");
+        assert_eq!(w.update(), None);
+        w.idle[0] = false;
+        w.input[0] = 8;
+        assert_eq!(w.update(), None, "never moves backwards");
+        w.input[0] = 12;
+        assert_eq!(w.update(), Some(Some(12)));
     }
 }

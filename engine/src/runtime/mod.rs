@@ -18,6 +18,7 @@ use crate::ids::OperatorId;
 use crate::manifest::{PendingCommit, TaskStateHandle};
 use crate::state::{StateSnapshot, TaskStateView};
 use crate::storage::CheckpointStorage;
+use crate::time::{Clock, Timestamp};
 use crossbeam_channel::Sender;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,6 +30,10 @@ pub use driver::{CheckpointStats, JobReport};
 pub(crate) enum Message<T> {
     Batch(Vec<T>),
     Barrier(CheckpointId),
+    /// Event time on this channel has reached the timestamp.
+    Watermark(Timestamp),
+    /// The sender has no data for now and must not hold event time back.
+    Idle,
     End,
 }
 
@@ -49,6 +54,12 @@ pub(crate) trait Collector<T> {
     fn flush(&mut self) -> Result<()>;
     /// End of stream: flush and forward.
     fn end(&mut self) -> Result<()>;
+    /// Event time advanced (fire event-time timers, then forward).
+    fn watermark(&mut self, wm: Timestamp) -> Result<()>;
+    /// Every input of the task is idle: forward so downstream ignores this path.
+    fn idle(&mut self) -> Result<()>;
+    /// Processing time passed (fire processing-time timers); not forwarded across tasks.
+    fn tick(&mut self, now: Timestamp) -> Result<()>;
 }
 
 /// Reports from tasks to the driver.
@@ -94,6 +105,7 @@ pub(crate) struct TaskEnv {
     pub storage: CheckpointStorage,
     pub rt: tokio::runtime::Handle,
     pub cancel: Arc<AtomicBool>,
+    pub clock: Arc<dyn Clock>,
 }
 
 impl TaskEnv {

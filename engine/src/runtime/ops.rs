@@ -4,11 +4,13 @@ use super::{Collector, TaskSnapshot};
 use crate::api::{Data, Key, SinkWriter, TwoPhaseCommitSink};
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::ids::{key_group_of_bytes, CheckpointId, OperatorId, SubtaskIndex};
+use crate::ids::{key_group_of_bytes, CheckpointId, KeyGroup, OperatorId, SubtaskIndex};
 use crate::manifest::PendingCommit;
 use crate::process::{KeyedContext, KeyedProcessFunction};
 use crate::state::{MemoryKeyedState, StateSnapshot};
+use crate::time::{Clock, TimeDomain, Timer, Timestamp};
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 macro_rules! forward_control {
     () => {
@@ -20,6 +22,15 @@ macro_rules! forward_control {
         }
         fn end(&mut self) -> Result<()> {
             self.next.end()
+        }
+        fn watermark(&mut self, wm: Timestamp) -> Result<()> {
+            self.next.watermark(wm)
+        }
+        fn idle(&mut self) -> Result<()> {
+            self.next.idle()
+        }
+        fn tick(&mut self, now: Timestamp) -> Result<()> {
+            self.next.tick(now)
         }
     };
 }
@@ -104,6 +115,15 @@ impl<T: Data> Collector<T> for Fanout<T> {
     fn end(&mut self) -> Result<()> {
         self.outs.iter_mut().try_for_each(|o| o.end())
     }
+    fn watermark(&mut self, wm: Timestamp) -> Result<()> {
+        self.outs.iter_mut().try_for_each(|o| o.watermark(wm))
+    }
+    fn idle(&mut self) -> Result<()> {
+        self.outs.iter_mut().try_for_each(|o| o.idle())
+    }
+    fn tick(&mut self, now: Timestamp) -> Result<()> {
+        self.outs.iter_mut().try_for_each(|o| o.tick(now))
+    }
 }
 
 /// A stream nobody consumes.
@@ -123,6 +143,15 @@ impl<T> Collector<T> for Discard {
     fn end(&mut self) -> Result<()> {
         Ok(())
     }
+    fn watermark(&mut self, _: Timestamp) -> Result<()> {
+        Ok(())
+    }
+    fn idle(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn tick(&mut self, _: Timestamp) -> Result<()> {
+        Ok(())
+    }
 }
 
 pub(crate) struct KeyedProcessOp<K, I, F: KeyedProcessFunction<K, I>, KF> {
@@ -136,7 +165,58 @@ pub(crate) struct KeyedProcessOp<K, I, F: KeyedProcessFunction<K, I>, KF> {
     pub scratch: Vec<u8>,
     pub out: Vec<F::Out>,
     pub next: Box<dyn Collector<F::Out>>,
+    pub watermark: Timestamp,
+    pub clock: Arc<dyn Clock>,
+    pub due: Vec<(KeyGroup, Timestamp, Vec<u8>)>,
     pub _p: PhantomData<fn(I) -> K>,
+}
+
+impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> KeyedProcessOp<K, I, F, KF> {
+    fn fail(&self, source: crate::api::BoxError) -> Error {
+        Error::Operator {
+            operator: self.operator.clone(),
+            subtask: self.subtask,
+            source,
+        }
+    }
+
+    /// Fire every timer of `domain` due at `upto`, including timers that firing
+    /// registers for times already due.
+    fn fire_timers(&mut self, domain: TimeDomain, upto: Timestamp) -> Result<()> {
+        loop {
+            self.due.clear();
+            self.state.drain_due_timers(domain, upto, &mut self.due);
+            if self.due.is_empty() {
+                return Ok(());
+            }
+            let due = std::mem::take(&mut self.due);
+            for (kg, time, key_bytes) in &due {
+                let key: K = codec::decode(key_bytes, "timer key")?;
+                self.state.set_current_key(*kg, key_bytes);
+                let mut ctx = KeyedContext {
+                    key: &key,
+                    state: &mut self.state,
+                    out: &mut self.out,
+                    watermark: self.watermark,
+                    clock: &*self.clock,
+                };
+                let timer = Timer {
+                    time: *time,
+                    domain,
+                };
+                if let Err(e) = self.func.on_timer(timer, &mut ctx) {
+                    return Err(self.fail(e));
+                }
+                if self.out.len() >= self.batch_size {
+                    self.next.push(&mut self.out)?;
+                }
+            }
+            self.due = due;
+            if !self.out.is_empty() {
+                self.next.push(&mut self.out)?;
+            }
+        }
+    }
 }
 
 impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> Collector<I>
@@ -153,14 +233,12 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> Collector<I>
                 key: &key,
                 state: &mut self.state,
                 out: &mut self.out,
+                watermark: self.watermark,
+                clock: &*self.clock,
             };
-            self.func
-                .process(record, &mut ctx)
-                .map_err(|source| Error::Operator {
-                    operator: self.operator.clone(),
-                    subtask: self.subtask,
-                    source,
-                })?;
+            if let Err(e) = self.func.process(record, &mut ctx) {
+                return Err(self.fail(e));
+            }
             if self.out.len() >= self.batch_size {
                 self.next.push(&mut self.out)?;
             }
@@ -186,6 +264,20 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> Collector<I>
     }
     fn end(&mut self) -> Result<()> {
         self.next.end()
+    }
+    fn watermark(&mut self, wm: Timestamp) -> Result<()> {
+        if wm > self.watermark {
+            self.watermark = wm;
+            self.fire_timers(TimeDomain::EventTime, wm)?;
+        }
+        self.next.watermark(wm)
+    }
+    fn idle(&mut self) -> Result<()> {
+        self.next.idle()
+    }
+    fn tick(&mut self, now: Timestamp) -> Result<()> {
+        self.fire_timers(TimeDomain::ProcessingTime, now)?;
+        self.next.tick(now)
     }
 }
 
@@ -219,6 +311,15 @@ impl<S: TwoPhaseCommitSink> Collector<S::Item> for SinkOp<S> {
         Ok(())
     }
     fn end(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn watermark(&mut self, _: Timestamp) -> Result<()> {
+        Ok(())
+    }
+    fn idle(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn tick(&mut self, _: Timestamp) -> Result<()> {
         Ok(())
     }
 }
