@@ -13,6 +13,7 @@ pub mod dsl;
 pub mod error;
 pub mod ids;
 pub mod manifest;
+pub mod metrics;
 pub mod process;
 pub mod runtime;
 pub mod state;
@@ -29,6 +30,7 @@ pub mod prelude {
     pub use crate::dsl::{Job, JobBuilder, KeyedStream, RestartPolicy, Stream};
     pub use crate::error::{Error, ErrorClass};
     pub use crate::ids::CheckpointId;
+    pub use crate::metrics::{Counter, OpenContext};
     pub use crate::process::{KeyedContext, KeyedProcessFunction};
     pub use crate::runtime::{CheckpointStats, JobReport};
     pub use crate::state::{MapState, ValueState};

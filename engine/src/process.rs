@@ -1,11 +1,18 @@
 //! Keyed process functions: user logic that runs once per record with state scoped to
 //! the record's key.
 
-use crate::api::{BoxError, Data};
+use crate::api::{BoxError, Data, Key};
+use crate::codec;
+use crate::error::Error;
 use crate::error::Result;
+use crate::ids::{key_group_of_bytes, KeyGroup, OperatorId, SubtaskIndex};
+use crate::metrics::Metrics;
+use crate::metrics::OpenContext;
 use crate::state::{MapState, MemoryKeyedState, ValueState};
 use crate::time::{Clock, TimeDomain, Timer, Timestamp};
 use serde::{de::DeserializeOwned, Serialize};
+use std::marker::PhantomData;
+use std::sync::Arc;
 
 /// What a keyed process function sees for one record: its key, the key's state, and
 /// the output.
@@ -168,6 +175,11 @@ pub trait KeyedProcessFunction<K, I>: Clone + Send + Sync + 'static {
         ctx: &mut KeyedContext<'_, K, Self::Out>,
     ) -> std::result::Result<(), BoxError>;
 
+    /// Called once per parallel instance before any record, e.g. to register counters.
+    fn open(&mut self, _ctx: &mut OpenContext<'_>) -> std::result::Result<(), BoxError> {
+        Ok(())
+    }
+
     /// A timer of the current key fired.
     fn on_timer(
         &mut self,
@@ -211,5 +223,118 @@ where
         ctx: &mut KeyedContext<'_, K, O>,
     ) -> std::result::Result<(), BoxError> {
         (self.f)(input, ctx)
+    }
+}
+
+/// The per-record and per-timer logic of a keyed process operator, shared by the
+/// runtime operator and [`crate::testing::KeyedHarness`].
+pub(crate) struct KeyedCore<K, I, F: KeyedProcessFunction<K, I>> {
+    pub operator: OperatorId,
+    pub subtask: SubtaskIndex,
+    pub func: F,
+    pub state: MemoryKeyedState,
+    pub watermark: Timestamp,
+    pub clock: Arc<dyn Clock>,
+    pub max_parallelism: u16,
+    scratch: Vec<u8>,
+    due: Vec<(KeyGroup, Timestamp, Vec<u8>)>,
+    _p: PhantomData<fn(I) -> K>,
+}
+
+impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
+    pub fn new(
+        operator: OperatorId,
+        subtask: SubtaskIndex,
+        func: F,
+        state: MemoryKeyedState,
+        clock: Arc<dyn Clock>,
+        max_parallelism: u16,
+    ) -> Self {
+        KeyedCore {
+            operator,
+            subtask,
+            func,
+            state,
+            watermark: Timestamp::MIN,
+            clock,
+            max_parallelism,
+            scratch: Vec::new(),
+            due: Vec::new(),
+            _p: PhantomData,
+        }
+    }
+
+    fn fail(&self, source: BoxError) -> Error {
+        Error::Operator {
+            operator: self.operator.clone(),
+            subtask: self.subtask,
+            source,
+        }
+    }
+
+    /// Call `open` on the function.
+    pub fn open(&mut self, metrics: &Metrics) -> Result<()> {
+        let r = self
+            .func
+            .open(&mut OpenContext::new(&self.operator.0, metrics));
+        r.map_err(|e| self.fail(e))
+    }
+
+    /// Run the function for one record of `key`.
+    pub fn process(&mut self, key: &K, record: I, out: &mut Vec<F::Out>) -> Result<()> {
+        self.scratch.clear();
+        codec::encode_into(key, &mut self.scratch, "key")?;
+        let kg = key_group_of_bytes(&self.scratch, self.max_parallelism);
+        self.state.set_current_key(kg, &self.scratch);
+        let mut ctx = KeyedContext {
+            key,
+            state: &mut self.state,
+            out,
+            watermark: self.watermark,
+            clock: &*self.clock,
+        };
+        let r = self.func.process(record, &mut ctx);
+        r.map_err(|e| self.fail(e))
+    }
+
+    /// Fire every timer of `domain` due at `upto`, including timers that firing
+    /// registers for times already due. `after_each` runs after every timer (to send
+    /// full batches on).
+    pub fn fire_timers(
+        &mut self,
+        domain: TimeDomain,
+        upto: Timestamp,
+        out: &mut Vec<F::Out>,
+        mut after_each: impl FnMut(&mut Vec<F::Out>) -> Result<()>,
+    ) -> Result<()> {
+        loop {
+            self.due.clear();
+            self.state.drain_due_timers(domain, upto, &mut self.due);
+            if self.due.is_empty() {
+                return Ok(());
+            }
+            let due = std::mem::take(&mut self.due);
+            for (kg, time, key_bytes) in &due {
+                let key: K = codec::decode(key_bytes, "timer key")?;
+                self.state.set_current_key(*kg, key_bytes);
+                let mut ctx = KeyedContext {
+                    key: &key,
+                    state: &mut self.state,
+                    out,
+                    watermark: self.watermark,
+                    clock: &*self.clock,
+                };
+                let r = self.func.on_timer(
+                    Timer {
+                        time: *time,
+                        domain,
+                    },
+                    &mut ctx,
+                );
+                r.map_err(|e| self.fail(e))?;
+                after_each(out)?;
+            }
+            self.due = due;
+        }
     }
 }

@@ -28,12 +28,12 @@ pub use job::{Job, JobBuilder, RestartPolicy};
 use crate::api::{Data, Key, TwoPhaseCommitSink};
 use crate::error::Result;
 use crate::ids::{KeyGroupRange, OperatorId};
-use crate::process::{KeyedContext, KeyedProcessFunction, ProcessFn};
+use crate::process::{KeyedContext, KeyedCore, KeyedProcessFunction, ProcessFn};
 use crate::runtime::exchange::{ByKeyGroup, ExchangeOut};
 use crate::runtime::ops::{FilterOp, FlatMapOp, KeyedProcessOp, MapOp, PassOp, SinkOp};
 use crate::runtime::Collector;
 use crate::state::MemoryKeyedState;
-use crate::time::{Timestamp, WatermarkStrategy};
+use crate::time::WatermarkStrategy;
 use graph::{ErasedSink, Graph, NodeId, NodeInput, OpFactory, Partition, SenderFactory};
 use std::cell::RefCell;
 use std::marker::PhantomData;
@@ -331,21 +331,21 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
             ));
             state.restore(ctx.restored(&operator));
             let next = ctx.build_output::<F::Out>(node)?;
-            Ok(Box::new(KeyedProcessOp {
+            let mut core = KeyedCore::new(
                 operator,
-                subtask: ctx.subtask,
-                func: func.clone(),
-                key_fn: kf.clone(),
+                ctx.subtask,
+                func.clone(),
                 state,
-                max_parallelism: max,
+                ctx.env.clock.clone(),
+                max,
+            );
+            core.open(&ctx.env.metrics)?;
+            Ok(Box::new(KeyedProcessOp {
+                core,
+                key_fn: kf.clone(),
                 batch_size: ctx.env.config.batch_size,
-                scratch: Vec::new(),
                 out: Vec::new(),
                 next,
-                watermark: Timestamp::MIN,
-                clock: ctx.env.clock.clone(),
-                due: Vec::new(),
-                _p: PhantomData,
             }))
         });
         g.nodes[node].input = Some(Arc::new(NodeInput { op }));

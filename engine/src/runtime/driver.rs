@@ -93,6 +93,9 @@ pub struct JobReport {
     pub checkpoints: Vec<CheckpointStats>,
     /// Wall-clock time of `run()`.
     pub elapsed: Duration,
+    /// Every counter operators registered, as `operator.name`, summed over subtasks
+    /// and including work repeated after restarts.
+    pub metrics: std::collections::BTreeMap<String, u64>,
 }
 
 pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
@@ -109,11 +112,13 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
         .clone()
         .ok_or_else(|| Error::config("no checkpoint storage"))?;
     let mut report = JobReport::default();
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     loop {
         let attempt = report.restarts;
-        match run_attempt(graph, s, &rt, &storage, &mut report, attempt == 0) {
+        match run_attempt(graph, s, &rt, &storage, &mut report, attempt == 0, &metrics) {
             Ok(()) => {
                 report.elapsed = started.elapsed();
+                report.metrics = metrics.snapshot();
                 return Ok(report);
             }
             Err(e) if e.class() == ErrorClass::Stop => return Err(e),
@@ -268,6 +273,7 @@ fn run_attempt(
     storage: &CheckpointStorage,
     report: &mut JobReport,
     first_attempt: bool,
+    metrics: &Arc<crate::metrics::Metrics>,
 ) -> Result<()> {
     let t0 = Instant::now();
     let restored = recover(graph, s, rt, storage)?;
@@ -291,6 +297,7 @@ fn run_attempt(
         rt: rt.handle().clone(),
         cancel: cancel.clone(),
         clock: s.clock.clone(),
+        metrics: metrics.clone(),
     };
     let tasks = plan.task_keys(graph);
     let mut controls: Vec<Sender<SourceControl>> = Vec::new();

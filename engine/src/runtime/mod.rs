@@ -106,6 +106,7 @@ pub(crate) struct TaskEnv {
     pub rt: tokio::runtime::Handle,
     pub cancel: Arc<AtomicBool>,
     pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl TaskEnv {

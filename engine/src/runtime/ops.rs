@@ -2,15 +2,12 @@
 
 use super::{Collector, TaskSnapshot};
 use crate::api::{Data, Key, SinkWriter, TwoPhaseCommitSink};
-use crate::codec;
 use crate::error::{Error, Result};
-use crate::ids::{key_group_of_bytes, CheckpointId, KeyGroup, OperatorId, SubtaskIndex};
+use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
 use crate::manifest::PendingCommit;
-use crate::process::{KeyedContext, KeyedProcessFunction};
-use crate::state::{MemoryKeyedState, StateSnapshot};
-use crate::time::{Clock, TimeDomain, Timer, Timestamp};
-use std::marker::PhantomData;
-use std::sync::Arc;
+use crate::process::{KeyedCore, KeyedProcessFunction};
+use crate::state::StateSnapshot;
+use crate::time::{TimeDomain, Timestamp};
 
 macro_rules! forward_control {
     () => {
@@ -155,67 +152,26 @@ impl<T> Collector<T> for Discard {
 }
 
 pub(crate) struct KeyedProcessOp<K, I, F: KeyedProcessFunction<K, I>, KF> {
-    pub operator: OperatorId,
-    pub subtask: SubtaskIndex,
-    pub func: F,
+    pub core: KeyedCore<K, I, F>,
     pub key_fn: KF,
-    pub state: MemoryKeyedState,
-    pub max_parallelism: u16,
     pub batch_size: usize,
-    pub scratch: Vec<u8>,
     pub out: Vec<F::Out>,
     pub next: Box<dyn Collector<F::Out>>,
-    pub watermark: Timestamp,
-    pub clock: Arc<dyn Clock>,
-    pub due: Vec<(KeyGroup, Timestamp, Vec<u8>)>,
-    pub _p: PhantomData<fn(I) -> K>,
 }
 
 impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> KeyedProcessOp<K, I, F, KF> {
-    fn fail(&self, source: crate::api::BoxError) -> Error {
-        Error::Operator {
-            operator: self.operator.clone(),
-            subtask: self.subtask,
-            source,
+    fn fire(&mut self, domain: TimeDomain, upto: Timestamp) -> Result<()> {
+        let (next, batch_size) = (&mut self.next, self.batch_size);
+        self.core.fire_timers(domain, upto, &mut self.out, |out| {
+            if out.len() >= batch_size {
+                next.push(out)?;
+            }
+            Ok(())
+        })?;
+        if !self.out.is_empty() {
+            self.next.push(&mut self.out)?;
         }
-    }
-
-    /// Fire every timer of `domain` due at `upto`, including timers that firing
-    /// registers for times already due.
-    fn fire_timers(&mut self, domain: TimeDomain, upto: Timestamp) -> Result<()> {
-        loop {
-            self.due.clear();
-            self.state.drain_due_timers(domain, upto, &mut self.due);
-            if self.due.is_empty() {
-                return Ok(());
-            }
-            let due = std::mem::take(&mut self.due);
-            for (kg, time, key_bytes) in &due {
-                let key: K = codec::decode(key_bytes, "timer key")?;
-                self.state.set_current_key(*kg, key_bytes);
-                let mut ctx = KeyedContext {
-                    key: &key,
-                    state: &mut self.state,
-                    out: &mut self.out,
-                    watermark: self.watermark,
-                    clock: &*self.clock,
-                };
-                let timer = Timer {
-                    time: *time,
-                    domain,
-                };
-                if let Err(e) = self.func.on_timer(timer, &mut ctx) {
-                    return Err(self.fail(e));
-                }
-                if self.out.len() >= self.batch_size {
-                    self.next.push(&mut self.out)?;
-                }
-            }
-            self.due = due;
-            if !self.out.is_empty() {
-                self.next.push(&mut self.out)?;
-            }
-        }
+        Ok(())
     }
 }
 
@@ -225,20 +181,7 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> Collector<I>
     fn push(&mut self, batch: &mut Vec<I>) -> Result<()> {
         for record in batch.drain(..) {
             let key = (self.key_fn)(&record);
-            self.scratch.clear();
-            codec::encode_into(&key, &mut self.scratch, "key")?;
-            let kg = key_group_of_bytes(&self.scratch, self.max_parallelism);
-            self.state.set_current_key(kg, &self.scratch);
-            let mut ctx = KeyedContext {
-                key: &key,
-                state: &mut self.state,
-                out: &mut self.out,
-                watermark: self.watermark,
-                clock: &*self.clock,
-            };
-            if let Err(e) = self.func.process(record, &mut ctx) {
-                return Err(self.fail(e));
-            }
+            self.core.process(&key, record, &mut self.out)?;
             if self.out.len() >= self.batch_size {
                 self.next.push(&mut self.out)?;
             }
@@ -251,9 +194,9 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> Collector<I>
 
     fn barrier(&mut self, id: CheckpointId, snap: &mut TaskSnapshot) -> Result<()> {
         snap.operators.push((
-            self.operator.clone(),
+            self.core.operator.clone(),
             StateSnapshot {
-                keyed: self.state.snapshot(),
+                keyed: self.core.state.snapshot(),
                 list: Vec::new(),
             },
         ));
@@ -266,9 +209,9 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> Collector<I>
         self.next.end()
     }
     fn watermark(&mut self, wm: Timestamp) -> Result<()> {
-        if wm > self.watermark {
-            self.watermark = wm;
-            self.fire_timers(TimeDomain::EventTime, wm)?;
+        if wm > self.core.watermark {
+            self.core.watermark = wm;
+            self.fire(TimeDomain::EventTime, wm)?;
         }
         self.next.watermark(wm)
     }
@@ -276,7 +219,7 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> Collector<I>
         self.next.idle()
     }
     fn tick(&mut self, now: Timestamp) -> Result<()> {
-        self.fire_timers(TimeDomain::ProcessingTime, now)?;
+        self.fire(TimeDomain::ProcessingTime, now)?;
         self.next.tick(now)
     }
 }
