@@ -1,7 +1,13 @@
 //! Operators built on the engine's public API, added to the DSL by extension traits.
 //!
 //! * [`ReduceExt::reduce`]: running reduction per key.
+//! * [`WindowExt::window`]: tumbling, sliding and session event-time windows.
 
 mod reduce;
+mod window;
 
 pub use reduce::ReduceExt;
+pub use window::{
+    AggregateFunction, CollectAll, Count, ReduceAggregate, Window, WindowEvent, WindowExt,
+    WindowOperator, WindowOutput, Windowed, WindowedStream, Windows,
+};

@@ -292,6 +292,7 @@ impl<S: TwoPhaseCommitSink> ErasedSink for SinkCommitter<S> {
 }
 
 /// A stream partitioned by key.
+#[derive(Clone)]
 pub struct KeyedStream<T, K, KF> {
     stream: Stream<T>,
     key_fn: KF,
