@@ -246,6 +246,9 @@ pub struct WindowOutput<K, R, T> {
     pub late: Stream<T>,
 }
 
+/// A session window after merging, with the accumulator of what it absorbed.
+type Merged<A> = (Window, Option<Entry<A>>);
+
 #[derive(Clone, Serialize, Deserialize)]
 struct Entry<A> {
     acc: A,
@@ -297,12 +300,13 @@ where
         })
     }
 
-    /// Merge the session `w` with every session of the key it touches.
+    /// Merge the session `w` with every session of the key it touches; returns the
+    /// merged window and, if anything was absorbed, the merged accumulator.
     fn merge_sessions<K>(
         &self,
         w: Window,
         ctx: &mut KeyedContext<'_, K, WindowEvent<K, A::Out, T>>,
-    ) -> Result<(Window, Option<Entry<A::Acc>>), BoxError> {
+    ) -> Result<Merged<A::Acc>, BoxError> {
         let mut merged = w;
         let mut acc: Option<A::Acc> = None;
         for (old, entry) in ctx.map_entries(slots::<A::Acc>())? {
