@@ -575,8 +575,11 @@ mod tests {
         h.process(key.to_string(), (key.to_string(), t)).unwrap();
     }
 
-    /// (key, start, end, count) of fired windows, and late timestamps.
-    fn drain(h: &mut KeyedHarness<String, Ev, Op>) -> (Vec<(String, i64, i64, u64)>, Vec<i64>) {
+    /// (key, start, end, count) of a fired window.
+    type Fired = (String, i64, i64, u64);
+
+    /// Fired windows, and late timestamps.
+    fn drain(h: &mut KeyedHarness<String, Ev, Op>) -> (Vec<Fired>, Vec<i64>) {
         let mut fired = Vec::new();
         let mut late = Vec::new();
         for e in h.take_output() {
