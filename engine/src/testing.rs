@@ -397,3 +397,209 @@ impl<K: crate::api::Key, I, F: crate::process::KeyedProcessFunction<K, I>> Keyed
         Ok(())
     }
 }
+
+/// Proves a pipeline exactly-once: it runs the pipeline once without failures (the
+/// golden output), then again through a series of stages at different parallelisms,
+/// each crashing in the middle of the stream after a checkpoint and the next restoring
+/// from it, and requires the committed output to equal the golden output exactly: the
+/// same records, none missing, none twice.
+///
+/// ```
+/// use exactly_engine::prelude::*;
+/// use exactly_engine::testing::ExactlyOnceCheck;
+///
+/// const SUM: ValueState<i64> = ValueState::new("sum");
+/// let input: Vec<(u32, i64)> = (0..40_000).map(|i| (i % 50, 1)).collect();
+/// let report = ExactlyOnceCheck::default()
+///     .run("running-sums", |job: &Job, out: &CollectSink<(u32, i64)>| {
+///         job.source("in", VecSource::new(input.clone()).with_splits(4))
+///             .key_by(|e| e.0)
+///             .process_fn(|(k, v): (u32, i64), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+///                 let s = ctx.value(SUM)?.unwrap_or(0) + v;
+///                 ctx.set_value(SUM, &s)?;
+///                 ctx.emit((k, s));
+///                 Ok(())
+///             })
+///             .name("sum")
+///             .sink("out", out.clone());
+///     })
+///     .unwrap();
+/// assert_eq!(report.crashes, 2);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ExactlyOnceCheck {
+    /// Parallelism of the failure-free run.
+    pub golden_parallelism: usize,
+    /// Parallelism of each stage; every stage but the last crashes.
+    pub stages: Vec<usize>,
+    /// Checkpoints a stage completes before its crash is armed.
+    pub crash_after_checkpoints: u64,
+    /// Checkpoint interval of every run.
+    pub checkpoint_interval: std::time::Duration,
+    /// Batch size of every run (small batches interleave more).
+    pub batch_size: usize,
+    /// Pause after each source batch, so crashes land mid-stream on fast machines.
+    pub source_pacing: std::time::Duration,
+}
+
+impl Default for ExactlyOnceCheck {
+    fn default() -> Self {
+        ExactlyOnceCheck {
+            golden_parallelism: 1,
+            stages: vec![2, 3, 1],
+            crash_after_checkpoints: 2,
+            checkpoint_interval: std::time::Duration::from_millis(5),
+            batch_size: 64,
+            source_pacing: std::time::Duration::from_micros(300),
+        }
+    }
+}
+
+enum Outcome {
+    /// A stage finished before its crash: inconclusive.
+    TooFast(String),
+    Failed(String),
+}
+
+/// What an [`ExactlyOnceCheck`] observed.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    /// Records in the golden output.
+    pub golden_records: usize,
+    /// Crashes survived.
+    pub crashes: usize,
+    /// The checkpoint each stage restored from.
+    pub restored_from: Vec<Option<CheckpointId>>,
+}
+
+impl ExactlyOnceCheck {
+    fn job(
+        &self,
+        name: &str,
+        storage: &crate::storage::CheckpointStorage,
+        parallelism: usize,
+        crash: bool,
+    ) -> Result<crate::dsl::Job> {
+        let mut b = crate::dsl::Job::builder(name)
+            .checkpoint_storage_instance(storage.clone())
+            .checkpoint_every(self.checkpoint_interval)
+            .parallelism(parallelism)
+            .batch_size(self.batch_size)
+            .source_pacing(self.source_pacing)
+            .restart_policy(crate::dsl::RestartPolicy::none());
+        if crash {
+            b = b.inject_failure_after_checkpoint(self.crash_after_checkpoints);
+        }
+        b.build()
+    }
+
+    /// Run the check; `build` adds the pipeline to the job and must write its output to
+    /// the given sink. Returns a description of the difference on failure.
+    ///
+    /// A stage that finishes before its crash proves nothing, so the whole check starts
+    /// over with twice the source pacing (up to five times) instead of passing.
+    pub fn run<T, B>(&self, name: &str, build: B) -> std::result::Result<CheckReport, String>
+    where
+        T: Data + Ord + std::fmt::Debug,
+        B: Fn(&crate::dsl::Job, &CollectSink<T>),
+    {
+        let mut attempt = self.clone();
+        for _ in 0..5 {
+            match attempt.run_once(name, &build) {
+                Err(Outcome::TooFast(msg)) => {
+                    tracing::info!(check = name, "{msg}; retrying with slower sources");
+                    attempt.source_pacing *= 2;
+                }
+                Err(Outcome::Failed(msg)) => return Err(msg),
+                Ok(r) => return Ok(r),
+            }
+        }
+        Err(format!(
+            "{name}: every stage finished before its crash even with source pacing {:?}; give the check more input",
+            attempt.source_pacing
+        ))
+    }
+
+    fn run_once<T, B>(&self, name: &str, build: &B) -> std::result::Result<CheckReport, Outcome>
+    where
+        T: Data + Ord + std::fmt::Debug,
+        B: Fn(&crate::dsl::Job, &CollectSink<T>),
+    {
+        use Outcome::Failed;
+        let golden_sink = CollectSink::new();
+        let job = self
+            .job(
+                name,
+                &crate::storage::CheckpointStorage::in_memory(),
+                self.golden_parallelism,
+                false,
+            )
+            .map_err(|e| Failed(e.to_string()))?;
+        build(&job, &golden_sink);
+        job.run()
+            .map_err(|e| Failed(format!("failure-free run failed: {e}")))?;
+        let golden = golden_sink.sorted();
+
+        let storage = crate::storage::CheckpointStorage::in_memory();
+        let sink = CollectSink::new();
+        let mut report = CheckReport {
+            golden_records: golden.len(),
+            crashes: 0,
+            restored_from: Vec::new(),
+        };
+        for (i, &p) in self.stages.iter().enumerate() {
+            let last = i + 1 == self.stages.len();
+            let job = self
+                .job(name, &storage, p, !last)
+                .map_err(|e| Failed(e.to_string()))?;
+            build(&job, &sink);
+            match job.run() {
+                Ok(r) if last => report.restored_from.push(r.restored_from),
+                Ok(_) => {
+                    return Err(Outcome::TooFast(format!(
+                        "stage {i} (parallelism {p}) finished before its injected failure after checkpoint {}",
+                        self.crash_after_checkpoints
+                    )))
+                }
+                Err(e) if !last && e.to_string().contains("injected failure") => {
+                    report.crashes += 1;
+                    report.restored_from.push(None);
+                }
+                Err(e) => return Err(Failed(format!("stage {i} (parallelism {p}) failed: {e}"))),
+            }
+        }
+        let got = sink.sorted();
+        if got != golden {
+            let mut missing = 0usize;
+            let mut extra = 0usize;
+            let (mut a, mut b) = (golden.iter().peekable(), got.iter().peekable());
+            loop {
+                match (a.peek(), b.peek()) {
+                    (Some(x), Some(y)) if x == y => {
+                        a.next();
+                        b.next();
+                    }
+                    (Some(x), Some(y)) if x < y => {
+                        missing += 1;
+                        a.next();
+                    }
+                    (Some(_), Some(_)) | (None, Some(_)) => {
+                        extra += 1;
+                        b.next();
+                    }
+                    (Some(_), None) => {
+                        missing += 1;
+                        a.next();
+                    }
+                    (None, None) => break,
+                }
+            }
+            return Err(Failed(format!(
+                "committed output differs from the failure-free run: {} records vs {} golden; {missing} missing, {extra} extra (duplicated or wrong)",
+                got.len(),
+                golden.len()
+            )));
+        }
+        Ok(report)
+    }
+}

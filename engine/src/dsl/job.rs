@@ -122,6 +122,21 @@ impl JobBuilder {
         self
     }
 
+    /// Fault injection for tests: after the `n`-th checkpoint completed in an attempt,
+    /// the next batch a source reads fails the attempt, as a crash in the middle of the
+    /// stream would. Used by [`crate::testing::ExactlyOnceCheck`].
+    pub fn inject_failure_after_checkpoint(mut self, n: u64) -> Self {
+        self.s.inject_failure_after = Some(n);
+        self
+    }
+
+    /// Sleep this long after every batch a source reads: slows a job down so tests and
+    /// demos can crash it mid-stream. Off by default.
+    pub fn source_pacing(mut self, pause: Duration) -> Self {
+        self.s.source_pacing = Some(pause);
+        self
+    }
+
     /// The clock processing time comes from (default: the system clock). Tests pass a
     /// [`crate::time::ManualClock`] to control processing-time timers.
     pub fn clock(mut self, clock: impl crate::time::Clock) -> Self {
@@ -205,6 +220,8 @@ impl Job {
                 channel_capacity: 16,
                 on_checkpoint: None,
                 clock: Arc::new(crate::time::SystemClock),
+                inject_failure_after: None,
+                source_pacing: None,
             },
             storage_url: None,
         }

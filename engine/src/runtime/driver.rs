@@ -61,6 +61,8 @@ pub(crate) struct JobSettings {
     pub channel_capacity: usize,
     pub on_checkpoint: Option<CheckpointCallback>,
     pub clock: Arc<dyn crate::time::Clock>,
+    pub inject_failure_after: Option<u64>,
+    pub source_pacing: Option<Duration>,
 }
 
 /// Figures of one completed checkpoint.
@@ -289,6 +291,7 @@ fn run_attempt(
         config: Arc::new(RuntimeConfig {
             batch_size: s.batch_size,
             buffer_timeout: s.buffer_timeout,
+            source_pacing: s.source_pacing,
             max_parallelism: s.max_parallelism,
             job: s.name.clone(),
         }),
@@ -298,6 +301,9 @@ fn run_attempt(
         cancel: cancel.clone(),
         clock: s.clock.clone(),
         metrics: metrics.clone(),
+        crash: s
+            .inject_failure_after
+            .map(|_| Arc::new(AtomicBool::new(false))),
     };
     let tasks = plan.task_keys(graph);
     let mut controls: Vec<Sender<SourceControl>> = Vec::new();
@@ -364,6 +370,8 @@ fn run_attempt(
             cancel: cancel.clone(),
             report,
             aborted: BTreeSet::new(),
+            crash: env.crash.clone().zip(s.inject_failure_after),
+            completed_in_attempt: 0,
         };
         let result = driver.coordinate(&mut coordinator, &events_rx, tasks.len());
         if result.is_err() {
@@ -416,6 +424,9 @@ struct Driver<'a> {
     cancel: Arc<AtomicBool>,
     report: &'a mut JobReport,
     aborted: BTreeSet<CheckpointId>,
+    /// Injected failure: armed after this many checkpoints of the attempt.
+    crash: Option<(Arc<AtomicBool>, u64)>,
+    completed_in_attempt: u64,
 }
 
 impl Driver<'_> {
@@ -542,6 +553,12 @@ impl Driver<'_> {
                         tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
                         if let Some(cb) = &self.s.on_checkpoint {
                             cb(&stats);
+                        }
+                        self.completed_in_attempt += 1;
+                        if let Some((armed, after)) = &self.crash {
+                            if self.completed_in_attempt >= *after {
+                                armed.store(true, Ordering::SeqCst);
+                            }
                         }
                         self.report.checkpoints.push(stats);
                         if let Err(e) = self.retain(id) {

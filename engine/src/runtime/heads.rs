@@ -237,9 +237,24 @@ impl<S: Source> TaskHead for SourceHead<S> {
             match self.readers[i].reader.poll_batch(&mut buf, batch_size)? {
                 SourcePoll::Ready => {
                     idle_in_row = 0;
+                    if self
+                        .env
+                        .crash
+                        .as_ref()
+                        .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                    {
+                        return Err(Error::Operator {
+                            operator: self.operator.clone(),
+                            subtask: self.key.subtask,
+                            source: "injected failure".into(),
+                        });
+                    }
                     self.observe(i, &buf);
                     self.out.push(&mut buf)?;
                     self.emit_watermark()?;
+                    if let Some(pause) = self.env.config.source_pacing {
+                        std::thread::sleep(pause);
+                    }
                 }
                 SourcePoll::End => {
                     self.readers[i].done = true;

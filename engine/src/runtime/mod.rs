@@ -93,6 +93,7 @@ pub(crate) enum SourceControl {
 pub(crate) struct RuntimeConfig {
     pub batch_size: usize,
     pub buffer_timeout: Duration,
+    pub source_pacing: Option<Duration>,
     pub max_parallelism: u16,
     pub job: String,
 }
@@ -107,6 +108,8 @@ pub(crate) struct TaskEnv {
     pub cancel: Arc<AtomicBool>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Set by the driver when an injected failure is due (tests only).
+    pub crash: Option<Arc<AtomicBool>>,
 }
 
 impl TaskEnv {
