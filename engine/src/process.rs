@@ -87,19 +87,28 @@ impl<K, O> KeyedContext<'_, K, O> {
         self.out.push(record);
     }
 
-    /// The current key's value of `state`.
+    /// The current key's value of `state` (`None` if a TTL expired).
     pub fn value<V: DeserializeOwned>(&mut self, state: ValueState<V>) -> Result<Option<V>> {
-        self.state.get(state)
+        match state.ttl_ms() {
+            None => self.state.get(state),
+            Some(_) => self.state.get_ttl(state, self.clock.now_ms()),
+        }
     }
 
-    /// Set the current key's value of `state`.
+    /// Set the current key's value of `state` (restarting its TTL, if it has one).
     pub fn set_value<V: Serialize>(&mut self, state: ValueState<V>, value: &V) -> Result<()> {
-        self.state.put(state, value)
+        match state.ttl_ms() {
+            None => self.state.put(state, value),
+            Some(_) => self.state.put_ttl(state, value, self.clock.now_ms()),
+        }
     }
 
     /// Remove the current key's value of `state`.
     pub fn clear_value<V>(&mut self, state: ValueState<V>) {
-        self.state.clear(state)
+        match state.ttl_ms() {
+            None => self.state.clear(state),
+            Some(_) => self.state.clear_ttl(state),
+        }
     }
 
     /// One entry of the current key's map `state`.
@@ -307,6 +316,9 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
         out: &mut Vec<F::Out>,
         mut after_each: impl FnMut(&mut Vec<F::Out>) -> Result<()>,
     ) -> Result<()> {
+        if domain == TimeDomain::ProcessingTime {
+            self.state.expire_ttl(upto);
+        }
         loop {
             self.due.clear();
             self.state.drain_due_timers(domain, upto, &mut self.due);

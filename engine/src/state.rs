@@ -25,6 +25,8 @@ use std::sync::Arc;
 
 /// State names are 1-255 bytes, so entries starting with 0 are free for timers.
 const TIMER_MARK: u8 = 0;
+/// Cleanup entries of values with a TTL: `[0, 'X', expiry, entry key]`.
+const TTL_MARK: u8 = b'X';
 
 fn domain_byte(d: TimeDomain) -> u8 {
     match d {
@@ -47,16 +49,47 @@ fn decode_ts(b: &[u8]) -> Timestamp {
 /// A single value per key.
 pub struct ValueState<V> {
     name: &'static str,
+    ttl_ms: Option<i64>,
     _v: PhantomData<fn() -> V>,
 }
 
 impl<V> ValueState<V> {
-    /// A handle for the value state called `name` (unique within its operator).
+    /// A handle for the value state called `name` (1 to 255 bytes, unique within its
+    /// operator).
     pub const fn new(name: &'static str) -> Self {
+        assert!(
+            !name.is_empty() && name.len() < 256,
+            "state names are 1 to 255 bytes"
+        );
         ValueState {
             name,
+            ttl_ms: None,
             _v: PhantomData,
         }
+    }
+
+    /// Expire values `ttl` after they were last written, in processing time: a read at
+    /// or after that moment sees nothing, and expired values are deleted in the
+    /// background, so state stays bounded.
+    ///
+    /// ```
+    /// use exactly_engine::state::ValueState;
+    /// use std::time::Duration;
+    /// const LAST_SEEN: ValueState<i64> = ValueState::new("last-seen").with_ttl(Duration::from_secs(3600));
+    /// ```
+    pub const fn with_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.ttl_ms = Some(ttl.as_millis() as i64);
+        self
+    }
+
+    /// The state's name.
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The time-to-live in milliseconds, if set.
+    pub const fn ttl_ms(&self) -> Option<i64> {
+        self.ttl_ms
     }
 }
 
@@ -74,8 +107,13 @@ pub struct MapState<UK, UV> {
 }
 
 impl<UK, UV> MapState<UK, UV> {
-    /// A handle for the map state called `name` (unique within its operator).
+    /// A handle for the map state called `name` (1 to 255 bytes, unique within its
+    /// operator).
     pub const fn new(name: &'static str) -> Self {
+        assert!(
+            !name.is_empty() && name.len() < 256,
+            "state names are 1 to 255 bytes"
+        );
         MapState {
             name,
             _v: PhantomData,
@@ -354,6 +392,105 @@ impl MemoryKeyedState {
                 ));
             }
         }
+    }
+
+    fn ttl_timer(&mut self, expires: Timestamp) {
+        // [0, 'X', expiry, entry key]: the entry key is in `self.scratch`.
+        let mut k = Vec::with_capacity(10 + self.scratch.len());
+        k.push(TIMER_MARK);
+        k.push(TTL_MARK);
+        k.extend_from_slice(&ts_bytes(expires));
+        k.extend_from_slice(&self.scratch);
+        self.value_buf = k;
+    }
+
+    /// The current key's value of a state with a TTL, `None` once expired at `now`.
+    pub fn get_ttl<V: DeserializeOwned>(
+        &mut self,
+        s: ValueState<V>,
+        now: Timestamp,
+    ) -> Result<Option<V>> {
+        self.entry_key(s.name);
+        let Some(bytes) = self.groups[self.current_group].get(self.scratch.as_slice()) else {
+            return Ok(None);
+        };
+        if bytes.len() < 8 || decode_ts(&bytes[..8]) <= now {
+            return Ok(None);
+        }
+        codec::decode(&bytes[8..], s.name).map(Some)
+    }
+
+    /// Set the current key's value of a state with a TTL, expiring `ttl` after `now`.
+    pub fn put_ttl<V: Serialize>(
+        &mut self,
+        s: ValueState<V>,
+        value: &V,
+        now: Timestamp,
+    ) -> Result<()> {
+        let ttl = s.ttl_ms.unwrap_or(i64::MAX);
+        let expires = now.saturating_add(ttl);
+        self.clear_ttl(s);
+        self.entry_key(s.name);
+        let mut stored = ts_bytes(expires).to_vec();
+        codec::encode_into(value, &mut stored, s.name)?;
+        self.ttl_timer(expires);
+        let timer = std::mem::take(&mut self.value_buf);
+        let group = Arc::make_mut(&mut self.groups[self.current_group]);
+        group.insert(self.scratch.clone(), stored);
+        group.insert(timer, Vec::new());
+        Ok(())
+    }
+
+    /// Remove the current key's value of a state with a TTL, and its cleanup entry.
+    pub fn clear_ttl<V>(&mut self, s: ValueState<V>) {
+        self.entry_key(s.name);
+        let old = self.groups[self.current_group]
+            .get(self.scratch.as_slice())
+            .filter(|b| b.len() >= 8)
+            .map(|b| decode_ts(&b[..8]));
+        if let Some(old) = old {
+            self.ttl_timer(old);
+            let timer = std::mem::take(&mut self.value_buf);
+            let group = Arc::make_mut(&mut self.groups[self.current_group]);
+            group.remove(&timer);
+            group.remove(self.scratch.as_slice());
+        }
+    }
+
+    /// Delete every value whose TTL expired at `now`; returns how many.
+    pub fn expire_ttl(&mut self, now: Timestamp) -> usize {
+        let lo = vec![TIMER_MARK, TTL_MARK];
+        let hi = match now.checked_add(1) {
+            Some(next) => {
+                let mut hi = lo.clone();
+                hi.extend_from_slice(&ts_bytes(next));
+                hi
+            }
+            None => vec![TIMER_MARK, TTL_MARK + 1],
+        };
+        let mut expired = 0;
+        for group in self.groups.iter_mut() {
+            let due: Vec<Vec<u8>> = group
+                .range(lo.clone()..hi.clone())
+                .map(|(k, _)| k.clone())
+                .collect();
+            if due.is_empty() {
+                continue;
+            }
+            let g = Arc::make_mut(group);
+            for k in due {
+                g.remove(&k);
+                let entry = &k[10..];
+                // Only delete the value if this cleanup entry is its current expiry.
+                if g.get(entry)
+                    .is_some_and(|v| v.len() >= 8 && v[..8] == k[2..10])
+                {
+                    g.remove(entry);
+                    expired += 1;
+                }
+            }
+        }
+        expired
     }
 
     /// Number of entries over all key groups.
