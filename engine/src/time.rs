@@ -186,4 +186,11 @@ impl<T: 'static> WatermarkStrategy<T> {
         self.max_future = d;
         self
     }
+
+    /// Warn when the watermark has not advanced for this long while records flowed
+    /// (default 60 s): timestamps that never increase stall every event-time result.
+    pub fn with_stall_warning(mut self, d: Duration) -> Self {
+        self.stall_warning = d;
+        self
+    }
 }

@@ -70,8 +70,12 @@ impl<S: Source> ErasedSource for SourceNode<S> {
                         ))
                     })?
                     .clone();
+                let metrics = &ctx.env.metrics;
                 Some(SourceWatermarks {
                     strategy,
+                    negative: metrics.counter(&operator.0, "negative_timestamps"),
+                    future: metrics.counter(&operator.0, "future_timestamp_batches"),
+                    stalls: metrics.counter(&operator.0, "watermark_stalls"),
                     emitted: Timestamp::MIN,
                     idle: false,
                     last_advance: Instant::now(),

@@ -34,6 +34,10 @@ pub(crate) type SplitState<O> = (String, O, bool, Timestamp);
 /// Event-time bookkeeping of one source subtask.
 pub(crate) struct SourceWatermarks<T> {
     pub strategy: WatermarkStrategy<T>,
+    /// Records with negative timestamps, far-future timestamps, and watermark stalls.
+    pub negative: crate::metrics::Counter,
+    pub future: crate::metrics::Counter,
+    pub stalls: crate::metrics::Counter,
     pub emitted: Timestamp,
     pub idle: bool,
     pub last_advance: Instant,
@@ -98,6 +102,7 @@ impl<S: Source> SourceHead<S> {
         let r = &mut self.readers[i];
         r.last_data = Instant::now();
         w.records_since_advance += batch.len() as u64;
+        w.negative.add(times.negative);
         if times.negative > 0 && !w.warned_negative {
             w.warned_negative = true;
             tracing::warn!(source = %self.operator, split = %r.split, count = times.negative,
@@ -109,6 +114,9 @@ impl<S: Source> SourceHead<S> {
                 .clock
                 .now_ms()
                 .saturating_add(w.strategy.max_future.as_millis() as i64);
+            if max > limit {
+                w.future.inc();
+            }
             if max > limit && !w.warned_future {
                 w.warned_future = true;
                 tracing::warn!(source = %self.operator, split = %r.split, timestamp = max,
@@ -161,6 +169,7 @@ impl<S: Source> SourceHead<S> {
                 return self.out.watermark(w.emitted);
             }
             if w.records_since_advance > 0 && w.last_advance.elapsed() >= w.strategy.stall_warning {
+                w.stalls.inc();
                 tracing::warn!(source = %self.operator, watermark = w.emitted, records = w.records_since_advance,
                     "the watermark has not advanced for {:?} while records flowed: timestamps may not increase, or the out-of-orderness bound is too large",
                     w.strategy.stall_warning);
