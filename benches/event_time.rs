@@ -1,0 +1,125 @@
+//! Event-time operators: tumbling-window count over 1M keys and dedup over a stream with
+//! 10 % duplicates, in-memory state, local checkpoint directory, a checkpoint every
+//! second. Prints events/s (total and per core) and checkpoint figures.
+//!
+//! `cargo bench --bench event_time`; `EXACTLY_BENCH_EVENTS` sets the event count.
+
+use exactly::operators::{DedupExt, DedupTime, WindowExt, Windows};
+use exactly::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+
+const KEYS: u64 = 1_000_000;
+const PARALLELISM: usize = 2;
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Event {
+    id: u64,
+    key: u64,
+    ts: i64,
+}
+
+fn event(i: u64) -> Event {
+    // Every tenth event repeats the previous id (a redelivery), so 10 % are duplicates.
+    let id = if i % 10 == 9 { i - 1 } else { i };
+    Event {
+        id,
+        key: i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % KEYS,
+        ts: (i / 100) as i64, // 100k events per second of event time
+    }
+}
+
+fn job(dir: &std::path::Path) -> Job {
+    Job::builder("bench")
+        .checkpoint_storage(dir.to_str().unwrap())
+        .checkpoint_every(Duration::from_secs(1))
+        .parallelism(PARALLELISM)
+        .build()
+        .unwrap()
+}
+
+fn source(job: &Job, events: u64) -> Stream<Event> {
+    job.source(
+        "events",
+        GeneratorSource::new(events, event).with_splits(PARALLELISM as u64),
+    )
+    .with_watermarks(WatermarkStrategy::bounded_out_of_orderness(
+        Duration::from_secs(1),
+        |e: &Event| e.ts,
+    ))
+}
+
+fn report(label: &str, events: u64, elapsed: Duration, r: &JobReport) {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let eps = events as f64 / elapsed.as_secs_f64();
+    let mut d: Vec<Duration> = r.checkpoints.iter().map(|c| c.duration).collect();
+    d.sort();
+    let mut p: Vec<Duration> = r.checkpoints.iter().map(|c| c.max_sync_pause).collect();
+    p.sort();
+    println!(
+        "{label:>28}: {:>10.0} events/s ({:>9.0} per core), {} checkpoints, median checkpoint {:?}, median synchronous pause {:?}, largest state {} bytes",
+        eps,
+        eps / cores as f64,
+        r.checkpoints.len(),
+        d[d.len() / 2],
+        p[p.len() / 2],
+        r.checkpoints.iter().map(|c| c.state_bytes).max().unwrap_or(0),
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let events: u64 = std::env::var("EXACTLY_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000_000);
+    println!("{events} events, {KEYS} keys, parallelism {PARALLELISM}, checkpoint every 1 s");
+
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(dir.path());
+    let out = CollectSink::new();
+    source(&j, events)
+        .key_by(|e| e.key)
+        .window(Windows::tumbling(Duration::from_secs(10)), |e| e.ts)
+        .name("window")
+        .count()
+        .results
+        .map(|w| w.value)
+        .sink("counts", out.clone());
+    let t = Instant::now();
+    let r = j.run().unwrap();
+    let elapsed = t.elapsed();
+    assert_eq!(
+        out.committed().iter().sum::<u64>(),
+        events,
+        "every event counted once"
+    );
+    report("tumbling count, 1M keys", events, elapsed, &r);
+
+    let dir = tempfile::tempdir().unwrap();
+    let j = job(dir.path());
+    let out = CollectSink::new();
+    source(&j, events)
+        .dedup_by(
+            |e| e.id,
+            Duration::from_secs(60),
+            DedupTime::EventTime(|e: &Event| e.ts),
+        )
+        .name("dedup")
+        .map(|e| e.id)
+        .sink("unique", out.clone());
+    let t = Instant::now();
+    let r = j.run().unwrap();
+    let elapsed = t.elapsed();
+    assert_eq!(
+        r.metrics["dedup.duplicates_dropped"],
+        events / 10,
+        "exactly the redeliveries dropped"
+    );
+    assert_eq!(out.committed().len() as u64, events - events / 10);
+    report("dedup, 10% duplicates", events, elapsed, &r);
+}
