@@ -476,6 +476,24 @@ pub trait IntervalJoinExt<A, K> {
 
     /// Join with `other` on the key within the same tumbling or sliding window; emits
     /// `f(a, b)` for every pair when the window fires.
+    ///
+    /// ```
+    /// use exactly_engine::prelude::*;
+    /// use exactly_operators::{IntervalJoinExt, Windows};
+    /// use std::time::Duration;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let job = Job::builder("wjoin").checkpoint_storage("memory://").build()?;
+    /// let out = CollectSink::new();
+    /// let views = job.source("views", VecSource::new(vec![(1u32, 100i64), (1, 1_200)]));
+    /// let buys = job.source("buys", VecSource::new(vec![(1u32, 900i64)]));
+    /// views
+    ///     .key_by(|v| v.0)
+    ///     .window_join(&buys.key_by(|b| b.0), Windows::tumbling(Duration::from_secs(1)), |v| v.1, |b| b.1, |v, b| (v.1, b.1))
+    ///     .sink("pairs", out.clone());
+    /// job.run()?;
+    /// assert_eq!(out.sorted(), vec![(100, 900)]);
+    /// # Ok(()) }
+    /// ```
     fn window_join<B, KB, TA, TB, O, F>(
         &self,
         other: &KeyedStream<B, K, KB>,
