@@ -11,6 +11,7 @@ pub mod codec;
 pub mod coordinator;
 pub mod dsl;
 pub mod error;
+pub mod failpoints;
 pub mod ids;
 pub mod manifest;
 pub mod metrics;

@@ -91,6 +91,7 @@ impl<S: Source> ErasedSource for SourceNode<S> {
                 "internal: source '{operator}' has no control channel"
             ))
         })?;
+        let records = ctx.env.metrics.counter(&operator.0, "records");
         Ok(Box::new(SourceHead::<S> {
             key: ctx.key(),
             parallelism,
@@ -100,6 +101,7 @@ impl<S: Source> ErasedSource for SourceNode<S> {
             control,
             env: ctx.env.clone(),
             watermarks,
+            records,
         }))
     }
 }

@@ -80,6 +80,8 @@ pub struct CheckpointStats {
     pub max_sync_pause: Duration,
     /// Whether it was the final checkpoint.
     pub is_final: bool,
+    /// Every counter's value when the checkpoint completed (e.g. `<source>.records`).
+    pub metrics: std::collections::BTreeMap<String, u64>,
 }
 
 /// What a finished `run()` reports.
@@ -243,6 +245,7 @@ fn recover(
         }
         state.checkpoint = Some(latest);
         pending = m.pending_commits;
+        fail::fail_point!("recovery::during_restore");
         tracing::info!(job = %s.name, checkpoint = %latest, "restoring from checkpoint");
     }
     let mut max_seen = max_any.max(state.checkpoint);
@@ -372,6 +375,7 @@ fn run_attempt(
             aborted: BTreeSet::new(),
             crash: env.crash.clone().zip(s.inject_failure_after),
             completed_in_attempt: 0,
+            metrics: metrics.clone(),
         };
         let result = driver.coordinate(&mut coordinator, &events_rx, tasks.len());
         if result.is_err() {
@@ -427,6 +431,7 @@ struct Driver<'a> {
     /// Injected failure: armed after this many checkpoints of the attempt.
     crash: Option<(Arc<AtomicBool>, u64)>,
     completed_in_attempt: u64,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Driver<'_> {
@@ -529,6 +534,7 @@ impl Driver<'_> {
                                 continue;
                             }
                         }
+                        fail::fail_point!("checkpoint::after_manifest");
                         match self.commit(&manifest) {
                             Ok(()) => decisions.extend(c.on_committed(id, Instant::now())),
                             Err(e) if e.class() == ErrorClass::Stop => {
@@ -548,6 +554,7 @@ impl Driver<'_> {
                             state_bytes,
                             max_sync_pause: pauses.remove(&id).unwrap_or_default(),
                             is_final,
+                            metrics: self.metrics.snapshot(),
                         };
                         pauses.retain(|&p, _| p > id);
                         tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
@@ -599,7 +606,10 @@ impl Driver<'_> {
 
     /// Commit every pending committable of `manifest`, oldest first.
     fn commit(&self, manifest: &Manifest) -> Result<()> {
-        for p in &manifest.pending_commits {
+        for (i, p) in manifest.pending_commits.iter().enumerate() {
+            if i > 0 {
+                fail::fail_point!("sink::between_commits");
+            }
             let node = self
                 .graph
                 .nodes
@@ -624,8 +634,11 @@ impl Driver<'_> {
     fn retain(&mut self, latest: CheckpointId) -> Result<()> {
         let (ids, _) = self.rt.block_on(self.storage.scan())?;
         let keep_from = ids.len().saturating_sub(self.s.retain);
-        for &old in &ids[..keep_from] {
+        for (i, &old) in ids[..keep_from].iter().enumerate() {
             if old < latest {
+                if i > 0 {
+                    fail::fail_point!("checkpoint::during_retention");
+                }
                 self.rt.block_on(self.storage.delete_checkpoint(old))?;
             }
         }

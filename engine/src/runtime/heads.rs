@@ -55,6 +55,8 @@ pub(crate) struct SourceHead<S: Source> {
     pub control: Receiver<SourceControl>,
     pub env: TaskEnv,
     pub watermarks: Option<SourceWatermarks<S::Item>>,
+    /// Records read (counted per batch).
+    pub records: crate::metrics::Counter,
 }
 
 impl<S: Source> SourceHead<S> {
@@ -75,6 +77,7 @@ impl<S: Source> SourceHead<S> {
             },
         ));
         self.out.barrier(id, &mut snap)?;
+        fail::fail_point!("checkpoint::after_barrier_injection");
         self.env
             .complete_snapshot(&self.key, self.parallelism, id, snap, started)
     }
@@ -258,6 +261,7 @@ impl<S: Source> TaskHead for SourceHead<S> {
                             source: "injected failure".into(),
                         });
                     }
+                    self.records.add(buf.len() as u64);
                     self.observe(i, &buf);
                     self.out.push(&mut buf)?;
                     self.emit_watermark()?;

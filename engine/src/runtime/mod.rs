@@ -151,6 +151,7 @@ impl TaskEnv {
             });
             return Ok(());
         }
+        fail::fail_point!("checkpoint::after_snapshot");
         let view = TaskStateView {
             operators: snap.operators,
         };
@@ -175,6 +176,9 @@ impl TaskEnv {
                     message: e.to_string(),
                 }),
             };
+            if res.is_ok() {
+                fail::fail_point!("checkpoint::after_state_upload");
+            }
             let _ = match res {
                 Ok(handle) => events.send(TaskEvent::Ack {
                     key,

@@ -236,7 +236,9 @@ impl<S: TwoPhaseCommitSink> Collector<S::Item> for SinkOp<S> {
     }
 
     fn barrier(&mut self, id: CheckpointId, snap: &mut TaskSnapshot) -> Result<()> {
-        if let Some(c) = self.writer.pre_commit(id)? {
+        let staged = self.writer.pre_commit(id)?;
+        fail::fail_point!("sink::after_pre_commit");
+        if let Some(c) = staged {
             let committable = serde_json::to_value(&c).map_err(|e| Error::Codec {
                 what: format!("committable of sink '{}'", self.sink),
                 message: e.to_string(),
