@@ -1,0 +1,262 @@
+//! The reconciliation pipeline.
+//!
+//! ```text
+//! charges  ─ dedup ─┐
+//! payments ─ dedup ─┼─ union ─┬─ key_by(trip) ─ reconcile ─────────────► results
+//! payouts  ─ dedup ─┘         └─ postings ─┬─ key_by(account) ─ 1-day windows ─► daily-totals
+//!                                          └─ key_by(account) ─ closing balance ─► balances
+//! ```
+
+use crate::model::*;
+use exactly::engine::time::Timer;
+use exactly::operators::{AggregateFunction, DedupExt, DedupTime, WindowExt, Windows};
+use exactly::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Duration;
+
+/// Job settings.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub parallelism: usize,
+    pub checkpoint_every: Duration,
+    /// Must cover the disorder of the inputs (the generator's `out_of_order_ms`).
+    pub out_of_order: Duration,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Trip {
+    charges: Vec<i64>,
+    payment: Option<i64>,
+    payout: Option<(i64, i64)>,
+    earliest: Option<i64>,
+}
+
+const TRIP: ValueState<Trip> = ValueState::new("trip");
+
+/// Collects a trip's events and decides it `DEADLINE_MS` (event time) after its
+/// earliest event.
+#[derive(Clone)]
+struct Reconcile;
+
+impl KeyedProcessFunction<u64, TripEvent> for Reconcile {
+    type Out = TripResult;
+
+    fn process(
+        &mut self,
+        e: TripEvent,
+        ctx: &mut KeyedContext<'_, u64, TripResult>,
+    ) -> Result<(), BoxError> {
+        let mut trip = ctx.value(TRIP)?.unwrap_or_default();
+        let ts = e.ts();
+        if trip.earliest.is_none_or(|t| ts < t) {
+            // The deadline follows the earliest event, whatever order events arrive in.
+            if let Some(t) = trip.earliest {
+                ctx.delete_event_time_timer(t + DEADLINE_MS);
+            }
+            trip.earliest = Some(ts);
+            ctx.register_event_time_timer(ts + DEADLINE_MS);
+        }
+        match e {
+            TripEvent::Charge(c) => trip.charges.push(c.amount_cents),
+            TripEvent::Payment(p) => {
+                trip.payment = Some(trip.payment.unwrap_or(0) + p.amount_cents)
+            }
+            TripEvent::Payout(p) => {
+                let (a, f) = trip.payout.unwrap_or((0, 0));
+                trip.payout = Some((a + p.amount_cents, f + p.fee_cents));
+            }
+        }
+        ctx.set_value(TRIP, &trip)?;
+        Ok(())
+    }
+
+    fn on_timer(
+        &mut self,
+        _: Timer,
+        ctx: &mut KeyedContext<'_, u64, TripResult>,
+    ) -> Result<(), BoxError> {
+        if let Some(trip) = ctx.value(TRIP)? {
+            let result = decide(*ctx.key(), &trip.charges, trip.payment, trip.payout);
+            ctx.emit(result);
+            ctx.clear_value(TRIP);
+        }
+        Ok(())
+    }
+}
+
+/// Sum of postings.
+#[derive(Clone)]
+struct SumCents;
+
+impl AggregateFunction<Posting> for SumCents {
+    type Acc = i64;
+    type Out = i64;
+    fn create(&self) -> i64 {
+        0
+    }
+    fn add(&self, acc: &mut i64, p: &Posting) {
+        *acc += p.amount_cents;
+    }
+    fn result(&self, acc: &i64) -> i64 {
+        *acc
+    }
+    fn merge(&self, acc: &mut i64, other: i64) {
+        *acc += other;
+    }
+}
+
+const BALANCE: ValueState<i64> = ValueState::new("balance");
+const DAY_DELTA: MapState<i64, i64> = MapState::new("day-delta");
+
+/// An account's balance at the end of each day it moved, in day order.
+#[derive(Clone)]
+struct ClosingBalances;
+
+impl KeyedProcessFunction<String, Posting> for ClosingBalances {
+    type Out = ClosingBalance;
+
+    fn process(
+        &mut self,
+        p: Posting,
+        ctx: &mut KeyedContext<'_, String, ClosingBalance>,
+    ) -> Result<(), BoxError> {
+        let day = day_of(p.ts);
+        let delta = ctx.map_get(DAY_DELTA, &day)?.unwrap_or(0) + p.amount_cents;
+        ctx.map_put(DAY_DELTA, &day, &delta)?;
+        ctx.register_event_time_timer(day + DAY_MS - 1);
+        Ok(())
+    }
+
+    fn on_timer(
+        &mut self,
+        t: Timer,
+        ctx: &mut KeyedContext<'_, String, ClosingBalance>,
+    ) -> Result<(), BoxError> {
+        let day = t.time + 1 - DAY_MS;
+        if let Some(delta) = ctx.map_get(DAY_DELTA, &day)? {
+            let balance = ctx.value(BALANCE)?.unwrap_or(0) + delta;
+            ctx.set_value(BALANCE, &balance)?;
+            ctx.map_remove(DAY_DELTA, &day)?;
+            ctx.emit(ClosingBalance {
+                account: ctx.key().clone(),
+                day_start: day,
+                balance_cents: balance,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn read_stream<T>(
+    job: &Job,
+    dir: &Path,
+    name: &str,
+    cfg: &JobConfig,
+    ts: fn(&T) -> i64,
+) -> Stream<T>
+where
+    T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    job.source(name, JsonLinesSource::<T>::new(dir.join(name)))
+        .with_watermarks(
+            WatermarkStrategy::bounded_out_of_orderness(cfg.out_of_order, ts)
+                .with_idleness(Duration::from_secs(5)),
+        )
+}
+
+/// Add the reconciliation pipeline to `job`: inputs under `input`, outputs under `out`.
+pub fn build(job: &Job, input: &Path, out: &Path, cfg: &JobConfig) {
+    let redelivery_horizon = Duration::from_secs(24 * 3600);
+    let charges = read_stream(job, input, "charges", cfg, |c: &Charge| c.ts)
+        .dedup_by(
+            |c| c.event_id.clone(),
+            redelivery_horizon,
+            DedupTime::EventTime(|c: &Charge| c.ts),
+        )
+        .name("dedup-charges")
+        .map(TripEvent::Charge);
+    let payments = read_stream(job, input, "payments", cfg, |p: &Payment| p.ts)
+        .dedup_by(
+            |p| p.event_id.clone(),
+            redelivery_horizon,
+            DedupTime::EventTime(|p: &Payment| p.ts),
+        )
+        .name("dedup-payments")
+        .map(TripEvent::Payment);
+    let payouts = read_stream(job, input, "payouts", cfg, |p: &Payout| p.ts)
+        .dedup_by(
+            |p| p.event_id.clone(),
+            redelivery_horizon,
+            DedupTime::EventTime(|p: &Payout| p.ts),
+        )
+        .name("dedup-payouts")
+        .map(TripEvent::Payout);
+    let events = charges.union(&payments).union(&payouts);
+
+    events
+        .key_by(|e| e.trip_id())
+        .process(Reconcile)
+        .name("reconcile")
+        .sink("results", FileSink::exactly_once(out.join("results")));
+
+    let postings = events.flat_map(|e| e.postings());
+    postings
+        .key_by(|p| p.account.clone())
+        .window(
+            Windows::tumbling(Duration::from_millis(DAY_MS as u64)),
+            |p| p.ts,
+        )
+        .name("daily")
+        .aggregate(SumCents)
+        .results
+        .map(|w| DailyTotal {
+            account: w.key,
+            day_start: w.window.start,
+            net_cents: w.value,
+        })
+        .sink(
+            "daily-totals",
+            FileSink::exactly_once(out.join("daily-totals")),
+        );
+    postings
+        .key_by(|p| p.account.clone())
+        .process(ClosingBalances)
+        .name("closing-balances")
+        .sink("balances", FileSink::exactly_once(out.join("balances")));
+}
+
+/// A job with the settings of `cfg`, checkpointing into `checkpoints`.
+pub fn job(name: &str, checkpoints: &Path, cfg: &JobConfig, progress: bool) -> anyhow::Result<Job> {
+    let started = std::time::Instant::now();
+    let mut b = Job::builder(name)
+        .checkpoint_storage(
+            checkpoints
+                .to_str()
+                .ok_or_else(|| anyhow::anyhow!("checkpoint path is not UTF-8"))?,
+        )
+        .checkpoint_every(cfg.checkpoint_every)
+        .parallelism(cfg.parallelism);
+    if progress {
+        b = b.on_checkpoint(move |c| {
+            let read: u64 = ["charges", "payments", "payouts"]
+                .iter()
+                .map(|s| c.metrics.get(&format!("{s}.records")).copied().unwrap_or(0))
+                .sum();
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "[{secs:>7.2}s] checkpoint {:>4}{} {:>5} ms | {:>10} events read ({:>9.0}/s this run) | {:>6} duplicates dropped",
+                c.id,
+                if c.is_final { " (final)" } else { "        " },
+                c.duration.as_millis(),
+                read,
+                read as f64 / secs.max(1e-9),
+                ["dedup-charges", "dedup-payments", "dedup-payouts"]
+                    .iter()
+                    .map(|s| c.metrics.get(&format!("{s}.duplicates_dropped")).copied().unwrap_or(0))
+                    .sum::<u64>(),
+            )
+        });
+    }
+    Ok(b.build()?)
+}

@@ -1,0 +1,185 @@
+//! Reconciliation of charges, payments and payouts, exactly once.
+//!
+//! ```text
+//! reconciliation demo     [--dir reconciliation-demo] [generator and job flags]
+//! reconciliation generate --dir DIR [--trips 200000] [--seed 7] [--duplicate-rate 0.05]
+//!                         [--out-of-order-ms 30000] [--anomaly-rate 0.02] [--files 2]
+//! reconciliation run      --dir DIR [--parallelism 2] [--checkpoint-ms 1000] [--out-of-order-ms 30000]
+//! reconciliation verify   --dir DIR
+//! ```
+//!
+//! `DIR/input` holds the generated streams and the ground truth, `DIR/out` the committed
+//! output, `DIR/checkpoints` the job's checkpoints. `run` resumes from its checkpoints,
+//! so it can be killed and started again at any moment (also at another parallelism).
+
+mod generator;
+mod job;
+mod model;
+mod verifier;
+
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+struct Args(HashMap<String, String>);
+
+impl Args {
+    fn parse(args: &[String]) -> Result<Args> {
+        let mut m = HashMap::new();
+        let mut it = args.iter();
+        while let Some(k) = it.next() {
+            let Some(name) = k.strip_prefix("--") else {
+                bail!("unexpected argument '{k}'")
+            };
+            let v = it
+                .next()
+                .with_context(|| format!("--{name} needs a value"))?;
+            m.insert(name.to_string(), v.clone());
+        }
+        Ok(Args(m))
+    }
+    fn dir(&self) -> PathBuf {
+        PathBuf::from(
+            self.0
+                .get("dir")
+                .map(String::as_str)
+                .unwrap_or("reconciliation-demo"),
+        )
+    }
+    fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> Result<T> {
+        match self.0.get(k) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--{k} expects a number, got '{v}'")),
+        }
+    }
+    fn gen_config(&self) -> Result<generator::GenConfig> {
+        let c = generator::GenConfig {
+            trips: self.num("trips", 200_000)?,
+            seed: self.num("seed", 7)?,
+            duplicate_rate: self.num("duplicate-rate", 0.05)?,
+            out_of_order_ms: self.num("out-of-order-ms", 30_000)?,
+            anomaly_rate: self.num("anomaly-rate", 0.02)?,
+            files: self.num("files", 2)?,
+        };
+        if !(0.0..=1.0).contains(&c.duplicate_rate) || !(0.0..=1.0).contains(&c.anomaly_rate) {
+            bail!("--duplicate-rate and --anomaly-rate are probabilities between 0 and 1");
+        }
+        if c.files == 0 || c.trips == 0 {
+            bail!("--files and --trips must be at least 1");
+        }
+        Ok(c)
+    }
+    fn job_config(&self) -> Result<job::JobConfig> {
+        Ok(job::JobConfig {
+            parallelism: self.num("parallelism", 2)?,
+            checkpoint_every: Duration::from_millis(self.num("checkpoint-ms", 1_000)?),
+            out_of_order: Duration::from_millis(self.num("out-of-order-ms", 30_000)?),
+        })
+    }
+}
+
+fn generate(a: &Args) -> Result<()> {
+    let cfg = a.gen_config()?;
+    let input = a.dir().join("input");
+    let t = Instant::now();
+    let g = generator::generate(&cfg, &input)?;
+    eprintln!(
+        "generated {} trips: {} events ({} redelivered duplicates, {} injected anomalies) in {} in {:.1}s",
+        cfg.trips,
+        g.events,
+        g.duplicates,
+        g.anomalies,
+        input.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run(a: &Args) -> Result<()> {
+    let dir = a.dir();
+    let input = dir.join("input");
+    if !input.join("anomalies.jsonl").exists() {
+        bail!(
+            "no input in {}: run `reconciliation generate --dir {}` first",
+            input.display(),
+            dir.display()
+        );
+    }
+    let cfg = a.job_config()?;
+    let job = job::job("reconciliation", &dir.join("checkpoints"), &cfg, true)?;
+    job::build(&job, &input, &dir.join("out"), &cfg);
+    let report = job.run()?;
+    let read: u64 = ["charges", "payments", "payouts"]
+        .iter()
+        .map(|s| {
+            report
+                .metrics
+                .get(&format!("{s}.records"))
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+    eprintln!(
+        "job finished in {:.2}s ({} events read, restored from checkpoint {:?}, {} checkpoints, {} in-process restarts)",
+        report.elapsed.as_secs_f64(),
+        read,
+        report.restored_from.map(|c| c.0),
+        report.checkpoints.len(),
+        report.restarts
+    );
+    Ok(())
+}
+
+fn verify(a: &Args) -> Result<()> {
+    let dir = a.dir();
+    let report = verifier::verify(&dir.join("input"), &dir.join("out"))?;
+    report.print();
+    if !report.passed() {
+        bail!("verification failed");
+    }
+    Ok(())
+}
+
+fn demo(a: &Args) -> Result<()> {
+    let dir = a.dir();
+    if !dir.join("input").join("anomalies.jsonl").exists() {
+        generate(a)?;
+    } else {
+        eprintln!("using the input already in {}", dir.join("input").display());
+    }
+    eprintln!("running the job: kill it at any moment and run the same command again, it resumes");
+    run(a)?;
+    verify(a)?;
+    eprintln!(
+        "output in {}; delete {} to start over",
+        dir.join("out").display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    #[cfg(feature = "failpoints")]
+    exactly::engine::failpoints::crash_from_env().map_err(|e| anyhow::anyhow!(e))?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = args.first().map(String::as_str).unwrap_or("demo");
+    let rest = if args.is_empty() { &[][..] } else { &args[1..] };
+    let a = Args::parse(rest)?;
+    match cmd {
+        "demo" => demo(&a),
+        "generate" => generate(&a),
+        "run" => run(&a),
+        "verify" => verify(&a),
+        other => bail!("unknown command '{other}'; expected demo, generate, run or verify"),
+    }
+}
