@@ -264,12 +264,36 @@ impl CheckpointStorage {
 
     /// Delete checkpoint `id`: its manifest first, then its files.
     pub async fn delete_checkpoint(&self, id: CheckpointId) -> Result<()> {
+        self.delete_manifest(id).await?;
+        self.delete_checkpoint_files(id).await
+    }
+
+    /// Delete manifest `id` (the checkpoint stops existing; its files stay).
+    pub async fn delete_manifest(&self, id: CheckpointId) -> Result<()> {
         let manifest = self.manifest_path(id);
         match self.store.delete(&manifest).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(storage_err("delete", &manifest, e)),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(storage_err("delete", &manifest, e)),
         }
-        self.delete_checkpoint_files(id).await
+    }
+
+    /// Ids of every state directory, with or without a manifest, ascending.
+    pub async fn checkpoint_dirs(&self) -> Result<Vec<CheckpointId>> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&self.root))
+            .await
+            .map_err(|e| storage_err("list", &self.root, e))?;
+        let mut ids: Vec<CheckpointId> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|d| d.filename())
+            .filter_map(|n| n.strip_prefix("chk-"))
+            .filter_map(|n| n.parse().ok())
+            .map(CheckpointId)
+            .collect();
+        ids.sort();
+        Ok(ids)
     }
 
     /// Delete the state files of checkpoint `id` (used for abandoned checkpoints too).

@@ -35,7 +35,7 @@ use crate::manifest::{Manifest, MANIFEST_FORMAT_VERSION};
 use crate::state::TaskSnapshotPayload;
 use crate::storage::CheckpointStorage;
 use crossbeam_channel::{RecvTimeoutError, Sender};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -372,7 +372,6 @@ fn run_attempt(
             controls: std::mem::take(&mut controls),
             cancel: cancel.clone(),
             report,
-            aborted: BTreeSet::new(),
             crash: env.crash.clone().zip(s.inject_failure_after),
             completed_in_attempt: 0,
             metrics: metrics.clone(),
@@ -427,7 +426,6 @@ struct Driver<'a> {
     controls: Vec<Sender<SourceControl>>,
     cancel: Arc<AtomicBool>,
     report: &'a mut JobReport,
-    aborted: BTreeSet<CheckpointId>,
     /// Injected failure: armed after this many checkpoints of the attempt.
     crash: Option<(Arc<AtomicBool>, u64)>,
     completed_in_attempt: u64,
@@ -574,7 +572,6 @@ impl Driver<'_> {
                     }
                     Decision::Abort { id, reason } => {
                         tracing::warn!(checkpoint = %id, %reason, "checkpoint aborted");
-                        self.aborted.insert(id);
                     }
                     Decision::Fail { reason } => {
                         failure = Some(Error::CheckpointsFailing {
@@ -630,27 +627,22 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// Delete completed checkpoints beyond the retention count, and files of aborted ones.
+    /// Delete completed checkpoints beyond the retention count (manifest first, then
+    /// files), and state directories without a manifest older than the oldest retained
+    /// checkpoint: abandoned checkpoints, or a cleanup a crash interrupted.
     fn retain(&mut self, latest: CheckpointId) -> Result<()> {
         let (ids, _) = self.rt.block_on(self.storage.scan())?;
         let keep_from = ids.len().saturating_sub(self.s.retain);
-        for (i, &old) in ids[..keep_from].iter().enumerate() {
-            if old < latest {
-                if i > 0 {
-                    fail::fail_point!("checkpoint::during_retention");
-                }
-                self.rt.block_on(self.storage.delete_checkpoint(old))?;
-            }
+        let oldest_kept = ids.get(keep_from).copied().unwrap_or(latest).min(latest);
+        for &old in &ids[..keep_from] {
+            self.rt.block_on(self.storage.delete_manifest(old))?;
+            fail::fail_point!("checkpoint::during_retention");
+            self.rt.block_on(self.storage.delete_checkpoint_files(old))?;
         }
-        let aborted: Vec<CheckpointId> = self
-            .aborted
-            .iter()
-            .copied()
-            .filter(|&a| a < latest)
-            .collect();
-        for a in aborted {
-            self.rt.block_on(self.storage.delete_checkpoint_files(a))?;
-            self.aborted.remove(&a);
+        for dir in self.rt.block_on(self.storage.checkpoint_dirs())? {
+            if dir < oldest_kept && !ids[keep_from..].contains(&dir) {
+                self.rt.block_on(self.storage.delete_checkpoint_files(dir))?;
+            }
         }
         Ok(())
     }
