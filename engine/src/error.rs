@@ -155,13 +155,11 @@ pub enum Error {
         message: String,
     },
 
-    /// Checkpoints kept failing beyond the tolerated number.
-    #[error("{count} consecutive checkpoints failed; last failure: {last}")]
+    /// Checkpoints kept failing beyond the tolerated number, or the final one failed.
+    #[error("checkpoints are failing: {reason}")]
     CheckpointsFailing {
-        /// How many in a row.
-        count: u32,
-        /// The last reason.
-        last: String,
+        /// What failed, and how often in a row.
+        reason: String,
     },
 
     /// The restart policy gave up.

@@ -436,10 +436,23 @@ fn retention_keeps_the_newest_checkpoints_and_removes_orphaned_state() {
         .sink("out", sink.clone());
     let report = job.run().unwrap();
     assert!(report.checkpoints.len() > 3, "{}", report.checkpoints.len());
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let (manifests, _) = rt.block_on(storage.scan()).unwrap();
-    let newest: Vec<_> = report.checkpoints.iter().rev().take(2).map(|c| c.id).rev().collect();
+    let newest: Vec<_> = report
+        .checkpoints
+        .iter()
+        .rev()
+        .take(2)
+        .map(|c| c.id)
+        .rev()
+        .collect();
     assert_eq!(manifests, newest);
-    assert_eq!(rt.block_on(storage.checkpoint_dirs()).unwrap(), newest, "no orphaned state directories");
+    assert_eq!(
+        rt.block_on(storage.checkpoint_dirs()).unwrap(),
+        newest,
+        "no orphaned state directories"
+    );
     assert_eq!(sink.sorted(), expected(&data));
 }

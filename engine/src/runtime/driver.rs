@@ -93,6 +93,8 @@ pub struct JobReport {
     pub recovery_time: Duration,
     /// In-process restarts after task failures.
     pub restarts: u32,
+    /// Checkpoints abandoned (timed out, or a task or the manifest write failed).
+    pub aborted_checkpoints: u32,
     /// Every checkpoint completed, in order.
     pub checkpoints: Vec<CheckpointStats>,
     /// Wall-clock time of `run()`.
@@ -572,12 +574,10 @@ impl Driver<'_> {
                     }
                     Decision::Abort { id, reason } => {
                         tracing::warn!(checkpoint = %id, %reason, "checkpoint aborted");
+                        self.report.aborted_checkpoints += 1;
                     }
                     Decision::Fail { reason } => {
-                        failure = Some(Error::CheckpointsFailing {
-                            count: 0,
-                            last: reason,
-                        });
+                        failure = Some(Error::CheckpointsFailing { reason });
                         self.cancel.store(true, Ordering::Relaxed);
                     }
                     Decision::Finished => finished = true,
@@ -637,11 +637,13 @@ impl Driver<'_> {
         for &old in &ids[..keep_from] {
             self.rt.block_on(self.storage.delete_manifest(old))?;
             fail::fail_point!("checkpoint::during_retention");
-            self.rt.block_on(self.storage.delete_checkpoint_files(old))?;
+            self.rt
+                .block_on(self.storage.delete_checkpoint_files(old))?;
         }
         for dir in self.rt.block_on(self.storage.checkpoint_dirs())? {
             if dir < oldest_kept && !ids[keep_from..].contains(&dir) {
-                self.rt.block_on(self.storage.delete_checkpoint_files(dir))?;
+                self.rt
+                    .block_on(self.storage.delete_checkpoint_files(dir))?;
             }
         }
         Ok(())
