@@ -2,83 +2,17 @@
 //! and is SIGKILLed at random moments, then started again, until it finishes. Its
 //! committed output must equal a failure-free run's exactly.
 //!
-//! `EXACTLY_KILL_EVENTS`, `EXACTLY_KILL_MIN` and `EXACTLY_KILL_SEED` change the size,
+//! `EXACTLY_KILL_EVENTS`, `EXACTLY_KILL_MIN` and `EXACTLY_CHAOS_SEED` change the size,
 //! the minimum number of kills and the random seed (printed, for reproduction).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{
+    committed_bytes, committed_lines, env_num, example_binary, leftover_staging, xorshift,
+};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Build the example with the same cargo profile as this test and return its path.
-fn ledger_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile-dir>/deps/kill_restore-<hash>
-    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
-        "debug" => "dev".to_string(),
-        other => other.to_string(),
-    };
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--example", "ledger", "--profile", &profile])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the ledger example failed");
-    profile_dir.join("examples").join("ledger")
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
-
-/// All committed output lines, sorted; panics if staging was left behind.
-fn committed_lines(out: &Path) -> Vec<String> {
-    let mut lines = Vec::new();
-    for e in std::fs::read_dir(out).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            lines.extend(
-                std::fs::read_to_string(&p)
-                    .unwrap()
-                    .lines()
-                    .map(String::from),
-            );
-        }
-    }
-    let staging = out.join(".staging/balances");
-    let leftover: Vec<_> = std::fs::read_dir(&staging)
-        .map(|d| d.filter_map(|e| e.ok()).collect())
-        .unwrap_or_default();
-    assert!(
-        leftover.is_empty(),
-        "staged files left after a finished run: {leftover:?}"
-    );
-    lines.sort_unstable();
-    lines
-}
-
-/// Bytes of committed part files: a cheap progress measure.
-fn committed_bytes(out: &Path) -> u64 {
-    std::fs::read_dir(out)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
 
 fn run_args<'a>(input: &'a Path, out: &'a Path, chk: &'a Path) -> Vec<String> {
     [
@@ -103,16 +37,8 @@ fn run_args<'a>(input: &'a Path, out: &'a Path, chk: &'a Path) -> Vec<String> {
 fn sigkilled_job_commits_exactly_the_failure_free_output() {
     let events = env_num("EXACTLY_KILL_EVENTS", 1_000_000);
     let min_kills = env_num("EXACTLY_KILL_MIN", 12);
-    let mut seed = env_num(
-        "EXACTLY_KILL_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1,
-    );
-    println!("seed {seed} (set EXACTLY_KILL_SEED to reproduce)");
-    let bin = ledger_binary();
+    let mut seed = common::seed();
+    let bin = example_binary("ledger", &[]);
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("payments.jsonl");
     let ok = Command::new(&bin)
@@ -142,6 +68,7 @@ fn sigkilled_job_commits_exactly_the_failure_free_output() {
     assert!(ok.success());
     let clean = t.elapsed();
     let golden = committed_lines(&gold_out);
+    assert!(leftover_staging(&gold_out).is_empty());
     let golden_bytes = committed_bytes(&gold_out);
     assert_eq!(golden.len() as u64, events, "one output line per event");
 
@@ -200,6 +127,11 @@ fn sigkilled_job_commits_exactly_the_failure_free_output() {
     assert!(status.success(), "final uninterrupted run failed: {status}");
     println!("committed output at each kill: {}", kill_points.join(" "));
     let got = committed_lines(&out);
+    let left = leftover_staging(&out);
+    assert!(
+        left.is_empty(),
+        "staged files left after a finished run: {left:?}"
+    );
     let missing = golden.iter().filter(|l| golden_missing(&got, l)).count();
     println!(
         "survived {kills} SIGKILLs ({early_kills} during startup or recovery; clean run {clean:?}); \

@@ -22,6 +22,10 @@ pub struct JobConfig {
     pub checkpoint_every: Duration,
     /// Must cover the disorder of the inputs (the generator's `out_of_order_ms`).
     pub out_of_order: Duration,
+    /// Records per batch.
+    pub batch_size: usize,
+    /// Pause after each source batch (tests slow the job down to crash it mid-run).
+    pub pacing: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -236,7 +240,11 @@ pub fn job(name: &str, checkpoints: &Path, cfg: &JobConfig, progress: bool) -> a
                 .ok_or_else(|| anyhow::anyhow!("checkpoint path is not UTF-8"))?,
         )
         .checkpoint_every(cfg.checkpoint_every)
-        .parallelism(cfg.parallelism);
+        .parallelism(cfg.parallelism)
+        .batch_size(cfg.batch_size);
+    if let Some(p) = cfg.pacing {
+        b = b.source_pacing(p);
+    }
     if progress {
         b = b.on_checkpoint(move |c| {
             let read: u64 = ["charges", "payments", "payouts"]

@@ -5,6 +5,7 @@
 //! reconciliation generate --dir DIR [--trips 200000] [--seed 7] [--duplicate-rate 0.05]
 //!                         [--out-of-order-ms 30000] [--anomaly-rate 0.02] [--files 2]
 //! reconciliation run      --dir DIR [--parallelism 2] [--checkpoint-ms 1000] [--out-of-order-ms 30000]
+//!                         [--batch-size 1024] [--pace-us 0]
 //! reconciliation verify   --dir DIR
 //! ```
 //!
@@ -77,6 +78,11 @@ impl Args {
             parallelism: self.num("parallelism", 2)?,
             checkpoint_every: Duration::from_millis(self.num("checkpoint-ms", 1_000)?),
             out_of_order: Duration::from_millis(self.num("out-of-order-ms", 30_000)?),
+            batch_size: self.num("batch-size", 1024)?,
+            pacing: match self.num("pace-us", 0u64)? {
+                0 => None,
+                us => Some(Duration::from_micros(us)),
+            },
         })
     }
 }

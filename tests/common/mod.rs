@@ -1,0 +1,128 @@
+//! Helpers for tests that run example jobs as child processes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Build example `name` with the same cargo profile as the running test (and `features`)
+/// and return the binary's path.
+pub fn example_binary(name: &str, features: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile-dir>/deps/<test>-<hash>
+    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
+    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+        "debug" => "dev".to_string(),
+        other => other.to_string(),
+    };
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--example", name, "--profile", &profile]);
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
+    let status = cmd
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building example {name} failed");
+    profile_dir.join("examples").join(name)
+}
+
+/// A number from the environment, or `default`.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A seed from `EXACTLY_CHAOS_SEED` or the clock; printed so a failure can be replayed.
+pub fn seed() -> u64 {
+    let s = env_num(
+        "EXACTLY_CHAOS_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1,
+    );
+    println!("seed {s} (set EXACTLY_CHAOS_SEED to reproduce)");
+    s
+}
+
+/// xorshift64: small, seeded, good enough to place kills.
+pub fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+fn part_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if p.is_dir() && !name.starts_with('.') {
+            part_files(&p, out);
+        } else if p.is_file() && name.starts_with("part-") {
+            out.push(p);
+        }
+    }
+}
+
+/// Every committed output line under `dir` (part files of all sinks), each prefixed by
+/// its sink directory, sorted.
+pub fn committed_lines(dir: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    part_files(dir, &mut files);
+    let mut lines = Vec::new();
+    for f in files {
+        let sink = f
+            .parent()
+            .unwrap()
+            .strip_prefix(dir)
+            .unwrap()
+            .display()
+            .to_string();
+        for l in std::fs::read_to_string(&f).unwrap().lines() {
+            lines.push(format!("{sink}\t{l}"));
+        }
+    }
+    lines.sort_unstable();
+    lines
+}
+
+/// Bytes of committed part files under `dir`: a cheap progress measure.
+pub fn committed_bytes(dir: &Path) -> u64 {
+    let mut files = Vec::new();
+    part_files(dir, &mut files);
+    files
+        .iter()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Files left in any sink's `.staging` directory under `dir`: after a finished run
+/// there must be none.
+pub fn leftover_staging(dir: &Path) -> Vec<PathBuf> {
+    fn walk(p: &Path, in_staging: bool, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(p) else {
+            return;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            let path = e.path();
+            let staging = in_staging || e.file_name() == ".staging";
+            if path.is_dir() {
+                walk(&path, staging, out);
+            } else if in_staging {
+                out.push(path);
+            }
+        }
+    }
+    let mut left = Vec::new();
+    walk(dir, false, &mut left);
+    left
+}
