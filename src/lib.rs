@@ -28,6 +28,10 @@
 //! ```
 
 pub use exactly_engine as engine;
+/// The chaos kit: prove a pipeline exactly-once under injected crashes and rescaling
+/// ([`testing::ExactlyOnceCheck`]), and test functions step by step
+/// ([`testing::KeyedHarness`]).
+pub use exactly_engine::testing;
 pub use exactly_operators as operators;
 pub use exactly_sinks as sinks;
 pub use exactly_sources as sources;
