@@ -11,7 +11,11 @@
 //! any number of times; `verify` recomputes every balance from the input without the
 //! engine and checks the committed output line by line.
 
+#[path = "common/args.rs"]
+mod args;
+
 use anyhow::{bail, Context, Result};
+use args::Args;
 use exactly::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -55,39 +59,6 @@ impl KeyedProcessFunction<u32, Payment> for Balance {
             balance_cents: balance,
         });
         Ok(())
-    }
-}
-
-struct Args(HashMap<String, String>);
-
-impl Args {
-    fn parse(args: &[String]) -> Result<Args> {
-        let mut m = HashMap::new();
-        let mut it = args.iter();
-        while let Some(k) = it.next() {
-            let Some(name) = k.strip_prefix("--") else {
-                bail!("unexpected argument '{k}'")
-            };
-            let v = it
-                .next()
-                .with_context(|| format!("--{name} needs a value"))?;
-            m.insert(name.to_string(), v.clone());
-        }
-        Ok(Args(m))
-    }
-    fn path(&self, k: &str) -> Result<PathBuf> {
-        self.0
-            .get(k)
-            .map(PathBuf::from)
-            .with_context(|| format!("missing --{k}"))
-    }
-    fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> Result<T> {
-        match self.0.get(k) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--{k} expects a number, got '{v}'")),
-        }
     }
 }
 
@@ -274,23 +245,32 @@ fn demo(a: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    args::init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         bail!("usage: ledger demo|generate|run|verify --flag value ...");
     };
     let a = Args::parse(&args[1..])?;
     match cmd.as_str() {
-        "generate" => generate(&a),
-        "run" => run(&a),
-        "verify" => verify(&a),
-        "demo" => demo(&a),
+        "generate" => {
+            a.only(cmd, &["events", "accounts", "seed", "out"])?;
+            generate(&a)
+        }
+        "run" => {
+            a.only(
+                cmd,
+                &["input", "out", "checkpoints", "interval-ms", "parallelism"],
+            )?;
+            run(&a)
+        }
+        "verify" => {
+            a.only(cmd, &["input", "out"])?;
+            verify(&a)
+        }
+        "demo" => {
+            a.only(cmd, &["dir", "events", "interval-ms", "parallelism"])?;
+            demo(&a)
+        }
         other => bail!("unknown command '{other}'; expected demo, generate, run or verify"),
     }
 }

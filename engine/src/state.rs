@@ -40,6 +40,21 @@ fn ts_bytes(ts: Timestamp) -> [u8; 8] {
     ((ts as u64) ^ (1 << 63)).to_be_bytes()
 }
 
+/// The key range of entries `[0, kind, ts, ..]` with `ts <= upto`; the upper bound is
+/// exclusive (the first possible entry of `upto + 1`).
+fn due_range(kind: u8, upto: Timestamp) -> (Vec<u8>, Vec<u8>) {
+    let lo = vec![TIMER_MARK, kind];
+    let hi = match upto.checked_add(1) {
+        Some(next) => {
+            let mut hi = lo.clone();
+            hi.extend_from_slice(&ts_bytes(next));
+            hi
+        }
+        None => vec![TIMER_MARK, kind + 1],
+    };
+    (lo, hi)
+}
+
 fn decode_ts(b: &[u8]) -> Timestamp {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
@@ -364,16 +379,7 @@ impl MemoryKeyedState {
         upto: Timestamp,
         out: &mut Vec<(KeyGroup, Timestamp, Vec<u8>)>,
     ) {
-        let lo = vec![TIMER_MARK, domain_byte(domain)];
-        // Exclusive upper bound: the first possible entry of time `upto + 1`.
-        let hi = match upto.checked_add(1) {
-            Some(next) => {
-                let mut hi = lo.clone();
-                hi.extend_from_slice(&ts_bytes(next));
-                hi
-            }
-            None => vec![TIMER_MARK, domain_byte(domain) + 1],
-        };
+        let (lo, hi) = due_range(domain_byte(domain), upto);
         for (i, group) in self.groups.iter_mut().enumerate() {
             let due: Vec<Vec<u8>> = group
                 .range(lo.clone()..hi.clone())
@@ -459,15 +465,7 @@ impl MemoryKeyedState {
 
     /// Delete every value whose TTL expired at `now`; returns how many.
     pub fn expire_ttl(&mut self, now: Timestamp) -> usize {
-        let lo = vec![TIMER_MARK, TTL_MARK];
-        let hi = match now.checked_add(1) {
-            Some(next) => {
-                let mut hi = lo.clone();
-                hi.extend_from_slice(&ts_bytes(next));
-                hi
-            }
-            None => vec![TIMER_MARK, TTL_MARK + 1],
-        };
+        let (lo, hi) = due_range(TTL_MARK, now);
         let mut expired = 0;
         for group in self.groups.iter_mut() {
             let due: Vec<Vec<u8>> = group

@@ -13,49 +13,30 @@
 //! output, `DIR/checkpoints` the job's checkpoints. `run` resumes from its checkpoints,
 //! so it can be killed and started again at any moment (also at another parallelism).
 
+#[path = "../common/args.rs"]
+mod args;
 mod generator;
 mod job;
 mod model;
 mod verifier;
 
-use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
+use anyhow::{bail, Result};
+use args::Args;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-struct Args(HashMap<String, String>);
+/// Settings from the command line.
+trait Settings {
+    fn dir(&self) -> PathBuf;
+    fn gen_config(&self) -> Result<generator::GenConfig>;
+    fn job_config(&self) -> Result<job::JobConfig>;
+}
 
-impl Args {
-    fn parse(args: &[String]) -> Result<Args> {
-        let mut m = HashMap::new();
-        let mut it = args.iter();
-        while let Some(k) = it.next() {
-            let Some(name) = k.strip_prefix("--") else {
-                bail!("unexpected argument '{k}'")
-            };
-            let v = it
-                .next()
-                .with_context(|| format!("--{name} needs a value"))?;
-            m.insert(name.to_string(), v.clone());
-        }
-        Ok(Args(m))
-    }
+impl Settings for Args {
     fn dir(&self) -> PathBuf {
-        PathBuf::from(
-            self.0
-                .get("dir")
-                .map(String::as_str)
-                .unwrap_or("reconciliation-demo"),
-        )
+        self.path_or("dir", "reconciliation-demo")
     }
-    fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> Result<T> {
-        match self.0.get(k) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--{k} expects a number, got '{v}'")),
-        }
-    }
+
     fn gen_config(&self) -> Result<generator::GenConfig> {
         let c = generator::GenConfig {
             trips: self.num("trips", 200_000)?,
@@ -168,24 +149,47 @@ fn demo(a: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    args::init_logging();
     #[cfg(feature = "failpoints")]
     exactly::engine::failpoints::crash_from_env().map_err(|e| anyhow::anyhow!(e))?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = args.first().map(String::as_str).unwrap_or("demo");
     let rest = if args.is_empty() { &[][..] } else { &args[1..] };
     let a = Args::parse(rest)?;
+    const GEN: &[&str] = &[
+        "dir",
+        "trips",
+        "seed",
+        "duplicate-rate",
+        "out-of-order-ms",
+        "anomaly-rate",
+        "files",
+    ];
+    const JOB: &[&str] = &[
+        "dir",
+        "parallelism",
+        "checkpoint-ms",
+        "out-of-order-ms",
+        "batch-size",
+        "pace-us",
+    ];
     match cmd {
-        "demo" => demo(&a),
-        "generate" => generate(&a),
-        "run" => run(&a),
-        "verify" => verify(&a),
+        "demo" => {
+            a.only(cmd, &[GEN, JOB].concat())?;
+            demo(&a)
+        }
+        "generate" => {
+            a.only(cmd, GEN)?;
+            generate(&a)
+        }
+        "run" => {
+            a.only(cmd, JOB)?;
+            run(&a)
+        }
+        "verify" => {
+            a.only(cmd, &["dir"])?;
+            verify(&a)
+        }
         other => bail!("unknown command '{other}'; expected demo, generate, run or verify"),
     }
 }
