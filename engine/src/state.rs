@@ -253,6 +253,13 @@ impl MemoryKeyedState {
         self.entry_key(s.name);
         self.value_buf.clear();
         codec::encode_into(value, &mut self.value_buf, s.name)?;
+        self.upsert();
+        Ok(())
+    }
+
+    /// Store `value_buf` under the entry key in `scratch`, reusing an existing entry's
+    /// buffer so that updating a key allocates nothing.
+    fn upsert(&mut self) {
         let group = Arc::make_mut(&mut self.groups[self.current_group]);
         match group.get_mut(self.scratch.as_slice()) {
             Some(existing) => {
@@ -263,7 +270,6 @@ impl MemoryKeyedState {
                 group.insert(self.scratch.clone(), self.value_buf.clone());
             }
         }
-        Ok(())
     }
 
     /// Remove the current key's value.
@@ -300,8 +306,9 @@ impl MemoryKeyedState {
         value: &UV,
     ) -> Result<()> {
         self.map_entry_key(s.name, uk)?;
-        let v = codec::encode(value, s.name)?;
-        Arc::make_mut(&mut self.groups[self.current_group]).insert(self.scratch.clone(), v);
+        self.value_buf.clear();
+        codec::encode_into(value, &mut self.value_buf, s.name)?;
+        self.upsert();
         Ok(())
     }
 
