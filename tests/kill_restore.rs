@@ -35,6 +35,30 @@ fn run_args<'a>(input: &'a Path, out: &'a Path, chk: &'a Path) -> Vec<String> {
 
 #[test]
 fn sigkilled_job_commits_exactly_the_failure_free_output() {
+    kill_and_restore(|tmp, name| tmp.join(name));
+}
+
+/// The same with checkpoints in the S3-compatible server `scripts/test.sh` starts.
+#[test]
+fn sigkilled_job_with_s3_checkpoints() {
+    assert!(
+        std::env::var("AWS_ENDPOINT_URL").is_ok(),
+        "AWS_ENDPOINT_URL is not set: run the suite with ./scripts/test.sh, which starts SeaweedFS"
+    );
+    let bucket = std::env::var("EXACTLY_S3_BUCKET").unwrap_or_else(|_| "exactly".into());
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    kill_and_restore(move |_, name| {
+        std::path::PathBuf::from(format!("s3://{bucket}/kill-restore-{run}/{name}"))
+    });
+}
+
+/// Golden run, then a run killed at random progress points until it finishes; the
+/// committed outputs must be identical. `checkpoints` names each run's checkpoint
+/// location (a directory or an `s3://` URL).
+fn kill_and_restore(checkpoints: impl Fn(&Path, &str) -> std::path::PathBuf) {
     let events = env_num("EXACTLY_KILL_EVENTS", 1_000_000);
     let min_kills = env_num("EXACTLY_KILL_MIN", 12);
     let mut seed = common::seed();
@@ -58,7 +82,10 @@ fn sigkilled_job_commits_exactly_the_failure_free_output() {
     assert!(ok.success());
 
     // Failure-free run.
-    let (gold_out, gold_chk) = (tmp.path().join("gold-out"), tmp.path().join("gold-chk"));
+    let (gold_out, gold_chk) = (
+        tmp.path().join("gold-out"),
+        checkpoints(tmp.path(), "gold-chk"),
+    );
     let t = Instant::now();
     let ok = Command::new(&bin)
         .args(run_args(&input, &gold_out, &gold_chk))
@@ -76,7 +103,10 @@ fn sigkilled_job_commits_exactly_the_failure_free_output() {
     // progress points spread over the whole run (plus a random delay within the
     // checkpoint cycle), and a quarter of the starts are killed during startup and
     // recovery, so the number of kills does not depend on how fast this machine is.
-    let (out, chk) = (tmp.path().join("chaos-out"), tmp.path().join("chaos-chk"));
+    let (out, chk) = (
+        tmp.path().join("chaos-out"),
+        checkpoints(tmp.path(), "chaos-chk"),
+    );
     let mut targets: Vec<u64> = (0..min_kills)
         .map(|_| 2 + xorshift(&mut seed) % 79)
         .collect();

@@ -1,5 +1,10 @@
 //! Checkpoint storage on any `object_store` backend: a local directory (default), memory
-//! (tests), or S3-compatible stores (issue 3).
+//! (tests), or S3 and S3-compatible stores (`s3://bucket/prefix`, `s3` feature).
+//!
+//! For S3, the endpoint, region and credentials come from the usual AWS environment
+//! variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+//! `AWS_ENDPOINT_URL`; an `http://` endpoint is allowed for local servers). The manifest
+//! is written with a conditional put (`If-None-Match`), so the store must support it.
 //!
 //! # Layout
 //!
@@ -26,6 +31,10 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::sync::Arc;
 
+/// State files larger than this are uploaded in parts.
+pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
+const MULTIPART_PART_SIZE: usize = 8 * 1024 * 1024;
+
 /// Where checkpoints of one job live.
 #[derive(Clone)]
 pub struct CheckpointStorage {
@@ -51,10 +60,14 @@ fn storage_err(op: &'static str, path: &Path, source: object_store::Error) -> Er
 }
 
 impl CheckpointStorage {
-    /// Open storage by URL: `file:///abs/dir`, a plain directory path, or `memory://`.
+    /// Open storage by URL: `file:///abs/dir`, a plain directory path, `s3://bucket/prefix`
+    /// or `memory://`.
     pub fn from_url(url: &str) -> Result<Self> {
         if url == "memory://" || url == "memory:///" {
             return Ok(Self::in_memory());
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            return Self::s3(url, rest);
         }
         let dir = if let Some(rest) = url.strip_prefix("file://") {
             if !rest.starts_with('/') {
@@ -65,7 +78,7 @@ impl CheckpointStorage {
             std::path::PathBuf::from(rest)
         } else if url.contains("://") {
             return Err(Error::config(format!(
-                "checkpoint storage '{url}': unsupported scheme; use file:///dir, a directory path or memory://"
+                "checkpoint storage '{url}': unsupported scheme; use file:///dir, a directory path, s3://bucket/prefix or memory://"
             )));
         } else {
             std::path::PathBuf::from(url)
@@ -85,6 +98,60 @@ impl CheckpointStorage {
             root: Path::default(),
             url: format!("file://{}", dir.display()),
         })
+    }
+
+    #[cfg(feature = "s3")]
+    fn s3(url: &str, rest: &str) -> Result<Self> {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(Error::config(format!(
+                "checkpoint storage '{url}': no bucket; use s3://bucket/prefix"
+            )));
+        }
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let endpoint = std::env::var("AWS_ENDPOINT_URL")
+            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+            .unwrap_or_default();
+        if endpoint.starts_with("http://") {
+            builder = builder.with_allow_http(true);
+        }
+        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+            builder = builder.with_region("us-east-1");
+        }
+        let store = builder.build().map_err(|e| {
+            Error::config(format!(
+                "checkpoint storage '{url}': {e}. Set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, for \
+                 S3-compatible servers, AWS_ENDPOINT_URL"
+            ))
+        })?;
+        let root = Path::parse(prefix.trim_end_matches('/'))
+            .map_err(|e| Error::config(format!("checkpoint storage '{url}': bad prefix: {e}")))?;
+        Ok(CheckpointStorage {
+            store: Arc::new(store),
+            root,
+            url: url.to_string(),
+        })
+    }
+
+    #[cfg(not(feature = "s3"))]
+    fn s3(url: &str, _rest: &str) -> Result<Self> {
+        Err(Error::config(format!(
+            "checkpoint storage '{url}': this build has no S3 support; enable the `s3` feature of exactly-engine"
+        )))
+    }
+
+    /// Check at job start that the storage can be listed (bucket exists, credentials
+    /// accepted), so a misconfiguration is a clear error before any work, not a failed
+    /// checkpoint later.
+    pub async fn check_access(&self) -> Result<()> {
+        match self.store.list_with_delimiter(Some(&self.root)).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::config(format!(
+                "cannot access checkpoint storage {}: {e}. Check that the bucket exists and that the \
+                 credentials may read and write it",
+                self.url
+            ))),
+        }
     }
 
     /// Volatile storage for tests.
@@ -137,10 +204,26 @@ impl CheckpointStorage {
             .join(format!("{task}-{subtask}.state"));
         let size = file.len() as u64;
         let crc32 = crc32fast::hash(&file);
-        self.store
-            .put(&path, PutPayload::from(file))
-            .await
-            .map_err(|e| storage_err("put", &path, e))?;
+        if file.len() > MULTIPART_THRESHOLD {
+            // Large snapshots go up in parts (S3 caps single puts, and parts upload in
+            // parallel); the object appears only when the upload completes.
+            let upload = self
+                .store
+                .put_multipart(&path)
+                .await
+                .map_err(|e| storage_err("start multipart upload", &path, e))?;
+            let mut w =
+                object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_SIZE);
+            w.write(&file);
+            w.finish()
+                .await
+                .map_err(|e| storage_err("multipart upload", &path, e))?;
+        } else {
+            self.store
+                .put(&path, PutPayload::from(file))
+                .await
+                .map_err(|e| storage_err("put", &path, e))?;
+        }
         Ok(TaskStateHandle {
             task: task.clone(),
             subtask,

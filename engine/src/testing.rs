@@ -440,6 +440,9 @@ pub struct ExactlyOnceCheck {
     pub batch_size: usize,
     /// Pause after each source batch, so crashes land mid-stream on fast machines.
     pub source_pacing: std::time::Duration,
+    /// Checkpoint storage of the crashing stages: `None` for memory, or a URL (e.g.
+    /// `s3://bucket/prefix`) under which each attempt uses a fresh sub-prefix.
+    pub storage_url: Option<String>,
 }
 
 impl Default for ExactlyOnceCheck {
@@ -451,6 +454,7 @@ impl Default for ExactlyOnceCheck {
             checkpoint_interval: std::time::Duration::from_millis(5),
             batch_size: 64,
             source_pacing: std::time::Duration::from_micros(300),
+            storage_url: None,
         }
     }
 }
@@ -540,7 +544,18 @@ impl ExactlyOnceCheck {
             .map_err(|e| Failed(format!("failure-free run failed: {e}")))?;
         let golden = golden_sink.sorted();
 
-        let storage = crate::storage::CheckpointStorage::in_memory();
+        let storage = match &self.storage_url {
+            None => crate::storage::CheckpointStorage::in_memory(),
+            Some(url) => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                let url = format!("{}/check-{nanos}", url.trim_end_matches('/'));
+                crate::storage::CheckpointStorage::from_url(&url)
+                    .map_err(|e| Failed(e.to_string()))?
+            }
+        };
         let sink = CollectSink::new();
         let mut report = CheckReport {
             golden_records: golden.len(),

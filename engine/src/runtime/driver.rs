@@ -117,6 +117,7 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
         .storage
         .clone()
         .ok_or_else(|| Error::config("no checkpoint storage"))?;
+    rt.block_on(storage.check_access())?;
     let mut report = JobReport::default();
     let metrics = Arc::new(crate::metrics::Metrics::default());
     loop {
