@@ -118,6 +118,20 @@ pub enum Error {
         path: String,
     },
 
+    /// A newer instance of the job started on the same checkpoint storage.
+    #[error(
+        "job instance with lease {epoch} was fenced: instance {newer} started on the same \
+         checkpoint storage {url}. Run one instance per checkpoint location"
+    )]
+    Fenced {
+        /// This instance's lease.
+        epoch: u64,
+        /// The newer lease found.
+        newer: u64,
+        /// The storage.
+        url: String,
+    },
+
     /// State could not be encoded or decoded.
     #[error("state codec error in {what}: {message}")]
     Codec {
@@ -198,6 +212,7 @@ impl Error {
             | Error::BadRecord { .. }
             | Error::CorruptCheckpoint { .. }
             | Error::ConcurrentWriter { .. }
+            | Error::Fenced { .. }
             | Error::CommitLost { .. }
             | Error::RestartsExhausted { .. } => ErrorClass::Stop,
             Error::Storage { .. } => ErrorClass::Retry,

@@ -291,6 +291,79 @@ impl CheckpointStorage {
         }
     }
 
+    fn lease_dir(&self) -> Path {
+        self.root.clone().join("_leases")
+    }
+
+    async fn leases(&self) -> Result<Vec<u64>> {
+        let dir = self.lease_dir();
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|e| storage_err("list", &dir, e))?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| m.location.filename())
+            .filter_map(|n| n.parse::<u64>().ok())
+            .collect())
+    }
+
+    /// Take a lease one above every existing one (create-if-absent, so two instances
+    /// never hold the same epoch) and drop older leases: their holders are fenced.
+    ///
+    /// # Protocol
+    ///
+    /// 1. Each `run()` takes a lease before recovery.
+    /// 2. Before writing a manifest, an instance checks that no newer lease exists
+    ///    ([`CheckpointStorage::check_lease`]) and stops with [`Error::Fenced`] if one does.
+    ///
+    /// A newer instance that starts between an older one's check and its manifest write
+    /// is not caught before that one write; object stores offer no write conditional on
+    /// another object.
+    pub async fn acquire_lease(&self) -> Result<u64> {
+        loop {
+            let leases = self.leases().await?;
+            let epoch = leases.iter().max().map_or(1, |m| m + 1);
+            let path = self.lease_dir().join(format!("{epoch:020}"));
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            match self
+                .store
+                .put_opts(&path, PutPayload::from(Vec::new()), opts)
+                .await
+            {
+                Ok(_) => {
+                    for old in leases.into_iter().filter(|&l| l < epoch) {
+                        let p = self.lease_dir().join(format!("{old:020}"));
+                        match self.store.delete(&p).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(storage_err("delete", &p, e)),
+                        }
+                    }
+                    return Ok(epoch);
+                }
+                Err(object_store::Error::AlreadyExists { .. }) => continue,
+                Err(e) => return Err(storage_err("create lease", &path, e)),
+            }
+        }
+    }
+
+    /// Fail with [`Error::Fenced`] if a lease newer than `epoch` exists.
+    pub async fn check_lease(&self, epoch: u64) -> Result<()> {
+        match self.leases().await?.into_iter().max() {
+            Some(newer) if newer > epoch => Err(Error::Fenced {
+                epoch,
+                newer,
+                url: self.url.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Read and verify manifest `id`.
     pub async fn read_manifest(&self, id: CheckpointId) -> Result<Manifest> {
         let path = self.manifest_path(id);

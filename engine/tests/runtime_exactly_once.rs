@@ -456,3 +456,56 @@ fn retention_keeps_the_newest_checkpoints_and_removes_orphaned_state() {
     );
     assert_eq!(sink.sorted(), expected(&data));
 }
+
+#[test]
+fn a_second_instance_on_the_same_storage_fences_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().to_str().unwrap().to_string();
+    let data = events(60_000, 97);
+    let first_checkpoint = Arc::new(std::sync::Barrier::new(2));
+    // Both instances write to the same external system, as two deployments would.
+    let sink = CollectSink::new();
+    let (url_a, data_a, gate, sink_a) = (
+        url.clone(),
+        data.clone(),
+        first_checkpoint.clone(),
+        sink.clone(),
+    );
+    let a = std::thread::spawn(move || {
+        let signalled = std::sync::atomic::AtomicBool::new(false);
+        let job = Job::builder("sum")
+            .checkpoint_storage(url_a)
+            .checkpoint_every(Duration::from_millis(5))
+            .parallelism(2)
+            .batch_size(64)
+            .source_pacing(Duration::from_millis(1))
+            .restart_policy(RestartPolicy::none())
+            .on_checkpoint(move |_| {
+                if !signalled.swap(true, Ordering::SeqCst) {
+                    gate.wait();
+                }
+            })
+            .build()
+            .unwrap();
+        job.source("events", VecSource::new(data_a).with_splits(3))
+            .key_by(|e: &(u64, i64, u64)| e.0)
+            .process(RunningSum {
+                fail_at: Arc::new(AtomicU64::new(u64::MAX)),
+            })
+            .name("running-sum")
+            .sink("out", sink_a);
+        job.run()
+    });
+    first_checkpoint.wait();
+    let storage = CheckpointStorage::from_url(&url).unwrap();
+    let b = build(&storage, 2, &data, &sink, u64::MAX, RestartPolicy::none()).run();
+    let a = a.join().unwrap();
+    let err = a.expect_err("the older instance must be stopped");
+    assert!(matches!(err, Error::Fenced { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("one instance per checkpoint location"),
+        "{err}"
+    );
+    assert!(b.is_ok(), "the newer instance runs on: {b:?}");
+}

@@ -118,11 +118,20 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
         .clone()
         .ok_or_else(|| Error::config("no checkpoint storage"))?;
     rt.block_on(storage.check_access())?;
+    let lease = rt.block_on(storage.acquire_lease())?;
     let mut report = JobReport::default();
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    let run = RunContext {
+        graph,
+        s,
+        rt: &rt,
+        storage: &storage,
+        metrics: &metrics,
+        lease,
+    };
     loop {
         let attempt = report.restarts;
-        match run_attempt(graph, s, &rt, &storage, &mut report, attempt == 0, &metrics) {
+        match run_attempt(&run, &mut report, attempt == 0) {
             Ok(()) => {
                 report.elapsed = started.elapsed();
                 report.metrics = metrics.snapshot();
@@ -274,15 +283,26 @@ fn recover(
     })
 }
 
-fn run_attempt(
-    graph: &Graph,
-    s: &JobSettings,
-    rt: &tokio::runtime::Runtime,
-    storage: &CheckpointStorage,
-    report: &mut JobReport,
-    first_attempt: bool,
-    metrics: &Arc<crate::metrics::Metrics>,
-) -> Result<()> {
+/// What every attempt of one `run()` shares.
+struct RunContext<'a> {
+    graph: &'a Graph,
+    s: &'a JobSettings,
+    rt: &'a tokio::runtime::Runtime,
+    storage: &'a CheckpointStorage,
+    metrics: &'a Arc<crate::metrics::Metrics>,
+    /// This instance's lease on the checkpoint storage.
+    lease: u64,
+}
+
+fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool) -> Result<()> {
+    let RunContext {
+        graph,
+        s,
+        rt,
+        storage,
+        metrics,
+        lease,
+    } = *run;
     let t0 = Instant::now();
     let restored = recover(graph, s, rt, storage)?;
     if first_attempt {
@@ -377,6 +397,7 @@ fn run_attempt(
             report,
             crash: env.crash.clone().zip(s.inject_failure_after),
             completed_in_attempt: 0,
+            lease,
             metrics: metrics.clone(),
         };
         let result = driver.coordinate(&mut coordinator, &events_rx, tasks.len());
@@ -433,6 +454,7 @@ struct Driver<'a> {
     crash: Option<(Arc<AtomicBool>, u64)>,
     completed_in_attempt: u64,
     metrics: Arc<crate::metrics::Metrics>,
+    lease: u64,
 }
 
 impl Driver<'_> {
@@ -519,7 +541,11 @@ impl Driver<'_> {
                             tasks,
                             pending_commits,
                         };
-                        match self.rt.block_on(self.storage.write_manifest(&manifest)) {
+                        let written = self.rt.block_on(async {
+                            self.storage.check_lease(self.lease).await?;
+                            self.storage.write_manifest(&manifest).await
+                        });
+                        match written {
                             Ok(()) => {}
                             Err(e) if e.class() == ErrorClass::Stop => {
                                 failure = Some(e);
