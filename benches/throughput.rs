@@ -91,8 +91,14 @@ impl SinkWriter for CountWriter {
 
 fn run(events: u64, interval: Option<Duration>) -> (Duration, JobReport) {
     let dir = tempfile::tempdir().unwrap();
+    run_on(dir.path().to_str().unwrap(), events, interval)
+}
+
+/// Run the pipeline on checkpoint storage `url` (a run on storage that holds the final
+/// checkpoint of a finished run restores it and has nothing left to process).
+fn run_on(url: &str, events: u64, interval: Option<Duration>) -> (Duration, JobReport) {
     let mut b = Job::builder("bench")
-        .checkpoint_storage(dir.path().to_str().unwrap())
+        .checkpoint_storage(url)
         .parallelism(PARALLELISM);
     if let Some(i) = interval {
         b = b.checkpoint_every(i);
@@ -113,12 +119,22 @@ fn run(events: u64, interval: Option<Duration>) -> (Duration, JobReport) {
     let t = Instant::now();
     let report = job.run().unwrap();
     let elapsed = t.elapsed();
-    assert_eq!(
-        sink.committed.load(Ordering::Relaxed),
-        events,
-        "every event committed once"
-    );
+    if report.restored_from.is_none() {
+        assert_eq!(
+            sink.committed.load(Ordering::Relaxed),
+            events,
+            "every event committed once"
+        );
+    }
     (elapsed, report)
+}
+
+/// Recovery time of the 1M-key state: run once, then restore its final checkpoint.
+fn recovery(url: &str, events: u64) -> Duration {
+    run_on(url, events, None);
+    let (_, report) = run_on(url, events, None);
+    assert!(report.restored_from.is_some());
+    report.recovery_time
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -167,5 +183,22 @@ fn main() {
             last.duration,
             last.state_bytes,
         );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    println!(
+        "{:>22}: {:?} to read and restore the {KEYS}-key state from a local directory",
+        "recovery",
+        recovery(dir.path().to_str().unwrap(), events)
+    );
+    match std::env::var("EXACTLY_BENCH_S3") {
+        Ok(prefix) => println!(
+            "{:>22}: {:?} from {prefix} (AWS_* environment)",
+            "recovery from S3",
+            recovery(&prefix, events)
+        ),
+        Err(_) => println!(
+            "{:>22}: not measured; set EXACTLY_BENCH_S3=s3://bucket/prefix and AWS_*",
+            "recovery from S3"
+        ),
     }
 }
