@@ -244,6 +244,14 @@ impl<T: Data> Stream<T> {
     }
 
     /// Set the parallelism of the operator that produces this stream.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let parsed = job.source("lines", VecSource::new(vec!["1".to_string()]))
+    ///     .map(|l| l.parse::<u64>().unwrap_or(0))
+    ///     .parallelism(4);
+    /// ```
     pub fn parallelism(self, n: usize) -> Self {
         self.graph.borrow_mut().nodes[self.node].parallelism = Some(n);
         self
@@ -251,6 +259,18 @@ impl<T: Data> Stream<T> {
 
     /// Name the operator that produces this stream. Its state is stored under this name,
     /// so naming stateful operators keeps checkpoints restorable when the job changes.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let totals = job.source("payments", VecSource::new(vec![(1u32, 5i64)]))
+    ///     .key_by(|p| p.0)
+    ///     .process_fn(|p: (u32, i64), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+    ///         ctx.emit(p);
+    ///         Ok(())
+    ///     })
+    ///     .name("totals");
+    /// ```
     pub fn name(self, name: &str) -> Self {
         self.graph.borrow_mut().nodes[self.node].op = OperatorId(name.to_string());
         self
