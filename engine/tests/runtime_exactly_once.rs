@@ -424,7 +424,7 @@ fn retention_keeps_the_newest_checkpoints_and_removes_orphaned_state() {
         .retain_checkpoints(2)
         .parallelism(2)
         .batch_size(64)
-        .source_pacing(Duration::from_micros(200))
+        .source_pacing(Duration::from_millis(1))
         .build()
         .unwrap();
     job.source("events", VecSource::new(data.clone()).with_splits(3))
@@ -435,7 +435,12 @@ fn retention_keeps_the_newest_checkpoints_and_removes_orphaned_state() {
         .name("running-sum")
         .sink("out", sink.clone());
     let report = job.run().unwrap();
-    assert!(report.checkpoints.len() > 3, "{}", report.checkpoints.len());
+    // With two retained, a third checkpoint must have deleted the first.
+    assert!(
+        report.checkpoints.len() >= 3,
+        "{}",
+        report.checkpoints.len()
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
