@@ -79,3 +79,6 @@ cargo nextest run --workspace --cargo-profile ci --no-fail-fast
 
 echo "== doctests"
 cargo test --workspace --doc --quiet
+
+echo "== API docs (broken links are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet

@@ -256,7 +256,7 @@ impl<T: Data> SinkWriter for CollectWriter<T> {
     }
 }
 
-/// Drives a [`KeyedProcessFunction`] directly, one record, watermark or clock step at a
+/// Drives a [`KeyedProcessFunction`](crate::process::KeyedProcessFunction) directly, one record, watermark or clock step at a
 /// time, with the same state, timers and firing logic as the runtime. Use it to test a
 /// function's semantics (window boundaries, lateness, TTL edges) deterministically.
 ///

@@ -3,7 +3,7 @@
 //! recovery.
 //!
 //! Records move in batches; an operator is called once per batch through a trait object
-//! ([`Collector`]), and loops over the batch in monomorphised code, so the per-record path
+//! (`Collector`), and loops over the batch in monomorphised code, so the per-record path
 //! has no dynamic dispatch, no locking and no allocation.
 
 pub(crate) mod driver;
