@@ -110,6 +110,16 @@ impl JobBuilder {
         self
     }
 
+    /// Batches buffered per channel between tasks (default 16). Aligned barriers wait
+    /// behind buffered records, so under backpressure smaller buffers make checkpoints
+    /// faster at some cost in throughput. On the reconciliation job here, 4 instead of
+    /// 16 roughly halved checkpoint duration (250-560 ms vs 550-1,200 ms) and ran
+    /// 5-15 % slower.
+    pub fn channel_capacity(mut self, batches: usize) -> Self {
+        self.s.channel_capacity = batches;
+        self
+    }
+
     /// Longest time a partial batch waits before it is sent (default 10 ms).
     pub fn buffer_timeout(mut self, d: Duration) -> Self {
         self.s.buffer_timeout = d;
@@ -161,6 +171,9 @@ impl JobBuilder {
         }
         if s.batch_size == 0 {
             return Err(Error::config("batch_size must be at least 1"));
+        }
+        if s.channel_capacity == 0 {
+            return Err(Error::config("channel_capacity must be at least 1 batch"));
         }
         if s.retain == 0 {
             return Err(Error::config(
