@@ -386,25 +386,14 @@ impl MemoryKeyedState {
         upto: Timestamp,
         out: &mut Vec<(KeyGroup, Timestamp, Vec<u8>)>,
     ) {
-        let (lo, hi) = due_range(domain_byte(domain), upto);
-        for (i, group) in self.groups.iter_mut().enumerate() {
-            let due: Vec<Vec<u8>> = group
-                .range(lo.clone()..hi.clone())
-                .map(|(k, _)| k.clone())
-                .collect();
-            if due.is_empty() {
-                continue;
-            }
-            let g = Arc::make_mut(group);
-            for k in due {
-                g.remove(&k);
-                out.push((
-                    KeyGroup(self.range.start + i as u16),
-                    decode_ts(&k[2..10]),
-                    k[10..].to_vec(),
-                ));
-            }
-        }
+        let start = self.range.start;
+        self.drain_due(domain_byte(domain), upto, |i, _, k| {
+            out.push((
+                KeyGroup(start + i as u16),
+                decode_ts(&k[2..10]),
+                k[10..].to_vec(),
+            ));
+        });
     }
 
     fn ttl_timer(&mut self, expires: Timestamp) {
@@ -472,9 +461,30 @@ impl MemoryKeyedState {
 
     /// Delete every value whose TTL expired at `now`; returns how many.
     pub fn expire_ttl(&mut self, now: Timestamp) -> usize {
-        let (lo, hi) = due_range(TTL_MARK, now);
         let mut expired = 0;
-        for group in self.groups.iter_mut() {
+        self.drain_due(TTL_MARK, now, |_, g, k| {
+            let entry = &k[10..];
+            // Only delete the value if this cleanup entry is its current expiry.
+            if g.get(entry)
+                .is_some_and(|v| v.len() >= 8 && v[..8] == k[2..10])
+            {
+                g.remove(entry);
+                expired += 1;
+            }
+        });
+        expired
+    }
+
+    /// Remove every reserved entry `[0, kind, ts, ..]` with `ts <= upto` from every key
+    /// group, calling `f(group index, group, removed entry key)` for each.
+    fn drain_due(
+        &mut self,
+        kind: u8,
+        upto: Timestamp,
+        mut f: impl FnMut(usize, &mut BTreeMap<Vec<u8>, Vec<u8>>, &[u8]),
+    ) {
+        let (lo, hi) = due_range(kind, upto);
+        for (i, group) in self.groups.iter_mut().enumerate() {
             let due: Vec<Vec<u8>> = group
                 .range(lo.clone()..hi.clone())
                 .map(|(k, _)| k.clone())
@@ -485,17 +495,9 @@ impl MemoryKeyedState {
             let g = Arc::make_mut(group);
             for k in due {
                 g.remove(&k);
-                let entry = &k[10..];
-                // Only delete the value if this cleanup entry is its current expiry.
-                if g.get(entry)
-                    .is_some_and(|v| v.len() >= 8 && v[..8] == k[2..10])
-                {
-                    g.remove(entry);
-                    expired += 1;
-                }
+                f(i, g, &k);
             }
         }
-        expired
     }
 
     /// Number of entries over all key groups.
