@@ -291,19 +291,23 @@ impl CheckpointStorage {
         }
     }
 
+    /// Every object under `dir`.
+    async fn list_all(&self, dir: &Path) -> Result<Vec<object_store::ObjectMeta>> {
+        self.store
+            .list(Some(dir))
+            .try_collect()
+            .await
+            .map_err(|e| storage_err("list", dir, e))
+    }
+
     fn lease_dir(&self) -> Path {
         self.root.clone().join("_leases")
     }
 
     async fn leases(&self) -> Result<Vec<u64>> {
-        let dir = self.lease_dir();
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|e| storage_err("list", &dir, e))?;
-        Ok(metas
+        Ok(self
+            .list_all(&self.lease_dir())
+            .await?
             .iter()
             .filter_map(|m| m.location.filename())
             .filter_map(|n| n.parse::<u64>().ok())
@@ -381,29 +385,8 @@ impl CheckpointStorage {
     /// Ids of all manifests, ascending, and the highest checkpoint id that appears
     /// anywhere in storage (manifests or state directories of incomplete checkpoints).
     pub async fn scan(&self) -> Result<(Vec<CheckpointId>, Option<CheckpointId>)> {
-        let listing = self
-            .store
-            .list_with_delimiter(Some(&self.root))
-            .await
-            .map_err(|e| storage_err("list", &self.root, e))?;
-        let mut max_any: Option<CheckpointId> = None;
-        for dir in &listing.common_prefixes {
-            if let Some(name) = dir.filename() {
-                if let Some(n) = name
-                    .strip_prefix("chk-")
-                    .and_then(|n| n.parse::<u64>().ok())
-                {
-                    max_any = max_any.max(Some(CheckpointId(n)));
-                }
-            }
-        }
-        let manifests_dir = self.root.clone().join("manifests");
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&manifests_dir))
-            .try_collect()
-            .await
-            .map_err(|e| storage_err("list", &manifests_dir, e))?;
+        let mut max_any = self.checkpoint_dirs().await?.last().copied();
+        let metas = self.list_all(&self.root.clone().join("manifests")).await?;
         let mut ids: Vec<CheckpointId> = metas
             .iter()
             .filter_map(|m| m.location.filename())
@@ -454,14 +437,7 @@ impl CheckpointStorage {
 
     /// Delete the state files of checkpoint `id` (used for abandoned checkpoints too).
     pub async fn delete_checkpoint_files(&self, id: CheckpointId) -> Result<()> {
-        let dir = self.checkpoint_dir(id);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|e| storage_err("list", &dir, e))?;
-        for m in metas {
+        for m in self.list_all(&self.checkpoint_dir(id)).await? {
             match self.store.delete(&m.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(storage_err("delete", &m.location, e)),
