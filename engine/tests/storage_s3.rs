@@ -7,7 +7,6 @@ use exactly_engine::manifest::{Manifest, MANIFEST_FORMAT_VERSION};
 use exactly_engine::prelude::*;
 use exactly_engine::storage::{CheckpointStorage, MULTIPART_THRESHOLD};
 use exactly_engine::testing::ExactlyOnceCheck;
-use std::time::Duration;
 
 fn bucket() -> String {
     assert!(
@@ -101,24 +100,18 @@ fn large_state_files_use_multipart_upload() {
 
 const SUM: ValueState<i64> = ValueState::new("sum");
 
-fn job(
-    url: &str,
-    parallelism: usize,
-    crash: bool,
-    input: &[(u32, i64)],
-    out: &CollectSink<(u32, i64)>,
-) -> Job {
-    let mut b = Job::builder("s3-sum")
+fn job(url: &str, input: &[(u32, i64)], out: &CollectSink<(u32, i64)>) -> Job {
+    let job = Job::builder("s3-sum")
         .checkpoint_storage(url)
-        .checkpoint_every(Duration::from_millis(20))
-        .parallelism(parallelism)
-        .batch_size(64)
-        .source_pacing(Duration::from_micros(500))
-        .restart_policy(RestartPolicy::none());
-    if crash {
-        b = b.inject_failure_after_checkpoint(2);
-    }
-    let job = b.build().unwrap();
+        .restart_policy(RestartPolicy::none())
+        .build()
+        .unwrap();
+    pipeline(&job, input, out);
+    job
+}
+
+/// A running sum per key into `out`.
+fn pipeline(job: &Job, input: &[(u32, i64)], out: &CollectSink<(u32, i64)>) {
     job.source("in", VecSource::new(input.to_vec()).with_splits(4))
         .key_by(|e| e.0)
         .process_fn(
@@ -131,7 +124,6 @@ fn job(
         )
         .name("sum")
         .sink("out", out.clone());
-    job
 }
 
 #[test]
@@ -146,18 +138,7 @@ fn job_crashes_and_restores_from_s3_at_other_parallelisms() {
     };
     let report = check
         .run("s3-sum", |job: &Job, out: &CollectSink<(u32, i64)>| {
-            job.source("in", VecSource::new(input.clone()).with_splits(4))
-                .key_by(|e| e.0)
-                .process_fn(
-                    |(k, v): (u32, i64), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
-                        let s = ctx.value(SUM)?.unwrap_or(0) + v;
-                        ctx.set_value(SUM, &s)?;
-                        ctx.emit((k, s));
-                        Ok(())
-                    },
-                )
-                .name("sum")
-                .sink("out", out.clone());
+            pipeline(job, &input, out)
         })
         .unwrap();
     assert_eq!(report.crashes, 2);
@@ -172,7 +153,7 @@ fn missing_bucket_and_wrong_credentials_are_clear_errors_at_start() {
     let _ = bucket();
     let out = CollectSink::new();
     let input = vec![(1u32, 1i64)];
-    let err = job("s3://no-such-bucket-exactly/x", 1, false, &input, &out)
+    let err = job("s3://no-such-bucket-exactly/x", &input, &out)
         .run()
         .unwrap_err();
     assert!(
