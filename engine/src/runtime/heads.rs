@@ -221,8 +221,13 @@ impl<S: Source> TaskHead for SourceHead<S> {
             let active = self.readers.iter().filter(|r| !r.done).count();
             if active == 0 {
                 if !reported {
-                    self.emit_watermark()?;
-                    self.out.watermark(Timestamp::MAX)?;
+                    // All splits are done: event time is complete. A source with a
+                    // strategy emits +inf itself; one without needs it said here.
+                    if self.watermarks.is_some() {
+                        self.emit_watermark()?;
+                    } else {
+                        self.out.watermark(Timestamp::MAX)?;
+                    }
                     self.out.flush()?;
                     let _ = self
                         .env
@@ -403,9 +408,7 @@ impl<T: 'static> TaskHead for InputHead<T> {
             let i = index_of[oper.index()];
             match oper.recv(&receivers[i]) {
                 Ok(Message::Batch(mut b)) => {
-                    if wms.idle[i] {
-                        wms.idle[i] = false;
-                    }
+                    wms.idle[i] = false;
                     self.op.push(&mut b)?
                 }
                 Ok(Message::Watermark(wm)) => {
