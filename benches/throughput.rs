@@ -1,6 +1,7 @@
-//! Keyed running-sum throughput: 1M distinct keys, parallelism 2, in-memory state,
-//! local checkpoint directory. Prints events/s (total and per core) with checkpointing
-//! off (final checkpoint only) and every second, plus checkpoint durations.
+//! Keyed running-sum throughput: 1M distinct keys, parallelism 2, local checkpoint
+//! directory, on the in-memory and the RocksDB state backend. Prints events/s (total
+//! and per core) with checkpointing off (final checkpoint only) and every second, plus
+//! checkpoint durations and bytes uploaded per checkpoint.
 //!
 //! `cargo bench --bench throughput`; `EXACTLY_BENCH_EVENTS` sets the event count.
 
@@ -89,17 +90,23 @@ impl SinkWriter for CountWriter {
     }
 }
 
-fn run(events: u64, interval: Option<Duration>) -> (Duration, JobReport) {
+fn run(events: u64, interval: Option<Duration>, backend: StateBackend) -> (Duration, JobReport) {
     let dir = tempfile::tempdir().unwrap();
-    run_on(dir.path().to_str().unwrap(), events, interval)
+    run_on(dir.path().to_str().unwrap(), events, interval, backend)
 }
 
 /// Run the pipeline on checkpoint storage `url` (a run on storage that holds the final
 /// checkpoint of a finished run restores it and has nothing left to process).
-fn run_on(url: &str, events: u64, interval: Option<Duration>) -> (Duration, JobReport) {
+fn run_on(
+    url: &str,
+    events: u64,
+    interval: Option<Duration>,
+    backend: StateBackend,
+) -> (Duration, JobReport) {
     let mut b = Job::builder("bench")
         .checkpoint_storage(url)
-        .parallelism(PARALLELISM);
+        .parallelism(PARALLELISM)
+        .state_backend(backend);
     if let Some(i) = interval {
         b = b.checkpoint_every(i);
     }
@@ -131,8 +138,8 @@ fn run_on(url: &str, events: u64, interval: Option<Duration>) -> (Duration, JobR
 
 /// Recovery time of the 1M-key state: run once, then restore its final checkpoint.
 fn recovery(url: &str, events: u64) -> Duration {
-    run_on(url, events, None);
-    let (_, report) = run_on(url, events, None);
+    run_on(url, events, None, StateBackend::Memory);
+    let (_, report) = run_on(url, events, None, StateBackend::Memory);
     assert!(report.restored_from.is_some());
     report.recovery_time
 }
@@ -154,11 +161,14 @@ fn main() {
         .map(|n| n.get())
         .unwrap_or(1);
     println!("keyed running sum: {events} events, {KEYS} distinct keys, parallelism {PARALLELISM}, {cores} cores");
-    for (label, interval) in [
-        ("checkpointing off", None),
-        ("checkpoint every 1 s", Some(Duration::from_secs(1))),
+    let every = Some(Duration::from_secs(1));
+    for (label, interval, backend) in [
+        ("memory, no checkpoints", None, StateBackend::Memory),
+        ("memory, every 1 s", every, StateBackend::Memory),
+        ("rocksdb, no checkpoints", None, StateBackend::rocksdb()),
+        ("rocksdb, every 1 s", every, StateBackend::rocksdb()),
     ] {
-        let (elapsed, report) = run(events, interval);
+        let (elapsed, report) = run(events, interval, backend);
         let eps = events as f64 / elapsed.as_secs_f64();
         let periodic: Vec<Duration> = report
             .checkpoints
@@ -172,32 +182,39 @@ fn main() {
             .filter(|c| !c.is_final)
             .map(|c| c.max_sync_pause)
             .collect();
+        let uploaded: Vec<u64> = report
+            .checkpoints
+            .iter()
+            .filter(|c| !c.is_final)
+            .map(|c| c.uploaded_bytes)
+            .collect();
         let last = report.checkpoints.last().unwrap();
         println!(
-            "{label:>22}: {:>10.0} events/s ({:>9.0} events/s per core), {} checkpoints, median checkpoint {:?} (median synchronous pause {:?}), final checkpoint {:?} ({} bytes of state)",
+            "{label:>24}: {:>10.0} events/s ({:>9.0} events/s per core), {} checkpoints, median checkpoint {:?} (median synchronous pause {:?}, mean upload {} bytes), final checkpoint {:?} ({} bytes of state)",
             eps,
             eps / cores as f64,
             report.checkpoints.len(),
             median(if periodic.is_empty() { vec![last.duration] } else { periodic }),
             median(if pauses.is_empty() { vec![last.max_sync_pause] } else { pauses }),
+            uploaded.iter().sum::<u64>() / uploaded.len().max(1) as u64,
             last.duration,
             last.state_bytes,
         );
     }
     let dir = tempfile::tempdir().unwrap();
     println!(
-        "{:>22}: {:?} to read and restore the {KEYS}-key state from a local directory",
+        "{:>24}: {:?} to read and restore the {KEYS}-key state from a local directory",
         "recovery",
         recovery(dir.path().to_str().unwrap(), events)
     );
     match std::env::var("EXACTLY_BENCH_S3") {
         Ok(prefix) => println!(
-            "{:>22}: {:?} from {prefix} (AWS_* environment)",
+            "{:>24}: {:?} from {prefix} (AWS_* environment)",
             "recovery from S3",
             recovery(&prefix, events)
         ),
         Err(_) => println!(
-            "{:>22}: not measured; set EXACTLY_BENCH_S3=s3://bucket/prefix and AWS_*",
+            "{:>24}: not measured; set EXACTLY_BENCH_S3=s3://bucket/prefix and AWS_*",
             "recovery from S3"
         ),
     }

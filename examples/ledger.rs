@@ -4,6 +4,7 @@
 //! ledger demo [--dir ledger-demo] [--events 1000000]     generate, run, verify in one go
 //! ledger generate --events N --accounts A --seed S --out payments.jsonl
 //! ledger run --input payments.jsonl --out DIR --checkpoints DIR [--interval-ms 100] [--parallelism P]
+//!            [--state memory|rocksdb]
 //! ledger verify --input payments.jsonl --out DIR
 //! ```
 //!
@@ -112,6 +113,7 @@ fn run(a: &Args) -> Result<()> {
                 .context("checkpoint path is not UTF-8")?,
         )
         .parallelism(parallelism)
+        .state_backend(a.state_backend()?)
         .on_checkpoint(move |c| {
             eprintln!(
                 "[{:>7.2}s] checkpoint {:>4} {} in {:>4} ms, {:>8} bytes of state",
@@ -259,7 +261,14 @@ fn main() -> Result<()> {
         "run" => {
             a.only(
                 cmd,
-                &["input", "out", "checkpoints", "interval-ms", "parallelism"],
+                &[
+                    "input",
+                    "out",
+                    "checkpoints",
+                    "interval-ms",
+                    "parallelism",
+                    "state",
+                ],
             )?;
             run(&a)
         }

@@ -28,6 +28,9 @@
 //! ```
 
 pub use exactly_engine as engine;
+/// Keyed state: handles, and the backends ([`state::StateBackend`]: in memory, or
+/// RocksDB with incremental checkpoints).
+pub use exactly_engine::state;
 /// The chaos kit: prove a pipeline exactly-once under injected crashes and rescaling
 /// ([`testing::ExactlyOnceCheck`]), and test functions step by step
 /// ([`testing::KeyedHarness`]).

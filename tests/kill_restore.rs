@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn run_args<'a>(input: &'a Path, out: &'a Path, chk: &'a Path) -> Vec<String> {
+fn run_args<'a>(input: &'a Path, out: &'a Path, chk: &'a Path, state: &str) -> Vec<String> {
     [
         "run",
         "--input",
@@ -27,6 +27,8 @@ fn run_args<'a>(input: &'a Path, out: &'a Path, chk: &'a Path) -> Vec<String> {
         "20",
         "--parallelism",
         "2",
+        "--state",
+        state,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -35,7 +37,13 @@ fn run_args<'a>(input: &'a Path, out: &'a Path, chk: &'a Path) -> Vec<String> {
 
 #[test]
 fn sigkilled_job_commits_exactly_the_failure_free_output() {
-    kill_and_restore(|tmp, name| tmp.join(name));
+    kill_and_restore("memory", |tmp, name| tmp.join(name));
+}
+
+/// The same on the RocksDB backend (incremental checkpoints; the golden run uses it too).
+#[test]
+fn sigkilled_job_with_rocksdb_state() {
+    kill_and_restore("rocksdb", |tmp, name| tmp.join(name));
 }
 
 /// The same with checkpoints in the S3-compatible server `scripts/test.sh` starts.
@@ -50,7 +58,7 @@ fn sigkilled_job_with_s3_checkpoints() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    kill_and_restore(move |_, name| {
+    kill_and_restore("memory", move |_, name| {
         std::path::PathBuf::from(format!("s3://{bucket}/kill-restore-{run}/{name}"))
     });
 }
@@ -58,7 +66,7 @@ fn sigkilled_job_with_s3_checkpoints() {
 /// Golden run, then a run killed at random progress points until it finishes; the
 /// committed outputs must be identical. `checkpoints` names each run's checkpoint
 /// location (a directory or an `s3://` URL).
-fn kill_and_restore(checkpoints: impl Fn(&Path, &str) -> std::path::PathBuf) {
+fn kill_and_restore(state: &str, checkpoints: impl Fn(&Path, &str) -> std::path::PathBuf) {
     let events = env_num("EXACTLY_KILL_EVENTS", 1_000_000);
     let min_kills = env_num("EXACTLY_KILL_MIN", 12);
     let mut seed = common::seed();
@@ -88,7 +96,7 @@ fn kill_and_restore(checkpoints: impl Fn(&Path, &str) -> std::path::PathBuf) {
     );
     let t = Instant::now();
     let ok = Command::new(&bin)
-        .args(run_args(&input, &gold_out, &gold_chk))
+        .args(run_args(&input, &gold_out, &gold_chk, state))
         .stderr(Stdio::null())
         .status()
         .unwrap();
@@ -118,7 +126,7 @@ fn kill_and_restore(checkpoints: impl Fn(&Path, &str) -> std::path::PathBuf) {
     while !targets.is_empty() {
         assert!(kills < 20 * min_kills, "no progress after {kills} kills");
         let mut child = Command::new(&bin)
-            .args(run_args(&input, &out, &chk))
+            .args(run_args(&input, &out, &chk, state))
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -150,7 +158,7 @@ fn kill_and_restore(checkpoints: impl Fn(&Path, &str) -> std::path::PathBuf) {
         targets.remove(0);
     }
     let status = Command::new(&bin)
-        .args(run_args(&input, &out, &chk))
+        .args(run_args(&input, &out, &chk, state))
         .stderr(Stdio::null())
         .status()
         .unwrap();

@@ -13,7 +13,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 const MAGIC: &[u8; 4] = b"EXST";
 /// Version of the state file layout; bumped on any incompatible change.
-pub const STATE_FORMAT_VERSION: u16 = 1;
+pub const STATE_FORMAT_VERSION: u16 = 2;
 const HEADER_LEN: usize = 4 + 2 + 8 + 4;
 
 /// Encode `value` with postcard, appending to `buf` (which is not cleared).

@@ -372,6 +372,8 @@ mod tests {
             path: format!("chk-{id}/{}-{}", k.task, k.subtask),
             size: 0,
             crc32: 0,
+            shared: Vec::new(),
+            uploaded: 0,
         }
     }
 

@@ -198,6 +198,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The keyed state backend failed (RocksDB I/O, a full disk).
+    #[error("state backend: {context}: {message}")]
+    State {
+        /// What was being done, including the path.
+        context: String,
+        /// The backend's message.
+        message: String,
+    },
+
     /// The job was cancelled because another task failed.
     #[error("cancelled")]
     Cancelled,
@@ -222,6 +231,7 @@ impl Error {
             | Error::Sink { .. }
             | Error::CheckpointsFailing { .. }
             | Error::Io { .. }
+            | Error::State { .. }
             | Error::Cancelled => ErrorClass::Restart,
         }
     }

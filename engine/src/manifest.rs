@@ -27,6 +27,26 @@ pub struct TaskStateHandle {
     pub size: u64,
     /// CRC-32 of the whole file.
     pub crc32: u32,
+    /// Shared files (RocksDB SST files) the snapshot references besides its own file;
+    /// retention deletes a shared file only when no retained checkpoint lists it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared: Vec<SharedFile>,
+    /// Bytes this checkpoint wrote for the task: its own file plus shared files
+    /// uploaded for it (shared files of earlier checkpoints are referenced, not copied).
+    #[serde(default)]
+    pub uploaded: u64,
+}
+
+/// A file in the shared area of checkpoint storage, referenced by one or more
+/// checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SharedFile {
+    /// Object path relative to the storage root.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// CRC-32 of the content.
+    pub crc32: u32,
 }
 
 /// Output a sink staged and that is not yet known to be committed.
@@ -139,6 +159,12 @@ mod tests {
                 path: "chk-4/t-0".into(),
                 size: 10,
                 crc32: 7,
+                shared: vec![SharedFile {
+                    path: "shared/x.sst".into(),
+                    size: 3,
+                    crc32: 9,
+                }],
+                uploaded: 13,
             }],
             pending_commits: vec![PendingCommit {
                 checkpoint: CheckpointId(4),

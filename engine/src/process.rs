@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::ids::{key_group_of_bytes, KeyGroup, OperatorId, SubtaskIndex};
 use crate::metrics::Metrics;
 use crate::metrics::OpenContext;
-use crate::state::{MapState, MemoryKeyedState, ValueState};
+use crate::state::{KeyedState, MapState, ValueState};
 use crate::time::{Clock, TimeDomain, Timer, Timestamp};
 use serde::{de::DeserializeOwned, Serialize};
 use std::marker::PhantomData;
@@ -18,7 +18,7 @@ use std::sync::Arc;
 /// the output.
 pub struct KeyedContext<'a, K, O> {
     pub(crate) key: &'a K,
-    pub(crate) state: &'a mut MemoryKeyedState,
+    pub(crate) state: &'a mut KeyedState,
     pub(crate) out: &'a mut Vec<O>,
     pub(crate) watermark: Timestamp,
     pub(crate) clock: &'a dyn Clock,
@@ -29,7 +29,7 @@ impl<'a, K, O> KeyedContext<'a, K, O> {
     /// harnesses that drive a function directly.
     pub fn new(
         key: &'a K,
-        state: &'a mut MemoryKeyedState,
+        state: &'a mut KeyedState,
         out: &'a mut Vec<O>,
         watermark: Timestamp,
         clock: &'a dyn Clock,
@@ -241,7 +241,7 @@ pub(crate) struct KeyedCore<K, I, F: KeyedProcessFunction<K, I>> {
     pub operator: OperatorId,
     pub subtask: SubtaskIndex,
     pub func: F,
-    pub state: MemoryKeyedState,
+    pub state: KeyedState,
     pub watermark: Timestamp,
     pub clock: Arc<dyn Clock>,
     pub max_parallelism: u16,
@@ -255,7 +255,7 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
         operator: OperatorId,
         subtask: SubtaskIndex,
         func: F,
-        state: MemoryKeyedState,
+        state: KeyedState,
         clock: Arc<dyn Clock>,
         max_parallelism: u16,
     ) -> Self {
@@ -303,7 +303,8 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
             clock: &*self.clock,
         };
         let r = self.func.process(record, &mut ctx);
-        r.map_err(|e| self.fail(e))
+        r.map_err(|e| self.fail(e))?;
+        self.state.take_failure()
     }
 
     /// Fire every timer of `domain` due at `upto`, including timers that firing
@@ -317,11 +318,11 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
         mut after_each: impl FnMut(&mut Vec<F::Out>) -> Result<()>,
     ) -> Result<()> {
         if domain == TimeDomain::ProcessingTime {
-            self.state.expire_ttl(upto);
+            self.state.expire_ttl(upto)?;
         }
         loop {
             self.due.clear();
-            self.state.drain_due_timers(domain, upto, &mut self.due);
+            self.state.drain_due_timers(domain, upto, &mut self.due)?;
             if self.due.is_empty() {
                 return Ok(());
             }
@@ -344,6 +345,7 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
                     &mut ctx,
                 );
                 r.map_err(|e| self.fail(e))?;
+                self.state.take_failure()?;
                 after_each(out)?;
             }
             self.due = due;

@@ -11,6 +11,9 @@
 //! ```text
 //! <root>/chk-<id:020>/<task>-<subtask>.state   one framed snapshot per task instance
 //! <root>/manifests/<id:020>.json               the commit point of checkpoint <id>
+//! <root>/shared/<id:020>_<instance>_<file>     RocksDB SST files, referenced by every
+//!                                              checkpoint that needs them; <id> is the
+//!                                              checkpoint that uploaded the file
 //! ```
 //!
 //! # Invariants
@@ -20,12 +23,14 @@
 //! * Local writes are fsynced (file and directory) before they count as done, matching
 //!   the durability contract of remote object stores.
 //! * Deletion removes the manifest first, then the files, so a manifest never names a
-//!   deleted file.
+//!   deleted file. A shared file is deleted only when no retained manifest lists it and
+//!   the checkpoint that uploaded it is not newer than the latest completed one (it may
+//!   belong to a checkpoint still in flight).
 
 use crate::codec::{self, FrameError};
 use crate::error::{Error, Result};
 use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
-use crate::manifest::{Manifest, TaskStateHandle};
+use crate::manifest::{Manifest, SharedFile, TaskStateHandle};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -154,6 +159,12 @@ impl CheckpointStorage {
         }
     }
 
+    /// The underlying object store (tests alter files behind the engine's back).
+    #[cfg(test)]
+    pub(crate) fn raw(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
     /// Volatile storage for tests.
     pub fn in_memory() -> Self {
         Self::from_store(
@@ -204,26 +215,7 @@ impl CheckpointStorage {
             .join(format!("{task}-{subtask}.state"));
         let size = file.len() as u64;
         let crc32 = crc32fast::hash(&file);
-        if file.len() > MULTIPART_THRESHOLD {
-            // Large snapshots go up in parts (S3 caps single puts, and parts upload in
-            // parallel); the object appears only when the upload completes.
-            let upload = self
-                .store
-                .put_multipart(&path)
-                .await
-                .map_err(|e| storage_err("start multipart upload", &path, e))?;
-            let mut w =
-                object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_SIZE);
-            w.write(&file);
-            w.finish()
-                .await
-                .map_err(|e| storage_err("multipart upload", &path, e))?;
-        } else {
-            self.store
-                .put(&path, PutPayload::from(file))
-                .await
-                .map_err(|e| storage_err("put", &path, e))?;
-        }
+        self.put_object(&path, file).await?;
         Ok(TaskStateHandle {
             task: task.clone(),
             subtask,
@@ -232,7 +224,99 @@ impl CheckpointStorage {
             path: path.to_string(),
             size,
             crc32,
+            shared: Vec::new(),
+            uploaded: size,
         })
+    }
+
+    /// Write one object; large ones go up in parts (S3 caps single puts, and parts
+    /// upload in parallel) and appear only when the upload completes.
+    async fn put_object(&self, path: &Path, bytes: Vec<u8>) -> Result<()> {
+        if bytes.len() > MULTIPART_THRESHOLD {
+            let upload = self
+                .store
+                .put_multipart(path)
+                .await
+                .map_err(|e| storage_err("start multipart upload", path, e))?;
+            let mut w =
+                object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_SIZE);
+            w.write(&bytes);
+            w.finish()
+                .await
+                .map_err(|e| storage_err("multipart upload", path, e))?;
+        } else {
+            self.store
+                .put(path, PutPayload::from(bytes))
+                .await
+                .map_err(|e| storage_err("put", path, e))?;
+        }
+        Ok(())
+    }
+
+    fn shared_dir(&self) -> Path {
+        self.root.clone().join("shared")
+    }
+
+    /// Store a shared file uploaded by checkpoint `id` under a name unique to its
+    /// producer (`instance`, `file`); writing the same name again stores the same bytes.
+    pub async fn put_shared(
+        &self,
+        id: CheckpointId,
+        instance: &str,
+        file: &str,
+        bytes: Vec<u8>,
+    ) -> Result<SharedFile> {
+        let path = self
+            .shared_dir()
+            .join(format!("{:020}_{instance}_{file}", id.0));
+        let size = bytes.len() as u64;
+        let crc32 = crc32fast::hash(&bytes);
+        self.put_object(&path, bytes).await?;
+        Ok(SharedFile {
+            path: path.to_string(),
+            size,
+            crc32,
+        })
+    }
+
+    /// Read a shared file referenced by checkpoint `id` and verify its size and checksum.
+    pub async fn read_shared(&self, id: CheckpointId, file: &SharedFile) -> Result<bytes::Bytes> {
+        let path = Path::from(file.path.as_str());
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await.map_err(|e| storage_err("read", &path, e))?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::CorruptCheckpoint {
+                    checkpoint: id,
+                    path: file.path.clone(),
+                    message: "shared file referenced by the manifest is missing".into(),
+                })
+            }
+            Err(e) => return Err(storage_err("get", &path, e)),
+        };
+        verify_shared(id, file, &bytes)?;
+        Ok(bytes)
+    }
+
+    /// Shared files with the id of the checkpoint that uploaded each.
+    pub async fn list_shared(&self) -> Result<Vec<(String, CheckpointId)>> {
+        Ok(self
+            .list_all(&self.shared_dir())
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let id = m.location.filename()?.split('_').next()?.parse().ok()?;
+                Some((m.location.to_string(), CheckpointId(id)))
+            })
+            .collect())
+    }
+
+    /// Delete one shared file (absent counts as deleted).
+    pub async fn delete_shared(&self, path: &str) -> Result<()> {
+        let path = Path::from(path);
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(storage_err("delete", &path, e)),
+        }
     }
 
     /// Read a snapshot and verify it against its handle and its own frame.
@@ -445,6 +529,30 @@ impl CheckpointStorage {
         }
         Ok(())
     }
+}
+
+/// Check `bytes` against the size and CRC-32 a manifest recorded for a shared file.
+pub fn verify_shared(id: CheckpointId, file: &SharedFile, bytes: &[u8]) -> Result<()> {
+    let corrupt = |message: String| Error::CorruptCheckpoint {
+        checkpoint: id,
+        path: file.path.clone(),
+        message,
+    };
+    if bytes.len() as u64 != file.size {
+        return Err(corrupt(format!(
+            "size {} differs from the {} bytes recorded in the manifest (truncated or replaced)",
+            bytes.len(),
+            file.size
+        )));
+    }
+    let crc = crc32fast::hash(bytes);
+    if crc != file.crc32 {
+        return Err(corrupt(format!(
+            "checksum {crc:08x} differs from {:08x} recorded in the manifest",
+            file.crc32
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

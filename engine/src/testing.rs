@@ -303,7 +303,7 @@ impl<K: crate::api::Key, I, F: crate::process::KeyedProcessFunction<K, I>> Keyed
     pub fn new(func: F) -> Result<Self> {
         let clock = crate::time::ManualClock::new(0);
         let state =
-            crate::state::MemoryKeyedState::new(crate::ids::KeyGroupRange { start: 0, end: 128 });
+            crate::state::KeyedState::in_memory(crate::ids::KeyGroupRange { start: 0, end: 128 });
         let mut core = crate::process::KeyedCore::new(
             OperatorId("harness".into()),
             crate::ids::SubtaskIndex(0),
@@ -367,22 +367,22 @@ impl<K: crate::api::Key, I, F: crate::process::KeyedProcessFunction<K, I>> Keyed
     }
 
     /// Number of state entries, timers included: shows whether state is purged.
-    pub fn state_entries(&self) -> usize {
-        self.core.state.len()
+    pub fn state_entries(&mut self) -> usize {
+        self.core
+            .state
+            .len()
+            .expect("the harness's in-memory state cannot fail")
     }
 
     /// Snapshot the state through the checkpoint encoding and restore it into a fresh
     /// instance of the function, as a restore after a crash would.
     pub fn checkpoint_and_restore(&mut self, fresh: F) -> Result<()> {
-        let view = crate::state::StateSnapshot {
-            keyed: self.core.state.snapshot(),
-            list: Vec::new(),
-        };
+        let view = self.core.state.snapshot(crate::ids::CheckpointId(1))?;
         let snap: crate::state::OperatorSnapshot =
             crate::codec::decode(&crate::codec::encode(&view, "harness")?, "harness")?;
         let mut state =
-            crate::state::MemoryKeyedState::new(crate::ids::KeyGroupRange { start: 0, end: 128 });
-        state.restore([&snap]);
+            crate::state::KeyedState::in_memory(crate::ids::KeyGroupRange { start: 0, end: 128 });
+        state.restore(&[snap], None)?;
         let watermark = self.core.watermark;
         self.core = crate::process::KeyedCore::new(
             OperatorId("harness".into()),
@@ -443,6 +443,9 @@ pub struct ExactlyOnceCheck {
     /// Checkpoint storage of the crashing stages: `None` for memory, or a URL (e.g.
     /// `s3://bucket/prefix`) under which each attempt uses a fresh sub-prefix.
     pub storage_url: Option<String>,
+    /// State backend of the crashing stages (the failure-free run always uses the
+    /// in-memory backend, so a RocksDB check also compares the two backends).
+    pub state_backend: crate::state::StateBackend,
 }
 
 impl Default for ExactlyOnceCheck {
@@ -455,6 +458,7 @@ impl Default for ExactlyOnceCheck {
             batch_size: 64,
             source_pacing: std::time::Duration::from_micros(300),
             storage_url: None,
+            state_backend: crate::state::StateBackend::Memory,
         }
     }
 }
@@ -483,6 +487,7 @@ impl ExactlyOnceCheck {
         storage: &crate::storage::CheckpointStorage,
         parallelism: usize,
         crash: bool,
+        backend: crate::state::StateBackend,
     ) -> Result<crate::dsl::Job> {
         let mut b = crate::dsl::Job::builder(name)
             .checkpoint_storage_instance(storage.clone())
@@ -490,7 +495,8 @@ impl ExactlyOnceCheck {
             .parallelism(parallelism)
             .batch_size(self.batch_size)
             .source_pacing(self.source_pacing)
-            .restart_policy(crate::dsl::RestartPolicy::none());
+            .restart_policy(crate::dsl::RestartPolicy::none())
+            .state_backend(backend);
         if crash {
             b = b.inject_failure_after_checkpoint(self.crash_after_checkpoints);
         }
@@ -537,6 +543,7 @@ impl ExactlyOnceCheck {
                 &crate::storage::CheckpointStorage::in_memory(),
                 self.golden_parallelism,
                 false,
+                crate::state::StateBackend::Memory,
             )
             .map_err(|e| Failed(e.to_string()))?;
         build(&job, &golden_sink);
@@ -565,7 +572,7 @@ impl ExactlyOnceCheck {
         for (i, &p) in self.stages.iter().enumerate() {
             let last = i + 1 == self.stages.len();
             let job = self
-                .job(name, &storage, p, !last)
+                .job(name, &storage, p, !last, self.state_backend.clone())
                 .map_err(|e| Failed(e.to_string()))?;
             build(&job, &sink);
             match job.run() {

@@ -67,6 +67,17 @@ impl Args {
     }
 }
 
+impl Args {
+    /// `--state memory|rocksdb`: the keyed state backend (default memory).
+    pub fn state_backend(&self) -> Result<exactly::state::StateBackend> {
+        match self.0.get("state").map(String::as_str) {
+            None | Some("memory") => Ok(exactly::state::StateBackend::Memory),
+            Some("rocksdb") => Ok(exactly::state::StateBackend::rocksdb()),
+            Some(other) => bail!("--state expects memory or rocksdb, got '{other}'"),
+        }
+    }
+}
+
 /// Print the engine's warnings (e.g. a stalled watermark) to stderr; `RUST_LOG` overrides.
 pub fn init_logging() {
     tracing_subscriber::fmt()

@@ -3,8 +3,12 @@
 //! checkpoint, is restored at 3, crashes again and finishes at 1. Windows are open and
 //! timers pending at each crash. Inputs are out of order within the watermark bound, so
 //! no record is late and results do not depend on timing.
+//!
+//! Every case runs on both state backends (the failure-free run always uses the
+//! in-memory one, so the RocksDB cases also compare the backends).
 
 use exactly_engine::prelude::*;
+use exactly_engine::state::StateBackend;
 use exactly_engine::testing::ExactlyOnceCheck;
 use exactly_operators::*;
 use serde::{Deserialize, Serialize};
@@ -49,10 +53,17 @@ fn source(job: &Job, name: &str, splits: usize) -> Stream<Ev> {
         .with_watermarks(bounded())
 }
 
-fn check<T: Data + Ord + std::fmt::Debug>(name: &str, build: impl Fn(&Job, &CollectSink<T>)) {
-    let report = ExactlyOnceCheck::default()
-        .run(name, build)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+fn check<T: Data + Ord + std::fmt::Debug>(
+    backend: StateBackend,
+    name: &str,
+    build: impl Fn(&Job, &CollectSink<T>),
+) {
+    let report = ExactlyOnceCheck {
+        state_backend: backend,
+        ..Default::default()
+    }
+    .run(name, build)
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
     println!(
         "{name}: {} records, survived {} crashes",
         report.golden_records, report.crashes
@@ -64,9 +75,8 @@ fn check<T: Data + Ord + std::fmt::Debug>(name: &str, build: impl Fn(&Job, &Coll
 /// A windowed result, flattened so it sorts and compares.
 type Row = (u32, i64, i64, i64);
 
-#[test]
-fn tumbling_window_count() {
-    check("tumbling", |job, out: &CollectSink<Row>| {
+fn tumbling_window_count(backend: StateBackend) {
+    check(backend, "tumbling", |job, out: &CollectSink<Row>| {
         source(job, "events", 4)
             .filter(|e| e.id % 5 != 0)
             .key_by(|e| e.key)
@@ -79,9 +89,8 @@ fn tumbling_window_count() {
     });
 }
 
-#[test]
-fn sliding_window_reduce() {
-    check("sliding", |job, out: &CollectSink<Row>| {
+fn sliding_window_reduce(backend: StateBackend) {
+    check(backend, "sliding", |job, out: &CollectSink<Row>| {
         source(job, "events", 4)
             .key_by(|e| e.key)
             .window(
@@ -99,9 +108,8 @@ fn sliding_window_reduce() {
     });
 }
 
-#[test]
-fn session_window_count() {
-    check("session", |job, out: &CollectSink<Row>| {
+fn session_window_count(backend: StateBackend) {
+    check(backend, "session", |job, out: &CollectSink<Row>| {
         source(job, "events", 4)
             // Gaps of 5 s every 15 s, so sessions open and close.
             .filter(|e| (e.ts / 5_000) % 3 != 0)
@@ -115,9 +123,8 @@ fn session_window_count() {
     });
 }
 
-#[test]
-fn full_window_process() {
-    check("window-process", |job, out: &CollectSink<Row>| {
+fn full_window_process(backend: StateBackend) {
+    check(backend, "window-process", |job, out: &CollectSink<Row>| {
         source(job, "events", 4)
             .key_by(|e| e.key % 11)
             .window(Windows::tumbling(Duration::from_millis(5_000)), |e| e.ts)
@@ -131,9 +138,8 @@ fn full_window_process() {
     });
 }
 
-#[test]
-fn dedup_event_time() {
-    check("dedup", |job, out: &CollectSink<Ev>| {
+fn dedup_event_time(backend: StateBackend) {
+    check(backend, "dedup", |job, out: &CollectSink<Ev>| {
         source(job, "events", 4)
             .dedup_by(
                 |e| e.id,
@@ -145,47 +151,52 @@ fn dedup_event_time() {
     });
 }
 
-#[test]
-fn interval_join() {
-    check("interval-join", |job, out: &CollectSink<(u64, u64)>| {
-        let charges = source(job, "charges", 4).filter(|e| e.id % 2 == 0);
-        let payouts = source(job, "payouts", 3).filter(|e| e.id % 3 == 0);
-        charges
-            .key_by(|e| e.key)
-            .interval_join(
-                &payouts.key_by(|e| e.key),
-                -300,
-                500,
-                |e| e.ts,
-                |e| e.ts,
-                |c, p| (c.id, p.id),
-            )
-            .name("interval-join")
-            .sink("out", out.clone());
-    });
+fn interval_join(backend: StateBackend) {
+    check(
+        backend,
+        "interval-join",
+        |job, out: &CollectSink<(u64, u64)>| {
+            let charges = source(job, "charges", 4).filter(|e| e.id % 2 == 0);
+            let payouts = source(job, "payouts", 3).filter(|e| e.id % 3 == 0);
+            charges
+                .key_by(|e| e.key)
+                .interval_join(
+                    &payouts.key_by(|e| e.key),
+                    -300,
+                    500,
+                    |e| e.ts,
+                    |e| e.ts,
+                    |c, p| (c.id, p.id),
+                )
+                .name("interval-join")
+                .sink("out", out.clone());
+        },
+    );
 }
 
-#[test]
-fn window_join() {
-    check("window-join", |job, out: &CollectSink<(u64, u64)>| {
-        let left = source(job, "left", 4).filter(|e| e.id % 2 == 0 && e.id % 5 != 0);
-        let right = source(job, "right", 2).filter(|e| e.id % 7 == 0 && e.id % 5 != 0);
-        left.key_by(|e| e.key)
-            .window_join(
-                &right.key_by(|e| e.key),
-                Windows::tumbling(Duration::from_millis(4_000)),
-                |e| e.ts,
-                |e| e.ts,
-                |l, r| (l.id, r.id),
-            )
-            .name("window-join")
-            .sink("out", out.clone());
-    });
+fn window_join(backend: StateBackend) {
+    check(
+        backend,
+        "window-join",
+        |job, out: &CollectSink<(u64, u64)>| {
+            let left = source(job, "left", 4).filter(|e| e.id % 2 == 0 && e.id % 5 != 0);
+            let right = source(job, "right", 2).filter(|e| e.id % 7 == 0 && e.id % 5 != 0);
+            left.key_by(|e| e.key)
+                .window_join(
+                    &right.key_by(|e| e.key),
+                    Windows::tumbling(Duration::from_millis(4_000)),
+                    |e| e.ts,
+                    |e| e.ts,
+                    |l, r| (l.id, r.id),
+                )
+                .name("window-join")
+                .sink("out", out.clone());
+        },
+    );
 }
 
-#[test]
-fn running_reduce() {
-    check("reduce", |job, out: &CollectSink<(u32, i64)>| {
+fn running_reduce(backend: StateBackend) {
+    check(backend, "reduce", |job, out: &CollectSink<(u32, i64)>| {
         // A running value depends on per-key order: one split keeps it deterministic.
         let input: Vec<(u32, i64)> = events()
             .into_iter()
@@ -198,4 +209,51 @@ fn running_reduce() {
             .name("reduce")
             .sink("out", out.clone());
     });
+}
+
+macro_rules! on_backend {
+    ($module:ident, $backend:expr) => {
+        mod $module {
+            use super::*;
+            #[test]
+            fn tumbling_window_count() {
+                super::super::tumbling_window_count($backend);
+            }
+            #[test]
+            fn sliding_window_reduce() {
+                super::super::sliding_window_reduce($backend);
+            }
+            #[test]
+            fn session_window_count() {
+                super::super::session_window_count($backend);
+            }
+            #[test]
+            fn full_window_process() {
+                super::super::full_window_process($backend);
+            }
+            #[test]
+            fn dedup_event_time() {
+                super::super::dedup_event_time($backend);
+            }
+            #[test]
+            fn interval_join() {
+                super::super::interval_join($backend);
+            }
+            #[test]
+            fn window_join() {
+                super::super::window_join($backend);
+            }
+            #[test]
+            fn running_reduce() {
+                super::super::running_reduce($backend);
+            }
+        }
+    };
+}
+
+mod backend {
+    use super::*;
+    on_backend!(memory, StateBackend::Memory);
+    #[cfg(feature = "rocksdb")]
+    on_backend!(rocksdb, StateBackend::rocksdb());
 }

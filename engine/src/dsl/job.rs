@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::ids::OperatorId;
 use crate::runtime::driver::{self, JobSettings};
 use crate::runtime::{CheckpointStats, JobReport};
+use crate::state::StateBackend;
 use crate::storage::CheckpointStorage;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -147,6 +148,18 @@ impl JobBuilder {
         self
     }
 
+    /// The keyed state backend (default [`StateBackend::Memory`]).
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// use exactly_engine::state::StateBackend;
+    /// let job = Job::builder("balances").state_backend(StateBackend::rocksdb());
+    /// ```
+    pub fn state_backend(mut self, backend: StateBackend) -> Self {
+        self.s.backend = backend;
+        self
+    }
+
     /// The clock processing time comes from (default: the system clock). Tests pass a
     /// [`crate::time::ManualClock`] to control processing-time timers.
     pub fn clock(mut self, clock: impl crate::time::Clock) -> Self {
@@ -184,6 +197,18 @@ impl JobBuilder {
             return Err(Error::config(
                 "checkpoint interval must be greater than zero",
             ));
+        }
+        if let StateBackend::RocksDb(cfg) = &s.backend {
+            if !cfg!(feature = "rocksdb") {
+                return Err(Error::config(
+                    "the RocksDB state backend needs the `rocksdb` cargo feature of exactly-engine (on by default in the `exactly` crate)",
+                ));
+            }
+            if cfg.write_buffer_size < (1 << 20) {
+                return Err(Error::config(
+                    "RocksDB write_buffer_size must be at least 1 MiB",
+                ));
+            }
         }
         if self.s.storage.is_none() {
             let url = self
@@ -235,6 +260,7 @@ impl Job {
                 clock: Arc::new(crate::time::SystemClock),
                 inject_failure_after: None,
                 source_pacing: None,
+                backend: StateBackend::Memory,
             },
             storage_url: None,
         }

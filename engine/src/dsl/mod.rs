@@ -32,7 +32,7 @@ use crate::process::{KeyedContext, KeyedCore, KeyedProcessFunction, ProcessFn};
 use crate::runtime::exchange::{ByKeyGroup, ExchangeOut};
 use crate::runtime::ops::{FilterOp, FlatMapOp, KeyedProcessOp, MapOp, PassOp, SinkOp};
 use crate::runtime::Collector;
-use crate::state::MemoryKeyedState;
+use crate::state::KeyedState;
 use crate::time::WatermarkStrategy;
 use graph::{ErasedSink, Graph, NodeId, NodeInput, OpFactory, Partition, SenderFactory};
 use std::cell::RefCell;
@@ -345,12 +345,13 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
         let op: OpFactory<T> = Arc::new(move |ctx| {
             let operator = ctx.graph.nodes[node].op.clone();
             let max = ctx.env.config.max_parallelism;
-            let mut state = MemoryKeyedState::new(KeyGroupRange::for_subtask(
-                max,
-                ctx.parallelism_of(node),
+            let state = KeyedState::open(
+                KeyGroupRange::for_subtask(max, ctx.parallelism_of(node), ctx.subtask),
+                &operator,
                 ctx.subtask,
-            ));
-            state.restore(ctx.restored(&operator));
+                &ctx.env.backend,
+                ctx.restored(&operator),
+            )?;
             let next = ctx.build_output::<F::Out>(node)?;
             let mut core = KeyedCore::new(
                 operator,

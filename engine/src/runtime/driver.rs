@@ -37,7 +37,7 @@ use crate::storage::CheckpointStorage;
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -63,6 +63,7 @@ pub(crate) struct JobSettings {
     pub clock: Arc<dyn crate::time::Clock>,
     pub inject_failure_after: Option<u64>,
     pub source_pacing: Option<Duration>,
+    pub backend: crate::state::StateBackend,
 }
 
 /// Figures of one completed checkpoint.
@@ -74,8 +75,12 @@ pub struct CheckpointStats {
     pub duration: Duration,
     /// From trigger to manifest written and output committed.
     pub end_to_end: Duration,
-    /// Bytes of state written.
+    /// Size of the checkpoint's state: every file it references, including shared
+    /// files uploaded by earlier checkpoints.
     pub state_bytes: u64,
+    /// Bytes written for this checkpoint (with incremental RocksDB checkpoints, only
+    /// the SST files not uploaded before).
+    pub uploaded_bytes: u64,
     /// Longest time any task spent on this checkpoint before resuming its input.
     pub max_sync_pause: Duration,
     /// Whether it was the final checkpoint.
@@ -118,6 +123,11 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
         .clone()
         .ok_or_else(|| Error::config("no checkpoint storage"))?;
     rt.block_on(storage.check_access())?;
+    let local_dir = local_state_dir(s, &storage);
+    #[cfg(feature = "rocksdb")]
+    if matches!(s.backend, crate::state::StateBackend::RocksDb(_)) {
+        crate::state::rocks::prepare_local_dir(&local_dir)?;
+    }
     let lease = rt.block_on(storage.acquire_lease())?;
     let mut report = JobReport::default();
     let metrics = Arc::new(crate::metrics::Metrics::default());
@@ -128,6 +138,8 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
         storage: &storage,
         metrics: &metrics,
         lease,
+        local_dir,
+        completed: Arc::new(AtomicU64::new(0)),
     };
     loop {
         let attempt = report.restarts;
@@ -135,6 +147,11 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
             Ok(()) => {
                 report.elapsed = started.elapsed();
                 report.metrics = metrics.snapshot();
+                // Finished: the local copies only served a restart of this run.
+                #[cfg(feature = "rocksdb")]
+                if matches!(s.backend, crate::state::StateBackend::RocksDb(_)) {
+                    crate::state::rocks::remove_local_dir(&run.local_dir);
+                }
                 return Ok(report);
             }
             Err(e) if e.class() == ErrorClass::Stop => return Err(e),
@@ -215,6 +232,7 @@ fn recover(
     s: &JobSettings,
     rt: &tokio::runtime::Runtime,
     storage: &CheckpointStorage,
+    local_dir: &std::path::Path,
 ) -> Result<Restored> {
     let (ids, max_any) = rt.block_on(storage.scan())?;
     let mut state = RestoredState::default();
@@ -256,10 +274,16 @@ fn recover(
             }
         }
         state.checkpoint = Some(latest);
+        #[cfg(feature = "rocksdb")]
+        crate::state::rocks::prune_local_cache(
+            local_dir,
+            m.tasks.iter().flat_map(|t| t.shared.iter()),
+        );
         pending = m.pending_commits;
         fail::fail_point!("recovery::during_restore");
         tracing::info!(job = %s.name, checkpoint = %latest, "restoring from checkpoint");
     }
+    let _ = local_dir;
     let mut max_seen = max_any.max(state.checkpoint);
     for n in &graph.nodes {
         if let Some(sink) = &n.sink {
@@ -292,6 +316,26 @@ struct RunContext<'a> {
     metrics: &'a Arc<crate::metrics::Metrics>,
     /// This instance's lease on the checkpoint storage.
     lease: u64,
+    /// The RocksDB backend's working directory.
+    local_dir: std::path::PathBuf,
+    /// The newest completed checkpoint, for state backends.
+    completed: Arc<AtomicU64>,
+}
+
+/// The RocksDB working directory: configured, or one per job and checkpoint location
+/// under the system temp directory (so jobs on different locations never share one).
+fn local_state_dir(s: &JobSettings, storage: &CheckpointStorage) -> std::path::PathBuf {
+    if let crate::state::StateBackend::RocksDb(crate::state::RocksDbConfig {
+        local_dir: Some(dir),
+        ..
+    }) = &s.backend
+    {
+        return dir.clone();
+    }
+    let tag = xxhash_rust::xxh3::xxh3_64(storage.url().as_bytes());
+    std::env::temp_dir()
+        .join("exactly-state")
+        .join(format!("{}-{tag:016x}", s.name))
 }
 
 fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool) -> Result<()> {
@@ -302,9 +346,14 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
         storage,
         metrics,
         lease,
+        ..
     } = *run;
     let t0 = Instant::now();
-    let restored = recover(graph, s, rt, storage)?;
+    let restored = recover(graph, s, rt, storage, &run.local_dir)?;
+    run.completed.store(
+        restored.state.checkpoint.map_or(0, |c| c.0),
+        Ordering::SeqCst,
+    );
     if first_attempt {
         report.restored_from = restored.state.checkpoint;
         report.recovery_time = t0.elapsed();
@@ -330,6 +379,13 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
         crash: s
             .inject_failure_after
             .map(|_| Arc::new(AtomicBool::new(false))),
+        backend: crate::state::BackendEnv {
+            backend: s.backend.clone(),
+            local_dir: run.local_dir.clone(),
+            storage: storage.clone(),
+            rt: rt.handle().clone(),
+            completed: run.completed.clone(),
+        },
     };
     let tasks = plan.task_keys(graph);
     let mut controls: Vec<Sender<SourceControl>> = Vec::new();
@@ -399,6 +455,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             completed_in_attempt: 0,
             lease,
             metrics: metrics.clone(),
+            completed: run.completed.clone(),
         };
         let result = driver.coordinate(&mut coordinator, &events_rx, tasks.len());
         if result.is_err() {
@@ -455,6 +512,7 @@ struct Driver<'a> {
     completed_in_attempt: u64,
     metrics: Arc<crate::metrics::Metrics>,
     lease: u64,
+    completed: Arc<AtomicU64>,
 }
 
 impl Driver<'_> {
@@ -527,7 +585,11 @@ impl Driver<'_> {
                         pending_commits,
                         duration,
                     } => {
-                        let state_bytes = tasks.iter().map(|t| t.size).sum();
+                        let state_bytes = tasks
+                            .iter()
+                            .map(|t| t.size + t.shared.iter().map(|f| f.size).sum::<u64>())
+                            .sum();
+                        let uploaded_bytes = tasks.iter().map(|t| t.uploaded).sum();
                         let manifest = Manifest {
                             format_version: MANIFEST_FORMAT_VERSION,
                             job: self.s.name.clone(),
@@ -561,6 +623,7 @@ impl Driver<'_> {
                                 continue;
                             }
                         }
+                        self.completed.fetch_max(id.0, Ordering::SeqCst);
                         fail::fail_point!("checkpoint::after_manifest");
                         match self.commit(&manifest) {
                             Ok(()) => decisions.extend(c.on_committed(id, Instant::now())),
@@ -579,6 +642,7 @@ impl Driver<'_> {
                             duration,
                             end_to_end: triggered_at.map(|t| t.elapsed()).unwrap_or(duration),
                             state_bytes,
+                            uploaded_bytes,
                             max_sync_pause: pauses.remove(&id).unwrap_or_default(),
                             is_final,
                             metrics: self.metrics.snapshot(),
@@ -671,6 +735,28 @@ impl Driver<'_> {
             if dir < oldest_kept && !ids[keep_from..].contains(&dir) {
                 self.rt
                     .block_on(self.storage.delete_checkpoint_files(dir))?;
+            }
+        }
+        self.sweep_shared(&ids[keep_from..], latest)
+    }
+
+    /// Delete shared files no retained checkpoint references. Reference counts are
+    /// recomputed from the retained manifests every time, so they survive restarts.
+    /// Files uploaded by checkpoints newer than `latest` may belong to one in flight
+    /// and are kept.
+    fn sweep_shared(&self, retained: &[CheckpointId], latest: CheckpointId) -> Result<()> {
+        let files = self.rt.block_on(self.storage.list_shared())?;
+        if files.is_empty() {
+            return Ok(());
+        }
+        let mut referenced = HashSet::new();
+        for &id in retained {
+            let m = self.rt.block_on(self.storage.read_manifest(id))?;
+            referenced.extend(m.tasks.into_iter().flat_map(|t| t.shared).map(|f| f.path));
+        }
+        for (path, uploaded_by) in files {
+            if uploaded_by <= latest && !referenced.contains(&path) {
+                self.rt.block_on(self.storage.delete_shared(&path))?;
             }
         }
         Ok(())

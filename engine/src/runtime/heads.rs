@@ -72,8 +72,8 @@ impl<S: Source> SourceHead<S> {
         snap.operators.push((
             self.operator.clone(),
             StateSnapshot {
-                keyed: Vec::new(),
                 list,
+                ..Default::default()
             },
         ));
         self.out.barrier(id, &mut snap)?;

