@@ -1,6 +1,7 @@
 //! The RocksDB backend end to end: incremental checkpoints through a real job, shared
-//! files kept exactly as long as a retained checkpoint references them, and a restart
-//! from a crash in the middle of the stream.
+//! files kept exactly as long as a retained checkpoint references them, a restart from
+//! a crash in the middle of the stream, and a restore from a real S3-compatible server
+//! (started by `scripts/test.sh`) after the local working directory is wiped.
 #![cfg(feature = "rocksdb")]
 
 use exactly_engine::manifest::Manifest;
@@ -13,6 +14,10 @@ use std::time::Duration;
 const SUM: ValueState<i64> = ValueState::new("sum");
 const KEYS: u64 = 20_000;
 const EVENTS: u64 = 300_000;
+/// Pause per source batch, so the crash lands mid-stream: a few hundred ms of input
+/// locally; seconds against S3, where a first upload can take a second.
+const LOCAL_PACING: Duration = Duration::from_micros(200);
+const S3_PACING: Duration = Duration::from_millis(5);
 
 fn events() -> Vec<(u64, i64)> {
     (0..EVENTS)
@@ -21,18 +26,19 @@ fn events() -> Vec<(u64, i64)> {
 }
 
 fn run(
-    chk: &Path,
+    chk: &str,
     local: &Path,
     crash_after: Option<u64>,
+    pacing: Duration,
     out: &CollectSink<(u64, i64)>,
 ) -> Result<JobReport, Error> {
     let mut b = Job::builder("rocks-job")
-        .checkpoint_storage(chk.to_str().unwrap())
+        .checkpoint_storage(chk)
         .checkpoint_every(Duration::from_millis(30))
         .retain_checkpoints(2)
         .parallelism(2)
         .batch_size(256)
-        .source_pacing(Duration::from_micros(200))
+        .source_pacing(pacing)
         .restart_policy(RestartPolicy::none())
         .state_backend(StateBackend::RocksDb(RocksDbConfig {
             local_dir: Some(local.to_path_buf()),
@@ -76,12 +82,8 @@ fn storage_view(chk: &Path) -> (Vec<Manifest>, BTreeSet<String>) {
     (manifests, shared)
 }
 
-#[test]
-fn incremental_checkpoints_crash_restore_and_shared_file_retention() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (chk, local) = (tmp.path().join("chk"), tmp.path().join("local"));
-
-    // Golden: sums without failures, computed directly.
+/// Sums without failures, computed directly.
+fn golden() -> Vec<(u64, i64)> {
     let mut sums: BTreeMap<u64, i64> = BTreeMap::new();
     let mut golden: Vec<(u64, i64)> = events()
         .into_iter()
@@ -92,15 +94,23 @@ fn incremental_checkpoints_crash_restore_and_shared_file_retention() {
         })
         .collect();
     golden.sort();
+    golden
+}
+
+#[test]
+fn incremental_checkpoints_crash_restore_and_shared_file_retention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (chk, local) = (tmp.path().join("chk"), tmp.path().join("local"));
 
     let out = CollectSink::new();
-    let err = run(&chk, &local, Some(4), &out).expect_err("the first run crashes");
+    let chk_url = chk.to_str().unwrap();
+    let err = run(chk_url, &local, Some(4), LOCAL_PACING, &out).expect_err("the first run crashes");
     assert!(err.to_string().contains("injected failure"), "{err}");
-    let report = run(&chk, &local, None, &out).unwrap();
+    let report = run(chk_url, &local, None, LOCAL_PACING, &out).unwrap();
     assert!(report.restored_from.is_some(), "the second run restores");
     assert_eq!(
         out.sorted(),
-        golden,
+        golden(),
         "committed output equals the failure-free result"
     );
 
@@ -141,5 +151,40 @@ fn incremental_checkpoints_crash_restore_and_shared_file_retention() {
     assert!(
         !local.exists(),
         "the working directory of a finished job is removed"
+    );
+}
+
+/// A replacement machine: checkpoints in S3, the crashed run's working directory gone.
+#[test]
+fn restore_from_s3_after_the_working_directory_is_wiped() {
+    assert!(
+        std::env::var("AWS_ENDPOINT_URL").is_ok(),
+        "AWS_ENDPOINT_URL is not set: run the suite with ./scripts/test.sh, which installs and starts SeaweedFS"
+    );
+    let bucket = std::env::var("EXACTLY_S3_BUCKET").unwrap_or_else(|_| "exactly".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let url = format!("s3://{bucket}/tests/rocks-wipe-{nanos}");
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("local");
+    let out = CollectSink::new();
+    let err = run(&url, &local, Some(2), S3_PACING, &out).expect_err("the first run crashes");
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert!(
+        local.join("cache").read_dir().unwrap().next().is_some(),
+        "files were cached"
+    );
+    std::fs::remove_dir_all(&local).unwrap();
+    let report = run(&url, &local, None, S3_PACING, &out).unwrap();
+    assert!(
+        report.restored_from.is_some(),
+        "the second run restores from S3"
+    );
+    assert_eq!(
+        out.sorted(),
+        golden(),
+        "committed output equals the failure-free result"
     );
 }
