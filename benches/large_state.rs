@@ -17,6 +17,10 @@
 //! `AWS_*` variables adds the same against an S3 server (`scripts/with-s3.sh` starts
 //! one).
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{env_num, listing};
 use exactly::engine::ids::{key_group_of_bytes, KeyGroupRange, OperatorId, SubtaskIndex};
 use exactly::engine::state::{BackendEnv, KeyedState, OperatorSnapshot, StateBackend};
 use exactly::engine::storage::CheckpointStorage;
@@ -27,13 +31,6 @@ use std::time::{Duration, Instant};
 
 const VALUE: ValueState<Vec<u8>> = ValueState::new("value");
 const MAX: u16 = 128;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn xorshift(s: &mut u64) -> u64 {
     *s ^= *s << 13;
@@ -154,7 +151,7 @@ fn bench(label: &str, storage: CheckpointStorage, keys: u64, rounds: u64) {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    if listing() {
         return;
     }
     let keys = env_num("EXACTLY_BENCH_KEYS", 10_000_000);

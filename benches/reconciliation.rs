@@ -44,6 +44,7 @@ fn main() {
         out_of_order: Duration::from_secs(30),
         batch_size: 1024,
         pacing: None,
+        ledger_pg: None,
     };
     let j = job::job(
         "reconciliation",
@@ -56,7 +57,7 @@ fn main() {
     let t = Instant::now();
     let report = j.run().unwrap();
     let elapsed = t.elapsed();
-    let v = verifier::verify(&input, &dir.path().join("out")).unwrap();
+    let v = verifier::verify(&input, &dir.path().join("out"), None).unwrap();
     v.print();
     assert!(v.passed(), "the benchmark run must verify");
     let cores = std::thread::available_parallelism()

@@ -5,6 +5,10 @@
 //!
 //! `cargo bench --bench throughput`; `EXACTLY_BENCH_EVENTS` sets the event count.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{cores, env_num, listing, median};
 use exactly::engine::testing::CollectCommittable;
 use exactly::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -144,22 +148,12 @@ fn recovery(url: &str, events: u64) -> Duration {
     report.recovery_time
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v.get(v.len() / 2).copied().unwrap_or_default()
-}
-
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    if listing() {
         return;
     }
-    let events: u64 = std::env::var("EXACTLY_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000_000);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let events = env_num("EXACTLY_BENCH_EVENTS", 10_000_000);
+    let cores = cores();
     println!("keyed running sum: {events} events, {KEYS} distinct keys, parallelism {PARALLELISM}, {cores} cores");
     let every = Some(Duration::from_secs(1));
     for (label, interval, backend) in [

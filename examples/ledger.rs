@@ -3,8 +3,8 @@
 //! ```text
 //! ledger demo [--dir ledger-demo] [--events 1000000]     generate, run, verify in one go
 //! ledger generate --events N --accounts A --seed S --out payments.jsonl
-//! ledger run --input payments.jsonl --out DIR --checkpoints DIR [--interval-ms 100] [--parallelism P]
-//!            [--state memory|rocksdb]
+//! ledger run --input payments.jsonl --out DIR|s3://bucket/prefix --checkpoints DIR [--interval-ms 100] [--parallelism P]
+//!            [--state memory|rocksdb] [--pace-us 0 (pause per source batch)]
 //! ledger verify --input payments.jsonl --out DIR
 //! ```
 //!
@@ -104,8 +104,13 @@ fn run(a: &Args) -> Result<()> {
     let checkpoints = a.path("checkpoints")?;
     let interval: u64 = a.num("interval-ms", 1000)?;
     let parallelism: usize = a.num("parallelism", 2)?;
+    let pace_us: u64 = a.num("pace-us", 0)?;
     let started = Instant::now();
-    let job = Job::builder("ledger")
+    let mut builder = Job::builder("ledger");
+    if pace_us > 0 {
+        builder = builder.source_pacing(Duration::from_micros(pace_us));
+    }
+    let job = builder
         .checkpoint_every(Duration::from_millis(interval))
         .checkpoint_storage(
             checkpoints
@@ -125,11 +130,20 @@ fn run(a: &Args) -> Result<()> {
             )
         })
         .build()?;
-    job.source("payments", JsonLinesSource::<Payment>::new(&input))
+    let balances = job
+        .source("payments", JsonLinesSource::<Payment>::new(&input))
         .key_by(|p| p.account)
         .process(Balance)
-        .name("balance")
-        .sink("balances", FileSink::exactly_once(&out));
+        .name("balance");
+    match out.to_str().filter(|o| o.starts_with("s3://")) {
+        // Part files in S3 through multipart uploads (AWS_* environment).
+        Some(url) => {
+            balances.sink("balances", ObjectStoreSink::s3(url, JsonLines)?);
+        }
+        None => {
+            balances.sink("balances", FileSink::exactly_once(&out));
+        }
+    }
     let report = job.run()?;
     eprintln!(
         "done in {:.2}s: restored from {:?}, {} checkpoints, {} in-process restarts",
@@ -248,6 +262,8 @@ fn demo(a: &Args) -> Result<()> {
 
 fn main() -> Result<()> {
     args::init_logging();
+    #[cfg(feature = "failpoints")]
+    exactly::engine::failpoints::crash_from_env().map_err(|e| anyhow::anyhow!(e))?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         bail!("usage: ledger demo|generate|run|verify --flag value ...");
@@ -268,6 +284,7 @@ fn main() -> Result<()> {
                     "interval-ms",
                     "parallelism",
                     "state",
+                    "pace-us",
                 ],
             )?;
             run(&a)

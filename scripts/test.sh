@@ -28,10 +28,13 @@ cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --profile ci --quiet -- -D warnings
 
-# A real S3-compatible server for the S3 tests (SeaweedFS on 127.0.0.1, stopped when
-# this script exits). No server, no test run.
+# Real servers for the tests that need them, bound to 127.0.0.1 and stopped when this
+# script exits: SeaweedFS (S3) and a private PostgreSQL cluster. No server, no test run.
 source scripts/s3-server.sh
+source scripts/pg-server.sh
+trap 'stop_pg_server; stop_s3_server' EXIT
 start_s3_server
+start_pg_server
 
 # The kill-and-restore tests drive 1M-event jobs through child processes, so tests
 # run optimised.

@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/s3-server.sh
+trap stop_s3_server EXIT
 start_s3_server
 export EXACTLY_BENCH_S3="s3://$EXACTLY_S3_BUCKET/bench"
 "$@"

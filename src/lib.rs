@@ -43,7 +43,7 @@ pub use exactly_sources as sources;
 pub mod prelude {
     pub use exactly_engine::prelude::*;
     pub use exactly_operators::ReduceExt;
-    pub use exactly_sinks::{FileSink, FnEncoder, JsonLines};
+    pub use exactly_sinks::{Csv, FileSink, FnEncoder, JsonLines, ObjectStoreSink};
     pub use exactly_sources::{BadRecordPolicy, GeneratorSource, JsonLinesSource};
 }
 

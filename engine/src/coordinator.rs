@@ -237,12 +237,17 @@ impl CheckpointCoordinator {
         let Some(f) = self.in_flight.take() else {
             return Vec::new();
         };
-        let pending_commits = self
+        // Oldest checkpoint first; within one, by sink and subtask, so a manifest's
+        // commit order does not depend on which task reported first.
+        let mut pending_commits: Vec<PendingCommit> = self
             .pending
             .iter()
             .filter(|p| p.checkpoint <= f.id)
             .cloned()
             .collect();
+        pending_commits.sort_by(|a, b| {
+            (a.checkpoint, &a.sink, a.subtask).cmp(&(b.checkpoint, &b.sink, b.subtask))
+        });
         self.committing = Some((f.id, f.is_final));
         vec![Decision::Complete {
             id: f.id,

@@ -106,31 +106,8 @@ impl CheckpointStorage {
     }
 
     #[cfg(feature = "s3")]
-    fn s3(url: &str, rest: &str) -> Result<Self> {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            return Err(Error::config(format!(
-                "checkpoint storage '{url}': no bucket; use s3://bucket/prefix"
-            )));
-        }
-        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-        let endpoint = std::env::var("AWS_ENDPOINT_URL")
-            .or_else(|_| std::env::var("AWS_ENDPOINT"))
-            .unwrap_or_default();
-        if endpoint.starts_with("http://") {
-            builder = builder.with_allow_http(true);
-        }
-        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
-            builder = builder.with_region("us-east-1");
-        }
-        let store = builder.build().map_err(|e| {
-            Error::config(format!(
-                "checkpoint storage '{url}': {e}. Set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, for \
-                 S3-compatible servers, AWS_ENDPOINT_URL"
-            ))
-        })?;
-        let root = Path::parse(prefix.trim_end_matches('/'))
-            .map_err(|e| Error::config(format!("checkpoint storage '{url}': bad prefix: {e}")))?;
+    fn s3(url: &str, _rest: &str) -> Result<Self> {
+        let (store, root) = s3_bucket(url)?;
         Ok(CheckpointStorage {
             store: Arc::new(store),
             root,
@@ -529,6 +506,42 @@ impl CheckpointStorage {
         }
         Ok(())
     }
+}
+
+/// An S3 client for `s3://bucket/prefix` configured from the usual AWS environment
+/// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+/// `AWS_ENDPOINT_URL`; an `http://` endpoint is allowed for local servers), and the
+/// prefix. Used for checkpoint storage and by the object-store sink.
+#[cfg(feature = "s3")]
+pub fn s3_bucket(url: &str) -> Result<(object_store::aws::AmazonS3, Path)> {
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| Error::config(format!("'{url}' is not an s3://bucket/prefix URL")))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(Error::config(format!(
+            "'{url}': no bucket; use s3://bucket/prefix"
+        )));
+    }
+    let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let endpoint = std::env::var("AWS_ENDPOINT_URL")
+        .or_else(|_| std::env::var("AWS_ENDPOINT"))
+        .unwrap_or_default();
+    if endpoint.starts_with("http://") {
+        builder = builder.with_allow_http(true);
+    }
+    if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+        builder = builder.with_region("us-east-1");
+    }
+    let store = builder.build().map_err(|e| {
+        Error::config(format!(
+            "'{url}': {e}. Set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, for \
+             S3-compatible servers, AWS_ENDPOINT_URL"
+        ))
+    })?;
+    let root = Path::parse(prefix.trim_end_matches('/'))
+        .map_err(|e| Error::config(format!("'{url}': bad prefix: {e}")))?;
+    Ok((store, root))
 }
 
 /// Check `bytes` against the size and CRC-32 a manifest recorded for a shared file.

@@ -4,13 +4,15 @@
 //! charges  ─ dedup ─┐
 //! payments ─ dedup ─┼─ union ─┬─ key_by(trip) ─ reconcile ─────────────► results
 //! payouts  ─ dedup ─┘         └─ postings ─┬─ key_by(account) ─ 1-day windows ─► daily-totals
-//!                                          └─ key_by(account) ─ closing balance ─► balances
+//!                                          ├─ key_by(account) ─ closing balance ─► balances
+//!                                          └─ (with --ledger-postgres) every posting ─► PostgreSQL
 //! ```
 
 use crate::model::*;
 use exactly::engine::time::Timer;
 use exactly::operators::{AggregateFunction, DedupExt, DedupTime, WindowExt, Windows};
 use exactly::prelude::*;
+use exactly::sinks::postgres::{PostgresSink, Sql};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
@@ -26,6 +28,18 @@ pub struct JobConfig {
     pub batch_size: usize,
     /// Pause after each source batch (tests slow the job down to crash it mid-run).
     pub pacing: Option<Duration>,
+    /// Also write the ledger (every posting) into PostgreSQL.
+    pub ledger_pg: Option<LedgerTable>,
+}
+
+/// Where and how the ledger goes into PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct LedgerTable {
+    /// libpq-style connection string.
+    pub url: String,
+    pub table: String,
+    /// Two-phase commit, or idempotent commits with marker rows.
+    pub two_phase: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -205,6 +219,16 @@ pub fn build(job: &Job, input: &Path, out: &Path, cfg: &JobConfig) {
         .sink("results", FileSink::exactly_once(out.join("results")));
 
     let postings = events.flat_map(|e| e.postings());
+    if let Some(pg) = &cfg.ledger_pg {
+        let sql = Sql::insert(&pg.table, &["account", "amount_cents", "ts"]);
+        let row = |p: &Posting| (p.account.clone(), p.amount_cents, p.ts);
+        let sink = if pg.two_phase {
+            PostgresSink::two_phase(&pg.url, sql, row)
+        } else {
+            PostgresSink::idempotent(&pg.url, sql, row)
+        };
+        postings.sink("ledger", sink);
+    }
     postings
         .key_by(|p| p.account.clone())
         .window(

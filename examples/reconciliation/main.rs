@@ -6,7 +6,9 @@
 //!                         [--out-of-order-ms 30000] [--anomaly-rate 0.02] [--files 2]
 //! reconciliation run      --dir DIR [--parallelism 2] [--checkpoint-ms 1000] [--out-of-order-ms 30000]
 //!                         [--batch-size 1024] [--pace-us 0]
-//! reconciliation verify   --dir DIR
+//!                         [--ledger-postgres 'host=... user=... dbname=...'] [--ledger-table ledger]
+//!                         [--ledger-commit two-phase|idempotent]
+//! reconciliation verify   --dir DIR [--ledger-postgres ... --ledger-table ledger]
 //! ```
 //!
 //! `DIR/input` holds the generated streams and the ground truth, `DIR/out` the committed
@@ -30,9 +32,37 @@ trait Settings {
     fn dir(&self) -> PathBuf;
     fn gen_config(&self) -> Result<generator::GenConfig>;
     fn job_config(&self) -> Result<job::JobConfig>;
+    fn ledger_table(&self) -> Result<Option<job::LedgerTable>>;
 }
 
 impl Settings for Args {
+    fn ledger_table(&self) -> Result<Option<job::LedgerTable>> {
+        let Some(url) = self.0.get("ledger-postgres") else {
+            if self.0.contains_key("ledger-table") || self.0.contains_key("ledger-commit") {
+                bail!("--ledger-table and --ledger-commit need --ledger-postgres");
+            }
+            return Ok(None);
+        };
+        let table = self
+            .0
+            .get("ledger-table")
+            .cloned()
+            .unwrap_or_else(|| "ledger".into());
+        if table.is_empty() || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("--ledger-table must be a plain table name (letters, digits, _), got '{table}'");
+        }
+        let two_phase = match self.0.get("ledger-commit").map(String::as_str) {
+            None | Some("two-phase") => true,
+            Some("idempotent") => false,
+            Some(other) => bail!("--ledger-commit expects two-phase or idempotent, got '{other}'"),
+        };
+        Ok(Some(job::LedgerTable {
+            url: url.clone(),
+            table,
+            two_phase,
+        }))
+    }
+
     fn dir(&self) -> PathBuf {
         self.path_or("dir", "reconciliation-demo")
     }
@@ -64,6 +94,7 @@ impl Settings for Args {
                 0 => None,
                 us => Some(Duration::from_micros(us)),
             },
+            ledger_pg: self.ledger_table()?,
         })
     }
 }
@@ -96,6 +127,9 @@ fn run(a: &Args) -> Result<()> {
         );
     }
     let cfg = a.job_config()?;
+    if let Some(pg) = &cfg.ledger_pg {
+        create_ledger_table(pg)?;
+    }
     let job = job::job("reconciliation", &dir.join("checkpoints"), &cfg, true)?;
     job::build(&job, &input, &dir.join("out"), &cfg);
     let report = job.run()?;
@@ -120,9 +154,20 @@ fn run(a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Create the ledger table if it does not exist.
+fn create_ledger_table(pg: &job::LedgerTable) -> Result<()> {
+    use exactly::sinks::postgres::client::{Client, NoTls};
+    let mut c = Client::connect(&pg.url, NoTls)?;
+    c.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (account text NOT NULL, amount_cents bigint NOT NULL, ts bigint NOT NULL)",
+        pg.table
+    ))?;
+    Ok(())
+}
+
 fn verify(a: &Args) -> Result<()> {
     let dir = a.dir();
-    let report = verifier::verify(&dir.join("input"), &dir.join("out"))?;
+    let report = verifier::verify(&dir.join("input"), &dir.join("out"), a.ledger_table()?)?;
     report.print();
     if !report.passed() {
         bail!("verification failed");
@@ -172,6 +217,9 @@ fn main() -> Result<()> {
         "out-of-order-ms",
         "batch-size",
         "pace-us",
+        "ledger-postgres",
+        "ledger-table",
+        "ledger-commit",
     ];
     match cmd {
         "demo" => {
@@ -187,7 +235,7 @@ fn main() -> Result<()> {
             run(&a)
         }
         "verify" => {
-            a.only(cmd, &["dir"])?;
+            a.only(cmd, &["dir", "ledger-postgres", "ledger-table"])?;
             verify(&a)
         }
         other => bail!("unknown command '{other}'; expected demo, generate, run or verify"),

@@ -1,6 +1,7 @@
 //! An independent batch recomputation from the raw inputs, without the engine, checked
 //! against the job's committed output and the generator's ground truth.
 
+use crate::job::LedgerTable;
 use crate::model::*;
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
@@ -53,6 +54,18 @@ pub struct Report {
     pub ledger_sum_cents: i64,
     pub accounts: usize,
     pub input_duplicates: usize,
+    /// The ledger table in PostgreSQL, when checked: rows, duplicated and missing
+    /// postings against the recomputed ledger.
+    pub ledger_table: Option<TableCheck>,
+}
+
+#[derive(Debug, Default)]
+pub struct TableCheck {
+    pub table: String,
+    pub rows: usize,
+    pub expected: usize,
+    pub extra: usize,
+    pub missing: usize,
 }
 
 impl Report {
@@ -64,6 +77,10 @@ impl Report {
             && self.daily_totals_ok
             && self.closing_balances_ok
             && self.ledger_sum_cents == 0
+            && self
+                .ledger_table
+                .as_ref()
+                .is_none_or(|t| t.extra == 0 && t.missing == 0 && t.rows == t.expected)
     }
 
     pub fn print(&self) {
@@ -96,6 +113,12 @@ impl Report {
         println!("  duplicates in output       {}", self.duplicates);
         println!("  missing from output        {}", self.missing);
         println!("  wrong results              {}", self.wrong);
+        if let Some(t) = &self.ledger_table {
+            println!(
+                "  PostgreSQL table {:<9} {} rows (expected {}), {} extra, {} missing",
+                t.table, t.rows, t.expected, t.extra, t.missing
+            );
+        }
         println!(
             "{}",
             if self.passed() {
@@ -121,7 +144,7 @@ fn dedup<T, F: Fn(&T) -> String>(items: Vec<T>, id: F, dups: &mut usize) -> Vec<
 }
 
 /// Recompute everything from `input` and compare with the committed output in `out`.
-pub fn verify(input: &Path, out: &Path) -> Result<Report> {
+pub fn verify(input: &Path, out: &Path, ledger: Option<LedgerTable>) -> Result<Report> {
     let mut r = Report::default();
     let charges = dedup(
         read_all::<Charge>(&input.join("charges"), "part-")?,
@@ -208,6 +231,9 @@ pub fn verify(input: &Path, out: &Path) -> Result<Report> {
             .into_iter()
             .flat_map(|p| TripEvent::Payout(p).postings()),
     );
+    if let Some(t) = ledger {
+        r.ledger_table = Some(check_table(&t, &postings)?);
+    }
     let mut daily: BTreeMap<(String, i64), i64> = BTreeMap::new();
     for p in &postings {
         *daily.entry((p.account.clone(), day_of(p.ts))).or_default() += p.amount_cents;
@@ -249,4 +275,40 @@ pub fn verify(input: &Path, out: &Path) -> Result<Report> {
     r.accounts = last.len();
     r.ledger_sum_cents = last.values().map(|v| v.1).sum();
     Ok(r)
+}
+
+/// Compare the ledger table with the recomputed postings, as multisets.
+fn check_table(t: &LedgerTable, postings: &[Posting]) -> Result<TableCheck> {
+    use exactly::sinks::postgres::client::{Client, NoTls};
+    let mut c = Client::connect(&t.url, NoTls)?;
+    let rows = c.query(
+        &format!("SELECT account, amount_cents, ts FROM {}", t.table),
+        &[],
+    )?;
+    let mut got: BTreeMap<(String, i64, i64), i64> = BTreeMap::new();
+    for row in &rows {
+        *got.entry((row.get(0), row.get(1), row.get(2))).or_default() += 1;
+    }
+    let mut want: BTreeMap<(String, i64, i64), i64> = BTreeMap::new();
+    for p in postings {
+        *want
+            .entry((p.account.clone(), p.amount_cents, p.ts))
+            .or_default() += 1;
+    }
+    let (mut extra, mut missing) = (0, 0);
+    for (k, n) in &got {
+        let w = want.get(k).copied().unwrap_or(0);
+        extra += (n - w).max(0) as usize;
+    }
+    for (k, w) in &want {
+        let n = got.get(k).copied().unwrap_or(0);
+        missing += (w - n).max(0) as usize;
+    }
+    Ok(TableCheck {
+        table: t.table.clone(),
+        rows: rows.len(),
+        expected: postings.len(),
+        extra,
+        missing,
+    })
 }

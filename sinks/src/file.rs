@@ -40,6 +40,30 @@ pub trait RecordEncoder<T>: Clone + Send + Sync + 'static {
     fn extension(&self) -> &str;
 }
 
+/// Comma-separated values, one record per line, without a header row (part files of
+/// one sink concatenate into one table). Structs become their fields in order.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Csv;
+
+impl<T: Serialize> RecordEncoder<T> for Csv {
+    fn encode(&self, record: &T, out: &mut Vec<u8>) -> Result<()> {
+        let mut w = csv::WriterBuilder::new()
+            .has_headers(false)
+            .buffer_capacity(256)
+            .from_writer(&mut *out);
+        let r = w
+            .serialize(record)
+            .and_then(|()| w.flush().map_err(Into::into));
+        r.map_err(|e| Error::Codec {
+            what: "CSV record".into(),
+            message: e.to_string(),
+        })
+    }
+    fn extension(&self) -> &str {
+        "csv"
+    }
+}
+
 /// One JSON document per line.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct JsonLines;

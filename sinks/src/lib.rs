@@ -3,7 +3,32 @@
 //! has no effect.
 //!
 //! * [`FileSink`]: part files in a local directory, published by atomic rename.
+//! * [`ObjectStoreSink`]: part files in S3 (or any store with multipart uploads),
+//!   published by completing their multipart uploads.
+//! * [`postgres::PostgresSink`] (feature `postgres`): rows in PostgreSQL, by two-phase
+//!   commit or by idempotent transactional commits with marker rows.
 
+mod bucket;
 mod file;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "s3")]
+mod s3_uploads;
 
-pub use file::{FileCommittable, FileSink, FnEncoder, JsonLines, RecordEncoder};
+pub use bucket::{Bucket, ObjectStoreSink, ObjectWriter, ObjectsCommittable, StagedObject};
+pub use file::{Csv, FileCommittable, FileSink, FnEncoder, JsonLines, RecordEncoder};
+
+/// A number no other writer of this process or another uses (clock, process, a random
+/// hasher key): names staged uploads and staging tokens.
+pub(crate) fn unique_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}

@@ -1,0 +1,49 @@
+# Sourced by scripts/test.sh and scripts/with-pg.sh. `start_pg_server` installs the
+# PostgreSQL server from Debian if it is missing, starts a private cluster (its own data
+# directory, bound to 127.0.0.1 on a free port, max_prepared_transactions = 64 for the
+# two-phase-commit sink) and exports EXACTLY_PG_URL; `stop_pg_server` stops it (the
+# caller traps EXIT). It fails loudly if any step fails.
+
+start_pg_server() {
+  local bin
+  bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+  if [ -z "$bin" ] || [ ! -x "$bin/initdb" ]; then
+    echo "== installing PostgreSQL (Debian: postgresql)"
+    if [ "$(id -u)" = 0 ]; then
+      apt-get install -y -q postgresql || { apt-get update -q && apt-get install -y -q postgresql; }
+    else
+      sudo apt-get install -y -q postgresql
+    fi
+    bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  fi
+  # initdb refuses to run as root: run the server as the `postgres` user when root.
+  local as=()
+  if [ "$(id -u)" = 0 ]; then
+    id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql postgres
+    as=(runuser -u postgres --)
+  fi
+  PG_DATA=$(mktemp -d)
+  chmod 755 "$PG_DATA"
+  local pwfile="$PG_DATA/pw"
+  echo "exactly-test" >"$pwfile"
+  [ "$(id -u)" = 0 ] && chown -R postgres "$PG_DATA"
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  echo "== starting PostgreSQL ($("$bin/postgres" --version | awk '{print $3}')) on 127.0.0.1:$port"
+  "${as[@]}" "$bin/initdb" -D "$PG_DATA/db" -U postgres --auth-host=scram-sha-256 \
+    --auth-local=trust --pwfile="$pwfile" >"$PG_DATA/initdb.log" 2>&1 || {
+    echo "initdb failed:" >&2; cat "$PG_DATA/initdb.log" >&2; return 1; }
+  "${as[@]}" "$bin/pg_ctl" -D "$PG_DATA/db" -w -l "$PG_DATA/server.log" -o \
+    "-c listen_addresses=127.0.0.1 -c port=$port -c max_prepared_transactions=64 -c unix_socket_directories=$PG_DATA -c fsync=on" \
+    start >/dev/null || {
+    echo "PostgreSQL did not start; its log:" >&2; cat "$PG_DATA/server.log" >&2; return 1; }
+  PG_STOP=("${as[@]}" "$bin/pg_ctl" -D "$PG_DATA/db" -m fast stop)
+  export EXACTLY_PG_URL="host=127.0.0.1 port=$port user=postgres password=exactly-test dbname=postgres"
+}
+
+stop_pg_server() {
+  if [ -n "${PG_DATA:-}" ]; then
+    "${PG_STOP[@]}" >/dev/null 2>&1 || true
+    rm -rf "$PG_DATA"
+  fi
+}

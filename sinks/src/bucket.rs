@@ -1,0 +1,564 @@
+//! Exactly-once files in an object store (S3 and compatible stores, GCS, Azure, or
+//! memory), written with multipart uploads.
+//!
+//! # Protocol
+//!
+//! * Each sink subtask writes its records of one checkpoint interval into part files
+//!   (`<prefix>/part-<subtask>-<run>-<seq>.<ext>`; a new file once one exceeds
+//!   [`ObjectStoreSink::max_file_bytes`]). A file is a multipart upload: full parts are
+//!   uploaded while records arrive, so memory stays bounded.
+//! * Before a file's upload starts, a marker `<prefix>/_pending/<sink>/<file>.json`
+//!   records its path and upload id.
+//! * At the barrier the rest of each file goes up as its last part; the committable is
+//!   every file's path, upload id, part ids and size. Nothing is visible yet.
+//! * Commit completes the uploads (the object appears atomically with all its bytes),
+//!   then deletes the markers. Completing an upload that was already completed fails
+//!   with "no such upload"; the commit then checks that the object exists with the
+//!   recorded size, so a repeated commit is harmless, and a missing object is
+//!   [`Error::CommitLost`].
+//! * Recovery commits the restored committables, then aborts the upload of every
+//!   remaining marker (files of checkpoints that never completed) and deletes it. On S3
+//!   it also lists the incomplete uploads under the sink's prefix (`ListMultipartUploads`)
+//!   and aborts them: an upload created just before a crash, before its marker was
+//!   written, is known only to the server. So no incomplete multipart upload is left
+//!   behind. One sink per prefix: recovery treats every upload under it as its own.
+
+use crate::file::RecordEncoder;
+use exactly_engine::api::{Data, RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
+use exactly_engine::error::{Error, Result};
+use exactly_engine::ids::{CheckpointId, OperatorId};
+use futures::TryStreamExt;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+/// An object store that supports the low-level multipart API.
+pub trait Bucket: ObjectStore + MultipartStore {}
+impl<B: ObjectStore + MultipartStore> Bucket for B {}
+
+/// Parts are this large (S3 needs at least 5 MiB for every part but the last).
+const PART_BYTES: usize = 8 << 20;
+
+/// One staged file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedObject {
+    /// Object path.
+    pub path: String,
+    /// Multipart upload id.
+    pub upload_id: String,
+    /// Part ids, in order.
+    pub parts: Vec<String>,
+    /// Size of the completed object.
+    pub size: u64,
+    /// The marker recording the upload.
+    pub marker: String,
+}
+
+/// What an [`ObjectStoreSink`] subtask staged at one barrier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectsCommittable {
+    /// The sink.
+    pub sink: String,
+    /// The checkpoint whose barrier staged the files.
+    pub checkpoint: u64,
+    /// The files.
+    pub files: Vec<StagedObject>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    path: String,
+    upload_id: String,
+}
+
+/// Exactly-once part files in an object store; see the module docs.
+///
+/// ```no_run
+/// use exactly_sinks::{JsonLines, ObjectStoreSink};
+/// // Endpoint and credentials from the AWS_* environment variables.
+/// let sink = ObjectStoreSink::<(String, i64), _>::s3("s3://warehouse/ledger", JsonLines).unwrap();
+/// ```
+pub struct ObjectStoreSink<T, E> {
+    store: Arc<dyn Bucket>,
+    prefix: Path,
+    encoder: E,
+    max_file_bytes: u64,
+    rt: Arc<tokio::runtime::Runtime>,
+    /// On S3: lists uploads the server knows of (an upload created just before a crash
+    /// has no marker yet).
+    #[cfg(feature = "s3")]
+    lister: Option<Arc<crate::s3_uploads::UploadLister>>,
+    _t: PhantomData<fn(T)>,
+}
+
+fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("object-sink-io")
+        .enable_all()
+        .build()
+        .map(Arc::new)
+        .map_err(|e| Error::io("starting the object store sink's I/O runtime", e))
+}
+
+impl<T: Data, E: RecordEncoder<T>> ObjectStoreSink<T, E> {
+    /// Files under `prefix` of `store`, encoded with `encoder`.
+    pub fn new(store: Arc<dyn Bucket>, prefix: &str, encoder: E) -> Result<Self> {
+        let prefix = Path::parse(prefix.trim_matches('/'))
+            .map_err(|e| Error::config(format!("object sink prefix '{prefix}': {e}")))?;
+        Ok(ObjectStoreSink {
+            store,
+            prefix,
+            encoder,
+            max_file_bytes: 128 << 20,
+            rt: runtime()?,
+            #[cfg(feature = "s3")]
+            lister: None,
+            _t: PhantomData,
+        })
+    }
+
+    /// Files under `s3://bucket/prefix`, with the endpoint and credentials from the
+    /// AWS environment variables (as for checkpoint storage).
+    #[cfg(feature = "s3")]
+    pub fn s3(url: &str, encoder: E) -> Result<Self> {
+        let (store, prefix) = exactly_engine::storage::s3_bucket(url)?;
+        let store = Arc::new(store);
+        let bucket = url
+            .trim_start_matches("s3://")
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let lister = crate::s3_uploads::UploadLister::from_env(store.clone(), bucket)?;
+        let mut sink = Self::new(store, prefix.as_ref(), encoder)?;
+        sink.lister = Some(Arc::new(lister));
+        Ok(sink)
+    }
+
+    /// Start a new file once one reaches this size (default 128 MiB).
+    pub fn max_file_bytes(mut self, n: u64) -> Self {
+        self.max_file_bytes = n.max(1);
+        self
+    }
+
+    fn err(sink: &str, step: &'static str, c: Option<u64>, e: object_store::Error) -> Error {
+        Error::Sink {
+            sink: OperatorId(sink.to_string()),
+            step,
+            checkpoint: c.map(CheckpointId),
+            source: Box::new(e),
+        }
+    }
+
+    fn marker_dir(&self, sink: &str) -> Path {
+        self.prefix.clone().join("_pending").join(sink)
+    }
+}
+
+impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> {
+    type Item = T;
+    type Committable = ObjectsCommittable;
+    type Writer = ObjectWriter<T, E>;
+
+    fn open_writer(&self, ctx: &SinkContext) -> Result<Self::Writer> {
+        Ok(ObjectWriter {
+            store: self.store.clone(),
+            rt: self.rt.clone(),
+            prefix: self.prefix.clone(),
+            markers: self.marker_dir(&ctx.sink.0),
+            encoder: self.encoder.clone(),
+            max_file_bytes: self.max_file_bytes,
+            sink: ctx.sink.0.clone(),
+            subtask: ctx.subtask.0,
+            run: run_id(),
+            seq: 0,
+            buf: Vec::new(),
+            open: None,
+            done: Vec::new(),
+            _t: PhantomData,
+        })
+    }
+
+    fn commit(&self, c: &ObjectsCommittable) -> Result<()> {
+        let store = &self.store;
+        self.rt.block_on(async {
+            for f in &c.files {
+                let path = Path::from(f.path.as_str());
+                let id = f.upload_id.clone();
+                let parts = f
+                    .parts
+                    .iter()
+                    .map(|p| PartId {
+                        content_id: p.clone(),
+                    })
+                    .collect();
+                match store.complete_multipart(&path, &id, parts).await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        // Completed before (a repeated commit), or lost.
+                        match store.head(&path).await {
+                            Ok(meta) if meta.size == f.size => {}
+                            Ok(meta) => {
+                                return Err(Error::CommitLost {
+                                    sink: OperatorId(c.sink.clone()),
+                                    checkpoint: CheckpointId(c.checkpoint),
+                                    message: format!(
+                                        "{} has {} bytes, the committed upload had {} ({e})",
+                                        f.path, meta.size, f.size
+                                    ),
+                                })
+                            }
+                            Err(object_store::Error::NotFound { .. }) => {
+                                return Err(Error::CommitLost {
+                                    sink: OperatorId(c.sink.clone()),
+                                    checkpoint: CheckpointId(c.checkpoint),
+                                    message: format!(
+                                        "upload {} of {} can no longer be completed and the object does not exist ({e})",
+                                        f.upload_id, f.path
+                                    ),
+                                })
+                            }
+                            Err(e) => {
+                                return Err(Self::err(&c.sink, "commit", Some(c.checkpoint), e))
+                            }
+                        }
+                    }
+                }
+                match store.delete(&Path::from(f.marker.as_str())).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(Self::err(&c.sink, "commit", Some(c.checkpoint), e)),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn recover(
+        &self,
+        ctx: &RecoveryContext,
+        pending: Vec<ObjectsCommittable>,
+    ) -> Result<Option<CheckpointId>> {
+        for c in &pending {
+            self.commit(c)?;
+        }
+        let sink = ctx.sink.0.clone();
+        let dir = self.marker_dir(&sink);
+        let store = &self.store;
+        self.rt.block_on(async {
+            let markers: Vec<_> = store
+                .list(Some(&dir))
+                .try_collect()
+                .await
+                .map_err(|e| Self::err(&sink, "recover", None, e))?;
+            for m in markers {
+                let bytes = store
+                    .get(&m.location)
+                    .await
+                    .map_err(|e| Self::err(&sink, "recover", None, e))?
+                    .bytes()
+                    .await
+                    .map_err(|e| Self::err(&sink, "recover", None, e))?;
+                if let Ok(marker) = serde_json::from_slice::<Marker>(&bytes) {
+                    let path = Path::from(marker.path.as_str());
+                    tracing::info!(path = %marker.path, "aborting the upload of an unfinished checkpoint");
+                    match store.abort_multipart(&path, &marker.upload_id).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(Self::err(&sink, "recover", None, e)),
+                    }
+                }
+                match store.delete(&m.location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(Self::err(&sink, "recover", None, e)),
+                }
+            }
+            #[cfg(feature = "s3")]
+            if let Some(lister) = &self.lister {
+                // Uploads created just before a crash, before their marker existed.
+                let files = self.prefix.clone().join("part-");
+                for (key, id) in lister.list(files.as_ref()).await? {
+                    tracing::info!(%key, "aborting an upload that has no marker");
+                    match store.abort_multipart(&Path::from(key.as_str()), &id).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(Self::err(&sink, "recover", None, e)),
+                    }
+                }
+            }
+            Ok(None)
+        })
+    }
+}
+
+fn run_id() -> String {
+    format!("{:016x}", crate::unique_u64())
+}
+
+/// A file being uploaded.
+struct OpenFile {
+    path: Path,
+    marker: Path,
+    upload_id: String,
+    parts: Vec<String>,
+    size: u64,
+}
+
+/// Writes one sink subtask's files.
+pub struct ObjectWriter<T, E> {
+    store: Arc<dyn Bucket>,
+    rt: Arc<tokio::runtime::Runtime>,
+    prefix: Path,
+    markers: Path,
+    encoder: E,
+    max_file_bytes: u64,
+    sink: String,
+    subtask: usize,
+    run: String,
+    seq: u64,
+    /// Encoded bytes not uploaded yet.
+    buf: Vec<u8>,
+    open: Option<OpenFile>,
+    /// Files of this interval whose last part is uploaded.
+    done: Vec<StagedObject>,
+    _t: PhantomData<fn(T)>,
+}
+
+impl<T, E: RecordEncoder<T>> ObjectWriter<T, E> {
+    fn err(&self, step: &'static str, e: object_store::Error) -> Error {
+        Error::Sink {
+            sink: OperatorId(self.sink.clone()),
+            step,
+            checkpoint: None,
+            source: Box::new(e),
+        }
+    }
+
+    /// Start a file: record its upload in a marker first, so recovery can abort it.
+    fn start_file(&mut self) -> Result<()> {
+        let name = format!(
+            "part-{:04}-{}-{:06}.{}",
+            self.subtask,
+            self.run,
+            self.seq,
+            self.encoder.extension()
+        );
+        self.seq += 1;
+        let path = self.prefix.clone().join(name.as_str());
+        let marker = self.markers.clone().join(format!("{name}.json"));
+        let store = self.store.clone();
+        let (p, m) = (path.clone(), marker.clone());
+        let upload_id = self
+            .rt
+            .block_on(async move {
+                let id = store.create_multipart(&p).await?;
+                let body = serde_json::to_vec(&Marker {
+                    path: p.to_string(),
+                    upload_id: id.clone(),
+                })
+                .expect("a marker serialises");
+                store.put(&m, PutPayload::from(body)).await?;
+                Ok::<_, object_store::Error>(id)
+            })
+            .map_err(|e| self.err("write", e))?;
+        self.open = Some(OpenFile {
+            path,
+            marker,
+            upload_id,
+            parts: Vec::new(),
+            size: 0,
+        });
+        Ok(())
+    }
+
+    /// Upload `n` bytes from the front of the buffer as the next part of the open file.
+    fn upload_part(&mut self, n: usize) -> Result<()> {
+        if self.open.is_none() {
+            self.start_file()?;
+        }
+        let rest = self.buf.split_off(n);
+        let data = std::mem::replace(&mut self.buf, rest);
+        let f = self.open.as_mut().expect("started above");
+        let (store, path, id, idx) = (
+            self.store.clone(),
+            f.path.clone(),
+            f.upload_id.clone(),
+            f.parts.len(),
+        );
+        let len = data.len() as u64;
+        let part = self.rt.block_on(async move {
+            store
+                .put_part(&path, &id, idx, PutPayload::from(data))
+                .await
+        });
+        let part = part.map_err(|e| self.err("write", e))?;
+        let f = self.open.as_mut().expect("started above");
+        f.parts.push(part.content_id);
+        f.size += len;
+        Ok(())
+    }
+
+    /// Upload what is buffered as the open file's last part.
+    fn finish_file(&mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            self.upload_part(self.buf.len())?;
+        }
+        if let Some(f) = self.open.take() {
+            self.done.push(StagedObject {
+                path: f.path.to_string(),
+                upload_id: f.upload_id,
+                parts: f.parts,
+                size: f.size,
+                marker: f.marker.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl<T: Data, E: RecordEncoder<T>> SinkWriter for ObjectWriter<T, E> {
+    type Item = T;
+    type Committable = ObjectsCommittable;
+
+    fn write(&mut self, batch: &mut Vec<T>) -> Result<()> {
+        for record in batch.drain(..) {
+            self.encoder.encode(&record, &mut self.buf)?;
+            if self.buf.len() >= PART_BYTES {
+                self.upload_part(PART_BYTES)?;
+                let size = self.open.as_ref().map_or(0, |f| f.size);
+                if size >= self.max_file_bytes {
+                    self.finish_file()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<Option<ObjectsCommittable>> {
+        self.finish_file()?;
+        if self.done.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(ObjectsCommittable {
+            sink: self.sink.clone(),
+            checkpoint: checkpoint.0,
+            files: std::mem::take(&mut self.done),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Csv, JsonLines};
+    use exactly_engine::ids::SubtaskIndex;
+
+    fn ctx() -> SinkContext {
+        SinkContext {
+            job: "j".into(),
+            sink: OperatorId("out".into()),
+            subtask: SubtaskIndex(0),
+            parallelism: 1,
+        }
+    }
+
+    fn recovery() -> RecoveryContext {
+        RecoveryContext {
+            job: "j".into(),
+            sink: OperatorId("out".into()),
+            restored: None,
+        }
+    }
+
+    fn objects(
+        sink: &ObjectStoreSink<(u32, String), impl RecordEncoder<(u32, String)>>,
+    ) -> Vec<(String, Vec<u8>)> {
+        let store = sink.store.clone();
+        sink.rt.block_on(async move {
+            let metas: Vec<_> = store.list(None).try_collect().await.unwrap();
+            let mut out = Vec::new();
+            for m in metas {
+                let b = store.get(&m.location).await.unwrap().bytes().await.unwrap();
+                out.push((m.location.to_string(), b.to_vec()));
+            }
+            out.sort();
+            out
+        })
+    }
+
+    fn memory_sink<E: RecordEncoder<(u32, String)>>(e: E) -> ObjectStoreSink<(u32, String), E> {
+        ObjectStoreSink::new(Arc::new(object_store::memory::InMemory::new()), "out", e)
+            .unwrap()
+            .max_file_bytes(20 << 20)
+    }
+
+    #[test]
+    fn files_appear_only_on_commit_and_commit_is_idempotent() {
+        let sink = memory_sink(JsonLines);
+        let mut w = sink.open_writer(&ctx()).unwrap();
+        // ~30 MiB: several parts and a rolled file within one interval.
+        let big = "x".repeat(1000);
+        let mut batch: Vec<(u32, String)> = (0..30_000).map(|i| (i, big.clone())).collect();
+        w.write(&mut batch).unwrap();
+        let c = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
+        assert_eq!(c.files.len(), 2, "rolled at 20 MiB");
+        assert!(c.files[0].parts.len() >= 3);
+        let visible: Vec<String> = objects(&sink).into_iter().map(|(p, _)| p).collect();
+        assert!(
+            visible.iter().all(|p| p.starts_with("out/_pending/")),
+            "nothing but markers before the commit: {visible:?}"
+        );
+        sink.commit(&c).unwrap();
+        sink.commit(&c).unwrap(); // repeated after a crash: no effect
+        let files = objects(&sink);
+        assert_eq!(files.len(), 2, "markers are gone, two files");
+        let text: String = files
+            .iter()
+            .map(|(_, b)| String::from_utf8(b.clone()).unwrap())
+            .collect();
+        assert_eq!(text.lines().count(), 30_000);
+        assert_eq!(
+            files.iter().map(|(_, b)| b.len() as u64).sum::<u64>(),
+            c.files.iter().map(|f| f.size).sum::<u64>()
+        );
+        // Nothing written since: no committable.
+        assert!(w.pre_commit(CheckpointId(2)).unwrap().is_none());
+    }
+
+    #[test]
+    fn recovery_commits_restored_files_and_aborts_the_rest() {
+        let sink = memory_sink(Csv);
+        let mut w = sink.open_writer(&ctx()).unwrap();
+        w.write(&mut vec![(1, "a,b".into())]).unwrap();
+        let restored = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
+        w.write(&mut vec![(2, "later".into())]).unwrap();
+        let _lost = w.pre_commit(CheckpointId(2)).unwrap().unwrap();
+        w.write(&mut vec![(3, "in flight".into())]).unwrap();
+        w.upload_part(w.buf.len()).unwrap(); // an upload started before a crash
+        drop(w);
+        assert_eq!(sink.recover(&recovery(), vec![restored]).unwrap(), None);
+        let files = objects(&sink);
+        assert_eq!(
+            files.len(),
+            1,
+            "only the restored checkpoint's file: {files:?}"
+        );
+        assert_eq!(files[0].1, b"1,\"a,b\"\n");
+    }
+
+    #[test]
+    fn a_vanished_committed_file_is_data_loss() {
+        let sink = memory_sink(JsonLines);
+        let mut w = sink.open_writer(&ctx()).unwrap();
+        w.write(&mut vec![(1, "a".into())]).unwrap();
+        let c = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
+        sink.commit(&c).unwrap();
+        let store = sink.store.clone();
+        let path = Path::from(c.files[0].path.as_str());
+        sink.rt
+            .block_on(async move { store.delete(&path).await })
+            .unwrap();
+        let err = sink.commit(&c).unwrap_err();
+        assert!(matches!(err, Error::CommitLost { .. }), "{err}");
+    }
+}
