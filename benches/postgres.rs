@@ -3,7 +3,7 @@
 //!
 //! `scripts/with-pg.sh cargo bench --bench postgres` (starts a private PostgreSQL on
 //! 127.0.0.1 and sets `EXACTLY_PG_URL`). `EXACTLY_BENCH_ROWS` sets the row count
-//! (default 1,000,000). Each mode writes into a fresh table of (id, account, amount)
+//! (default 5,000,000). Each mode writes into a fresh table of (id, account, amount)
 //! with multi-row inserts, parallelism 2, a checkpoint every second; the table is
 //! counted afterwards. "Commit latency" is the time from the last acknowledgement of a
 //! checkpoint to its manifest written and its output committed (median over the run's
@@ -145,7 +145,7 @@ fn main() {
     if listing() {
         return;
     }
-    let rows = env_num("EXACTLY_BENCH_ROWS", 1_000_000);
+    let rows = env_num("EXACTLY_BENCH_ROWS", 5_000_000);
     let Ok(url) = std::env::var("EXACTLY_PG_URL") else {
         eprintln!(
             "EXACTLY_PG_URL is not set; run `scripts/with-pg.sh cargo bench --bench postgres`"
