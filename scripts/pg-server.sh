@@ -1,8 +1,9 @@
 # Sourced by scripts/test.sh and scripts/with-pg.sh. `start_pg_server` installs the
 # PostgreSQL server from Debian if it is missing, starts a private cluster (its own data
 # directory, bound to 127.0.0.1 on a free port, max_prepared_transactions = 64 for the
-# two-phase-commit sink) and exports EXACTLY_PG_URL; `stop_pg_server` stops it (the
-# caller traps EXIT). It fails loudly if any step fails.
+# two-phase-commit sink) and exports EXACTLY_PG_URL, plus a second one with
+# max_prepared_transactions = 0 (EXACTLY_PG_NO2PC_URL: the sink must refuse it);
+# `stop_pg_server` stops both (the caller traps EXIT). It fails loudly if any step fails.
 
 start_pg_server() {
   local bin
@@ -22,28 +23,42 @@ start_pg_server() {
     id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql postgres
     as=(runuser -u postgres --)
   fi
+  PG_AS=("${as[@]}")
+  PG_BIN=$bin
   PG_DATA=$(mktemp -d)
   chmod 755 "$PG_DATA"
   local pwfile="$PG_DATA/pw"
   echo "exactly-test" >"$pwfile"
   [ "$(id -u)" = 0 ] && chown -R postgres "$PG_DATA"
-  local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  echo "== starting PostgreSQL ($("$bin/postgres" --version | awk '{print $3}')) on 127.0.0.1:$port"
+  echo "== starting PostgreSQL ($("$bin/postgres" --version | awk '{print $3}')) on 127.0.0.1"
   "${as[@]}" "$bin/initdb" -D "$PG_DATA/db" -U postgres --auth-host=scram-sha-256 \
     --auth-local=trust --pwfile="$pwfile" >"$PG_DATA/initdb.log" 2>&1 || {
     echo "initdb failed:" >&2; cat "$PG_DATA/initdb.log" >&2; return 1; }
-  "${as[@]}" "$bin/pg_ctl" -D "$PG_DATA/db" -w -l "$PG_DATA/server.log" -o \
-    "-c listen_addresses=127.0.0.1 -c port=$port -c max_prepared_transactions=64 -c unix_socket_directories=$PG_DATA -c fsync=on" \
-    start >/dev/null || {
-    echo "PostgreSQL did not start; its log:" >&2; cat "$PG_DATA/server.log" >&2; return 1; }
-  PG_STOP=("${as[@]}" "$bin/pg_ctl" -D "$PG_DATA/db" -m fast stop)
+  "${as[@]}" cp -a "$PG_DATA/db" "$PG_DATA/db-no2pc"
+  local port
+  port=$(pg_cluster "$bin" db 64) || return 1
   export EXACTLY_PG_URL="host=127.0.0.1 port=$port user=postgres password=exactly-test dbname=postgres"
+  port=$(pg_cluster "$bin" db-no2pc 0) || return 1
+  export EXACTLY_PG_NO2PC_URL="host=127.0.0.1 port=$port user=postgres password=exactly-test dbname=postgres"
+}
+
+# Start the cluster in $PG_DATA/$2 with max_prepared_transactions = $3; prints its port.
+pg_cluster() {
+  local bin=$1 dir=$2 prepared=$3 port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "${PG_AS[@]}" "$bin/pg_ctl" -D "$PG_DATA/$dir" -w -l "$PG_DATA/$dir.log" -o \
+    "-c listen_addresses=127.0.0.1 -c port=$port -c max_prepared_transactions=$prepared -c unix_socket_directories=$PG_DATA" \
+    start >/dev/null || {
+    echo "PostgreSQL ($dir) did not start; its log:" >&2; cat "$PG_DATA/$dir.log" >&2; return 1; }
+  echo "$port"
 }
 
 stop_pg_server() {
   if [ -n "${PG_DATA:-}" ]; then
-    "${PG_STOP[@]}" >/dev/null 2>&1 || true
+    local dir
+    for dir in db db-no2pc; do
+      "${PG_AS[@]}" "$PG_BIN/pg_ctl" -D "$PG_DATA/$dir" -m fast stop >/dev/null 2>&1 || true
+    done
     rm -rf "$PG_DATA"
   fi
 }

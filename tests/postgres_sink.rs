@@ -34,8 +34,8 @@ struct Case {
     mode: &'static str,
 }
 
-/// Input for 20,000 trips and an empty database named `name`.
-fn setup(name: &str, mode: &'static str) -> Case {
+/// Input for `trips` trips and an empty database named `name`.
+fn setup_with(name: &str, mode: &'static str, trips: u64) -> Case {
     let server = server_url();
     let mut admin = Client::connect(&server, NoTls).unwrap();
     // Two statements: DROP/CREATE DATABASE cannot share an implicit transaction.
@@ -51,7 +51,14 @@ fn setup(name: &str, mode: &'static str) -> Case {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
     let ok = Command::new(&bin)
-        .args(["generate", "--trips", "20000", "--seed", "5", "--dir"])
+        .args([
+            "generate",
+            "--trips",
+            &trips.to_string(),
+            "--seed",
+            "5",
+            "--dir",
+        ])
         .arg(&dir)
         .stderr(Stdio::null())
         .status()
@@ -64,6 +71,11 @@ fn setup(name: &str, mode: &'static str) -> Case {
         url,
         mode,
     }
+}
+
+/// 30,000 trips (about 95,000 events): a paced run spans 10-60 checkpoints.
+fn setup(name: &str, mode: &'static str) -> Case {
+    setup_with(name, mode, 30_000)
 }
 
 impl Case {
@@ -248,9 +260,11 @@ fn idempotent_random_sigkills() {
 /// crash is repeated at later commits until one lands between them, which shows as
 /// exactly subtask 1's transaction still prepared.
 fn between_commits(name: &str, mode: &'static str) {
-    let case = setup(name, mode);
+    // Enough input that the crash-and-restart cycles below cannot finish the job.
+    let case = setup_with(name, mode, 60_000);
     let mut landed = false;
-    for nth in 2..=14 {
+    for attempt in 0..15 {
+        let nth = 2 + attempt % 5;
         case.crash(2, &format!("{}:{nth}", failpoints::BETWEEN_COMMITS));
         let gids = case.prepared_gids();
         println!("{mode}: crash at commit boundary {nth}: prepared {gids:?}");
@@ -280,7 +294,7 @@ fn between_commits(name: &str, mode: &'static str) {
 /// Crash after a manifest, then crash again while restoring, then restore at
 /// parallelism 3.
 fn during_recovery(name: &str, mode: &'static str) {
-    let case = setup(name, mode);
+    let case = setup_with(name, mode, 40_000);
     case.crash(2, &format!("{}:4", failpoints::AFTER_MANIFEST));
     let out = case.run(3, Some(&format!("{}:1", failpoints::DURING_RESTORE)));
     assert_eq!(out.status.signal(), Some(6), "crash during restore");
@@ -317,4 +331,57 @@ fn random_sigkills(name: &str, mode: &'static str) {
     );
     assert!(kills >= 4, "the job finished before most kills");
     case.finish_and_check();
+}
+
+/// A server with `max_prepared_transactions = 0` (the second cluster the test script
+/// starts): the two-phase sink is refused at job start with an error naming the
+/// setting, before any record is read; the idempotent sink works there.
+#[test]
+fn two_phase_is_refused_without_prepared_transactions() {
+    use exactly::prelude::*;
+    use exactly::sinks::postgres::{PostgresSink, Sql};
+    let url = std::env::var("EXACTLY_PG_NO2PC_URL").expect(
+        "EXACTLY_PG_NO2PC_URL is not set: run the suite with ./scripts/test.sh, which starts PostgreSQL",
+    );
+    let mut c = Client::connect(&url, NoTls).unwrap();
+    c.batch_execute("DROP TABLE IF EXISTS refused; CREATE TABLE refused (n bigint)")
+        .unwrap();
+    let run = |two_phase: bool| {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = Job::builder("no2pc")
+            .checkpoint_storage(tmp.path().to_str().unwrap())
+            .restart_policy(RestartPolicy::none())
+            .build()
+            .unwrap();
+        let sql = Sql::insert("refused", &["n"]);
+        let map = |n: &i64| (*n,);
+        let sink = if two_phase {
+            PostgresSink::two_phase(&url, sql, map)
+        } else {
+            PostgresSink::idempotent(&url, sql, map)
+        };
+        job.source("numbers", VecSource::new((0..1000i64).collect()))
+            .sink("out", sink);
+        job.run()
+    };
+    let err = run(true).expect_err("two-phase commit needs prepared transactions");
+    assert!(
+        matches!(err, Error::Config { .. })
+            && err.to_string().contains("max_prepared_transactions = 0"),
+        "{err}"
+    );
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM refused", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "nothing was written");
+    run(false).unwrap();
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM refused", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rows, 1000,
+        "the idempotent mode needs no prepared transactions"
+    );
 }
