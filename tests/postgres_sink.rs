@@ -32,6 +32,8 @@ struct Case {
     dir: PathBuf,
     url: String,
     mode: &'static str,
+    /// Pause after each source batch (there are six splits reading in parallel).
+    pace_us: u64,
 }
 
 /// Input for `trips` trips and an empty database named `name`.
@@ -70,6 +72,7 @@ fn setup_with(name: &str, mode: &'static str, trips: u64) -> Case {
         dir,
         url,
         mode,
+        pace_us: 8000,
     }
 }
 
@@ -87,7 +90,12 @@ impl Case {
             .args(["--checkpoint-ms", "20"])
             .args(["--parallelism", &parallelism.to_string()])
             // Small, paced batches: the run spans many checkpoints.
-            .args(["--batch-size", "128", "--pace-us", "8000"])
+            .args([
+                "--batch-size",
+                "128",
+                "--pace-us",
+                &self.pace_us.to_string(),
+            ])
             .args(["--ledger-postgres", &self.url])
             .args(["--ledger-commit", self.mode]);
         if let Some(spec) = crash {
@@ -309,15 +317,18 @@ fn during_recovery(name: &str, mode: &'static str) {
 
 /// SIGKILL at random moments, restarting at parallelism 1, 2 or 3.
 fn random_sigkills(name: &str, mode: &'static str) {
-    let case = setup(name, mode);
+    let mut case = setup(name, mode);
+    // Slower sources: the whole run takes several seconds, so the kills land in it.
+    case.pace_us = 30_000;
     let mut s = seed();
     let path: &Path = &case.dir;
     let mut kills = 0;
     for _ in 0..8 {
         let p = 1 + (xorshift(&mut s) % 3) as usize;
         let mut child = case.command(p, None).stderr(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(150 + xorshift(&mut s) % 900));
-        if child.try_wait().unwrap().is_some() {
+        std::thread::sleep(Duration::from_millis(100 + xorshift(&mut s) % 600));
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "the job failed on its own: {status}");
             break;
         }
         child.kill().unwrap();
