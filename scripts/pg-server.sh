@@ -9,12 +9,8 @@ start_pg_server() {
   local bin
   bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
   if [ -z "$bin" ] || [ ! -x "$bin/initdb" ]; then
-    echo "== installing PostgreSQL (Debian: postgresql)"
-    if [ "$(id -u)" = 0 ]; then
-      apt-get install -y -q postgresql || { apt-get update -q && apt-get install -y -q postgresql; }
-    else
-      sudo apt-get install -y -q postgresql
-    fi
+    source scripts/apt.sh
+    apt_install postgresql
     bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
   fi
   # initdb refuses to run as root: run the server as the `postgres` user when root.

@@ -9,15 +9,10 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-# The RocksDB crate generates its bindings with libclang at build time.
-if command -v dpkg >/dev/null 2>&1 && ! dpkg -s libclang-dev >/dev/null 2>&1; then
-  echo "== installing libclang-dev (needed to build RocksDB's bindings)"
-  if [ "$(id -u)" = 0 ]; then
-    apt-get install -y -q libclang-dev || { apt-get update -q && apt-get install -y -q libclang-dev; }
-  else
-    sudo apt-get install -y -q libclang-dev
-  fi
-fi
+# Building RocksDB from source needs a C++ compiler, make and libclang
+# (RocksDB's bindings are generated at build time); python3-venv for the S3 server.
+source scripts/apt.sh
+apt_install g++ make libclang-dev python3-venv
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
