@@ -7,13 +7,12 @@
 //! with multi-row inserts, parallelism 2, a checkpoint every second; the table is
 //! counted afterwards. "Commit latency" is the time from the last acknowledgement of a
 //! checkpoint to its manifest written and its output committed (median over the run's
-//! checkpoints); the no-op sink row shows that time without a database.
+//! checkpoints); the no-op sink row (a sink that only counts) shows that time without a database.
 
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{env_num, listing, median};
-use exactly::engine::testing::CollectCommittable;
+use common::{env_num, listing, median, CountSink};
 use exactly::prelude::*;
 use exactly::sinks::postgres::client::{Client, NoTls};
 use exactly::sinks::postgres::{PostgresSink, Sql};
@@ -25,52 +24,6 @@ struct Row {
     id: i64,
     account: String,
     amount: i64,
-}
-
-/// A sink that discards rows: the baseline commit latency.
-#[derive(Clone, Default)]
-struct Discard;
-
-struct DiscardWriter(u64);
-
-impl TwoPhaseCommitSink for Discard {
-    type Item = Row;
-    type Committable = CollectCommittable;
-    type Writer = DiscardWriter;
-    fn open_writer(&self, _: &SinkContext) -> exactly::engine::error::Result<DiscardWriter> {
-        Ok(DiscardWriter(0))
-    }
-    fn commit(&self, _: &CollectCommittable) -> exactly::engine::error::Result<()> {
-        Ok(())
-    }
-    fn recover(
-        &self,
-        _: &RecoveryContext,
-        _: Vec<CollectCommittable>,
-    ) -> exactly::engine::error::Result<Option<CheckpointId>> {
-        Ok(None)
-    }
-}
-
-impl SinkWriter for DiscardWriter {
-    type Item = Row;
-    type Committable = CollectCommittable;
-    fn write(&mut self, batch: &mut Vec<Row>) -> exactly::engine::error::Result<()> {
-        self.0 += batch.len() as u64;
-        batch.clear();
-        Ok(())
-    }
-    fn pre_commit(
-        &mut self,
-        c: CheckpointId,
-    ) -> exactly::engine::error::Result<Option<CollectCommittable>> {
-        Ok(
-            (std::mem::take(&mut self.0) > 0).then_some(CollectCommittable {
-                checkpoint: c.0,
-                subtask: 0,
-            }),
-        )
-    }
 }
 
 enum Target {
@@ -98,7 +51,7 @@ fn run(label: &str, rows: u64, target: Target) {
     let table = format!("bench_{}", label.replace('-', "_"));
     match &target {
         Target::Discard => {
-            stream.sink("out", Discard);
+            stream.sink("out", CountSink::<Row>::default());
         }
         Target::Postgres { url, two_phase } => {
             let mut c = Client::connect(url, NoTls).unwrap();

@@ -8,12 +8,10 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{cores, env_num, listing, median};
-use exactly::engine::testing::CollectCommittable;
+use common::{cores, env_num, listing, median, CountSink};
 use exactly::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const SUM: ValueState<i64> = ValueState::new("sum");
@@ -43,57 +41,6 @@ impl KeyedProcessFunction<u64, Event> for RunningSum {
     }
 }
 
-/// A two-phase-commit sink that only counts, so the benchmark measures the engine.
-#[derive(Clone, Default)]
-struct CountSink {
-    committed: Arc<AtomicU64>,
-}
-
-struct CountWriter(u64);
-
-impl TwoPhaseCommitSink for CountSink {
-    type Item = (u64, i64);
-    type Committable = (CollectCommittable, u64);
-    type Writer = CountWriter;
-    fn open_writer(&self, _: &SinkContext) -> exactly::engine::error::Result<CountWriter> {
-        Ok(CountWriter(0))
-    }
-    fn commit(&self, c: &Self::Committable) -> exactly::engine::error::Result<()> {
-        self.committed.fetch_add(c.1, Ordering::Relaxed);
-        Ok(())
-    }
-    fn recover(
-        &self,
-        _: &RecoveryContext,
-        _: Vec<Self::Committable>,
-    ) -> exactly::engine::error::Result<Option<CheckpointId>> {
-        Ok(None)
-    }
-}
-
-impl SinkWriter for CountWriter {
-    type Item = (u64, i64);
-    type Committable = (CollectCommittable, u64);
-    fn write(&mut self, batch: &mut Vec<(u64, i64)>) -> exactly::engine::error::Result<()> {
-        self.0 += batch.len() as u64;
-        batch.clear();
-        Ok(())
-    }
-    fn pre_commit(
-        &mut self,
-        c: CheckpointId,
-    ) -> exactly::engine::error::Result<Option<Self::Committable>> {
-        let n = std::mem::take(&mut self.0);
-        Ok((n > 0).then_some((
-            CollectCommittable {
-                checkpoint: c.0,
-                subtask: 0,
-            },
-            n,
-        )))
-    }
-}
-
 fn run(events: u64, interval: Option<Duration>, backend: StateBackend) -> (Duration, JobReport) {
     let dir = tempfile::tempdir().unwrap();
     run_on(dir.path().to_str().unwrap(), events, interval, backend)
@@ -115,7 +62,7 @@ fn run_on(
         b = b.checkpoint_every(i);
     }
     let job = b.build().unwrap();
-    let sink = CountSink::default();
+    let sink = CountSink::<(u64, i64)>::default();
     job.source(
         "events",
         GeneratorSource::new(events, |i| Event {

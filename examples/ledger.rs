@@ -261,9 +261,7 @@ fn demo(a: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    args::init_logging();
-    #[cfg(feature = "failpoints")]
-    exactly::engine::failpoints::crash_from_env().map_err(|e| anyhow::anyhow!(e))?;
+    args::start()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         bail!("usage: ledger demo|generate|run|verify --flag value ...");

@@ -30,20 +30,11 @@ fn fixture(trips: u64) -> Fixture {
     let bin = example_binary("reconciliation", &["failpoints"]);
     let tmp = tempfile::tempdir().unwrap();
     let gold = tmp.path().join("gold");
-    let ok = Command::new(&bin)
-        .args([
-            "generate",
-            "--trips",
-            &trips.to_string(),
-            "--seed",
-            "11",
-            "--dir",
-        ])
-        .arg(&gold)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    common::generate(
+        &bin,
+        &["--trips", &trips.to_string(), "--seed", "11", "--dir"],
+        &gold,
+    );
     let out = run(&bin, &gold, 2, None);
     assert!(
         out.status.success(),

@@ -73,9 +73,9 @@ fn kill_and_restore(state: &str, checkpoints: impl Fn(&Path, &str) -> std::path:
     let bin = example_binary("ledger", &[]);
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("payments.jsonl");
-    let ok = Command::new(&bin)
-        .args([
-            "generate",
+    common::generate(
+        &bin,
+        &[
             "--events",
             &events.to_string(),
             "--accounts",
@@ -83,11 +83,9 @@ fn kill_and_restore(state: &str, checkpoints: impl Fn(&Path, &str) -> std::path:
             "--seed",
             "7",
             "--out",
-        ])
-        .arg(&input)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+        ],
+        &input,
+    );
 
     // Failure-free run.
     let (gold_out, gold_chk) = (

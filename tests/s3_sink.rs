@@ -99,19 +99,11 @@ fn sigkilled_job_writing_part_files_to_s3() {
     let bin = example_binary("ledger", &["failpoints"]);
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("payments.jsonl");
-    let ok = Command::new(&bin)
-        .args([
-            "generate",
-            "--events",
-            "300000",
-            "--accounts",
-            "5000",
-            "--out",
-        ])
-        .arg(&input)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    common::generate(
+        &bin,
+        &["--events", "300000", "--accounts", "5000", "--out"],
+        &input,
+    );
     let gold = tmp.path().join("gold");
     let ok = run(
         &bin,

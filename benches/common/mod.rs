@@ -1,6 +1,12 @@
 //! Helpers shared by the benchmarks (`#[path]`-included; each bench uses some).
 #![allow(dead_code)]
 
+use exactly::engine::error::Result;
+use exactly::engine::testing::CollectCommittable;
+use exactly::prelude::*;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `cargo bench --list` and `cargo test --benches` must not run a benchmark.
@@ -27,4 +33,71 @@ pub fn cores() -> usize {
 pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// A two-phase-commit sink that only counts committed records, so a benchmark measures
+/// the engine (and can assert that every record was committed once).
+pub struct CountSink<T> {
+    pub committed: Arc<AtomicU64>,
+    _t: PhantomData<fn(T)>,
+}
+
+impl<T> Default for CountSink<T> {
+    fn default() -> Self {
+        CountSink {
+            committed: Arc::default(),
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T> Clone for CountSink<T> {
+    fn clone(&self) -> Self {
+        CountSink {
+            committed: self.committed.clone(),
+            _t: PhantomData,
+        }
+    }
+}
+
+pub struct CountWriter<T>(u64, PhantomData<fn(T)>);
+
+impl<T: Data> TwoPhaseCommitSink for CountSink<T> {
+    type Item = T;
+    type Committable = (CollectCommittable, u64);
+    type Writer = CountWriter<T>;
+    fn open_writer(&self, _: &SinkContext) -> Result<CountWriter<T>> {
+        Ok(CountWriter(0, PhantomData))
+    }
+    fn commit(&self, c: &Self::Committable) -> Result<()> {
+        self.committed.fetch_add(c.1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn recover(
+        &self,
+        _: &RecoveryContext,
+        _: Vec<Self::Committable>,
+    ) -> Result<Option<CheckpointId>> {
+        Ok(None)
+    }
+}
+
+impl<T: Data> SinkWriter for CountWriter<T> {
+    type Item = T;
+    type Committable = (CollectCommittable, u64);
+    fn write(&mut self, batch: &mut Vec<T>) -> Result<()> {
+        self.0 += batch.len() as u64;
+        batch.clear();
+        Ok(())
+    }
+    fn pre_commit(&mut self, c: CheckpointId) -> Result<Option<Self::Committable>> {
+        let n = std::mem::take(&mut self.0);
+        Ok((n > 0).then_some((
+            CollectCommittable {
+                checkpoint: c.0,
+                subtask: 0,
+            },
+            n,
+        )))
+    }
 }

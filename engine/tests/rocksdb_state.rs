@@ -4,6 +4,8 @@
 //! (started by `scripts/test.sh`) after the local working directory is wiped.
 #![cfg(feature = "rocksdb")]
 
+mod common;
+
 use exactly_engine::manifest::Manifest;
 use exactly_engine::prelude::*;
 use exactly_engine::state::RocksDbConfig;
@@ -11,7 +13,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-const SUM: ValueState<i64> = ValueState::new("sum");
 const KEYS: u64 = 20_000;
 const EVENTS: u64 = 300_000;
 /// Pause per source batch, so the crash lands mid-stream: a few hundred ms of input
@@ -48,18 +49,8 @@ fn run(
         b = b.inject_failure_after_checkpoint(n);
     }
     let job = b.build()?;
-    job.source("events", VecSource::new(events()).with_splits(2))
-        .key_by(|e| e.0)
-        .process_fn(
-            |e: (u64, i64), ctx: &mut KeyedContext<'_, u64, (u64, i64)>| {
-                let s = ctx.value(SUM)?.unwrap_or(0) + e.1;
-                ctx.set_value(SUM, &s)?;
-                ctx.emit((e.0, s));
-                Ok(())
-            },
-        )
-        .name("sum")
-        .sink("out", out.clone());
+    let events = job.source("events", VecSource::new(events()).with_splits(2));
+    common::running_sum(&events).sink("out", out.clone());
     job.run()
 }
 

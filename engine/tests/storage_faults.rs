@@ -2,6 +2,8 @@
 //! the job restarts when it must, and committed output stays exactly-once.
 
 use async_trait::async_trait;
+mod common;
+
 use exactly_engine::prelude::*;
 use exactly_engine::storage::CheckpointStorage;
 use futures::stream::BoxStream;
@@ -108,21 +110,9 @@ impl ObjectStore for FaultyStore {
     }
 }
 
-const SUM: ValueState<i64> = ValueState::new("sum");
-
 fn build(job: &Job, input: &[(u32, i64)], out: &CollectSink<(u32, i64)>) {
-    job.source("in", VecSource::new(input.to_vec()).with_splits(4))
-        .key_by(|e| e.0)
-        .process_fn(
-            |(k, v): (u32, i64), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
-                let s = ctx.value(SUM)?.unwrap_or(0) + v;
-                ctx.set_value(SUM, &s)?;
-                ctx.emit((k, s));
-                Ok(())
-            },
-        )
-        .name("sum")
-        .sink("out", out.clone());
+    let events = job.source("in", VecSource::new(input.to_vec()).with_splits(4));
+    common::running_sum(&events).sink("out", out.clone());
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! `scripts/test.sh` on 127.0.0.1). These tests fail, they do not skip, when the server
 //! is not configured.
 
+mod common;
+
 use exactly_engine::ids::{OperatorId, SubtaskIndex};
 use exactly_engine::manifest::{Manifest, MANIFEST_FORMAT_VERSION};
 use exactly_engine::prelude::*;
@@ -98,8 +100,6 @@ fn large_state_files_use_multipart_upload() {
     });
 }
 
-const SUM: ValueState<i64> = ValueState::new("sum");
-
 fn job(url: &str, input: &[(u32, i64)], out: &CollectSink<(u32, i64)>) -> Job {
     let job = Job::builder("s3-sum")
         .checkpoint_storage(url)
@@ -112,18 +112,8 @@ fn job(url: &str, input: &[(u32, i64)], out: &CollectSink<(u32, i64)>) -> Job {
 
 /// A running sum per key into `out`.
 fn pipeline(job: &Job, input: &[(u32, i64)], out: &CollectSink<(u32, i64)>) {
-    job.source("in", VecSource::new(input.to_vec()).with_splits(4))
-        .key_by(|e| e.0)
-        .process_fn(
-            |(k, v): (u32, i64), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
-                let s = ctx.value(SUM)?.unwrap_or(0) + v;
-                ctx.set_value(SUM, &s)?;
-                ctx.emit((k, s));
-                Ok(())
-            },
-        )
-        .name("sum")
-        .sink("out", out.clone());
+    let events = job.source("in", VecSource::new(input.to_vec()).with_splits(4));
+    common::running_sum(&events).sink("out", out.clone());
 }
 
 #[test]

@@ -78,8 +78,10 @@ impl Args {
     }
 }
 
-/// Print the engine's warnings (e.g. a stalled watermark) to stderr; `RUST_LOG` overrides.
-pub fn init_logging() {
+/// Start an example binary: print the engine's warnings (e.g. a stalled watermark) to
+/// stderr (`RUST_LOG` overrides) and, in builds with the `failpoints` feature, arm the
+/// fail point named by `EXACTLY_CRASH_AT` (the chaos tests crash the binary with it).
+pub fn start() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -87,4 +89,7 @@ pub fn init_logging() {
         )
         .with_writer(std::io::stderr)
         .init();
+    #[cfg(feature = "failpoints")]
+    exactly::engine::failpoints::crash_from_env().map_err(|e| anyhow::anyhow!(e))?;
+    Ok(())
 }

@@ -194,9 +194,7 @@ fn demo(a: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    args::init_logging();
-    #[cfg(feature = "failpoints")]
-    exactly::engine::failpoints::crash_from_env().map_err(|e| anyhow::anyhow!(e))?;
+    args::start()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = args.first().map(String::as_str).unwrap_or("demo");
     let rest = if args.is_empty() { &[][..] } else { &args[1..] };

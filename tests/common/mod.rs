@@ -27,6 +27,19 @@ pub fn example_binary(name: &str, features: &[&str]) -> PathBuf {
     profile_dir.join("examples").join(name)
 }
 
+/// Run an example's input generator, `bin generate <args> <target>` (the last flag in
+/// `args` names the target), and require it to succeed.
+pub fn generate(bin: &Path, args: &[&str], target: &Path) {
+    let status = Command::new(bin)
+        .arg("generate")
+        .args(args)
+        .arg(target)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("the example runs");
+    assert!(status.success(), "generating input with {args:?} failed");
+}
+
 /// A number from the environment, or `default`.
 pub fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
