@@ -36,8 +36,8 @@ struct Case {
     pace_us: u64,
 }
 
-/// Input for `trips` trips and an empty database named `name`.
-fn setup_with(name: &str, mode: &'static str, trips: u64) -> Case {
+/// An empty database named `name`; returns its connection string.
+fn fresh_database(name: &str) -> String {
     let server = server_url();
     let mut admin = Client::connect(&server, NoTls).unwrap();
     // Two statements: DROP/CREATE DATABASE cannot share an implicit transaction.
@@ -49,23 +49,20 @@ fn setup_with(name: &str, mode: &'static str, trips: u64) -> Case {
         .unwrap();
     let url = server.replace("dbname=postgres", &format!("dbname={name}"));
     assert_ne!(url, server, "EXACTLY_PG_URL must name dbname=postgres");
+    url
+}
+
+/// Input for `trips` trips and an empty database named `name`.
+fn setup_with(name: &str, mode: &'static str, trips: u64) -> Case {
+    let url = fresh_database(name);
     let bin = example_binary("reconciliation", &["failpoints"]);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
-    let ok = Command::new(&bin)
-        .args([
-            "generate",
-            "--trips",
-            &trips.to_string(),
-            "--seed",
-            "5",
-            "--dir",
-        ])
-        .arg(&dir)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    common::generate(
+        &bin,
+        &["--trips", &trips.to_string(), "--seed", "5", "--dir"],
+        &dir,
+    );
     Case {
         bin,
         _tmp: tmp,
@@ -395,4 +392,87 @@ fn two_phase_is_refused_without_prepared_transactions() {
         rows, 1000,
         "the idempotent mode needs no prepared transactions"
     );
+}
+
+/// The server drops every connection of the sink (`pg_terminate_backend`), in both
+/// modes. After a barrier, the staged output survives, and commit and recovery notice
+/// the dead connection, reconnect and go through. Before a barrier, the writer's open
+/// transaction is lost: pre-commit fails (the job restarts), and recovery from the last
+/// checkpoint re-commits idempotently and leaves nothing prepared or staged.
+#[test]
+fn connection_loss_during_commit_and_writing() {
+    use exactly::engine::api::{RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
+    use exactly::engine::ids::{CheckpointId, OperatorId, SubtaskIndex};
+    use exactly::sinks::postgres::{PostgresSink, Sql};
+    let url = fresh_database("pg_connection_loss");
+    let mut db = Client::connect(&url, NoTls).unwrap();
+    let count = |db: &mut Client, sql: &str| -> i64 { db.query_one(sql, &[]).unwrap().get(0) };
+    let drop_all_connections = |db: &mut Client| {
+        let n = count(
+            db,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        );
+        assert!(n > 0, "the sink had connections to drop");
+    };
+    for two_phase in [true, false] {
+        let table = if two_phase { "lost_2pc" } else { "lost_idem" };
+        db.batch_execute(&format!("CREATE TABLE {table} (n bigint)"))
+            .unwrap();
+        let sql = Sql::insert(table, &["n"]);
+        let map = |n: &i64| (*n,);
+        let sink = if two_phase {
+            PostgresSink::two_phase(&url, sql, map)
+        } else {
+            PostgresSink::idempotent(&url, sql, map)
+        };
+        let recovery = |restored: Option<u64>| RecoveryContext {
+            job: "loss".into(),
+            sink: OperatorId(table.into()),
+            restored: restored.map(CheckpointId),
+        };
+        sink.recover(&recovery(None), Vec::new()).unwrap();
+        let mut w = sink
+            .open_writer(&SinkContext {
+                job: "loss".into(),
+                sink: OperatorId(table.into()),
+                subtask: SubtaskIndex(0),
+                parallelism: 1,
+            })
+            .unwrap();
+        w.write(&mut (0..100).collect()).unwrap();
+        let staged = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
+
+        drop_all_connections(&mut db);
+        sink.commit(&staged).unwrap();
+        let rows = format!("SELECT count(*) FROM {table}");
+        assert_eq!(count(&mut db, &rows), 100, "committed once");
+
+        w.write(&mut (100..200).collect()).unwrap();
+        drop_all_connections(&mut db);
+        assert!(
+            w.pre_commit(CheckpointId(2)).is_err(),
+            "the writer's transaction died with its connection"
+        );
+        // The restart: recovery from checkpoint 1 commits its output again (no effect).
+        sink.recover(&recovery(Some(1)), vec![staged]).unwrap();
+        assert_eq!(
+            count(&mut db, &rows),
+            100,
+            "nothing doubled, nothing from the lost interval"
+        );
+        assert_eq!(
+            count(
+                &mut db,
+                "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()"
+            ),
+            0
+        );
+        if !two_phase {
+            assert_eq!(
+                count(&mut db, "SELECT count(*) FROM exactly_sink_staging"),
+                0
+            );
+        }
+    }
 }

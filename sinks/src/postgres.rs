@@ -33,8 +33,9 @@
 //! `$1..$n` once per record. A record maps to a tuple of parameters (`PgRow`).
 //!
 //! Connection loss: a writer error restarts the job from its last checkpoint (the open
-//! transaction is rolled back by the server); a failed commit stays pending and is
-//! retried after the next checkpoint and on recovery.
+//! transaction is rolled back by the server). Commit and recovery reconnect once when
+//! their connection turns out to be dropped; a commit that still fails stays pending
+//! and is retried after the next checkpoint and on recovery.
 
 use exactly_engine::api::{Data, RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
 use exactly_engine::error::{Error, Result};
@@ -288,23 +289,43 @@ where
         })
     }
 
-    /// Run `f` on the control connection; a failure drops the connection so the next
-    /// call reconnects.
+    /// Run `f` on the control connection. If a connection opened earlier turns out to be
+    /// dead (the server restarted or dropped it while idle), reconnect and run `f` once
+    /// more; any other failure drops the connection so the next call reconnects.
     fn with_control<X>(
         &self,
         sink: &str,
-        f: impl FnOnce(&mut Client) -> std::result::Result<X, SinkFailure>,
+        mut f: impl FnMut(&mut Client) -> std::result::Result<X, SinkFailure>,
     ) -> std::result::Result<X, SinkFailure> {
         let mut guard = self.control.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(self.connect(sink).map_err(SinkFailure::Engine)?);
-        }
-        let client = guard.as_mut().expect("connected above");
-        let r = f(client);
-        if r.is_err() {
+        let mut reused = true;
+        loop {
+            if guard.as_ref().is_none_or(|c| c.is_closed()) {
+                *guard = Some(self.connect(sink).map_err(SinkFailure::Engine)?);
+                reused = false;
+            }
+            let client = guard.as_mut().expect("connected above");
+            let r = f(client);
+            if r.is_ok() {
+                return r;
+            }
+            let lost = match &r {
+                Err(SinkFailure::Pg(e)) => {
+                    e.is_closed()
+                        || e.code().is_some_and(|c| {
+                            c == &SqlState::ADMIN_SHUTDOWN || c == &SqlState::CRASH_SHUTDOWN
+                        })
+                }
+                _ => false,
+            };
+            let stale = reused && (lost || client.is_closed());
             *guard = None;
+            if !stale {
+                return r;
+            }
+            tracing::info!(sink, "PostgreSQL connection was lost; reconnecting");
+            reused = false;
         }
-        r
     }
 
     fn commit_one(&self, c: &PgCommittable) -> Result<()> {
