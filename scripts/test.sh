@@ -24,12 +24,15 @@ echo "== cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --profile ci --quiet -- -D warnings
 
 # Real servers for the tests that need them, bound to 127.0.0.1 and stopped when this
-# script exits: SeaweedFS (S3) and a private PostgreSQL cluster. No server, no test run.
+# script exits: SeaweedFS (S3), private PostgreSQL clusters and a Kafka-protocol broker
+# (tansu). No server, no test run.
 source scripts/s3-server.sh
 source scripts/pg-server.sh
-trap 'stop_pg_server; stop_s3_server' EXIT
+source scripts/kafka-server.sh
+trap 'stop_kafka_server; stop_pg_server; stop_s3_server' EXIT
 start_s3_server
 start_pg_server
+start_kafka_server
 
 # The kill-and-restore tests drive 1M-event jobs through child processes, so tests
 # run optimised.
