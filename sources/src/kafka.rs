@@ -78,7 +78,10 @@ where
     fn consumer(&self, who: &str) -> Result<BaseConsumer> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
-            .set("enable.partition.eof", if self.bounded { "true" } else { "false" })
+            .set(
+                "enable.partition.eof",
+                if self.bounded { "true" } else { "false" },
+            )
             // Offsets live in checkpoints: the group only names the client.
             .set("group.id", format!("exactly-{who}"))
             .set("enable.auto.commit", "false")
