@@ -438,6 +438,7 @@ fn connection_loss_during_commit_and_writing() {
                 sink: OperatorId(table.into()),
                 subtask: SubtaskIndex(0),
                 parallelism: 1,
+                checkpoint_interval: None,
             })
             .unwrap();
         w.write(&mut (0..100).collect()).unwrap();

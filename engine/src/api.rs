@@ -107,6 +107,9 @@ pub struct SinkContext {
     pub subtask: SubtaskIndex,
     /// Parallelism of the sink.
     pub parallelism: usize,
+    /// The job's checkpoint interval (`None`: only the final checkpoint), so a sink can
+    /// check its own timeouts against it.
+    pub checkpoint_interval: Option<std::time::Duration>,
 }
 
 /// What recovery tells a sink.

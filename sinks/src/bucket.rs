@@ -94,7 +94,7 @@ pub struct ObjectStoreSink<T, E> {
     _t: PhantomData<fn(T)>,
 }
 
-fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
+pub(crate) fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("object-sink-io")
@@ -459,6 +459,7 @@ mod tests {
             sink: OperatorId("out".into()),
             subtask: SubtaskIndex(0),
             parallelism: 1,
+            checkpoint_interval: None,
         }
     }
 

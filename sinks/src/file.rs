@@ -343,6 +343,7 @@ mod tests {
             sink: OperatorId(sink.into()),
             subtask: SubtaskIndex(subtask),
             parallelism: 2,
+            checkpoint_interval: None,
         }
     }
 

@@ -7,9 +7,13 @@
 //!   published by completing their multipart uploads.
 //! * [`postgres::PostgresSink`] (feature `postgres`): rows in PostgreSQL, by two-phase
 //!   commit or by idempotent transactional commits with marker rows.
+//! * [`kafka::KafkaSink`] (feature `kafka`): records in a Kafka topic, produced at commit
+//!   time in one Kafka transaction per subtask and checkpoint, with a marker record.
 
 mod bucket;
 mod file;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "s3")]

@@ -201,6 +201,7 @@ impl<T: Data> Stream<T> {
                 sink: sink_id.clone(),
                 subtask: ctx.subtask,
                 parallelism: ctx.parallelism_of(node),
+                checkpoint_interval: ctx.env.config.checkpoint_interval,
             })?;
             Ok(Box::new(SinkOp::<S> {
                 sink: sink_id,

@@ -369,6 +369,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             source_pacing: s.source_pacing,
             max_parallelism: s.max_parallelism,
             job: s.name.clone(),
+            checkpoint_interval: s.interval,
         }),
         events: events_tx,
         storage: storage.clone(),

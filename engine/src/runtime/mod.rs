@@ -96,6 +96,7 @@ pub(crate) struct RuntimeConfig {
     pub source_pacing: Option<Duration>,
     pub max_parallelism: u16,
     pub job: String,
+    pub checkpoint_interval: Option<Duration>,
 }
 
 /// Shared by all tasks of one attempt.

@@ -1,0 +1,718 @@
+//! Exactly-once into a Kafka topic with Kafka transactions (feature `kafka`).
+//!
+//! # Why records are staged outside Kafka
+//!
+//! Flink's Kafka sink writes a checkpoint interval's records into an open transaction
+//! and commits it after the checkpoint completes; after a crash between the two it
+//! *resumes* that transaction from its producer id and epoch (through Java reflection)
+//! to commit it. librdkafka has no way to resume a transaction: `init_transactions`
+//! with the same transactional id aborts it. A crash after the manifest and before the
+//! commit would then lose a completed checkpoint's records. So this sink keeps the
+//! prepared records durable itself, and the Kafka transaction only spans the commit:
+//!
+//! * **Write**: records are encoded (key and value bytes) into the subtask's buffer.
+//! * **Pre-commit** (barrier): the buffer is written as one staged object
+//!   `<prefix>/<job>/<sink>/<checkpoint>-<subtask>.stage` (length-framed records, a
+//!   record count and a CRC-32) to the staging store; the committable names it. Nothing
+//!   is in Kafka yet.
+//! * **Commit** (after the manifest): one transaction of the producer whose
+//!   transactional id is derived from job, sink and subtask produces the staged records
+//!   into the topic *and* a marker record `transactional id → checkpoint` into the
+//!   marker topic, then commits. Records and marker become visible atomically.
+//! * **Idempotence**: a commit first compares the checkpoint with the subtask's marker
+//!   (known after this process's own commits, or read from the marker topic with
+//!   `read_committed`); at or below the marker it was already committed and does nothing.
+//!   Commits of one subtask happen in checkpoint order and stop at the first failure, so
+//!   a marker at `n` means every checkpoint up to `n` was committed.
+//! * **Recovery**: `init_transactions` for every transactional id with a pending
+//!   committable or a staged object fences the previous process's producers and aborts
+//!   a transaction a crash left open ("lingering"); then the markers are read, the
+//!   restored committables are committed (the prepared-but-not-committed case), and
+//!   staged objects of checkpoints that never completed are deleted.
+//! * **Transaction timeout**: a commit produces one checkpoint interval's records in one
+//!   transaction; a job whose checkpoint interval exceeds the producer's
+//!   `transaction.timeout.ms` is refused at start. The broker refuses a timeout above
+//!   its `transaction.max.timeout.ms`, reported as a configuration error.
+//!
+//! The marker topic (default `exactly-commits`, one partition is enough, compaction
+//! recommended: only the latest marker per key matters) must exist or be creatable.
+//! Consumers of the topic should read with `isolation.level=read_committed`.
+//!
+//! Memory: a subtask buffers one checkpoint interval's encoded records.
+
+use exactly_engine::api::{Data, RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
+use exactly_engine::error::{Error, Result};
+use exactly_engine::ids::{CheckpointId, OperatorId};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long metadata, marker reads and transaction calls may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// First bytes of a staged object (format version 1).
+const STAGE_MAGIC: &[u8] = b"exactly-kafka-stage-1\n";
+/// A key length meaning "no key".
+const NO_KEY: u32 = u32::MAX;
+
+/// Where staged records wait between the barrier and the commit.
+#[derive(Clone)]
+pub struct Staging {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+}
+
+impl Staging {
+    /// A local directory (created if missing). It must survive a process restart; on a
+    /// machine that can be replaced, use an object store instead.
+    pub fn dir(path: impl AsRef<std::path::Path>) -> Result<Staging> {
+        let path = path.as_ref();
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|e| {
+            Error::config(format!("Kafka staging directory {}: {e}", path.display()))
+        })?;
+        Ok(Staging {
+            store: Arc::new(store),
+            prefix: Path::default(),
+        })
+    }
+
+    /// Under `prefix` of any object store.
+    pub fn store(store: Arc<dyn ObjectStore>, prefix: &str) -> Result<Staging> {
+        let prefix = Path::parse(prefix.trim_matches('/'))
+            .map_err(|e| Error::config(format!("Kafka staging prefix '{prefix}': {e}")))?;
+        Ok(Staging { store, prefix })
+    }
+
+    /// An S3 URL `s3://bucket/prefix`, configured from the `AWS_*` environment.
+    #[cfg(feature = "s3")]
+    pub fn s3(url: &str) -> Result<Staging> {
+        let (store, prefix) = exactly_engine::storage::s3_bucket(url)?;
+        Ok(Staging {
+            store: Arc::new(store),
+            prefix,
+        })
+    }
+}
+
+/// Encodes a record into Kafka key and value bytes; both buffers arrive empty. An
+/// empty key is sent as no key.
+pub trait KafkaEncoder<T>: Send + Sync + 'static {
+    /// Fill `key` and `value` for `record`.
+    fn encode(&self, record: &T, key: &mut Vec<u8>, value: &mut Vec<u8>);
+}
+
+impl<T, F: Fn(&T, &mut Vec<u8>, &mut Vec<u8>) + Send + Sync + 'static> KafkaEncoder<T> for F {
+    fn encode(&self, record: &T, key: &mut Vec<u8>, value: &mut Vec<u8>) {
+        self(record, key, value)
+    }
+}
+
+/// What one subtask staged for one checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaCommittable {
+    /// The producer's transactional id (job, sink, subtask).
+    pub transactional_id: String,
+    /// The checkpoint.
+    pub checkpoint: u64,
+    /// Path of the staged object in the staging store.
+    pub staged: String,
+    /// Records staged.
+    pub records: u64,
+}
+
+/// Exactly-once writes into a Kafka topic; see the module docs for the protocol.
+pub struct KafkaSink<T, E> {
+    inner: Arc<Inner>,
+    encoder: Arc<E>,
+    _t: PhantomData<fn(T)>,
+}
+
+struct Inner {
+    brokers: String,
+    topic: String,
+    marker_topic: String,
+    config: Vec<(String, String)>,
+    transaction_timeout: Duration,
+    staging: Staging,
+    rt: Arc<tokio::runtime::Runtime>,
+    /// Initialised transactional producers by transactional id.
+    producers: Mutex<HashMap<String, ThreadedProducer<DefaultProducerContext>>>,
+    /// The last committed checkpoint per transactional id; `None` until read from the
+    /// marker topic, and again after a commit whose outcome is unknown.
+    markers: Mutex<Option<HashMap<String, u64>>>,
+}
+
+impl<T: Data, E: KafkaEncoder<T>> KafkaSink<T, E> {
+    /// Write into `topic` on `brokers` (comma-separated `host:port`), staging records in
+    /// `staging` between barrier and commit, encoding each with `encoder`.
+    pub fn new(brokers: &str, topic: &str, staging: Staging, encoder: E) -> Result<Self> {
+        if topic.is_empty() {
+            return Err(Error::config("Kafka sink: the topic name is empty"));
+        }
+        Ok(KafkaSink {
+            inner: Arc::new(Inner {
+                brokers: brokers.to_string(),
+                topic: topic.to_string(),
+                marker_topic: "exactly-commits".to_string(),
+                config: Vec::new(),
+                transaction_timeout: Duration::from_secs(60),
+                staging,
+                rt: crate::bucket::runtime()?,
+                producers: Mutex::new(HashMap::new()),
+                markers: Mutex::new(None),
+            }),
+            encoder: Arc::new(encoder),
+            _t: PhantomData,
+        })
+    }
+
+    fn inner_mut(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("configured before the job runs")
+    }
+
+    /// The topic holding commit markers (default `exactly-commits`).
+    pub fn marker_topic(mut self, topic: &str) -> Self {
+        self.inner_mut().marker_topic = topic.to_string();
+        self
+    }
+
+    /// The producer's `transaction.timeout.ms` (default 60 s); must be at least the
+    /// job's checkpoint interval and at most the broker's `transaction.max.timeout.ms`.
+    pub fn transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.inner_mut().transaction_timeout = timeout;
+        self
+    }
+
+    /// Set a librdkafka client property for the producers and the marker reader
+    /// (security, compression, ...).
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        self.inner_mut()
+            .config
+            .push((key.to_string(), value.to_string()));
+        self
+    }
+}
+
+/// `/` and `%` escaped, so ids made of names cannot collide.
+fn escape(name: &str) -> String {
+    name.replace('%', "%25").replace('/', "%2F")
+}
+
+/// What every transactional id of one job's sink starts with.
+fn id_prefix(job: &str, sink: &str) -> String {
+    format!("exactly/{}/{}/", escape(job), escape(sink))
+}
+
+fn transactional_id(job: &str, sink: &str, subtask: usize) -> String {
+    format!("{}{subtask}", id_prefix(job, sink))
+}
+
+fn kafka_err(sink: &OperatorId, step: &'static str, cp: Option<u64>, msg: String) -> Error {
+    Error::Sink {
+        sink: sink.clone(),
+        step,
+        checkpoint: cp.map(CheckpointId),
+        source: msg.into(),
+    }
+}
+
+impl Inner {
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.config {
+            c.set(k, v);
+        }
+        c
+    }
+
+    fn staged_dir(&self, job: &str, sink: &str) -> Path {
+        self.staging.prefix.clone().join(job).join(sink)
+    }
+
+    /// The initialised producer of `id`, created (and `init_transactions` called, which
+    /// fences older producers of the id and aborts their open transaction) if needed.
+    fn with_producer<R>(
+        &self,
+        sink: &OperatorId,
+        id: &str,
+        f: impl FnOnce(&ThreadedProducer<DefaultProducerContext>) -> R,
+    ) -> Result<R> {
+        let mut producers = self.producers.lock().expect("producer map");
+        if !producers.contains_key(id) {
+            let mut c = self.client_config();
+            c.set("transactional.id", id).set(
+                "transaction.timeout.ms",
+                self.transaction_timeout.as_millis().to_string(),
+            );
+            let p: ThreadedProducer<DefaultProducerContext> = c.create().map_err(|e| {
+                Error::config(format!("Kafka sink '{sink}': creating a producer: {e}"))
+            })?;
+            match p.init_transactions(REQUEST_TIMEOUT) {
+                Ok(()) => {}
+                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::InvalidTransactionTimeout) => {
+                    return Err(Error::config(format!(
+                        "Kafka sink '{sink}': the broker refuses transaction.timeout.ms = {} ms; it must not exceed the broker's transaction.max.timeout.ms (set a lower .transaction_timeout, and checkpoint at least that often)",
+                        self.transaction_timeout.as_millis()
+                    )))
+                }
+                Err(e) => {
+                    return Err(kafka_err(
+                        sink,
+                        "recover",
+                        None,
+                        format!("init_transactions for '{id}': {e}"),
+                    ))
+                }
+            }
+            producers.insert(id.to_string(), p);
+        }
+        Ok(f(&producers[id]))
+    }
+
+    /// Read every marker of the marker topic's partition 0 (committed ones only).
+    fn read_markers(&self, sink: &OperatorId) -> Result<HashMap<String, u64>> {
+        let err = |m: String| kafka_err(sink, "recover", None, m);
+        let mut c = self.client_config();
+        c.set("group.id", "exactly-marker-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed");
+        let consumer: BaseConsumer = c
+            .create()
+            .map_err(|e| err(format!("creating the marker reader: {e}")))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.marker_topic, 0, Offset::Beginning)
+            .map_err(|e| err(e.to_string()))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| err(format!("assigning {}: {e}", self.marker_topic)))?;
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut markers = HashMap::new();
+        loop {
+            if Instant::now() > deadline {
+                return Err(err(format!(
+                    "reading markers from '{}' took longer than {REQUEST_TIMEOUT:?}",
+                    self.marker_topic
+                )));
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(markers),
+                Some(Err(e)) => return Err(err(format!("reading '{}': {e}", self.marker_topic))),
+                Some(Ok(m)) => {
+                    let (Some(key), Some(value)) = (m.key(), m.payload()) else {
+                        continue;
+                    };
+                    let (Ok(key), Some(cp)) = (
+                        std::str::from_utf8(key),
+                        std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|v| v.parse::<u64>().ok()),
+                    ) else {
+                        continue;
+                    };
+                    let e = markers.entry(key.to_string()).or_insert(cp);
+                    *e = (*e).max(cp);
+                }
+            }
+        }
+    }
+
+    /// The marker topic exists, or is created (one partition, compacted).
+    fn ensure_marker_topic(&self, sink: &OperatorId) -> Result<()> {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .create()
+            .map_err(|e| Error::config(format!("Kafka sink '{sink}': {e}")))?;
+        let md = consumer
+            .fetch_metadata(Some(&self.marker_topic), REQUEST_TIMEOUT)
+            .map_err(|e| Error::config(format!("Kafka sink '{sink}' on {}: {e}", self.brokers)))?;
+        let exists = md.topics().iter().any(|t| {
+            t.name() == self.marker_topic && t.error().is_none() && !t.partitions().is_empty()
+        });
+        if exists {
+            return Ok(());
+        }
+        let admin: AdminClient<DefaultClientContext> = self
+            .client_config()
+            .create()
+            .map_err(|e| Error::config(format!("Kafka sink '{sink}': {e}")))?;
+        let topic = NewTopic::new(&self.marker_topic, 1, TopicReplication::Fixed(-1))
+            .set("cleanup.policy", "compact");
+        let created = self
+            .rt
+            .block_on(admin.create_topics([&topic], &AdminOptions::new()));
+        let failure = match created {
+            Ok(results) => results.into_iter().find_map(|r| match r {
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) | Ok(_) => None,
+                Err((_, code)) => Some(code.to_string()),
+            }),
+            Err(e) => Some(e.to_string()),
+        };
+        match failure {
+            None => Ok(()),
+            Some(why) => Err(Error::config(format!(
+                "Kafka sink '{sink}': the marker topic '{}' does not exist and could not be created ({why}); create it with 1 partition and cleanup.policy=compact",
+                self.marker_topic
+            ))),
+        }
+    }
+
+    /// Commit `c` (see the module docs); idempotent.
+    fn commit(&self, sink: &OperatorId, c: &KafkaCommittable) -> Result<()> {
+        let cp = Some(c.checkpoint);
+        // The producer first: initialising it aborts an open transaction of a previous
+        // attempt, so the markers read next are final.
+        self.with_producer(sink, &c.transactional_id, |_| ())?;
+        let committed = {
+            let mut markers = self.markers.lock().expect("markers");
+            if markers.is_none() {
+                *markers = Some(self.read_markers(sink)?);
+            }
+            markers
+                .as_ref()
+                .and_then(|m| m.get(&c.transactional_id).copied())
+        };
+        let path = Path::parse(&c.staged)
+            .map_err(|e| kafka_err(sink, "commit", cp, format!("staged path: {e}")))?;
+        if committed.is_some_and(|m| m >= c.checkpoint) {
+            tracing::debug!(%sink, checkpoint = c.checkpoint, "already committed");
+            self.delete_staged(&path);
+            return Ok(());
+        }
+        let store = self.staging.store.clone();
+        let get_path = path.clone();
+        let bytes = match self
+            .rt
+            .block_on(async move { store.get(&get_path).await?.bytes().await })
+        {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::CommitLost {
+                    sink: sink.clone(),
+                    checkpoint: CheckpointId(c.checkpoint),
+                    message: format!("staged records {} are gone", c.staged),
+                })
+            }
+            Err(e) => {
+                return Err(kafka_err(
+                    sink,
+                    "commit",
+                    cp,
+                    format!("reading {}: {e}", c.staged),
+                ))
+            }
+        };
+        let records = decode_staged(&bytes, c.records).map_err(|m| Error::CommitLost {
+            sink: sink.clone(),
+            checkpoint: CheckpointId(c.checkpoint),
+            message: format!("staged records {} are damaged: {m}", c.staged),
+        })?;
+        let result = self.with_producer(sink, &c.transactional_id, |p| {
+            self.produce_transaction(p, c, records)
+        })?;
+        match result {
+            Ok(()) => {
+                if let Some(m) = self.markers.lock().expect("markers").as_mut() {
+                    m.insert(c.transactional_id.clone(), c.checkpoint);
+                }
+                self.delete_staged(&path);
+                Ok(())
+            }
+            Err(e) => {
+                // The outcome may be unknown: drop the producer (its successor aborts
+                // what is open) and read the markers again before the next commit.
+                self.producers
+                    .lock()
+                    .expect("producer map")
+                    .remove(&c.transactional_id);
+                *self.markers.lock().expect("markers") = None;
+                Err(kafka_err(sink, "commit", cp, e.to_string()))
+            }
+        }
+    }
+
+    fn produce_transaction<'a>(
+        &self,
+        p: &ThreadedProducer<DefaultProducerContext>,
+        c: &KafkaCommittable,
+        records: impl Iterator<Item = (Option<&'a [u8]>, &'a [u8])>,
+    ) -> std::result::Result<(), KafkaError> {
+        p.begin_transaction()?;
+        let outcome = (|| {
+            for (key, value) in records {
+                let mut r = BaseRecord::<[u8], [u8]>::to(&self.topic).payload(value);
+                if let Some(k) = key {
+                    r = r.key(k);
+                }
+                send(p, r)?;
+            }
+            let marker = c.checkpoint.to_string();
+            send(
+                p,
+                BaseRecord::<str, str>::to(&self.marker_topic)
+                    .partition(0)
+                    .key(c.transactional_id.as_str())
+                    .payload(marker.as_str()),
+            )?;
+            p.commit_transaction(REQUEST_TIMEOUT)
+        })();
+        if outcome.is_err() {
+            let _ = p.abort_transaction(REQUEST_TIMEOUT);
+        }
+        outcome
+    }
+
+    fn delete_staged(&self, path: &Path) {
+        let store = self.staging.store.clone();
+        let p = path.clone();
+        match self.rt.block_on(async move { store.delete(&p).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            // Left behind; the next recovery deletes it.
+            Err(e) => tracing::warn!(path = %path, error = %e, "deleting staged Kafka records"),
+        }
+    }
+}
+
+/// Send, waiting while the producer's queue is full.
+fn send<K: rdkafka::message::ToBytes + ?Sized, V: rdkafka::message::ToBytes + ?Sized>(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, K, V>,
+) -> std::result::Result<(), KafkaError> {
+    loop {
+        match p.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Append one record to a staged buffer.
+fn frame(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    let key_len = if key.is_empty() {
+        NO_KEY
+    } else {
+        key.len() as u32
+    };
+    buf.extend_from_slice(&key_len.to_le_bytes());
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    buf.extend_from_slice(value);
+}
+
+/// The records of a staged object, after checking its header, count and CRC-32.
+fn decode_staged(
+    bytes: &[u8],
+    expected: u64,
+) -> std::result::Result<impl Iterator<Item = (Option<&[u8]>, &[u8])>, String> {
+    let body_end = bytes
+        .len()
+        .checked_sub(12)
+        .filter(|&e| e >= STAGE_MAGIC.len() && bytes.starts_with(STAGE_MAGIC))
+        .ok_or("not a staged-records object")?;
+    let count = u64::from_le_bytes(bytes[body_end..body_end + 8].try_into().unwrap());
+    let crc = u32::from_le_bytes(bytes[body_end + 8..].try_into().unwrap());
+    if crc32fast::hash(&bytes[..body_end + 8]) != crc {
+        return Err("CRC mismatch".into());
+    }
+    if count != expected {
+        return Err(format!("{count} records, the committable says {expected}"));
+    }
+    let mut rest = &bytes[STAGE_MAGIC.len()..body_end];
+    let mut take = move |n: usize| -> &[u8] {
+        let (a, b) = rest.split_at(n);
+        rest = b;
+        a
+    };
+    // The CRC matched, so the framing is what the writer wrote.
+    Ok((0..count).map(move |_| {
+        let key_len = u32::from_le_bytes(take(4).try_into().unwrap());
+        let key = (key_len != NO_KEY).then(|| take(key_len as usize));
+        let value_len = u32::from_le_bytes(take(4).try_into().unwrap()) as usize;
+        (key, take(value_len))
+    }))
+}
+
+impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
+    type Item = T;
+    type Committable = KafkaCommittable;
+    type Writer = KafkaWriter<T, E>;
+
+    fn open_writer(&self, ctx: &SinkContext) -> Result<Self::Writer> {
+        if let Some(interval) = ctx.checkpoint_interval {
+            if self.inner.transaction_timeout < interval {
+                return Err(Error::config(format!(
+                    "Kafka sink '{}': transaction timeout {:?} is shorter than the checkpoint interval {interval:?}; a commit produces one interval's records in one transaction, which the broker would abort. Raise .transaction_timeout (up to the broker's transaction.max.timeout.ms) or checkpoint more often",
+                    ctx.sink, self.inner.transaction_timeout
+                )));
+            }
+        }
+        Ok(KafkaWriter {
+            inner: self.inner.clone(),
+            encoder: self.encoder.clone(),
+            dir: self.inner.staged_dir(&ctx.job, &ctx.sink.0),
+            transactional_id: transactional_id(&ctx.job, &ctx.sink.0, ctx.subtask.0),
+            subtask: ctx.subtask.0,
+            buf: STAGE_MAGIC.to_vec(),
+            key: Vec::new(),
+            value: Vec::new(),
+            records: 0,
+            _t: PhantomData,
+        })
+    }
+
+    fn commit(&self, c: &KafkaCommittable) -> Result<()> {
+        // The sink's name is not in the committable; the transactional id names it.
+        let sink = OperatorId(c.transactional_id.clone());
+        self.inner.commit(&sink, c)
+    }
+
+    fn recover(
+        &self,
+        ctx: &RecoveryContext,
+        mut pending: Vec<KafkaCommittable>,
+    ) -> Result<Option<CheckpointId>> {
+        let inner = &self.inner;
+        inner.ensure_marker_topic(&ctx.sink)?;
+        // Staged objects of this job and sink: (path, checkpoint, subtask).
+        let dir = inner.staged_dir(&ctx.job, &ctx.sink.0);
+        let store = inner.staging.store.clone();
+        let list_dir = dir.clone();
+        let listed: Vec<Path> = inner
+            .rt
+            .block_on(async move {
+                store
+                    .list(Some(&list_dir))
+                    .map_ok(|m| m.location)
+                    .try_collect()
+                    .await
+            })
+            .map_err(|e| kafka_err(&ctx.sink, "recover", None, format!("listing {dir}: {e}")))?;
+        let staged: Vec<(Path, u64, usize)> = listed
+            .into_iter()
+            .filter_map(|p| {
+                let name = p.filename()?.strip_suffix(".stage")?.to_string();
+                let (cp, subtask) = name.split_once('-')?;
+                Some((p, cp.parse().ok()?, subtask.parse().ok()?))
+            })
+            .collect();
+        // Fence the previous producers and abort what they left open.
+        let ids: BTreeSet<String> = pending
+            .iter()
+            .map(|c| c.transactional_id.clone())
+            .chain(
+                staged
+                    .iter()
+                    .map(|(_, _, s)| transactional_id(&ctx.job, &ctx.sink.0, *s)),
+            )
+            .collect();
+        for id in &ids {
+            inner.with_producer(&ctx.sink, id, |_| ())?;
+        }
+        let markers = inner.read_markers(&ctx.sink)?;
+        let mine = id_prefix(&ctx.job, &ctx.sink.0);
+        let highest_marker = markers
+            .iter()
+            .filter(|(k, _)| k.starts_with(&mine))
+            .map(|(_, &v)| v)
+            .max();
+        *inner.markers.lock().expect("markers") = Some(markers);
+        pending.sort_by_key(|c| c.checkpoint);
+        for c in &pending {
+            inner.commit(&ctx.sink, c)?;
+        }
+        let keep: BTreeSet<&str> = pending.iter().map(|c| c.staged.as_str()).collect();
+        let mut highest = highest_marker;
+        for (path, cp, _) in &staged {
+            highest = highest.max(Some(*cp));
+            if !keep.contains(path.as_ref()) {
+                tracing::info!(sink = %ctx.sink, checkpoint = cp, "deleting staged Kafka records of an uncompleted checkpoint");
+                inner.delete_staged(path);
+            }
+        }
+        Ok(highest.map(CheckpointId))
+    }
+}
+
+/// Buffers one subtask's records of the current checkpoint interval.
+pub struct KafkaWriter<T, E> {
+    inner: Arc<Inner>,
+    encoder: Arc<E>,
+    dir: Path,
+    transactional_id: String,
+    subtask: usize,
+    /// Header and framed records since the last barrier.
+    buf: Vec<u8>,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    records: u64,
+    _t: PhantomData<fn(T)>,
+}
+
+impl<T: Data, E: KafkaEncoder<T>> SinkWriter for KafkaWriter<T, E> {
+    type Item = T;
+    type Committable = KafkaCommittable;
+
+    fn write(&mut self, batch: &mut Vec<T>) -> Result<()> {
+        for record in batch.drain(..) {
+            self.key.clear();
+            self.value.clear();
+            self.encoder.encode(&record, &mut self.key, &mut self.value);
+            frame(&mut self.buf, &self.key, &self.value);
+            self.records += 1;
+        }
+        Ok(())
+    }
+
+    fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<Option<KafkaCommittable>> {
+        if self.records == 0 {
+            return Ok(None);
+        }
+        self.buf.extend_from_slice(&self.records.to_le_bytes());
+        let crc = crc32fast::hash(&self.buf);
+        self.buf.extend_from_slice(&crc.to_le_bytes());
+        let path = self
+            .dir
+            .clone()
+            .join(format!("{:020}-{}.stage", checkpoint.0, self.subtask));
+        let payload = PutPayload::from(std::mem::replace(&mut self.buf, STAGE_MAGIC.to_vec()));
+        let store = self.inner.staging.store.clone();
+        let put_path = path.clone();
+        self.inner
+            .rt
+            .block_on(async move { store.put(&put_path, payload).await })
+            .map_err(|e| Error::Sink {
+                sink: OperatorId(self.transactional_id.clone()),
+                step: "pre-commit",
+                checkpoint: Some(checkpoint),
+                source: format!("staging {path}: {e}").into(),
+            })?;
+        let c = KafkaCommittable {
+            transactional_id: self.transactional_id.clone(),
+            checkpoint: checkpoint.0,
+            staged: path.to_string(),
+            records: self.records,
+        };
+        self.records = 0;
+        Ok(Some(c))
+    }
+}
