@@ -284,7 +284,11 @@ impl Inner {
         Ok(f(&producers[id]))
     }
 
-    /// Read every marker of the marker topic's partition 0 (committed ones only).
+    /// Read every marker of the marker topic's partition 0 (committed ones only), up to
+    /// the high watermark at the start. A `read_committed` reader stops early at a
+    /// transaction still open (another job's, or one a crashed process left until its
+    /// timeout); a marker committed after that would be missed and its checkpoint
+    /// produced twice, so the reader waits until its position reaches the watermark.
     fn read_markers(&self, sink: &OperatorId) -> Result<HashMap<String, u64>> {
         let err = |m: String| kafka_err(sink, "recover", None, m);
         let mut c = self.client_config();
@@ -298,21 +302,33 @@ impl Inner {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.marker_topic, 0, Offset::Beginning)
             .map_err(|e| err(e.to_string()))?;
+        let (_, high) = consumer
+            .fetch_watermarks(&self.marker_topic, 0, REQUEST_TIMEOUT)
+            .map_err(|e| err(format!("watermarks of '{}': {e}", self.marker_topic)))?;
         consumer
             .assign(&tpl)
             .map_err(|e| err(format!("assigning {}: {e}", self.marker_topic)))?;
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let patience = REQUEST_TIMEOUT + self.transaction_timeout;
+        let deadline = Instant::now() + patience;
         let mut markers = HashMap::new();
         loop {
             if Instant::now() > deadline {
                 return Err(err(format!(
-                    "reading markers from '{}' took longer than {REQUEST_TIMEOUT:?}",
+                    "reading markers from '{}' up to offset {high} took longer than {patience:?} (a transaction stays open on it?)",
                     self.marker_topic
                 )));
             }
             match consumer.poll(Duration::from_millis(200)) {
                 None => continue,
-                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(markers),
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    let position = consumer.position().ok().and_then(|tpl| {
+                        tpl.find_partition(&self.marker_topic, 0)
+                            .and_then(|p| p.offset().to_raw())
+                    });
+                    if high == 0 || position.is_some_and(|p| p >= high) {
+                        return Ok(markers);
+                    }
+                }
                 Some(Err(e)) => return Err(err(format!("reading '{}': {e}", self.marker_topic))),
                 Some(Ok(m)) => {
                     let (Some(key), Some(value)) = (m.key(), m.payload()) else {
