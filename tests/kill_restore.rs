@@ -49,11 +49,7 @@ fn sigkilled_job_with_rocksdb_state() {
 /// The same with checkpoints in the S3-compatible server `scripts/test.sh` starts.
 #[test]
 fn sigkilled_job_with_s3_checkpoints() {
-    assert!(
-        std::env::var("AWS_ENDPOINT_URL").is_ok(),
-        "AWS_ENDPOINT_URL is not set: run the suite with ./scripts/test.sh, which starts SeaweedFS"
-    );
-    let bucket = std::env::var("EXACTLY_S3_BUCKET").unwrap_or_else(|_| "exactly".into());
+    let bucket = exactly::testing::s3_test_bucket();
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -91,11 +91,7 @@ fn incomplete_uploads(bucket: &str, prefix: &str) -> usize {
 
 #[test]
 fn sigkilled_job_writing_part_files_to_s3() {
-    assert!(
-        std::env::var("AWS_ENDPOINT_URL").is_ok(),
-        "AWS_ENDPOINT_URL is not set: run the suite with ./scripts/test.sh, which starts SeaweedFS"
-    );
-    let bucket = std::env::var("EXACTLY_S3_BUCKET").unwrap_or_else(|_| "exactly".into());
+    let bucket = exactly::testing::s3_test_bucket();
     let bin = example_binary("ledger", &["failpoints"]);
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("payments.jsonl");

@@ -16,6 +16,17 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// The bucket of the S3-compatible server a test suite runs against (`EXACTLY_S3_BUCKET`,
+/// default `exactly`; `scripts/test.sh` starts SeaweedFS and sets `AWS_*`). Panics when
+/// `AWS_ENDPOINT_URL` is unset, so an S3 test fails instead of silently skipping.
+pub fn s3_test_bucket() -> String {
+    assert!(
+        std::env::var("AWS_ENDPOINT_URL").is_ok(),
+        "AWS_ENDPOINT_URL is not set: run the suite with ./scripts/test.sh, which installs and starts SeaweedFS"
+    );
+    std::env::var("EXACTLY_S3_BUCKET").unwrap_or_else(|_| "exactly".into())
+}
+
 /// A replayable source over a vector, divided into `splits` round-robin splits.
 #[derive(Clone)]
 pub struct VecSource<T> {

@@ -148,11 +148,7 @@ fn incremental_checkpoints_crash_restore_and_shared_file_retention() {
 /// A replacement machine: checkpoints in S3, the crashed run's working directory gone.
 #[test]
 fn restore_from_s3_after_the_working_directory_is_wiped() {
-    assert!(
-        std::env::var("AWS_ENDPOINT_URL").is_ok(),
-        "AWS_ENDPOINT_URL is not set: run the suite with ./scripts/test.sh, which installs and starts SeaweedFS"
-    );
-    let bucket = std::env::var("EXACTLY_S3_BUCKET").unwrap_or_else(|_| "exactly".into());
+    let bucket = exactly_engine::testing::s3_test_bucket();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -10,13 +10,7 @@ use exactly_engine::prelude::*;
 use exactly_engine::storage::{CheckpointStorage, MULTIPART_THRESHOLD};
 use exactly_engine::testing::ExactlyOnceCheck;
 
-fn bucket() -> String {
-    assert!(
-        std::env::var("AWS_ENDPOINT_URL").is_ok(),
-        "AWS_ENDPOINT_URL is not set: run the suite with ./scripts/test.sh, which installs and starts SeaweedFS"
-    );
-    std::env::var("EXACTLY_S3_BUCKET").unwrap_or_else(|_| "exactly".into())
-}
+use exactly_engine::testing::s3_test_bucket as bucket;
 
 fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
