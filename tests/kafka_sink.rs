@@ -130,18 +130,15 @@ fn stage(
     w.pre_commit(CheckpointId(cp)).unwrap().unwrap()
 }
 
+/// Files under `dir`, recursively.
 fn staged_files(dir: &std::path::Path) -> usize {
-    walk(dir)
-}
-
-fn walk(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .map(|e| {
                     let p = e.unwrap().path();
                     if p.is_dir() {
-                        walk(&p)
+                        staged_files(&p)
                     } else {
                         1
                     }

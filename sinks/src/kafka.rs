@@ -249,6 +249,7 @@ impl Inner {
     fn with_producer<R>(
         &self,
         sink: &OperatorId,
+        step: &'static str,
         id: &str,
         f: impl FnOnce(&ThreadedProducer<DefaultProducerContext>) -> R,
     ) -> Result<R> {
@@ -273,7 +274,7 @@ impl Inner {
                 Err(e) => {
                     return Err(kafka_err(
                         sink,
-                        "recover",
+                        step,
                         None,
                         format!("init_transactions for '{id}': {e}"),
                     ))
@@ -394,7 +395,7 @@ impl Inner {
         let cp = Some(c.checkpoint);
         // The producer first: initialising it aborts an open transaction of a previous
         // attempt, so the markers read next are final.
-        self.with_producer(sink, &c.transactional_id, |_| ())?;
+        self.with_producer(sink, "commit", &c.transactional_id, |_| ())?;
         let committed = {
             let mut markers = self.markers.lock().expect("markers");
             if markers.is_none() {
@@ -439,7 +440,7 @@ impl Inner {
             checkpoint: CheckpointId(c.checkpoint),
             message: format!("staged records {} are damaged: {m}", c.staged),
         })?;
-        let result = self.with_producer(sink, &c.transactional_id, |p| {
+        let result = self.with_producer(sink, "commit", &c.transactional_id, |p| {
             self.produce_transaction(p, c, records)
         })?;
         match result {
@@ -642,7 +643,7 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
             )
             .collect();
         for id in &ids {
-            inner.with_producer(&ctx.sink, id, |_| ())?;
+            inner.with_producer(&ctx.sink, "recover", id, |_| ())?;
         }
         let markers = inner.read_markers(&ctx.sink)?;
         let mine = id_prefix(&ctx.job, &ctx.sink.0);

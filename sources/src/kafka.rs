@@ -19,7 +19,6 @@
 
 use exactly_engine::api::{Data, Source, SourceContext, SourcePoll, SourceReader};
 use exactly_engine::error::{Error, Result};
-use exactly_engine::ids::OperatorId;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -75,7 +74,8 @@ where
         self
     }
 
-    fn consumer(&self, who: &str) -> Result<BaseConsumer> {
+    /// A consumer that never commits; `who` names it in the group id only.
+    fn consumer(&self, who: &str) -> std::result::Result<BaseConsumer, KafkaError> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set(
@@ -91,14 +91,13 @@ where
             c.set(k, v);
         }
         c.create()
-            .map_err(|e| source_err(who, format!("creating a Kafka consumer: {e}")))
     }
 }
 
-fn source_err(who: &str, message: String) -> Error {
+fn source_err(ctx: &SourceContext, message: String) -> Error {
     Error::Operator {
-        operator: OperatorId(who.to_string()),
-        subtask: exactly_engine::ids::SubtaskIndex(0),
+        operator: ctx.operator.clone(),
+        subtask: ctx.subtask,
         source: message.into(),
     }
 }
@@ -114,7 +113,9 @@ where
     type Reader = KafkaReader<T, F>;
 
     fn splits(&self) -> Result<Vec<String>> {
-        let consumer = self.consumer("splits")?;
+        let consumer = self
+            .consumer("splits")
+            .map_err(|e| Error::config(format!("creating a Kafka consumer: {e}")))?;
         let md = consumer
             .fetch_metadata(Some(&self.topic), REQUEST_TIMEOUT)
             .map_err(|e| {
@@ -140,20 +141,21 @@ where
     }
 
     fn open(&self, split: &str, from: Option<i64>, ctx: &SourceContext) -> Result<Self::Reader> {
-        let who = ctx.operator.0.as_str();
         let partition: i32 = split
             .rsplit('-')
             .next()
             .and_then(|p| p.parse().ok())
-            .ok_or_else(|| source_err(who, format!("'{split}' is not a partition split")))?;
-        let consumer = self.consumer(who)?;
+            .ok_or_else(|| source_err(ctx, format!("'{split}' is not a partition split")))?;
+        let consumer = self
+            .consumer(&ctx.operator.0)
+            .map_err(|e| source_err(ctx, format!("creating a Kafka consumer: {e}")))?;
         let (low, _) = consumer
             .fetch_watermarks(&self.topic, partition, REQUEST_TIMEOUT)
-            .map_err(|e| source_err(who, format!("watermarks of {split}: {e}")))?;
+            .map_err(|e| source_err(ctx, format!("watermarks of {split}: {e}")))?;
         let next = from.unwrap_or(low);
         if next < low {
             return Err(source_err(
-                who,
+                ctx,
                 format!(
                     "{split}: the checkpoint resumes at offset {next}, but the broker retains only from {low}; records were deleted before they were processed"
                 ),
@@ -161,13 +163,14 @@ where
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next))
-            .map_err(|e| source_err(who, format!("{split}: {e}")))?;
+            .map_err(|e| source_err(ctx, format!("{split}: {e}")))?;
         consumer
             .assign(&tpl)
-            .map_err(|e| source_err(who, format!("assigning {split}: {e}")))?;
+            .map_err(|e| source_err(ctx, format!("assigning {split}: {e}")))?;
         Ok(KafkaReader {
             consumer,
             decode: self.decode.clone(),
+            ctx: ctx.clone(),
             split: split.to_string(),
             next,
             ended: false,
@@ -180,6 +183,7 @@ where
 pub struct KafkaReader<T, F> {
     consumer: BaseConsumer,
     decode: F,
+    ctx: SourceContext,
     split: String,
     /// Offset of the next record to read.
     next: i64,
@@ -216,11 +220,10 @@ where
                     break;
                 }
                 Err(e) => {
-                    return Err(Error::Operator {
-                        operator: OperatorId(self.split.clone()),
-                        subtask: exactly_engine::ids::SubtaskIndex(0),
-                        source: format!("reading {}: {e}", self.split).into(),
-                    })
+                    return Err(source_err(
+                        &self.ctx,
+                        format!("reading {}: {e}", self.split),
+                    ))
                 }
             };
             let offset = msg.offset();
