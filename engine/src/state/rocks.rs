@@ -630,7 +630,7 @@ mod tests {
     use super::*;
     use crate::codec;
     use crate::ids::key_group_of_bytes;
-    use crate::state::{KeyedState, StateBackend, ValueState};
+    use crate::state::{KeyedState, StateBackend, Store, ValueState};
     use std::collections::BTreeMap;
 
     const V: ValueState<String> = ValueState::new("v");
@@ -714,6 +714,21 @@ mod tests {
         s.get(V).unwrap()
     }
 
+    /// Compact everything into one level and wait until RocksDB is idle. Otherwise a
+    /// background compaction of the first checkpoint's level-0 files may finish just
+    /// after it, and the second checkpoint then (correctly) uploads the rewritten files:
+    /// the size comparison would measure compaction timing, not incrementality.
+    fn settle(s: &KeyedState) {
+        let Store::Rocks(store) = &s.store else {
+            panic!("the fixture opens RocksDB state")
+        };
+        let db = store.db();
+        db.compact_range(None::<&[u8]>, None::<&[u8]>);
+        let mut wait = rocksdb::WaitForCompactOptions::default();
+        wait.set_flush(true);
+        db.wait_for_compact(&wait).unwrap();
+    }
+
     fn value(k: u64, round: u32) -> String {
         format!("{k:020}-{round:04}-{}", "x".repeat(70))
     }
@@ -730,6 +745,7 @@ mod tests {
             set(&mut s, k, &value(k, 0));
             expect.insert(k, value(k, 0));
         }
+        settle(&s);
         let first = f.checkpoint(&mut s, 1);
         for k in (0..KEYS).step_by(100) {
             set(&mut s, k, &value(k, 1));
