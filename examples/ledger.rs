@@ -5,12 +5,13 @@
 //! ledger generate --events N --accounts A --seed S --out payments.jsonl
 //! ledger run --input payments.jsonl --out DIR|s3://bucket/prefix --checkpoints DIR [--interval-ms 100] [--parallelism P]
 //!            [--state memory|rocksdb] [--pace-us 0 (pause per source batch)]
+//!            [--format jsonl|parquet]
 //! ledger verify --input payments.jsonl --out DIR
 //! ```
 //!
 //! `run` resumes from its checkpoint directory, so it can be killed and started again
 //! any number of times; `verify` recomputes every balance from the input without the
-//! engine and checks the committed output line by line.
+//! engine and checks the committed output record by record (JSON lines or Parquet).
 
 #[path = "common/args.rs"]
 mod args;
@@ -135,14 +136,27 @@ fn run(a: &Args) -> Result<()> {
         .key_by(|p| p.account)
         .process(Balance)
         .name("balance");
-    match out.to_str().filter(|o| o.starts_with("s3://")) {
-        // Part files in S3 through multipart uploads (AWS_* environment).
-        Some(url) => {
+    // Part files in S3 through multipart uploads (AWS_* environment), or in a directory.
+    let s3 = out.to_str().filter(|o| o.starts_with("s3://"));
+    match (s3, a.0.get("format").map_or("jsonl", String::as_str)) {
+        (Some(url), "jsonl") => {
             balances.sink("balances", ObjectStoreSink::s3(url, JsonLines)?);
         }
-        None => {
+        (None, "jsonl") => {
             balances.sink("balances", FileSink::exactly_once(&out));
         }
+        #[cfg(feature = "parquet")]
+        (Some(url), "parquet") => {
+            balances.sink("balances", ObjectStoreSink::s3(url, Parquet::for_type()?)?);
+        }
+        #[cfg(feature = "parquet")]
+        (None, "parquet") => {
+            balances.sink(
+                "balances",
+                FileSink::with_encoder(&out, Parquet::for_type()?),
+            );
+        }
+        (_, other) => bail!("--format {other}: expected jsonl or parquet (feature `parquet`)"),
     }
     let report = job.run()?;
     eprintln!(
@@ -155,7 +169,7 @@ fn run(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Read every committed output line.
+/// Read every committed output record (JSON lines or Parquet part files).
 fn committed(out: &Path) -> Result<Vec<BalanceUpdate>> {
     let mut all = Vec::new();
     for e in std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))? {
@@ -164,6 +178,10 @@ fn committed(out: &Path) -> Result<Vec<BalanceUpdate>> {
             && p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
         {
+            if p.extension().is_some_and(|e| e == "parquet") {
+                all.extend(read_parquet(&p)?);
+                continue;
+            }
             for line in std::io::BufReader::new(std::fs::File::open(&p)?).lines() {
                 all.push(
                     serde_json::from_str(&line?)
@@ -173,6 +191,25 @@ fn committed(out: &Path) -> Result<Vec<BalanceUpdate>> {
         }
     }
     Ok(all)
+}
+
+#[cfg(feature = "parquet")]
+fn read_parquet(p: &Path) -> Result<Vec<BalanceUpdate>> {
+    let file = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        rows.extend(serde_arrow::from_record_batch::<Vec<BalanceUpdate>>(
+            &batch?,
+        )?);
+    }
+    Ok(rows)
+}
+
+#[cfg(not(feature = "parquet"))]
+fn read_parquet(p: &Path) -> Result<Vec<BalanceUpdate>> {
+    bail!("{} is Parquet: build with feature `parquet`", p.display())
 }
 
 fn verify(a: &Args) -> Result<()> {
@@ -283,6 +320,7 @@ fn main() -> Result<()> {
                     "parallelism",
                     "state",
                     "pace-us",
+                    "format",
                 ],
             )?;
             run(&a)

