@@ -10,8 +10,9 @@
 //!
 //! Memory: records are collected into Arrow arrays [`BATCH_ROWS`] at a time and encoded
 //! into the file's current row group; a full row group ([`Parquet::row_group_rows`],
-//! default 128 Ki rows) goes to the sink's output (the next multipart part, or the
-//! local file). Compression is Snappy, which every warehouse reads.
+//! default 128 Ki rows, or [`ROW_GROUP_BYTES`] encoded) goes to the sink's output (the
+//! next multipart part, or the local file). Compression is Snappy, which every
+//! warehouse reads.
 
 use crate::file::RecordEncoder;
 use arrow_schema::{FieldRef, Schema, SchemaRef};
@@ -28,6 +29,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 /// Records are turned into Arrow arrays this many at a time.
 pub const BATCH_ROWS: usize = 8 * 1024;
+
+/// A row group also ends once it holds about this many encoded bytes, so wide records
+/// do not make a row group of [`Parquet::row_group_rows`] rows large in memory.
+pub const ROW_GROUP_BYTES: usize = 64 << 20;
 
 /// Parquet part files of records of type `T`.
 ///
@@ -113,8 +118,9 @@ impl<T: Serialize> Parquet<T> {
         })
     }
 
-    /// Rows per row group (default 131,072). A row group is held in memory, encoded
-    /// and compressed, until it is full.
+    /// Rows per row group (default 131,072; a row group also ends at
+    /// [`ROW_GROUP_BYTES`]). A row group is held in memory, encoded and compressed,
+    /// until it is full.
     pub fn row_group_rows(mut self, n: usize) -> Self {
         self.row_group_rows = n.max(1);
         self
@@ -131,6 +137,7 @@ impl<T: Serialize> Parquet<T> {
             let props = WriterProperties::builder()
                 .set_compression(Compression::SNAPPY)
                 .set_max_row_group_row_count(Some(self.row_group_rows))
+                .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
                 .build();
             *file = Some(OpenFile {
                 rows: ArrayBuilder::from_arrow(&self.fields)
@@ -273,6 +280,33 @@ pub(crate) mod tests {
         let mut none = Vec::new();
         p.finish_file(&mut none).unwrap();
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn wide_rows_end_a_row_group_at_its_byte_limit() {
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        struct Wide {
+            blob: String,
+        }
+        let mut p = Parquet::<Wide>::for_type().unwrap().row_group_rows(1 << 20);
+        let mut out = Vec::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        // 20,000 rows of 4 KiB random hex: ~80 MB, one row group by the row limit.
+        for _ in 0..20_000 {
+            let blob = (0..256)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    format!("{x:016x}")
+                })
+                .collect();
+            p.encode(&Wide { blob }, &mut out).unwrap();
+        }
+        p.finish_file(&mut out).unwrap();
+        let (rows, groups) = read::<Wide>(out);
+        assert_eq!(rows.len(), 20_000);
+        assert!(groups >= 2, "{groups} row group(s) for ~80 MB");
     }
 
     #[test]
