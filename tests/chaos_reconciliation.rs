@@ -154,7 +154,7 @@ fn random_sigkills_while_rescaling() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        if xorshift(&mut seed) % 4 == 0 {
+        if xorshift(&mut seed).is_multiple_of(4) {
             // During startup and recovery.
             std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 30));
             early += 1;

@@ -124,7 +124,7 @@ fn kill_and_restore(state: &str, checkpoints: impl Fn(&Path, &str) -> std::path:
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        if xorshift(&mut seed) % 4 == 0 {
+        if xorshift(&mut seed).is_multiple_of(4) {
             std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 40));
             early_kills += 1;
         } else {

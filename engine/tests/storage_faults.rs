@@ -56,10 +56,10 @@ impl ObjectStore for FaultyStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         let n = self.puts.fetch_add(1, Ordering::SeqCst) + 1;
-        if n % self.fail_put == 0 || self.outage.contains(&n) {
+        if n.is_multiple_of(self.fail_put) || self.outage.contains(&n) {
             return Err(self.fault());
         }
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
         self.inner.put_opts(location, payload, opts).await
@@ -79,7 +79,7 @@ impl ObjectStore for FaultyStore {
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
         let n = self.gets.fetch_add(1, Ordering::SeqCst) + 1;
-        if n % self.fail_get == 0 {
+        if n.is_multiple_of(self.fail_get) {
             return Err(self.fault());
         }
         self.inner.get_opts(location, options).await

@@ -15,7 +15,7 @@
 //! warehouse reads.
 
 use crate::file::RecordEncoder;
-use arrow_schema::{FieldRef, Schema, SchemaRef};
+use arrow_schema::{DataType, FieldRef, Schema, SchemaRef};
 use exactly_engine::error::{Error, Result};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -80,9 +80,9 @@ impl<T> Clone for Parquet<T> {
 
 impl<T: Serialize + DeserializeOwned> Parquet<T> {
     /// Columns derived from the record type `T`, which must serialise as a struct.
-    /// A type serde_arrow cannot map (a bare number, a map with non-string keys, an
-    /// enum with data in a variant of a union the writer does not support) is a
-    /// configuration error naming the type.
+    /// A type serde_arrow cannot map (a bare number, say) is a configuration error
+    /// naming the type, and so is a field that is an enum with data (serde_arrow makes
+    /// it an Arrow union, which Parquet cannot store).
     pub fn for_type() -> Result<Self> {
         let options = TracingOptions::default()
             .enums_without_data_as_strings(true)
@@ -103,6 +103,16 @@ impl<T: Serialize> Parquet<T> {
     /// types whose derived schema is not what the warehouse expects.
     pub fn with_fields(fields: Vec<FieldRef>) -> Result<Self> {
         let schema = Arc::new(Schema::new(fields.clone()));
+        // The Parquet writer panics on a union column; refuse it here instead.
+        if let Some(path) = fields
+            .iter()
+            .find_map(|f| union_column(f.name(), f.data_type()))
+        {
+            return Err(Error::config(format!(
+                "Parquet schema {schema}: column '{path}' is an enum with data (an Arrow \
+                 union), which Parquet cannot store; flatten it into fields or make it a string"
+            )));
+        }
         // Both the record-to-Arrow mapping and the Arrow-to-Parquet mapping must accept
         // the schema: check now, not at the first record.
         ArrayBuilder::from_arrow(&fields)
@@ -148,6 +158,24 @@ impl<T: Serialize> Parquet<T> {
             });
         }
         Ok(file.as_mut().expect("opened above"))
+    }
+}
+
+/// The path of the first union column within `name: data_type`, if any.
+fn union_column(name: &str, data_type: &DataType) -> Option<String> {
+    let child = |f: &FieldRef| union_column(&format!("{name}.{}", f.name()), f.data_type());
+    match data_type {
+        DataType::Union(..) => Some(name.to_string()),
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f)
+        | DataType::FixedSizeList(f, _)
+        | DataType::Map(f, _) => child(f),
+        DataType::Struct(fs) => fs.iter().find_map(child),
+        DataType::Dictionary(_, values) => union_column(name, values),
+        DataType::RunEndEncoded(_, values) => child(values),
+        _ => None,
     }
 }
 
@@ -228,8 +256,8 @@ pub(crate) mod tests {
             id: i,
             account: format!("acct-{:05}", i % 977),
             cents: (i as i64 * 7919) % 100_000 - 50_000,
-            note: (i % 3 == 0).then(|| format!("note {i}")),
-            kind: if i % 5 == 0 {
+            note: i.is_multiple_of(3).then(|| format!("note {i}")),
+            kind: if i.is_multiple_of(5) {
                 Kind::Refund
             } else {
                 Kind::Payment
@@ -338,5 +366,29 @@ pub(crate) mod tests {
             .expect("a bare u64 has no columns");
         let msg = err.to_string();
         assert!(msg.contains("no Parquet schema for u64"), "{msg}");
+    }
+
+    #[test]
+    fn an_enum_with_data_is_refused_at_construction() {
+        // serde_arrow maps it to an Arrow union, which Parquet cannot store.
+        #[derive(Clone, Serialize, Deserialize)]
+        enum Outcome {
+            Matched { cents: i64 },
+            Missing(String),
+        }
+        #[derive(Clone, Serialize, Deserialize)]
+        struct Settled {
+            trip: u64,
+            outcome: Outcome,
+        }
+        let err = Parquet::<Settled>::for_type()
+            .err()
+            .expect("a union column has no Parquet type");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Config { .. }), "{err:?}");
+        assert!(
+            msg.contains("column 'outcome' is an enum with data"),
+            "{msg}"
+        );
     }
 }
