@@ -9,7 +9,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{cores, env_num, listing, median};
+use common::{cores, env_num, listing, median, periodic};
 use exactly::prelude::*;
 use exactly::sinks::RecordEncoder;
 use serde::{Deserialize, Serialize};
@@ -101,22 +101,17 @@ fn main() {
     println!("part-file formats: {events} records of 5 fields into FileSink, parallelism {PARALLELISM}, checkpoint every 250 ms, {cores} cores");
     let report = |label: &str, (elapsed, report, bytes): (Duration, JobReport, u64)| {
         let eps = events as f64 / elapsed.as_secs_f64();
-        let periodic: Vec<Duration> = report
-            .checkpoints
-            .iter()
-            .filter(|c| !c.is_final)
-            .map(|c| c.duration)
-            .collect();
+        let durations = periodic(&report, |c| c.duration);
         println!(
             "{label:>10}: {eps:>10.0} records/s ({:>9.0} per core), {:>6.1} MB committed ({:.1} bytes/record), {} checkpoints, median periodic checkpoint {}",
             eps / cores as f64,
             bytes as f64 / 1e6,
             bytes as f64 / events as f64,
             report.checkpoints.len(),
-            if periodic.is_empty() {
+            if durations.is_empty() {
                 "(none, only the final one)".to_string()
             } else {
-                format!("{:?}", median(periodic))
+                format!("{:?}", median(durations))
             },
         );
     };

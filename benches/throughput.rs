@@ -8,7 +8,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{cores, env_num, listing, median, CountSink};
+use common::{cores, env_num, listing, median, periodic, CountSink};
 use exactly::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -111,31 +111,16 @@ fn main() {
     ] {
         let (elapsed, report) = run(events, interval, backend);
         let eps = events as f64 / elapsed.as_secs_f64();
-        let periodic: Vec<Duration> = report
-            .checkpoints
-            .iter()
-            .filter(|c| !c.is_final)
-            .map(|c| c.duration)
-            .collect();
-        let pauses: Vec<Duration> = report
-            .checkpoints
-            .iter()
-            .filter(|c| !c.is_final)
-            .map(|c| c.max_sync_pause)
-            .collect();
-        let uploaded: Vec<u64> = report
-            .checkpoints
-            .iter()
-            .filter(|c| !c.is_final)
-            .map(|c| c.uploaded_bytes)
-            .collect();
+        let durations = periodic(&report, |c| c.duration);
+        let pauses = periodic(&report, |c| c.max_sync_pause);
+        let uploaded = periodic(&report, |c| c.uploaded_bytes);
         let last = report.checkpoints.last().unwrap();
         println!(
             "{label:>24}: {:>10.0} events/s ({:>9.0} events/s per core), {} checkpoints, median checkpoint {:?} (median synchronous pause {:?}, mean upload {} bytes), final checkpoint {:?} ({} bytes of state)",
             eps,
             eps / cores as f64,
             report.checkpoints.len(),
-            median(if periodic.is_empty() { vec![last.duration] } else { periodic }),
+            median(if durations.is_empty() { vec![last.duration] } else { durations }),
             median(if pauses.is_empty() { vec![last.max_sync_pause] } else { pauses }),
             uploaded.iter().sum::<u64>() / uploaded.len().max(1) as u64,
             last.duration,

@@ -2,7 +2,7 @@
 //!
 //! No Kafka-protocol server installable here commits transactions (tansu rejects
 //! EndTxn), so these tests run the protocol against the mock cluster, which accepts
-//! InitProducerId (with epoch fencing), AddPartitionsToTxn, EndTxn and fetches. Its
+//! InitProducerId, AddPartitionsToTxn, EndTxn and fetches. Its
 //! limits bound what they prove: it does not hide the records of an aborted
 //! transaction from `read_committed` readers, does not enforce transaction timeouts,
 //! and gives every `init_transactions` a new producer id instead of bumping the epoch

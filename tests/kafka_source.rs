@@ -7,7 +7,8 @@
 //!   cluster. tansu 0.6 serves a fetch only from record-batch boundaries (a fetch from
 //!   inside a batch returns nothing, forever), so data for tansu is produced one record
 //!   per batch; the mock cluster gets large batches, so a restore lands inside one and
-//!   the reader must drop the records before its offset, as with a real Kafka broker.
+//!   the records before its offset must be dropped, as with a real Kafka broker
+//!   (librdkafka does; the reader also skips any it is handed).
 //! * A job over a 3-partition topic crashes mid-stream after a checkpoint, restores at
 //!   parallelism 3, crashes again and finishes at 1 (partitions redistributed each
 //!   time): its committed output equals a failure-free run's, so no record was read

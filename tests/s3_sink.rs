@@ -4,9 +4,9 @@
 //! commits, during recovery, and by SIGKILL at random moments. Afterwards the committed
 //! objects hold exactly the failure-free run's lines, no marker of a staged upload is
 //! left, and the server (asked through boto3, independently of the code under test)
-//! lists no incomplete multipart upload under the prefix. The same run writes Parquet
-//! too, whose files are also read by pyarrow (another Parquet implementation than the
-//! writer's).
+//! lists no incomplete multipart upload under the prefix. A second test does the same
+//! with Parquet part files, which pyarrow (a Parquet implementation other than the
+//! writer's) also reads.
 
 mod common;
 
@@ -104,28 +104,32 @@ fn committed_objects(url: &str) -> (Vec<String>, usize) {
     })
 }
 
-/// Incomplete multipart uploads under `prefix`, as the server lists them.
-fn incomplete_uploads(bucket: &str, prefix: &str) -> usize {
+/// Run `script` with the test suite's Python (boto3, pyarrow; `s3` is a client of the
+/// test server) on `bucket` and `prefix` (`sys.argv[1]`, `sys.argv[2]`); its output.
+fn s3_python(script: &str, bucket: &str, prefix: &str) -> String {
     let python = std::env::var("EXACTLY_S3_PYTHON")
         .expect("EXACTLY_S3_PYTHON is not set: run the suite with ./scripts/test.sh");
+    let script = format!(
+        "import boto3, os, sys\n\
+         s3 = boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\n{script}"
+    );
     let out = Command::new(python)
-        .args([
-            "-c",
-            "import boto3, os, sys\n\
-             s3 = boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\n\
-             r = s3.list_multipart_uploads(Bucket=sys.argv[1], Prefix=sys.argv[2])\n\
-             print(len(r.get('Uploads', [])))",
-            bucket,
-            prefix,
-        ])
+        .args(["-c", &script, bucket, prefix])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "listing uploads failed: {}",
+        "{script}\nfailed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Incomplete multipart uploads under `prefix`, as the server lists them.
+fn incomplete_uploads(bucket: &str, prefix: &str) -> usize {
+    let script = "r = s3.list_multipart_uploads(Bucket=sys.argv[1], Prefix=sys.argv[2])\n\
+                  print(len(r.get('Uploads', [])))";
+    s3_python(script, bucket, prefix).trim().parse().unwrap()
 }
 
 /// Rows, and the sums of `seq` and `balance_cents`, over the Parquet objects under
@@ -134,33 +138,17 @@ fn incomplete_uploads(bucket: &str, prefix: &str) -> usize {
 /// with its thread pool, and in 0 of 140 without.
 #[cfg(feature = "parquet")]
 fn pyarrow_totals(bucket: &str, prefix: &str) -> (u64, i128, i128) {
-    let python = std::env::var("EXACTLY_S3_PYTHON")
-        .expect("EXACTLY_S3_PYTHON is not set: run the suite with ./scripts/test.sh");
-    let out = Command::new(python)
-        .args([
-            "-c",
-            "import boto3, io, os, sys\n\
-             import pyarrow.parquet as pq\n\
-             s3 = boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\n\
-             rows = seqs = balances = 0\n\
-             for page in s3.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[1], Prefix=sys.argv[2]):\n\
-             \x20   for o in page.get('Contents', []):\n\
-             \x20       if not o['Key'].endswith('.parquet'): continue\n\
-             \x20       body = s3.get_object(Bucket=sys.argv[1], Key=o['Key'])['Body'].read()\n\
-             \x20       t = pq.read_table(io.BytesIO(body), use_threads=False).to_pydict()\n\
-             \x20       rows += len(t['seq']); seqs += sum(t['seq']); balances += sum(t['balance_cents'])\n\
-             print(rows, seqs, balances)",
-            bucket,
-            prefix,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "reading Parquet with pyarrow failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let script = "import io\n\
+         import pyarrow.parquet as pq\n\
+         rows = seqs = balances = 0\n\
+         for page in s3.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[1], Prefix=sys.argv[2]):\n\
+         \x20   for o in page.get('Contents', []):\n\
+         \x20       if not o['Key'].endswith('.parquet'): continue\n\
+         \x20       body = s3.get_object(Bucket=sys.argv[1], Key=o['Key'])['Body'].read()\n\
+         \x20       t = pq.read_table(io.BytesIO(body), use_threads=False).to_pydict()\n\
+         \x20       rows += len(t['seq']); seqs += sum(t['seq']); balances += sum(t['balance_cents'])\n\
+         print(rows, seqs, balances)";
+    let text = s3_python(script, bucket, prefix);
     let v: Vec<&str> = text.split_whitespace().collect();
     (
         v[0].parse().unwrap(),

@@ -29,6 +29,16 @@ pub fn cores() -> usize {
         .unwrap_or(1)
 }
 
+/// `f` of every periodic (not final) checkpoint of a run.
+pub fn periodic<X>(report: &JobReport, f: impl Fn(&CheckpointStats) -> X) -> Vec<X> {
+    report
+        .checkpoints
+        .iter()
+        .filter(|c| !c.is_final)
+        .map(f)
+        .collect()
+}
+
 /// The median of `v` (zero when empty).
 pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

@@ -577,16 +577,9 @@ mod tests {
         // Random hex: Snappy cannot shrink it much, so the files really are large.
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut rows: Vec<Wide> = (0..30_000)
-            .map(|id| {
-                let blob = (0..63)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        format!("{x:016x}")
-                    })
-                    .collect();
-                Wide { id, blob }
+            .map(|id| Wide {
+                id,
+                blob: crate::parquet::tests::random_hex(&mut x, 63),
             })
             .collect();
         let expect = rows.clone();

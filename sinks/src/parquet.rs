@@ -266,6 +266,18 @@ pub(crate) mod tests {
         }
     }
 
+    /// `words` × 16 hex digits of xorshift output: text Snappy cannot shrink much.
+    pub(crate) fn random_hex(state: &mut u64, words: usize) -> String {
+        (0..words)
+            .map(|_| {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                format!("{:016x}", *state)
+            })
+            .collect()
+    }
+
     /// Every row of a Parquet file, read back with the Arrow reader.
     pub(crate) fn read<R: DeserializeOwned>(bytes: Vec<u8>) -> (Vec<R>, usize) {
         let reader = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(bytes)).unwrap();
@@ -321,14 +333,7 @@ pub(crate) mod tests {
         let mut x = 0x2545_f491_4f6c_dd1du64;
         // 20,000 rows of 4 KiB random hex: ~80 MB, one row group by the row limit.
         for _ in 0..20_000 {
-            let blob = (0..256)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    format!("{x:016x}")
-                })
-                .collect();
+            let blob = random_hex(&mut x, 256);
             p.encode(&Wide { blob }, &mut out).unwrap();
         }
         p.finish_file(&mut out).unwrap();
