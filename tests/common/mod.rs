@@ -14,15 +14,19 @@ pub fn example_binary(name: &str, features: &[&str]) -> PathBuf {
         "debug" => "dev".to_string(),
         other => other.to_string(),
     };
-    let mut cmd = Command::new(env!("CARGO"));
+    // Paths from the environment at run time, not `env!`: a target directory shared by
+    // two clones (CI's and a work tree) reuses a test binary built in the other clone,
+    // whose compiled-in manifest directory may no longer exist.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::current_dir().unwrap());
+    let mut cmd = Command::new(cargo);
     cmd.args(["build", "--example", name, "--profile", &profile]);
     if !features.is_empty() {
         cmd.args(["--features", &features.join(",")]);
     }
-    let status = cmd
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cargo runs");
+    let status = cmd.current_dir(&manifest_dir).status().expect("cargo runs");
     assert!(status.success(), "building example {name} failed");
     profile_dir.join("examples").join(name)
 }
