@@ -94,6 +94,17 @@ pub trait SourceReader: 'static {
 
     /// The offset of the next record `poll_batch` would return.
     fn offset(&self) -> Self::Offset;
+
+    /// A checkpoint that recorded this split at `offset` is complete and its output
+    /// committed. For reporting progress outside the checkpoint (a Kafka consumer
+    /// group's committed offset, for lag monitoring); never needed for correctness,
+    /// since a restore always uses the checkpoint's offsets. Best effort, as in Flink's
+    /// `CheckpointListener`: a notification can be missed (a crash, the task of a
+    /// finished bounded job already gone), and a later one subsumes it. Called on the
+    /// source's own thread, between `poll_batch` calls; the default does nothing.
+    fn checkpoint_complete(&mut self, offset: &Self::Offset) {
+        let _ = offset;
+    }
 }
 
 /// Where a sink instance runs.

@@ -514,3 +514,111 @@ fn a_second_instance_on_the_same_storage_fences_the_first() {
     );
     assert!(b.is_ok(), "the newer instance runs on: {b:?}");
 }
+
+/// A [`VecSource`] whose readers log every completion notice: (split, offset, records
+/// of that split in the committed output at that moment).
+#[derive(Clone)]
+struct Announced {
+    inner: VecSource<u64>,
+    sink: CollectSink<u64>,
+    log: Arc<std::sync::Mutex<Vec<(u64, u64, u64)>>>,
+}
+
+struct AnnouncedReader {
+    inner: <VecSource<u64> as Source>::Reader,
+    split: u64,
+    source: Announced,
+}
+
+impl Source for Announced {
+    type Item = u64;
+    type Offset = u64;
+    type Reader = AnnouncedReader;
+    fn splits(&self) -> Result<Vec<String>, Error> {
+        self.inner.splits()
+    }
+    fn open(
+        &self,
+        split: &str,
+        from: Option<u64>,
+        ctx: &SourceContext,
+    ) -> Result<AnnouncedReader, Error> {
+        Ok(AnnouncedReader {
+            inner: self.inner.open(split, from, ctx)?,
+            split: split.parse().unwrap(),
+            source: self.clone(),
+        })
+    }
+}
+
+impl SourceReader for AnnouncedReader {
+    type Item = u64;
+    type Offset = u64;
+    fn poll_batch(&mut self, out: &mut Vec<u64>, max: usize) -> Result<SourcePoll, Error> {
+        self.inner.poll_batch(out, max)
+    }
+    fn offset(&self) -> u64 {
+        self.inner.offset()
+    }
+    fn checkpoint_complete(&mut self, offset: &u64) {
+        let splits = 3;
+        let visible = (self.source.sink.committed().iter())
+            .filter(|r| *r % splits == self.split)
+            .count() as u64;
+        (self.source.log.lock().unwrap()).push((self.split, *offset, visible));
+    }
+}
+
+/// Readers hear of every completed checkpoint, with the offsets recorded at its
+/// barrier, only once its output is committed, and of the final one before `run()`
+/// returns (what a Kafka source commits to its consumer group for monitoring).
+#[test]
+fn sources_hear_of_completed_checkpoints_after_their_output_is_committed() {
+    const N: u64 = 30_000;
+    let sink = CollectSink::new();
+    let source = Announced {
+        inner: VecSource::new((0..N).collect()).with_splits(3),
+        sink: sink.clone(),
+        log: Default::default(),
+    };
+    let job = Job::builder("announce")
+        .checkpoint_storage("memory://")
+        .checkpoint_every(Duration::from_millis(5))
+        .parallelism(2)
+        .batch_size(64)
+        .source_pacing(Duration::from_micros(300))
+        .build()
+        .unwrap();
+    job.source("numbers", source.clone())
+        .map(|n| n)
+        .sink("out", sink.clone());
+    let report = job.run().unwrap();
+    assert_eq!(sink.sorted(), (0..N).collect::<Vec<_>>());
+
+    let log = source.log.lock().unwrap().clone();
+    for split in 0..3 {
+        let notices: Vec<(u64, u64)> = (log.iter())
+            .filter(|n| n.0 == split)
+            .map(|n| (n.1, n.2))
+            .collect();
+        assert_eq!(
+            notices.len(),
+            report.checkpoints.len(),
+            "split {split}: one notice per completed checkpoint"
+        );
+        assert!(
+            notices.windows(2).all(|w| w[0].0 <= w[1].0),
+            "split {split}: offsets never go back: {notices:?}"
+        );
+        assert!(
+            notices.iter().all(|&(offset, visible)| visible >= offset),
+            "split {split}: a notice came before its output was committed: {notices:?}"
+        );
+        let records = N / 3;
+        assert_eq!(
+            notices.last().map(|n| n.0),
+            Some(records),
+            "split {split}: the final checkpoint's offset, the end of the split, is announced"
+        );
+    }
+}

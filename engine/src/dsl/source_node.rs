@@ -102,6 +102,7 @@ impl<S: Source> ErasedSource for SourceNode<S> {
             env: ctx.env.clone(),
             watermarks,
             records,
+            unannounced: Default::default(),
         }))
     }
 }

@@ -627,7 +627,14 @@ impl Driver<'_> {
                         self.completed.fetch_max(id.0, Ordering::SeqCst);
                         fail::fail_point!("checkpoint::after_manifest");
                         match self.commit(&manifest) {
-                            Ok(()) => decisions.extend(c.on_committed(id, Instant::now())),
+                            Ok(()) => {
+                                decisions.extend(c.on_committed(id, Instant::now()));
+                                // Sources may report progress outside the checkpoint
+                                // (a Kafka group's offsets), now that output is visible.
+                                for tx in &self.controls {
+                                    let _ = tx.send(SourceControl::Completed { id });
+                                }
+                            }
                             Err(e) if e.class() == ErrorClass::Stop => {
                                 failure = Some(e);
                                 self.cancel.store(true, Ordering::Relaxed);

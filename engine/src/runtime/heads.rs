@@ -57,17 +57,34 @@ pub(crate) struct SourceHead<S: Source> {
     pub watermarks: Option<SourceWatermarks<S::Item>>,
     /// Records read (counted per batch).
     pub records: crate::metrics::Counter,
+    /// Offsets of each reader recorded at barriers whose completion has not been
+    /// announced yet, oldest first (at most [`MAX_UNANNOUNCED`]).
+    pub unannounced: std::collections::VecDeque<(CheckpointId, Vec<S::Offset>)>,
 }
+
+/// Checkpoints whose offsets a source keeps for completion notices; older ones are
+/// dropped (a later notice subsumes them), so aborted checkpoints cannot pile up.
+const MAX_UNANNOUNCED: usize = 8;
+
+/// How long a source task waits after the final barrier for the final checkpoint's
+/// completion notice (its commit included) before it ends without it.
+const FINAL_NOTICE_WAIT: Duration = Duration::from_secs(30);
 
 impl<S: Source> SourceHead<S> {
     fn barrier(&mut self, id: CheckpointId) -> Result<()> {
         let started = Instant::now();
         let mut list = Vec::with_capacity(self.readers.len());
+        let mut offsets = Vec::with_capacity(self.readers.len());
         for r in &self.readers {
             let entry: SplitState<S::Offset> =
                 (r.split.clone(), r.reader.offset(), r.done, r.max_ts);
             list.push(codec::encode(&entry, "source offset")?);
+            offsets.push(entry.1);
         }
+        if self.unannounced.len() == MAX_UNANNOUNCED {
+            self.unannounced.pop_front();
+        }
+        self.unannounced.push_back((id, offsets));
         let mut snap = TaskSnapshot::default();
         snap.operators.push((
             self.operator.clone(),
@@ -89,9 +106,58 @@ impl<S: Source> SourceHead<S> {
                 self.barrier(id)?;
                 if is_final {
                     self.out.end()?;
+                    self.await_final_completion(id)?;
                     return Ok(true);
                 }
                 Ok(false)
+            }
+            SourceControl::Completed { id } => {
+                self.announce(id);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Tell the readers that checkpoint `id` completed, with the offsets they had at
+    /// its barrier; forget that and older checkpoints.
+    fn announce(&mut self, id: CheckpointId) {
+        while let Some((oldest, _)) = self.unannounced.front() {
+            if *oldest > id {
+                break;
+            }
+            let (oldest, offsets) = self.unannounced.pop_front().unwrap();
+            if oldest == id {
+                for (r, offset) in self.readers.iter_mut().zip(&offsets) {
+                    r.reader.checkpoint_complete(offset);
+                }
+            }
+        }
+    }
+
+    /// After the final barrier, stay until the final checkpoint is announced, so the
+    /// readers hear of the offsets they ended at. Every other outcome of the final
+    /// checkpoint fails the job, which cancels this wait; and as the notice is best
+    /// effort, the task leaves without it after [`FINAL_NOTICE_WAIT`] in any case.
+    fn await_final_completion(&mut self, id: CheckpointId) -> Result<()> {
+        let deadline = Instant::now() + FINAL_NOTICE_WAIT;
+        loop {
+            if self.env.cancelled() {
+                return Err(Error::Cancelled);
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(source = %self.operator, checkpoint = %id,
+                    "the final checkpoint was not announced in time; its completion notice is skipped");
+                return Ok(());
+            }
+            match self.control.recv_timeout(Duration::from_millis(20)) {
+                Ok(SourceControl::Completed { id: done }) => {
+                    self.announce(done);
+                    if done >= id {
+                        return Ok(());
+                    }
+                }
+                Ok(SourceControl::Trigger { .. }) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
         }
     }

@@ -85,7 +85,15 @@ pub(crate) enum TaskEvent {
 
 /// Control messages to source tasks.
 pub(crate) enum SourceControl {
-    Trigger { id: CheckpointId, is_final: bool },
+    Trigger {
+        id: CheckpointId,
+        is_final: bool,
+    },
+    /// Checkpoint `id` is durable and its output committed (best effort: sent once,
+    /// lost if the task is gone).
+    Completed {
+        id: CheckpointId,
+    },
 }
 
 /// Tuning knobs shared by every task.
