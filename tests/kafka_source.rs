@@ -230,3 +230,70 @@ fn crash_restore_and_rescale_over_partitions() {
     assert_eq!(report.golden_records, 37 * 300);
     assert_eq!(report.crashes, 2);
 }
+
+/// The group's committed offsets of `topic`'s partitions (`None`: nothing committed).
+fn group_offsets(group: &str, topic: &str) -> Vec<Option<i64>> {
+    use exactly::sources::rdkafka::consumer::{BaseConsumer, Consumer};
+    use exactly::sources::rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    (0..PARTITIONS)
+        .map(
+            |p| match committed.find_partition(topic, p).unwrap().offset() {
+                Offset::Offset(n) => Some(n),
+                _ => None,
+            },
+        )
+        .collect()
+}
+
+/// With `commit_offsets_to_group`, completed checkpoints' offsets reach the consumer
+/// group (for lag monitoring): after a bounded job they are each partition's end,
+/// the final checkpoint's offsets. Without it, the source commits nothing. (That a
+/// notice never runs ahead of committed output is tested in the engine's
+/// `sources_hear_of_completed_checkpoints_after_their_output_is_committed`.)
+#[test]
+fn completed_checkpoints_commit_offsets_to_the_monitoring_group() {
+    let topic = topic_with("group", 3_000);
+    let run = |src: KafkaSource<Event, Decode>| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = CollectSink::new();
+        let job = Job::builder("group")
+            .checkpoint_storage(tmp.path().to_str().unwrap())
+            .checkpoint_every(Duration::from_millis(20))
+            .parallelism(2)
+            .build()
+            .unwrap();
+        job.source("events", src)
+            .map(|e| e.seq)
+            .sink("out", out.clone());
+        let report = job.run().unwrap();
+        assert_eq!(out.sorted(), (0..3_000).collect::<Vec<u64>>());
+        report
+    };
+    let group = format!("{topic}-monitor");
+    let report = run(source(&topic).commit_offsets_to_group(&group));
+    println!("{} checkpoints", report.checkpoints.len());
+    assert_eq!(
+        group_offsets(&group, &topic),
+        vec![Some(1_000); PARTITIONS as usize],
+        "the group holds the final checkpoint's offsets: every partition's end"
+    );
+    // The plain source: its consumers' group (named after the operator) stays empty.
+    run(source(&topic));
+    assert_eq!(
+        group_offsets("exactly-events", &topic),
+        vec![None; PARTITIONS as usize],
+        "without monitoring, nothing is committed"
+    );
+}

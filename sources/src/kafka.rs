@@ -3,8 +3,11 @@
 //! The offset of a split is the offset of the **next** record to read, so a restored
 //! reader seeks exactly there: nothing before it is read again, nothing from it on is
 //! skipped (the classic off-by-one is restoring at the last *read* offset, which reads
-//! that record twice). The consumer group's committed offsets are never used: the
-//! checkpoint is the only source of truth, and the consumer does not commit.
+//! that record twice). The consumer group's committed offsets are never read: the
+//! checkpoint is the only source of truth. For lag monitoring with the usual Kafka
+//! tools, [`KafkaSource::commit_offsets_to_group`] commits each partition's offset to a
+//! consumer group once a checkpoint containing it has completed and its output is
+//! committed, so the group shows what is durably processed, never more.
 //!
 //! Event time is per partition: each partition is a split, and the engine tracks
 //! watermarks per split and merges them. Restoring at another parallelism redistributes
@@ -19,9 +22,10 @@
 
 use exactly_engine::api::{Data, Source, SourceContext, SourcePoll, SourceReader};
 use exactly_engine::error::{Error, Result};
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::marker::PhantomData;
@@ -37,6 +41,8 @@ pub struct KafkaSource<T, F> {
     decode: F,
     bounded: bool,
     config: Vec<(String, String)>,
+    /// Consumer group that completed checkpoints' offsets are committed to.
+    group: Option<String>,
     _t: PhantomData<fn() -> T>,
 }
 
@@ -56,6 +62,7 @@ where
             decode,
             bounded: false,
             config: Vec::new(),
+            group: None,
             _t: PhantomData,
         }
     }
@@ -74,23 +81,61 @@ where
         self
     }
 
-    /// A consumer that never commits; `who` names it in the group id only.
-    fn consumer(&self, who: &str) -> std::result::Result<BaseConsumer, KafkaError> {
+    /// After each completed checkpoint, commit every partition's checkpointed offset
+    /// (the next record to read) to consumer group `group`, asynchronously, so
+    /// `kafka-consumer-groups --describe` and lag exporters see the job's durable
+    /// progress. For monitoring only: a restore never reads these offsets. A failed
+    /// commit is logged and retried with the next checkpoint. The group must not be
+    /// used by other consumers (the source assigns partitions itself).
+    pub fn commit_offsets_to_group(mut self, group: &str) -> Self {
+        self.group = Some(group.to_string());
+        self
+    }
+
+    /// A consumer that commits only when asked to (`who` names it in the group id
+    /// when no monitoring group is set).
+    fn consumer(&self, who: &str) -> std::result::Result<BaseConsumer<GroupCommits>, KafkaError> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set(
                 "enable.partition.eof",
                 if self.bounded { "true" } else { "false" },
             )
-            // Offsets live in checkpoints: the group only names the client.
-            .set("group.id", format!("exactly-{who}"))
+            // Offsets live in checkpoints: the group names the client, and receives
+            // completed checkpoints' offsets only when monitoring asks for them.
+            .set(
+                "group.id",
+                self.group
+                    .clone()
+                    .unwrap_or_else(|| format!("exactly-{who}")),
+            )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest");
         for (k, v) in &self.config {
             c.set(k, v);
         }
-        c.create()
+        c.create_with_context(GroupCommits::default())
+    }
+}
+
+/// Reports failed asynchronous group commits (their outcome arrives through `poll`),
+/// once per consumer: they are for monitoring and retried at the next checkpoint.
+#[derive(Default)]
+struct GroupCommits {
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl ClientContext for GroupCommits {}
+
+impl ConsumerContext for GroupCommits {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, offsets = ?offsets.to_topic_map(),
+                    "committing checkpointed offsets to the consumer group failed (monitoring only; retried at the next checkpoint)");
+            }
+        }
     }
 }
 
@@ -172,6 +217,9 @@ where
             decode: self.decode.clone(),
             ctx: ctx.clone(),
             split: split.to_string(),
+            topic: self.topic.clone(),
+            partition,
+            commit_to_group: self.group.is_some(),
             next,
             ended: false,
             _t: PhantomData,
@@ -181,10 +229,14 @@ where
 
 /// Reads one partition.
 pub struct KafkaReader<T, F> {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<GroupCommits>,
     decode: F,
     ctx: SourceContext,
     split: String,
+    topic: String,
+    partition: i32,
+    /// Commit completed checkpoints' offsets to the consumer group.
+    commit_to_group: bool,
     /// Offset of the next record to read.
     next: i64,
     /// Bounded, and the end of the partition was reached.
@@ -253,5 +305,20 @@ where
 
     fn offset(&self) -> i64 {
         self.next
+    }
+
+    fn checkpoint_complete(&mut self, offset: &i64) {
+        if !self.commit_to_group {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        // Asynchronous: the result arrives through `poll`, and closing the consumer
+        // waits for a commit still in flight, so the final checkpoint's offset lands.
+        let committed = tpl
+            .add_partition_offset(&self.topic, self.partition, Offset::Offset(*offset))
+            .and_then(|()| self.consumer.commit(&tpl, CommitMode::Async));
+        if let Err(e) = committed {
+            self.consumer.context().commit_callback(Err(e), &tpl);
+        }
     }
 }
