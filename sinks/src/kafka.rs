@@ -314,10 +314,13 @@ impl Inner {
         let patience = REQUEST_TIMEOUT + self.transaction_timeout;
         let deadline = Instant::now() + patience;
         let mut markers = HashMap::new();
+        // librdkafka recovers from consumer errors by itself (they are informational):
+        // keep reading until the deadline, and name the last one if it passes.
+        let mut last_error = String::new();
         loop {
             if Instant::now() > deadline {
                 return Err(err(format!(
-                    "reading markers from '{}' up to offset {high} took longer than {patience:?} (a transaction stays open on it?)",
+                    "reading markers from '{}' up to offset {high} took longer than {patience:?} (a transaction stays open on it?{last_error})",
                     self.marker_topic
                 )));
             }
@@ -332,7 +335,10 @@ impl Inner {
                         return Ok(markers);
                     }
                 }
-                Some(Err(e)) => return Err(err(format!("reading '{}': {e}", self.marker_topic))),
+                Some(Err(e)) => {
+                    tracing::debug!(topic = %self.marker_topic, error = %e, "reading markers");
+                    last_error = format!(" last error: {e}");
+                }
                 Some(Ok(m)) => {
                     let (Some(key), Some(value)) = (m.key(), m.payload()) else {
                         continue;
