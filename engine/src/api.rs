@@ -99,9 +99,10 @@ pub trait SourceReader: 'static {
     /// committed. For reporting progress outside the checkpoint (a Kafka consumer
     /// group's committed offset, for lag monitoring); never needed for correctness,
     /// since a restore always uses the checkpoint's offsets. Best effort, as in Flink's
-    /// `CheckpointListener`: a notification can be missed (a crash, the task of a
-    /// finished bounded job already gone), and a later one subsumes it. Called on the
-    /// source's own thread, between `poll_batch` calls; the default does nothing.
+    /// `CheckpointListener`: a notification can be missed (a crash; a final checkpoint
+    /// whose notice does not come within 30 s, which a source task waits for before it
+    /// ends), and a later one subsumes it. Called on the source's own thread, between
+    /// `poll_batch` calls; the default does nothing.
     fn checkpoint_complete(&mut self, offset: &Self::Offset) {
         let _ = offset;
     }
