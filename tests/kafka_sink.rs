@@ -249,13 +249,28 @@ fn transaction_timeout_below_checkpoint_interval_is_refused() {
 
 #[test]
 fn crashes_and_rescaling_commit_every_record_exactly_once() {
+    // A stage that finishes before its crash proves nothing (checkpoints that commit
+    // slowly on a loaded machine let the sources read everything first), so the whole
+    // run starts over on a fresh cluster with slower sources instead of failing.
+    let mut pacing = Duration::from_millis(5);
+    while !crash_restore_and_rescale(pacing) {
+        assert!(
+            pacing < Duration::from_millis(40),
+            "every stage finished before its crash, even with source pacing {pacing:?}"
+        );
+        pacing *= 2;
+    }
+}
+
+/// Stages at parallelism 2 and 3 crash after 4 checkpoints, the last (1) finishes; the
+/// topic then holds every record exactly once. False when a crashing stage finished.
+fn crash_restore_and_rescale(pacing: Duration) -> bool {
     let c = cluster();
     let brokers = c.bootstrap_servers();
     let staging = tempfile::tempdir().unwrap();
     let checkpoints = tempfile::tempdir().unwrap();
     const N: u64 = 20_000;
     let stages = [2usize, 3, 1];
-    let mut crashes = 0;
     for (i, &p) in stages.iter().enumerate() {
         let last = i + 1 == stages.len();
         let mut b = Job::builder("books")
@@ -263,7 +278,7 @@ fn crashes_and_rescaling_commit_every_record_exactly_once() {
             .checkpoint_every(Duration::from_millis(20))
             .parallelism(p)
             .batch_size(16)
-            .source_pacing(Duration::from_millis(5))
+            .source_pacing(pacing)
             .restart_policy(RestartPolicy::none());
         if !last {
             b = b.inject_failure_after_checkpoint(4);
@@ -273,17 +288,20 @@ fn crashes_and_rescaling_commit_every_record_exactly_once() {
             .map(|x| x)
             .sink("ledger", sink(&brokers, staging.path()));
         match job.run() {
-            Ok(_) => assert!(last, "stage {i} finished before its crash"),
+            Ok(_) if !last => {
+                println!("stage {i} finished before its crash with pacing {pacing:?}");
+                return false;
+            }
+            Ok(_) => {}
             Err(e) => {
                 assert!(!last && e.to_string().contains("injected failure"), "{e}");
-                crashes += 1;
                 // Records of completed checkpoints are in Kafka, no more than once.
                 let so_far = topic_values(&brokers);
                 assert!(so_far.windows(2).all(|w| w[0] < w[1]), "a duplicate");
             }
         }
     }
-    assert_eq!(crashes, 2);
     assert_eq!(topic_values(&brokers), (0..N).collect::<Vec<_>>());
     assert_eq!(staged_files(staging.path()), 0, "no staged records left");
+    true
 }
