@@ -196,14 +196,8 @@ fn committed(out: &Path) -> Result<Vec<BalanceUpdate>> {
 #[cfg(feature = "parquet")]
 fn read_parquet(p: &Path) -> Result<Vec<BalanceUpdate>> {
     let file = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-    let reader =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
-    let mut rows = Vec::new();
-    for batch in reader {
-        rows.extend(serde_arrow::from_record_batch::<Vec<BalanceUpdate>>(
-            &batch?,
-        )?);
-    }
+    let (rows, _) = exactly::sinks::parquet::read_records(file)
+        .with_context(|| format!("reading {}", p.display()))?;
     Ok(rows)
 }
 

@@ -277,13 +277,11 @@ fn completed_checkpoints_commit_offsets_to_the_monitoring_group() {
         job.source("events", src)
             .map(|e| e.seq)
             .sink("out", out.clone());
-        let report = job.run().unwrap();
+        job.run().unwrap();
         assert_eq!(out.sorted(), (0..3_000).collect::<Vec<u64>>());
-        report
     };
     let group = format!("{topic}-monitor");
-    let report = run(source(&topic).commit_offsets_to_group(&group));
-    println!("{} checkpoints", report.checkpoints.len());
+    run(source(&topic).commit_offsets_to_group(&group));
     assert_eq!(
         group_offsets(&group, &topic),
         vec![Some(1_000); PARTITIONS as usize],

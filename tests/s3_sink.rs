@@ -60,16 +60,11 @@ struct BalanceUpdate {
 fn object_lines(path: &str, bytes: bytes::Bytes) -> Vec<String> {
     #[cfg(feature = "parquet")]
     if path.ends_with(".parquet") {
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .unwrap()
-            .build()
-            .unwrap();
-        let mut lines = Vec::new();
-        for batch in reader {
-            let rows: Vec<BalanceUpdate> = serde_arrow::from_record_batch(&batch.unwrap()).unwrap();
-            lines.extend(rows.iter().map(|r| serde_json::to_string(r).unwrap()));
-        }
-        return lines;
+        let (rows, _) = exactly::sinks::parquet::read_records::<BalanceUpdate>(bytes).unwrap();
+        return rows
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap())
+            .collect();
     }
     assert!(path.ends_with(".jsonl"), "unexpected object {path}");
     String::from_utf8(bytes.to_vec())

@@ -228,11 +228,30 @@ impl<T: Serialize + 'static> RecordEncoder<T> for Parquet<T> {
     }
 }
 
+/// Every record of a Parquet file (a committed part file, say: a `std::fs::File` or
+/// the bytes of an object), deserialised into `R`: to check output against its input
+/// without a warehouse. Returns the records and the file's number of row groups.
+pub fn read_records<R: DeserializeOwned>(
+    file: impl parquet::file::reader::ChunkReader + 'static,
+) -> Result<(Vec<R>, usize)> {
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| codec("Parquet file", e))?;
+    let groups = builder.metadata().num_row_groups();
+    let mut records = Vec::new();
+    for batch in builder.build().map_err(|e| codec("Parquet file", e))? {
+        let batch = batch.map_err(|e| codec("Parquet rows", e))?;
+        records.extend(
+            serde_arrow::from_record_batch::<Vec<R>>(&batch)
+                .map_err(|e| codec("Parquet rows", e))?,
+        );
+    }
+    Ok((records, groups))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use bytes::Bytes;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use serde::Deserialize;
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -278,16 +297,9 @@ pub(crate) mod tests {
             .collect()
     }
 
-    /// Every row of a Parquet file, read back with the Arrow reader.
+    /// Every row of a Parquet file, and its number of row groups.
     pub(crate) fn read<R: DeserializeOwned>(bytes: Vec<u8>) -> (Vec<R>, usize) {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(bytes)).unwrap();
-        let groups = reader.metadata().num_row_groups();
-        let mut rows = Vec::new();
-        for batch in reader.build().unwrap() {
-            let batch = batch.unwrap();
-            rows.extend(serde_arrow::from_record_batch::<Vec<R>>(&batch).unwrap());
-        }
-        (rows, groups)
+        read_records(Bytes::from(bytes)).unwrap()
     }
 
     #[test]
