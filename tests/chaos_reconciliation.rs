@@ -109,7 +109,17 @@ impl Fixture {
     }
 }
 
-fn run_cmd(bin: &Path, dir: &Path, parallelism: usize, crash: Option<&str>) -> Command {
+/// Pause per source batch of 128 events: the run spans many checkpoints, so crashes
+/// land mid-run.
+const PACE_US: u64 = 8000;
+
+fn run_cmd(
+    bin: &Path,
+    dir: &Path,
+    parallelism: usize,
+    crash: Option<&str>,
+    pace_us: u64,
+) -> Command {
     let mut c = Command::new(bin);
     c.arg("run")
         .arg("--dir")
@@ -120,8 +130,7 @@ fn run_cmd(bin: &Path, dir: &Path, parallelism: usize, crash: Option<&str>) -> C
             "--parallelism",
             &parallelism.to_string(),
         ])
-        // Small, paced batches: the run spans many checkpoints, so crashes land mid-run.
-        .args(["--batch-size", "128", "--pace-us", "8000"]);
+        .args(["--batch-size", "128", "--pace-us", &pace_us.to_string()]);
     if let Some(spec) = crash {
         c.env("EXACTLY_CRASH_AT", spec);
     }
@@ -129,14 +138,15 @@ fn run_cmd(bin: &Path, dir: &Path, parallelism: usize, crash: Option<&str>) -> C
 }
 
 fn run(bin: &Path, dir: &Path, parallelism: usize, crash: Option<&str>) -> Output {
-    run_cmd(bin, dir, parallelism, crash).output().unwrap()
+    run_cmd(bin, dir, parallelism, crash, PACE_US)
+        .output()
+        .unwrap()
 }
 
 #[test]
 fn random_sigkills_while_rescaling() {
     let kills_wanted = env_num("EXACTLY_CHAOS_KILLS", 50);
     let f = fixture(40_000);
-    let dir = f.run_dir("chaos");
     let mut seed = common::seed();
     let mut targets: Vec<u64> = (0..kills_wanted)
         .map(|_| 1 + xorshift(&mut seed) % 80)
@@ -145,44 +155,65 @@ fn random_sigkills_while_rescaling() {
     let parallelism = [2usize, 3, 1];
     let (mut kills, mut early, mut rescales, mut last_p) = (0u64, 0u64, 0u64, 2usize);
     let mut points = Vec::new();
-    let percent = || committed_bytes(&dir.join("out/results")) * 100 / f.golden_bytes.max(1);
+    // A run that ends before its kill (one slow checkpoint committed the rest) is a
+    // finished kill-and-restore run: it is checked, and the remaining kills go to a new
+    // round in a fresh directory with slower sources (at most 5 rounds).
+    let (mut round, mut pace_us) = (0u64, PACE_US);
+    let mut dir = f.run_dir("chaos0");
+    let percent =
+        |dir: &Path| committed_bytes(&dir.join("out/results")) * 100 / f.golden_bytes.max(1);
     while !targets.is_empty() {
         let p = parallelism[(xorshift(&mut seed) % 3) as usize];
         rescales += u64::from(p != last_p);
         last_p = p;
-        let mut child = run_cmd(&f.bin, &dir, p, None)
+        let mut child = run_cmd(&f.bin, &dir, p, None, pace_us)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let mut finished = None;
         if xorshift(&mut seed).is_multiple_of(4) {
             // During startup and recovery.
             std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 30));
             early += 1;
         } else {
-            while percent() < targets[0] {
-                if let Some(s) = child.try_wait().unwrap() {
-                    panic!(
-                        "the job finished ({s}) before {}% was committed",
-                        targets[0]
-                    );
+            while percent(&dir) < targets[0] {
+                finished = child.try_wait().unwrap();
+                if finished.is_some() {
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
             std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 25));
         }
-        if let Some(s) = child.try_wait().unwrap() {
-            panic!("the job finished ({s}) before kill {}", kills + 1);
+        if let Some(s) = finished.or_else(|| child.try_wait().unwrap()) {
+            assert!(s.success(), "run of round {round} failed: {s}");
+            println!(
+                "round {round} finished before its kill at {}% (pacing {pace_us} us); checking it",
+                targets[0]
+            );
+            f.finish_and_check(&dir);
+            round += 1;
+            assert!(
+                round < 5,
+                "every round finished before its kill, the last with {pace_us} us of source \
+                 pacing per batch; give the test more input"
+            );
+            pace_us *= 2;
+            dir = f.run_dir(&format!("chaos{round}"));
+            continue;
         }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
-        points.push(percent());
+        points.push(percent(&dir));
         targets.remove(0);
     }
     f.finish_and_check(&dir);
     println!(
-        "survived {kills} SIGKILLs ({early} during startup or recovery, {rescales} restarts at another parallelism); \
-         trip results committed at each kill (%): {points:?}; duplicates 0, lost 0"
+        "survived {kills} SIGKILLs in {} round(s) ({early} during startup or recovery, \
+         {rescales} restarts at another parallelism); trip results committed at each kill (%): \
+         {points:?}; duplicates 0, lost 0",
+        round + 1
     );
 }
 
