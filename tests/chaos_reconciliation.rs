@@ -10,13 +10,13 @@
 mod common;
 
 use common::{
-    committed_bytes, committed_lines, env_num, example_binary, leftover_staging, xorshift,
+    committed_bytes, committed_lines, env_num, example_binary, kill_at_progress, leftover_staging,
+    xorshift, Start,
 };
 use exactly::engine::failpoints;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 struct Fixture {
     bin: PathBuf,
@@ -170,22 +170,8 @@ fn random_sigkills_while_rescaling() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut finished = None;
-        if xorshift(&mut seed).is_multiple_of(4) {
-            // During startup and recovery.
-            std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 30));
-            early += 1;
-        } else {
-            while percent(&dir) < targets[0] {
-                finished = child.try_wait().unwrap();
-                if finished.is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 25));
-        }
-        if let Some(s) = finished.or_else(|| child.try_wait().unwrap()) {
+        let start = kill_at_progress(&mut child, &mut seed, targets[0], 30, || percent(&dir));
+        if let Start::Finished(s) = start {
             assert!(s.success(), "run of round {round} failed: {s}");
             println!(
                 "round {round} finished before its kill at {}% (pacing {pace_us} us); checking it",
@@ -202,9 +188,8 @@ fn random_sigkills_while_rescaling() {
             dir = f.run_dir(&format!("chaos{round}"));
             continue;
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
         kills += 1;
+        early += u64::from(matches!(start, Start::Killed { early: true }));
         points.push(percent(&dir));
         targets.remove(0);
     }

@@ -8,11 +8,12 @@
 mod common;
 
 use common::{
-    committed_bytes, committed_lines, env_num, example_binary, leftover_staging, xorshift,
+    committed_bytes, committed_lines, env_num, example_binary, kill_at_progress, leftover_staging,
+    xorshift, Start,
 };
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn run_args(input: &Path, out: &Path, chk: &Path, state: &str, pace_us: u64) -> Vec<String> {
     [
@@ -132,27 +133,13 @@ fn kill_and_restore(state: &str, checkpoints: impl Fn(&Path, &str) -> std::path:
     let percent = |out: &Path| committed_bytes(out) * 100 / golden_bytes.max(1);
     while !targets.is_empty() {
         assert!(kills < 20 * min_kills, "no progress after {kills} kills");
-        let args = run_args(&input, &out, &chk, state, pace_us);
         let mut child = Command::new(&bin)
-            .args(args)
+            .args(run_args(&input, &out, &chk, state, pace_us))
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut finished = None;
-        if xorshift(&mut seed).is_multiple_of(4) {
-            std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 40));
-            early_kills += 1;
-        } else {
-            while percent(&out) < targets[0] {
-                finished = child.try_wait().unwrap();
-                if finished.is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 25));
-        }
-        if let Some(status) = finished.or_else(|| child.try_wait().unwrap()) {
+        let start = kill_at_progress(&mut child, &mut seed, targets[0], 40, || percent(&out));
+        if let Start::Finished(status) = start {
             assert!(status.success(), "run of round {round} failed: {status}");
             kill_points.push("end".to_string());
             println!(
@@ -171,11 +158,9 @@ fn kill_and_restore(state: &str, checkpoints: impl Fn(&Path, &str) -> std::path:
             (out, chk) = dirs(round);
             continue;
         }
-        child.kill().unwrap(); // SIGKILL on Unix
-        child.wait().unwrap();
         kills += 1;
-        let now = percent(&out);
-        kill_points.push(format!("{now}%"));
+        early_kills += u64::from(matches!(start, Start::Killed { early: true }));
+        kill_points.push(format!("{}%", percent(&out)));
         // One target per kill: a target already passed means the next start is killed
         // right away, i.e. during recovery.
         targets.remove(0);

@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
 
 /// Build example `name` with the same cargo profile as the running test (and `features`)
 /// and return the binary's path.
@@ -72,6 +73,48 @@ pub fn xorshift(s: &mut u64) -> u64 {
     *s ^= *s >> 7;
     *s ^= *s << 17;
     *s
+}
+
+/// How one start of a job ended in a kill-at-progress loop.
+pub enum Start {
+    /// SIGKILLed; `early` when that was during startup or recovery.
+    Killed { early: bool },
+    /// The job ended by itself first: where checkpoints are slow (a loaded machine,
+    /// slow fsync) one checkpoint can commit all the rest.
+    Finished(ExitStatus),
+}
+
+/// SIGKILL `child` once `progress()` (percent of the output committed) reaches `target`,
+/// after a further random delay within a checkpoint cycle; or, one start in four,
+/// within `early_ms` of starting, i.e. during startup and recovery. A child that ends
+/// by itself first is left alone.
+pub fn kill_at_progress(
+    child: &mut Child,
+    seed: &mut u64,
+    target: u64,
+    early_ms: u64,
+    progress: impl Fn() -> u64,
+) -> Start {
+    let early = xorshift(seed).is_multiple_of(4);
+    let mut finished = None;
+    if early {
+        std::thread::sleep(Duration::from_millis(xorshift(seed) % early_ms));
+    } else {
+        while progress() < target {
+            finished = child.try_wait().unwrap();
+            if finished.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(xorshift(seed) % 25));
+    }
+    if let Some(status) = finished.or_else(|| child.try_wait().unwrap()) {
+        return Start::Finished(status);
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    Start::Killed { early }
 }
 
 fn part_files(dir: &Path, out: &mut Vec<PathBuf>) {
