@@ -25,6 +25,7 @@ use exactly::sources::rdkafka::mocking::MockCluster;
 use exactly::sources::rdkafka::producer::DefaultProducerContext;
 use exactly::sources::rdkafka::{Offset, TopicPartitionList};
 use exactly::sources::GeneratorSource;
+use exactly::testing::with_slower_sources;
 use std::time::Duration;
 
 const TOPIC: &str = "ledger";
@@ -252,14 +253,10 @@ fn crashes_and_rescaling_commit_every_record_exactly_once() {
     // A stage that finishes before its crash proves nothing (checkpoints that commit
     // slowly on a loaded machine let the sources read everything first), so the whole
     // run starts over on a fresh cluster with slower sources instead of failing.
-    let mut pacing = Duration::from_millis(5);
-    while !crash_restore_and_rescale(pacing) {
-        assert!(
-            pacing < Duration::from_millis(40),
-            "every stage finished before its crash, even with source pacing {pacing:?}"
-        );
-        pacing *= 2;
-    }
+    with_slower_sources(Duration::from_millis(5), 4, |pacing| {
+        Ok(crash_restore_and_rescale(pacing).then_some(()))
+    })
+    .unwrap();
 }
 
 /// Stages at parallelism 2 and 3 crash after 4 checkpoints, the last (1) finishes; the

@@ -480,6 +480,30 @@ enum Outcome {
     Failed(String),
 }
 
+/// Run `attempt` with source pacing `start`, doubling it after each attempt whose
+/// timing proved nothing (`Ok(None)`: the job finished before its crash could land
+/// mid-stream), at most `attempts` times. Crash tests use it so that a slow or loaded
+/// machine makes them slower, never flaky; `Err` from `attempt` is a real failure and
+/// ends the retries.
+pub fn with_slower_sources<T>(
+    start: std::time::Duration,
+    attempts: u32,
+    mut attempt: impl FnMut(std::time::Duration) -> std::result::Result<Option<T>, String>,
+) -> std::result::Result<T, String> {
+    let mut pacing = start;
+    for i in 0..attempts {
+        if i > 0 {
+            pacing *= 2;
+        }
+        if let Some(done) = attempt(pacing)? {
+            return Ok(done);
+        }
+    }
+    Err(format!(
+        "every attempt finished before its crash, the last with source pacing {pacing:?}; give it more input"
+    ))
+}
+
 /// What an [`ExactlyOnceCheck`] observed.
 #[derive(Debug, Clone)]
 pub struct CheckReport {
@@ -525,20 +549,18 @@ impl ExactlyOnceCheck {
         B: Fn(&crate::dsl::Job, &CollectSink<T>),
     {
         let mut attempt = self.clone();
-        for _ in 0..5 {
+        with_slower_sources(self.source_pacing, 5, |pacing| {
+            attempt.source_pacing = pacing;
             match attempt.run_once(name, &build) {
+                Ok(r) => Ok(Some(r)),
                 Err(Outcome::TooFast(msg)) => {
                     tracing::info!(check = name, "{msg}; retrying with slower sources");
-                    attempt.source_pacing *= 2;
+                    Ok(None)
                 }
-                Err(Outcome::Failed(msg)) => return Err(msg),
-                Ok(r) => return Ok(r),
+                Err(Outcome::Failed(msg)) => Err(msg),
             }
-        }
-        Err(format!(
-            "{name}: every stage finished before its crash even with source pacing {:?}; give the check more input",
-            attempt.source_pacing
-        ))
+        })
+        .map_err(|e| format!("{name}: {e}"))
     }
 
     fn run_once<T, B>(&self, name: &str, build: &B) -> std::result::Result<CheckReport, Outcome>
@@ -634,5 +656,41 @@ impl ExactlyOnceCheck {
             )));
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_slower_sources;
+    use std::time::Duration;
+
+    #[test]
+    fn slower_sources_double_the_pacing_until_an_attempt_proves_something() {
+        let ms = Duration::from_millis;
+        let mut tried = Vec::new();
+        let done = with_slower_sources(ms(1), 5, |p| {
+            tried.push(p);
+            Ok((p >= ms(4)).then_some(p))
+        });
+        assert_eq!(done, Ok(ms(4)));
+        assert_eq!(tried, [ms(1), ms(2), ms(4)]);
+
+        let mut calls = 0;
+        let exhausted = with_slower_sources::<()>(ms(1), 3, |_| {
+            calls += 1;
+            Ok(None)
+        });
+        assert_eq!(calls, 3);
+        assert!(
+            exhausted.unwrap_err().contains("4ms"),
+            "names the last pacing"
+        );
+
+        let mut calls = 0;
+        let failed = with_slower_sources::<()>(ms(1), 5, |_| {
+            calls += 1;
+            Err("output differs".to_string())
+        });
+        assert_eq!((failed, calls), (Err("output differs".to_string()), 1));
     }
 }

@@ -9,6 +9,7 @@ mod common;
 use exactly_engine::manifest::Manifest;
 use exactly_engine::prelude::*;
 use exactly_engine::state::RocksDbConfig;
+use exactly_engine::testing::with_slower_sources;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
@@ -120,20 +121,13 @@ fn incremental_checkpoints_crash_restore_and_shared_file_retention() {
     // The shape of the test depends on timing (a loaded CI machine once left the
     // restored run only two checkpoints), so an attempt that proves nothing starts over
     // in a fresh directory with slower sources instead of passing or failing.
-    let mut pacing = LOCAL_PACING;
-    let (tmp, chk, local, report) = loop {
+    let (_tmp, chk, local, report) = with_slower_sources(LOCAL_PACING, 5, |pacing| {
         let tmp = tempfile::tempdir().unwrap();
         let (chk, local) = (tmp.path().join("chk"), tmp.path().join("local"));
         let out = CollectSink::new();
-        if let Some(report) = crash_and_restore(&chk, &local, pacing, &out) {
-            break (tmp, chk, local, report);
-        }
-        assert!(
-            pacing < LOCAL_PACING * 16,
-            "even with source pacing {pacing:?} the job was too fast to crash and restore mid-stream"
-        );
-        pacing *= 2;
-    };
+        Ok(crash_and_restore(&chk, &local, pacing, &out).map(|report| (tmp, chk, local, report)))
+    })
+    .unwrap();
 
     // Incremental: after the first checkpoint of the run, checkpoints upload less than
     // the state they reference.
@@ -172,7 +166,6 @@ fn incremental_checkpoints_crash_restore_and_shared_file_retention() {
         !local.exists(),
         "the working directory of a finished job is removed"
     );
-    drop(tmp);
 }
 
 /// A replacement machine: checkpoints in S3, the crashed run's working directory gone.
