@@ -21,7 +21,7 @@
 mod common;
 
 use common::{env_num, listing};
-use exactly::engine::ids::{key_group_of_bytes, KeyGroupRange, OperatorId, SubtaskIndex};
+use exactly::engine::ids::{KeyGroupRange, OperatorId, SubtaskIndex};
 use exactly::engine::state::{BackendEnv, KeyedState, OperatorSnapshot, StateBackend};
 use exactly::engine::storage::CheckpointStorage;
 use exactly::prelude::*;
@@ -49,11 +49,8 @@ fn value(key: u64, round: u64, buf: &mut Vec<u8>) {
     buf.truncate(100);
 }
 
-fn set(state: &mut KeyedState, key: u64, v: &Vec<u8>, kbuf: &mut Vec<u8>) {
-    kbuf.clear();
-    kbuf.extend_from_slice(&exactly::engine::codec::encode(&key, "key").unwrap());
-    state.set_current_key(key_group_of_bytes(kbuf, MAX), kbuf);
-    state.put(VALUE, v).unwrap();
+fn set(state: &mut KeyedState<u64>, key: u64, v: &Vec<u8>) {
+    state.put(&key, VALUE, v, 0).unwrap();
 }
 
 fn mib(b: u64) -> String {
@@ -76,12 +73,12 @@ fn bench(label: &str, storage: CheckpointStorage, keys: u64, rounds: u64) {
     };
     let all = KeyGroupRange { start: 0, end: MAX };
     let op = OperatorId("bench".into());
-    let mut state = KeyedState::open(all, &op, SubtaskIndex(0), &env, &[]).unwrap();
-    let (mut v, mut k) = (Vec::new(), Vec::new());
+    let mut state = KeyedState::open(all, MAX, &op, SubtaskIndex(0), &env, &[]).unwrap();
+    let mut v = Vec::new();
     let t = Instant::now();
     for key in 0..keys {
         value(key, 0, &mut v);
-        set(&mut state, key, &v, &mut k);
+        set(&mut state, key, &v);
     }
     let load = t.elapsed();
     println!(
@@ -95,7 +92,7 @@ fn bench(label: &str, storage: CheckpointStorage, keys: u64, rounds: u64) {
         for _ in 0..changed {
             let key = xorshift(&mut seed) % keys;
             value(key, round, &mut v);
-            set(&mut state, key, &v, &mut k);
+            set(&mut state, key, &v);
         }
         let id = CheckpointId(round + 1);
         let t = Instant::now();
@@ -128,16 +125,20 @@ fn bench(label: &str, storage: CheckpointStorage, keys: u64, rounds: u64) {
     };
     let mut restore = |what: &str| -> Duration {
         let t = Instant::now();
-        let mut s =
-            KeyedState::open(all, &op, SubtaskIndex(0), &env, std::slice::from_ref(&snap)).unwrap();
+        let mut s = KeyedState::<u64>::open(
+            all,
+            MAX,
+            &op,
+            SubtaskIndex(0),
+            &env,
+            std::slice::from_ref(&snap),
+        )
+        .unwrap();
         let elapsed = t.elapsed();
         // Spot-check: every key present.
         for key in (0..keys).step_by((keys / 1000).max(1) as usize) {
-            k.clear();
-            k.extend_from_slice(&exactly::engine::codec::encode(&key, "key").unwrap());
-            s.set_current_key(key_group_of_bytes(&k, MAX), &k);
             assert_eq!(
-                s.get(VALUE).unwrap().map(|v| v.len()),
+                s.get(&key, VALUE, 0).unwrap().map(|v| v.len()),
                 Some(100),
                 "key {key}"
             );

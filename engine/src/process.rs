@@ -2,15 +2,13 @@
 //! the record's key.
 
 use crate::api::{BoxError, Data, Key};
-use crate::codec;
 use crate::error::Error;
 use crate::error::Result;
-use crate::ids::{key_group_of_bytes, KeyGroup, OperatorId, SubtaskIndex};
+use crate::ids::{OperatorId, SubtaskIndex};
 use crate::metrics::Metrics;
 use crate::metrics::OpenContext;
-use crate::state::{KeyedState, MapState, ValueState};
+use crate::state::{KeyedState, MapState, StateValue, ValueState};
 use crate::time::{Clock, TimeDomain, Timer, Timestamp};
-use serde::{de::DeserializeOwned, Serialize};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -18,18 +16,18 @@ use std::sync::Arc;
 /// the output.
 pub struct KeyedContext<'a, K, O> {
     pub(crate) key: &'a K,
-    pub(crate) state: &'a mut KeyedState,
+    pub(crate) state: &'a mut KeyedState<K>,
     pub(crate) out: &'a mut Vec<O>,
     pub(crate) watermark: Timestamp,
     pub(crate) clock: &'a dyn Clock,
 }
 
 impl<'a, K, O> KeyedContext<'a, K, O> {
-    /// A context over `state` (whose current key must already be set); used by test
-    /// harnesses that drive a function directly.
+    /// A context for `key` over `state`; used by test harnesses that drive a function
+    /// directly.
     pub fn new(
         key: &'a K,
-        state: &'a mut KeyedState,
+        state: &'a mut KeyedState<K>,
         out: &'a mut Vec<O>,
         watermark: Timestamp,
         clock: &'a dyn Clock,
@@ -55,27 +53,6 @@ impl<K, O> KeyedContext<'_, K, O> {
         self.clock.now_ms()
     }
 
-    /// Call `on_timer` for the current key once the watermark reaches `time`.
-    pub fn register_event_time_timer(&mut self, time: Timestamp) {
-        self.state.register_timer(TimeDomain::EventTime, time)
-    }
-
-    /// Cancel an event-time timer of the current key.
-    pub fn delete_event_time_timer(&mut self, time: Timestamp) {
-        self.state.delete_timer(TimeDomain::EventTime, time)
-    }
-
-    /// Call `on_timer` for the current key once the clock reaches `time`. A timer that
-    /// came due while the job was down fires right after restore.
-    pub fn register_processing_time_timer(&mut self, time: Timestamp) {
-        self.state.register_timer(TimeDomain::ProcessingTime, time)
-    }
-
-    /// Cancel a processing-time timer of the current key.
-    pub fn delete_processing_time_timer(&mut self, time: Timestamp) {
-        self.state.delete_timer(TimeDomain::ProcessingTime, time)
-    }
-
     /// The current record's key.
     pub fn key(&self) -> &K {
         self.key
@@ -86,70 +63,101 @@ impl<K, O> KeyedContext<'_, K, O> {
     pub fn emit(&mut self, record: O) {
         self.out.push(record);
     }
+}
+
+impl<K: Key, O> KeyedContext<'_, K, O> {
+    /// Call `on_timer` for the current key once the watermark reaches `time`.
+    pub fn register_event_time_timer(&mut self, time: Timestamp) {
+        self.state
+            .register_timer(self.key, TimeDomain::EventTime, time)
+    }
+
+    /// Cancel an event-time timer of the current key.
+    pub fn delete_event_time_timer(&mut self, time: Timestamp) {
+        self.state
+            .delete_timer(self.key, TimeDomain::EventTime, time)
+    }
+
+    /// Call `on_timer` for the current key once the clock reaches `time`. A timer that
+    /// came due while the job was down fires right after restore.
+    pub fn register_processing_time_timer(&mut self, time: Timestamp) {
+        self.state
+            .register_timer(self.key, TimeDomain::ProcessingTime, time)
+    }
+
+    /// Cancel a processing-time timer of the current key.
+    pub fn delete_processing_time_timer(&mut self, time: Timestamp) {
+        self.state
+            .delete_timer(self.key, TimeDomain::ProcessingTime, time)
+    }
+
+    /// The clock's time, read only for states with a TTL.
+    #[inline]
+    fn now_for<V>(&self, state: ValueState<V>) -> Timestamp {
+        match state.ttl_ms() {
+            None => 0,
+            Some(_) => self.clock.now_ms(),
+        }
+    }
 
     /// The current key's value of `state` (`None` if a TTL expired).
-    pub fn value<V: DeserializeOwned>(&mut self, state: ValueState<V>) -> Result<Option<V>> {
-        match state.ttl_ms() {
-            None => self.state.get(state),
-            Some(_) => self.state.get_ttl(state, self.clock.now_ms()),
-        }
+    #[inline]
+    pub fn value<V: StateValue>(&mut self, state: ValueState<V>) -> Result<Option<V>> {
+        let now = self.now_for(state);
+        self.state.get(self.key, state, now)
     }
 
     /// Set the current key's value of `state` (restarting its TTL, if it has one).
-    pub fn set_value<V: Serialize>(&mut self, state: ValueState<V>, value: &V) -> Result<()> {
-        match state.ttl_ms() {
-            None => self.state.put(state, value),
-            Some(_) => self.state.put_ttl(state, value, self.clock.now_ms()),
-        }
+    #[inline]
+    pub fn set_value<V: StateValue>(&mut self, state: ValueState<V>, value: &V) -> Result<()> {
+        let now = self.now_for(state);
+        self.state.put(self.key, state, value, now)
     }
 
     /// Remove the current key's value of `state`.
-    pub fn clear_value<V>(&mut self, state: ValueState<V>) {
-        match state.ttl_ms() {
-            None => self.state.clear(state),
-            Some(_) => self.state.clear_ttl(state),
-        }
+    pub fn clear_value<V: StateValue>(&mut self, state: ValueState<V>) {
+        self.state.clear(self.key, state)
     }
 
     /// One entry of the current key's map `state`.
-    pub fn map_get<UK: Serialize, UV: DeserializeOwned>(
+    pub fn map_get<UK: StateValue + Eq, UV: StateValue>(
         &mut self,
         state: MapState<UK, UV>,
         key: &UK,
     ) -> Result<Option<UV>> {
-        self.state.map_get(state, key)
+        self.state.map_get(self.key, state, key)
     }
 
     /// Set one entry of the current key's map `state`.
-    pub fn map_put<UK: Serialize, UV: Serialize>(
+    pub fn map_put<UK: StateValue + Eq, UV: StateValue>(
         &mut self,
         state: MapState<UK, UV>,
         key: &UK,
         value: &UV,
     ) -> Result<()> {
-        self.state.map_put(state, key, value)
+        self.state.map_put(self.key, state, key, value)
     }
 
     /// Remove one entry of the current key's map `state`.
-    pub fn map_remove<UK: Serialize, UV>(
+    pub fn map_remove<UK: StateValue + Eq, UV: StateValue>(
         &mut self,
         state: MapState<UK, UV>,
         key: &UK,
     ) -> Result<()> {
-        self.state.map_remove(state, key)
+        self.state.map_remove(self.key, state, key)
     }
 
-    /// All entries of the current key's map `state`.
-    pub fn map_entries<UK: DeserializeOwned, UV: DeserializeOwned>(
+    /// All entries of the current key's map `state` (in memory: in insertion order).
+    pub fn map_entries<UK: StateValue + Eq, UV: StateValue>(
         &mut self,
         state: MapState<UK, UV>,
     ) -> Result<Vec<(UK, UV)>> {
-        self.state.map_entries(state)
+        self.state.map_entries(self.key, state)
     }
 
     /// Remove all entries of the current key's map `state`.
-    pub fn map_clear<UK, UV>(&mut self, state: MapState<UK, UV>) {
-        self.state.map_clear(state)
+    pub fn map_clear<UK: StateValue + Eq, UV: StateValue>(&mut self, state: MapState<UK, UV>) {
+        self.state.map_clear(self.key, state)
     }
 }
 
@@ -241,12 +249,10 @@ pub(crate) struct KeyedCore<K, I, F: KeyedProcessFunction<K, I>> {
     pub operator: OperatorId,
     pub subtask: SubtaskIndex,
     pub func: F,
-    pub state: KeyedState,
+    pub state: KeyedState<K>,
     pub watermark: Timestamp,
     pub clock: Arc<dyn Clock>,
-    pub max_parallelism: u16,
-    scratch: Vec<u8>,
-    due: Vec<(KeyGroup, Timestamp, Vec<u8>)>,
+    due: Vec<(Timestamp, K)>,
     _p: PhantomData<fn(I) -> K>,
 }
 
@@ -255,9 +261,8 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
         operator: OperatorId,
         subtask: SubtaskIndex,
         func: F,
-        state: KeyedState,
+        state: KeyedState<K>,
         clock: Arc<dyn Clock>,
-        max_parallelism: u16,
     ) -> Self {
         KeyedCore {
             operator,
@@ -266,8 +271,6 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
             state,
             watermark: Timestamp::MIN,
             clock,
-            max_parallelism,
-            scratch: Vec::new(),
             due: Vec::new(),
             _p: PhantomData,
         }
@@ -290,11 +293,8 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
     }
 
     /// Run the function for one record of `key`.
+    #[inline]
     pub fn process(&mut self, key: &K, record: I, out: &mut Vec<F::Out>) -> Result<()> {
-        self.scratch.clear();
-        codec::encode_into(key, &mut self.scratch, "key")?;
-        let kg = key_group_of_bytes(&self.scratch, self.max_parallelism);
-        self.state.set_current_key(kg, &self.scratch);
         let mut ctx = KeyedContext {
             key,
             state: &mut self.state,
@@ -326,12 +326,10 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
             if self.due.is_empty() {
                 return Ok(());
             }
-            let due = std::mem::take(&mut self.due);
-            for (kg, time, key_bytes) in &due {
-                let key: K = codec::decode(key_bytes, "timer key")?;
-                self.state.set_current_key(*kg, key_bytes);
+            let mut due = std::mem::take(&mut self.due);
+            for (time, key) in &due {
                 let mut ctx = KeyedContext {
-                    key: &key,
+                    key,
                     state: &mut self.state,
                     out,
                     watermark: self.watermark,
@@ -348,6 +346,7 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
                 self.state.take_failure()?;
                 after_each(out)?;
             }
+            due.clear();
             self.due = due;
         }
     }

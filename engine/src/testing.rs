@@ -313,15 +313,16 @@ impl<K: crate::api::Key, I, F: crate::process::KeyedProcessFunction<K, I>> Keyed
     /// A harness owning every key group, with a manual clock at 0; calls `open`.
     pub fn new(func: F) -> Result<Self> {
         let clock = crate::time::ManualClock::new(0);
-        let state =
-            crate::state::KeyedState::in_memory(crate::ids::KeyGroupRange { start: 0, end: 128 });
+        let state = crate::state::KeyedState::in_memory(
+            crate::ids::KeyGroupRange { start: 0, end: 128 },
+            128,
+        );
         let mut core = crate::process::KeyedCore::new(
             OperatorId("harness".into()),
             crate::ids::SubtaskIndex(0),
             func,
             state,
             std::sync::Arc::new(clock.clone()),
-            128,
         );
         let metrics = crate::metrics::Metrics::default();
         core.open(&metrics)?;
@@ -388,11 +389,14 @@ impl<K: crate::api::Key, I, F: crate::process::KeyedProcessFunction<K, I>> Keyed
     /// Snapshot the state through the checkpoint encoding and restore it into a fresh
     /// instance of the function, as a restore after a crash would.
     pub fn checkpoint_and_restore(&mut self, fresh: F) -> Result<()> {
-        let view = self.core.state.snapshot(crate::ids::CheckpointId(1))?;
+        let mut view = self.core.state.snapshot(crate::ids::CheckpointId(1))?;
+        view.prepare()?;
         let snap: crate::state::OperatorSnapshot =
             crate::codec::decode(&crate::codec::encode(&view, "harness")?, "harness")?;
-        let mut state =
-            crate::state::KeyedState::in_memory(crate::ids::KeyGroupRange { start: 0, end: 128 });
+        let mut state = crate::state::KeyedState::in_memory(
+            crate::ids::KeyGroupRange { start: 0, end: 128 },
+            128,
+        );
         state.restore(&[snap], None)?;
         let watermark = self.core.watermark;
         self.core = crate::process::KeyedCore::new(
@@ -401,7 +405,6 @@ impl<K: crate::api::Key, I, F: crate::process::KeyedProcessFunction<K, I>> Keyed
             fresh,
             state,
             std::sync::Arc::new(self.clock.clone()),
-            128,
         );
         self.core.open(&self.metrics)?;
         self.core.watermark = watermark;

@@ -199,7 +199,7 @@ impl<A: Data> ConnectExt<A> for Stream<A> {
 
 const JOIN_SEQ: ValueState<u64> = ValueState::new("join-seq");
 
-fn next_seq<K, O>(ctx: &mut KeyedContext<'_, K, O>) -> Result<u64, BoxError> {
+fn next_seq<K: Key, O>(ctx: &mut KeyedContext<'_, K, O>) -> Result<u64, BoxError> {
     let n = ctx.value(JOIN_SEQ)?.unwrap_or(0);
     ctx.set_value(JOIN_SEQ, &(n + 1))?;
     Ok(n)
@@ -245,8 +245,8 @@ fn right_buf<B>() -> MapState<(Timestamp, u64), B> {
 impl<K, A, B, O, TA, TB, F> CoProcessFunction<K, A, B> for IntervalJoin<A, B, TA, TB, F>
 where
     K: Key,
-    A: Data + Serialize + DeserializeOwned,
-    B: Data + Serialize + DeserializeOwned,
+    A: Data + Serialize + DeserializeOwned + Sync,
+    B: Data + Serialize + DeserializeOwned + Sync,
     O: Data,
     TA: Fn(&A) -> Timestamp + Clone + Send + Sync + 'static,
     TB: Fn(&B) -> Timestamp + Clone + Send + Sync + 'static,
@@ -345,7 +345,7 @@ impl<A, B, TA, TB, F> WindowJoin<A, B, TA, TB, F> {
         }
     }
 
-    fn add<K, O, X: Serialize>(
+    fn add<K: Key, O, X: exactly_engine::state::StateValue>(
         &self,
         ts: Timestamp,
         side: MapState<(Window, u64), X>,
@@ -379,8 +379,8 @@ fn wright<B>() -> MapState<(Window, u64), B> {
 impl<K, A, B, O, TA, TB, F> CoProcessFunction<K, A, B> for WindowJoin<A, B, TA, TB, F>
 where
     K: Key,
-    A: Data + Serialize + DeserializeOwned,
-    B: Data + Serialize + DeserializeOwned,
+    A: Data + Serialize + DeserializeOwned + Sync,
+    B: Data + Serialize + DeserializeOwned + Sync,
     O: Data,
     TA: Fn(&A) -> Timestamp + Clone + Send + Sync + 'static,
     TB: Fn(&B) -> Timestamp + Clone + Send + Sync + 'static,
@@ -467,7 +467,7 @@ pub trait IntervalJoinExt<A, K> {
         f: F,
     ) -> Stream<O>
     where
-        B: Data + Serialize + DeserializeOwned,
+        B: Data + Serialize + DeserializeOwned + Sync,
         KB: Fn(&B) -> K + Clone + Send + Sync + 'static,
         TA: Fn(&A) -> Timestamp + Clone + Send + Sync + 'static,
         TB: Fn(&B) -> Timestamp + Clone + Send + Sync + 'static,
@@ -503,7 +503,7 @@ pub trait IntervalJoinExt<A, K> {
         f: F,
     ) -> Stream<O>
     where
-        B: Data + Serialize + DeserializeOwned,
+        B: Data + Serialize + DeserializeOwned + Sync,
         KB: Fn(&B) -> K + Clone + Send + Sync + 'static,
         TA: Fn(&A) -> Timestamp + Clone + Send + Sync + 'static,
         TB: Fn(&B) -> Timestamp + Clone + Send + Sync + 'static,
@@ -513,7 +513,7 @@ pub trait IntervalJoinExt<A, K> {
 
 impl<A, K, KA> IntervalJoinExt<A, K> for KeyedStream<A, K, KA>
 where
-    A: Data + Serialize + DeserializeOwned,
+    A: Data + Serialize + DeserializeOwned + Sync,
     K: Key,
     KA: Fn(&A) -> K + Clone + Send + Sync + 'static,
 {
@@ -527,7 +527,7 @@ where
         f: F,
     ) -> Stream<O>
     where
-        B: Data + Serialize + DeserializeOwned,
+        B: Data + Serialize + DeserializeOwned + Sync,
         KB: Fn(&B) -> K + Clone + Send + Sync + 'static,
         TA: Fn(&A) -> Timestamp + Clone + Send + Sync + 'static,
         TB: Fn(&B) -> Timestamp + Clone + Send + Sync + 'static,
@@ -550,7 +550,7 @@ where
         f: F,
     ) -> Stream<O>
     where
-        B: Data + Serialize + DeserializeOwned,
+        B: Data + Serialize + DeserializeOwned + Sync,
         KB: Fn(&B) -> K + Clone + Send + Sync + 'static,
         TA: Fn(&A) -> Timestamp + Clone + Send + Sync + 'static,
         TB: Fn(&B) -> Timestamp + Clone + Send + Sync + 'static,

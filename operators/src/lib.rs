@@ -18,6 +18,6 @@ pub use connect::{
 pub use dedup::{Dedup, DedupExt, DedupTime};
 pub use reduce::ReduceExt;
 pub use window::{
-    AggregateFunction, CollectAll, Count, ReduceAggregate, Window, WindowEvent, WindowExt,
-    WindowOperator, WindowOutput, Windowed, WindowedStream, Windows,
+    AggregateFunction, Assigned, CollectAll, Count, ReduceAggregate, Window, WindowEvent,
+    WindowExt, WindowOperator, WindowOutput, Windowed, WindowedStream, Windows,
 };

@@ -17,9 +17,9 @@ fn acc<T>() -> ValueState<T> {
     ValueState::new("reduce")
 }
 
-impl<K, T, F> KeyedProcessFunction<K, T> for Reduce<F>
+impl<K: Key, T, F> KeyedProcessFunction<K, T> for Reduce<F>
 where
-    T: Data + Serialize + DeserializeOwned,
+    T: Data + Serialize + DeserializeOwned + Sync,
     F: Fn(T, T) -> T + Clone + Send + Sync + 'static,
 {
     type Out = T;
@@ -58,7 +58,7 @@ pub trait ReduceExt<T> {
 
 impl<T, K, KF> ReduceExt<T> for KeyedStream<T, K, KF>
 where
-    T: Data + Serialize + DeserializeOwned,
+    T: Data + Serialize + DeserializeOwned + Sync,
     K: Key,
     KF: Fn(&T) -> K + Clone + Send + Sync + 'static,
 {

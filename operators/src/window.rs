@@ -99,40 +99,60 @@ impl Windows {
         Windows::Session { gap: ms(gap) }
     }
 
-    /// The windows a record at `ts` belongs to (before session merging).
-    pub fn assign(&self, ts: Timestamp) -> Vec<Window> {
-        match *self {
+    /// The windows a record at `ts` belongs to (before session merging), newest
+    /// first; an iterator, so assigning a record allocates nothing.
+    pub fn assign(&self, ts: Timestamp) -> Assigned {
+        let (start, size, slide, last) = match *self {
             Windows::Tumbling { size } => {
                 let start = ts - ts.rem_euclid(size);
-                vec![Window {
-                    start,
-                    end: start + size,
-                }]
+                (start, size, size, start)
             }
             Windows::Sliding { size, slide } => {
-                let mut out = Vec::with_capacity((size / slide) as usize);
-                let mut start = ts - ts.rem_euclid(slide);
-                while start > ts - size {
-                    out.push(Window {
-                        start,
-                        end: start + size,
-                    });
-                    start -= slide;
-                }
-                out
+                // Starts from the newest window down to the oldest that still holds ts.
+                let start = ts - ts.rem_euclid(slide);
+                (start, size, slide, ts - size + 1)
             }
-            Windows::Session { gap } => vec![Window {
-                start: ts,
-                end: ts + gap,
-            }],
+            Windows::Session { gap } => (ts, gap, gap, ts),
+        };
+        Assigned {
+            next: start,
+            size,
+            slide,
+            last,
         }
+    }
+}
+
+/// The windows of one record; see [`Windows::assign`].
+#[derive(Debug, Clone)]
+pub struct Assigned {
+    next: Timestamp,
+    size: i64,
+    slide: i64,
+    /// The lowest start that still holds the record.
+    last: Timestamp,
+}
+
+impl Iterator for Assigned {
+    type Item = Window;
+
+    fn next(&mut self) -> Option<Window> {
+        if self.next < self.last {
+            return None;
+        }
+        let w = Window {
+            start: self.next,
+            end: self.next + self.size,
+        };
+        self.next -= self.slide;
+        Some(w)
     }
 }
 
 /// Incremental aggregation of a window's records.
 pub trait AggregateFunction<T>: Clone + Send + Sync + 'static {
     /// Running state of one window.
-    type Acc: Serialize + DeserializeOwned + Clone;
+    type Acc: Serialize + DeserializeOwned + Clone + Send + Sync + 'static;
     /// What a fired window emits.
     type Out: Data;
     /// An empty accumulator.
@@ -170,8 +190,10 @@ impl<T> AggregateFunction<T> for Count {
 #[derive(Clone)]
 pub struct ReduceAggregate<F>(pub F);
 
-impl<T: Data + Serialize + DeserializeOwned, F: Fn(T, T) -> T + Clone + Send + Sync + 'static>
-    AggregateFunction<T> for ReduceAggregate<F>
+impl<
+        T: Data + Serialize + DeserializeOwned + Sync,
+        F: Fn(T, T) -> T + Clone + Send + Sync + 'static,
+    > AggregateFunction<T> for ReduceAggregate<F>
 {
     type Acc = Option<T>;
     type Out = T;
@@ -201,7 +223,7 @@ impl<T: Data + Serialize + DeserializeOwned, F: Fn(T, T) -> T + Clone + Send + S
 #[derive(Clone)]
 pub struct CollectAll<T>(PhantomData<fn() -> T>);
 
-impl<T: Data + Serialize + DeserializeOwned> AggregateFunction<T> for CollectAll<T> {
+impl<T: Data + Serialize + DeserializeOwned + Sync> AggregateFunction<T> for CollectAll<T> {
     type Acc = Vec<T>;
     type Out = Vec<T>;
     fn create(&self) -> Vec<T> {
@@ -302,7 +324,7 @@ where
 
     /// Merge the session `w` with every session of the key it touches; returns the
     /// merged window and, if anything was absorbed, the merged accumulator.
-    fn merge_sessions<K>(
+    fn merge_sessions<K: Key>(
         &self,
         w: Window,
         ctx: &mut KeyedContext<'_, K, WindowEvent<K, A::Out, T>>,
@@ -472,7 +494,7 @@ where
         f: F,
     ) -> WindowOutput<K, T, T>
     where
-        T: Serialize + DeserializeOwned,
+        T: Serialize + DeserializeOwned + Sync,
     {
         self.aggregate(ReduceAggregate(f))
     }
@@ -480,7 +502,7 @@ where
     /// Process all records of a window at once when it fires.
     pub fn process<O: Data, F>(self, f: F) -> WindowOutput<K, O, T>
     where
-        T: Serialize + DeserializeOwned,
+        T: Serialize + DeserializeOwned + Sync,
         F: Fn(&K, &Window, Vec<T>) -> O + Clone + Send + Sync + 'static,
     {
         let out = self.aggregate(CollectAll(PhantomData));
@@ -600,21 +622,21 @@ mod tests {
     fn tumbling_assignment_at_boundaries_and_negative_times() {
         let w = Windows::tumbling(Duration::from_millis(1000));
         assert_eq!(
-            w.assign(999),
+            w.assign(999).collect::<Vec<_>>(),
             vec![Window {
                 start: 0,
                 end: 1000
             }]
         );
         assert_eq!(
-            w.assign(1000),
+            w.assign(1000).collect::<Vec<_>>(),
             vec![Window {
                 start: 1000,
                 end: 2000
             }]
         );
         assert_eq!(
-            w.assign(-1),
+            w.assign(-1).collect::<Vec<_>>(),
             vec![Window {
                 start: -1000,
                 end: 0
@@ -625,7 +647,7 @@ mod tests {
     #[test]
     fn sliding_assignment_covers_size_over_slide_windows() {
         let w = Windows::sliding(Duration::from_millis(30), Duration::from_millis(10));
-        let mut got = w.assign(25);
+        let mut got: Vec<Window> = w.assign(25).collect();
         got.sort();
         assert_eq!(
             got,

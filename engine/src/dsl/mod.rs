@@ -348,6 +348,7 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
             let max = ctx.env.config.max_parallelism;
             let state = KeyedState::open(
                 KeyGroupRange::for_subtask(max, ctx.parallelism_of(node), ctx.subtask),
+                max,
                 &operator,
                 ctx.subtask,
                 &ctx.env.backend,
@@ -360,7 +361,6 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
                 func.clone(),
                 state,
                 ctx.env.clock.clone(),
-                max,
             );
             core.open(&ctx.env.metrics)?;
             Ok(Box::new(KeyedProcessOp {

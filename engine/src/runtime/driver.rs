@@ -85,6 +85,10 @@ pub struct CheckpointStats {
     pub max_sync_pause: Duration,
     /// Whether it was the final checkpoint.
     pub is_final: bool,
+    /// Bytes of keyed state per stateful operator (summed over subtasks): the encoded
+    /// state in memory, the referenced SST files with RocksDB. The memory budget to
+    /// watch.
+    pub state_bytes_by_operator: std::collections::BTreeMap<String, u64>,
     /// Every counter's value when the checkpoint completed (e.g. `<source>.records`).
     pub metrics: std::collections::BTreeMap<String, u64>,
 }
@@ -528,6 +532,10 @@ impl Driver<'_> {
         let mut finished = false;
         let mut triggered_at: Option<Instant> = None;
         let mut pauses: std::collections::BTreeMap<CheckpointId, Duration> = Default::default();
+        let mut op_bytes: std::collections::BTreeMap<
+            CheckpointId,
+            std::collections::BTreeMap<String, u64>,
+        > = Default::default();
         loop {
             let ev = events.recv_timeout(Duration::from_millis(20));
             let now = Instant::now();
@@ -538,9 +546,14 @@ impl Driver<'_> {
                     id,
                     handle,
                     sync_pause,
+                    operator_bytes,
                 }) => {
                     let p = pauses.entry(id).or_insert(Duration::ZERO);
                     *p = (*p).max(sync_pause);
+                    let per_op = op_bytes.entry(id).or_default();
+                    for (op, b) in operator_bytes {
+                        *per_op.entry(op.0).or_default() += b;
+                    }
                     decisions = c.on_ack(key, id, handle, now)
                 }
                 Ok(TaskEvent::Decline { id, reason }) => decisions = c.on_decline(id, reason, now),
@@ -653,9 +666,11 @@ impl Driver<'_> {
                             uploaded_bytes,
                             max_sync_pause: pauses.remove(&id).unwrap_or_default(),
                             is_final,
+                            state_bytes_by_operator: op_bytes.remove(&id).unwrap_or_default(),
                             metrics: self.metrics.snapshot(),
                         };
                         pauses.retain(|&p, _| p > id);
+                        op_bytes.retain(|&p, _| p > id);
                         tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
                         if let Some(cb) = &self.s.on_checkpoint {
                             cb(&stats);

@@ -70,6 +70,8 @@ pub(crate) enum TaskEvent {
         handle: TaskStateHandle,
         /// Time the task spent on the checkpoint before resuming (the synchronous part).
         sync_pause: Duration,
+        /// Bytes of keyed state per stateful operator of the task.
+        operator_bytes: Vec<(OperatorId, u64)>,
     },
     Decline {
         id: CheckpointId,
@@ -161,6 +163,7 @@ impl TaskEnv {
                 id,
                 handle,
                 sync_pause: started.elapsed(),
+                operator_bytes: Vec::new(),
             });
             return Ok(());
         }
@@ -177,17 +180,31 @@ impl TaskEnv {
                 // RocksDB checkpoints: upload the SST files not uploaded before.
                 let mut shared = Vec::new();
                 let mut shared_new = 0;
-                for (_, op) in &mut view.operators {
+                let mut db_bytes = Vec::new();
+                for (op_id, op) in &mut view.operators {
                     if let Some(pending) = op.pending_db.take() {
                         let up = pending.upload(&storage, id).await?;
+                        db_bytes
+                            .push((op_id.clone(), up.shared.iter().map(|f| f.size).sum::<u64>()));
                         shared.extend(up.shared);
                         shared_new += up.uploaded;
                         op.db = Some(up.snapshot);
                     }
                 }
                 // Encoding is CPU work: keep it off the I/O workers.
-                let payload = tokio::task::spawn_blocking(move || {
-                    crate::codec::encode(&view, "task snapshot")
+                let (payload, operator_bytes) = tokio::task::spawn_blocking(move || {
+                    view.prepare()?;
+                    let mut bytes: Vec<(OperatorId, u64)> = view
+                        .operators
+                        .iter()
+                        .map(|(o, s)| (o.clone(), s.keyed_bytes()))
+                        .collect();
+                    for (o, b) in db_bytes {
+                        if let Some(e) = bytes.iter_mut().find(|(x, _)| *x == o) {
+                            e.1 += b;
+                        }
+                    }
+                    Ok::<_, Error>((crate::codec::encode(&view, "task snapshot")?, bytes))
                 })
                 .await
                 .map_err(|e| Error::Codec {
@@ -199,18 +216,19 @@ impl TaskEnv {
                     .await?;
                 handle.shared = shared;
                 handle.uploaded += shared_new;
-                Ok::<_, Error>(handle)
+                Ok::<_, Error>((handle, operator_bytes))
             }
             .await;
             if res.is_ok() {
                 fail::fail_point!("checkpoint::after_state_upload");
             }
             let _ = match res {
-                Ok(handle) => events.send(TaskEvent::Ack {
+                Ok((handle, operator_bytes)) => events.send(TaskEvent::Ack {
                     key,
                     id,
                     handle,
                     sync_pause,
+                    operator_bytes,
                 }),
                 Err(e) => events.send(TaskEvent::Decline {
                     id,

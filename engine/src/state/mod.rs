@@ -1,11 +1,14 @@
-//! Keyed state scoped to the current key, stored per key group.
+//! Keyed state scoped to the current key, with two backends behind one API.
 //!
-//! State is kept as bytes: a state entry's key is
-//! `len(name) | name | postcard(key) [| postcard(map key)]` and its value is the postcard
-//! encoding of the user's value. Postcard encodings are self-delimiting, so the entries of
-//! one key's map state are exactly the entries under the prefix `len(name) | name | key`.
-//! Byte-level state makes snapshots, restores and re-partitioning by key group independent
-//! of the user's types, and it is the layout the RocksDB backend uses on disk.
+//! * **In memory** ([`StateBackend::Memory`]): typed tables per state holding the user's
+//!   keys and values, a timer service ordered by time, nothing encoded on the record
+//!   path (module `typed`).
+//! * **RocksDB** ([`StateBackend::RocksDb`]): entries of the byte layout in one database
+//!   per operator instance (modules `bytes` and [`rocks`]).
+//!
+//! Checkpoints of both hold the same backend-independent byte layout (module `layout`),
+//! stored per key group, so either backend restores the other's checkpoints and a job
+//! can restore at another parallelism.
 //!
 //! Handles ([`ValueState`], [`MapState`]) are typed names, created in `const` context:
 //! ```
@@ -15,56 +18,28 @@
 //! ```
 
 #[cfg(feature = "rocksdb")]
+mod bytes;
+mod layout;
+#[cfg(feature = "rocksdb")]
 pub mod rocks;
+mod table;
+mod timers;
+mod typed;
 
-use crate::codec;
+use crate::api::Key;
 use crate::error::{Error, Result};
 use crate::ids::{CheckpointId, KeyGroup, KeyGroupRange, OperatorId};
 use crate::manifest::SharedFile;
 use crate::storage::CheckpointStorage;
 use crate::time::{TimeDomain, Timestamp};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-/// State names are 1-255 bytes, so entries starting with 0 are free for timers.
-const TIMER_MARK: u8 = 0;
-/// Cleanup entries of values with a TTL: `[0, 'X', expiry, entry key]`.
-const TTL_MARK: u8 = b'X';
-
-fn domain_byte(d: TimeDomain) -> u8 {
-    match d {
-        TimeDomain::EventTime => b'E',
-        TimeDomain::ProcessingTime => b'P',
-    }
-}
-
-/// Order-preserving encoding of a signed timestamp.
-fn ts_bytes(ts: Timestamp) -> [u8; 8] {
-    ((ts as u64) ^ (1 << 63)).to_be_bytes()
-}
-
-/// The key range of entries `[0, kind, ts, ..]` with `ts <= upto`; the upper bound is
-/// exclusive (the first possible entry of `upto + 1`).
-fn due_range(kind: u8, upto: Timestamp) -> (Vec<u8>, Vec<u8>) {
-    let lo = vec![TIMER_MARK, kind];
-    let hi = match upto.checked_add(1) {
-        Some(next) => {
-            let mut hi = lo.clone();
-            hi.extend_from_slice(&ts_bytes(next));
-            hi
-        }
-        None => vec![TIMER_MARK, kind + 1],
-    };
-    (lo, hi)
-}
-
-fn decode_ts(b: &[u8]) -> Timestamp {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    (u64::from_be_bytes(a) ^ (1 << 63)) as i64
-}
+/// What state values (and map keys) are: stored typed in memory and cloned out on
+/// read, encoded with postcard in checkpoints and in RocksDB.
+pub trait StateValue: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> StateValue for T {}
 
 /// A single value per key.
 pub struct ValueState<V> {
@@ -141,6 +116,13 @@ impl<UK, UV> MapState<UK, UV> {
     }
 }
 
+impl<UK, UV> MapState<UK, UV> {
+    /// The state's name.
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
 impl<UK, UV> Clone for MapState<UK, UV> {
     fn clone(&self) -> Self {
         *self
@@ -192,6 +174,56 @@ pub enum DbFileContent {
     Shared(SharedFile),
 }
 
+/// Keyed state of the in-memory backend as of a barrier: shared tables until
+/// [`StateSnapshot::prepare`] encodes them, then entries per key group in the byte
+/// layout. Serialises as `Vec<(KeyGroup, Vec<(Vec<u8>, Vec<u8>)>)>`.
+#[derive(Debug, Default)]
+pub struct KeyedView(ViewState);
+
+#[derive(Debug, Default)]
+enum ViewState {
+    #[default]
+    Empty,
+    Live(typed::LiveView),
+    Encoded(layout::EncodedGroups),
+}
+
+impl Serialize for KeyedView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match &self.0 {
+            ViewState::Empty => layout::EncodedGroups::default().serialize(s),
+            ViewState::Encoded(g) => g.serialize(s),
+            ViewState::Live(_) => Err(serde::ser::Error::custom(
+                "keyed state view serialised before StateSnapshot::prepare",
+            )),
+        }
+    }
+}
+
+impl StateSnapshot {
+    /// Encode the shared in-memory tables into the byte layout (CPU work: run it off
+    /// the task thread). Each table is released as soon as it is written, so the live
+    /// state stops copying on write early. Idempotent.
+    pub fn prepare(&mut self) -> Result<()> {
+        if let ViewState::Live(_) = self.keyed.0 {
+            let ViewState::Live(live) = std::mem::take(&mut self.keyed.0) else {
+                unreachable!()
+            };
+            self.keyed.0 = ViewState::Encoded(live.encode()?);
+        }
+        Ok(())
+    }
+
+    /// Bytes of keyed state in the encoded view (0 before [`StateSnapshot::prepare`]
+    /// and for RocksDB, whose size is its files').
+    pub fn keyed_bytes(&self) -> u64 {
+        match &self.keyed.0 {
+            ViewState::Encoded(g) => g.bytes() as u64,
+            _ => 0,
+        }
+    }
+}
+
 /// Snapshots of every operator of one task instance; the payload of a state file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TaskSnapshotPayload {
@@ -199,20 +231,15 @@ pub struct TaskSnapshotPayload {
     pub operators: Vec<(OperatorId, OperatorSnapshot)>,
 }
 
-/// The entries of one key group, shared copy-on-write between the live state and the
-/// snapshots still being written.
-pub type SharedGroup = Arc<BTreeMap<Vec<u8>, Vec<u8>>>;
-
 /// A point-in-time view of one operator's state, taken at the barrier and completed
-/// later, off the task thread: in-memory key groups are shared copy-on-write (O(key
-/// groups) at the barrier) and encoded later; a RocksDB checkpoint directory is
-/// uploaded later. Encodes to exactly the bytes of the equivalent [`OperatorSnapshot`]
-/// (a map and a sequence of pairs share postcard's wire format), which is what restore
-/// decodes.
+/// later, off the task thread: in-memory tables are shared copy-on-write at the barrier
+/// and encoded by [`StateSnapshot::prepare`]; a RocksDB checkpoint directory is uploaded
+/// later. Once prepared, it encodes to exactly the bytes of the equivalent
+/// [`OperatorSnapshot`], which is what restore decodes.
 #[derive(Debug, Default, Serialize)]
 pub struct StateSnapshot {
-    /// Keyed state per non-empty key group (in-memory backend).
-    pub keyed: Vec<(KeyGroup, SharedGroup)>,
+    /// Keyed state of the in-memory backend.
+    pub keyed: KeyedView,
     /// Operator state entries.
     pub list: Vec<Vec<u8>>,
     /// The uploaded RocksDB checkpoint, once `pending_db` is uploaded.
@@ -257,6 +284,13 @@ pub struct Uploaded {
 pub struct TaskStateView {
     /// One entry per stateful operator of the task.
     pub operators: Vec<(OperatorId, StateSnapshot)>,
+}
+
+impl TaskStateView {
+    /// [`StateSnapshot::prepare`] every operator's view.
+    pub fn prepare(&mut self) -> Result<()> {
+        self.operators.iter_mut().try_for_each(|(_, s)| s.prepare())
+    }
 }
 
 /// Which keyed state backend a job uses. Switching is one line of job configuration
@@ -316,185 +350,41 @@ pub struct BackendEnv {
     pub completed: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// The storage primitives both backends provide, per key group (by index in the
-/// instance's range). Entry keys are the layout described in the module docs.
-enum Store {
-    Memory(Vec<SharedGroup>),
-    #[cfg(feature = "rocksdb")]
-    Rocks(Box<rocks::RocksStore>),
-}
-
-impl Store {
-    fn get<R>(&mut self, g: usize, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
-        match self {
-            Store::Memory(groups) => Ok(groups[g].get(key).map(|v| f(v))),
-            #[cfg(feature = "rocksdb")]
-            Store::Rocks(db) => db.get(g, key, f),
-        }
-    }
-
-    /// Store `value` under `key`, reusing an existing entry's buffer in memory so that
-    /// updating a key allocates nothing.
-    fn put(&mut self, g: usize, key: &[u8], value: &[u8]) -> Result<()> {
-        match self {
-            Store::Memory(groups) => {
-                let group = Arc::make_mut(&mut groups[g]);
-                match group.get_mut(key) {
-                    Some(existing) => {
-                        existing.clear();
-                        existing.extend_from_slice(value);
-                    }
-                    None => {
-                        group.insert(key.to_vec(), value.to_vec());
-                    }
-                }
-                Ok(())
-            }
-            #[cfg(feature = "rocksdb")]
-            Store::Rocks(db) => db.put(g, key, value),
-        }
-    }
-
-    /// Insert an empty marker entry unless present (timers).
-    fn put_marker(&mut self, g: usize, key: &[u8]) -> Result<()> {
-        match self {
-            Store::Memory(groups) => {
-                if !groups[g].contains_key(key) {
-                    Arc::make_mut(&mut groups[g]).insert(key.to_vec(), Vec::new());
-                }
-                Ok(())
-            }
-            #[cfg(feature = "rocksdb")]
-            Store::Rocks(db) => db.put(g, key, &[]),
-        }
-    }
-
-    fn delete(&mut self, g: usize, key: &[u8]) -> Result<()> {
-        match self {
-            Store::Memory(groups) => {
-                // Check first: removing through `make_mut` would copy a shared group.
-                if groups[g].contains_key(key) {
-                    Arc::make_mut(&mut groups[g]).remove(key);
-                }
-                Ok(())
-            }
-            #[cfg(feature = "rocksdb")]
-            Store::Rocks(db) => db.delete(g, key),
-        }
-    }
-
-    /// Call `f(entry key, value)` for every entry under `prefix`, in key order.
-    fn scan_prefix(
-        &mut self,
-        g: usize,
-        prefix: &[u8],
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
-    ) -> Result<()> {
-        match self {
-            Store::Memory(groups) => {
-                for (k, v) in groups[g].range(prefix.to_vec()..) {
-                    if !k.starts_with(prefix) {
-                        break;
-                    }
-                    f(k, v)?;
-                }
-                Ok(())
-            }
-            #[cfg(feature = "rocksdb")]
-            Store::Rocks(db) => db.scan_prefix(g, prefix, f),
-        }
-    }
-
-    /// Remove every entry with a key in `[lo, hi)` and append the keys to `out`.
-    fn take_range(&mut self, g: usize, lo: &[u8], hi: &[u8], out: &mut Vec<Vec<u8>>) -> Result<()> {
-        match self {
-            Store::Memory(groups) => {
-                let first = out.len();
-                out.extend(
-                    groups[g]
-                        .range(lo.to_vec()..hi.to_vec())
-                        .map(|(k, _)| k.clone()),
-                );
-                if out.len() > first {
-                    let group = Arc::make_mut(&mut groups[g]);
-                    for k in &out[first..] {
-                        group.remove(k);
-                    }
-                }
-                Ok(())
-            }
-            #[cfg(feature = "rocksdb")]
-            Store::Rocks(db) => db.take_range(g, lo, hi, out),
-        }
-    }
-
-    fn delete_prefix(&mut self, g: usize, prefix: &[u8]) -> Result<()> {
-        let mut doomed = Vec::new();
-        self.scan_prefix(g, prefix, |k, _| {
-            doomed.push(k.to_vec());
-            Ok(())
-        })?;
-        for k in doomed {
-            self.delete(g, &k)?;
-        }
-        Ok(())
-    }
-}
-
-/// Keyed state of one operator instance, scoped to the current key: an ordered map per
-/// key group in memory, or a RocksDB instance (see [`StateBackend`]).
-///
-/// In memory, key groups are shared copy-on-write with snapshots: taking a snapshot
-/// clones `Arc`s, and a group is copied only when it is written while a snapshot that
-/// still holds it is being uploaded.
+/// Keyed state of one operator instance, scoped by the key passed to each call: typed
+/// tables in memory, or a RocksDB instance (see [`StateBackend`]).
 ///
 /// Operations that cannot report an error in their signature (timer registration,
 /// clearing) record a backend failure instead; the operator reports it right after the
 /// record or timer that caused it, and the job restarts from its last checkpoint.
-pub struct KeyedState {
-    range: KeyGroupRange,
-    store: Store,
-    /// The current key's key group (index in `range`) and encoded key.
-    current_group: usize,
-    current_key: Vec<u8>,
-    scratch: Vec<u8>,
-    value_buf: Vec<u8>,
+pub struct KeyedState<K> {
+    inner: Inner<K>,
     failure: Option<Error>,
 }
 
-impl std::fmt::Debug for KeyedState {
+enum Inner<K> {
+    Memory(typed::TypedState<K>),
+    #[cfg(feature = "rocksdb")]
+    Rocks(bytes::ByteState),
+}
+
+impl<K> std::fmt::Debug for KeyedState<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let backend = match self.inner {
+            Inner::Memory(_) => "memory",
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(_) => "rocksdb",
+        };
         f.debug_struct("KeyedState")
-            .field("range", &self.range)
-            .field(
-                "backend",
-                &match self.store {
-                    Store::Memory(_) => "memory",
-                    #[cfg(feature = "rocksdb")]
-                    Store::Rocks(_) => "rocksdb",
-                },
-            )
+            .field("backend", &backend)
             .finish()
     }
 }
 
-impl KeyedState {
-    /// Empty in-memory state for the key groups in `range`.
-    pub fn in_memory(range: KeyGroupRange) -> Self {
-        Self::with_store(
-            range,
-            Store::Memory((0..range.len()).map(|_| SharedGroup::default()).collect()),
-        )
-    }
-
-    fn with_store(range: KeyGroupRange, store: Store) -> Self {
+impl<K: Key> KeyedState<K> {
+    /// Empty in-memory state for the key groups in `range` of `max_parallelism`.
+    pub fn in_memory(range: KeyGroupRange, max_parallelism: u16) -> Self {
         KeyedState {
-            range,
-            store,
-            current_group: 0,
-            current_key: Vec::new(),
-            scratch: Vec::new(),
-            value_buf: Vec::new(),
+            inner: Inner::Memory(typed::TypedState::new(range, max_parallelism)),
             failure: None,
         }
     }
@@ -504,6 +394,7 @@ impl KeyedState {
     /// either backend).
     pub fn open(
         range: KeyGroupRange,
+        max_parallelism: u16,
         operator: &OperatorId,
         subtask: crate::ids::SubtaskIndex,
         env: &BackendEnv,
@@ -511,14 +402,17 @@ impl KeyedState {
     ) -> Result<Self> {
         match &env.backend {
             StateBackend::Memory => {
-                let mut s = Self::in_memory(range);
+                let mut s = Self::in_memory(range, max_parallelism);
                 s.restore(snapshots, Some(env))?;
                 Ok(s)
             }
             #[cfg(feature = "rocksdb")]
             StateBackend::RocksDb(cfg) => {
-                let store = rocks::RocksStore::open(range, operator, subtask, cfg, env, snapshots)?;
-                Ok(Self::with_store(range, Store::Rocks(Box::new(store))))
+                let db = rocks::RocksStore::open(range, operator, subtask, cfg, env, snapshots)?;
+                Ok(KeyedState {
+                    inner: Inner::Rocks(bytes::ByteState::new(range, max_parallelism, db)),
+                    failure: None,
+                })
             }
             #[cfg(not(feature = "rocksdb"))]
             StateBackend::RocksDb(_) => {
@@ -528,9 +422,13 @@ impl KeyedState {
         }
     }
 
-    /// The key groups this instance owns.
-    pub fn range(&self) -> KeyGroupRange {
-        self.range
+    /// The RocksDB instance, if this state is on RocksDB (tests compact it).
+    #[cfg(feature = "rocksdb")]
+    pub fn rocks(&self) -> Option<&rocks::RocksStore> {
+        match &self.inner {
+            Inner::Rocks(b) => Some(&b.db),
+            Inner::Memory(_) => None,
+        }
     }
 
     /// The backend failure recorded by an operation without a `Result`, if any.
@@ -547,264 +445,235 @@ impl KeyedState {
         }
     }
 
-    /// Make `encoded_key` (in key group `kg`) the current key.
-    pub fn set_current_key(&mut self, kg: KeyGroup, encoded_key: &[u8]) {
-        debug_assert!(
-            self.range.contains(kg),
-            "key group {kg:?} outside {:?}",
-            self.range
-        );
-        self.current_group = (kg.0 - self.range.start) as usize;
-        self.current_key.clear();
-        self.current_key.extend_from_slice(encoded_key);
-    }
-
-    fn entry_key(&mut self, name: &str) {
-        self.scratch.clear();
-        self.scratch.push(name.len() as u8);
-        self.scratch.extend_from_slice(name.as_bytes());
-        self.scratch.extend_from_slice(&self.current_key);
-    }
-
-    /// The current key's value.
-    pub fn get<V: DeserializeOwned>(&mut self, s: ValueState<V>) -> Result<Option<V>> {
-        self.entry_key(s.name);
-        self.store
-            .get(self.current_group, &self.scratch, |b| {
-                codec::decode(b, s.name)
-            })?
-            .transpose()
-    }
-
-    /// Set the current key's value.
-    pub fn put<V: Serialize>(&mut self, s: ValueState<V>, value: &V) -> Result<()> {
-        self.entry_key(s.name);
-        self.value_buf.clear();
-        codec::encode_into(value, &mut self.value_buf, s.name)?;
-        self.store
-            .put(self.current_group, &self.scratch, &self.value_buf)
-    }
-
-    /// Remove the current key's value.
-    pub fn clear<V>(&mut self, s: ValueState<V>) {
-        self.entry_key(s.name);
-        let r = self.store.delete(self.current_group, &self.scratch);
-        self.record(r);
-    }
-
-    fn map_entry_key<UK: Serialize>(&mut self, name: &str, uk: &UK) -> Result<()> {
-        self.entry_key(name);
-        codec::encode_into(uk, &mut self.scratch, name)
-    }
-
-    /// One entry of the current key's map.
-    pub fn map_get<UK: Serialize, UV: DeserializeOwned>(
+    /// `key`'s value of `s` (`None` if absent, or if its TTL expired at `now`).
+    #[inline]
+    pub fn get<V: StateValue>(
         &mut self,
-        s: MapState<UK, UV>,
-        uk: &UK,
-    ) -> Result<Option<UV>> {
-        self.map_entry_key(s.name, uk)?;
-        self.store
-            .get(self.current_group, &self.scratch, |b| {
-                codec::decode(b, s.name)
-            })?
-            .transpose()
-    }
-
-    /// Set one entry of the current key's map.
-    pub fn map_put<UK: Serialize, UV: Serialize>(
-        &mut self,
-        s: MapState<UK, UV>,
-        uk: &UK,
-        value: &UV,
-    ) -> Result<()> {
-        self.map_entry_key(s.name, uk)?;
-        self.value_buf.clear();
-        codec::encode_into(value, &mut self.value_buf, s.name)?;
-        self.store
-            .put(self.current_group, &self.scratch, &self.value_buf)
-    }
-
-    /// Remove one entry of the current key's map.
-    pub fn map_remove<UK: Serialize, UV>(&mut self, s: MapState<UK, UV>, uk: &UK) -> Result<()> {
-        self.map_entry_key(s.name, uk)?;
-        self.store.delete(self.current_group, &self.scratch)
-    }
-
-    /// All entries of the current key's map, ordered by encoded map key.
-    pub fn map_entries<UK: DeserializeOwned, UV: DeserializeOwned>(
-        &mut self,
-        s: MapState<UK, UV>,
-    ) -> Result<Vec<(UK, UV)>> {
-        self.entry_key(s.name);
-        let plen = self.scratch.len();
-        let mut out = Vec::new();
-        self.store
-            .scan_prefix(self.current_group, &self.scratch, |k, v| {
-                out.push((
-                    codec::decode(&k[plen..], s.name)?,
-                    codec::decode(v, s.name)?,
-                ));
-                Ok(())
-            })?;
-        Ok(out)
-    }
-
-    /// Remove every entry of the current key's map.
-    pub fn map_clear<UK, UV>(&mut self, s: MapState<UK, UV>) {
-        self.entry_key(s.name);
-        let r = self.store.delete_prefix(self.current_group, &self.scratch);
-        self.record(r);
-    }
-
-    fn timer_entry(&mut self, domain: TimeDomain, ts: Timestamp) {
-        self.scratch.clear();
-        self.scratch.push(TIMER_MARK);
-        self.scratch.push(domain_byte(domain));
-        self.scratch.extend_from_slice(&ts_bytes(ts));
-        self.scratch.extend_from_slice(&self.current_key);
-    }
-
-    /// Register a timer for the current key (idempotent).
-    pub fn register_timer(&mut self, domain: TimeDomain, ts: Timestamp) {
-        self.timer_entry(domain, ts);
-        let r = self.store.put_marker(self.current_group, &self.scratch);
-        self.record(r);
-    }
-
-    /// Delete a timer of the current key, if registered.
-    pub fn delete_timer(&mut self, domain: TimeDomain, ts: Timestamp) {
-        self.timer_entry(domain, ts);
-        let r = self.store.delete(self.current_group, &self.scratch);
-        self.record(r);
-    }
-
-    /// Remove and return every timer of `domain` due at `upto`, as
-    /// `(key group, time, encoded key)`, in time order within each key group.
-    pub fn drain_due_timers(
-        &mut self,
-        domain: TimeDomain,
-        upto: Timestamp,
-        out: &mut Vec<(KeyGroup, Timestamp, Vec<u8>)>,
-    ) -> Result<()> {
-        let start = self.range.start;
-        for (i, k) in self.drain_due(domain_byte(domain), upto)? {
-            out.push((
-                KeyGroup(start + i as u16),
-                decode_ts(&k[2..10]),
-                k[10..].to_vec(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// `[0, 'X', expiry, entry key]` for the entry key in `self.scratch`.
-    fn ttl_timer(&self, expires: Timestamp) -> Vec<u8> {
-        let mut k = Vec::with_capacity(10 + self.scratch.len());
-        k.push(TIMER_MARK);
-        k.push(TTL_MARK);
-        k.extend_from_slice(&ts_bytes(expires));
-        k.extend_from_slice(&self.scratch);
-        k
-    }
-
-    /// The current key's value of a state with a TTL, `None` once expired at `now`.
-    pub fn get_ttl<V: DeserializeOwned>(
-        &mut self,
+        key: &K,
         s: ValueState<V>,
         now: Timestamp,
     ) -> Result<Option<V>> {
-        self.entry_key(s.name);
-        let found = self.store.get(self.current_group, &self.scratch, |b| {
-            if b.len() < 8 || decode_ts(&b[..8]) <= now {
-                None
-            } else {
-                Some(codec::decode(&b[8..], s.name))
+        match &mut self.inner {
+            Inner::Memory(m) => Ok(match s.ttl_ms() {
+                None => m.values(s)?.table.get(key).cloned(),
+                Some(_) => m.ttl_values(s)?.get(key, now).cloned(),
+            }),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => {
+                b.set_key(key)?;
+                match s.ttl_ms() {
+                    None => b.get(s),
+                    Some(_) => b.get_ttl(s, now),
+                }
             }
-        })?;
-        found.flatten().transpose()
+        }
     }
 
-    /// Set the current key's value of a state with a TTL, expiring `ttl` after `now`.
-    pub fn put_ttl<V: Serialize>(
+    /// Set `key`'s value of `s` (written at `now`, for a TTL).
+    #[inline]
+    pub fn put<V: StateValue>(
         &mut self,
+        key: &K,
         s: ValueState<V>,
         value: &V,
         now: Timestamp,
     ) -> Result<()> {
-        let ttl = s.ttl_ms.unwrap_or(i64::MAX);
-        let expires = now.saturating_add(ttl);
-        self.remove_ttl(s)?;
-        self.entry_key(s.name);
-        self.value_buf.clear();
-        self.value_buf.extend_from_slice(&ts_bytes(expires));
-        codec::encode_into(value, &mut self.value_buf, s.name)?;
-        let timer = self.ttl_timer(expires);
-        let g = self.current_group;
-        self.store.put(g, &self.scratch, &self.value_buf)?;
-        self.store.put_marker(g, &timer)
+        match &mut self.inner {
+            Inner::Memory(m) => {
+                match s.ttl_ms() {
+                    None => match m.values(s)?.table.get_mut(key) {
+                        Some(v) => v.clone_from(value),
+                        None => {
+                            m.values(s)?.table.insert(key, value.clone());
+                        }
+                    },
+                    Some(ttl) => m
+                        .ttl_values(s)?
+                        .set(key, now.saturating_add(ttl), value.clone()),
+                }
+                Ok(())
+            }
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => {
+                b.set_key(key)?;
+                match s.ttl_ms() {
+                    None => b.put(s, value),
+                    Some(_) => b.put_ttl(s, value, now),
+                }
+            }
+        }
     }
 
-    /// Remove the current key's value of a state with a TTL, and its cleanup entry.
-    pub fn clear_ttl<V>(&mut self, s: ValueState<V>) {
-        let r = self.remove_ttl(s);
+    /// Remove `key`'s value of `s`.
+    pub fn clear<V: StateValue>(&mut self, key: &K, s: ValueState<V>) {
+        let r = match &mut self.inner {
+            Inner::Memory(m) => match s.ttl_ms() {
+                None => m.values(s).map(|t| {
+                    t.table.remove(key);
+                }),
+                Some(_) => m.ttl_values(s).map(|t| t.clear(key)),
+            },
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => b.set_key(key).and_then(|()| match s.ttl_ms() {
+                None => b.clear(s),
+                Some(_) => b.clear_ttl(s),
+            }),
+        };
         self.record(r);
     }
 
-    fn remove_ttl<V>(&mut self, s: ValueState<V>) -> Result<()> {
-        self.entry_key(s.name);
-        let g = self.current_group;
-        let old = self
-            .store
-            .get(g, &self.scratch, |b| {
-                (b.len() >= 8).then(|| decode_ts(&b[..8]))
-            })?
-            .flatten();
-        if let Some(old) = old {
-            let timer = self.ttl_timer(old);
-            self.store.delete(g, &timer)?;
-            self.store.delete(g, &self.scratch)?;
+    /// One entry of `key`'s map `s`.
+    #[inline]
+    pub fn map_get<UK: StateValue + Eq, UV: StateValue>(
+        &mut self,
+        key: &K,
+        s: MapState<UK, UV>,
+        uk: &UK,
+    ) -> Result<Option<UV>> {
+        match &mut self.inner {
+            Inner::Memory(m) => Ok(m.maps(s)?.get(key, uk).cloned()),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => {
+                b.set_key(key)?;
+                b.map_get(s, uk)
+            }
         }
-        Ok(())
+    }
+
+    /// Set one entry of `key`'s map `s`.
+    #[inline]
+    pub fn map_put<UK: StateValue + Eq, UV: StateValue>(
+        &mut self,
+        key: &K,
+        s: MapState<UK, UV>,
+        uk: &UK,
+        value: &UV,
+    ) -> Result<()> {
+        match &mut self.inner {
+            Inner::Memory(m) => {
+                m.maps(s)?.put(key, uk, value.clone());
+                Ok(())
+            }
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => {
+                b.set_key(key)?;
+                b.map_put(s, uk, value)
+            }
+        }
+    }
+
+    /// Remove one entry of `key`'s map `s`.
+    pub fn map_remove<UK: StateValue + Eq, UV: StateValue>(
+        &mut self,
+        key: &K,
+        s: MapState<UK, UV>,
+        uk: &UK,
+    ) -> Result<()> {
+        match &mut self.inner {
+            Inner::Memory(m) => {
+                m.maps(s)?.remove(key, uk);
+                Ok(())
+            }
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => {
+                b.set_key(key)?;
+                b.map_remove(s, uk)
+            }
+        }
+    }
+
+    /// Every entry of `key`'s map `s`: in insertion order in memory (removals keep the
+    /// order of the rest), in encoded-key order on RocksDB.
+    pub fn map_entries<UK: StateValue + Eq, UV: StateValue>(
+        &mut self,
+        key: &K,
+        s: MapState<UK, UV>,
+    ) -> Result<Vec<(UK, UV)>> {
+        match &mut self.inner {
+            Inner::Memory(m) => Ok(m.maps(s)?.table.get(key).cloned().unwrap_or_default()),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => {
+                b.set_key(key)?;
+                b.map_entries(s)
+            }
+        }
+    }
+
+    /// Remove every entry of `key`'s map `s`.
+    pub fn map_clear<UK: StateValue + Eq, UV: StateValue>(&mut self, key: &K, s: MapState<UK, UV>) {
+        let r = match &mut self.inner {
+            Inner::Memory(m) => m.maps(s).map(|t| t.clear(key)),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => b.set_key(key).and_then(|()| b.map_clear(s)),
+        };
+        self.record(r);
+    }
+
+    /// Register a timer for `key` (idempotent).
+    pub fn register_timer(&mut self, key: &K, domain: TimeDomain, ts: Timestamp) {
+        match &mut self.inner {
+            Inner::Memory(m) => m.timers.register(domain, ts, key),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => {
+                let r = b.set_key(key).and_then(|()| b.register_timer(domain, ts));
+                self.record(r)
+            }
+        }
+    }
+
+    /// Delete a timer of `key`, if registered.
+    pub fn delete_timer(&mut self, key: &K, domain: TimeDomain, ts: Timestamp) {
+        match &mut self.inner {
+            Inner::Memory(m) => m.timers.delete(domain, ts, key),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => {
+                let r = b.set_key(key).and_then(|()| b.delete_timer(domain, ts));
+                self.record(r)
+            }
+        }
+    }
+
+    /// Remove and append to `out` every timer of `domain` due at `upto`, as `(time,
+    /// key)`: in time order in memory, in time order within each key group on RocksDB.
+    pub fn drain_due_timers(
+        &mut self,
+        domain: TimeDomain,
+        upto: Timestamp,
+        out: &mut Vec<(Timestamp, K)>,
+    ) -> Result<()> {
+        match &mut self.inner {
+            Inner::Memory(m) => {
+                m.timers.drain_due(domain, upto, out);
+                Ok(())
+            }
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => {
+                let mut raw = Vec::new();
+                b.drain_due_timers(domain, upto, &mut raw)?;
+                for (t, k) in raw {
+                    out.push((t, crate::codec::decode(&k, "timer key")?));
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Delete every value whose TTL expired at `now`; returns how many.
     pub fn expire_ttl(&mut self, now: Timestamp) -> Result<usize> {
-        let mut expired = 0;
-        for (g, k) in self.drain_due(TTL_MARK, now)? {
-            let entry = &k[10..];
-            // Only delete the value if this cleanup entry is its current expiry.
-            let current = self
-                .store
-                .get(g, entry, |v| v.len() >= 8 && v[..8] == k[2..10])?
-                .unwrap_or(false);
-            if current {
-                self.store.delete(g, entry)?;
-                expired += 1;
-            }
-        }
-        Ok(expired)
-    }
-
-    /// Remove every reserved entry `[0, kind, ts, ..]` with `ts <= upto` from every key
-    /// group; returns `(group index, removed entry key)` pairs.
-    fn drain_due(&mut self, kind: u8, upto: Timestamp) -> Result<Vec<(usize, Vec<u8>)>> {
-        let (lo, hi) = due_range(kind, upto);
-        let mut out = Vec::new();
-        let mut keys = Vec::new();
-        for g in 0..self.range.len() {
-            self.store.take_range(g, &lo, &hi, &mut keys)?;
-            out.extend(keys.drain(..).map(|k| (g, k)));
-        }
-        Ok(out)
-    }
-
-    /// Number of entries over all key groups (a full scan with RocksDB).
-    pub fn len(&mut self) -> Result<usize> {
-        match &mut self.store {
-            Store::Memory(groups) => Ok(groups.iter().map(|g| g.len()).sum()),
+        match &mut self.inner {
+            Inner::Memory(m) => Ok(m.expire_ttl(now)),
             #[cfg(feature = "rocksdb")]
-            Store::Rocks(db) => db.count(),
+            Inner::Rocks(b) => b.expire_ttl(now),
+        }
+    }
+
+    /// Number of entries as the byte layout counts them, timers included (a full scan
+    /// with RocksDB).
+    pub fn len(&mut self) -> Result<usize> {
+        match &mut self.inner {
+            Inner::Memory(m) => Ok(m.len()),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => b.len(),
         }
     }
 
@@ -813,26 +682,21 @@ impl KeyedState {
         Ok(self.len()? == 0)
     }
 
-    /// A point-in-time view of the keyed state for checkpoint `id`: in memory every
-    /// non-empty key group, shared (O(key groups), no copy); with RocksDB a local
-    /// checkpoint (a memtable flush and hard links), uploaded later.
+    /// A point-in-time view of the keyed state for checkpoint `id`: in memory the
+    /// tables, shared (O(states x segments), no entry copied; encoded later by
+    /// [`StateSnapshot::prepare`]); with RocksDB a local checkpoint (a memtable flush
+    /// and hard links), uploaded later.
     pub fn snapshot(&mut self, id: CheckpointId) -> Result<StateSnapshot> {
-        let _ = id;
-        match &mut self.store {
-            Store::Memory(groups) => Ok(StateSnapshot {
-                keyed: groups
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, g)| !g.is_empty())
-                    .map(|(i, g)| (KeyGroup(self.range.start + i as u16), g.clone()))
-                    .collect(),
-                ..Default::default()
-            }),
+        match &mut self.inner {
+            Inner::Memory(m) => {
+                let _ = id;
+                Ok(StateSnapshot {
+                    keyed: KeyedView(ViewState::Live(m.share())),
+                    ..Default::default()
+                })
+            }
             #[cfg(feature = "rocksdb")]
-            Store::Rocks(db) => Ok(StateSnapshot {
-                pending_db: Some(db.checkpoint(id)?),
-                ..Default::default()
-            }),
+            Inner::Rocks(b) => b.snapshot(id),
         }
     }
 
@@ -844,17 +708,14 @@ impl KeyedState {
         snapshots: &[OperatorSnapshot],
         env: Option<&BackendEnv>,
     ) -> Result<()> {
-        let range = self.range;
         for snap in snapshots {
             for (kg, entries) in &snap.keyed {
-                if range.contains(*kg) {
-                    let g = (kg.0 - range.start) as usize;
-                    for (k, v) in entries {
-                        self.store.put(g, k, v)?;
-                    }
+                for (k, v) in entries {
+                    self.restore_entry(*kg, k, v)?;
                 }
             }
             if let Some(db) = &snap.db {
+                let range = self.range();
                 if db.range.start >= range.end || db.range.end <= range.start {
                     continue;
                 }
@@ -863,10 +724,7 @@ impl KeyedState {
                     let env = env.ok_or_else(|| {
                         Error::config("restoring a RocksDB snapshot needs checkpoint storage")
                     })?;
-                    let store = &mut self.store;
-                    rocks::read_snapshot(db, range, env, |kg, k, v| {
-                        store.put((kg.0 - range.start) as usize, k, v)
-                    })?;
+                    rocks::read_snapshot(db, range, env, |kg, k, v| self.restore_entry(kg, k, v))?;
                 }
                 #[cfg(not(feature = "rocksdb"))]
                 {
@@ -876,6 +734,23 @@ impl KeyedState {
             }
         }
         Ok(())
+    }
+
+    fn restore_entry(&mut self, kg: KeyGroup, k: &[u8], v: &[u8]) -> Result<()> {
+        match &mut self.inner {
+            Inner::Memory(m) => m.restore_entry(kg, k, v),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => b.restore_entry(kg, k, v),
+        }
+    }
+
+    /// The key groups this instance owns.
+    pub fn range(&self) -> KeyGroupRange {
+        match &self.inner {
+            Inner::Memory(m) => m.range(),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b) => b.range(),
+        }
     }
 }
 
@@ -889,54 +764,103 @@ fn rocksdb_missing() -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec;
     use crate::ids::{key_group_of_bytes, SubtaskIndex};
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     const V: ValueState<i64> = ValueState::new("v");
+    const T: ValueState<String> =
+        ValueState::new("t").with_ttl(std::time::Duration::from_millis(100));
     const M: MapState<String, u32> = MapState::new("m");
+    const MAX: u16 = 128;
+    const ALL: KeyGroupRange = KeyGroupRange { start: 0, end: MAX };
 
-    fn full() -> KeyedState {
-        KeyedState::in_memory(KeyGroupRange { start: 0, end: 128 })
+    fn full() -> KeyedState<u64> {
+        KeyedState::in_memory(ALL, MAX)
     }
 
-    fn key(s: &mut KeyedState, k: u64) {
-        let enc = codec::encode(&k, "k").unwrap();
-        s.set_current_key(key_group_of_bytes(&enc, 128), &enc);
+    /// Snapshot through the real encoding: a view is prepared and written, an
+    /// `OperatorSnapshot` is read back.
+    fn through_bytes(s: &mut KeyedState<u64>) -> OperatorSnapshot {
+        let mut view = s.snapshot(CheckpointId(1)).unwrap();
+        view.prepare().unwrap();
+        codec::decode(&codec::encode(&view, "t").unwrap(), "t").unwrap()
+    }
+
+    fn entries(snap: &OperatorSnapshot) -> BTreeSet<(u16, Vec<u8>, Vec<u8>)> {
+        snap.keyed
+            .iter()
+            .flat_map(|(kg, e)| e.iter().map(move |(k, v)| (kg.0, k.clone(), v.clone())))
+            .collect()
+    }
+
+    fn enc<X: Serialize>(x: &X) -> Vec<u8> {
+        codec::encode(x, "t").unwrap()
+    }
+
+    #[test]
+    fn snapshots_are_the_documented_byte_layout() {
+        let mut s = full();
+        s.put(&7, V, &-3, 0).unwrap();
+        s.put(&7, T, &"x".to_string(), 1_000).unwrap();
+        s.map_put(&8, M, &"a".to_string(), &5).unwrap();
+        s.register_timer(&9, TimeDomain::EventTime, -2);
+        s.register_timer(&9, TimeDomain::ProcessingTime, 40);
+        let got = entries(&through_bytes(&mut s));
+        let kg = |k: u64| key_group_of_bytes(&enc(&k), MAX).0;
+        let cat = |parts: &[&[u8]]| parts.concat();
+        let expected: BTreeSet<(u16, Vec<u8>, Vec<u8>)> = [
+            (kg(7), cat(&[b"\x01v", &enc(&7u64)]), enc(&-3i64)),
+            (
+                kg(7),
+                cat(&[b"\x01t", &enc(&7u64)]),
+                cat(&[&layout::ts_bytes(1_100), &enc(&"x".to_string())]),
+            ),
+            (
+                kg(7),
+                cat(&[&layout::mark(b'X', 1_100), b"\x01t", &enc(&7u64)]),
+                vec![],
+            ),
+            (
+                kg(8),
+                cat(&[b"\x01m", &enc(&8u64), &enc(&"a".to_string())]),
+                enc(&5u32),
+            ),
+            (kg(9), cat(&[&layout::mark(b'E', -2), &enc(&9u64)]), vec![]),
+            (kg(9), cat(&[&layout::mark(b'P', 40), &enc(&9u64)]), vec![]),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(got, expected);
     }
 
     #[test]
     fn timers_fire_in_time_order_once_and_survive_rescale() {
         let mut s = full();
         for (k, ts) in [(1u64, 30), (1, 10), (2, -5), (3, 20), (1, 10), (4, 11)] {
-            key(&mut s, k);
-            s.register_timer(TimeDomain::EventTime, ts);
+            s.register_timer(&k, TimeDomain::EventTime, ts);
         }
-        key(&mut s, 3);
-        s.delete_timer(TimeDomain::EventTime, 20);
-        key(&mut s, 2);
-        s.register_timer(TimeDomain::ProcessingTime, 0);
+        s.delete_timer(&3, TimeDomain::EventTime, 20);
+        s.register_timer(&2, TimeDomain::ProcessingTime, 0);
         let mut out = Vec::new();
         s.drain_due_timers(TimeDomain::EventTime, 10, &mut out)
             .unwrap();
-        let mut fired: Vec<(Timestamp, u64)> = out
-            .iter()
-            .map(|(_, t, k)| (*t, codec::decode(k, "k").unwrap()))
-            .collect();
-        fired.sort();
-        assert_eq!(fired, vec![(-5, 2), (10, 1)]);
+        assert_eq!(out, vec![(-5, 2), (10, 1)]);
         out.clear();
         s.drain_due_timers(TimeDomain::EventTime, 10, &mut out)
             .unwrap();
         assert!(out.is_empty(), "fired timers are gone");
         // The remaining timers move with their key groups on rescale.
-        let view = s.snapshot(CheckpointId(1)).unwrap();
-        let snap: OperatorSnapshot =
-            codec::decode(&codec::encode(&view, "t").unwrap(), "t").unwrap();
-        let mut a = KeyedState::in_memory(KeyGroupRange { start: 0, end: 64 });
-        let mut b = KeyedState::in_memory(KeyGroupRange {
-            start: 64,
-            end: 128,
-        });
+        let snap = through_bytes(&mut s);
+        let mut a = KeyedState::<u64>::in_memory(KeyGroupRange { start: 0, end: 64 }, MAX);
+        let mut b = KeyedState::<u64>::in_memory(
+            KeyGroupRange {
+                start: 64,
+                end: 128,
+            },
+            MAX,
+        );
         a.restore(std::slice::from_ref(&snap), None).unwrap();
         b.restore(std::slice::from_ref(&snap), None).unwrap();
         out.clear();
@@ -944,98 +868,149 @@ mod tests {
             .unwrap();
         b.drain_due_timers(TimeDomain::EventTime, i64::MAX, &mut out)
             .unwrap();
-        let mut rest: Vec<(Timestamp, u64)> = out
-            .iter()
-            .map(|(_, t, k)| (*t, codec::decode(k, "k").unwrap()))
-            .collect();
-        rest.sort();
-        assert_eq!(rest, vec![(11, 4), (30, 1)]);
+        out.sort();
+        assert_eq!(out, vec![(11, 4), (30, 1)]);
         out.clear();
         a.drain_due_timers(TimeDomain::ProcessingTime, 0, &mut out)
             .unwrap();
         b.drain_due_timers(TimeDomain::ProcessingTime, 0, &mut out)
             .unwrap();
-        assert_eq!(out.len(), 1);
+        assert_eq!(out, vec![(0, 2)]);
     }
 
     #[test]
     fn snapshot_is_isolated_from_later_writes() {
         let mut s = full();
-        key(&mut s, 1);
-        s.put(V, &1).unwrap();
+        s.put(&1, V, &1, 0).unwrap();
+        s.map_put(&1, M, &"a".to_string(), &1).unwrap();
+        s.register_timer(&1, TimeDomain::EventTime, 5);
         let mut view = s.snapshot(CheckpointId(1)).unwrap();
         view.list = vec![b"x".to_vec()];
-        let before = codec::encode(&view, "t").unwrap();
-        s.put(V, &2).unwrap();
-        key(&mut s, 2);
-        s.put(V, &3).unwrap();
-        assert_eq!(
-            codec::encode(&view, "t").unwrap(),
-            before,
-            "the view must not see later writes"
-        );
-        let back: OperatorSnapshot = codec::decode(&before, "t").unwrap();
+        s.put(&1, V, &2, 0).unwrap();
+        s.put(&2, V, &3, 0).unwrap();
+        s.map_put(&1, M, &"a".to_string(), &9).unwrap();
+        s.map_put(&1, M, &"b".to_string(), &9).unwrap();
+        s.register_timer(&1, TimeDomain::EventTime, 6);
+        s.delete_timer(&1, TimeDomain::EventTime, 5);
+        let mut out = Vec::new();
+        s.drain_due_timers(TimeDomain::EventTime, 100, &mut out)
+            .unwrap();
+        view.prepare().unwrap();
+        let back: OperatorSnapshot =
+            codec::decode(&codec::encode(&view, "t").unwrap(), "t").unwrap();
         assert_eq!(back.list, vec![b"x".to_vec()]);
-        assert_eq!(back.keyed.iter().map(|(_, e)| e.len()).sum::<usize>(), 1);
+        let mut restored = full();
+        restored.restore(&[back], None).unwrap();
+        assert_eq!(restored.get(&1, V, 0).unwrap(), Some(1));
+        assert_eq!(restored.get(&2, V, 0).unwrap(), None);
+        assert_eq!(
+            restored.map_entries(&1, M).unwrap(),
+            vec![("a".to_string(), 1)]
+        );
+        out.clear();
+        restored
+            .drain_due_timers(TimeDomain::EventTime, 100, &mut out)
+            .unwrap();
+        assert_eq!(out, vec![(5, 1)], "the view must not see later writes");
     }
 
     #[test]
-    fn values_and_maps_are_scoped_to_the_current_key() {
+    fn values_and_maps_are_scoped_to_the_key() {
         let mut s = full();
-        key(&mut s, 1);
-        s.put(V, &10).unwrap();
-        s.map_put(M, &"a".to_string(), &1).unwrap();
-        s.map_put(M, &"b".to_string(), &2).unwrap();
-        key(&mut s, 2);
-        assert_eq!(s.get(V).unwrap(), None);
-        assert!(s.map_entries(M).unwrap().is_empty());
-        s.map_put(M, &"a".to_string(), &9).unwrap();
-        key(&mut s, 1);
-        assert_eq!(s.get(V).unwrap(), Some(10));
+        s.put(&1, V, &10, 0).unwrap();
+        s.map_put(&1, M, &"a".to_string(), &1).unwrap();
+        s.map_put(&1, M, &"b".to_string(), &2).unwrap();
+        assert_eq!(s.get(&2, V, 0).unwrap(), None);
+        assert!(s.map_entries(&2, M).unwrap().is_empty());
+        s.map_put(&2, M, &"a".to_string(), &9).unwrap();
+        assert_eq!(s.get(&1, V, 0).unwrap(), Some(10));
         assert_eq!(
-            s.map_entries(M).unwrap(),
+            s.map_entries(&1, M).unwrap(),
             vec![("a".to_string(), 1), ("b".to_string(), 2)]
         );
-        s.map_remove(M, &"a".to_string()).unwrap();
-        assert_eq!(s.map_get(M, &"a".to_string()).unwrap(), None);
-        s.map_clear(M);
-        assert!(s.map_entries(M).unwrap().is_empty());
-        key(&mut s, 2);
-        assert_eq!(s.map_get(M, &"a".to_string()).unwrap(), Some(9));
-        s.clear(V);
+        s.map_remove(&1, M, &"a".to_string()).unwrap();
+        assert_eq!(s.map_get(&1, M, &"a".to_string()).unwrap(), None);
+        s.map_clear(&1, M);
+        assert!(s.map_entries(&1, M).unwrap().is_empty());
+        assert_eq!(s.map_get(&2, M, &"a".to_string()).unwrap(), Some(9));
+        s.clear(&1, V);
+        assert_eq!(s.len().unwrap(), 1, "only key 2's map entry is left");
+    }
+
+    #[test]
+    fn one_name_with_two_types_is_refused() {
+        const SAME: ValueState<String> = ValueState::new("v");
+        let mut s = full();
+        s.put(&1, V, &1, 0).unwrap();
+        let err = s.get(&1, SAME, 0).unwrap_err();
+        assert!(err.to_string().contains("two different types"), "{err}");
+    }
+
+    #[test]
+    fn ttl_values_expire_and_are_deleted() {
+        let mut s = full();
+        s.put(&1, T, &"a".to_string(), 1_000).unwrap();
+        s.put(&2, T, &"b".to_string(), 1_050).unwrap();
+        assert_eq!(s.get(&1, T, 1_099).unwrap().as_deref(), Some("a"));
+        assert_eq!(s.get(&1, T, 1_100).unwrap(), None, "expired at write + ttl");
+        // A rewrite restarts the TTL; the old expiry must not delete the new value.
+        s.put(&1, T, &"a2".to_string(), 1_090).unwrap();
+        assert_eq!(s.expire_ttl(1_150).unwrap(), 1, "key 2 expired");
+        assert_eq!(s.get(&1, T, 1_150).unwrap().as_deref(), Some("a2"));
+        // Restored state keeps expiries.
+        let snap = through_bytes(&mut s);
+        let mut r = full();
+        r.restore(&[snap], None).unwrap();
+        assert_eq!(r.get(&1, T, 1_189).unwrap().as_deref(), Some("a2"));
+        assert_eq!(r.expire_ttl(1_190).unwrap(), 1);
+        assert!(r.is_empty().unwrap());
+    }
+
+    #[test]
+    fn restored_state_never_touched_is_written_back_unchanged() {
+        let mut s = full();
+        for k in 0..50u64 {
+            s.put(&k, V, &(k as i64), 0).unwrap();
+            s.put(&k, T, &k.to_string(), 0).unwrap();
+            s.map_put(&k, M, &k.to_string(), &(k as u32)).unwrap();
+        }
+        let first = through_bytes(&mut s);
+        let mut r = full();
+        r.restore(std::slice::from_ref(&first), None).unwrap();
+        assert_eq!(r.len().unwrap(), s.len().unwrap());
+        // Only V is used in this run; T and M pass through as bytes.
+        assert_eq!(r.get(&3, V, 0).unwrap(), Some(3));
+        let second = through_bytes(&mut r);
+        assert_eq!(entries(&second), entries(&first));
     }
 
     proptest! {
         /// Snapshot at parallelism `p1`, restore at `p2`: every key sees the same values.
         #[test]
         fn rescale_round_trip(entries in proptest::collection::btree_map(any::<u64>(), any::<i64>(), 0..200), p1 in 1usize..5, p2 in 1usize..5) {
-            let max = 128u16;
-            let mut olds: Vec<KeyedState> = (0..p1)
-                .map(|i| KeyedState::in_memory(KeyGroupRange::for_subtask(max, p1, SubtaskIndex(i))))
+            let mut olds: Vec<KeyedState<u64>> = (0..p1)
+                .map(|i| KeyedState::in_memory(KeyGroupRange::for_subtask(MAX, p1, SubtaskIndex(i)), MAX))
                 .collect();
             for (k, v) in &entries {
-                let enc = codec::encode(k, "k").unwrap();
-                let kg = key_group_of_bytes(&enc, max);
-                let owner = crate::ids::subtask_for_key_group(kg, max, p1);
-                olds[owner.0].set_current_key(kg, &enc);
-                olds[owner.0].put(V, v).unwrap();
+                let kg = key_group_of_bytes(&enc(k), MAX);
+                let owner = crate::ids::subtask_for_key_group(kg, MAX, p1);
+                olds[owner.0].put(k, V, v, 0).unwrap();
+                olds[owner.0].register_timer(k, TimeDomain::EventTime, *v);
             }
-            // Through the real encoding: a view is written, an OperatorSnapshot is read.
-            let snaps: Vec<OperatorSnapshot> = olds
-                .iter_mut()
-                .map(|s| codec::decode(&codec::encode(&s.snapshot(CheckpointId(1)).unwrap(), "t").unwrap(), "t").unwrap())
-                .collect();
-            let mut news: Vec<KeyedState> = (0..p2)
-                .map(|i| KeyedState::in_memory(KeyGroupRange::for_subtask(max, p2, SubtaskIndex(i))))
+            let snaps: Vec<OperatorSnapshot> = olds.iter_mut().map(through_bytes).collect();
+            let mut news: Vec<KeyedState<u64>> = (0..p2)
+                .map(|i| KeyedState::in_memory(KeyGroupRange::for_subtask(MAX, p2, SubtaskIndex(i)), MAX))
                 .collect();
             for n in &mut news { n.restore(&snaps, None).unwrap(); }
-            prop_assert_eq!(news.iter_mut().map(|n| n.len().unwrap()).sum::<usize>(), entries.len());
+            prop_assert_eq!(news.iter_mut().map(|n| n.len().unwrap()).sum::<usize>(), 2 * entries.len());
+            let mut fired = Vec::new();
+            for n in &mut news { n.drain_due_timers(TimeDomain::EventTime, i64::MAX, &mut fired).unwrap(); }
+            prop_assert_eq!(fired.len(), entries.len());
             for (k, v) in &entries {
-                let enc = codec::encode(k, "k").unwrap();
-                let kg = key_group_of_bytes(&enc, max);
-                let owner = crate::ids::subtask_for_key_group(kg, max, p2);
-                news[owner.0].set_current_key(kg, &enc);
-                prop_assert_eq!(news[owner.0].get(V).unwrap(), Some(*v));
+                let kg = key_group_of_bytes(&enc(k), MAX);
+                let owner = crate::ids::subtask_for_key_group(kg, MAX, p2);
+                prop_assert_eq!(news[owner.0].get(k, V, 0).unwrap(), Some(*v));
+                prop_assert!(fired.contains(&(*v, *k)));
             }
         }
     }

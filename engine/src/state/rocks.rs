@@ -630,7 +630,7 @@ mod tests {
     use super::*;
     use crate::codec;
     use crate::ids::key_group_of_bytes;
-    use crate::state::{KeyedState, StateBackend, Store, ValueState};
+    use crate::state::{KeyedState, StateBackend, ValueState};
     use std::collections::BTreeMap;
 
     const V: ValueState<String> = ValueState::new("v");
@@ -667,13 +667,14 @@ mod tests {
             }
         }
 
-        fn open(&self, range: KeyGroupRange, snaps: &[OperatorSnapshot]) -> KeyedState {
+        fn open(&self, range: KeyGroupRange, snaps: &[OperatorSnapshot]) -> KeyedState<u64> {
             let backend = StateBackend::RocksDb(RocksDbConfig {
                 local_dir: None,
                 write_buffer_size: 1 << 20,
             });
             KeyedState::open(
                 range,
+                MAX,
                 &OperatorId("op".into()),
                 SubtaskIndex(0),
                 &self.env(backend),
@@ -683,7 +684,7 @@ mod tests {
         }
 
         /// Take checkpoint `id`, upload it, and mark it completed.
-        fn checkpoint(&self, s: &mut KeyedState, id: u64) -> Uploaded {
+        fn checkpoint(&self, s: &mut KeyedState<u64>, id: u64) -> Uploaded {
             let view = s.snapshot(CheckpointId(id)).unwrap();
             let up = self
                 .rt
@@ -698,30 +699,24 @@ mod tests {
         }
     }
 
-    fn set(s: &mut KeyedState, k: u64, v: &str) {
-        let enc = codec::encode(&k, "k").unwrap();
-        s.set_current_key(key_group_of_bytes(&enc, MAX), &enc);
-        s.put(V, &v.to_string()).unwrap();
+    fn set(s: &mut KeyedState<u64>, k: u64, v: &str) {
+        s.put(&k, V, &v.to_string(), 0).unwrap();
     }
 
-    fn get(s: &mut KeyedState, k: u64) -> Option<String> {
+    fn get(s: &mut KeyedState<u64>, k: u64) -> Option<String> {
         let enc = codec::encode(&k, "k").unwrap();
-        let kg = key_group_of_bytes(&enc, MAX);
-        if !s.range().contains(kg) {
+        if !s.range().contains(key_group_of_bytes(&enc, MAX)) {
             return None;
         }
-        s.set_current_key(kg, &enc);
-        s.get(V).unwrap()
+        s.get(&k, V, 0).unwrap()
     }
 
     /// Compact everything into one level and wait until RocksDB is idle. Otherwise a
     /// background compaction of the first checkpoint's level-0 files may finish just
     /// after it, and the second checkpoint then (correctly) uploads the rewritten files:
     /// the size comparison would measure compaction timing, not incrementality.
-    fn settle(s: &KeyedState) {
-        let Store::Rocks(store) = &s.store else {
-            panic!("the fixture opens RocksDB state")
-        };
+    fn settle(s: &KeyedState<u64>) {
+        let store = s.rocks().expect("the fixture opens RocksDB state");
         let db = store.db();
         db.compact_range(None::<&[u8]>, None::<&[u8]>);
         let mut wait = rocksdb::WaitForCompactOptions::default();
@@ -817,8 +812,9 @@ mod tests {
             assert_eq!(found, vec![v.clone()], "key {k}");
         }
         // Switching backend: the in-memory backend reads the RocksDB checkpoint.
-        let mut mem = KeyedState::open(
+        let mut mem = KeyedState::<u64>::open(
             ALL,
+            MAX,
             &OperatorId("op".into()),
             SubtaskIndex(0),
             &f.env(StateBackend::Memory),
@@ -879,8 +875,9 @@ mod tests {
             db: Some(second.snapshot),
             ..Default::default()
         };
-        let err = KeyedState::open(
+        let err = KeyedState::<u64>::open(
             ALL,
+            MAX,
             &OperatorId("op".into()),
             SubtaskIndex(0),
             &f.env(StateBackend::rocksdb()),

@@ -1,0 +1,286 @@
+//! Keyed state of the RocksDB backend: every access reads or writes entries of the byte
+//! layout ([`super::layout`]) in the operator instance's database.
+
+use super::layout::{decode_ts, domain_byte, due_range, mark, MARK_LEN, TTL_MARK};
+use super::rocks::RocksStore;
+use super::{MapState, StateSnapshot, StateValue, ValueState};
+use crate::codec;
+use crate::error::Result;
+use crate::ids::{key_group_of_bytes, CheckpointId, KeyGroup, KeyGroupRange};
+use crate::time::{TimeDomain, Timestamp};
+use serde::Serialize;
+
+pub(crate) struct ByteState {
+    range: KeyGroupRange,
+    max_parallelism: u16,
+    pub db: Box<RocksStore>,
+    /// The current key's key group (index in `range`) and encoded key.
+    group: usize,
+    key: Vec<u8>,
+    scratch: Vec<u8>,
+    value_buf: Vec<u8>,
+}
+
+impl ByteState {
+    pub fn new(range: KeyGroupRange, max_parallelism: u16, db: RocksStore) -> Self {
+        ByteState {
+            range,
+            max_parallelism,
+            db: Box::new(db),
+            group: 0,
+            key: Vec::new(),
+            scratch: Vec::new(),
+            value_buf: Vec::new(),
+        }
+    }
+
+    /// The key groups this instance owns.
+    pub fn range(&self) -> KeyGroupRange {
+        self.range
+    }
+
+    /// Make `key` the current key.
+    pub fn set_key<K: Serialize>(&mut self, key: &K) -> Result<()> {
+        self.key.clear();
+        codec::encode_into(key, &mut self.key, "state key")?;
+        let kg = key_group_of_bytes(&self.key, self.max_parallelism);
+        debug_assert!(
+            self.range.contains(kg),
+            "key group {kg:?} outside {:?}",
+            self.range
+        );
+        self.group = (kg.0 - self.range.start) as usize;
+        Ok(())
+    }
+
+    fn entry_key(&mut self, name: &str) {
+        self.scratch.clear();
+        self.scratch.push(name.len() as u8);
+        self.scratch.extend_from_slice(name.as_bytes());
+        self.scratch.extend_from_slice(&self.key);
+    }
+
+    pub fn get<V: StateValue>(&mut self, s: ValueState<V>) -> Result<Option<V>> {
+        self.entry_key(s.name());
+        self.db
+            .get(self.group, &self.scratch, |b| codec::decode(b, s.name()))?
+            .transpose()
+    }
+
+    pub fn put<V: StateValue>(&mut self, s: ValueState<V>, value: &V) -> Result<()> {
+        self.entry_key(s.name());
+        self.value_buf.clear();
+        codec::encode_into(value, &mut self.value_buf, s.name())?;
+        self.db.put(self.group, &self.scratch, &self.value_buf)
+    }
+
+    pub fn clear<V>(&mut self, s: ValueState<V>) -> Result<()> {
+        self.entry_key(s.name());
+        self.db.delete(self.group, &self.scratch)
+    }
+
+    fn map_entry_key<UK: Serialize>(&mut self, name: &str, uk: &UK) -> Result<()> {
+        self.entry_key(name);
+        codec::encode_into(uk, &mut self.scratch, name)
+    }
+
+    pub fn map_get<UK: StateValue, UV: StateValue>(
+        &mut self,
+        s: MapState<UK, UV>,
+        uk: &UK,
+    ) -> Result<Option<UV>> {
+        self.map_entry_key(s.name(), uk)?;
+        self.db
+            .get(self.group, &self.scratch, |b| codec::decode(b, s.name()))?
+            .transpose()
+    }
+
+    pub fn map_put<UK: StateValue, UV: StateValue>(
+        &mut self,
+        s: MapState<UK, UV>,
+        uk: &UK,
+        value: &UV,
+    ) -> Result<()> {
+        self.map_entry_key(s.name(), uk)?;
+        self.value_buf.clear();
+        codec::encode_into(value, &mut self.value_buf, s.name())?;
+        self.db.put(self.group, &self.scratch, &self.value_buf)
+    }
+
+    pub fn map_remove<UK: StateValue, UV>(&mut self, s: MapState<UK, UV>, uk: &UK) -> Result<()> {
+        self.map_entry_key(s.name(), uk)?;
+        self.db.delete(self.group, &self.scratch)
+    }
+
+    /// All entries of the current key's map, ordered by encoded map key.
+    pub fn map_entries<UK: StateValue, UV: StateValue>(
+        &mut self,
+        s: MapState<UK, UV>,
+    ) -> Result<Vec<(UK, UV)>> {
+        self.entry_key(s.name());
+        let plen = self.scratch.len();
+        let mut out = Vec::new();
+        self.db.scan_prefix(self.group, &self.scratch, |k, v| {
+            out.push((
+                codec::decode(&k[plen..], s.name())?,
+                codec::decode(v, s.name())?,
+            ));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    pub fn map_clear<UK, UV>(&mut self, s: MapState<UK, UV>) -> Result<()> {
+        self.entry_key(s.name());
+        let mut doomed = Vec::new();
+        self.db.scan_prefix(self.group, &self.scratch, |k, _| {
+            doomed.push(k.to_vec());
+            Ok(())
+        })?;
+        for k in doomed {
+            self.db.delete(self.group, &k)?;
+        }
+        Ok(())
+    }
+
+    fn timer_entry(&mut self, domain: TimeDomain, ts: Timestamp) {
+        self.scratch.clear();
+        self.scratch
+            .extend_from_slice(&mark(domain_byte(domain), ts));
+        self.scratch.extend_from_slice(&self.key);
+    }
+
+    pub fn register_timer(&mut self, domain: TimeDomain, ts: Timestamp) -> Result<()> {
+        self.timer_entry(domain, ts);
+        self.db.put(self.group, &self.scratch, &[])
+    }
+
+    pub fn delete_timer(&mut self, domain: TimeDomain, ts: Timestamp) -> Result<()> {
+        self.timer_entry(domain, ts);
+        self.db.delete(self.group, &self.scratch)
+    }
+
+    /// Remove and return every timer of `domain` due at `upto` as `(time, encoded
+    /// key)`, in time order within each key group.
+    pub fn drain_due_timers(
+        &mut self,
+        domain: TimeDomain,
+        upto: Timestamp,
+        out: &mut Vec<(Timestamp, Vec<u8>)>,
+    ) -> Result<()> {
+        for (_, k) in self.drain_due(domain_byte(domain), upto)? {
+            out.push((decode_ts(&k[2..MARK_LEN]), k[MARK_LEN..].to_vec()));
+        }
+        Ok(())
+    }
+
+    /// `[0, 'X', expiry, entry key]` for the entry key in `self.scratch`.
+    fn ttl_timer(&self, expires: Timestamp) -> Vec<u8> {
+        let mut k = Vec::with_capacity(MARK_LEN + self.scratch.len());
+        k.extend_from_slice(&mark(TTL_MARK, expires));
+        k.extend_from_slice(&self.scratch);
+        k
+    }
+
+    pub fn get_ttl<V: StateValue>(
+        &mut self,
+        s: ValueState<V>,
+        now: Timestamp,
+    ) -> Result<Option<V>> {
+        self.entry_key(s.name());
+        let found = self.db.get(self.group, &self.scratch, |b| {
+            if b.len() < 8 || decode_ts(&b[..8]) <= now {
+                None
+            } else {
+                Some(codec::decode(&b[8..], s.name()))
+            }
+        })?;
+        found.flatten().transpose()
+    }
+
+    pub fn put_ttl<V: StateValue>(
+        &mut self,
+        s: ValueState<V>,
+        value: &V,
+        now: Timestamp,
+    ) -> Result<()> {
+        let expires = now.saturating_add(s.ttl_ms().unwrap_or(i64::MAX));
+        self.clear_ttl(s)?;
+        self.entry_key(s.name());
+        self.value_buf.clear();
+        self.value_buf
+            .extend_from_slice(&super::layout::ts_bytes(expires));
+        codec::encode_into(value, &mut self.value_buf, s.name())?;
+        let timer = self.ttl_timer(expires);
+        self.db.put(self.group, &self.scratch, &self.value_buf)?;
+        self.db.put(self.group, &timer, &[])
+    }
+
+    pub fn clear_ttl<V>(&mut self, s: ValueState<V>) -> Result<()> {
+        self.entry_key(s.name());
+        let old = self
+            .db
+            .get(self.group, &self.scratch, |b| {
+                (b.len() >= 8).then(|| decode_ts(&b[..8]))
+            })?
+            .flatten();
+        if let Some(old) = old {
+            let timer = self.ttl_timer(old);
+            self.db.delete(self.group, &timer)?;
+            self.db.delete(self.group, &self.scratch)?;
+        }
+        Ok(())
+    }
+
+    /// Delete every value whose TTL expired at `now`; returns how many.
+    pub fn expire_ttl(&mut self, now: Timestamp) -> Result<usize> {
+        let mut expired = 0;
+        for (g, k) in self.drain_due(TTL_MARK, now)? {
+            let entry = &k[MARK_LEN..];
+            // Only delete the value if this cleanup entry is its current expiry.
+            let current = self
+                .db
+                .get(g, entry, |v| v.len() >= 8 && v[..8] == k[2..MARK_LEN])?
+                .unwrap_or(false);
+            if current {
+                self.db.delete(g, entry)?;
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Remove every reserved entry `[0, kind, ts, ..]` with `ts <= upto` from every key
+    /// group; returns `(group index, removed entry key)` pairs.
+    fn drain_due(&mut self, kind: u8, upto: Timestamp) -> Result<Vec<(usize, Vec<u8>)>> {
+        let (lo, hi) = due_range(kind, upto);
+        let mut out = Vec::new();
+        let mut keys = Vec::new();
+        for g in 0..self.range.len() {
+            self.db.take_range(g, &lo, &hi, &mut keys)?;
+            out.extend(keys.drain(..).map(|k| (g, k)));
+        }
+        Ok(out)
+    }
+
+    /// Store an entry of a restored snapshot.
+    pub fn restore_entry(&mut self, kg: KeyGroup, key: &[u8], value: &[u8]) -> Result<()> {
+        if self.range.contains(kg) {
+            self.db
+                .put((kg.0 - self.range.start) as usize, key, value)?;
+        }
+        Ok(())
+    }
+
+    pub fn len(&mut self) -> Result<usize> {
+        self.db.count()
+    }
+
+    /// A local RocksDB checkpoint (a memtable flush and hard links), uploaded later.
+    pub fn snapshot(&mut self, id: CheckpointId) -> Result<StateSnapshot> {
+        Ok(StateSnapshot {
+            pending_db: Some(self.db.checkpoint(id)?),
+            ..Default::default()
+        })
+    }
+}

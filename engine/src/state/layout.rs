@@ -1,0 +1,283 @@
+//! The backend-independent byte layout of keyed state, as stored in checkpoints and in
+//! RocksDB.
+//!
+//! ```text
+//! value        len(name) | name | postcard(key)                  -> postcard(value)
+//! TTL value    len(name) | name | postcard(key)                  -> expiry | postcard(value)
+//! map entry    len(name) | name | postcard(key) | postcard(ukey) -> postcard(uvalue)
+//! timer        0 | 'E' or 'P' | time | postcard(key)             -> (empty)
+//! TTL cleanup  0 | 'X' | expiry | <the value's entry key>        -> (empty)
+//! ```
+//!
+//! Times are big-endian with the sign bit flipped, so byte order is time order. State
+//! names are 1-255 bytes, so an entry starting with 0 is never a state entry. The key
+//! group of every entry is `xxh3(postcard(key)) % max_parallelism`; the in-memory backend
+//! keeps typed values and writes this layout only when a snapshot is encoded.
+
+use crate::ids::KeyGroup;
+use crate::time::{TimeDomain, Timestamp};
+
+/// First byte of timer and TTL cleanup entries.
+pub(crate) const TIMER_MARK: u8 = 0;
+/// Second byte of TTL cleanup entries.
+pub(crate) const TTL_MARK: u8 = b'X';
+/// Length of `0 | kind | time`, the start of every timer and cleanup entry.
+pub(crate) const MARK_LEN: usize = 10;
+
+pub(crate) fn domain_byte(d: TimeDomain) -> u8 {
+    match d {
+        TimeDomain::EventTime => b'E',
+        TimeDomain::ProcessingTime => b'P',
+    }
+}
+
+/// Order-preserving encoding of a signed timestamp.
+pub(crate) fn ts_bytes(ts: Timestamp) -> [u8; 8] {
+    ((ts as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub(crate) fn decode_ts(b: &[u8]) -> Timestamp {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    (u64::from_be_bytes(a) ^ (1 << 63)) as i64
+}
+
+/// `len(name) | name`, the start of a state's entries.
+pub(crate) fn name_prefix(name: &str) -> Vec<u8> {
+    name_prefix_bytes(name.as_bytes())
+}
+
+/// [`name_prefix`] of a name read from an entry.
+pub(crate) fn name_prefix_bytes(name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(1 + name.len());
+    p.push(name.len() as u8);
+    p.extend_from_slice(name);
+    p
+}
+
+/// `0 | kind | ts`, the start of a timer or cleanup entry.
+pub(crate) fn mark(kind: u8, ts: Timestamp) -> [u8; MARK_LEN] {
+    let mut m = [0u8; MARK_LEN];
+    m[0] = TIMER_MARK;
+    m[1] = kind;
+    m[2..].copy_from_slice(&ts_bytes(ts));
+    m
+}
+
+/// The key range of entries `[0, kind, ts, ..]` with `ts <= upto`; the upper bound is
+/// exclusive (the first possible entry of `upto + 1`).
+#[cfg(feature = "rocksdb")]
+pub(crate) fn due_range(kind: u8, upto: Timestamp) -> (Vec<u8>, Vec<u8>) {
+    let lo = vec![TIMER_MARK, kind];
+    let hi = match upto.checked_add(1) {
+        Some(next) => {
+            let mut hi = lo.clone();
+            hi.extend_from_slice(&ts_bytes(next));
+            hi
+        }
+        None => vec![TIMER_MARK, kind + 1],
+    };
+    (lo, hi)
+}
+
+/// What one stored entry is, read from its key.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum EntryKind<'a> {
+    /// A timer of `domain` at `time` for the encoded key.
+    Timer {
+        domain: TimeDomain,
+        time: Timestamp,
+        key: &'a [u8],
+    },
+    /// A TTL cleanup entry of the state called `name`.
+    TtlCleanup { name: &'a [u8] },
+    /// A value or map entry of the state called `name`; `rest` is `postcard(key)`
+    /// followed, for map state, by `postcard(map key)`.
+    State { name: &'a [u8], rest: &'a [u8] },
+}
+
+/// Classify an entry key; `None` for bytes that fit no entry of the layout.
+pub(crate) fn classify(key: &[u8]) -> Option<EntryKind<'_>> {
+    let (&first, tail) = key.split_first()?;
+    if first != TIMER_MARK {
+        let len = first as usize;
+        return (tail.len() >= len).then(|| EntryKind::State {
+            name: &tail[..len],
+            rest: &tail[len..],
+        });
+    }
+    if key.len() < MARK_LEN {
+        return None;
+    }
+    let time = decode_ts(&key[2..MARK_LEN]);
+    let body = &key[MARK_LEN..];
+    match key[1] {
+        b'E' | b'P' => Some(EntryKind::Timer {
+            domain: if key[1] == b'E' {
+                TimeDomain::EventTime
+            } else {
+                TimeDomain::ProcessingTime
+            },
+            time,
+            key: body,
+        }),
+        TTL_MARK => {
+            let (&len, name) = body.split_first()?;
+            (name.len() >= len as usize).then(|| EntryKind::TtlCleanup {
+                name: &name[..len as usize],
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Entries of one snapshot, bucketed by key group while they are encoded. Each entry is
+/// written once, as bytes, into its group's buffer; serialising the buffers produces
+/// exactly the postcard encoding of `Vec<(KeyGroup, Vec<(Vec<u8>, Vec<u8>)>)>`, the
+/// `keyed` field of [`super::OperatorSnapshot`].
+#[derive(Debug, Default)]
+pub(crate) struct GroupWriter {
+    groups: Vec<GroupBuf>,
+}
+
+#[derive(Debug, Default)]
+struct GroupBuf {
+    bytes: Vec<u8>,
+    /// Per entry: where its key ends and where its value ends in `bytes`.
+    ends: Vec<(usize, usize)>,
+}
+
+impl GroupWriter {
+    pub fn new(max_parallelism: u16) -> Self {
+        GroupWriter {
+            groups: (0..max_parallelism).map(|_| GroupBuf::default()).collect(),
+        }
+    }
+
+    /// Append one entry whose key is the concatenation of `key_parts`.
+    pub fn push(&mut self, kg: KeyGroup, key_parts: &[&[u8]], value: &[u8]) {
+        let g = &mut self.groups[kg.0 as usize];
+        for part in key_parts {
+            g.bytes.extend_from_slice(part);
+        }
+        let key_end = g.bytes.len();
+        g.bytes.extend_from_slice(value);
+        g.ends.push((key_end, g.bytes.len()));
+    }
+
+    /// The non-empty groups, in key group order.
+    pub fn finish(self) -> EncodedGroups {
+        EncodedGroups(
+            self.groups
+                .into_iter()
+                .enumerate()
+                .filter(|(_, g)| !g.ends.is_empty())
+                .map(|(i, g)| (KeyGroup(i as u16), g))
+                .collect(),
+        )
+    }
+}
+
+/// Encoded entries per key group, ready to serialise.
+#[derive(Debug, Default)]
+pub(crate) struct EncodedGroups(Vec<(KeyGroup, GroupBuf)>);
+
+impl EncodedGroups {
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> usize {
+        self.0.iter().map(|(_, g)| g.bytes.len()).sum()
+    }
+}
+
+/// A byte string serialised as postcard serialises a `Vec<u8>`.
+struct Raw<'a>(&'a [u8]);
+
+impl serde::Serialize for Raw<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+struct Entries<'a>(&'a GroupBuf);
+
+impl serde::Serialize for Entries<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let g = self.0;
+        let mut seq = s.serialize_seq(Some(g.ends.len()))?;
+        let mut start = 0;
+        for &(key_end, end) in &g.ends {
+            seq.serialize_element(&(Raw(&g.bytes[start..key_end]), Raw(&g.bytes[key_end..end])))?;
+            start = end;
+        }
+        seq.end()
+    }
+}
+
+impl serde::Serialize for EncodedGroups {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (kg, g) in &self.0 {
+            seq.serialize_element(&(kg, Entries(g)))?;
+        }
+        seq.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+
+    #[test]
+    fn group_writer_encodes_like_a_vector_of_pairs() {
+        let mut w = GroupWriter::new(8);
+        w.push(KeyGroup(5), &[b"\x01a", b"k1"], b"v1");
+        w.push(KeyGroup(2), &[b"\x01a", b"k2"], b"");
+        w.push(KeyGroup(5), &[b"\x01b", b"k3"], &[0u8; 300]);
+        let ours = codec::encode(&w.finish(), "t").unwrap();
+        let expected: Vec<(KeyGroup, Vec<(Vec<u8>, Vec<u8>)>)> = vec![
+            (KeyGroup(2), vec![(b"\x01ak2".to_vec(), vec![])]),
+            (
+                KeyGroup(5),
+                vec![
+                    (b"\x01ak1".to_vec(), b"v1".to_vec()),
+                    (b"\x01bk3".to_vec(), vec![0u8; 300]),
+                ],
+            ),
+        ];
+        assert_eq!(ours, codec::encode(&expected, "t").unwrap());
+    }
+
+    #[test]
+    fn entry_keys_classify() {
+        let mut timer = mark(b'E', -5).to_vec();
+        timer.extend_from_slice(b"key");
+        assert_eq!(
+            classify(&timer),
+            Some(EntryKind::Timer {
+                domain: TimeDomain::EventTime,
+                time: -5,
+                key: b"key"
+            })
+        );
+        let mut cleanup = mark(TTL_MARK, 7).to_vec();
+        cleanup.extend_from_slice(b"\x03abckey");
+        assert_eq!(
+            classify(&cleanup),
+            Some(EntryKind::TtlCleanup { name: b"abc" })
+        );
+        assert_eq!(
+            classify(b"\x02abkey"),
+            Some(EntryKind::State {
+                name: b"ab",
+                rest: b"key"
+            })
+        );
+        assert_eq!(classify(b"\x09ab"), None);
+        assert_eq!(classify(&[0, b'E', 1]), None);
+        assert!(ts_bytes(-1) < ts_bytes(0) && ts_bytes(0) < ts_bytes(1));
+        assert_eq!(decode_ts(&ts_bytes(-77)), -77);
+    }
+}

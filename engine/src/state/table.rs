@@ -1,0 +1,219 @@
+//! A typed hash table shared copy-on-write with the snapshots being encoded.
+//!
+//! Entries live in [`SEGMENTS`] hash tables chosen by hash. A snapshot clones the
+//! segments' `Arc`s (O(segments), no entry copied); the first write to a segment that a
+//! snapshot still holds copies that one segment. The encoder releases each segment as
+//! soon as it has written it, so what is copied is bounded by the segments written
+//! between the barrier and the moment the encoder reaches them, never the whole state
+//! more than once per checkpoint.
+
+use hashbrown::hash_table::Entry;
+use hashbrown::HashTable;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+
+/// Segments per table; a power of two.
+pub(crate) const SEGMENTS: usize = 256;
+
+/// A fast, fixed-seed hash: iteration order (and so timer firing order among equal
+/// times) is the same in every run.
+pub(crate) type FixedHasher = foldhash::fast::FixedState;
+
+pub(crate) fn hasher() -> FixedHasher {
+    foldhash::fast::FixedState::with_seed(0x6578_6163_746c_7921)
+}
+
+#[inline]
+pub(crate) fn hash_of<K: Hash + ?Sized>(k: &K) -> u64 {
+    hasher().hash_one(k)
+}
+
+/// Segment of a hash. The table inside a segment uses the low bits for buckets and the
+/// top 7 for its control bytes, so the segment comes from bits in between.
+#[inline]
+fn segment(h: u64) -> usize {
+    ((h >> 40) as usize) & (SEGMENTS - 1)
+}
+
+/// One segment, as shared with snapshots.
+pub(crate) type Segment<K, E> = Arc<HashTable<(K, E)>>;
+
+/// A hash table from `K` to `E` in copy-on-write segments.
+#[derive(Debug)]
+pub(crate) struct CowTable<K, E> {
+    segs: Vec<Segment<K, E>>,
+    len: usize,
+}
+
+impl<K: Hash + Eq + Clone, E: Clone> Default for CowTable<K, E> {
+    fn default() -> Self {
+        CowTable {
+            segs: (0..SEGMENTS).map(|_| Arc::new(HashTable::new())).collect(),
+            len: 0,
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, E: Clone> CowTable<K, E> {
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    pub fn get(&self, k: &K) -> Option<&E> {
+        let h = hash_of(k);
+        self.segs[segment(h)]
+            .find(h, |(x, _)| x == k)
+            .map(|(_, e)| e)
+    }
+
+    /// The entry of `k` for writing, copying its segment if a snapshot holds it.
+    #[inline]
+    pub fn get_mut(&mut self, k: &K) -> Option<&mut E> {
+        let h = hash_of(k);
+        let seg = &mut self.segs[segment(h)];
+        seg.find(h, |(x, _)| x == k)?;
+        Arc::make_mut(seg)
+            .find_mut(h, |(x, _)| x == k)
+            .map(|(_, e)| e)
+    }
+
+    /// The entry of `k`, inserted with `make` if absent.
+    #[inline]
+    pub fn upsert(&mut self, k: &K, make: impl FnOnce() -> E) -> &mut E {
+        let h = hash_of(k);
+        let seg = Arc::make_mut(&mut self.segs[segment(h)]);
+        match seg.entry(h, |(x, _)| x == k, |(x, _)| hash_of(x)) {
+            Entry::Occupied(o) => &mut o.into_mut().1,
+            Entry::Vacant(v) => {
+                self.len += 1;
+                &mut v.insert((k.clone(), make())).into_mut().1
+            }
+        }
+    }
+
+    /// Set `k` to `e`; returns the old entry.
+    #[inline]
+    pub fn insert(&mut self, k: &K, e: E) -> Option<E> {
+        let h = hash_of(k);
+        let seg = Arc::make_mut(&mut self.segs[segment(h)]);
+        match seg.entry(h, |(x, _)| x == k, |(x, _)| hash_of(x)) {
+            Entry::Occupied(mut o) => Some(std::mem::replace(&mut o.get_mut().1, e)),
+            Entry::Vacant(v) => {
+                self.len += 1;
+                v.insert((k.clone(), e));
+                None
+            }
+        }
+    }
+
+    /// Remove `k`; a segment is copied only if it holds `k`.
+    #[inline]
+    pub fn remove(&mut self, k: &K) -> Option<E> {
+        let h = hash_of(k);
+        let seg = &mut self.segs[segment(h)];
+        seg.find(h, |(x, _)| x == k)?;
+        let (entry, _) = Arc::make_mut(seg)
+            .find_entry(h, |(x, _)| x == k)
+            .ok()?
+            .remove();
+        self.len -= 1;
+        Some(entry.1)
+    }
+
+    /// The segments, shared (a snapshot).
+    pub fn share(&self) -> Vec<Segment<K, E>> {
+        self.segs.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u16, u32),
+        Upsert(u16, u32),
+        Remove(u16),
+        Snapshot,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u16..300, any::<u32>()).prop_map(|(k, v)| Op::Insert(k, v)),
+            (0u16..300, any::<u32>()).prop_map(|(k, v)| Op::Upsert(k, v)),
+            (0u16..300).prop_map(Op::Remove),
+            Just(Op::Snapshot),
+        ]
+    }
+
+    fn contents(segs: &[Segment<u16, u32>]) -> HashMap<u16, u32> {
+        segs.iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    proptest! {
+        /// The table behaves as a map, and every snapshot keeps exactly the contents it
+        /// had when taken, whatever is written afterwards.
+        #[test]
+        fn behaves_as_a_map_with_isolated_snapshots(ops in proptest::collection::vec(op(), 0..400)) {
+            let mut t = CowTable::<u16, u32>::default();
+            let mut model = HashMap::new();
+            let mut snaps: Vec<(Vec<Segment<u16, u32>>, HashMap<u16, u32>)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Insert(k, v) => prop_assert_eq!(t.insert(&k, v), model.insert(k, v)),
+                    Op::Upsert(k, v) => {
+                        let e = t.upsert(&k, || 0);
+                        *e = e.wrapping_add(v);
+                        let m = model.entry(k).or_insert(0);
+                        *m = m.wrapping_add(v);
+                    }
+                    Op::Remove(k) => prop_assert_eq!(t.remove(&k), model.remove(&k)),
+                    Op::Snapshot => snaps.push((t.share(), model.clone())),
+                }
+                prop_assert_eq!(t.len(), model.len());
+            }
+            for (k, v) in &model {
+                prop_assert_eq!(t.get(k), Some(v));
+            }
+            for (segs, expected) in &snaps {
+                prop_assert_eq!(&contents(segs), expected);
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_copies_only_the_segment_it_touches() {
+        let mut t = CowTable::<u64, u64>::default();
+        for k in 0..10_000 {
+            t.insert(&k, k);
+        }
+        let snap = t.share();
+        *t.get_mut(&7).unwrap() = 70;
+        let copied = t
+            .segs
+            .iter()
+            .zip(&snap)
+            .filter(|(a, b)| !Arc::ptr_eq(a, b))
+            .count();
+        assert_eq!(copied, 1);
+        assert_eq!(contents_u64(&snap)[&7], 7);
+        // A removal of an absent key copies nothing.
+        assert_eq!(t.remove(&1_000_000), None);
+        let copied = t
+            .segs
+            .iter()
+            .zip(&snap)
+            .filter(|(a, b)| !Arc::ptr_eq(a, b))
+            .count();
+        assert_eq!(copied, 1);
+    }
+
+    fn contents_u64(segs: &[Segment<u64, u64>]) -> HashMap<u64, u64> {
+        segs.iter().flat_map(|s| s.iter().copied()).collect()
+    }
+}
