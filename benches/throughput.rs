@@ -3,7 +3,8 @@
 //! and per core) with checkpointing off (final checkpoint only) and every second, plus
 //! checkpoint durations and bytes uploaded per checkpoint.
 //!
-//! `cargo bench --bench throughput`; `EXACTLY_BENCH_EVENTS` sets the event count.
+//! `cargo bench --bench throughput`; `EXACTLY_BENCH_EVENTS` sets the event count. Without
+//! the `rocksdb` feature only the in-memory cases run.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -103,12 +104,15 @@ fn main() {
     let cores = cores();
     println!("keyed running sum: {events} events, {KEYS} distinct keys, parallelism {PARALLELISM}, {cores} cores");
     let every = Some(Duration::from_secs(1));
-    for (label, interval, backend) in [
+    let mut cases = vec![
         ("memory, no checkpoints", None, StateBackend::Memory),
         ("memory, every 1 s", every, StateBackend::Memory),
-        ("rocksdb, no checkpoints", None, StateBackend::rocksdb()),
-        ("rocksdb, every 1 s", every, StateBackend::rocksdb()),
-    ] {
+    ];
+    if cfg!(feature = "rocksdb") {
+        cases.push(("rocksdb, no checkpoints", None, StateBackend::rocksdb()));
+        cases.push(("rocksdb, every 1 s", every, StateBackend::rocksdb()));
+    }
+    for (label, interval, backend) in cases {
         let (elapsed, report) = run(events, interval, backend);
         let eps = events as f64 / elapsed.as_secs_f64();
         let durations = periodic(&report, |c| c.duration);

@@ -146,7 +146,11 @@ fn failure_free_run_commits_exactly_the_expected_output() {
     // The memory budget is visible: the keyed operator's state, in the encoded layout
     // (at least a key, a name and a value per distinct key: 97 keys).
     let bytes = last.state_bytes_by_operator.get("running-sum").copied();
-    assert!(bytes.is_some_and(|b| b >= 97 * 5), "{:?}", last.state_bytes_by_operator);
+    assert!(
+        bytes.is_some_and(|b| b >= 97 * 5),
+        "{:?}",
+        last.state_bytes_by_operator
+    );
 }
 
 #[test]
