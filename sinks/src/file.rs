@@ -56,18 +56,59 @@ pub trait RecordEncoder<T>: Clone + Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Csv;
 
+/// The bytes a reused CSV writer produced, shared with the encoder that drains them.
+#[derive(Default, Clone)]
+struct CsvBytes(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+
+impl Write for CsvBytes {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn csv_writer() -> (csv::Writer<CsvBytes>, CsvBytes) {
+    let bytes = CsvBytes::default();
+    let w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(bytes.clone());
+    (w, bytes)
+}
+
+thread_local! {
+    /// One CSV writer per thread, reused for every record (building one per record
+    /// allocated its buffer each time).
+    static CSV: std::cell::RefCell<(csv::Writer<CsvBytes>, CsvBytes)> =
+        std::cell::RefCell::new(csv_writer());
+}
+
 impl<T: Serialize> RecordEncoder<T> for Csv {
     fn encode(&mut self, record: &T, out: &mut Vec<u8>) -> Result<()> {
-        let mut w = csv::WriterBuilder::new()
-            .has_headers(false)
-            .buffer_capacity(256)
-            .from_writer(&mut *out);
-        let r = w
-            .serialize(record)
-            .and_then(|()| w.flush().map_err(Into::into));
-        r.map_err(|e| Error::Codec {
-            what: "CSV record".into(),
-            message: e.to_string(),
+        CSV.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let (w, bytes) = &mut *cell;
+            let r = w
+                .serialize(record)
+                .and_then(|()| w.flush().map_err(Into::into));
+            match r {
+                Ok(()) => {
+                    let mut b = bytes.0.borrow_mut();
+                    out.extend_from_slice(&b);
+                    b.clear();
+                    Ok(())
+                }
+                Err(e) => {
+                    // A record that failed half-way must not leak into the next one.
+                    *cell = csv_writer();
+                    Err(Error::Codec {
+                        what: "CSV record".into(),
+                        message: e.to_string(),
+                    })
+                }
+            }
         })
     }
     fn extension(&self) -> &str {
@@ -350,6 +391,18 @@ impl<T: Data, E: RecordEncoder<T>> SinkWriter for FileWriter<T, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn csv_records_are_independent_even_after_a_failed_one() {
+        let mut out = Vec::new();
+        RecordEncoder::encode(&mut Csv, &(1u32, "a"), &mut out).unwrap();
+        // A nested map cannot be a CSV row: it fails and leaves nothing behind.
+        let bad: std::collections::BTreeMap<u8, Vec<(u8, u8)>> = [(1, vec![(2, 3)])].into();
+        assert!(RecordEncoder::encode(&mut Csv, &(9u32, bad), &mut out).is_err());
+        out.truncate(4);
+        RecordEncoder::encode(&mut Csv, &(2u32, "b,c"), &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "1,a\n2,\"b,c\"\n");
+    }
     use exactly_engine::ids::SubtaskIndex;
 
     fn ctx(sink: &str, subtask: usize) -> SinkContext {
