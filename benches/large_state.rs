@@ -123,7 +123,7 @@ fn bench(label: &str, storage: CheckpointStorage, keys: u64, rounds: u64) {
         db: last,
         ..Default::default()
     };
-    let mut restore = |what: &str| -> Duration {
+    let restore = |what: &str| -> Duration {
         let t = Instant::now();
         let mut s = KeyedState::<u64>::open(
             all,

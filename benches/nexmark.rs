@@ -135,9 +135,12 @@ fn digest<T: std::hash::Hash>(items: impl Iterator<Item = T>) -> (u64, u64) {
 /// benchmark measures the engine, not a sink. Each committable is the digest of one
 /// subtask's records between two barriers; a commit is recorded once per (checkpoint,
 /// subtask), so committing again is a no-op.
+/// Digests committed, by (checkpoint, subtask).
+type Committed = HashMap<(u64, usize), (u64, u64)>;
+
 struct DigestSink<T, H> {
     hash: H,
-    committed: Arc<Mutex<HashMap<(u64, usize), (u64, u64)>>>,
+    committed: Arc<Mutex<Committed>>,
     _t: PhantomData<fn(T)>,
 }
 

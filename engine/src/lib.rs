@@ -34,7 +34,7 @@ pub mod prelude {
     pub use crate::metrics::{Counter, OpenContext};
     pub use crate::process::{KeyedContext, KeyedProcessFunction};
     pub use crate::runtime::{CheckpointStats, JobReport};
-    pub use crate::state::{MapState, StateBackend, ValueState};
+    pub use crate::state::{MapState, StateBackend, StateValue, ValueState};
     pub use crate::testing::{CollectSink, VecSource};
     pub use crate::time::{Clock, ManualClock, TimeDomain, Timer, Timestamp, WatermarkStrategy};
 }

@@ -237,7 +237,7 @@ mod tests {
         w.push(KeyGroup(2), &[b"\x01a", b"k2"], b"");
         w.push(KeyGroup(5), &[b"\x01b", b"k3"], &[0u8; 300]);
         let ours = codec::encode(&w.finish(), "t").unwrap();
-        let expected: Vec<(KeyGroup, Vec<(Vec<u8>, Vec<u8>)>)> = vec![
+        let expected: Vec<super::super::KeyGroupEntries> = vec![
             (KeyGroup(2), vec![(b"\x01ak2".to_vec(), vec![])]),
             (
                 KeyGroup(5),

@@ -826,6 +826,98 @@ mod tests {
         }
     }
 
+    /// Value, map and timer state written by the in-memory backend at parallelism 2
+    /// restores into RocksDB at parallelism 3, and that RocksDB state back into memory
+    /// at parallelism 1: every entry arrives exactly where its key group is owned.
+    #[test]
+    fn memory_and_rocksdb_restore_each_other_at_another_parallelism() {
+        use crate::state::{MapState, StateSnapshot};
+        use crate::time::TimeDomain;
+        const M: MapState<u32, String> = MapState::new("m");
+        let f = Fixture::new();
+        let mem_env = f.env(StateBackend::Memory);
+        let ranges = |p: usize| -> Vec<KeyGroupRange> {
+            (0..p)
+                .map(|i| KeyGroupRange::for_subtask(MAX, p, SubtaskIndex(i)))
+                .collect()
+        };
+        let owner = |k: u64, rs: &[KeyGroupRange]| {
+            let kg = key_group_of_bytes(&codec::encode(&k, "k").unwrap(), MAX);
+            rs.iter().position(|r| r.contains(kg)).unwrap()
+        };
+        let through_bytes = |mut view: StateSnapshot| -> OperatorSnapshot {
+            view.prepare().unwrap();
+            codec::decode(&codec::encode(&view, "t").unwrap(), "t").unwrap()
+        };
+        let two = ranges(2);
+        let mut mems: Vec<KeyedState<u64>> = two
+            .iter()
+            .map(|r| {
+                KeyedState::open(
+                    *r,
+                    MAX,
+                    &OperatorId("op".into()),
+                    SubtaskIndex(0),
+                    &mem_env,
+                    &[],
+                )
+                .unwrap()
+            })
+            .collect();
+        for k in 0..500u64 {
+            let s = &mut mems[owner(k, &two)];
+            set(s, k, &value(k, 0));
+            s.map_put(&k, M, &(k as u32), &k.to_string()).unwrap();
+            s.register_timer(&k, TimeDomain::EventTime, k as i64);
+        }
+        let snaps: Vec<OperatorSnapshot> = mems
+            .iter_mut()
+            .map(|s| through_bytes(s.snapshot(CheckpointId(1)).unwrap()))
+            .collect();
+        let three = ranges(3);
+        let mut rocks: Vec<KeyedState<u64>> = three.iter().map(|r| f.open(*r, &snaps)).collect();
+        for k in 0..500u64 {
+            let s = &mut rocks[owner(k, &three)];
+            assert_eq!(get(s, k), Some(value(k, 0)), "key {k}");
+            assert_eq!(
+                s.map_entries(&k, M).unwrap(),
+                vec![(k as u32, k.to_string())]
+            );
+        }
+        let rocks_snaps: Vec<OperatorSnapshot> = rocks
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| OperatorSnapshot {
+                db: Some(f.checkpoint(s, 2 + i as u64).snapshot),
+                ..Default::default()
+            })
+            .collect();
+        let mut one = KeyedState::<u64>::open(
+            ALL,
+            MAX,
+            &OperatorId("op".into()),
+            SubtaskIndex(0),
+            &mem_env,
+            &rocks_snaps,
+        )
+        .unwrap();
+        let mut fired = Vec::new();
+        one.drain_due_timers(TimeDomain::EventTime, i64::MAX, &mut fired)
+            .unwrap();
+        fired.sort();
+        assert_eq!(
+            fired,
+            (0..500u64).map(|k| (k as i64, k)).collect::<Vec<_>>()
+        );
+        for k in 0..500u64 {
+            assert_eq!(get(&mut one, k), Some(value(k, 0)));
+            assert_eq!(
+                one.map_get(&k, M, &(k as u32)).unwrap(),
+                Some(k.to_string())
+            );
+        }
+    }
+
     #[test]
     fn restore_reuses_valid_local_files_and_refetches_damaged_ones() {
         let f = Fixture::new();

@@ -151,6 +151,8 @@ mod tests {
         ]
     }
 
+    type Snap = (Vec<Segment<u16, u32>>, HashMap<u16, u32>);
+
     fn contents(segs: &[Segment<u16, u32>]) -> HashMap<u16, u32> {
         segs.iter().flat_map(|s| s.iter().copied()).collect()
     }
@@ -162,7 +164,7 @@ mod tests {
         fn behaves_as_a_map_with_isolated_snapshots(ops in proptest::collection::vec(op(), 0..400)) {
             let mut t = CowTable::<u16, u32>::default();
             let mut model = HashMap::new();
-            let mut snaps: Vec<(Vec<Segment<u16, u32>>, HashMap<u16, u32>)> = Vec::new();
+            let mut snaps: Vec<Snap> = Vec::new();
             for op in ops {
                 match op {
                     Op::Insert(k, v) => prop_assert_eq!(t.insert(&k, v), model.insert(k, v)),
