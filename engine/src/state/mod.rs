@@ -364,7 +364,9 @@ pub struct KeyedState<K> {
 enum Inner<K> {
     Memory(typed::TypedState<K>),
     #[cfg(feature = "rocksdb")]
-    Rocks(bytes::ByteState),
+    /// The database, and the key it was last set to (so a record's accesses encode
+    /// its key once).
+    Rocks(bytes::ByteState, Option<K>),
 }
 
 impl<K> std::fmt::Debug for KeyedState<K> {
@@ -372,7 +374,7 @@ impl<K> std::fmt::Debug for KeyedState<K> {
         let backend = match self.inner {
             Inner::Memory(_) => "memory",
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(_) => "rocksdb",
+            Inner::Rocks(..) => "rocksdb",
         };
         f.debug_struct("KeyedState")
             .field("backend", &backend)
@@ -410,7 +412,7 @@ impl<K: Key> KeyedState<K> {
             StateBackend::RocksDb(cfg) => {
                 let db = rocks::RocksStore::open(range, operator, subtask, cfg, env, snapshots)?;
                 Ok(KeyedState {
-                    inner: Inner::Rocks(bytes::ByteState::new(range, max_parallelism, db)),
+                    inner: Inner::Rocks(bytes::ByteState::new(range, max_parallelism, db), None),
                     failure: None,
                 })
             }
@@ -426,7 +428,7 @@ impl<K: Key> KeyedState<K> {
     #[cfg(feature = "rocksdb")]
     pub fn rocks(&self) -> Option<&rocks::RocksStore> {
         match &self.inner {
-            Inner::Rocks(b) => Some(&b.db),
+            Inner::Rocks(b, _) => Some(&b.db),
             Inner::Memory(_) => None,
         }
     }
@@ -459,8 +461,8 @@ impl<K: Key> KeyedState<K> {
                 Some(_) => m.ttl_values(s)?.get(key, now).cloned(),
             }),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => {
-                b.set_key(key)?;
+            Inner::Rocks(b, last) => {
+                set_rocks_key(b, last, key)?;
                 match s.ttl_ms() {
                     None => b.get(s),
                     Some(_) => b.get_ttl(s, now),
@@ -494,8 +496,8 @@ impl<K: Key> KeyedState<K> {
                 Ok(())
             }
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => {
-                b.set_key(key)?;
+            Inner::Rocks(b, last) => {
+                set_rocks_key(b, last, key)?;
                 match s.ttl_ms() {
                     None => b.put(s, value),
                     Some(_) => b.put_ttl(s, value, now),
@@ -514,7 +516,7 @@ impl<K: Key> KeyedState<K> {
                 Some(_) => m.ttl_values(s).map(|t| t.clear(key)),
             },
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => b.set_key(key).and_then(|()| match s.ttl_ms() {
+            Inner::Rocks(b, last) => set_rocks_key(b, last, key).and_then(|()| match s.ttl_ms() {
                 None => b.clear(s),
                 Some(_) => b.clear_ttl(s),
             }),
@@ -533,8 +535,8 @@ impl<K: Key> KeyedState<K> {
         match &mut self.inner {
             Inner::Memory(m) => Ok(m.maps(s)?.get(key, uk).cloned()),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => {
-                b.set_key(key)?;
+            Inner::Rocks(b, last) => {
+                set_rocks_key(b, last, key)?;
                 b.map_get(s, uk)
             }
         }
@@ -555,8 +557,8 @@ impl<K: Key> KeyedState<K> {
                 Ok(())
             }
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => {
-                b.set_key(key)?;
+            Inner::Rocks(b, last) => {
+                set_rocks_key(b, last, key)?;
                 b.map_put(s, uk, value)
             }
         }
@@ -575,8 +577,8 @@ impl<K: Key> KeyedState<K> {
                 Ok(())
             }
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => {
-                b.set_key(key)?;
+            Inner::Rocks(b, last) => {
+                set_rocks_key(b, last, key)?;
                 b.map_remove(s, uk)
             }
         }
@@ -592,8 +594,8 @@ impl<K: Key> KeyedState<K> {
         match &mut self.inner {
             Inner::Memory(m) => Ok(m.maps(s)?.table.get(key).cloned().unwrap_or_default()),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => {
-                b.set_key(key)?;
+            Inner::Rocks(b, last) => {
+                set_rocks_key(b, last, key)?;
                 b.map_entries(s)
             }
         }
@@ -604,7 +606,7 @@ impl<K: Key> KeyedState<K> {
         let r = match &mut self.inner {
             Inner::Memory(m) => m.maps(s).map(|t| t.clear(key)),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => b.set_key(key).and_then(|()| b.map_clear(s)),
+            Inner::Rocks(b, last) => set_rocks_key(b, last, key).and_then(|()| b.map_clear(s)),
         };
         self.record(r);
     }
@@ -614,8 +616,8 @@ impl<K: Key> KeyedState<K> {
         match &mut self.inner {
             Inner::Memory(m) => m.timers.register(domain, ts, key),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => {
-                let r = b.set_key(key).and_then(|()| b.register_timer(domain, ts));
+            Inner::Rocks(b, last) => {
+                let r = set_rocks_key(b, last, key).and_then(|()| b.register_timer(domain, ts));
                 self.record(r)
             }
         }
@@ -626,8 +628,8 @@ impl<K: Key> KeyedState<K> {
         match &mut self.inner {
             Inner::Memory(m) => m.timers.delete(domain, ts, key),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => {
-                let r = b.set_key(key).and_then(|()| b.delete_timer(domain, ts));
+            Inner::Rocks(b, last) => {
+                let r = set_rocks_key(b, last, key).and_then(|()| b.delete_timer(domain, ts));
                 self.record(r)
             }
         }
@@ -647,7 +649,7 @@ impl<K: Key> KeyedState<K> {
                 Ok(())
             }
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => {
+            Inner::Rocks(b, _) => {
                 let mut raw = Vec::new();
                 b.drain_due_timers(domain, upto, &mut raw)?;
                 for (t, k) in raw {
@@ -663,7 +665,7 @@ impl<K: Key> KeyedState<K> {
         match &mut self.inner {
             Inner::Memory(m) => Ok(m.expire_ttl(now)),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => b.expire_ttl(now),
+            Inner::Rocks(b, _) => b.expire_ttl(now),
         }
     }
 
@@ -673,7 +675,7 @@ impl<K: Key> KeyedState<K> {
         match &mut self.inner {
             Inner::Memory(m) => Ok(m.len()),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => b.len(),
+            Inner::Rocks(b, _) => b.len(),
         }
     }
 
@@ -696,7 +698,7 @@ impl<K: Key> KeyedState<K> {
                 })
             }
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => b.snapshot(id),
+            Inner::Rocks(b, _) => b.snapshot(id),
         }
     }
 
@@ -740,7 +742,7 @@ impl<K: Key> KeyedState<K> {
         match &mut self.inner {
             Inner::Memory(m) => m.restore_entry(kg, k, v),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => b.restore_entry(kg, k, v),
+            Inner::Rocks(b, _) => b.restore_entry(kg, k, v),
         }
     }
 
@@ -749,9 +751,20 @@ impl<K: Key> KeyedState<K> {
         match &self.inner {
             Inner::Memory(m) => m.range(),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b) => b.range(),
+            Inner::Rocks(b, _) => b.range(),
         }
     }
+}
+
+/// Make `key` RocksDB's current key, encoding it only if it changed.
+#[cfg(feature = "rocksdb")]
+#[inline]
+fn set_rocks_key<K: Key>(b: &mut bytes::ByteState, last: &mut Option<K>, key: &K) -> Result<()> {
+    if last.as_ref() != Some(key) {
+        b.set_key(key)?;
+        *last = Some(key.clone());
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "rocksdb"))]
