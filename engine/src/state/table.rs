@@ -196,23 +196,20 @@ mod tests {
         }
         let snap = t.share();
         *t.get_mut(&7).unwrap() = 70;
-        let copied = t
-            .segs
-            .iter()
-            .zip(&snap)
-            .filter(|(a, b)| !Arc::ptr_eq(a, b))
-            .count();
-        assert_eq!(copied, 1);
+        assert_eq!(copied(&t, &snap), 1);
         assert_eq!(contents_u64(&snap)[&7], 7);
         // A removal of an absent key copies nothing.
         assert_eq!(t.remove(&1_000_000), None);
-        let copied = t
-            .segs
+        assert_eq!(copied(&t, &snap), 1);
+    }
+
+    /// Segments of `t` no longer shared with the snapshot `snap`.
+    fn copied(t: &CowTable<u64, u64>, snap: &[Segment<u64, u64>]) -> usize {
+        t.segs
             .iter()
-            .zip(&snap)
+            .zip(snap)
             .filter(|(a, b)| !Arc::ptr_eq(a, b))
-            .count();
-        assert_eq!(copied, 1);
+            .count()
     }
 
     fn contents_u64(segs: &[Segment<u64, u64>]) -> HashMap<u64, u64> {
