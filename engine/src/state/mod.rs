@@ -483,12 +483,7 @@ impl<K: Key> KeyedState<K> {
         match &mut self.inner {
             Inner::Memory(m) => {
                 match s.ttl_ms() {
-                    None => match m.values(s)?.table.get_mut(key) {
-                        Some(v) => v.clone_from(value),
-                        None => {
-                            m.values(s)?.table.insert(key, value.clone());
-                        }
-                    },
+                    None => m.values(s)?.table.set(key, value),
                     Some(ttl) => m
                         .ttl_values(s)?
                         .set(key, now.saturating_add(ttl), value.clone()),

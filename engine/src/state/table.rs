@@ -108,6 +108,20 @@ impl<K: Hash + Eq + Clone, E: Clone> CowTable<K, E> {
         }
     }
 
+    /// Set `k` to a copy of `e` in one probe (an existing entry's buffers are reused).
+    #[inline]
+    pub fn set(&mut self, k: &K, e: &E) {
+        let h = hash_of(k);
+        let seg = Arc::make_mut(&mut self.segs[segment(h)]);
+        match seg.entry(h, |(x, _)| x == k, |(x, _)| hash_of(x)) {
+            Entry::Occupied(mut o) => o.get_mut().1.clone_from(e),
+            Entry::Vacant(v) => {
+                self.len += 1;
+                v.insert((k.clone(), e.clone()));
+            }
+        }
+    }
+
     /// Remove `k`; a segment is copied only if it holds `k`.
     #[inline]
     pub fn remove(&mut self, k: &K) -> Option<E> {
@@ -167,6 +181,10 @@ mod tests {
             let mut snaps: Vec<Snap> = Vec::new();
             for op in ops {
                 match op {
+                    Op::Insert(k, v) if v % 2 == 0 => {
+                        t.set(&k, &v);
+                        model.insert(k, v);
+                    }
                     Op::Insert(k, v) => prop_assert_eq!(t.insert(&k, v), model.insert(k, v)),
                     Op::Upsert(k, v) => {
                         let e = t.upsert(&k, || 0);
