@@ -56,13 +56,10 @@ fn committed(dir: &Path) -> (u64, u64) {
         let data = std::fs::read(&p).unwrap();
         bytes += data.len() as u64;
         rows += if p.extension().is_some_and(|e| e == "parquet") {
-            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-                bytes::Bytes::from(data),
-            )
-            .unwrap()
-            .metadata()
-            .file_metadata()
-            .num_rows() as u64
+            exactly::sinks::parquet::read_records::<Posting>(bytes::Bytes::from(data))
+                .unwrap()
+                .0
+                .len() as u64
         } else {
             data.iter().filter(|&&b| b == b'\n').count() as u64
         };

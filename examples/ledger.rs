@@ -139,13 +139,16 @@ fn run(a: &Args) -> Result<()> {
     // Part files in S3 through multipart uploads (AWS_* environment), or in a directory.
     let s3 = out.to_str().filter(|o| o.starts_with("s3://"));
     match (s3, a.0.get("format").map_or("jsonl", String::as_str)) {
+        #[cfg(feature = "s3")]
         (Some(url), "jsonl") => {
             balances.sink("balances", ObjectStoreSink::s3(url, JsonLines)?);
         }
+        #[cfg(not(feature = "s3"))]
+        (Some(url), _) => bail!("--out {url}: S3 output needs the `s3` feature"),
         (None, "jsonl") => {
             balances.sink("balances", FileSink::exactly_once(&out));
         }
-        #[cfg(feature = "parquet")]
+        #[cfg(all(feature = "s3", feature = "parquet"))]
         (Some(url), "parquet") => {
             balances.sink("balances", ObjectStoreSink::s3(url, Parquet::for_type()?)?);
         }

@@ -44,12 +44,14 @@ fn sigkilled_job_commits_exactly_the_failure_free_output() {
 }
 
 /// The same on the RocksDB backend (incremental checkpoints; the golden run uses it too).
+#[cfg(feature = "rocksdb")]
 #[test]
 fn sigkilled_job_with_rocksdb_state() {
     kill_and_restore("rocksdb", |tmp, name| tmp.join(name));
 }
 
 /// The same with checkpoints in the S3-compatible server `scripts/test.sh` starts.
+#[cfg(feature = "s3")]
 #[test]
 fn sigkilled_job_with_s3_checkpoints() {
     let bucket = exactly::testing::s3_test_bucket();

@@ -137,7 +137,7 @@ impl CheckpointStorage {
     }
 
     /// The underlying object store (tests alter files behind the engine's back).
-    #[cfg(test)]
+    #[cfg(all(test, feature = "rocksdb"))]
     pub(crate) fn raw(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }

@@ -12,6 +12,7 @@ use crate::model::*;
 use exactly::engine::time::Timer;
 use exactly::operators::{AggregateFunction, DedupExt, DedupTime, WindowExt, Windows};
 use exactly::prelude::*;
+#[cfg(feature = "postgres")]
 use exactly::sinks::postgres::{PostgresSink, Sql};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -34,6 +35,7 @@ pub struct JobConfig {
 
 /// Where and how the ledger goes into PostgreSQL.
 #[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub struct LedgerTable {
     /// libpq-style connection string.
     pub url: String,
@@ -219,6 +221,8 @@ pub fn build(job: &Job, input: &Path, out: &Path, cfg: &JobConfig) {
         .sink("results", FileSink::exactly_once(out.join("results")));
 
     let postings = events.flat_map(|e| e.postings());
+    // Without the feature `--ledger-postgres` is refused when the flags are read.
+    #[cfg(feature = "postgres")]
     if let Some(pg) = &cfg.ledger_pg {
         let sql = Sql::insert(&pg.table, &["account", "amount_cents", "ts"]);
         let row = |p: &Posting| (p.account.clone(), p.amount_cents, p.ts);

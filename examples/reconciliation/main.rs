@@ -43,6 +43,12 @@ impl Settings for Args {
             }
             return Ok(None);
         };
+        if !cfg!(feature = "postgres") {
+            bail!(
+                "--ledger-postgres needs the PostgreSQL sink, an opt-in feature: \
+                 cargo run --release --features postgres --example reconciliation -- ..."
+            );
+        }
         let table = self
             .0
             .get("ledger-table")
@@ -155,6 +161,7 @@ fn run(a: &Args) -> Result<()> {
 }
 
 /// Create the ledger table if it does not exist.
+#[cfg(feature = "postgres")]
 fn create_ledger_table(pg: &job::LedgerTable) -> Result<()> {
     use exactly::sinks::postgres::client::{Client, NoTls};
     let mut c = Client::connect(&pg.url, NoTls)?;
@@ -163,6 +170,12 @@ fn create_ledger_table(pg: &job::LedgerTable) -> Result<()> {
         pg.table
     ))?;
     Ok(())
+}
+
+/// Without the feature `ledger_table` refuses `--ledger-postgres`, so there is no table.
+#[cfg(not(feature = "postgres"))]
+fn create_ledger_table(_: &job::LedgerTable) -> Result<()> {
+    unreachable!("--ledger-postgres is refused without the postgres feature")
 }
 
 fn verify(a: &Args) -> Result<()> {

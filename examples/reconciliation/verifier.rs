@@ -277,17 +277,33 @@ pub fn verify(input: &Path, out: &Path, ledger: Option<LedgerTable>) -> Result<R
     Ok(r)
 }
 
-/// Compare the ledger table with the recomputed postings, as multisets.
-fn check_table(t: &LedgerTable, postings: &[Posting]) -> Result<TableCheck> {
+/// Every row of the ledger table: account, amount, event time.
+#[cfg(feature = "postgres")]
+fn table_rows(t: &LedgerTable) -> Result<Vec<(String, i64, i64)>> {
     use exactly::sinks::postgres::client::{Client, NoTls};
     let mut c = Client::connect(&t.url, NoTls)?;
     let rows = c.query(
         &format!("SELECT account, amount_cents, ts FROM {}", t.table),
         &[],
     )?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Without the feature `--ledger-postgres` is refused when the flags are read.
+#[cfg(not(feature = "postgres"))]
+fn table_rows(_: &LedgerTable) -> Result<Vec<(String, i64, i64)>> {
+    unreachable!("--ledger-postgres is refused without the postgres feature")
+}
+
+/// Compare the ledger table with the recomputed postings, as multisets.
+fn check_table(t: &LedgerTable, postings: &[Posting]) -> Result<TableCheck> {
+    let rows = table_rows(t)?;
     let mut got: BTreeMap<(String, i64, i64), i64> = BTreeMap::new();
     for row in &rows {
-        *got.entry((row.get(0), row.get(1), row.get(2))).or_default() += 1;
+        *got.entry(row.clone()).or_default() += 1;
     }
     let mut want: BTreeMap<(String, i64, i64), i64> = BTreeMap::new();
     for p in postings {

@@ -22,6 +22,21 @@ pub fn example_binary(name: &str, features: &[&str]) -> PathBuf {
     let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::current_dir().unwrap());
+    // The example gets the features this test was built with, and those it asks for:
+    // with the test command's `--all-features` that is one build for tests and examples.
+    let mut features = features.to_vec();
+    for (on, feature) in [
+        (cfg!(feature = "s3"), "s3"),
+        (cfg!(feature = "rocksdb"), "rocksdb"),
+        (cfg!(feature = "postgres"), "postgres"),
+        (cfg!(feature = "kafka"), "kafka"),
+        (cfg!(feature = "parquet"), "parquet"),
+        (cfg!(feature = "failpoints"), "failpoints"),
+    ] {
+        if on && !features.contains(&feature) {
+            features.push(feature);
+        }
+    }
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--example", name, "--profile", &profile]);
     if !features.is_empty() {
