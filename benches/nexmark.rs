@@ -624,6 +624,7 @@ fn build(q: &str, job: &Job, events: u64, all: &[Event]) -> (Check, (u64, u64)) 
                     |a: &Auction| a.date_time as i64,
                     |p: &Person, _a: &Auction| (p.id, p.name.clone(), start(p.date_time as i64)),
                 )
+                .name("q8-join")
                 .sink("out", out.clone());
             let mut people: HashMap<(usize, i64), &Person> = HashMap::new();
             for e in all {

@@ -74,6 +74,7 @@ fn run_on(
     )
     .key_by(|e: &Event| e.key)
     .process(RunningSum)
+    .name("running-sum")
     .sink("count", sink.clone());
     let t = Instant::now();
     let report = job.run().unwrap();

@@ -22,6 +22,7 @@
 //!         ctx.emit((account, balance));
 //!         Ok(())
 //!     })
+//!     .name("balance") // state is stored under the operator's name
 //!     .sink("balances", FileSink::exactly_once(dir.path().join("out")));
 //! job.run()?; // resumes from the last checkpoint if there is one
 //! # Ok(()) }

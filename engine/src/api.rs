@@ -148,6 +148,15 @@ pub trait TwoPhaseCommitSink: Send + Sync + 'static {
     /// Open the writer of one subtask.
     fn open_writer(&self, ctx: &SinkContext) -> Result<Self::Writer>;
 
+    /// Where this sink's output goes, when it is a place no other sink of the job may
+    /// also write to: a directory (absolute, normalised), a bucket and prefix. Two sinks
+    /// of one job with the same location are refused before the job starts, since each
+    /// would treat the other's files as its own. `None` (the default): not checked, as
+    /// for a table or a topic, which several sinks may share.
+    fn location(&self) -> Option<String> {
+        None
+    }
+
     /// Make staged output visible. Idempotent.
     fn commit(&self, committable: &Self::Committable) -> Result<()>;
 

@@ -94,8 +94,9 @@ pub enum Error {
     #[error(
         "checkpoint {checkpoint} is corrupt: file '{path}': {message}. Refusing to start \
          from scratch or from an older checkpoint, because output committed after that \
-         checkpoint would be produced twice; restore the file or move the checkpoint \
-         directory aside deliberately"
+         checkpoint would be produced twice. Restore the file from a copy; or start over \
+         with new checkpoint storage and new, empty output locations (new checkpoints \
+         with the old output would commit records it already holds)"
     )]
     CorruptCheckpoint {
         /// The checkpoint concerned.

@@ -118,7 +118,7 @@ impl CheckpointStorage {
     #[cfg(not(feature = "s3"))]
     fn s3(url: &str, _rest: &str) -> Result<Self> {
         Err(Error::config(format!(
-            "checkpoint storage '{url}': this build has no S3 support; enable the `s3` feature of exactly-engine"
+            "checkpoint storage '{url}': this build has no S3 support; enable the `s3` feature of `exactly` (or `exactly-engine`)"
         )))
     }
 

@@ -58,6 +58,7 @@ fn negative_and_far_future_timestamps_are_counted_and_stalls_detected() {
         )
         .key_by(|e| e.0)
         .process(CountUntil)
+        .name("count-until")
         .sink("out", CollectSink::new());
     let report = job.run().unwrap();
     assert_eq!(report.metrics["src.negative_timestamps"], 2);
@@ -139,6 +140,7 @@ fn run_with_quiet_source(idleness: Option<Duration>) -> (usize, Vec<(u8, u64)>) 
         busy.union(&quiet)
             .key_by(|e| e.0)
             .process(CountUntil)
+            .name("count-until")
             .sink("out", s);
         job.run().unwrap()
     });

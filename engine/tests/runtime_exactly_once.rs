@@ -267,6 +267,7 @@ fn union_aligns_barriers_from_both_inputs() {
         .process(RunningSum {
             fail_at: Arc::new(AtomicU64::new(9_000)),
         })
+        .name("running-sum")
         .sink("out", sink.clone());
     let report = job.run().unwrap();
     assert_eq!(report.restarts, 1);
@@ -354,7 +355,30 @@ fn configuration_errors_are_clear() {
         .to_string()
         .contains("two operators are named 'a'"));
 
-    assert!(Job::builder("bad name").build().is_err());
+    // Names become parts of paths: no separators, no `.`/`..`, nothing hidden.
+    for bad in [
+        "bad name", "..", ".", ".staging", "a/b", "a\\b", "tab\t", "",
+    ] {
+        let err = Job::builder(bad).build().err().expect(bad).to_string();
+        assert!(err.contains("must be 1-100 characters"), "{bad:?}: {err}");
+    }
+    for bad in ["..", ".", ".staging", "out/../x", "a\\b", "nul\0"] {
+        let job = Job::builder("cfg")
+            .checkpoint_storage("memory://")
+            .build()
+            .unwrap();
+        job.source("a", VecSource::new(vec![1u32]))
+            .sink(bad, CollectSink::new());
+        let err = job.run().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("operator name '{}' must be", bad.escape_debug())),
+            "{bad:?}: {err}"
+        );
+    }
+    assert!(Job::builder("v1.2-a_b")
+        .checkpoint_storage("memory://")
+        .build()
+        .is_ok());
     assert!(Job::builder("x")
         .parallelism(0)
         .checkpoint_storage("memory://")

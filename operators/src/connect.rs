@@ -173,7 +173,7 @@ where
     /// // The two inputs race: a payment may be seen before its charge. Real matching
     /// // logic keeps both sides in state and decides on a timer (see the joins).
     /// let payments = job.source("payments", VecSource::new(vec![(1u32, 500i64)]));
-    /// charges.connect(&payments).key_by(|c| c.0, |p| p.0).process(Match).sink("matched", out.clone());
+    /// charges.connect(&payments).key_by(|c| c.0, |p| p.0).process(Match).name("match").sink("matched", out.clone());
     /// job.run()?;
     /// # Ok(()) }
     /// ```
@@ -451,6 +451,7 @@ pub trait IntervalJoinExt<A, K> {
     /// charges
     ///     .key_by(|c| c.0)
     ///     .interval_join(&payouts.key_by(|p| p.0), 0, 2_000, |c| c.1, |p| p.1, |c, p| (c.0, p.1 - c.1))
+    ///     .name("charge-payout")
     ///     .sink("matched", out.clone());
     /// job.run()?;
     /// assert_eq!(out.sorted(), vec![(1, 500)]);
@@ -489,6 +490,7 @@ pub trait IntervalJoinExt<A, K> {
     /// views
     ///     .key_by(|v| v.0)
     ///     .window_join(&buys.key_by(|b| b.0), Windows::tumbling(Duration::from_secs(1)), |v| v.1, |b| b.1, |v, b| (v.1, b.1))
+    ///     .name("view-buy")
     ///     .sink("pairs", out.clone());
     /// job.run()?;
     /// assert_eq!(out.sorted(), vec![(100, 900)]);

@@ -48,6 +48,7 @@ pub trait ReduceExt<T> {
     /// job.source("payments", VecSource::new(vec![(1u32, 5i64), (2, 1), (1, 7)]))
     ///     .key_by(|p| p.0)
     ///     .reduce(|a, b| (a.0, a.1 + b.1))
+    ///     .name("sum-by-account")
     ///     .sink("totals", out.clone());
     /// job.run()?;
     /// assert_eq!(out.sorted(), vec![(1, 5), (1, 12), (2, 1)]);

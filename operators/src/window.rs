@@ -534,6 +534,7 @@ pub trait WindowExt<T, K, KF> {
     ///     .with_watermarks(WatermarkStrategy::monotonic(|c: &(String, i64)| c.1))
     ///     .key_by(|c| c.0.clone())
     ///     .window(Windows::tumbling(Duration::from_secs(1)), |c| c.1)
+    ///     .name("clicks-per-second")
     ///     .count();
     /// windows.results.map(|w| (w.key, w.window.start, w.value)).sink("counts", out.clone());
     /// job.run()?;

@@ -4,7 +4,7 @@
 //! # Protocol
 //!
 //! * Each sink subtask writes its records of one checkpoint interval into part files
-//!   (`<prefix>/part-<subtask>-<run>-<seq>.<ext>`; a new file once one exceeds
+//!   (`<prefix>/part-<sink>-<subtask>-<run>-<seq>.<ext>`; a new file once one exceeds
 //!   [`ObjectStoreSink::max_file_bytes`]). A file is a multipart upload: full parts are
 //!   uploaded while records arrive, so memory stays bounded.
 //! * Before a file's upload starts, a marker `<prefix>/_pending/<sink>/<file>.json`
@@ -21,7 +21,10 @@
 //!   it also lists the incomplete uploads under the sink's prefix (`ListMultipartUploads`)
 //!   and aborts them: an upload created just before a crash, before its marker was
 //!   written, is known only to the server. So no incomplete multipart upload is left
-//!   behind. One sink per prefix: recovery treats every upload under it as its own.
+//!   behind. One sink per prefix: recovery treats every upload of `part-<sink>-` under
+//!   it as its own, and a job refuses two sinks on one `s3://` location.
+//! * Every path a committable names (it comes from the manifest) must be a plain name
+//!   under the sink's prefix; anything else is refused before a request is made.
 
 use crate::file::RecordEncoder;
 use exactly_engine::api::{Data, RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
@@ -78,7 +81,8 @@ struct Marker {
 ///
 /// ```no_run
 /// use exactly_sinks::{JsonLines, ObjectStoreSink};
-/// // Endpoint and credentials from the AWS_* environment variables.
+/// // Endpoint and credentials from the AWS_* environment variables (feature `s3`).
+/// # #[cfg(feature = "s3")]
 /// let sink = ObjectStoreSink::<(String, i64), _>::s3("s3://warehouse/ledger", JsonLines).unwrap();
 /// ```
 pub struct ObjectStoreSink<T, E> {
@@ -87,6 +91,8 @@ pub struct ObjectStoreSink<T, E> {
     encoder: E,
     max_file_bytes: u64,
     rt: Arc<tokio::runtime::Runtime>,
+    /// `s3://bucket/prefix`, for the job's check that no two sinks share a location.
+    location: Option<String>,
     /// On S3: lists uploads the server knows of (an upload created just before a crash
     /// has no marker yet).
     #[cfg(feature = "s3")]
@@ -115,6 +121,7 @@ impl<T: Data, E: RecordEncoder<T>> ObjectStoreSink<T, E> {
             encoder,
             max_file_bytes: 128 << 20,
             rt: runtime()?,
+            location: None,
             #[cfg(feature = "s3")]
             lister: None,
             _t: PhantomData,
@@ -135,6 +142,7 @@ impl<T: Data, E: RecordEncoder<T>> ObjectStoreSink<T, E> {
         let lister = crate::s3_uploads::UploadLister::from_env(store.clone(), bucket)?;
         let mut sink = Self::new(store, prefix.as_ref(), encoder)?;
         sink.lister = Some(Arc::new(lister));
+        sink.location = Some(format!("s3://{bucket}/{}", sink.prefix));
         Ok(sink)
     }
 
@@ -155,6 +163,43 @@ impl<T: Data, E: RecordEncoder<T>> ObjectStoreSink<T, E> {
 
     fn marker_dir(&self, sink: &str) -> Path {
         self.prefix.clone().join("_pending").join(sink)
+    }
+
+    /// Refuse a committable whose paths are not plain names under this sink's prefix:
+    /// it comes from the manifest, and an edited one must not complete, or later delete,
+    /// objects elsewhere in the bucket.
+    fn check_paths(&self, c: &ObjectsCommittable) -> Result<()> {
+        let plain =
+            |name: &str| !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\']);
+        fn under<'a>(path: &'a str, dir: &Path) -> Option<&'a str> {
+            path.strip_prefix(dir.as_ref())
+                .and_then(|rest| rest.strip_prefix('/'))
+        }
+        let markers = self.marker_dir(&c.sink);
+        let ok = plain(&c.sink)
+            && c.files.iter().all(|f| {
+                under(&f.path, &self.prefix).is_some_and(|n| plain(n) && n.starts_with("part-"))
+                    && under(&f.marker, &markers).is_some_and(|n| plain(n) && n.ends_with(".json"))
+            });
+        if ok {
+            return Ok(());
+        }
+        Err(Error::CorruptCheckpoint {
+            checkpoint: CheckpointId(c.checkpoint),
+            path: format!(
+                "manifest (a committable of sink '{}')",
+                c.sink.escape_debug()
+            ),
+            message: format!(
+                "its objects {:?} do not all lie inside the sink's prefix '{}'; refusing to \
+                 complete or delete anything",
+                c.files
+                    .iter()
+                    .map(|f| (&f.path, &f.marker))
+                    .collect::<Vec<_>>(),
+                self.prefix
+            ),
+        })
     }
 }
 
@@ -182,7 +227,12 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
         })
     }
 
+    fn location(&self) -> Option<String> {
+        self.location.clone()
+    }
+
     fn commit(&self, c: &ObjectsCommittable) -> Result<()> {
+        self.check_paths(c)?;
         let store = &self.store;
         self.rt.block_on(async {
             for f in &c.files {
@@ -277,7 +327,7 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
             #[cfg(feature = "s3")]
             if let Some(lister) = &self.lister {
                 // Uploads created just before a crash, before their marker existed.
-                let files = self.prefix.clone().join("part-");
+                let files = self.prefix.clone().join(format!("part-{sink}-"));
                 for (key, id) in lister.list(files.as_ref()).await? {
                     tracing::info!(%key, "aborting an upload that has no marker");
                     match store.abort_multipart(&Path::from(key.as_str()), &id).await {
@@ -337,7 +387,8 @@ impl<T, E: RecordEncoder<T>> ObjectWriter<T, E> {
     /// Start a file: record its upload in a marker first, so recovery can abort it.
     fn start_file(&mut self) -> Result<()> {
         let name = format!(
-            "part-{:04}-{}-{:06}.{}",
+            "part-{}-{:04}-{}-{:06}.{}",
+            self.sink,
             self.subtask,
             self.run,
             self.seq,
@@ -492,6 +543,43 @@ mod tests {
         ObjectStoreSink::new(Arc::new(object_store::memory::InMemory::new()), "out", e)
             .unwrap()
             .max_file_bytes(20 << 20)
+    }
+
+    #[test]
+    fn committables_naming_objects_outside_the_prefix_are_refused() {
+        let sink = memory_sink(JsonLines);
+        let mut w = sink.open_writer(&ctx()).unwrap();
+        w.write(&mut vec![(1, "a".to_string())]).unwrap();
+        let good = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
+        assert!(
+            good.files[0].path.starts_with("out/part-out-0000-"),
+            "{good:?}"
+        );
+        let edit = |f: &dyn Fn(&mut ObjectsCommittable)| {
+            let mut c = good.clone();
+            f(&mut c);
+            c
+        };
+        for bad in [
+            edit(&|c| c.files[0].path = "victim/data.json".into()),
+            edit(&|c| c.files[0].path = "out/../victim/part-1".into()),
+            edit(&|c| c.files[0].path = "out/sub/part-1".into()),
+            edit(&|c| c.files[0].marker = "victim/marker.json".into()),
+            edit(&|c| c.sink = "../x".into()),
+        ] {
+            let err = sink.commit(&bad).unwrap_err();
+            assert!(
+                matches!(err, Error::CorruptCheckpoint { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+        assert!(
+            objects(&sink)
+                .iter()
+                .all(|(p, _)| p.starts_with("out/_pending/")),
+            "nothing completed"
+        );
+        sink.commit(&good).unwrap();
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! 2. At barrier `c` (pre-commit) the file is flushed, fsynced and renamed to
 //!    `<dir>/.staging/<sink>/staged-<c>-<subtask>.<ext>`; that name is the committable.
 //! 3. After the manifest of checkpoint `c` is written, commit renames the staged file to
-//!    `<dir>/part-<c>-<subtask>.<ext>` and fsyncs the directory. Readers only ever see
+//!    `<dir>/part-<sink>-<c>-<subtask>.<ext>` and fsyncs the directory. Readers only ever see
 //!    complete part files.
 //!
 //! # Invariants
@@ -194,6 +194,60 @@ impl<T, E: RecordEncoder<T>> FileSink<T, E> {
     fn staging(&self, sink: &OperatorId) -> PathBuf {
         self.dir.join(".staging").join(&sink.0)
     }
+
+    /// The staged file and the part file of a committable, both checked to lie inside
+    /// this sink's directory: the committable comes from the manifest, and a path
+    /// edited there (`../../victim`) must not make the job rename files elsewhere.
+    fn paths(&self, c: &FileCommittable) -> Result<(PathBuf, PathBuf)> {
+        use std::path::Component;
+        let plain = |rel: &str, parts: usize| {
+            let comps: Vec<Component<'_>> = Path::new(rel).components().collect();
+            comps.len() == parts
+                && !rel.contains('\\')
+                && comps.iter().enumerate().all(|(i, comp)| match comp {
+                    Component::Normal(n) => {
+                        let n = n.to_string_lossy();
+                        // Only the first part of a staged path is hidden (`.staging`).
+                        (i == 0 && parts == 3 && n == ".staging") || !n.starts_with('.')
+                    }
+                    _ => false,
+                })
+        };
+        if !plain(&c.staged, 3) || !c.staged.starts_with(".staging/") || !plain(&c.part, 1) {
+            return Err(Error::CorruptCheckpoint {
+                checkpoint: CheckpointId(c.checkpoint),
+                path: format!(
+                    "manifest (a committable of the file sink in {})",
+                    self.dir.display()
+                ),
+                message: format!(
+                    "its paths (staged '{}', part '{}') do not stay inside the sink's directory; \
+                     refusing to rename anything",
+                    c.staged.escape_debug(),
+                    c.part.escape_debug()
+                ),
+            });
+        }
+        Ok((self.dir.join(&c.staged), self.dir.join(&c.part)))
+    }
+}
+
+/// `dir` made absolute and normalised (`.` and `..` resolved by name, symlinks not
+/// followed), so `out`, `./out` and `/abs/out` compare equal as sink locations.
+fn normalised(dir: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut out = PathBuf::new();
+    for comp in abs.components() {
+        match comp {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// A staged part file: where it is and where it goes.
@@ -209,6 +263,9 @@ pub struct FileCommittable {
 
 /// Writer of one [`FileSink`] subtask.
 pub struct FileWriter<T, E> {
+    /// The sink's name: part files carry it, so sinks sharing a directory by mistake
+    /// could not overwrite each other's files (the job refuses that anyway).
+    sink: String,
     staging: PathBuf,
     staging_rel: String,
     subtask: usize,
@@ -240,6 +297,7 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for FileSink<T, E> {
         let staging = self.staging(&ctx.sink);
         std::fs::create_dir_all(&staging).map_err(io(format!("creating {}", staging.display())))?;
         Ok(FileWriter {
+            sink: ctx.sink.0.clone(),
             staging,
             staging_rel: format!(".staging/{}", ctx.sink.0),
             subtask: ctx.subtask.0,
@@ -251,9 +309,12 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for FileSink<T, E> {
         })
     }
 
+    fn location(&self) -> Option<String> {
+        Some(normalised(&self.dir).display().to_string())
+    }
+
     fn commit(&self, c: &FileCommittable) -> Result<()> {
-        let staged = self.dir.join(&c.staged);
-        let part = self.dir.join(&c.part);
+        let (staged, part) = self.paths(c)?;
         match std::fs::rename(&staged, &part) {
             Ok(()) => sync_dir(&self.dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -379,7 +440,10 @@ impl<T: Data, E: RecordEncoder<T>> SinkWriter for FileWriter<T, E> {
         let staged = self.staging.join(&staged_name);
         std::fs::rename(&path, &staged).map_err(io(format!("staging {}", path.display())))?;
         sync_dir(&self.staging)?;
-        let part = format!("part-{:012}-{:04}.{}", checkpoint.0, self.subtask, self.ext);
+        let part = format!(
+            "part-{}-{:012}-{:04}.{}",
+            self.sink, checkpoint.0, self.subtask, self.ext
+        );
         Ok(Some(FileCommittable {
             staged: format!("{}/{staged_name}", self.staging_rel),
             part,
@@ -461,7 +525,7 @@ mod tests {
         assert_eq!(
             parts(dir.path()),
             vec![(
-                "part-000000000007-0001.jsonl".to_string(),
+                "part-s-000000000007-0001.jsonl".to_string(),
                 "1\n2\n3\n".to_string()
             )]
         );
@@ -490,11 +554,11 @@ mod tests {
             parts(dir.path()),
             vec![
                 (
-                    "part-000000000003-0000.jsonl".to_string(),
+                    "part-s-000000000003-0000.jsonl".to_string(),
                     "1\n".to_string()
                 ),
                 (
-                    "part-000000000003-0001.jsonl".to_string(),
+                    "part-s-000000000003-0001.jsonl".to_string(),
                     "2\n".to_string()
                 ),
             ]
@@ -508,11 +572,69 @@ mod tests {
         let sink = FileSink::<u32, _>::exactly_once(dir.path());
         let c = FileCommittable {
             staged: ".staging/s/staged-000000000001-0000.jsonl".into(),
-            part: "part-000000000001-0000.jsonl".into(),
+            part: "part-s-000000000001-0000.jsonl".into(),
             checkpoint: 1,
         };
         let err = sink.commit(&c).unwrap_err();
         assert!(matches!(err, Error::CommitLost { .. }), "{err}");
+    }
+
+    #[test]
+    fn committables_leading_outside_the_directory_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        std::fs::create_dir_all(dir.join(".staging/s")).unwrap();
+        let victim = root.path().join("victim.txt");
+        std::fs::write(&victim, "keep me").unwrap();
+        std::fs::write(dir.join(".staging/s/staged-1"), "x").unwrap();
+        let sink = FileSink::<u32, _>::exactly_once(&dir);
+        let c = |staged: &str, part: &str| FileCommittable {
+            staged: staged.into(),
+            part: part.into(),
+            checkpoint: 1,
+        };
+        for bad in [
+            c("../victim.txt", "part-s-1.jsonl"),
+            c(".staging/s/../../../victim.txt", "part-s-1.jsonl"),
+            c("/etc/passwd", "part-s-1.jsonl"),
+            c(".staging/s/staged-1", "../stolen.jsonl"),
+            c(".staging/s/staged-1", "sub/part-s-1.jsonl"),
+            c(".staging/s/staged-1", ".hidden"),
+            c(".staging/../staged-1", "part-s-1.jsonl"),
+        ] {
+            let err = sink.commit(&bad).unwrap_err();
+            assert!(
+                matches!(err, Error::CorruptCheckpoint { .. }),
+                "{bad:?}: {err}"
+            );
+            assert!(
+                err.to_string().contains("inside the sink's directory"),
+                "{err}"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        assert!(dir.join(".staging/s/staged-1").exists());
+        assert!(!root.path().join("stolen.jsonl").exists());
+        // The same files under plain names commit.
+        sink.commit(&c(".staging/s/staged-1", "part-s-1.jsonl"))
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("part-s-1.jsonl")).unwrap(),
+            "x"
+        );
+    }
+
+    #[test]
+    fn location_is_the_normalised_absolute_directory() {
+        let a = FileSink::<u32, _>::exactly_once("out");
+        let b = FileSink::<u32, _>::exactly_once("./x/../out/");
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(a.location(), Some(here.join("out").display().to_string()));
+        assert_eq!(a.location(), b.location());
+        assert_ne!(
+            a.location(),
+            FileSink::<u32, _>::exactly_once("out2").location()
+        );
     }
 
     #[test]
@@ -557,7 +679,10 @@ mod tests {
         let read = |name: &str| {
             crate::parquet::tests::read::<Row>(std::fs::read(dir.path().join(name)).unwrap()).0
         };
-        assert_eq!(read("part-000000000001-0000.parquet"), rows(0..20_000));
-        assert_eq!(read("part-000000000002-0000.parquet"), rows(20_000..20_003));
+        assert_eq!(read("part-s-000000000001-0000.parquet"), rows(0..20_000));
+        assert_eq!(
+            read("part-s-000000000002-0000.parquet"),
+            rows(20_000..20_003)
+        );
     }
 }

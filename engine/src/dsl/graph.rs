@@ -152,6 +152,11 @@ pub(crate) struct Node {
     pub source: Option<Arc<dyn ErasedSource>>,
     pub input: Option<Arc<dyn ErasedInput>>,
     pub sink: Option<Arc<dyn ErasedSink>>,
+    /// Where a sink writes ([`crate::api::TwoPhaseCommitSink::location`]).
+    pub sink_location: Option<String>,
+    /// A keyed operator still under its generated name (`process-N`): its state would
+    /// be stored under a name that changes when operators are added before it.
+    pub unnamed_state: bool,
     pub in_edges: Vec<EdgeId>,
     pub out_edges: Vec<EdgeId>,
 }
@@ -173,6 +178,8 @@ impl Graph {
             source: None,
             input: None,
             sink: None,
+            sink_location: None,
+            unnamed_state: false,
             in_edges: Vec::new(),
             out_edges: Vec::new(),
         });

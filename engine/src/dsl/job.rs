@@ -87,6 +87,17 @@ impl JobBuilder {
         self
     }
 
+    /// Restore even if the checkpoint holds state (keyed or operator state, source
+    /// offsets, output pending commit) of an operator or sink this job no longer has,
+    /// dropping that state. Without it such a restore is an error naming what has no
+    /// place, since a renamed operator would otherwise silently start empty and a
+    /// renamed source read its input again from the start. Set it for the one run that
+    /// removes an operator on purpose.
+    pub fn allow_non_restored_state(mut self) -> Self {
+        self.s.allow_non_restored_state = true;
+        self
+    }
+
     /// Restart policy (default: 3 restarts, 1 s apart).
     pub fn restart_policy(mut self, p: RestartPolicy) -> Self {
         self.s.restart = p;
@@ -172,8 +183,8 @@ impl JobBuilder {
         let s = &self.s;
         if !valid_name(&s.name) {
             return Err(Error::config(format!(
-                "job name '{}' must be 1-100 characters of A-Z a-z 0-9 _ . -",
-                s.name
+                "job name '{}' must be {NAME_RULE}",
+                s.name.escape_debug()
             )));
         }
         if s.parallelism == 0 {
@@ -201,7 +212,7 @@ impl JobBuilder {
         if let StateBackend::RocksDb(cfg) = &s.backend {
             if !cfg!(feature = "rocksdb") {
                 return Err(Error::config(
-                    "the RocksDB state backend needs the `rocksdb` cargo feature of exactly-engine (on by default in the `exactly` crate)",
+                    "the RocksDB state backend needs the `rocksdb` feature of `exactly` (or `exactly-engine`); it is opt-in",
                 ));
             }
             if cfg.write_buffer_size < (1 << 20) {
@@ -224,9 +235,18 @@ impl JobBuilder {
     }
 }
 
+/// What a job, operator or sink name may be. Names become parts of paths (a sink's
+/// staging directory, a part file's name, a checkpoint's state), so they are plain ASCII
+/// with no separator, and may not start with `.`: no `.` or `..`, no hidden or
+/// `.staging` directory.
+pub(crate) const NAME_RULE: &str =
+    "1-100 characters of A-Z a-z 0-9 _ . - that do not start with '.'";
+
+/// Whether `n` follows [`NAME_RULE`].
 pub(crate) fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 100
+        && !n.starts_with('.')
         && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
@@ -261,6 +281,7 @@ impl Job {
                 inject_failure_after: None,
                 source_pacing: None,
                 backend: StateBackend::Memory,
+                allow_non_restored_state: false,
             },
             storage_url: None,
         }

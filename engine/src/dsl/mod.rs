@@ -210,6 +210,7 @@ impl<T: Data> Stream<T> {
             }))
         });
         g.nodes[node].input = Some(Arc::new(NodeInput { op }));
+        g.nodes[node].sink_location = sink.location();
         g.nodes[node].sink = Some(Arc::new(SinkCommitter {
             sink,
             name: OperatorId(name.to_string()),
@@ -273,7 +274,10 @@ impl<T: Data> Stream<T> {
     ///     .name("totals");
     /// ```
     pub fn name(self, name: &str) -> Self {
-        self.graph.borrow_mut().nodes[self.node].op = OperatorId(name.to_string());
+        let mut g = self.graph.borrow_mut();
+        g.nodes[self.node].op = OperatorId(name.to_string());
+        g.nodes[self.node].unnamed_state = false;
+        drop(g);
         self
     }
 }
@@ -291,7 +295,19 @@ impl<S: TwoPhaseCommitSink> ErasedSink for SinkCommitter<S> {
                 message: e.to_string(),
             }
         })?;
-        self.sink.commit(&c)
+        self.sink.commit(&c).map_err(|e| match e {
+            // Sinks' `commit` has no context; name the sink as the job knows it.
+            crate::error::Error::CommitLost {
+                sink,
+                checkpoint,
+                message,
+            } if sink != self.name => crate::error::Error::CommitLost {
+                sink: self.name.clone(),
+                checkpoint,
+                message: format!("{message} (sink at {sink})"),
+            },
+            e => e,
+        })
     }
 
     fn recover(
@@ -327,6 +343,7 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
         let mut g = self.stream.graph.borrow_mut();
         let node = g.nodes.len();
         g.add_node(OperatorId(format!("process-{node}")));
+        g.nodes[node].unnamed_state = true;
         let kf = self.key_fn.clone();
         let sender: SenderFactory<T> = Arc::new(move |senders, ctx| {
             let cfg = &ctx.env.config;

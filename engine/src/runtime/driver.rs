@@ -30,7 +30,7 @@ use crate::coordinator::{CheckpointCoordinator, CoordinatorConfig, Decision, Tas
 use crate::dsl::graph::{BuildCtx, ChannelPool, Graph, NodeId, Plan, RestoredState};
 use crate::dsl::RestartPolicy;
 use crate::error::{Error, ErrorClass, Result};
-use crate::ids::CheckpointId;
+use crate::ids::{CheckpointId, OperatorId};
 use crate::manifest::{Manifest, MANIFEST_FORMAT_VERSION};
 use crate::state::TaskSnapshotPayload;
 use crate::storage::CheckpointStorage;
@@ -64,6 +64,7 @@ pub(crate) struct JobSettings {
     pub inject_failure_after: Option<u64>,
     pub source_pacing: Option<Duration>,
     pub backend: crate::state::StateBackend,
+    pub allow_non_restored_state: bool,
 }
 
 /// Figures of one completed checkpoint.
@@ -180,10 +181,32 @@ fn validate(graph: &Graph, s: &JobSettings) -> Result<()> {
         return Err(Error::config(graph.errors.join("; ")));
     }
     let mut seen = HashSet::new();
+    let mut locations: std::collections::HashMap<&str, &OperatorId> = Default::default();
+    for n in &graph.nodes {
+        if let Some(loc) = &n.sink_location {
+            if let Some(other) = locations.insert(loc, &n.op) {
+                return Err(Error::config(format!(
+                    "sinks '{other}' and '{}' both write to {loc}; each would take the \
+                     other's files for its own (overwriting or deleting them): give each \
+                     sink its own location",
+                    n.op
+                )));
+            }
+        }
+    }
     for n in &graph.nodes {
         if !crate::dsl::job::valid_name(&n.op.0) {
             return Err(Error::config(format!(
-                "operator name '{}' must be 1-100 characters of A-Z a-z 0-9 _ . -",
+                "operator name '{}' must be {}",
+                n.op.0.escape_debug(),
+                crate::dsl::job::NAME_RULE
+            )));
+        }
+        if n.unnamed_state {
+            return Err(Error::config(format!(
+                "keyed operator '{}' has no name: call .name(\"...\") on it. Its state is \
+                 stored under its name, and the generated one changes when operators are \
+                 added before it, which would restore the state into another operator or none",
                 n.op
             )));
         }
@@ -284,6 +307,7 @@ fn recover(
             m.tasks.iter().flat_map(|t| t.shared.iter()),
         );
         pending = m.pending_commits;
+        check_all_state_restores(graph, s, latest, &mut state, &mut pending)?;
         fail::fail_point!("recovery::during_restore");
         tracing::info!(job = %s.name, checkpoint = %latest, "restoring from checkpoint");
     }
@@ -309,6 +333,58 @@ fn recover(
         state,
         first_id: max_seen.map(|c| c.next()).unwrap_or(CheckpointId(1)),
     })
+}
+
+/// Every piece of a checkpoint must go somewhere: state (keyed state, operator state,
+/// source offsets) to an operator of the same name, output pending commit to a sink of
+/// the same name. What has no place means an operator was renamed or removed, and
+/// restoring without it would silently restart that state empty (or re-read a source
+/// from its beginning), so it is an error, unless the job allows it on purpose; then it
+/// is dropped with a warning.
+fn check_all_state_restores(
+    graph: &Graph,
+    s: &JobSettings,
+    checkpoint: CheckpointId,
+    state: &mut RestoredState,
+    pending: &mut Vec<crate::manifest::PendingCommit>,
+) -> Result<()> {
+    let known: HashSet<&OperatorId> = graph.nodes.iter().map(|n| &n.op).collect();
+    let sinks: HashSet<&OperatorId> = graph
+        .nodes
+        .iter()
+        .filter(|n| n.sink.is_some())
+        .map(|n| &n.op)
+        .collect();
+    let mut orphans: Vec<String> = state
+        .operators
+        .keys()
+        .filter(|op| !known.contains(op))
+        .map(|op| format!("state of operator '{op}'"))
+        .collect();
+    let mut orphan_sinks: Vec<String> = pending
+        .iter()
+        .filter(|p| !sinks.contains(&p.sink))
+        .map(|p| format!("output of sink '{}' not yet committed", p.sink))
+        .collect();
+    orphans.sort();
+    orphan_sinks.sort();
+    orphan_sinks.dedup();
+    orphans.extend(orphan_sinks);
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    if !s.allow_non_restored_state {
+        return Err(Error::config(format!(
+            "checkpoint {checkpoint} holds {} that this job has no operator for: was an \
+             operator renamed or removed? Give it back its old name to restore it, or call \
+             JobBuilder::allow_non_restored_state() to drop it on purpose",
+            orphans.join(", ")
+        )));
+    }
+    tracing::warn!(job = %s.name, %checkpoint, dropped = %orphans.join(", "), "dropping checkpointed state that no operator of the job restores (allow_non_restored_state)");
+    state.operators.retain(|op, _| known.contains(op));
+    pending.retain(|p| sinks.contains(&p.sink));
+    Ok(())
 }
 
 /// What every attempt of one `run()` shares.

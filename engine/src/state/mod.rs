@@ -765,7 +765,7 @@ fn set_rocks_key<K: Key>(b: &mut bytes::ByteState, last: &mut Option<K>, key: &K
 #[cfg(not(feature = "rocksdb"))]
 fn rocksdb_missing() -> Error {
     Error::config(
-        "the RocksDB state backend (or a checkpoint written by it) needs the `rocksdb` cargo feature of exactly-engine",
+        "the RocksDB state backend (or a checkpoint written by it) needs the `rocksdb` feature of `exactly` (or `exactly-engine`)",
     )
 }
 
