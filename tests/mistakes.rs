@@ -131,3 +131,102 @@ fn part_files_carry_the_sink_name() {
         "{parts:?}"
     );
 }
+
+/// The running balance again, with the balance's type or the key's type changed.
+fn retyped(dir: &Path, change: &str, backend: StateBackend) -> exactly::engine::error::Result<()> {
+    const BALANCE_U64: ValueState<u64> = ValueState::new("balance");
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .state_backend(backend)
+        .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
+        .build()?;
+    // The restored source has read all its input; a new one brings records to the
+    // retyped state.
+    let payments: Vec<(u32, i64)> = (0..1_000).map(|i| (i % 17, i as i64)).collect();
+    let more: Vec<(u32, i64)> = (0..100).map(|i| (i % 17, i as i64)).collect();
+    let source = job
+        .source("payments", VecSource::new(payments))
+        .union(&job.source("more-payments", VecSource::new(more)));
+    let out = dir.join("out");
+    match change {
+        "value" => source
+            .key_by(|p| p.0)
+            .process_fn(|(a, n), ctx: &mut KeyedContext<'_, u32, (u32, u64)>| {
+                let b = ctx.value(BALANCE_U64)?.unwrap_or(0) + n as u64;
+                ctx.set_value(BALANCE_U64, &b)?;
+                ctx.emit((a, b));
+                Ok(())
+            })
+            .name("balance")
+            .sink("balances", FileSink::exactly_once(out)),
+        "key" => source
+            .key_by(|p| p.0 as u64)
+            .process_fn(|(a, n), ctx: &mut KeyedContext<'_, u64, (u32, i64)>| {
+                let b = ctx.value(BALANCE)?.unwrap_or(0) + n;
+                ctx.set_value(BALANCE, &b)?;
+                ctx.emit((a, b));
+                Ok(())
+            })
+            .name("balance")
+            .sink("balances", FileSink::exactly_once(out)),
+        other => panic!("{other}"),
+    };
+    job.run().map(|_| ())
+}
+
+fn a_changed_state_type_is_refused(backend: StateBackend) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .state_backend(backend.clone())
+        .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
+        .build()
+        .unwrap();
+    let payments: Vec<(u32, i64)> = (0..1_000).map(|i| (i % 17, i as i64)).collect();
+    job.source("payments", VecSource::new(payments))
+        .key_by(|p| p.0)
+        .process_fn(|(a, n), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+            let b = ctx.value(BALANCE)?.unwrap_or(0) + n;
+            ctx.set_value(BALANCE, &b)?;
+            ctx.emit((a, b));
+            Ok(())
+        })
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(dir.join("out")));
+    job.run().unwrap();
+    let committed = part_files(&dir.join("out"));
+
+    let err = retyped(dir, "value", backend.clone()).unwrap_err();
+    // Restarting cannot fix it: the job stops at once instead of retrying.
+    assert_eq!(
+        err.class(),
+        exactly::engine::error::ErrorClass::Stop,
+        "{err}"
+    );
+    let err = err.to_string();
+    assert!(err.contains("operator 'balance', state 'balance'"), "{err}");
+    assert!(
+        err.contains("holds ValueState<i64> keyed by u32")
+            && err.contains("declares ValueState<u64> keyed by u32"),
+        "{err}"
+    );
+    let err = retyped(dir, "key", backend).unwrap_err().to_string();
+    assert!(err.contains("keyed by u64"), "{err}");
+    assert_eq!(
+        part_files(&dir.join("out")),
+        committed,
+        "refused runs commit nothing"
+    );
+}
+
+#[test]
+fn a_changed_state_type_is_refused_in_memory() {
+    a_changed_state_type_is_refused(StateBackend::Memory);
+}
+
+#[cfg(feature = "rocksdb")]
+#[test]
+fn a_changed_state_type_is_refused_on_rocksdb() {
+    a_changed_state_type_is_refused(StateBackend::rocksdb());
+}

@@ -379,6 +379,7 @@ mod tests {
             crc32: 0,
             shared: Vec::new(),
             uploaded: 0,
+            state_types: Default::default(),
         }
     }
 

@@ -35,6 +35,10 @@ pub struct TaskStateHandle {
     /// uploaded for it (shared files of earlier checkpoints are referenced, not copied).
     #[serde(default)]
     pub uploaded: u64,
+    /// The declared type of each keyed state, per operator: state name to description
+    /// (`ValueState<i64> keyed by u32`). A restore refuses a state declared otherwise.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub state_types: std::collections::BTreeMap<String, crate::state::types::StateTypeMap>,
 }
 
 /// A file in the shared area of checkpoint storage, referenced by one or more
@@ -165,6 +169,11 @@ mod tests {
                     crc32: 9,
                 }],
                 uploaded: 13,
+                state_types: [(
+                    "t".to_string(),
+                    [("n".to_string(), "ValueState<i64> keyed by u32".to_string())].into(),
+                )]
+                .into(),
             }],
             pending_commits: vec![PendingCommit {
                 checkpoint: CheckpointId(4),

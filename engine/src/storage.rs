@@ -203,6 +203,7 @@ impl CheckpointStorage {
             crc32,
             shared: Vec::new(),
             uploaded: size,
+            state_types: Default::default(),
         })
     }
 

@@ -301,6 +301,8 @@ impl ChannelPool {
 pub(crate) struct RestoredState {
     pub checkpoint: Option<CheckpointId>,
     pub operators: HashMap<OperatorId, Vec<OperatorSnapshot>>,
+    /// Declared state types the checkpoint recorded, per operator.
+    pub types: HashMap<OperatorId, crate::state::types::StateTypeMap>,
 }
 
 /// Everything needed to build one task instance.
@@ -325,6 +327,11 @@ impl BuildCtx<'_> {
 
     pub fn parallelism_of(&self, node: NodeId) -> usize {
         self.plan.parallelism[node]
+    }
+
+    /// The state types the restored checkpoint recorded for `op`.
+    pub fn restored_types(&self, op: &OperatorId) -> crate::state::types::StateTypeMap {
+        self.restored.types.get(op).cloned().unwrap_or_default()
     }
 
     /// Snapshots of `op` from the restored checkpoint (all subtasks).

@@ -363,7 +363,7 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
         let op: OpFactory<T> = Arc::new(move |ctx| {
             let operator = ctx.graph.nodes[node].op.clone();
             let max = ctx.env.config.max_parallelism;
-            let state = KeyedState::open(
+            let mut state = KeyedState::open(
                 KeyGroupRange::for_subtask(max, ctx.parallelism_of(node), ctx.subtask),
                 max,
                 &operator,
@@ -371,6 +371,7 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
                 &ctx.env.backend,
                 ctx.restored(&operator),
             )?;
+            state.expect_types(&operator, ctx.restored_types(&operator));
             let next = ctx.build_output::<F::Out>(node)?;
             let mut core = KeyedCore::new(
                 operator,

@@ -300,6 +300,14 @@ fn recover(
                 state.operators.entry(op).or_default().push(snap);
             }
         }
+        for h in &m.tasks {
+            for (op, types) in &h.state_types {
+                let known = state.types.entry(OperatorId(op.clone())).or_default();
+                for (name, t) in types {
+                    known.entry(name.clone()).or_insert_with(|| t.clone());
+                }
+            }
+        }
         state.checkpoint = Some(latest);
         #[cfg(feature = "rocksdb")]
         crate::state::rocks::prune_local_cache(
@@ -383,6 +391,7 @@ fn check_all_state_restores(
     }
     tracing::warn!(job = %s.name, %checkpoint, dropped = %orphans.join(", "), "dropping checkpointed state that no operator of the job restores (allow_non_restored_state)");
     state.operators.retain(|op, _| known.contains(op));
+    state.types.retain(|op, _| known.contains(op));
     pending.retain(|p| sinks.contains(&p.sink));
     Ok(())
 }

@@ -139,7 +139,7 @@ impl TaskEnv {
         key: &TaskKey,
         parallelism: usize,
         id: CheckpointId,
-        snap: TaskSnapshot,
+        mut snap: TaskSnapshot,
         started: std::time::Instant,
     ) -> Result<()> {
         if !snap.commits.is_empty() {
@@ -157,6 +157,7 @@ impl TaskEnv {
                 crc32: 0,
                 shared: Vec::new(),
                 uploaded: 0,
+                state_types: Default::default(),
             };
             let _ = self.events.send(TaskEvent::Ack {
                 key: key.clone(),
@@ -168,6 +169,12 @@ impl TaskEnv {
             return Ok(());
         }
         fail::fail_point!("checkpoint::after_snapshot");
+        let state_types: std::collections::BTreeMap<String, _> = snap
+            .operators
+            .iter_mut()
+            .filter(|(_, s)| !s.types.is_empty())
+            .map(|(o, s)| (o.0.clone(), std::mem::take(&mut s.types)))
+            .collect();
         let mut view = TaskStateView {
             operators: snap.operators,
         };
@@ -216,6 +223,7 @@ impl TaskEnv {
                     .await?;
                 handle.shared = shared;
                 handle.uploaded += shared_new;
+                handle.state_types = state_types;
                 Ok::<_, Error>((handle, operator_bytes))
             }
             .await;

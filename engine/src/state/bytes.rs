@@ -3,12 +3,14 @@
 
 use super::layout::{decode_ts, domain_byte, due_range, mark, MARK_LEN, TTL_MARK};
 use super::rocks::RocksStore;
+use super::types::StateTypes;
 use super::{MapState, StateSnapshot, StateValue, ValueState};
 use crate::codec;
 use crate::error::Result;
 use crate::ids::{key_group_of_bytes, CheckpointId, KeyGroup, KeyGroupRange};
 use crate::time::{TimeDomain, Timestamp};
 use serde::Serialize;
+use std::any::TypeId;
 
 pub(crate) struct ByteState {
     range: KeyGroupRange,
@@ -19,6 +21,10 @@ pub(crate) struct ByteState {
     key: Vec<u8>,
     scratch: Vec<u8>,
     value_buf: Vec<u8>,
+    /// States whose declared type was checked: name, kind (0 value, 1 TTL value, 2
+    /// map) and the value type's id.
+    checked: Vec<(&'static str, u8, TypeId)>,
+    pub types: StateTypes,
 }
 
 impl ByteState {
@@ -31,7 +37,31 @@ impl ByteState {
             key: Vec::new(),
             scratch: Vec::new(),
             value_buf: Vec::new(),
+            checked: Vec::new(),
+            types: StateTypes::default(),
         }
+    }
+
+    /// Check state `name`'s declared type against the restored checkpoint's, once per
+    /// state (a short scan by name pointer afterwards).
+    #[inline]
+    pub fn check(
+        &mut self,
+        name: &'static str,
+        kind: u8,
+        type_id: TypeId,
+        describe: fn() -> String,
+    ) -> Result<()> {
+        let seen = self
+            .checked
+            .iter()
+            .any(|&(n, k, t)| std::ptr::eq(n, name) && k == kind && t == type_id);
+        if seen {
+            return Ok(());
+        }
+        self.types.declare(name, describe())?;
+        self.checked.push((name, kind, type_id));
+        Ok(())
     }
 
     /// The key groups this instance owns.

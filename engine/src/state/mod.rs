@@ -25,6 +25,7 @@ pub mod rocks;
 mod table;
 mod timers;
 mod typed;
+pub mod types;
 
 use crate::api::Key;
 use crate::error::{Error, Result};
@@ -33,6 +34,8 @@ use crate::manifest::SharedFile;
 use crate::storage::CheckpointStorage;
 use crate::time::{TimeDomain, Timestamp};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+#[cfg(feature = "rocksdb")]
+use std::any::TypeId;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -247,6 +250,9 @@ pub struct StateSnapshot {
     /// A local RocksDB checkpoint still to upload.
     #[serde(skip)]
     pub pending_db: Option<PendingDb>,
+    /// The declared type of every state, recorded in the manifest (not the state file).
+    #[serde(skip)]
+    pub types: types::StateTypeMap,
 }
 
 /// A local RocksDB checkpoint waiting for its upload (uninhabited without the
@@ -424,6 +430,18 @@ impl<K: Key> KeyedState<K> {
         }
     }
 
+    /// Check every state's declared type, on its first use, against `restored` (the
+    /// types the restored checkpoint recorded for `operator`), and record the types in
+    /// this instance's checkpoints.
+    pub fn expect_types(&mut self, operator: &OperatorId, restored: types::StateTypeMap) {
+        let t = types::StateTypes::new(operator.clone(), restored);
+        match &mut self.inner {
+            Inner::Memory(m) => m.types = t,
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b, _) => b.types = t,
+        }
+    }
+
     /// The RocksDB instance, if this state is on RocksDB (tests compact it).
     #[cfg(feature = "rocksdb")]
     pub fn rocks(&self) -> Option<&rocks::RocksStore> {
@@ -464,8 +482,14 @@ impl<K: Key> KeyedState<K> {
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
                 match s.ttl_ms() {
-                    None => b.get(s),
-                    Some(_) => b.get_ttl(s, now),
+                    None => {
+                        b.check(s.name(), 0, TypeId::of::<V>(), typed::value_type::<K, V>)?;
+                        b.get(s)
+                    }
+                    Some(_) => {
+                        b.check(s.name(), 1, TypeId::of::<V>(), typed::ttl_type::<K, V>)?;
+                        b.get_ttl(s, now)
+                    }
                 }
             }
         }
@@ -494,8 +518,14 @@ impl<K: Key> KeyedState<K> {
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
                 match s.ttl_ms() {
-                    None => b.put(s, value),
-                    Some(_) => b.put_ttl(s, value, now),
+                    None => {
+                        b.check(s.name(), 0, TypeId::of::<V>(), typed::value_type::<K, V>)?;
+                        b.put(s, value)
+                    }
+                    Some(_) => {
+                        b.check(s.name(), 1, TypeId::of::<V>(), typed::ttl_type::<K, V>)?;
+                        b.put_ttl(s, value, now)
+                    }
                 }
             }
         }
@@ -532,6 +562,12 @@ impl<K: Key> KeyedState<K> {
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
+                b.check(
+                    s.name(),
+                    2,
+                    TypeId::of::<(UK, UV)>(),
+                    typed::map_type::<K, UK, UV>,
+                )?;
                 b.map_get(s, uk)
             }
         }
@@ -554,6 +590,12 @@ impl<K: Key> KeyedState<K> {
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
+                b.check(
+                    s.name(),
+                    2,
+                    TypeId::of::<(UK, UV)>(),
+                    typed::map_type::<K, UK, UV>,
+                )?;
                 b.map_put(s, uk, value)
             }
         }
@@ -591,6 +633,12 @@ impl<K: Key> KeyedState<K> {
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
+                b.check(
+                    s.name(),
+                    2,
+                    TypeId::of::<(UK, UV)>(),
+                    typed::map_type::<K, UK, UV>,
+                )?;
                 b.map_entries(s)
             }
         }
@@ -689,11 +737,16 @@ impl<K: Key> KeyedState<K> {
                 let _ = id;
                 Ok(StateSnapshot {
                     keyed: KeyedView(ViewState::Live(m.share())),
+                    types: m.types.recorded(),
                     ..Default::default()
                 })
             }
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b, _) => b.snapshot(id),
+            Inner::Rocks(b, _) => {
+                let mut snap = b.snapshot(id)?;
+                snap.types = b.types.recorded();
+                Ok(snap)
+            }
         }
     }
 

@@ -17,6 +17,7 @@
 use super::layout::{self, classify, mark, EntryKind, GroupWriter, TTL_MARK};
 use super::table::{hasher, CowTable, FixedHasher, Segment};
 use super::timers::{TimerService, TimersView};
+use super::types::{describe, StateTypes};
 use super::{MapState, StateValue, ValueState};
 use crate::api::Key;
 use crate::codec;
@@ -368,6 +369,18 @@ impl<K: Key> TableView for TimersView<K> {
 
 // ---- the backend ----
 
+/// Type descriptions of the three kinds of state (see [`super::types`]).
+pub(crate) fn value_type<K, V>() -> String {
+    describe::<K>("ValueState", std::any::type_name::<V>())
+}
+pub(crate) fn ttl_type<K, V>() -> String {
+    describe::<K>("ValueState with TTL", std::any::type_name::<V>())
+}
+pub(crate) fn map_type<K, UK, UV>() -> String {
+    let (uk, uv) = (std::any::type_name::<UK>(), std::any::type_name::<UV>());
+    describe::<K>("MapState", &format!("{uk}, {uv}"))
+}
+
 struct Slot<K> {
     name: &'static str,
     type_id: TypeId,
@@ -381,6 +394,7 @@ pub(crate) struct TypedState<K> {
     slots: Vec<Slot<K>>,
     pub timers: TimerService<K>,
     pending: HashMap<Vec<u8>, Arc<Pending>>,
+    pub types: StateTypes,
 }
 
 impl<K: Key> TypedState<K> {
@@ -391,6 +405,7 @@ impl<K: Key> TypedState<K> {
             slots: Vec::new(),
             timers: TimerService::default(),
             pending: HashMap::new(),
+            types: StateTypes::default(),
         }
     }
 
@@ -400,6 +415,7 @@ impl<K: Key> TypedState<K> {
     fn table<T: StateTable<K> + 'static>(
         &mut self,
         name: &'static str,
+        describe: fn() -> String,
         open: impl FnOnce(&'static str, Option<Arc<Pending>>) -> Result<T>,
     ) -> Result<&mut T> {
         let found = self
@@ -408,7 +424,7 @@ impl<K: Key> TypedState<K> {
             .position(|s| std::ptr::eq(s.name, name) || s.name == name);
         let i = match found {
             Some(i) => i,
-            None => self.open_slot(name, open)?,
+            None => self.open_slot(name, describe, open)?,
         };
         let slot = &mut self.slots[i];
         if slot.type_id != TypeId::of::<T>() {
@@ -426,8 +442,10 @@ impl<K: Key> TypedState<K> {
     fn open_slot<T: StateTable<K> + 'static>(
         &mut self,
         name: &'static str,
+        describe: fn() -> String,
         open: impl FnOnce(&'static str, Option<Arc<Pending>>) -> Result<T>,
     ) -> Result<usize> {
+        self.types.declare(name, describe())?;
         let pending = self.pending.remove(name.as_bytes());
         let table = open(name, pending)?;
         self.slots.push(Slot {
@@ -439,18 +457,18 @@ impl<K: Key> TypedState<K> {
     }
 
     pub fn values<V: StateValue>(&mut self, s: ValueState<V>) -> Result<&mut ValueTable<K, V>> {
-        self.table(s.name(), ValueTable::open)
+        self.table(s.name(), value_type::<K, V>, ValueTable::open)
     }
 
     pub fn ttl_values<V: StateValue>(&mut self, s: ValueState<V>) -> Result<&mut TtlTable<K, V>> {
-        self.table(s.name(), TtlTable::open)
+        self.table(s.name(), ttl_type::<K, V>, TtlTable::open)
     }
 
     pub fn maps<UK: StateValue + Eq, UV: StateValue>(
         &mut self,
         s: MapState<UK, UV>,
     ) -> Result<&mut MapTable<K, UK, UV>> {
-        self.table(s.name(), MapTable::open)
+        self.table(s.name(), map_type::<K, UK, UV>, MapTable::open)
     }
 
     /// Delete every value whose TTL expired at `now`.
