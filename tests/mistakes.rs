@@ -230,3 +230,90 @@ fn a_changed_state_type_is_refused_in_memory() {
 fn a_changed_state_type_is_refused_on_rocksdb() {
     a_changed_state_type_is_refused(StateBackend::rocksdb());
 }
+
+/// The ledger with a second source of `extra` payments unioned in (0: no second source;
+/// a source that has ended stays ended in its checkpoints, so new input needs a new one).
+fn ledger_with_more(dir: &Path, extra: u32) -> exactly::engine::error::Result<JobReport> {
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
+        .build()?;
+    let payments: Vec<(u32, i64)> = (0..1_000).map(|i| (i % 17, i as i64)).collect();
+    let mut source = job.source("payments", VecSource::new(payments));
+    if extra > 0 {
+        let more: Vec<(u32, i64)> = (0..extra).map(|i| (i % 17, 1)).collect();
+        source = source.union(&job.source("more-payments", VecSource::new(more)));
+    }
+    source
+        .key_by(|p| p.0)
+        .process_fn(
+            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
+                ctx.set_value(BALANCE, &balance)?;
+                ctx.emit((account, balance));
+                Ok(())
+            },
+        )
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(dir.join("out")));
+    job.run()
+}
+
+/// Every file of `dir` with its content.
+fn snapshot_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    part_files(dir)
+        .into_iter()
+        .map(|n| {
+            let bytes = std::fs::read(dir.join(&n)).unwrap();
+            (n, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn lost_manifests_stop_the_job_before_it_commits_anything_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let manifests = dir.join("checkpoints/manifests");
+    ledger_with_more(dir, 0).unwrap(); // checkpoint 1 (final)
+    ledger_with_more(dir, 500).unwrap(); // checkpoint 2 (final): commits the 500 more
+    let mut names: Vec<_> = std::fs::read_dir(&manifests)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let out = snapshot_of(&dir.join("out"));
+    assert!(out
+        .iter()
+        .any(|(n, _)| n.starts_with("part-balances-000000000002-")));
+
+    // The newest manifest deleted: the job would restore checkpoint 1 and commit the
+    // 500 payments of checkpoint 2 again.
+    std::fs::remove_file(names.last().unwrap()).unwrap();
+    let err = ledger_with_more(dir, 500).unwrap_err();
+    assert_eq!(
+        err.class(),
+        exactly::engine::error::ErrorClass::Stop,
+        "{err}"
+    );
+    let err = err.to_string();
+    assert!(err.contains("committed by checkpoint 2"), "{err}");
+    assert!(err.contains("restores checkpoint 1"), "{err}");
+    assert_eq!(
+        snapshot_of(&dir.join("out")),
+        out,
+        "no committed file touched"
+    );
+
+    // Every manifest deleted (or the checkpoint directory moved aside).
+    std::fs::remove_dir_all(dir.join("checkpoints")).unwrap();
+    let err = ledger_with_more(dir, 500).unwrap_err().to_string();
+    assert!(err.contains("finds no checkpoint"), "{err}");
+    assert!(err.contains("new, empty output directory"), "{err}");
+    assert_eq!(
+        snapshot_of(&dir.join("out")),
+        out,
+        "no committed file touched"
+    );
+}

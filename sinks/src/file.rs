@@ -232,6 +232,53 @@ impl<T, E: RecordEncoder<T>> FileSink<T, E> {
     }
 }
 
+impl<T, E> FileSink<T, E> {
+    /// Part files are committed only after their checkpoint's manifest is written, so a
+    /// part file of a checkpoint newer than the restored one means the checkpoint
+    /// storage lost manifests (deleted, moved aside, replaced by an empty directory)
+    /// while the output kept what they committed. Restoring would produce those records
+    /// again, so it is an error that explains this, and nothing is touched.
+    fn check_nothing_committed_after(&self, ctx: &RecoveryContext) -> Result<()> {
+        let restored = ctx.restored.map_or(0, |c| c.0);
+        let prefix = format!("part-{}-", ctx.sink.0);
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(format!("listing {}", self.dir.display()), e)),
+        };
+        let mut newer: Option<(u64, String)> = None;
+        for entry in entries {
+            let entry = entry.map_err(io(format!("listing {}", self.dir.display())))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let id = name
+                .strip_prefix(&prefix)
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(c, _)| c.parse::<u64>().ok());
+            if let Some(id) = id.filter(|&id| id > restored) {
+                if newer.as_ref().is_none_or(|(n, _)| id > *n) {
+                    newer = Some((id, name));
+                }
+            }
+        }
+        let Some((id, name)) = newer else {
+            return Ok(());
+        };
+        let from = match ctx.restored {
+            Some(c) => format!("restores checkpoint {c}"),
+            None => "finds no checkpoint and would start from the beginning".to_string(),
+        };
+        Err(Error::config(format!(
+            "sink '{}': {} holds {name}, committed by checkpoint {id}, but the job {from}: \
+             the checkpoint storage lost manifests that the output already committed \
+             (deleted, moved aside or replaced). Going on would commit those records \
+             again. Put the checkpoint storage back as it was, or start over with both a \
+             new checkpoint location and a new, empty output directory",
+            ctx.sink,
+            self.dir.display()
+        )))
+    }
+}
+
 /// `dir` made absolute and normalised (`.` and `..` resolved by name, symlinks not
 /// followed), so `out`, `./out` and `/abs/out` compare equal as sink locations.
 fn normalised(dir: &Path) -> PathBuf {
@@ -351,6 +398,7 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for FileSink<T, E> {
         for c in &pending {
             self.commit(c)?;
         }
+        self.check_nothing_committed_after(ctx)?;
         let staging = self.staging(&ctx.sink);
         let mut max_seen: Option<CheckpointId> = None;
         let entries = match std::fs::read_dir(&staging) {
