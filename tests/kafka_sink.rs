@@ -113,6 +113,7 @@ fn writer_ctx(subtask: usize) -> SinkContext {
         subtask: SubtaskIndex(subtask),
         parallelism: 2,
         checkpoint_interval: Some(Duration::from_secs(1)),
+        generation: 1,
     }
 }
 
@@ -121,6 +122,7 @@ fn recovery(restored: Option<u64>) -> RecoveryContext {
         job: "books".into(),
         sink: OperatorId("ledger".into()),
         restored: restored.map(CheckpointId),
+        generation: 1,
     }
 }
 

@@ -3,6 +3,7 @@
 
 use exactly::prelude::*;
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 
 const BALANCE: ValueState<i64> = ValueState::new("balance");
 
@@ -316,4 +317,210 @@ fn lost_manifests_stop_the_job_before_it_commits_anything_twice() {
         out,
         "no committed file touched"
     );
+}
+
+/// Reads `(account, amount)` payments from one split: the first `half` at once, then
+/// waits at a gate (reporting that it got there) until the test opens it.
+#[derive(Clone)]
+struct GatedSource {
+    payments: Arc<Vec<(u32, i64)>>,
+    half: u64,
+    /// 0: before the gate, 1: waiting at it, 2: open.
+    gate: Arc<(Mutex<u8>, Condvar)>,
+}
+
+struct GatedReader {
+    s: GatedSource,
+    next: u64,
+}
+
+impl Source for GatedSource {
+    type Item = (u32, i64);
+    type Offset = u64;
+    type Reader = GatedReader;
+    fn splits(&self) -> exactly::engine::error::Result<Vec<String>> {
+        Ok(vec!["0".into()])
+    }
+    fn open(
+        &self,
+        _split: &str,
+        from: Option<u64>,
+        _ctx: &SourceContext,
+    ) -> exactly::engine::error::Result<GatedReader> {
+        Ok(GatedReader {
+            s: self.clone(),
+            next: from.unwrap_or(0),
+        })
+    }
+}
+
+impl SourceReader for GatedReader {
+    type Item = (u32, i64);
+    type Offset = u64;
+    fn poll_batch(
+        &mut self,
+        out: &mut Vec<(u32, i64)>,
+        max: usize,
+    ) -> exactly::engine::error::Result<SourcePoll> {
+        if self.next == self.s.half {
+            let (lock, cv) = &*self.s.gate;
+            let mut g = lock.lock().unwrap();
+            if *g == 0 {
+                *g = 1;
+                cv.notify_all();
+            }
+            if *g < 2 {
+                return Ok(SourcePoll::Idle);
+            }
+        }
+        let end = if self.next < self.s.half {
+            self.s.half
+        } else {
+            self.s.payments.len() as u64
+        };
+        if self.next == end {
+            return Ok(SourcePoll::End);
+        }
+        let to = end.min(self.next + max as u64);
+        out.extend_from_slice(&self.s.payments[self.next as usize..to as usize]);
+        self.next = to;
+        Ok(SourcePoll::Ready)
+    }
+    fn offset(&self) -> u64 {
+        self.next
+    }
+}
+
+/// The running balance of `source`'s payments into `dir/out`, checkpoints in
+/// `dir/checkpoints`.
+fn balances<S: Source<Item = (u32, i64)>>(
+    dir: &Path,
+    source: S,
+) -> exactly::engine::error::Result<JobReport> {
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
+        .build()?;
+    job.source("payments", source)
+        .key_by(|p| p.0)
+        .process_fn(
+            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
+                ctx.set_value(BALANCE, &balance)?;
+                ctx.emit((account, balance));
+                Ok(())
+            },
+        )
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(dir.join("out")));
+    job.run()
+}
+
+/// Every committed line under `dir`, sorted.
+fn committed_lines(dir: &Path) -> Vec<String> {
+    let mut lines: Vec<String> = part_files(dir)
+        .iter()
+        .flat_map(|n| {
+            std::fs::read_to_string(dir.join(n))
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn gated(payments: &[(u32, i64)]) -> (GatedSource, Arc<(Mutex<u8>, Condvar)>) {
+    let gate = Arc::new((Mutex::new(0u8), Condvar::new()));
+    let source = GatedSource {
+        payments: Arc::new(payments.to_vec()),
+        half: payments.len() as u64 / 2,
+        gate: gate.clone(),
+    };
+    (source, gate)
+}
+
+fn wait_at(gate: &(Mutex<u8>, Condvar)) {
+    let (lock, cv) = gate;
+    let _reached = cv.wait_while(lock.lock().unwrap(), |g| *g == 0).unwrap();
+}
+
+fn open(gate: &(Mutex<u8>, Condvar)) {
+    let (lock, cv) = gate;
+    *lock.lock().unwrap() = 2;
+    cv.notify_all();
+}
+
+/// The in-progress and staged files of the `balances` sink.
+fn staging_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("out/.staging/balances"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn an_older_instance_is_fenced_and_never_touches_the_newer_ones_output() {
+    let payments: Vec<(u32, i64)> = (0..20_000).map(|i| (i % 101, i as i64)).collect();
+    let golden = tempfile::tempdir().unwrap();
+    balances(golden.path(), VecSource::new(payments.clone())).unwrap();
+    let expected = committed_lines(&golden.path().join("out"));
+    assert_eq!(expected.len(), payments.len());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let spawn = |source: GatedSource| {
+        let dir = dir.clone();
+        std::thread::spawn(move || balances(&dir, source))
+    };
+    // The older instance (lease 1) reads half its input and waits.
+    let (older, older_gate) = gated(&payments);
+    let a = spawn(older);
+    wait_at(&older_gate);
+    // A newer instance (lease 2) on the same location does the same; once its sink
+    // has output in progress, the older one goes on.
+    let (newer, newer_gate) = gated(&payments);
+    let b = spawn(newer);
+    wait_at(&newer_gate);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !staging_files(&dir).iter().any(|f| f.contains("-g2-")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the newer instance wrote nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    open(&older_gate);
+    let err = a.join().unwrap().unwrap_err();
+    assert!(matches!(err, Error::Fenced { .. }), "{err}");
+    // Fenced, it deleted nothing of the newer instance's (before, its in-process
+    // restart's recovery removed the newer instance's files as if they were its own).
+    let newer_files: Vec<String> = staging_files(&dir)
+        .into_iter()
+        .filter(|f| f.contains("-g2-"))
+        .collect();
+    assert!(!newer_files.is_empty(), "{:?}", staging_files(&dir));
+    assert!(
+        committed_lines(&dir.join("out")).is_empty(),
+        "the older one committed nothing"
+    );
+
+    open(&newer_gate);
+    let report = b.join().unwrap().unwrap();
+    assert_eq!(report.restarts, 0, "the newer instance was not disturbed");
+    assert_eq!(
+        committed_lines(&dir.join("out")),
+        expected,
+        "the survivor's output is the failure-free run's: nothing lost or doubled"
+    );
+    // A rerun on the location has nothing left to do.
+    let report = balances(&dir, VecSource::new(payments)).unwrap();
+    assert!(report.restored_from.is_some());
+    assert_eq!(committed_lines(&dir.join("out")), expected);
 }

@@ -430,6 +430,7 @@ fn connection_loss_during_commit_and_writing() {
             job: "loss".into(),
             sink: OperatorId(table.into()),
             restored: restored.map(CheckpointId),
+            generation: 1,
         };
         sink.recover(&recovery(None), Vec::new()).unwrap();
         let mut w = sink
@@ -439,6 +440,7 @@ fn connection_loss_during_commit_and_writing() {
                 subtask: SubtaskIndex(0),
                 parallelism: 1,
                 checkpoint_interval: None,
+                generation: 1,
             })
             .unwrap();
         w.write(&mut (0..100).collect()).unwrap();

@@ -122,6 +122,11 @@ pub struct SinkContext {
     /// The job's checkpoint interval (`None`: only the final checkpoint), so a sink can
     /// check its own timeouts against it.
     pub checkpoint_interval: Option<std::time::Duration>,
+    /// This job instance's lease on its checkpoint storage (its fencing generation):
+    /// higher for every instance started later on the same storage. Sinks tag what they
+    /// stage with it, so a recovery can tell its own and older instances' artifacts
+    /// (safe to abort) from a newer instance's (never to be touched).
+    pub generation: u64,
 }
 
 /// What recovery tells a sink.
@@ -133,6 +138,9 @@ pub struct RecoveryContext {
     pub sink: OperatorId,
     /// The checkpoint being restored, `None` on a fresh start.
     pub restored: Option<CheckpointId>,
+    /// This instance's fencing generation (see [`SinkContext::generation`]). A recovery
+    /// that finds artifacts of a higher generation must stop with [`crate::error::Error::Fenced`].
+    pub generation: u64,
 }
 
 /// A sink that stages output at each barrier and makes it visible only after the

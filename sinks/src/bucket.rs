@@ -4,7 +4,8 @@
 //! # Protocol
 //!
 //! * Each sink subtask writes its records of one checkpoint interval into part files
-//!   (`<prefix>/part-<sink>-<subtask>-<run>-<seq>.<ext>`; a new file once one exceeds
+//!   (`<prefix>/part-<sink>-<subtask>-g<generation>-<run>-<seq>.<ext>`, the generation
+//!   being the job instance's lease; a new file once one exceeds
 //!   [`ObjectStoreSink::max_file_bytes`]). A file is a multipart upload: full parts are
 //!   uploaded while records arrive, so memory stays bounded.
 //! * Before a file's upload starts, a marker `<prefix>/_pending/<sink>/<file>.json`
@@ -75,6 +76,24 @@ pub struct ObjectsCommittable {
 struct Marker {
     path: String,
     upload_id: String,
+    /// The fencing generation of the instance that started the upload (0: written
+    /// before generations existed).
+    #[serde(default)]
+    generation: u64,
+}
+
+/// The generation in an object name `part-<sink>-<subtask>-g<gen>-<run>-<seq>.<ext>`
+/// (0 for names from before generations).
+#[cfg(any(feature = "s3", test))]
+fn generation_in_name(key: &str, sink: &str) -> u64 {
+    key.rsplit('/')
+        .next()
+        .and_then(|n| n.strip_prefix(&format!("part-{sink}-")))
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(_, r)| r.strip_prefix('g'))
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(g, _)| g.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Exactly-once part files in an object store; see the module docs.
@@ -219,6 +238,7 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
             sink: ctx.sink.0.clone(),
             subtask: ctx.subtask.0,
             run: run_id(),
+            generation: ctx.generation,
             seq: 0,
             buf: Vec::new(),
             open: None,
@@ -303,6 +323,9 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
                 .try_collect()
                 .await
                 .map_err(|e| Self::err(&sink, "recover", None, e))?;
+            // Read every marker first: one of a newer instance means this one is
+            // fenced, and it must not abort anything.
+            let mut found = Vec::with_capacity(markers.len());
             for m in markers {
                 let bytes = store
                     .get(&m.location)
@@ -311,7 +334,18 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
                     .bytes()
                     .await
                     .map_err(|e| Self::err(&sink, "recover", None, e))?;
-                if let Ok(marker) = serde_json::from_slice::<Marker>(&bytes) {
+                let marker = serde_json::from_slice::<Marker>(&bytes).ok();
+                if let Some(newer) = marker.as_ref().map(|m| m.generation).filter(|&g| g > ctx.generation) {
+                    return Err(Error::Fenced {
+                        epoch: ctx.generation,
+                        newer,
+                        url: m.location.to_string(),
+                    });
+                }
+                found.push((m, marker));
+            }
+            for (m, marker) in found {
+                if let Some(marker) = marker {
                     let path = Path::from(marker.path.as_str());
                     tracing::info!(path = %marker.path, "aborting the upload of an unfinished checkpoint");
                     match store.abort_multipart(&path, &marker.upload_id).await {
@@ -328,7 +362,18 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
             if let Some(lister) = &self.lister {
                 // Uploads created just before a crash, before their marker existed.
                 let files = self.prefix.clone().join(format!("part-{sink}-"));
-                for (key, id) in lister.list(files.as_ref()).await? {
+                let uploads = lister.list(files.as_ref()).await?;
+                if let Some((key, _)) = uploads
+                    .iter()
+                    .find(|(key, _)| generation_in_name(key, &sink) > ctx.generation)
+                {
+                    return Err(Error::Fenced {
+                        epoch: ctx.generation,
+                        newer: generation_in_name(key, &sink),
+                        url: key.clone(),
+                    });
+                }
+                for (key, id) in uploads {
                     tracing::info!(%key, "aborting an upload that has no marker");
                     match store.abort_multipart(&Path::from(key.as_str()), &id).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -365,6 +410,8 @@ pub struct ObjectWriter<T, E> {
     sink: String,
     subtask: usize,
     run: String,
+    /// This instance's fencing generation: in object names and markers.
+    generation: u64,
     seq: u64,
     /// Encoded bytes not uploaded yet.
     buf: Vec<u8>,
@@ -387,9 +434,10 @@ impl<T, E: RecordEncoder<T>> ObjectWriter<T, E> {
     /// Start a file: record its upload in a marker first, so recovery can abort it.
     fn start_file(&mut self) -> Result<()> {
         let name = format!(
-            "part-{}-{:04}-{}-{:06}.{}",
+            "part-{}-{:04}-g{}-{}-{:06}.{}",
             self.sink,
             self.subtask,
+            self.generation,
             self.run,
             self.seq,
             self.encoder.extension()
@@ -398,6 +446,7 @@ impl<T, E: RecordEncoder<T>> ObjectWriter<T, E> {
         let path = self.prefix.clone().join(name.as_str());
         let marker = self.markers.clone().join(format!("{name}.json"));
         let store = self.store.clone();
+        let generation = self.generation;
         let (p, m) = (path.clone(), marker.clone());
         let upload_id = self
             .rt
@@ -406,6 +455,7 @@ impl<T, E: RecordEncoder<T>> ObjectWriter<T, E> {
                 let body = serde_json::to_vec(&Marker {
                     path: p.to_string(),
                     upload_id: id.clone(),
+                    generation,
                 })
                 .expect("a marker serialises");
                 store.put(&m, PutPayload::from(body)).await?;
@@ -512,6 +562,7 @@ mod tests {
             subtask: SubtaskIndex(0),
             parallelism: 1,
             checkpoint_interval: None,
+            generation: 1,
         }
     }
 
@@ -520,6 +571,7 @@ mod tests {
             job: "j".into(),
             sink: OperatorId("out".into()),
             restored: None,
+            generation: 1,
         }
     }
 
@@ -543,6 +595,52 @@ mod tests {
         ObjectStoreSink::new(Arc::new(object_store::memory::InMemory::new()), "out", e)
             .unwrap()
             .max_file_bytes(20 << 20)
+    }
+
+    #[test]
+    fn generations_are_read_from_object_names() {
+        assert_eq!(
+            generation_in_name("p/part-out-0003-g12-00ab-000001.jsonl", "out"),
+            12
+        );
+        assert_eq!(
+            generation_in_name("part-a-b-0003-g2-00ab-000001.jsonl", "a-b"),
+            2
+        );
+        assert_eq!(
+            generation_in_name("p/part-out-0003-00ab-000001.jsonl", "out"),
+            0
+        );
+    }
+
+    #[test]
+    fn recovery_of_an_older_instance_aborts_nothing_a_newer_one_started() {
+        let sink = memory_sink(JsonLines);
+        let newer = SinkContext {
+            generation: 2,
+            ..ctx()
+        };
+        let mut w = sink.open_writer(&newer).unwrap();
+        w.write(&mut vec![(1, "a".to_string())]).unwrap();
+        let staged = w.pre_commit(CheckpointId(3)).unwrap().unwrap();
+        assert!(staged.files[0].path.contains("-g2-"), "{staged:?}");
+        let err = sink.recover(&recovery(), Vec::new()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Fenced {
+                    epoch: 1,
+                    newer: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // The newer instance can still commit what it staged.
+        sink.commit(&staged).unwrap();
+        assert!(objects(&sink)
+            .iter()
+            .any(|(p, _)| p.starts_with("out/part-out-0000-g2-")));
     }
 
     #[test]

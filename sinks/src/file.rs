@@ -2,10 +2,12 @@
 //!
 //! # Protocol
 //!
-//! 1. Records of one subtask go to `<dir>/.staging/<sink>/inprogress-<subtask>-<n>` as
-//!    they arrive (buffered).
+//! 1. Records of one subtask go to
+//!    `<dir>/.staging/<sink>/inprogress-g<generation>-<subtask>-<pid>-<n>` as they arrive
+//!    (buffered); the generation is the job instance's lease on its checkpoint storage.
 //! 2. At barrier `c` (pre-commit) the file is flushed, fsynced and renamed to
-//!    `<dir>/.staging/<sink>/staged-<c>-<subtask>.<ext>`; that name is the committable.
+//!    `<dir>/.staging/<sink>/staged-g<generation>-<c>-<subtask>.<ext>`; that name is the
+//!    committable.
 //! 3. After the manifest of checkpoint `c` is written, commit renames the staged file to
 //!    `<dir>/part-<sink>-<c>-<subtask>.<ext>` and fsyncs the directory. Readers only ever see
 //!    complete part files.
@@ -22,6 +24,11 @@
 //! `recover` commits the committables of the restored checkpoint, then deletes every
 //! file left in the sink's staging directory (in-progress files and files staged for
 //! checkpoints that never completed), reporting the highest checkpoint id among them.
+//! It first checks that none of those files was written by a newer instance of the job
+//! (a higher generation): if one was, this instance is fenced and stops with
+//! [`Error::Fenced`] before deleting anything. Files of older generations belong to
+//! fenced instances and are aborted. (Staged names without a generation, written before
+//! generations existed, count as generation 0.)
 
 use exactly_engine::api::{Data, RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
 use exactly_engine::error::{Error, Result};
@@ -279,6 +286,28 @@ impl<T, E> FileSink<T, E> {
     }
 }
 
+/// The generation and (for staged files) the checkpoint id in a staging file's name:
+/// `staged-g<gen>-<c>-<subtask>.<ext>`, `inprogress-g<gen>-...`; names from before
+/// generations (`staged-<c>-...`, `inprogress-<subtask>-...`) are generation 0.
+fn staged_name_parts(name: &str) -> (u64, Option<u64>) {
+    let (rest, staged) = match name.strip_prefix("staged-") {
+        Some(r) => (r, true),
+        None => (name.strip_prefix("inprogress-").unwrap_or(""), false),
+    };
+    let (generation, rest) = match rest
+        .strip_prefix('g')
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(g, r)| Some((g.parse::<u64>().ok()?, r)))
+    {
+        Some((g, r)) => (g, r),
+        None => (0, rest),
+    };
+    let checkpoint = staged
+        .then(|| rest.split('-').next().and_then(|c| c.parse::<u64>().ok()))
+        .flatten();
+    (generation, checkpoint)
+}
+
 /// `dir` made absolute and normalised (`.` and `..` resolved by name, symlinks not
 /// followed), so `out`, `./out` and `/abs/out` compare equal as sink locations.
 fn normalised(dir: &Path) -> PathBuf {
@@ -313,6 +342,8 @@ pub struct FileWriter<T, E> {
     /// The sink's name: part files carry it, so sinks sharing a directory by mistake
     /// could not overwrite each other's files (the job refuses that anyway).
     sink: String,
+    /// This instance's fencing generation, in every staged name.
+    generation: u64,
     staging: PathBuf,
     staging_rel: String,
     subtask: usize,
@@ -345,6 +376,7 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for FileSink<T, E> {
         std::fs::create_dir_all(&staging).map_err(io(format!("creating {}", staging.display())))?;
         Ok(FileWriter {
             sink: ctx.sink.0.clone(),
+            generation: ctx.generation,
             staging,
             staging_rel: format!(".staging/{}", ctx.sink.0),
             subtask: ctx.subtask.0,
@@ -406,20 +438,28 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for FileSink<T, E> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(format!("listing {}", staging.display()), e)),
         };
-        let mut removed = 0usize;
+        let mut lingering = Vec::new();
         for entry in entries {
             let entry = entry.map_err(io(format!("listing {}", staging.display())))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name
-                .strip_prefix("staged-")
-                .and_then(|r| r.split('-').next())
-                .and_then(|n| n.parse::<u64>().ok())
-            {
+            let (generation, checkpoint) = staged_name_parts(&name);
+            if generation > ctx.generation {
+                // A newer instance staged it: this one is fenced and touches nothing.
+                return Err(Error::Fenced {
+                    epoch: ctx.generation,
+                    newer: generation,
+                    url: staging.display().to_string(),
+                });
+            }
+            if let Some(id) = checkpoint {
                 max_seen = max_seen.max(Some(CheckpointId(id)));
             }
-            std::fs::remove_file(entry.path())
-                .map_err(io(format!("removing lingering {}", entry.path().display())))?;
-            removed += 1;
+            lingering.push(entry.path());
+        }
+        let removed = lingering.len();
+        for path in lingering {
+            std::fs::remove_file(&path)
+                .map_err(io(format!("removing lingering {}", path.display())))?;
         }
         if removed > 0 {
             tracing::info!(sink = %ctx.sink, removed, "aborted output staged after the restored checkpoint");
@@ -434,7 +474,8 @@ impl<T, E: RecordEncoder<T>> FileWriter<T, E> {
         if self.out.is_none() {
             let n = INPROGRESS_SEQ.fetch_add(1, Ordering::Relaxed);
             let path = self.staging.join(format!(
-                "inprogress-{}-{}-{n}",
+                "inprogress-g{}-{}-{}-{n}",
+                self.generation,
                 self.subtask,
                 std::process::id()
             ));
@@ -482,8 +523,8 @@ impl<T: Data, E: RecordEncoder<T>> SinkWriter for FileWriter<T, E> {
         f.sync_all()
             .map_err(io(format!("syncing {}", path.display())))?;
         let staged_name = format!(
-            "staged-{:012}-{:04}.{}",
-            checkpoint.0, self.subtask, self.ext
+            "staged-g{}-{:012}-{:04}.{}",
+            self.generation, checkpoint.0, self.subtask, self.ext
         );
         let staged = self.staging.join(&staged_name);
         std::fs::rename(&path, &staged).map_err(io(format!("staging {}", path.display())))?;
@@ -524,6 +565,7 @@ mod tests {
             subtask: SubtaskIndex(subtask),
             parallelism: 2,
             checkpoint_interval: None,
+            generation: 1,
         }
     }
 
@@ -532,6 +574,7 @@ mod tests {
             job: "j".into(),
             sink: OperatorId(sink.into()),
             restored: restored.map(CheckpointId),
+            generation: 1,
         }
     }
 
@@ -615,11 +658,68 @@ mod tests {
     }
 
     #[test]
+    fn recovery_never_touches_what_a_newer_instance_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = FileSink::<u32, _>::exactly_once(dir.path());
+        // Generation 2 (a newer instance) staged checkpoint 5 and has a file in progress.
+        let newer = SinkContext {
+            generation: 2,
+            ..ctx("s", 0)
+        };
+        let mut w = sink.open_writer(&newer).unwrap();
+        w.write(&mut vec![1]).unwrap();
+        w.pre_commit(CheckpointId(5)).unwrap().unwrap();
+        w.write(&mut vec![2]).unwrap();
+        let staging = dir.path().join(".staging/s");
+        let before = parts(&staging);
+        assert_eq!(before.len(), 2, "{before:?}");
+        // The older instance (generation 1) recovers: it is fenced and deletes nothing.
+        let err = sink.recover(&rctx("s", Some(4)), Vec::new()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Fenced {
+                    epoch: 1,
+                    newer: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(parts(&staging), before);
+        // An even newer one (generation 3) aborts them, and learns of checkpoint 5.
+        let newest = RecoveryContext {
+            generation: 3,
+            ..rctx("s", Some(4))
+        };
+        assert_eq!(
+            sink.recover(&newest, Vec::new()).unwrap(),
+            Some(CheckpointId(5))
+        );
+        assert!(parts(&staging).is_empty());
+    }
+
+    #[test]
+    fn staging_names_give_generation_and_checkpoint() {
+        assert_eq!(
+            staged_name_parts("staged-g7-000000000012-0003.jsonl"),
+            (7, Some(12))
+        );
+        assert_eq!(staged_name_parts("inprogress-g7-3-991-4"), (7, None));
+        // Before generations: generation 0, so any instance may abort them.
+        assert_eq!(
+            staged_name_parts("staged-000000000012-0003.jsonl"),
+            (0, Some(12))
+        );
+        assert_eq!(staged_name_parts("inprogress-3-991-4"), (0, None));
+    }
+
+    #[test]
     fn committing_vanished_output_is_data_loss() {
         let dir = tempfile::tempdir().unwrap();
         let sink = FileSink::<u32, _>::exactly_once(dir.path());
         let c = FileCommittable {
-            staged: ".staging/s/staged-000000000001-0000.jsonl".into(),
+            staged: ".staging/s/staged-g1-000000000001-0000.jsonl".into(),
             part: "part-s-000000000001-0000.jsonl".into(),
             checkpoint: 1,
         };

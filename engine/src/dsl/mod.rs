@@ -202,6 +202,7 @@ impl<T: Data> Stream<T> {
                 subtask: ctx.subtask,
                 parallelism: ctx.parallelism_of(node),
                 checkpoint_interval: ctx.env.config.checkpoint_interval,
+                generation: ctx.env.config.generation,
             })?;
             Ok(Box::new(SinkOp::<S> {
                 sink: sink_id,

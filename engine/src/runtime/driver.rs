@@ -260,6 +260,7 @@ fn recover(
     rt: &tokio::runtime::Runtime,
     storage: &CheckpointStorage,
     local_dir: &std::path::Path,
+    generation: u64,
 ) -> Result<Restored> {
     let (ids, max_any) = rt.block_on(storage.scan())?;
     let mut state = RestoredState::default();
@@ -332,6 +333,7 @@ fn recover(
                 job: s.name.clone(),
                 sink: n.op.clone(),
                 restored: state.checkpoint,
+                generation,
             };
             let staged = sink.recover(&ctx, mine)?;
             max_seen = max_seen.max(staged);
@@ -438,7 +440,11 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
         ..
     } = *run;
     let t0 = Instant::now();
-    let restored = recover(graph, s, rt, storage, &run.local_dir)?;
+    // A fenced instance (a newer one took a lease since) must not touch any sink
+    // artifact: its recovery would commit or delete what the newer one staged. This also
+    // stops its in-process restarts.
+    rt.block_on(storage.check_lease(lease))?;
+    let restored = recover(graph, s, rt, storage, &run.local_dir, lease)?;
     run.completed.store(
         restored.state.checkpoint.map_or(0, |c| c.0),
         Ordering::SeqCst,
@@ -459,6 +465,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             max_parallelism: s.max_parallelism,
             job: s.name.clone(),
             checkpoint_interval: s.interval,
+            generation: lease,
         }),
         events: events_tx,
         storage: storage.clone(),
@@ -724,7 +731,16 @@ impl Driver<'_> {
                         }
                         self.completed.fetch_max(id.0, Ordering::SeqCst);
                         fail::fail_point!("checkpoint::after_manifest");
-                        match self.commit(&manifest) {
+                        // Fenced since the lease check above? A newer instance then
+                        // took its lease before this manifest existed and may restore
+                        // the checkpoint before it: publishing this output now could
+                        // duplicate what it produces. It re-commits this manifest's
+                        // output itself if it restores it.
+                        let committed = self
+                            .rt
+                            .block_on(self.storage.check_lease(self.lease))
+                            .and_then(|()| self.commit(&manifest));
+                        match committed {
                             Ok(()) => {
                                 decisions.extend(c.on_committed(id, Instant::now()));
                                 // Sources may report progress outside the checkpoint

@@ -107,6 +107,8 @@ pub(crate) struct RuntimeConfig {
     pub max_parallelism: u16,
     pub job: String,
     pub checkpoint_interval: Option<Duration>,
+    /// This instance's lease (fencing generation).
+    pub generation: u64,
 }
 
 /// Shared by all tasks of one attempt.
