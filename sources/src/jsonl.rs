@@ -81,7 +81,9 @@ pub struct JsonLinesReader<T> {
     path: PathBuf,
     reader: BufReader<File>,
     offset: JsonLinesOffset,
-    line: String,
+    /// The current line's bytes: read as bytes, so invalid UTF-8 is a bad record (of
+    /// its file and line) rather than an I/O error.
+    line: Vec<u8>,
     dead_letters: Option<DeadLetters>,
     _t: PhantomData<fn() -> T>,
 }
@@ -172,14 +174,26 @@ impl DeadLetters {
     }
 }
 
+/// A missing input is a configuration error (restarting cannot make it appear), so the
+/// job stops at once; other I/O errors may be transient.
+fn missing_or_io(path: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::config(format!(
+            "JSON-lines source: input {} does not exist",
+            path.display()
+        ))
+    } else {
+        Error::io(format!("JSON-lines source {}", path.display()), e)
+    }
+}
+
 impl<T: DeserializeOwned + Clone + Send + 'static> Source for JsonLinesSource<T> {
     type Item = T;
     type Offset = JsonLinesOffset;
     type Reader = JsonLinesReader<T>;
 
     fn splits(&self) -> Result<Vec<String>> {
-        let meta = std::fs::metadata(&self.path)
-            .map_err(|e| Error::io(format!("JSON-lines source {}", self.path.display()), e))?;
+        let meta = std::fs::metadata(&self.path).map_err(|e| missing_or_io(&self.path, e))?;
         if !meta.is_dir() {
             let name = self
                 .path
@@ -215,8 +229,7 @@ impl<T: DeserializeOwned + Clone + Send + 'static> Source for JsonLinesSource<T>
         ctx: &SourceContext,
     ) -> Result<JsonLinesReader<T>> {
         let path = self.split_path(split);
-        let mut file =
-            File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let mut file = File::open(&path).map_err(|e| missing_or_io(&path, e))?;
         let offset = from.unwrap_or(JsonLinesOffset {
             byte: 0,
             lines_read: 0,
@@ -244,7 +257,7 @@ impl<T: DeserializeOwned + Clone + Send + 'static> Source for JsonLinesSource<T>
             path,
             reader: BufReader::with_capacity(256 * 1024, file),
             offset,
-            line: String::new(),
+            line: Vec::new(),
             dead_letters,
             _t: PhantomData,
         })
@@ -259,7 +272,7 @@ impl<T: DeserializeOwned + 'static> SourceReader for JsonLinesReader<T> {
         let before = out.len();
         while out.len() - before < max {
             self.line.clear();
-            let n = self.reader.read_line(&mut self.line).map_err(|e| {
+            let n = self.reader.read_until(b'\n', &mut self.line).map_err(|e| {
                 Error::io(
                     format!(
                         "reading {} at line {}",
@@ -275,26 +288,35 @@ impl<T: DeserializeOwned + 'static> SourceReader for JsonLinesReader<T> {
             let line_start = self.offset.byte;
             self.offset.byte += n as u64;
             self.offset.lines_read += 1;
-            let text = self.line.trim_end_matches(['\n', '\r']);
-            if text.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str::<T>(text) {
+            // The same UTF-8 check `read_line` made, but a failure is the line's.
+            let parsed = match std::str::from_utf8(&self.line) {
+                Ok(text) => {
+                    let text = text.trim_end_matches(['\n', '\r']);
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    serde_json::from_str::<T>(text).map_err(|e| e.to_string())
+                }
+                Err(e) => Err(format!("invalid UTF-8: {e}")),
+            };
+            match parsed {
                 Ok(record) => out.push(record),
                 Err(e) => match &mut self.dead_letters {
                     None => {
                         return Err(Error::BadRecord {
                             file: self.path.clone(),
                             line: self.offset.lines_read,
-                            message: e.to_string(),
+                            message: e,
                         })
                     }
                     Some(dl) => dl.write(&DeadLetter {
                         file: self.path.display().to_string(),
                         line: self.offset.lines_read,
                         byte_offset: line_start,
-                        error: e.to_string(),
-                        raw: text.to_string(),
+                        error: e,
+                        raw: String::from_utf8_lossy(&self.line)
+                            .trim_end_matches(['\n', '\r'])
+                            .to_string(),
                     })?,
                 },
             }
@@ -407,5 +429,36 @@ mod tests {
             .splits()
             .unwrap_err();
         assert!(err.to_string().contains("nope.jsonl"), "{err}");
+        // Restarting cannot make it appear: the job stops at once.
+        assert_eq!(
+            err.class(),
+            exactly_engine::error::ErrorClass::Stop,
+            "{err}"
+        );
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn invalid_utf8_is_a_bad_record_not_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.jsonl");
+        std::fs::write(&p, b"{\"n\":1}\n{\"n\":\"\xff\xfe\"}\n{\"n\":3}\n").unwrap();
+        let mut r = JsonLinesSource::<R>::new(&p)
+            .open("in.jsonl", None, &ctx())
+            .unwrap();
+        let err = read_all(&mut r, 10).unwrap_err();
+        assert!(matches!(err, Error::BadRecord { line: 2, .. }), "{err}");
+        assert!(err.to_string().contains("invalid UTF-8"), "{err}");
+        assert_eq!(err.class(), exactly_engine::error::ErrorClass::Stop);
+        // Under DeadLetter it is set aside, and the rest is read.
+        let dl = dir.path().join("dl");
+        let src =
+            JsonLinesSource::<R>::new(&p).on_bad_record(BadRecordPolicy::DeadLetter(dl.clone()));
+        let mut r = src.open("in.jsonl", None, &ctx()).unwrap();
+        assert_eq!(read_all(&mut r, 10).unwrap(), vec![1, 3]);
+        let written = std::fs::read_to_string(dl.join("src-in.jsonl.deadletter.jsonl")).unwrap();
+        let entry: DeadLetter = serde_json::from_str(written.trim()).unwrap();
+        assert_eq!(entry.line, 2);
+        assert!(entry.error.contains("invalid UTF-8"), "{}", entry.error);
     }
 }
