@@ -7,6 +7,19 @@ use std::sync::{Arc, Condvar, Mutex};
 
 const BALANCE: ValueState<i64> = ValueState::new("balance");
 
+/// Each account's running balance, in the keyed state `balance` (the caller names the
+/// operator).
+fn running_balance(payments: &Stream<(u32, i64)>) -> Stream<(u32, i64)> {
+    payments.key_by(|p| p.0).process_fn(
+        |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+            let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
+            ctx.set_value(BALANCE, &balance)?;
+            ctx.emit((account, balance));
+            Ok(())
+        },
+    )
+}
+
 /// Source `source`, keyed running balance `balance` (when `keyed_name` is None the keyed
 /// operator keeps its generated name), a stateless `tag` map, file sink `balances`.
 fn ledger(
@@ -24,17 +37,7 @@ fn ledger(
     }
     let job = b.build()?;
     let payments: Vec<(u32, i64)> = (0..1_000).map(|i| (i % 17, i as i64)).collect();
-    let keyed = job
-        .source(source, VecSource::new(payments))
-        .key_by(|p| p.0)
-        .process_fn(
-            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
-                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
-                ctx.set_value(BALANCE, &balance)?;
-                ctx.emit((account, balance));
-                Ok(())
-            },
-        );
+    let keyed = running_balance(&job.source(source, VecSource::new(payments)));
     let keyed = match keyed_name {
         Some(n) => keyed.name(n),
         None => keyed,
@@ -185,14 +188,7 @@ fn a_changed_state_type_is_refused(backend: StateBackend) {
         .build()
         .unwrap();
     let payments: Vec<(u32, i64)> = (0..1_000).map(|i| (i % 17, i as i64)).collect();
-    job.source("payments", VecSource::new(payments))
-        .key_by(|p| p.0)
-        .process_fn(|(a, n), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
-            let b = ctx.value(BALANCE)?.unwrap_or(0) + n;
-            ctx.set_value(BALANCE, &b)?;
-            ctx.emit((a, b));
-            Ok(())
-        })
+    running_balance(&job.source("payments", VecSource::new(payments)))
         .name("balance")
         .sink("balances", FileSink::exactly_once(dir.join("out")));
     job.run().unwrap();
@@ -245,16 +241,7 @@ fn ledger_with_more(dir: &Path, extra: u32) -> exactly::engine::error::Result<Jo
         let more: Vec<(u32, i64)> = (0..extra).map(|i| (i % 17, 1)).collect();
         source = source.union(&job.source("more-payments", VecSource::new(more)));
     }
-    source
-        .key_by(|p| p.0)
-        .process_fn(
-            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
-                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
-                ctx.set_value(BALANCE, &balance)?;
-                ctx.emit((account, balance));
-                Ok(())
-            },
-        )
+    running_balance(&source)
         .name("balance")
         .sink("balances", FileSink::exactly_once(dir.join("out")));
     job.run()
@@ -401,16 +388,7 @@ fn balances<S: Source<Item = (u32, i64)>>(
         .parallelism(2)
         .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
         .build()?;
-    job.source("payments", source)
-        .key_by(|p| p.0)
-        .process_fn(
-            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
-                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
-                ctx.set_value(BALANCE, &balance)?;
-                ctx.emit((account, balance));
-                Ok(())
-            },
-        )
+    running_balance(&job.source("payments", source))
         .name("balance")
         .sink("balances", FileSink::exactly_once(dir.join("out")));
     job.run()
