@@ -9,7 +9,8 @@
 //! ledger verify --input payments.jsonl --out DIR
 //! ```
 //!
-//! `run` resumes from its checkpoint directory, so it can be killed and started again
+//! `ledger --help` and `ledger <command> --help` describe every flag. `run` resumes from
+//! its checkpoint directory, so it can be killed and started again
 //! any number of times; `verify` recomputes every balance from the input without the
 //! engine and checks the committed output record by record (JSON lines or Parquet).
 
@@ -17,7 +18,6 @@
 mod args;
 
 use anyhow::{bail, Context, Result};
-use args::Args;
 use exactly::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -73,13 +73,27 @@ fn splitmix(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn generate(a: &Args) -> Result<()> {
-    let events: u64 = a.num("events", 1_000_000)?;
-    let accounts: u32 = a.num("accounts", 10_000)?;
-    let mut seed: u64 = a.num("seed", 42)?;
-    let out = a.path("out")?;
+/// `ledger generate`: a payments file.
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Payments to write.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Distinct accounts.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    accounts: u32,
+    /// Seed of the generator (same seed, same file).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// The JSON-lines file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn generate(a: &GenerateArgs) -> Result<()> {
+    let (events, accounts, mut seed, out) = (a.events, a.accounts, a.seed, &a.out);
     let mut w = BufWriter::new(
-        std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?,
+        std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
     );
     for seq in 0..events {
         let r = splitmix(&mut seed);
@@ -99,13 +113,45 @@ fn generate(a: &Args) -> Result<()> {
     Ok(())
 }
 
-fn run(a: &Args) -> Result<()> {
-    let input = a.path("input")?;
-    let out = a.path("out")?;
-    let checkpoints = a.path("checkpoints")?;
-    let interval: u64 = a.num("interval-ms", 1000)?;
-    let parallelism: usize = a.num("parallelism", 2)?;
-    let pace_us: u64 = a.num("pace-us", 0)?;
+/// `ledger run`: the job.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The payments file.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output: a directory, or `s3://bucket/prefix` (feature `s3`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Checkpoint location: a directory, or `s3://bucket/prefix`.
+    #[arg(long)]
+    checkpoints: PathBuf,
+    /// Checkpoint interval in milliseconds.
+    #[arg(long = "interval-ms", default_value_t = 1000)]
+    interval_ms: u64,
+    /// Parallelism of every operator.
+    #[arg(long, default_value_t = 2)]
+    parallelism: usize,
+    /// Keyed state backend.
+    #[arg(long, value_enum, default_value_t = args::State::Memory)]
+    state: args::State,
+    /// Pause this many microseconds after every source batch (tests slow the job down).
+    #[arg(long = "pace-us", default_value_t = 0)]
+    pace_us: u64,
+    /// Part file format.
+    #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+    format: Format,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Jsonl,
+    /// Parquet (feature `parquet`).
+    Parquet,
+}
+
+fn run(a: &RunArgs) -> Result<()> {
+    let (input, out, checkpoints) = (&a.input, &a.out, &a.checkpoints);
+    let (interval, parallelism, pace_us) = (a.interval_ms, a.parallelism, a.pace_us);
     let started = Instant::now();
     let mut builder = Job::builder("ledger");
     if pace_us > 0 {
@@ -119,7 +165,7 @@ fn run(a: &Args) -> Result<()> {
                 .context("checkpoint path is not UTF-8")?,
         )
         .parallelism(parallelism)
-        .state_backend(a.state_backend()?)
+        .state_backend(a.state.backend())
         .on_checkpoint(move |c| {
             eprintln!(
                 "[{:>7.2}s] checkpoint {:>4} {} in {:>4} ms, {:>8} bytes of state",
@@ -132,34 +178,35 @@ fn run(a: &Args) -> Result<()> {
         })
         .build()?;
     let balances = job
-        .source("payments", JsonLinesSource::<Payment>::new(&input))
+        .source("payments", JsonLinesSource::<Payment>::new(input))
         .key_by(|p| p.account)
         .process(Balance)
         .name("balance");
     // Part files in S3 through multipart uploads (AWS_* environment), or in a directory.
     let s3 = out.to_str().filter(|o| o.starts_with("s3://"));
-    match (s3, a.0.get("format").map_or("jsonl", String::as_str)) {
+    match (s3, a.format) {
         #[cfg(feature = "s3")]
-        (Some(url), "jsonl") => {
+        (Some(url), Format::Jsonl) => {
             balances.sink("balances", ObjectStoreSink::s3(url, JsonLines)?);
         }
         #[cfg(not(feature = "s3"))]
         (Some(url), _) => bail!("--out {url}: S3 output needs the `s3` feature"),
-        (None, "jsonl") => {
-            balances.sink("balances", FileSink::exactly_once(&out));
+        (None, Format::Jsonl) => {
+            balances.sink("balances", FileSink::exactly_once(out));
         }
         #[cfg(all(feature = "s3", feature = "parquet"))]
-        (Some(url), "parquet") => {
+        (Some(url), Format::Parquet) => {
             balances.sink("balances", ObjectStoreSink::s3(url, Parquet::for_type()?)?);
         }
         #[cfg(feature = "parquet")]
-        (None, "parquet") => {
+        (None, Format::Parquet) => {
             balances.sink(
                 "balances",
-                FileSink::with_encoder(&out, Parquet::for_type()?),
+                FileSink::with_encoder(out, Parquet::for_type()?),
             );
         }
-        (_, other) => bail!("--format {other}: expected jsonl or parquet (feature `parquet`)"),
+        #[cfg(not(feature = "parquet"))]
+        (_, Format::Parquet) => bail!("--format parquet needs the `parquet` feature"),
     }
     let report = job.run()?;
     eprintln!(
@@ -209,13 +256,23 @@ fn read_parquet(p: &Path) -> Result<Vec<BalanceUpdate>> {
     bail!("{} is Parquet: build with feature `parquet`", p.display())
 }
 
-fn verify(a: &Args) -> Result<()> {
-    let input = a.path("input")?;
-    let out = a.path("out")?;
+/// `ledger verify`: recompute the balances without the engine and compare.
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// The payments file.
+    #[arg(long)]
+    input: PathBuf,
+    /// The job's output directory.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn verify(a: &VerifyArgs) -> Result<()> {
+    let (input, out) = (&a.input, &a.out);
     // Independent recomputation: a plain sequential fold over the input.
     let mut balances: HashMap<u32, i64> = HashMap::new();
     let mut expected: BTreeMap<u64, BalanceUpdate> = BTreeMap::new();
-    for line in std::io::BufReader::new(std::fs::File::open(&input)?).lines() {
+    for line in std::io::BufReader::new(std::fs::File::open(input)?).lines() {
         let p: Payment = serde_json::from_str(&line?)?;
         let b = balances.entry(p.account).or_default();
         *b += p.amount_cents;
@@ -229,7 +286,7 @@ fn verify(a: &Args) -> Result<()> {
             },
         );
     }
-    let got = committed(&out)?;
+    let got = committed(out)?;
     let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
     let mut wrong = 0usize;
     for u in &got {
@@ -252,40 +309,53 @@ fn verify(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Generate an input (unless one exists), run the job, verify its output.
-fn demo(a: &Args) -> Result<()> {
-    let dir =
-        a.0.get("dir")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("ledger-demo"));
-    let events: u64 = a.num("events", 1_000_000)?;
-    std::fs::create_dir_all(&dir)?;
-    let input = dir.join(format!("payments-{events}.jsonl"));
-    let s = |p: &Path| p.to_string_lossy().into_owned();
-    let arg = |pairs: &[(&str, String)]| {
-        Args(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-        )
-    };
+/// `ledger demo`: generate an input (unless one exists), run the job, verify its output.
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Working directory: input, output and checkpoints.
+    #[arg(long, default_value = "ledger-demo")]
+    dir: PathBuf,
+    /// Payments to generate.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Checkpoint interval in milliseconds.
+    #[arg(long = "interval-ms", default_value_t = 100)]
+    interval_ms: u64,
+    /// Parallelism of every operator.
+    #[arg(long, default_value_t = 2)]
+    parallelism: usize,
+}
+
+fn demo(a: &DemoArgs) -> Result<()> {
+    let dir = &a.dir;
+    std::fs::create_dir_all(dir)?;
+    let input = dir.join(format!("payments-{}.jsonl", a.events));
     if !input.exists() {
-        generate(&arg(&[("events", events.to_string()), ("out", s(&input))]))?;
+        generate(&GenerateArgs {
+            events: a.events,
+            accounts: 10_000,
+            seed: 42,
+            out: input.clone(),
+        })?;
     }
     let out = dir.join("out");
-    let chk = dir.join("checkpoints");
     eprintln!(
         "running the ledger job (kill it at any time and run the same command again: it resumes)"
     );
-    run(&arg(&[
-        ("input", s(&input)),
-        ("out", s(&out)),
-        ("checkpoints", s(&chk)),
-        ("interval-ms", a.num("interval-ms", 100u64)?.to_string()),
-        ("parallelism", a.num("parallelism", 2usize)?.to_string()),
-    ]))?;
-    verify(&arg(&[("input", s(&input)), ("out", s(&out))]))?;
+    run(&RunArgs {
+        input: input.clone(),
+        out: out.clone(),
+        checkpoints: dir.join("checkpoints"),
+        interval_ms: a.interval_ms,
+        parallelism: a.parallelism,
+        state: args::State::Memory,
+        pace_us: 0,
+        format: Format::Jsonl,
+    })?;
+    verify(&VerifyArgs {
+        input,
+        out: out.clone(),
+    })?;
     eprintln!(
         "output in {}; delete {} to start from scratch",
         out.display(),
@@ -294,42 +364,33 @@ fn demo(a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// A running balance per account over a payments file, exactly once; the 1M-event
+/// kill-and-restore tests run it.
+#[derive(clap::Parser)]
+#[command(name = "ledger")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Generate an input (unless one exists), run the job, verify its output.
+    Demo(DemoArgs),
+    /// Write a payments file.
+    Generate(GenerateArgs),
+    /// Run the job (it resumes from its last checkpoint).
+    Run(RunArgs),
+    /// Check the committed output against an independent recomputation.
+    Verify(VerifyArgs),
+}
+
 fn main() -> Result<()> {
     args::start()?;
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = args.first() else {
-        bail!("usage: ledger demo|generate|run|verify --flag value ...");
-    };
-    let a = Args::parse(&args[1..])?;
-    match cmd.as_str() {
-        "generate" => {
-            a.only(cmd, &["events", "accounts", "seed", "out"])?;
-            generate(&a)
-        }
-        "run" => {
-            a.only(
-                cmd,
-                &[
-                    "input",
-                    "out",
-                    "checkpoints",
-                    "interval-ms",
-                    "parallelism",
-                    "state",
-                    "pace-us",
-                    "format",
-                ],
-            )?;
-            run(&a)
-        }
-        "verify" => {
-            a.only(cmd, &["input", "out"])?;
-            verify(&a)
-        }
-        "demo" => {
-            a.only(cmd, &["dir", "events", "interval-ms", "parallelism"])?;
-            demo(&a)
-        }
-        other => bail!("unknown command '{other}'; expected demo, generate, run or verify"),
+    match <Cli as clap::Parser>::parse().command {
+        Command::Demo(a) => demo(&a),
+        Command::Generate(a) => generate(&a),
+        Command::Run(a) => run(&a),
+        Command::Verify(a) => verify(&a),
     }
 }

@@ -11,6 +11,9 @@
 //! reconciliation verify   --dir DIR [--ledger-postgres ... --ledger-table ledger]
 //! ```
 //!
+//! `reconciliation --help` and `reconciliation <command> --help` describe every flag
+//! (`--flag value` and `--flag=value` both work).
+//!
 //! `DIR/input` holds the generated streams and the ground truth, `DIR/out` the committed
 //! output, `DIR/checkpoints` the job's checkpoints. `run` resumes from its checkpoints,
 //! so it can be killed and started again at any moment (also at another parallelism).
@@ -23,9 +26,95 @@ mod model;
 mod verifier;
 
 use anyhow::{bail, Result};
-use args::Args;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+/// The flags of a command, as the commands' functions read them.
+struct Flags {
+    dir: PathBuf,
+    out_of_order_ms: i64,
+    /// Present for `demo` and `generate`.
+    gen: Option<GenFlags>,
+    /// Present for `demo` and `run`.
+    job: Option<JobFlags>,
+    ledger: LedgerFlags,
+}
+
+/// `--dir`: input, output and checkpoints live under it.
+#[derive(clap::Args)]
+struct DirFlag {
+    /// Working directory: DIR/input, DIR/out, DIR/checkpoints.
+    #[arg(long, default_value = "reconciliation-demo")]
+    dir: PathBuf,
+}
+
+/// `--out-of-order-ms`: how far events are out of order (the generator's disorder and
+/// the job's watermark bound).
+#[derive(clap::Args)]
+struct DisorderFlag {
+    /// Largest delay of an event behind its timestamp, in milliseconds.
+    #[arg(long = "out-of-order-ms", default_value_t = 30_000)]
+    out_of_order_ms: i64,
+}
+
+/// The generator's flags.
+#[derive(clap::Args)]
+struct GenFlags {
+    /// Trips to generate.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    trips: u64,
+    /// Seed (same seed, same input).
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Probability that an event is delivered twice.
+    #[arg(long = "duplicate-rate", default_value_t = 0.05)]
+    duplicate_rate: f64,
+    /// Probability that a trip carries an anomaly.
+    #[arg(long = "anomaly-rate", default_value_t = 0.02)]
+    anomaly_rate: f64,
+    /// Files per stream (read in parallel).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    files: u64,
+}
+
+/// The job's flags.
+#[derive(clap::Args)]
+struct JobFlags {
+    /// Parallelism of every operator.
+    #[arg(long, default_value_t = 2)]
+    parallelism: usize,
+    /// Checkpoint interval in milliseconds.
+    #[arg(long = "checkpoint-ms", default_value_t = 1_000)]
+    checkpoint_ms: u64,
+    /// Records per batch.
+    #[arg(long = "batch-size", default_value_t = 1024)]
+    batch_size: usize,
+    /// Pause this many microseconds after every source batch (tests slow the job down).
+    #[arg(long = "pace-us", default_value_t = 0)]
+    pace_us: u64,
+    /// How the ledger table is written.
+    #[arg(long = "ledger-commit", value_enum, requires = "ledger_postgres")]
+    ledger_commit: Option<LedgerCommit>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LedgerCommit {
+    /// Two-phase commit (PREPARE TRANSACTION; needs max_prepared_transactions > 0).
+    TwoPhase,
+    /// Idempotent transactional commits with marker rows.
+    Idempotent,
+}
+
+/// Where the ledger also goes: a PostgreSQL table (feature `postgres`).
+#[derive(clap::Args)]
+struct LedgerFlags {
+    /// Also write every posting to PostgreSQL ('host=... user=... dbname=...').
+    #[arg(long = "ledger-postgres", id = "ledger_postgres")]
+    ledger_postgres: Option<String>,
+    /// The ledger table's name.
+    #[arg(long = "ledger-table", requires = "ledger_postgres")]
+    ledger_table: Option<String>,
+}
 
 /// Settings from the command line.
 trait Settings {
@@ -35,12 +124,9 @@ trait Settings {
     fn ledger_table(&self) -> Result<Option<job::LedgerTable>>;
 }
 
-impl Settings for Args {
+impl Settings for Flags {
     fn ledger_table(&self) -> Result<Option<job::LedgerTable>> {
-        let Some(url) = self.0.get("ledger-postgres") else {
-            if self.0.contains_key("ledger-table") || self.0.contains_key("ledger-commit") {
-                bail!("--ledger-table and --ledger-commit need --ledger-postgres");
-            }
+        let Some(url) = &self.ledger.ledger_postgres else {
             return Ok(None);
         };
         if !cfg!(feature = "postgres") {
@@ -50,53 +136,58 @@ impl Settings for Args {
             );
         }
         let table = self
-            .0
-            .get("ledger-table")
-            .cloned()
+            .ledger
+            .ledger_table
+            .clone()
             .unwrap_or_else(|| "ledger".into());
         if table.is_empty() || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             bail!("--ledger-table must be a plain table name (letters, digits, _), got '{table}'");
         }
-        let two_phase = match self.0.get("ledger-commit").map(String::as_str) {
-            None | Some("two-phase") => true,
-            Some("idempotent") => false,
-            Some(other) => bail!("--ledger-commit expects two-phase or idempotent, got '{other}'"),
-        };
+        let commit = self.job.as_ref().and_then(|j| j.ledger_commit);
         Ok(Some(job::LedgerTable {
             url: url.clone(),
             table,
-            two_phase,
+            two_phase: !matches!(commit, Some(LedgerCommit::Idempotent)),
         }))
     }
 
     fn dir(&self) -> PathBuf {
-        self.path_or("dir", "reconciliation-demo")
+        self.dir.clone()
     }
 
     fn gen_config(&self) -> Result<generator::GenConfig> {
+        let g = self
+            .gen
+            .as_ref()
+            .expect("a command that generates has the generator's flags");
         let c = generator::GenConfig {
-            trips: self.num("trips", 200_000)?,
-            seed: self.num("seed", 7)?,
-            duplicate_rate: self.num("duplicate-rate", 0.05)?,
-            out_of_order_ms: self.num("out-of-order-ms", 30_000)?,
-            anomaly_rate: self.num("anomaly-rate", 0.02)?,
-            files: self.num("files", 2)?,
+            trips: g.trips,
+            seed: g.seed,
+            duplicate_rate: g.duplicate_rate,
+            out_of_order_ms: self.out_of_order_ms,
+            anomaly_rate: g.anomaly_rate,
+            files: g.files as usize,
         };
         if !(0.0..=1.0).contains(&c.duplicate_rate) || !(0.0..=1.0).contains(&c.anomaly_rate) {
             bail!("--duplicate-rate and --anomaly-rate are probabilities between 0 and 1");
         }
-        if c.files == 0 || c.trips == 0 {
-            bail!("--files and --trips must be at least 1");
+        if c.out_of_order_ms < 0 {
+            bail!("--out-of-order-ms cannot be negative");
         }
         Ok(c)
     }
+
     fn job_config(&self) -> Result<job::JobConfig> {
+        let j = self
+            .job
+            .as_ref()
+            .expect("a command that runs has the job's flags");
         Ok(job::JobConfig {
-            parallelism: self.num("parallelism", 2)?,
-            checkpoint_every: Duration::from_millis(self.num("checkpoint-ms", 1_000)?),
-            out_of_order: Duration::from_millis(self.num("out-of-order-ms", 30_000)?),
-            batch_size: self.num("batch-size", 1024)?,
-            pacing: match self.num("pace-us", 0u64)? {
+            parallelism: j.parallelism,
+            checkpoint_every: Duration::from_millis(j.checkpoint_ms),
+            out_of_order: Duration::from_millis(self.out_of_order_ms.max(0) as u64),
+            batch_size: j.batch_size,
+            pacing: match j.pace_us {
                 0 => None,
                 us => Some(Duration::from_micros(us)),
             },
@@ -105,7 +196,7 @@ impl Settings for Args {
     }
 }
 
-fn generate(a: &Args) -> Result<()> {
+fn generate(a: &Flags) -> Result<()> {
     let cfg = a.gen_config()?;
     let input = a.dir().join("input");
     let t = Instant::now();
@@ -122,7 +213,7 @@ fn generate(a: &Args) -> Result<()> {
     Ok(())
 }
 
-fn run(a: &Args) -> Result<()> {
+fn run(a: &Flags) -> Result<()> {
     let dir = a.dir();
     let input = dir.join("input");
     if !input.join("anomalies.jsonl").exists() {
@@ -178,7 +269,7 @@ fn create_ledger_table(_: &job::LedgerTable) -> Result<()> {
     unreachable!("--ledger-postgres is refused without the postgres feature")
 }
 
-fn verify(a: &Args) -> Result<()> {
+fn verify(a: &Flags) -> Result<()> {
     let dir = a.dir();
     let report = verifier::verify(&dir.join("input"), &dir.join("out"), a.ledger_table()?)?;
     report.print();
@@ -188,7 +279,7 @@ fn verify(a: &Args) -> Result<()> {
     Ok(())
 }
 
-fn demo(a: &Args) -> Result<()> {
+fn demo(a: &Flags) -> Result<()> {
     let dir = a.dir();
     if !dir.join("input").join("anomalies.jsonl").exists() {
         generate(a)?;
@@ -206,49 +297,112 @@ fn demo(a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Reconciliation of charges, payments and payouts, exactly once (`demo` when no
+/// command is given).
+#[derive(clap::Parser)]
+#[command(name = "reconciliation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Generate the input (unless there is one), run the job, verify its output.
+    Demo {
+        #[command(flatten)]
+        dir: DirFlag,
+        #[command(flatten)]
+        disorder: DisorderFlag,
+        #[command(flatten)]
+        gen: GenFlags,
+        #[command(flatten)]
+        job: JobFlags,
+        #[command(flatten)]
+        ledger: LedgerFlags,
+    },
+    /// Generate the input streams and their ground truth into DIR/input.
+    Generate {
+        #[command(flatten)]
+        dir: DirFlag,
+        #[command(flatten)]
+        disorder: DisorderFlag,
+        #[command(flatten)]
+        gen: GenFlags,
+    },
+    /// Run the job (it resumes from DIR/checkpoints).
+    Run {
+        #[command(flatten)]
+        dir: DirFlag,
+        #[command(flatten)]
+        disorder: DisorderFlag,
+        #[command(flatten)]
+        job: JobFlags,
+        #[command(flatten)]
+        ledger: LedgerFlags,
+    },
+    /// Check DIR/out (and the ledger table) against an independent recomputation.
+    Verify {
+        #[command(flatten)]
+        dir: DirFlag,
+        #[command(flatten)]
+        ledger: LedgerFlags,
+    },
+}
+
 fn main() -> Result<()> {
     args::start()?;
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let cmd = args.first().map(String::as_str).unwrap_or("demo");
-    let rest = if args.is_empty() { &[][..] } else { &args[1..] };
-    let a = Args::parse(rest)?;
-    const GEN: &[&str] = &[
-        "dir",
-        "trips",
-        "seed",
-        "duplicate-rate",
-        "out-of-order-ms",
-        "anomaly-rate",
-        "files",
-    ];
-    const JOB: &[&str] = &[
-        "dir",
-        "parallelism",
-        "checkpoint-ms",
-        "out-of-order-ms",
-        "batch-size",
-        "pace-us",
-        "ledger-postgres",
-        "ledger-table",
-        "ledger-commit",
-    ];
-    match cmd {
-        "demo" => {
-            a.only(cmd, &[GEN, JOB].concat())?;
-            demo(&a)
-        }
-        "generate" => {
-            a.only(cmd, GEN)?;
-            generate(&a)
-        }
-        "run" => {
-            a.only(cmd, JOB)?;
-            run(&a)
-        }
-        "verify" => {
-            a.only(cmd, &["dir", "ledger-postgres", "ledger-table"])?;
-            verify(&a)
-        }
-        other => bail!("unknown command '{other}'; expected demo, generate, run or verify"),
+    let cli = <Cli as clap::Parser>::parse();
+    let command = match cli.command {
+        Some(c) => c,
+        None => match <Cli as clap::Parser>::parse_from(["reconciliation", "demo"]).command {
+            Some(c) => c,
+            None => unreachable!("demo was given"),
+        },
+    };
+    let no_ledger = || LedgerFlags {
+        ledger_postgres: None,
+        ledger_table: None,
+    };
+    match command {
+        Command::Demo {
+            dir,
+            disorder,
+            gen,
+            job,
+            ledger,
+        } => demo(&Flags {
+            dir: dir.dir,
+            out_of_order_ms: disorder.out_of_order_ms,
+            gen: Some(gen),
+            job: Some(job),
+            ledger,
+        }),
+        Command::Generate { dir, disorder, gen } => generate(&Flags {
+            dir: dir.dir,
+            out_of_order_ms: disorder.out_of_order_ms,
+            gen: Some(gen),
+            job: None,
+            ledger: no_ledger(),
+        }),
+        Command::Run {
+            dir,
+            disorder,
+            job,
+            ledger,
+        } => run(&Flags {
+            dir: dir.dir,
+            out_of_order_ms: disorder.out_of_order_ms,
+            gen: None,
+            job: Some(job),
+            ledger,
+        }),
+        Command::Verify { dir, ledger } => verify(&Flags {
+            dir: dir.dir,
+            out_of_order_ms: 0,
+            gen: None,
+            job: None,
+            ledger,
+        }),
     }
 }
