@@ -125,6 +125,20 @@ fn two_file_sinks_on_one_directory_are_refused() {
 }
 
 #[test]
+fn leftovers_of_dead_runs_are_cleaned_up_after_the_checkpoints_were_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    // An in-progress file of an instance with lease 5 that died before its first
+    // checkpoint; its checkpoint storage is gone. Leases restart from the clock, not from
+    // 1, so this run's lease is above 5 and the file is an older instance's to abort.
+    let staging = tmp.path().join("out/.staging/balances");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("inprogress-g5-0-4242-0"), "{}\n").unwrap();
+    ledger(tmp.path(), "payments", Some("balance"), "tag", false).unwrap();
+    assert!(!staging.join("inprogress-g5-0-4242-0").exists());
+    assert!(!part_files(&tmp.path().join("out")).is_empty());
+}
+
+#[test]
 fn part_files_carry_the_sink_name() {
     let tmp = tempfile::tempdir().unwrap();
     ledger(tmp.path(), "payments", Some("balance"), "tag", false).unwrap();
@@ -457,17 +471,24 @@ fn an_older_instance_is_fenced_and_never_touches_the_newer_ones_output() {
         let dir = dir.clone();
         std::thread::spawn(move || balances(&dir, source))
     };
-    // The older instance (lease 1) reads half its input and waits.
+    // The older instance reads half its input and waits, holding its lease.
     let (older, older_gate) = gated(&payments);
     let a = spawn(older);
     wait_at(&older_gate);
-    // A newer instance (lease 2) on the same location does the same; once its sink
+    // A newer instance (a higher lease) on the same location does the same; once its sink
     // has output in progress, the older one goes on.
     let (newer, newer_gate) = gated(&payments);
     let b = spawn(newer);
     wait_at(&newer_gate);
+    // The newer instance's lease, the only one left: its generation tags its files.
+    let leases: Vec<String> = std::fs::read_dir(dir.join("checkpoints/_leases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    let tag = format!("-g{}-", leases[0].parse::<u64>().unwrap());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !staging_files(&dir).iter().any(|f| f.contains("-g2-")) {
+    while !staging_files(&dir).iter().any(|f| f.contains(&tag)) {
         assert!(
             std::time::Instant::now() < deadline,
             "the newer instance wrote nothing"
@@ -481,7 +502,7 @@ fn an_older_instance_is_fenced_and_never_touches_the_newer_ones_output() {
     // restart's recovery removed the newer instance's files as if they were its own).
     let newer_files: Vec<String> = staging_files(&dir)
         .into_iter()
-        .filter(|f| f.contains("-g2-"))
+        .filter(|f| f.contains(&tag))
         .collect();
     assert!(!newer_files.is_empty(), "{:?}", staging_files(&dir));
     assert!(

@@ -376,8 +376,15 @@ impl CheckpointStorage {
             .collect())
     }
 
-    /// Take a lease one above every existing one (create-if-absent, so two instances
-    /// never hold the same epoch) and drop older leases: their holders are fenced.
+    /// Take a lease above every existing one (create-if-absent, so two instances never
+    /// hold the same epoch) and drop older leases: their holders are fenced.
+    ///
+    /// The epoch is also at least the wall clock in milliseconds. Sinks tag what they
+    /// stage with it, and those artifacts live in the output, which outlives the
+    /// checkpoint storage when that is deleted or replaced: numbering from 1 again
+    /// would make the new instance look older than its own dead predecessors' leftovers
+    /// (and refuse to clean them up). Time only raises the epoch, so a clock set back
+    /// still gives one above every lease in the storage.
     ///
     /// # Protocol
     ///
@@ -391,7 +398,10 @@ impl CheckpointStorage {
     pub async fn acquire_lease(&self) -> Result<u64> {
         loop {
             let leases = self.leases().await?;
-            let epoch = leases.iter().max().map_or(1, |m| m + 1);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let epoch = leases.iter().max().map_or(1, |m| m + 1).max(now_ms);
             let path = self.lease_dir().join(format!("{epoch:020}"));
             let opts = PutOptions {
                 mode: PutMode::Create,
@@ -591,6 +601,25 @@ mod tests {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn leases_never_go_back_even_when_the_storage_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let s = CheckpointStorage::from_url(&url).unwrap();
+        let (a, b) = rt().block_on(async {
+            let a = s.acquire_lease().await.unwrap();
+            let b = s.acquire_lease().await.unwrap();
+            (a, b)
+        });
+        assert!(b > a, "{a} {b}");
+        // The checkpoint storage deleted: the next lease is still not below the old ones,
+        // so sink artifacts tagged with them stay older (or equal) and can be cleaned up.
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        let s = CheckpointStorage::from_url(&url).unwrap();
+        let c = rt().block_on(s.acquire_lease()).unwrap();
+        assert!(c >= b, "{b} {c}");
     }
 
     #[test]

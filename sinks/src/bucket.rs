@@ -191,6 +191,9 @@ impl<T: Data, E: RecordEncoder<T>> ObjectStoreSink<T, E> {
         let plain =
             |name: &str| !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\']);
         fn under<'a>(path: &'a str, dir: &Path) -> Option<&'a str> {
+            if dir.as_ref().is_empty() {
+                return Some(path); // the bucket's root: no separator to strip
+            }
             path.strip_prefix(dir.as_ref())
                 .and_then(|rest| rest.strip_prefix('/'))
         }
@@ -595,6 +598,29 @@ mod tests {
         ObjectStoreSink::new(Arc::new(object_store::memory::InMemory::new()), "out", e)
             .unwrap()
             .max_file_bytes(20 << 20)
+    }
+
+    #[test]
+    fn a_sink_at_the_bucket_root_commits() {
+        let sink = ObjectStoreSink::<(u32, String), _>::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            "",
+            JsonLines,
+        )
+        .unwrap();
+        let mut w = sink.open_writer(&ctx()).unwrap();
+        w.write(&mut vec![(1, "a".to_string())]).unwrap();
+        let c = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
+        sink.commit(&c).unwrap();
+        assert!(objects(&sink)
+            .iter()
+            .any(|(p, _)| p.starts_with("part-out-")));
+        let mut outside = c.clone();
+        outside.files[0].path = "elsewhere/part-out-1".into();
+        assert!(matches!(
+            sink.commit(&outside).unwrap_err(),
+            Error::CorruptCheckpoint { .. }
+        ));
     }
 
     #[test]

@@ -257,10 +257,7 @@ impl<T, E> FileSink<T, E> {
         for entry in entries {
             let entry = entry.map_err(io(format!("listing {}", self.dir.display())))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let id = name
-                .strip_prefix(&prefix)
-                .and_then(|r| r.split_once('-'))
-                .and_then(|(c, _)| c.parse::<u64>().ok());
+            let id = name.strip_prefix(&prefix).and_then(part_checkpoint);
             if let Some(id) = id.filter(|&id| id > restored) {
                 if newer.as_ref().is_none_or(|(n, _)| id > *n) {
                     newer = Some((id, name));
@@ -284,6 +281,18 @@ impl<T, E> FileSink<T, E> {
             self.dir.display()
         )))
     }
+}
+
+/// The checkpoint id of a part file's name after `part-<sink>-`: exactly
+/// `<12 digits>-<4 digits>.<ext>`, so a sink `out` does not take the files of a sink
+/// `out-2` (`part-out-2-000000000009-0000.jsonl`) for its own.
+fn part_checkpoint(rest: &str) -> Option<u64> {
+    let b = rest.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let fixed =
+        digits(0..12) && b.get(12) == Some(&b'-') && digits(13..17) && b.get(17) == Some(&b'.');
+    fixed.then(|| rest[..12].parse().ok()).flatten()
 }
 
 /// The generation and (for staged files) the checkpoint id in a staging file's name:
@@ -697,6 +706,15 @@ mod tests {
             Some(CheckpointId(5))
         );
         assert!(parts(&staging).is_empty());
+    }
+
+    #[test]
+    fn part_names_give_their_checkpoint_only_for_this_sink() {
+        assert_eq!(part_checkpoint("000000000009-0000.jsonl"), Some(9));
+        // `part-out-2-000000000009-0000.jsonl` after `part-out-`: sink `out-2`'s file.
+        assert_eq!(part_checkpoint("2-000000000009-0000.jsonl"), None);
+        assert_eq!(part_checkpoint("000000000009-0000"), None);
+        assert_eq!(part_checkpoint("00000000009-0000.jsonl"), None);
     }
 
     #[test]

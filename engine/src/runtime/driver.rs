@@ -732,10 +732,12 @@ impl Driver<'_> {
                         self.completed.fetch_max(id.0, Ordering::SeqCst);
                         fail::fail_point!("checkpoint::after_manifest");
                         // Fenced since the lease check above? A newer instance then
-                        // took its lease before this manifest existed and may restore
-                        // the checkpoint before it: publishing this output now could
-                        // duplicate what it produces. It re-commits this manifest's
-                        // output itself if it restores it.
+                        // took its lease before this manifest existed and may have
+                        // restored the checkpoint before it: publishing this output now
+                        // could duplicate what it produces. If it restores this manifest
+                        // instead, it re-commits its output itself. (If it missed the
+                        // manifest and deleted the staged files, a later restore of this
+                        // manifest stops with CommitLost: the documented race.)
                         let committed = self
                             .rt
                             .block_on(self.storage.check_lease(self.lease))

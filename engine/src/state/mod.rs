@@ -542,8 +542,12 @@ impl<K: Key> KeyedState<K> {
             },
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => set_rocks_key(b, last, key).and_then(|()| match s.ttl_ms() {
-                None => b.clear(s),
-                Some(_) => b.clear_ttl(s),
+                None => b
+                    .check(s.name(), 0, TypeId::of::<V>(), typed::value_type::<K, V>)
+                    .and_then(|()| b.clear(s)),
+                Some(_) => b
+                    .check(s.name(), 1, TypeId::of::<V>(), typed::ttl_type::<K, V>)
+                    .and_then(|()| b.clear_ttl(s)),
             }),
         };
         self.record(r);
@@ -616,6 +620,12 @@ impl<K: Key> KeyedState<K> {
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
+                b.check(
+                    s.name(),
+                    2,
+                    TypeId::of::<(UK, UV)>(),
+                    typed::map_type::<K, UK, UV>,
+                )?;
                 b.map_remove(s, uk)
             }
         }
@@ -649,7 +659,16 @@ impl<K: Key> KeyedState<K> {
         let r = match &mut self.inner {
             Inner::Memory(m) => m.maps(s).map(|t| t.clear(key)),
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b, last) => set_rocks_key(b, last, key).and_then(|()| b.map_clear(s)),
+            Inner::Rocks(b, last) => set_rocks_key(b, last, key)
+                .and_then(|()| {
+                    b.check(
+                        s.name(),
+                        2,
+                        TypeId::of::<(UK, UV)>(),
+                        typed::map_type::<K, UK, UV>,
+                    )
+                })
+                .and_then(|()| b.map_clear(s)),
         };
         self.record(r);
     }

@@ -66,7 +66,7 @@ impl StateTypes {
                     "operator '{}', state '{name}': the checkpoint holds {old}, the job now \
                      declares {description}. Restoring would read the old bytes as the new \
                      type; keep the old type, or give the state a new name (which starts it \
-                     empty; the old one then needs JobBuilder::allow_non_restored_state())",
+                     empty)",
                     self.operator
                 )));
             }
