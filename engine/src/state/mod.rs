@@ -481,15 +481,10 @@ impl<K: Key> KeyedState<K> {
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
+                check_value::<K, V>(b, s)?;
                 match s.ttl_ms() {
-                    None => {
-                        b.check(s.name(), 0, TypeId::of::<V>(), typed::value_type::<K, V>)?;
-                        b.get(s)
-                    }
-                    Some(_) => {
-                        b.check(s.name(), 1, TypeId::of::<V>(), typed::ttl_type::<K, V>)?;
-                        b.get_ttl(s, now)
-                    }
+                    None => b.get(s),
+                    Some(_) => b.get_ttl(s, now),
                 }
             }
         }
@@ -517,15 +512,10 @@ impl<K: Key> KeyedState<K> {
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
+                check_value::<K, V>(b, s)?;
                 match s.ttl_ms() {
-                    None => {
-                        b.check(s.name(), 0, TypeId::of::<V>(), typed::value_type::<K, V>)?;
-                        b.put(s, value)
-                    }
-                    Some(_) => {
-                        b.check(s.name(), 1, TypeId::of::<V>(), typed::ttl_type::<K, V>)?;
-                        b.put_ttl(s, value, now)
-                    }
+                    None => b.put(s, value),
+                    Some(_) => b.put_ttl(s, value, now),
                 }
             }
         }
@@ -541,14 +531,12 @@ impl<K: Key> KeyedState<K> {
                 Some(_) => m.ttl_values(s).map(|t| t.clear(key)),
             },
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(b, last) => set_rocks_key(b, last, key).and_then(|()| match s.ttl_ms() {
-                None => b
-                    .check(s.name(), 0, TypeId::of::<V>(), typed::value_type::<K, V>)
-                    .and_then(|()| b.clear(s)),
-                Some(_) => b
-                    .check(s.name(), 1, TypeId::of::<V>(), typed::ttl_type::<K, V>)
-                    .and_then(|()| b.clear_ttl(s)),
-            }),
+            Inner::Rocks(b, last) => set_rocks_key(b, last, key)
+                .and_then(|()| check_value::<K, V>(b, s))
+                .and_then(|()| match s.ttl_ms() {
+                    None => b.clear(s),
+                    Some(_) => b.clear_ttl(s),
+                }),
         };
         self.record(r);
     }
@@ -566,12 +554,7 @@ impl<K: Key> KeyedState<K> {
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
-                b.check(
-                    s.name(),
-                    2,
-                    TypeId::of::<(UK, UV)>(),
-                    typed::map_type::<K, UK, UV>,
-                )?;
+                check_map::<K, UK, UV>(b, s)?;
                 b.map_get(s, uk)
             }
         }
@@ -594,12 +577,7 @@ impl<K: Key> KeyedState<K> {
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
-                b.check(
-                    s.name(),
-                    2,
-                    TypeId::of::<(UK, UV)>(),
-                    typed::map_type::<K, UK, UV>,
-                )?;
+                check_map::<K, UK, UV>(b, s)?;
                 b.map_put(s, uk, value)
             }
         }
@@ -620,12 +598,7 @@ impl<K: Key> KeyedState<K> {
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
-                b.check(
-                    s.name(),
-                    2,
-                    TypeId::of::<(UK, UV)>(),
-                    typed::map_type::<K, UK, UV>,
-                )?;
+                check_map::<K, UK, UV>(b, s)?;
                 b.map_remove(s, uk)
             }
         }
@@ -643,12 +616,7 @@ impl<K: Key> KeyedState<K> {
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
-                b.check(
-                    s.name(),
-                    2,
-                    TypeId::of::<(UK, UV)>(),
-                    typed::map_type::<K, UK, UV>,
-                )?;
+                check_map::<K, UK, UV>(b, s)?;
                 b.map_entries(s)
             }
         }
@@ -660,14 +628,7 @@ impl<K: Key> KeyedState<K> {
             Inner::Memory(m) => m.maps(s).map(|t| t.clear(key)),
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => set_rocks_key(b, last, key)
-                .and_then(|()| {
-                    b.check(
-                        s.name(),
-                        2,
-                        TypeId::of::<(UK, UV)>(),
-                        typed::map_type::<K, UK, UV>,
-                    )
-                })
+                .and_then(|()| check_map::<K, UK, UV>(b, s))
                 .and_then(|()| b.map_clear(s)),
         };
         self.record(r);
@@ -832,6 +793,32 @@ fn set_rocks_key<K: Key>(b: &mut bytes::ByteState, last: &mut Option<K>, key: &K
         *last = Some(key.clone());
     }
     Ok(())
+}
+
+/// Check a value state's declared type on RocksDB (a pointer scan after the first use;
+/// the memory backend checks when it opens the state's table).
+#[cfg(feature = "rocksdb")]
+#[inline]
+fn check_value<K, V: StateValue>(b: &mut bytes::ByteState, s: ValueState<V>) -> Result<()> {
+    match s.ttl_ms() {
+        None => b.check(s.name(), 0, TypeId::of::<V>(), typed::value_type::<K, V>),
+        Some(_) => b.check(s.name(), 1, TypeId::of::<V>(), typed::ttl_type::<K, V>),
+    }
+}
+
+/// [`check_value`] for a map state.
+#[cfg(feature = "rocksdb")]
+#[inline]
+fn check_map<K, UK: StateValue, UV: StateValue>(
+    b: &mut bytes::ByteState,
+    s: MapState<UK, UV>,
+) -> Result<()> {
+    b.check(
+        s.name(),
+        2,
+        TypeId::of::<(UK, UV)>(),
+        typed::map_type::<K, UK, UV>,
+    )
 }
 
 #[cfg(not(feature = "rocksdb"))]
