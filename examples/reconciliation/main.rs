@@ -117,14 +117,7 @@ struct LedgerFlags {
 }
 
 /// Settings from the command line.
-trait Settings {
-    fn dir(&self) -> PathBuf;
-    fn gen_config(&self) -> Result<generator::GenConfig>;
-    fn job_config(&self) -> Result<job::JobConfig>;
-    fn ledger_table(&self) -> Result<Option<job::LedgerTable>>;
-}
-
-impl Settings for Flags {
+impl Flags {
     fn ledger_table(&self) -> Result<Option<job::LedgerTable>> {
         let Some(url) = &self.ledger.ledger_postgres else {
             return Ok(None);
