@@ -32,7 +32,7 @@ pub mod prelude {
     pub use crate::error::{Error, ErrorClass};
     pub use crate::ids::CheckpointId;
     pub use crate::metrics::{Counter, OpenContext};
-    pub use crate::process::{KeyedContext, KeyedProcessFunction};
+    pub use crate::process::{Emitter, KeyedContext, KeyedProcessFunction};
     pub use crate::runtime::{CheckpointStats, JobReport};
     pub use crate::state::{MapState, StateBackend, StateValue, ValueState};
     pub use crate::testing::{CollectSink, VecSource};

@@ -155,9 +155,60 @@ impl<K: Key, O> KeyedContext<'_, K, O> {
         self.state.map_entries(self.key, state)
     }
 
+    /// Change entry `key` of the current key's map `state` in place (created with
+    /// `init` if absent) and return what `f` returns. In memory this is one lookup,
+    /// where [`Self::map_get`] then [`Self::map_put`] are two and copy the value twice.
+    #[inline]
+    pub fn map_update<UK: StateValue + Eq, UV: StateValue, R>(
+        &mut self,
+        state: MapState<UK, UV>,
+        key: &UK,
+        init: impl FnOnce() -> UV,
+        f: impl FnOnce(&mut UV) -> R,
+    ) -> Result<R> {
+        self.state.map_update(self.key, state, key, init, f)
+    }
+
+    /// Visit every entry of the current key's map `state` (in memory: in insertion
+    /// order), keeping those for which `f` returns true, with the changes `f` made to
+    /// them. `f` may emit through its [`Emitter`]. Nothing is copied out, unlike
+    /// [`Self::map_entries`].
+    pub fn map_retain<UK: StateValue + Eq, UV: StateValue>(
+        &mut self,
+        state: MapState<UK, UV>,
+        mut f: impl FnMut(&UK, &mut UV, &mut Emitter<'_, K, O>) -> bool,
+    ) -> Result<()> {
+        let mut emitter = Emitter {
+            key: self.key,
+            out: &mut *self.out,
+        };
+        self.state
+            .map_retain(self.key, state, |uk, uv| f(uk, uv, &mut emitter))
+    }
+
     /// Remove all entries of the current key's map `state`.
     pub fn map_clear<UK: StateValue + Eq, UV: StateValue>(&mut self, state: MapState<UK, UV>) {
         self.state.map_clear(self.key, state)
+    }
+}
+
+/// The current key and the output, for code that runs while the key's state is borrowed
+/// (see [`KeyedContext::map_retain`]).
+pub struct Emitter<'a, K, O> {
+    key: &'a K,
+    out: &'a mut Vec<O>,
+}
+
+impl<K, O> Emitter<'_, K, O> {
+    /// The current record's key.
+    pub fn key(&self) -> &K {
+        self.key
+    }
+
+    /// Emit a record downstream.
+    #[inline]
+    pub fn emit(&mut self, record: O) {
+        self.out.push(record);
     }
 }
 

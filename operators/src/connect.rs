@@ -296,19 +296,19 @@ where
     fn on_timer(&mut self, timer: Timer, ctx: &mut KeyedContext<'_, K, O>) -> Result<(), BoxError> {
         // A buffered left can still match rights up to ta + upper; a right, lefts down
         // to tb - lower. Past that, with the watermark at `timer.time`, nothing can.
-        for ((ta, seq), _) in ctx.map_entries(left_buf::<A>())? {
-            if ta + self.upper.max(0) <= timer.time {
-                ctx.map_remove(left_buf::<A>(), &(ta, seq))?;
-            }
-        }
-        for ((tb, seq), _) in ctx.map_entries(right_buf::<B>())? {
-            if tb - self.lower.min(0) <= timer.time {
-                ctx.map_remove(right_buf::<B>(), &(tb, seq))?;
-            }
-        }
-        if ctx.map_entries(left_buf::<A>())?.is_empty()
-            && ctx.map_entries(right_buf::<B>())?.is_empty()
-        {
+        let (upper, lower) = (self.upper.max(0), self.lower.min(0));
+        let mut buffered = 0usize;
+        ctx.map_retain(left_buf::<A>(), |(ta, _), _, _| {
+            let keep = ta + upper > timer.time;
+            buffered += usize::from(keep);
+            keep
+        })?;
+        ctx.map_retain(right_buf::<B>(), |(tb, _), _, _| {
+            let keep = tb - lower > timer.time;
+            buffered += usize::from(keep);
+            keep
+        })?;
+        if buffered == 0 {
             ctx.clear_value(JOIN_SEQ);
         }
         Ok(())
@@ -404,31 +404,34 @@ where
     }
 
     fn on_timer(&mut self, timer: Timer, ctx: &mut KeyedContext<'_, K, O>) -> Result<(), BoxError> {
+        // Take the due records of both sides out of the buffers (in one pass each).
         let due = |w: &Window| w.max_timestamp() <= timer.time;
-        let lefts: Vec<_> = ctx
-            .map_entries(wleft::<A>())?
-            .into_iter()
-            .filter(|((w, _), _)| due(w))
-            .collect();
-        let rights: Vec<_> = ctx
-            .map_entries(wright::<B>())?
-            .into_iter()
-            .filter(|((w, _), _)| due(w))
-            .collect();
-        for ((wa, _), a) in &lefts {
-            for ((wb, _), b) in &rights {
+        let (mut lefts, mut rights) = (Vec::new(), Vec::new());
+        let mut buffered = 0usize;
+        ctx.map_retain(wleft::<A>(), |(w, _), a, _| {
+            if due(w) {
+                lefts.push((*w, a.clone()));
+                return false;
+            }
+            buffered += 1;
+            true
+        })?;
+        ctx.map_retain(wright::<B>(), |(w, _), b, _| {
+            if due(w) {
+                rights.push((*w, b.clone()));
+                return false;
+            }
+            buffered += 1;
+            true
+        })?;
+        for (wa, a) in &lefts {
+            for (wb, b) in &rights {
                 if wa == wb {
                     ctx.emit((self.f)(a, b));
                 }
             }
         }
-        for (k, _) in &lefts {
-            ctx.map_remove(wleft::<A>(), k)?;
-        }
-        for (k, _) in &rights {
-            ctx.map_remove(wright::<B>(), k)?;
-        }
-        if ctx.map_entries(wleft::<A>())?.is_empty() && ctx.map_entries(wright::<B>())?.is_empty() {
+        if buffered == 0 {
             ctx.clear_value(JOIN_SEQ);
         }
         Ok(())

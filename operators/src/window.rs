@@ -382,26 +382,44 @@ where
                 Windows::Session { .. } => self.merge_sessions(w, ctx)?,
                 _ => (w, None),
             };
-            let mut entry = match merged {
-                Some(e) => e,
-                None => ctx
-                    .map_get(slots::<A::Acc>(), &w)?
-                    .unwrap_or_else(|| Entry {
+            // Within the allowed lateness of a window that already fired: fire again now.
+            let refire = w.max_timestamp() <= wm;
+            let result = match merged {
+                Some(mut entry) => {
+                    self.agg.add(&mut entry.acc, &record);
+                    entry.fired |= refire;
+                    let result = refire.then(|| self.agg.result(&entry.acc));
+                    ctx.map_put(slots::<A::Acc>(), &w, &entry)?;
+                    result
+                }
+                None => ctx.map_update(
+                    slots::<A::Acc>(),
+                    &w,
+                    || Entry {
                         acc: self.agg.create(),
                         fired: false,
-                    }),
+                    },
+                    |entry| {
+                        self.agg.add(&mut entry.acc, &record);
+                        entry.fired |= refire;
+                        refire.then(|| self.agg.result(&entry.acc))
+                    },
+                )?,
             };
-            self.agg.add(&mut entry.acc, &record);
-            if w.max_timestamp() <= wm {
-                // Within the allowed lateness of a window that already fired.
-                let fired = self.fire(ctx.key(), w, &entry.acc);
-                ctx.emit(fired);
-                entry.fired = true;
-            } else {
-                ctx.register_event_time_timer(w.max_timestamp());
+            match result {
+                Some(value) => {
+                    let key = ctx.key().clone();
+                    ctx.emit(WindowEvent::Fired(Windowed {
+                        key,
+                        window: w,
+                        value,
+                    }));
+                    ctx.register_event_time_timer(self.cleanup_time(&w));
+                }
+                // One timer per window: firing registers the cleanup timer, if the
+                // allowed lateness puts it later.
+                None => ctx.register_event_time_timer(w.max_timestamp()),
             }
-            ctx.register_event_time_timer(self.cleanup_time(&w));
-            ctx.map_put(slots::<A::Acc>(), &w, &entry)?;
         }
         if !on_time {
             if let Some(c) = &self.late {
@@ -417,19 +435,19 @@ where
         timer: Timer,
         ctx: &mut KeyedContext<'_, K, Self::Out>,
     ) -> Result<(), BoxError> {
-        for (w, mut entry) in ctx.map_entries(slots::<A::Acc>())? {
+        let mut fired_any = false;
+        ctx.map_retain(slots::<A::Acc>(), |w, entry, out| {
             let fire_now = w.max_timestamp() == timer.time && !entry.fired;
-            let purge = self.cleanup_time(&w) <= timer.time;
             if fire_now {
-                let fired = self.fire(ctx.key(), w, &entry.acc);
-                ctx.emit(fired);
+                out.emit(self.fire(out.key(), *w, &entry.acc));
                 entry.fired = true;
+                fired_any = true;
             }
-            if purge {
-                ctx.map_remove(slots::<A::Acc>(), &w)?;
-            } else if fire_now {
-                ctx.map_put(slots::<A::Acc>(), &w, &entry)?;
-            }
+            // Kept until its allowed lateness has passed.
+            self.cleanup_time(w) > timer.time
+        })?;
+        if fired_any && self.lateness > 0 {
+            ctx.register_event_time_timer(timer.time.saturating_add(self.lateness));
         }
         Ok(())
     }

@@ -612,12 +612,80 @@ impl<K: Key> KeyedState<K> {
         s: MapState<UK, UV>,
     ) -> Result<Vec<(UK, UV)>> {
         match &mut self.inner {
-            Inner::Memory(m) => Ok(m.maps(s)?.table.get(key).cloned().unwrap_or_default()),
+            Inner::Memory(m) => Ok(m
+                .maps(s)?
+                .table
+                .get(key)
+                .map(|e| e.to_vec())
+                .unwrap_or_default()),
             #[cfg(feature = "rocksdb")]
             Inner::Rocks(b, last) => {
                 set_rocks_key(b, last, key)?;
                 check_map::<K, UK, UV>(b, s)?;
                 b.map_entries(s)
+            }
+        }
+    }
+
+    /// Change entry `uk` of `key`'s map `s` in place with `f` (created with `init` if
+    /// absent), and return what `f` returns: one lookup in memory.
+    #[inline]
+    pub fn map_update<UK: StateValue + Eq, UV: StateValue, R>(
+        &mut self,
+        key: &K,
+        s: MapState<UK, UV>,
+        uk: &UK,
+        init: impl FnOnce() -> UV,
+        f: impl FnOnce(&mut UV) -> R,
+    ) -> Result<R> {
+        match &mut self.inner {
+            Inner::Memory(m) => Ok(m.maps(s)?.update(key, uk, init, f)),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b, last) => {
+                set_rocks_key(b, last, key)?;
+                check_map::<K, UK, UV>(b, s)?;
+                let mut v = b.map_get(s, uk)?.unwrap_or_else(init);
+                let r = f(&mut v);
+                b.map_put(s, uk, &v)?;
+                Ok(r)
+            }
+        }
+    }
+
+    /// Visit every entry of `key`'s map `s` (in [`Self::map_entries`] order), keeping
+    /// those for which `f` returns true, with the changes `f` made to them.
+    pub fn map_retain<UK: StateValue + Eq, UV: StateValue>(
+        &mut self,
+        key: &K,
+        s: MapState<UK, UV>,
+        f: impl FnMut(&UK, &mut UV) -> bool,
+    ) -> Result<()> {
+        match &mut self.inner {
+            Inner::Memory(m) => {
+                m.maps(s)?.retain(key, f);
+                Ok(())
+            }
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b, last) => {
+                set_rocks_key(b, last, key)?;
+                check_map::<K, UK, UV>(b, s)?;
+                // Write back only what changed: compare each kept value's encoding.
+                let mut f = f;
+                let (mut before, mut after) = (Vec::new(), Vec::new());
+                for (uk, mut uv) in b.map_entries(s)? {
+                    before.clear();
+                    crate::codec::encode_into(&uv, &mut before, s.name())?;
+                    if !f(&uk, &mut uv) {
+                        b.map_remove(s, &uk)?;
+                        continue;
+                    }
+                    after.clear();
+                    crate::codec::encode_into(&uv, &mut after, s.name())?;
+                    if after != before {
+                        b.map_put(s, &uk, &uv)?;
+                    }
+                }
+                Ok(())
             }
         }
     }
@@ -829,12 +897,12 @@ fn rocksdb_missing() -> Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::codec;
     use crate::ids::{key_group_of_bytes, SubtaskIndex};
     use proptest::prelude::*;
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     const V: ValueState<i64> = ValueState::new("v");
     const T: ValueState<String> =
@@ -979,6 +1047,119 @@ mod tests {
             .drain_due_timers(TimeDomain::EventTime, 100, &mut out)
             .unwrap();
         assert_eq!(out, vec![(5, 1)], "the view must not see later writes");
+    }
+
+    /// One operation on map state, for [`map_ops_match_a_model`].
+    #[derive(Debug, Clone)]
+    pub(crate) enum MapOp {
+        Put(u64, u8, u32),
+        Update(u64, u8, u32),
+        Remove(u64, u8),
+        /// Keep the entries whose map key is not divisible by the divisor; add 1 to the
+        /// kept values whose map key is even.
+        Retain(u64, u8),
+        Clear(u64),
+    }
+
+    pub(crate) fn map_op() -> impl Strategy<Value = MapOp> {
+        let k = 0u64..6;
+        let uk = 0u8..6;
+        prop_oneof![
+            (k.clone(), uk.clone(), any::<u32>()).prop_map(|(k, u, v)| MapOp::Put(k, u, v)),
+            (k.clone(), uk.clone(), any::<u32>()).prop_map(|(k, u, v)| MapOp::Update(k, u, v)),
+            (k.clone(), uk).prop_map(|(k, u)| MapOp::Remove(k, u)),
+            (k.clone(), 1u8..5).prop_map(|(k, d)| MapOp::Retain(k, d)),
+            k.prop_map(MapOp::Clear),
+        ]
+    }
+
+    const MO: MapState<u8, u32> = MapState::new("mo");
+
+    /// Apply `ops` to `s` and to a `BTreeMap` model; after every step each key's
+    /// entries (as a set: the backends order them differently) and the entry count
+    /// must match the model.
+    pub(crate) fn map_ops_match_a_model(s: &mut KeyedState<u64>, ops: &[MapOp]) {
+        let mut model: BTreeMap<(u64, u8), u32> = BTreeMap::new();
+        for op in ops {
+            match *op {
+                MapOp::Put(k, u, v) => {
+                    s.map_put(&k, MO, &u, &v).unwrap();
+                    model.insert((k, u), v);
+                }
+                MapOp::Update(k, u, v) => {
+                    let old = s
+                        .map_update(
+                            &k,
+                            MO,
+                            &u,
+                            || v,
+                            |x| {
+                                let old = *x;
+                                *x = x.wrapping_mul(3).wrapping_add(1);
+                                old
+                            },
+                        )
+                        .unwrap();
+                    let m = model.entry((k, u)).or_insert(v);
+                    assert_eq!(old, *m, "map_update sees the value before it");
+                    *m = m.wrapping_mul(3).wrapping_add(1);
+                }
+                MapOp::Remove(k, u) => {
+                    s.map_remove(&k, MO, &u).unwrap();
+                    model.remove(&(k, u));
+                }
+                MapOp::Retain(k, d) => {
+                    let mut seen = Vec::new();
+                    s.map_retain(&k, MO, |u, v| {
+                        seen.push(*u);
+                        if *u % 2 == 0 {
+                            *v = v.wrapping_add(1);
+                        }
+                        *u % d != 0
+                    })
+                    .unwrap();
+                    seen.sort();
+                    let expected: Vec<u8> = model
+                        .keys()
+                        .filter(|(mk, _)| *mk == k)
+                        .map(|(_, u)| *u)
+                        .collect();
+                    assert_eq!(seen, expected, "map_retain visits every entry once");
+                    model.retain(|(mk, u), v| {
+                        if *mk != k {
+                            return true;
+                        }
+                        if *u % 2 == 0 {
+                            *v = v.wrapping_add(1);
+                        }
+                        *u % d != 0
+                    });
+                }
+                MapOp::Clear(k) => {
+                    s.map_clear(&k, MO);
+                    model.retain(|(mk, _), _| *mk != k);
+                }
+            }
+            s.take_failure().unwrap();
+            for k in 0..6u64 {
+                let mut got = s.map_entries(&k, MO).unwrap();
+                got.sort();
+                let expected: Vec<(u8, u32)> = model
+                    .iter()
+                    .filter(|((mk, _), _)| *mk == k)
+                    .map(|((_, u), v)| (*u, *v))
+                    .collect();
+                assert_eq!(got, expected, "key {k} after {op:?}");
+            }
+            assert_eq!(s.len().unwrap(), model.len());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn in_memory_map_state_matches_a_model(ops in proptest::collection::vec(map_op(), 0..200)) {
+            map_ops_match_a_model(&mut full(), &ops);
+        }
     }
 
     #[test]

@@ -830,6 +830,22 @@ mod tests {
     /// restores into RocksDB at parallelism 3, and that RocksDB state back into memory
     /// at parallelism 1: every entry arrives exactly where its key group is owned.
     #[test]
+    fn map_state_on_rocksdb_matches_a_model() {
+        use crate::state::tests::{map_op, map_ops_match_a_model};
+        use proptest::strategy::{Strategy, ValueTree};
+        use proptest::test_runner::TestRunner;
+        let f = Fixture::new();
+        let mut runner = TestRunner::deterministic();
+        for _ in 0..32 {
+            let ops = proptest::collection::vec(map_op(), 0..200)
+                .new_tree(&mut runner)
+                .unwrap()
+                .current();
+            map_ops_match_a_model(&mut f.open(ALL, &[]), &ops);
+        }
+    }
+
+    #[test]
     fn memory_and_rocksdb_restore_each_other_at_another_parallelism() {
         use crate::state::{MapState, StateSnapshot};
         use crate::time::TimeDomain;

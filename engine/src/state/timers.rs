@@ -53,14 +53,17 @@ impl<K: Hash + Eq + Clone> TimerQueue<K> {
     }
 
     fn register(&mut self, ts: Timestamp, k: &K) {
-        if self.contains(ts, k) {
+        let shared = self.slots.entry(slot_of(ts)).or_default();
+        // A slot that a snapshot still holds is copied only if the timer is new.
+        if Arc::get_mut(shared).is_none() && shared.get(&ts).is_some_and(|keys| keys.contains(k)) {
             return;
         }
-        let slot = Arc::make_mut(self.slots.entry(slot_of(ts)).or_default());
-        slot.entry(ts)
-            .or_insert_with(|| Keys::with_hasher(hasher()))
-            .insert(k.clone());
-        self.len += 1;
+        let keys = Arc::make_mut(shared)
+            .entry(ts)
+            .or_insert_with(|| Keys::with_hasher(hasher()));
+        let before = keys.len();
+        keys.get_or_insert_with(k, K::clone);
+        self.len += keys.len() - before;
     }
 
     fn delete(&mut self, ts: Timestamp, k: &K) {

@@ -254,8 +254,10 @@ impl<K: Key, V: StateValue> TableView for TtlView<K, V> {
 // ---- map state ----
 
 /// The map of one key: few entries in the common case (windows, join buffers), so a
-/// vector in insertion order; point access is linear in the key's entries.
-pub(crate) type KeyMap<UK, UV> = Vec<(UK, UV)>;
+/// vector in insertion order, with room for one entry inside the table's bucket (a key
+/// with one window costs no allocation of its own); point access is linear in the key's
+/// entries.
+pub(crate) type KeyMap<UK, UV> = smallvec::SmallVec<[(UK, UV); 1]>;
 
 pub(crate) struct MapTable<K, UK, UV> {
     prefix: Arc<[u8]>,
@@ -289,13 +291,50 @@ impl<K: Key, UK: StateValue + Eq, UV: StateValue> MapTable<K, UK, UV> {
     }
 
     pub fn put(&mut self, k: &K, uk: &UK, uv: UV) {
-        let m = self.table.upsert(k, Vec::new);
+        let m = self.table.upsert(k, KeyMap::new);
         match m.iter_mut().find(|(x, _)| x == uk) {
             Some(e) => e.1 = uv,
             None => {
                 m.push((uk.clone(), uv));
                 self.entries += 1;
             }
+        }
+    }
+
+    /// Change one entry in place (created with `init` if absent): one probe.
+    #[inline]
+    pub fn update<R>(
+        &mut self,
+        k: &K,
+        uk: &UK,
+        init: impl FnOnce() -> UV,
+        f: impl FnOnce(&mut UV) -> R,
+    ) -> R {
+        let m = self.table.upsert(k, KeyMap::new);
+        let i = match m.iter().position(|(x, _)| x == uk) {
+            Some(i) => i,
+            None => {
+                m.push((uk.clone(), init()));
+                self.entries += 1;
+                m.len() - 1
+            }
+        };
+        f(&mut m[i].1)
+    }
+
+    /// Visit every entry of `k`'s map in order, keeping those for which `f` returns
+    /// true (changes `f` makes to them are kept too).
+    #[inline]
+    pub fn retain(&mut self, k: &K, mut f: impl FnMut(&UK, &mut UV) -> bool) {
+        let Some(m) = self.table.get_mut(k) else {
+            return;
+        };
+        let before = m.len();
+        m.retain(|(uk, uv)| f(uk, uv));
+        let emptied = m.is_empty();
+        self.entries -= before - m.len();
+        if emptied {
+            self.table.remove(k);
         }
     }
 
