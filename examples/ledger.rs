@@ -165,6 +165,7 @@ fn run(a: &RunArgs) -> Result<()> {
                 .context("checkpoint path is not UTF-8")?,
         )
         .parallelism(parallelism)
+        .stop_on_sigterm()
         .state_backend(a.state.backend())
         .on_checkpoint(move |c| {
             eprintln!(
@@ -216,6 +217,9 @@ fn run(a: &RunArgs) -> Result<()> {
         report.checkpoints.len(),
         report.restarts
     );
+    if let Some(id) = report.stopped_at {
+        eprintln!("stopped with checkpoint {id}: run the same command again to resume from it");
+    }
     Ok(())
 }
 

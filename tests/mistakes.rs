@@ -1,9 +1,11 @@
 //! Operators' mistakes that used to lose or double committed output, with exit code 0:
 //! each must now be refused with a message that says what is wrong.
 
+mod common;
+
+use common::gated::{gated, open, wait_at, GatedSource};
 use exactly::prelude::*;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
 
 const BALANCE: ValueState<i64> = ValueState::new("balance");
 
@@ -320,78 +322,6 @@ fn lost_manifests_stop_the_job_before_it_commits_anything_twice() {
     );
 }
 
-/// Reads `(account, amount)` payments from one split: the first `half` at once, then
-/// waits at a gate (reporting that it got there) until the test opens it.
-#[derive(Clone)]
-struct GatedSource {
-    payments: Arc<Vec<(u32, i64)>>,
-    half: u64,
-    /// 0: before the gate, 1: waiting at it, 2: open.
-    gate: Arc<(Mutex<u8>, Condvar)>,
-}
-
-struct GatedReader {
-    s: GatedSource,
-    next: u64,
-}
-
-impl Source for GatedSource {
-    type Item = (u32, i64);
-    type Offset = u64;
-    type Reader = GatedReader;
-    fn splits(&self) -> exactly::engine::error::Result<Vec<String>> {
-        Ok(vec!["0".into()])
-    }
-    fn open(
-        &self,
-        _split: &str,
-        from: Option<u64>,
-        _ctx: &SourceContext,
-    ) -> exactly::engine::error::Result<GatedReader> {
-        Ok(GatedReader {
-            s: self.clone(),
-            next: from.unwrap_or(0),
-        })
-    }
-}
-
-impl SourceReader for GatedReader {
-    type Item = (u32, i64);
-    type Offset = u64;
-    fn poll_batch(
-        &mut self,
-        out: &mut Vec<(u32, i64)>,
-        max: usize,
-    ) -> exactly::engine::error::Result<SourcePoll> {
-        if self.next == self.s.half {
-            let (lock, cv) = &*self.s.gate;
-            let mut g = lock.lock().unwrap();
-            if *g == 0 {
-                *g = 1;
-                cv.notify_all();
-            }
-            if *g < 2 {
-                return Ok(SourcePoll::Idle);
-            }
-        }
-        let end = if self.next < self.s.half {
-            self.s.half
-        } else {
-            self.s.payments.len() as u64
-        };
-        if self.next == end {
-            return Ok(SourcePoll::End);
-        }
-        let to = end.min(self.next + max as u64);
-        out.extend_from_slice(&self.s.payments[self.next as usize..to as usize]);
-        self.next = to;
-        Ok(SourcePoll::Ready)
-    }
-    fn offset(&self) -> u64 {
-        self.next
-    }
-}
-
 /// The running balance of `source`'s payments into `dir/out`, checkpoints in
 /// `dir/checkpoints`.
 fn balances<S: Source<Item = (u32, i64)>>(
@@ -422,27 +352,6 @@ fn committed_lines(dir: &Path) -> Vec<String> {
         .collect();
     lines.sort();
     lines
-}
-
-fn gated(payments: &[(u32, i64)]) -> (GatedSource, Arc<(Mutex<u8>, Condvar)>) {
-    let gate = Arc::new((Mutex::new(0u8), Condvar::new()));
-    let source = GatedSource {
-        payments: Arc::new(payments.to_vec()),
-        half: payments.len() as u64 / 2,
-        gate: gate.clone(),
-    };
-    (source, gate)
-}
-
-fn wait_at(gate: &(Mutex<u8>, Condvar)) {
-    let (lock, cv) = gate;
-    let _reached = cv.wait_while(lock.lock().unwrap(), |g| *g == 0).unwrap();
-}
-
-fn open(gate: &(Mutex<u8>, Condvar)) {
-    let (lock, cv) = gate;
-    *lock.lock().unwrap() = 2;
-    cv.notify_all();
 }
 
 /// The in-progress and staged files of the `balances` sink.

@@ -91,14 +91,27 @@ pub enum Decision {
         /// Why.
         reason: String,
     },
+    /// Ask every source to inject barrier `id` and then read nothing more: a stop with
+    /// a checkpoint was requested.
+    TriggerStop {
+        /// Checkpoint id.
+        id: CheckpointId,
+    },
     /// The final checkpoint is committed: the job is done.
     Finished,
+    /// The stop checkpoint `id` is committed: the job may stop, and a restart resumes
+    /// from `id`.
+    Stopped {
+        /// Checkpoint id.
+        id: CheckpointId,
+    },
 }
 
 #[derive(Debug)]
 struct InFlight {
     id: CheckpointId,
     is_final: bool,
+    stop: bool,
     started: Instant,
     acks: BTreeMap<TaskKey, TaskStateHandle>,
 }
@@ -114,6 +127,11 @@ pub struct CheckpointCoordinator {
     in_flight: Option<InFlight>,
     /// Completed and manifest written, waiting for the driver to commit.
     committing: Option<(CheckpointId, bool)>,
+    /// A stop with a checkpoint was requested; the checkpoint in flight, if any, is
+    /// the stop checkpoint when `in_flight.stop`.
+    stop_requested: bool,
+    /// The checkpoint being committed is the stop checkpoint.
+    committing_stop: bool,
     last_completed: Option<CheckpointId>,
     last_settled: Instant,
     pending: Vec<PendingCommit>,
@@ -139,6 +157,8 @@ impl CheckpointCoordinator {
             next_id: first_id,
             in_flight: None,
             committing: None,
+            stop_requested: false,
+            committing_stop: false,
             last_completed: None,
             last_settled: now,
             pending: restored_pending,
@@ -163,13 +183,34 @@ impl CheckpointCoordinator {
     fn trigger(&mut self, now: Instant, is_final: bool) -> Decision {
         let id = self.next_id;
         self.next_id = id.next();
+        // The final checkpoint ends the job anyway; it wins over a stop.
+        let stop = self.stop_requested && !is_final;
         self.in_flight = Some(InFlight {
             id,
             is_final,
+            stop,
             started: now,
             acks: BTreeMap::new(),
         });
-        Decision::Trigger { id, is_final }
+        if stop {
+            Decision::TriggerStop { id }
+        } else {
+            Decision::Trigger { id, is_final }
+        }
+    }
+
+    /// Stop with a checkpoint: at once if no checkpoint is in flight, else right after
+    /// the one in flight (a stop checkpoint that fails is retried like a periodic one).
+    pub fn request_stop(&mut self, now: Instant) -> Vec<Decision> {
+        if self.stop_requested {
+            return Vec::new();
+        }
+        self.stop_requested = true;
+        if self.in_flight.is_none() && self.committing.is_none() {
+            vec![self.trigger(now, self.all_sources_finished())]
+        } else {
+            Vec::new()
+        }
     }
 
     /// Time passed.
@@ -193,6 +234,8 @@ impl CheckpointCoordinator {
         }
         if self.all_sources_finished() {
             out.push(self.trigger(now, true));
+        } else if self.stop_requested {
+            out.push(self.trigger(now, false));
         } else if let Some(interval) = self.config.interval {
             if now.duration_since(self.last_settled) >= interval {
                 out.push(self.trigger(now, false));
@@ -249,6 +292,7 @@ impl CheckpointCoordinator {
             (a.checkpoint, &a.sink, a.subtask).cmp(&(b.checkpoint, &b.sink, b.subtask))
         });
         self.committing = Some((f.id, f.is_final));
+        self.committing_stop = f.stop;
         vec![Decision::Complete {
             id: f.id,
             is_final: f.is_final,
@@ -276,6 +320,7 @@ impl CheckpointCoordinator {
         match self.committing {
             Some((c, is_final)) if c == id => {
                 self.committing = None;
+                self.committing_stop = false;
                 self.register_failure(id, is_final, reason, now)
             }
             _ => Vec::new(),
@@ -295,8 +340,12 @@ impl CheckpointCoordinator {
         self.pending.retain(|p| p.checkpoint > id);
         if is_final {
             vec![Decision::Finished]
+        } else if std::mem::take(&mut self.committing_stop) {
+            vec![Decision::Stopped { id }]
         } else if self.all_sources_finished() {
             vec![self.trigger(now, true)]
+        } else if self.stop_requested {
+            vec![self.trigger(now, false)]
         } else {
             Vec::new()
         }
@@ -307,7 +356,10 @@ impl CheckpointCoordinator {
     pub fn on_commit_deferred(&mut self, id: CheckpointId, now: Instant) -> Vec<Decision> {
         match self.committing {
             Some((c, is_final)) if c == id => {
+                // A stop checkpoint whose output is not committed is not a stop: the
+                // next tick triggers another one, which commits it.
                 self.committing = None;
+                self.committing_stop = false;
                 self.last_completed = Some(id);
                 self.last_settled = now;
                 if is_final {
@@ -624,6 +676,69 @@ mod tests {
                 id: CheckpointId(6),
                 is_final: true
             }]
+        );
+    }
+
+    #[test]
+    fn stop_waits_for_the_checkpoint_in_flight_then_stops_after_its_own_commits() {
+        let (mut c, tasks, t0) = setup(5);
+        c.on_tick(t0 + s(1));
+        assert!(c.request_stop(t0 + s(1)).is_empty(), "5 is in flight");
+        assert!(c.request_stop(t0 + s(1)).is_empty(), "asked once");
+        for t in &tasks {
+            c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0 + s(1));
+        }
+        assert_eq!(
+            c.on_committed(CheckpointId(5), t0 + s(1)),
+            vec![Decision::TriggerStop {
+                id: CheckpointId(6)
+            }]
+        );
+        // The stop checkpoint fails: the next tick tries again, before any interval.
+        c.on_decline(CheckpointId(6), "x".into(), t0 + s(1));
+        assert_eq!(
+            c.on_tick(t0 + s(1)),
+            vec![Decision::TriggerStop {
+                id: CheckpointId(7)
+            }]
+        );
+        for t in &tasks {
+            c.on_ack(t.clone(), CheckpointId(7), handle(t, 7), t0 + s(1));
+        }
+        // Its commit fails: not stopped yet, the next stop checkpoint commits it.
+        assert!(c.on_commit_deferred(CheckpointId(7), t0 + s(1)).is_empty());
+        assert_eq!(
+            c.on_tick(t0 + s(1)),
+            vec![Decision::TriggerStop {
+                id: CheckpointId(8)
+            }]
+        );
+        for t in &tasks {
+            c.on_ack(t.clone(), CheckpointId(8), handle(t, 8), t0 + s(1));
+        }
+        assert_eq!(
+            c.on_committed(CheckpointId(8), t0 + s(1)),
+            vec![Decision::Stopped {
+                id: CheckpointId(8)
+            }]
+        );
+    }
+
+    #[test]
+    fn stop_when_idle_triggers_at_once_and_a_finished_job_ends_with_its_final_checkpoint() {
+        let (mut c, tasks, t0) = setup(0);
+        assert_eq!(
+            c.request_stop(t0),
+            vec![Decision::TriggerStop {
+                id: CheckpointId(5)
+            }]
+        );
+        let (mut c, _, t0) = setup(0);
+        c.on_source_finished(tasks[0].clone(), t0);
+        c.on_source_finished(tasks[1].clone(), t0);
+        assert!(
+            c.request_stop(t0).is_empty(),
+            "the final checkpoint is in flight"
         );
     }
 

@@ -33,7 +33,7 @@ pub mod prelude {
     pub use crate::ids::CheckpointId;
     pub use crate::metrics::{Counter, OpenContext};
     pub use crate::process::{Emitter, KeyedContext, KeyedProcessFunction};
-    pub use crate::runtime::{CheckpointStats, JobReport};
+    pub use crate::runtime::{CheckpointStats, JobReport, StopHandle};
     pub use crate::state::{MapState, StateBackend, StateValue, ValueState};
     pub use crate::testing::{CollectSink, VecSource};
     pub use crate::time::{Clock, ManualClock, TimeDomain, Timer, Timestamp, WatermarkStrategy};

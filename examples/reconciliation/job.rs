@@ -268,6 +268,7 @@ pub fn job(name: &str, checkpoints: &Path, cfg: &JobConfig, progress: bool) -> a
                 .ok_or_else(|| anyhow::anyhow!("checkpoint path is not UTF-8"))?,
         )
         .checkpoint_every(cfg.checkpoint_every)
+        .stop_on_sigterm()
         .parallelism(cfg.parallelism)
         .batch_size(cfg.batch_size);
     if let Some(p) = cfg.pacing {

@@ -206,7 +206,8 @@ fn generate(a: &Flags) -> Result<()> {
     Ok(())
 }
 
-fn run(a: &Flags) -> Result<()> {
+/// Run the job; false if it was stopped (SIGTERM or Ctrl-C) before the end of its input.
+fn run(a: &Flags) -> Result<bool> {
     let dir = a.dir();
     let input = dir.join("input");
     if !input.join("anomalies.jsonl").exists() {
@@ -241,7 +242,11 @@ fn run(a: &Flags) -> Result<()> {
         report.checkpoints.len(),
         report.restarts
     );
-    Ok(())
+    if let Some(id) = report.stopped_at {
+        eprintln!("stopped with checkpoint {id}: run the same command again to resume from it");
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Create the ledger table if it does not exist.
@@ -279,8 +284,10 @@ fn demo(a: &Flags) -> Result<()> {
     } else {
         eprintln!("using the input already in {}", dir.join("input").display());
     }
-    eprintln!("running the job: kill it at any moment and run the same command again, it resumes");
-    run(a)?;
+    eprintln!("running the job: stop it (Ctrl-C) or kill it at any moment and run the same command again, it resumes");
+    if !run(a)? {
+        return Ok(());
+    }
     verify(a)?;
     eprintln!(
         "output in {}; delete {} to start over",
@@ -389,7 +396,8 @@ fn main() -> Result<()> {
             gen: None,
             job: Some(job),
             ledger,
-        }),
+        })
+        .map(|_| ()),
         Command::Verify { dir, ledger } => verify(&Flags {
             dir: dir.dir,
             out_of_order_ms: 0,

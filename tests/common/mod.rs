@@ -1,6 +1,8 @@
 //! Helpers for tests that run example jobs as child processes.
 #![allow(dead_code)]
 
+pub mod gated;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::Duration;

@@ -6,7 +6,7 @@ use crate::api::Source;
 use crate::error::{Error, Result};
 use crate::ids::OperatorId;
 use crate::runtime::driver::{self, JobSettings};
-use crate::runtime::{CheckpointStats, JobReport};
+use crate::runtime::{CheckpointStats, JobReport, StopHandle};
 use crate::state::StateBackend;
 use crate::storage::CheckpointStorage;
 use std::cell::RefCell;
@@ -178,6 +178,14 @@ impl JobBuilder {
         self
     }
 
+    /// Stop with a checkpoint on SIGTERM or SIGINT (Ctrl-C) while [`Job::run`] runs:
+    /// as [`StopHandle::stop`] does. A second signal ends the process at once (exit
+    /// code 1), as a crash would: the restart resumes from the latest checkpoint.
+    pub fn stop_on_sigterm(mut self) -> Self {
+        self.s.stop_on_signals = true;
+        self
+    }
+
     /// Validate the settings and create the job.
     pub fn build(mut self) -> Result<Job> {
         let s = &self.s;
@@ -282,6 +290,8 @@ impl Job {
                 source_pacing: None,
                 backend: StateBackend::Memory,
                 allow_non_restored_state: false,
+                stop: StopHandle::default(),
+                stop_on_signals: false,
             },
             storage_url: None,
         }
@@ -305,6 +315,11 @@ impl Job {
     pub fn run(&self) -> Result<JobReport> {
         let graph = self.graph.borrow();
         driver::run(&graph, &self.settings)
+    }
+
+    /// A handle that stops this job with a checkpoint, from any thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.settings.stop.clone()
     }
 
     /// The checkpoint storage of this job.

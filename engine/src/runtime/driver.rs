@@ -65,6 +65,9 @@ pub(crate) struct JobSettings {
     pub source_pacing: Option<Duration>,
     pub backend: crate::state::StateBackend,
     pub allow_non_restored_state: bool,
+    pub stop: super::StopHandle,
+    /// SIGTERM and SIGINT stop the job with a checkpoint while it runs.
+    pub stop_on_signals: bool,
 }
 
 /// Figures of one completed checkpoint.
@@ -112,11 +115,21 @@ pub struct JobReport {
     /// Every counter operators registered, as `operator.name`, summed over subtasks
     /// and including work repeated after restarts.
     pub metrics: std::collections::BTreeMap<String, u64>,
+    /// The checkpoint the job stopped with, when it was stopped (a
+    /// [`StopHandle`](super::StopHandle), or SIGTERM with
+    /// [`JobBuilder::stop_on_sigterm`](crate::dsl::JobBuilder::stop_on_sigterm)) rather
+    /// than run to the end of its input. The next run resumes from it.
+    pub stopped_at: Option<CheckpointId>,
 }
 
 pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
     validate(graph, s)?;
     let started = Instant::now();
+    let _signals = if s.stop_on_signals {
+        Some(SignalStop::install(&s.stop)?)
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(format!("{}-io", s.name))
@@ -172,6 +185,35 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
                 tracing::warn!(job = %s.name, error = %e, restart = report.restarts, "task failed; restarting from the latest checkpoint");
                 std::thread::sleep(s.restart.backoff);
             }
+        }
+    }
+}
+
+/// SIGTERM and SIGINT handlers that ask for a stop with a checkpoint, removed when
+/// dropped. A signal that finds the stop already asked ends the process (exit code 1).
+struct SignalStop(Vec<signal_hook::SigId>);
+
+impl SignalStop {
+    fn install(stop: &super::StopHandle) -> Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut ids = Vec::new();
+        for sig in [SIGTERM, SIGINT] {
+            // First the exit (it checks the flag before the second handler sets it).
+            let exit =
+                signal_hook::flag::register_conditional_shutdown(sig, 1, stop.flag().clone());
+            let set = signal_hook::flag::register(sig, stop.flag().clone());
+            for id in [exit, set] {
+                ids.push(id.map_err(|e| Error::io("installing the SIGTERM/SIGINT handler", e))?);
+            }
+        }
+        Ok(SignalStop(ids))
+    }
+}
+
+impl Drop for SignalStop {
+    fn drop(&mut self) {
+        for id in self.0.drain(..) {
+            signal_hook::low_level::unregister(id);
         }
     }
 }
@@ -622,6 +664,8 @@ impl Driver<'_> {
         let mut exited = 0usize;
         let mut failure: Option<Error> = None;
         let mut finished = false;
+        let mut stop_asked = false;
+        let mut stopped: Option<CheckpointId> = None;
         let mut triggered_at: Option<Instant> = None;
         let mut pauses: std::collections::BTreeMap<CheckpointId, Duration> = Default::default();
         let mut op_bytes: std::collections::BTreeMap<
@@ -669,7 +713,12 @@ impl Driver<'_> {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {}
             }
-            if failure.is_none() {
+            if failure.is_none() && !stop_asked && self.s.stop.is_requested() {
+                stop_asked = true;
+                tracing::info!(job = %self.s.name, "stop requested: taking a checkpoint, then stopping");
+                decisions.extend(c.request_stop(now));
+            }
+            if failure.is_none() && stopped.is_none() {
                 decisions.extend(c.on_tick(now));
             }
             while let Some(d) = (!decisions.is_empty()).then(|| decisions.remove(0)) {
@@ -683,6 +732,18 @@ impl Driver<'_> {
                         for tx in &self.controls {
                             let _ = tx.send(SourceControl::Trigger { id, is_final });
                         }
+                    }
+                    Decision::TriggerStop { id } => {
+                        tracing::debug!(checkpoint = %id, "trigger stop");
+                        triggered_at = Some(Instant::now());
+                        for tx in &self.controls {
+                            let _ = tx.send(SourceControl::Stop { id });
+                        }
+                    }
+                    Decision::Stopped { id } => {
+                        tracing::info!(job = %self.s.name, checkpoint = %id, "stopped with a checkpoint");
+                        stopped = Some(id);
+                        self.cancel.store(true, Ordering::Relaxed);
                     }
                     Decision::Complete {
                         id,
@@ -801,6 +862,15 @@ impl Driver<'_> {
                 }
             }
             if exited == task_count {
+                if let Some(id) = stopped {
+                    // Output and state are safe at `id`; what tasks did after its barrier
+                    // is redone by the next run.
+                    if let Some(e) = failure.filter(|e| !matches!(e, Error::Cancelled)) {
+                        tracing::warn!(error = %e, "a task failed after the stop checkpoint; the next run resumes from it");
+                    }
+                    self.report.stopped_at = Some(id);
+                    return Ok(());
+                }
                 if let Some(e) = failure {
                     return Err(e);
                 }

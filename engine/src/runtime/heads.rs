@@ -115,6 +115,30 @@ impl<S: Source> SourceHead<S> {
                 self.announce(id);
                 Ok(false)
             }
+            SourceControl::Stop { id } => {
+                self.barrier(id)?;
+                self.stay_stopped()?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// After a stop barrier: read nothing more, inject the barrier again if the stop
+    /// checkpoint is retried, and pass completion notices on, until the driver ends the
+    /// job (by cancelling it, once the stop checkpoint is committed).
+    fn stay_stopped(&mut self) -> Result<()> {
+        loop {
+            if self.env.cancelled() {
+                return Err(Error::Cancelled);
+            }
+            match self.control.recv_timeout(Duration::from_millis(20)) {
+                Ok(SourceControl::Stop { id }) | Ok(SourceControl::Trigger { id, .. }) => {
+                    self.barrier(id)?
+                }
+                Ok(SourceControl::Completed { id }) => self.announce(id),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(Error::Cancelled),
+            }
         }
     }
 
@@ -156,7 +180,8 @@ impl<S: Source> SourceHead<S> {
                         return Ok(());
                     }
                 }
-                Ok(SourceControl::Trigger { .. }) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(SourceControl::Trigger { .. } | SourceControl::Stop { .. })
+                | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
         }

@@ -26,6 +26,35 @@ use std::time::Duration;
 
 pub use driver::{CheckpointStats, JobReport};
 
+/// Stops a running job with a checkpoint: the sources read no further, one more
+/// checkpoint is taken and its output committed, and [`Job::run`] returns with
+/// [`JobReport::stopped_at`] set. The next run resumes from that checkpoint, so nothing
+/// is lost or repeated. Event time is not advanced to the end: open windows stay open
+/// and fire after the restart. Cheap to clone; stopping twice is stopping once.
+///
+/// [`JobReport::stopped_at`]: JobReport::stopped_at
+/// [`Job::run`]: crate::dsl::Job::run
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    /// Ask the job to stop with a checkpoint (returns at once; `run()` returns once
+    /// the checkpoint is committed). A stop asked before `run()` stops after recovery.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was asked.
+    pub fn is_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// The flag a signal handler sets.
+    pub(crate) fn flag(&self) -> &Arc<AtomicBool> {
+        &self.0
+    }
+}
+
 /// What travels on an edge between tasks.
 pub(crate) enum Message<T> {
     Batch(Vec<T>),
@@ -94,6 +123,11 @@ pub(crate) enum SourceControl {
     /// Checkpoint `id` is durable and its output committed (best effort: sent once,
     /// lost if the task is gone).
     Completed {
+        id: CheckpointId,
+    },
+    /// Inject barrier `id`, then read nothing more until the job ends (a stop with a
+    /// checkpoint; sent again if that checkpoint fails).
+    Stop {
         id: CheckpointId,
     },
 }

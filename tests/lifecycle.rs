@@ -1,0 +1,186 @@
+//! Stopping a job on purpose: with a `StopHandle` and with SIGTERM. A stopped job has
+//! committed exactly what it read before the stop checkpoint, and the next run resumes
+//! from that checkpoint: together they commit a failure-free run's output exactly.
+
+mod common;
+
+use common::gated::{gated, open, wait_at};
+use common::{committed_lines, example_binary, leftover_staging};
+use exactly::prelude::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const BALANCE: ValueState<i64> = ValueState::new("balance");
+
+/// Each account's running balance of `source`'s payments into `dir/out`, checkpoints
+/// in `dir/checkpoints`. Returns the job (not yet run).
+fn ledger<S: Source<Item = (u32, i64)>>(dir: &Path, source: S) -> Job {
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
+        .build()
+        .unwrap();
+    job.source("payments", source)
+        .key_by(|p| p.0)
+        .process_fn(
+            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
+                ctx.set_value(BALANCE, &balance)?;
+                ctx.emit((account, balance));
+                Ok(())
+            },
+        )
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(dir.join("out")));
+    job
+}
+
+fn payments(n: u32) -> Vec<(u32, i64)> {
+    (0..n).map(|i| (i % 97, i64::from(i) - 500)).collect()
+}
+
+#[test]
+fn stop_commits_what_was_read_and_the_next_run_resumes_from_its_checkpoint() {
+    let all = payments(20_000);
+    let golden = tempfile::tempdir().unwrap();
+    ledger(golden.path(), VecSource::new(all.clone()))
+        .run()
+        .unwrap();
+    let expected = committed_lines(&golden.path().join("out"));
+    let first_half = tempfile::tempdir().unwrap();
+    ledger(first_half.path(), VecSource::new(all[..10_000].to_vec()))
+        .run()
+        .unwrap();
+    let expected_first_half = committed_lines(&first_half.path().join("out"));
+
+    // The source reads half, then waits at its gate; the stop is asked there, from
+    // another thread, while the job runs.
+    let dir = tempfile::tempdir().unwrap();
+    let (source, gate) = gated(&all);
+    let job = ledger(dir.path(), source);
+    let stop = job.stop_handle();
+    let report = std::thread::scope(|s| {
+        s.spawn(|| {
+            wait_at(&gate);
+            stop.stop();
+        });
+        job.run().unwrap()
+    });
+    let stopped_at = report
+        .stopped_at
+        .expect("the job reports its stop checkpoint");
+    assert_eq!(
+        report.checkpoints.last().map(|c| c.id),
+        Some(stopped_at),
+        "the stop checkpoint completed"
+    );
+    assert!(!report.checkpoints.iter().any(|c| c.is_final));
+    let out = dir.path().join("out");
+    assert_eq!(
+        committed_lines(&out),
+        expected_first_half,
+        "everything read before the stop, and nothing else, is committed"
+    );
+    assert!(leftover_staging(&out).is_empty(), "nothing staged is left");
+
+    // The next run resumes after the last record read, with its state.
+    let (source, gate) = gated(&all);
+    open(&gate);
+    let report = ledger(dir.path(), source).run().unwrap();
+    assert_eq!(report.restored_from, Some(stopped_at));
+    assert_eq!(report.stopped_at, None);
+    assert_eq!(committed_lines(&out), expected);
+}
+
+#[test]
+fn a_stop_asked_before_the_run_stops_it_after_recovery() {
+    let all = payments(4_000);
+    let golden = tempfile::tempdir().unwrap();
+    ledger(golden.path(), VecSource::new(all.clone()))
+        .run()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The gated source never ends by itself, so only the stop ends this run. Its
+    // barrier may come before the first record or after any batch of the first half.
+    let (source, _gate) = gated(&all);
+    let job = ledger(dir.path(), source);
+    job.stop_handle().stop();
+    let report = job.run().unwrap();
+    let id = report.stopped_at.expect("stopped");
+    let (source, gate) = gated(&all);
+    open(&gate);
+    let report = ledger(dir.path(), source).run().unwrap();
+    assert_eq!(report.restored_from, Some(id));
+    assert_eq!(
+        committed_lines(&dir.path().join("out")),
+        committed_lines(&golden.path().join("out"))
+    );
+}
+
+/// The `ledger` example under SIGTERM: it exits 0 after its stop checkpoint, and run
+/// again it completes the failure-free output exactly.
+#[test]
+fn sigterm_stops_the_example_with_a_checkpoint_and_exit_code_0() {
+    let bin = example_binary("ledger", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("payments.jsonl");
+    common::generate(
+        &bin,
+        &[
+            "--events",
+            "200000",
+            "--accounts",
+            "1000",
+            "--seed",
+            "3",
+            "--out",
+        ],
+        &input,
+    );
+    let run = |out: &Path, chk: &Path, pace_us: u64| {
+        let mut c = Command::new(&bin);
+        c.args(["run", "--input", input.to_str().unwrap(), "--out"])
+            .arg(out)
+            .arg("--checkpoints")
+            .arg(chk)
+            .args(["--interval-ms", "50", "--pace-us", &pace_us.to_string()])
+            .stderr(Stdio::piped());
+        c
+    };
+    let (gold_out, gold_chk) = (tmp.path().join("gold-out"), tmp.path().join("gold-chk"));
+    assert!(run(&gold_out, &gold_chk, 0).status().unwrap().success());
+    let golden = committed_lines(&gold_out);
+    assert_eq!(golden.len(), 200_000);
+
+    let (out, chk) = (tmp.path().join("out"), tmp.path().join("chk"));
+    // Paced at 2 ms per batch of 1,024: about 200 s for the whole input, so the
+    // signal certainly arrives mid-run; it is sent once the first output is committed.
+    let mut child = run(&out, &chk, 2_000).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while committed_lines(&out).is_empty() {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(started.elapsed().as_secs() < 120, "no output committed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let ended = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(ended.status.success(), "exit {:?}: {stderr}", ended.status);
+    assert!(stderr.contains("stopped with checkpoint"), "{stderr}");
+    let partial = committed_lines(&out);
+    assert!(
+        !partial.is_empty() && partial.len() < golden.len(),
+        "{} of {} lines",
+        partial.len(),
+        golden.len()
+    );
+    assert!(leftover_staging(&out).is_empty());
+
+    let resumed = run(&out, &chk, 0).output().unwrap();
+    assert!(resumed.status.success());
+    assert_eq!(committed_lines(&out), golden, "nothing lost or doubled");
+}
