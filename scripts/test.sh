@@ -28,7 +28,7 @@ cargo clippy --workspace --all-targets --all-features --profile ci --quiet -- -D
 
 # Real servers for the tests that need them, bound to 127.0.0.1 and stopped when this
 # script exits: SeaweedFS (S3), private PostgreSQL clusters and a Kafka-protocol broker
-# (tansu). No server, no test run.
+# (Apache Kafka, KRaft). No server, no test run.
 source scripts/s3-server.sh
 source scripts/pg-server.sh
 source scripts/kafka-server.sh

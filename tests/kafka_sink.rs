@@ -1,41 +1,78 @@
-//! The transactional Kafka sink against librdkafka's mock cluster (in-process).
+//! The transactional Kafka sink against the real Apache Kafka broker that
+//! `scripts/test.sh` starts (KRaft, one node): records visible to `read_committed`
+//! readers only once a checkpoint commits, exactly once across repeated commits,
+//! restarts, crashes and rescaling; a completed but uncommitted checkpoint committed by
+//! recovery, an uncompleted one never produced; a zombie producer (an older process with
+//! the same transactional id) fenced, and the transaction it left open aborted before
+//! new output, so its records never become visible.
 //!
-//! No Kafka-protocol server installable here commits transactions (tansu rejects
-//! EndTxn), so these tests run the protocol against the mock cluster, which accepts
-//! InitProducerId, AddPartitionsToTxn, EndTxn and fetches. Its
-//! limits bound what they prove: it does not hide the records of an aborted
-//! transaction from `read_committed` readers, does not enforce transaction timeouts,
-//! and gives every `init_transactions` a new producer id instead of bumping the epoch
-//! of the transactional id, so an old producer is not fenced and its open transaction
-//! not aborted (a test of that failed against the mock and was removed). The tests
-//! therefore check the commit protocol — records reach the topic only at commit,
-//! exactly once across repeated commits and restarts, a prepared but uncommitted
-//! checkpoint is committed by recovery, an uncompleted one is never produced, a
-//! too-short transaction timeout is refused — not the broker's fencing and abort.
+//! Tests run in parallel on one broker, so each has its own topics and job name (the
+//! transactional ids derive from it).
 
 use exactly::engine::api::{RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
 use exactly::engine::ids::{CheckpointId, OperatorId, SubtaskIndex};
 use exactly::prelude::*;
 use exactly::sinks::kafka::{KafkaCommittable, KafkaSink, Staging};
+use exactly::sources::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use exactly::sources::rdkafka::client::DefaultClientContext;
 use exactly::sources::rdkafka::config::ClientConfig;
 use exactly::sources::rdkafka::consumer::{BaseConsumer, Consumer};
 use exactly::sources::rdkafka::error::KafkaError;
 use exactly::sources::rdkafka::message::Message;
-use exactly::sources::rdkafka::mocking::MockCluster;
-use exactly::sources::rdkafka::producer::DefaultProducerContext;
+use exactly::sources::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use exactly::sources::rdkafka::{Offset, TopicPartitionList};
 use exactly::sources::GeneratorSource;
 use exactly::testing::with_slower_sources;
 use std::time::Duration;
 
-const TOPIC: &str = "ledger";
 const PARTITIONS: i32 = 3;
 
-fn cluster() -> MockCluster<'static, DefaultProducerContext> {
-    let c = MockCluster::new(1).unwrap();
-    c.create_topic(TOPIC, PARTITIONS, 1).unwrap();
-    c.create_topic("exactly-commits", 1, 1).unwrap();
-    c
+/// One test's broker address, topics and job name.
+struct Fx {
+    brokers: String,
+    topic: String,
+    markers: String,
+    job: String,
+}
+
+/// A topic of [`PARTITIONS`] partitions, a marker topic name and a job name that no
+/// other test uses.
+fn fixture(test: &str) -> Fx {
+    let brokers = std::env::var("EXACTLY_KAFKA_BROKERS").expect(
+        "EXACTLY_KAFKA_BROKERS is not set: run the suite with ./scripts/test.sh, which starts a broker",
+    );
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let fx = Fx {
+        brokers,
+        topic: format!("ledger-{test}-{n}"),
+        markers: format!("commits-{test}-{n}"),
+        job: format!("books-{n}"),
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &fx.brokers)
+        .create()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = rt
+        .block_on(admin.create_topics(
+            &[NewTopic::new(
+                &fx.topic,
+                PARTITIONS,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        ))
+        .unwrap();
+    for r in created {
+        r.unwrap();
+    }
+    fx
 }
 
 type Encode = fn(&u64, &mut Vec<u8>, &mut Vec<u8>);
@@ -46,28 +83,35 @@ fn encode(r: &u64, key: &mut Vec<u8>, value: &mut Vec<u8>) {
     value.extend_from_slice(r.to_string().as_bytes());
 }
 
-fn sink(brokers: &str, staging: &std::path::Path) -> KafkaSink<u64, Encode> {
+fn sink(fx: &Fx, staging: &std::path::Path) -> KafkaSink<u64, Encode> {
     KafkaSink::new(
-        brokers,
-        TOPIC,
+        &fx.brokers,
+        &fx.topic,
         Staging::dir(staging).unwrap(),
         encode as Encode,
     )
     .unwrap()
+    .marker_topic(&fx.markers)
 }
 
 /// Every value in the topic (all partitions, committed reads), sorted.
-fn topic_values(brokers: &str) -> Vec<u64> {
+fn topic_values(fx: &Fx) -> Vec<u64> {
+    read_topic(fx, "read_committed")
+}
+
+/// Every value in the topic read with `isolation` (`read_uncommitted` also returns the
+/// records of aborted and open transactions), sorted.
+fn read_topic(fx: &Fx, isolation: &str) -> Vec<u64> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+        .set("bootstrap.servers", &fx.brokers)
         .set("group.id", "test-reader")
         .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
+        .set("isolation.level", isolation)
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition_offset(TOPIC, p, Offset::Beginning)
+        tpl.add_partition_offset(&fx.topic, p, Offset::Beginning)
             .unwrap();
     }
     consumer.assign(&tpl).unwrap();
@@ -106,9 +150,9 @@ fn topic_values(brokers: &str) -> Vec<u64> {
     values
 }
 
-fn writer_ctx(subtask: usize) -> SinkContext {
+fn writer_ctx(fx: &Fx, subtask: usize) -> SinkContext {
     SinkContext {
-        job: "books".into(),
+        job: fx.job.clone(),
         sink: OperatorId("ledger".into()),
         subtask: SubtaskIndex(subtask),
         parallelism: 2,
@@ -117,9 +161,9 @@ fn writer_ctx(subtask: usize) -> SinkContext {
     }
 }
 
-fn recovery(restored: Option<u64>) -> RecoveryContext {
+fn recovery(fx: &Fx, restored: Option<u64>) -> RecoveryContext {
     RecoveryContext {
-        job: "books".into(),
+        job: fx.job.clone(),
         sink: OperatorId("ledger".into()),
         restored: restored.map(CheckpointId),
         generation: 1,
@@ -128,12 +172,13 @@ fn recovery(restored: Option<u64>) -> RecoveryContext {
 
 /// Stage `records` as checkpoint `cp` of subtask `subtask`.
 fn stage(
+    fx: &Fx,
     s: &KafkaSink<u64, Encode>,
     subtask: usize,
     cp: u64,
     records: std::ops::Range<u64>,
 ) -> KafkaCommittable {
-    let mut w = s.open_writer(&writer_ctx(subtask)).unwrap();
+    let mut w = s.open_writer(&writer_ctx(fx, subtask)).unwrap();
     w.write(&mut records.collect()).unwrap();
     w.pre_commit(CheckpointId(cp)).unwrap().unwrap()
 }
@@ -158,69 +203,67 @@ fn staged_files(dir: &std::path::Path) -> usize {
 
 #[test]
 fn records_appear_only_at_commit_and_exactly_once() {
-    let c = cluster();
-    let brokers = c.bootstrap_servers();
+    let fx = fixture("visibility");
     let staging = tempfile::tempdir().unwrap();
-    let s = sink(&brokers, staging.path());
-    assert_eq!(s.recover(&recovery(None), Vec::new()).unwrap(), None);
-    let c0 = stage(&s, 0, 1, 0..1000);
-    let c1 = stage(&s, 1, 1, 1000..1500);
+    let s = sink(&fx, staging.path());
+    assert_eq!(s.recover(&recovery(&fx, None), Vec::new()).unwrap(), None);
+    let c0 = stage(&fx, &s, 0, 1, 0..1000);
+    let c1 = stage(&fx, &s, 1, 1, 1000..1500);
     assert_eq!(c0.records, 1000);
     assert_eq!(staged_files(staging.path()), 2);
-    assert!(topic_values(&brokers).is_empty(), "visible before commit");
+    assert!(topic_values(&fx).is_empty(), "visible before commit");
 
     s.commit(&c0).unwrap();
     s.commit(&c1).unwrap();
     let expected: Vec<u64> = (0..1500).collect();
-    assert_eq!(topic_values(&brokers), expected);
+    assert_eq!(topic_values(&fx), expected);
     assert_eq!(staged_files(staging.path()), 0, "staged objects deleted");
 
     // Committed again (a replayed notification): nothing new.
     s.commit(&c0).unwrap();
-    assert_eq!(topic_values(&brokers), expected);
+    assert_eq!(topic_values(&fx), expected);
 
     // A restarted process restores the checkpoint whose commits already happened (a
     // crash after the commits, before the next manifest): the markers in Kafka make the
     // re-commit a no-op, although the staged objects are gone.
-    let restarted = sink(&brokers, staging.path());
+    let restarted = sink(&fx, staging.path());
     let highest = restarted
-        .recover(&recovery(Some(1)), vec![c0.clone(), c1.clone()])
+        .recover(&recovery(&fx, Some(1)), vec![c0.clone(), c1.clone()])
         .unwrap();
     assert_eq!(highest, Some(CheckpointId(1)), "markers are reported");
-    assert_eq!(topic_values(&brokers), expected, "nothing doubled");
+    assert_eq!(topic_values(&fx), expected, "nothing doubled");
 
     // The next checkpoint still commits.
-    let c2 = stage(&restarted, 0, 2, 1500..1600);
+    let c2 = stage(&fx, &restarted, 0, 2, 1500..1600);
     restarted.commit(&c2).unwrap();
-    assert_eq!(topic_values(&brokers), (0..1600).collect::<Vec<_>>());
+    assert_eq!(topic_values(&fx), (0..1600).collect::<Vec<_>>());
 }
 
 #[test]
 fn recovery_commits_prepared_and_drops_uncompleted_checkpoints() {
-    let c = cluster();
-    let brokers = c.bootstrap_servers();
+    let fx = fixture("recovery");
     let staging = tempfile::tempdir().unwrap();
-    let s = sink(&brokers, staging.path());
-    s.recover(&recovery(None), Vec::new()).unwrap();
+    let s = sink(&fx, staging.path());
+    s.recover(&recovery(&fx, None), Vec::new()).unwrap();
     // Checkpoint 1 completed (its committables are in the manifest) but the process
     // died before committing; checkpoint 2 was staged by one subtask and never
     // completed.
-    let c1a = stage(&s, 0, 1, 0..300);
-    let c1b = stage(&s, 1, 1, 300..700);
-    let _c2 = stage(&s, 0, 2, 700..900);
+    let c1a = stage(&fx, &s, 0, 1, 0..300);
+    let c1b = stage(&fx, &s, 1, 1, 300..700);
+    let _c2 = stage(&fx, &s, 0, 2, 700..900);
     drop(s);
-    assert!(topic_values(&brokers).is_empty());
+    assert!(topic_values(&fx).is_empty());
 
-    let restarted = sink(&brokers, staging.path());
+    let restarted = sink(&fx, staging.path());
     let highest = restarted
-        .recover(&recovery(Some(1)), vec![c1b, c1a])
+        .recover(&recovery(&fx, Some(1)), vec![c1b, c1a])
         .unwrap();
     assert_eq!(
         highest,
         Some(CheckpointId(2)),
         "the uncompleted checkpoint's id is reported, so new ids go above it"
     );
-    assert_eq!(topic_values(&brokers), (0..700).collect::<Vec<_>>());
+    assert_eq!(topic_values(&fx), (0..700).collect::<Vec<_>>());
     assert_eq!(
         staged_files(staging.path()),
         0,
@@ -230,24 +273,23 @@ fn recovery_commits_prepared_and_drops_uncompleted_checkpoints() {
 
 #[test]
 fn transaction_timeout_below_checkpoint_interval_is_refused() {
-    let c = cluster();
-    let brokers = c.bootstrap_servers();
+    let fx = fixture("timeout");
     let staging = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let job = Job::builder("timeouts")
+    let job = Job::builder(&fx.job)
         .checkpoint_storage(dir.path().to_str().unwrap())
         .checkpoint_every(Duration::from_secs(120))
         .restart_policy(RestartPolicy::none())
         .build()
         .unwrap();
     job.source("n", GeneratorSource::new(10, |i| i))
-        .sink("ledger", sink(&brokers, staging.path()));
+        .sink("ledger", sink(&fx, staging.path()));
     let err = job.run().unwrap_err().to_string();
     assert!(
         err.contains("transaction timeout 60s is shorter than the checkpoint interval 120s"),
         "{err}"
     );
-    assert!(topic_values(&brokers).is_empty());
+    assert!(topic_values(&fx).is_empty());
 }
 
 #[test]
@@ -264,15 +306,14 @@ fn crashes_and_rescaling_commit_every_record_exactly_once() {
 /// Stages at parallelism 2 and 3 crash after 4 checkpoints, the last (1) finishes; the
 /// topic then holds every record exactly once. False when a crashing stage finished.
 fn crash_restore_and_rescale(pacing: Duration) -> bool {
-    let c = cluster();
-    let brokers = c.bootstrap_servers();
+    let fx = fixture("crashes");
     let staging = tempfile::tempdir().unwrap();
     let checkpoints = tempfile::tempdir().unwrap();
     const N: u64 = 20_000;
     let stages = [2usize, 3, 1];
     for (i, &p) in stages.iter().enumerate() {
         let last = i + 1 == stages.len();
-        let mut b = Job::builder("books")
+        let mut b = Job::builder(&fx.job)
             .checkpoint_storage(checkpoints.path().to_str().unwrap())
             .checkpoint_every(Duration::from_millis(20))
             .parallelism(p)
@@ -285,7 +326,7 @@ fn crash_restore_and_rescale(pacing: Duration) -> bool {
         let job = b.build().unwrap();
         job.source("n", GeneratorSource::new(N, |i| i).with_splits(4))
             .map(|x| x)
-            .sink("ledger", sink(&brokers, staging.path()));
+            .sink("ledger", sink(&fx, staging.path()));
         match job.run() {
             Ok(_) if !last => {
                 println!("stage {i} finished before its crash with pacing {pacing:?}");
@@ -295,12 +336,83 @@ fn crash_restore_and_rescale(pacing: Duration) -> bool {
             Err(e) => {
                 assert!(!last && e.to_string().contains("injected failure"), "{e}");
                 // Records of completed checkpoints are in Kafka, no more than once.
-                let so_far = topic_values(&brokers);
+                let so_far = topic_values(&fx);
                 assert!(so_far.windows(2).all(|w| w[0] < w[1]), "a duplicate");
             }
         }
     }
-    assert_eq!(topic_values(&brokers), (0..N).collect::<Vec<_>>());
+    assert_eq!(topic_values(&fx), (0..N).collect::<Vec<_>>());
     assert_eq!(staged_files(staging.path()), 0, "no staged records left");
     true
+}
+
+/// The transactional id of subtask `subtask` of this test's sink (as the sink derives it).
+fn transactional_id(fx: &Fx, subtask: usize) -> String {
+    format!("exactly/{}/ledger/{subtask}", fx.job)
+}
+
+/// A process that died inside its commit leaves a transaction open, and an older
+/// instance still running (a zombie) may try to finish its own: recovery fences every
+/// transactional id it has pending or staged output for, which aborts the open
+/// transaction, and the zombie's late commit is refused. Its records are in the log but
+/// never visible to `read_committed` readers, and they block nothing.
+#[test]
+fn a_zombie_is_fenced_and_its_open_transaction_never_becomes_visible() {
+    let fx = fixture("zombie");
+    let staging = tempfile::tempdir().unwrap();
+    let s = sink(&fx, staging.path());
+    s.recover(&recovery(&fx, None), Vec::new()).unwrap();
+    let c1 = stage(&fx, &s, 0, 1, 0..100);
+    s.commit(&c1).unwrap();
+    // Checkpoint 2 completed (subtask 0's committable is in its manifest); subtask 1
+    // staged checkpoint 3, which never completed. Then the process "dies".
+    let c2 = stage(&fx, &s, 0, 2, 100..200);
+    let _c3 = stage(&fx, &s, 1, 3, 200..300);
+    drop(s);
+
+    // Zombies with the sink's transactional ids, each inside a transaction with records
+    // produced and not committed.
+    let zombies: Vec<BaseProducer> = (0..2)
+        .map(|subtask| {
+            let z: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", &fx.brokers)
+                .set("transactional.id", transactional_id(&fx, subtask))
+                .create()
+                .unwrap();
+            z.init_transactions(Duration::from_secs(30)).unwrap();
+            z.begin_transaction().unwrap();
+            for v in 0..10u64 {
+                let v = 1_000_000 + 100 * subtask as u64 + v;
+                let (key, value) = ((v % 7).to_string(), v.to_string());
+                z.send(BaseRecord::to(&fx.topic).key(&key).payload(&value))
+                    .unwrap();
+            }
+            z.flush(Duration::from_secs(30)).unwrap();
+            z
+        })
+        .collect();
+
+    let restarted = sink(&fx, staging.path());
+    let highest = restarted
+        .recover(&recovery(&fx, Some(2)), vec![c2])
+        .unwrap();
+    assert_eq!(highest, Some(CheckpointId(3)));
+    for z in &zombies {
+        assert!(
+            z.commit_transaction(Duration::from_secs(30)).is_err(),
+            "a fenced zombie cannot commit"
+        );
+    }
+    let c4 = stage(&fx, &restarted, 1, 4, 300..400);
+    restarted.commit(&c4).unwrap();
+
+    let mut expected: Vec<u64> = (0..200).collect();
+    expected.extend(300..400);
+    assert_eq!(topic_values(&fx), expected, "only committed checkpoints");
+    let all = read_topic(&fx, "read_uncommitted");
+    assert_eq!(
+        all.iter().filter(|v| **v >= 1_000_000).count(),
+        20,
+        "the zombies' records are in the log (aborted), so the check above means something"
+    );
 }

@@ -1,14 +1,11 @@
-//! The Kafka source against a real Kafka-protocol broker (tansu, started by
-//! `scripts/test.sh` on 127.0.0.1).
+//! The Kafka source against the real Apache Kafka broker `scripts/test.sh` starts on
+//! 127.0.0.1 (KRaft, one node).
 //!
 //! * The restored offset is the next record: reading k records, then reopening at the
 //!   reported offset, yields record k+1 first, and never record k again (the peer
-//!   off-by-one bug, tested explicitly) — against tansu and against librdkafka's mock
-//!   cluster. tansu 0.6 serves a fetch only from record-batch boundaries (a fetch from
-//!   inside a batch returns nothing, forever), so data for tansu is produced one record
-//!   per batch; the mock cluster gets large batches, so a restore lands inside one and
-//!   the records before its offset must be dropped, as with a real Kafka broker
-//!   (librdkafka does; the reader also skips any it is handed).
+//!   off-by-one bug, tested explicitly), both with one record per batch and with large
+//!   batches, where the restore lands inside a batch and the records before its offset
+//!   must be dropped (librdkafka does; the reader also skips any it is handed).
 //! * A job over a 3-partition topic crashes mid-stream after a checkpoint, restores at
 //!   parallelism 3, crashes again and finishes at 1 (partitions redistributed each
 //!   time): its committed output equals a failure-free run's, so no record was read
@@ -18,14 +15,18 @@
 use exactly::operators::{WindowExt, Windows};
 use exactly::prelude::*;
 use exactly::sources::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use exactly::sources::rdkafka::client::ClientContext;
 use exactly::sources::rdkafka::client::DefaultClientContext;
 use exactly::sources::rdkafka::config::ClientConfig;
-use exactly::sources::rdkafka::mocking::MockCluster;
+use exactly::sources::rdkafka::consumer::{BaseConsumer, Consumer};
 use exactly::sources::rdkafka::producer::Producer;
-use exactly::sources::rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use exactly::sources::rdkafka::producer::{
+    BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer,
+};
 use exactly::sources::KafkaSource;
 use exactly::testing::ExactlyOnceCheck;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 const PARTITIONS: i32 = 3;
@@ -43,7 +44,7 @@ fn brokers() -> String {
     )
 }
 
-/// A fresh topic on tansu with `n` events spread round-robin over the partitions.
+/// A fresh topic with `n` events spread round-robin over the partitions.
 fn topic_with(name: &str, n: u64) -> String {
     let topic = format!(
         "{name}-{}",
@@ -72,15 +73,67 @@ fn topic_with(name: &str, n: u64) -> String {
     for r in created {
         r.unwrap();
     }
-    // One record per batch: tansu cannot fetch from inside a batch (see the top).
+    wait_for_leaders(&cfg, &topic);
     cfg.set("batch.num.messages", "1").set("linger.ms", "0");
     produce(&cfg, &topic, n);
     topic
 }
 
-/// Send `n` events round-robin over the partitions and wait until all are acknowledged.
+/// Wait until every partition of the new `topic` has a leader: records produced before
+/// that can fail or be retried.
+fn wait_for_leaders(cfg: &ClientConfig, topic: &str) {
+    let consumer: BaseConsumer = cfg.create().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|md| {
+                let t = md.topics().iter().find(|t| t.name() == topic)?;
+                Some(
+                    t.error().is_none()
+                        && t.partitions().len() == PARTITIONS as usize
+                        && t.partitions()
+                            .iter()
+                            .all(|p| p.error().is_none() && p.leader() >= 0),
+                )
+            })
+            .unwrap_or(false);
+        if ready {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{topic} has no leaders"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Counts failed deliveries, so test data is known to be complete.
+#[derive(Default)]
+struct Deliveries(AtomicU64);
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_err() {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Send `n` events round-robin over the partitions and wait until all are acknowledged;
+/// a failed delivery fails the test. Idempotent: a produce request retried after a
+/// timeout (a broker that just created the topic) must not write a record twice, or
+/// the test data itself has a duplicate, which arrives late for its window.
 fn produce(cfg: &ClientConfig, topic: &str, n: u64) {
-    let producer: ThreadedProducer<DefaultProducerContext> = cfg.create().unwrap();
+    let mut cfg = cfg.clone();
+    cfg.set("enable.idempotence", "true");
+    let producer: ThreadedProducer<Deliveries> =
+        cfg.create_with_context(Deliveries::default()).unwrap();
     for seq in 0..n {
         let e = Event {
             seq,
@@ -105,6 +158,11 @@ fn produce(cfg: &ClientConfig, topic: &str, n: u64) {
         }
     }
     producer.flush(Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        producer.context().0.load(Ordering::SeqCst),
+        0,
+        "records of the test data were not delivered"
+    );
 }
 
 type Decode = fn(&[u8]) -> serde_json::Result<Event>;
@@ -125,18 +183,15 @@ fn restored_offset_is_the_next_record() {
 
 #[test]
 fn restored_offset_inside_a_batch_is_the_next_record() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("offsets", PARTITIONS, 1).unwrap();
+    let topic = topic_with("batched", 0);
     let mut cfg = ClientConfig::new();
     // Batch generously, so partition 0's 100 records arrive in few batches and the
     // resume point (offset 37) lies inside one.
-    cfg.set("bootstrap.servers", cluster.bootstrap_servers())
+    cfg.set("bootstrap.servers", brokers())
         .set("linger.ms", "200")
         .set("batch.num.messages", "10000");
-    produce(&cfg, "offsets", 300);
-    check_resume_at_next_record(
-        KafkaSource::new(&cluster.bootstrap_servers(), "offsets", decode as Decode).bounded(),
-    );
+    produce(&cfg, &topic, 300);
+    check_resume_at_next_record(source(&topic));
 }
 
 /// Partition 0 holds 100 records; reading 37 and resuming at the reported offset yields
@@ -233,7 +288,6 @@ fn crash_restore_and_rescale_over_partitions() {
 
 /// The group's committed offsets of `topic`'s partitions (`None`: nothing committed).
 fn group_offsets(group: &str, topic: &str) -> Vec<Option<i64>> {
-    use exactly::sources::rdkafka::consumer::{BaseConsumer, Consumer};
     use exactly::sources::rdkafka::{Offset, TopicPartitionList};
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())

@@ -29,8 +29,8 @@
 //!   a transaction a crash left open ("lingering"); then the markers are read, the
 //!   restored committables are committed (the prepared-but-not-committed case), and
 //!   staged objects of checkpoints that never completed are deleted. (Fencing and the
-//!   abort are the broker's InitProducerId semantics; librdkafka's mock cluster, which
-//!   the tests use, does not implement them, so they are not tested here.)
+//!   abort are the broker's InitProducerId semantics; `tests/kafka_sink.rs` checks them
+//!   against a real Apache Kafka broker with zombie producers.)
 //! * **Transaction timeout**: a commit produces one checkpoint interval's records in one
 //!   transaction; a job whose checkpoint interval exceeds the producer's
 //!   `transaction.timeout.ms` is refused at start. The broker refuses a timeout above

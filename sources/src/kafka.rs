@@ -194,7 +194,7 @@ where
         let consumer = self
             .consumer(&ctx.operator.0)
             .map_err(|e| source_err(ctx, format!("creating a Kafka consumer: {e}")))?;
-        let (low, _) = consumer
+        let (low, high) = consumer
             .fetch_watermarks(&self.topic, partition, REQUEST_TIMEOUT)
             .map_err(|e| source_err(ctx, format!("watermarks of {split}: {e}")))?;
         let next = from.unwrap_or(low);
@@ -221,9 +221,22 @@ where
             partition,
             commit_to_group: self.group.is_some(),
             next,
-            ended: false,
+            end: self.bounded.then_some(high),
+            // Nothing left to read: a partition-end event may never come.
+            ended: self.bounded && next >= high,
             _t: PhantomData,
         })
+    }
+}
+
+impl<T, F> KafkaReader<T, F> {
+    /// The consumer's fetch position in the partition (the next offset it fetches).
+    fn position(&self) -> Option<i64> {
+        let tpl = self.consumer.position().ok()?;
+        match tpl.find_partition(&self.topic, self.partition)?.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
     }
 }
 
@@ -239,6 +252,8 @@ pub struct KafkaReader<T, F> {
     commit_to_group: bool,
     /// Offset of the next record to read.
     next: i64,
+    /// Bounded: the partition's high watermark when the reader opened.
+    end: Option<i64>,
     /// Bounded, and the end of the partition was reached.
     ended: bool,
     _t: PhantomData<fn() -> T>,
@@ -268,8 +283,20 @@ where
             let msg = match msg {
                 Ok(m) => m,
                 Err(KafkaError::PartitionEOF(_)) => {
-                    self.ended = true;
-                    break;
+                    // A partition-end event can come before the first fetch of a
+                    // partition that has records (seen with a real broker, right after
+                    // assignment): the end is where the consumer's position reaches the
+                    // high watermark seen at the start. The position, not the last
+                    // record's offset, since a transaction's commit marker occupies
+                    // the offset after its last record.
+                    if self
+                        .position()
+                        .is_some_and(|p| self.end.is_some_and(|e| p >= e))
+                    {
+                        self.ended = true;
+                        break;
+                    }
+                    continue;
                 }
                 Err(e) => {
                     return Err(source_err(
