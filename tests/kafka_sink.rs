@@ -9,12 +9,13 @@
 //! Tests run in parallel on one broker, so each has its own topics and job name (the
 //! transactional ids derive from it).
 
+mod common;
+
+use common::kafka::{brokers, create_topic};
 use exactly::engine::api::{RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
 use exactly::engine::ids::{CheckpointId, OperatorId, SubtaskIndex};
 use exactly::prelude::*;
 use exactly::sinks::kafka::{KafkaCommittable, KafkaSink, Staging};
-use exactly::sources::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use exactly::sources::rdkafka::client::DefaultClientContext;
 use exactly::sources::rdkafka::config::ClientConfig;
 use exactly::sources::rdkafka::consumer::{BaseConsumer, Consumer};
 use exactly::sources::rdkafka::error::KafkaError;
@@ -38,9 +39,7 @@ struct Fx {
 /// A topic of [`PARTITIONS`] partitions, a marker topic name and a job name that no
 /// other test uses.
 fn fixture(test: &str) -> Fx {
-    let brokers = std::env::var("EXACTLY_KAFKA_BROKERS").expect(
-        "EXACTLY_KAFKA_BROKERS is not set: run the suite with ./scripts/test.sh, which starts a broker",
-    );
+    let brokers = brokers();
     let n = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -51,27 +50,7 @@ fn fixture(test: &str) -> Fx {
         markers: format!("commits-{test}-{n}"),
         job: format!("books-{n}"),
     };
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &fx.brokers)
-        .create()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let created = rt
-        .block_on(admin.create_topics(
-            &[NewTopic::new(
-                &fx.topic,
-                PARTITIONS,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        ))
-        .unwrap();
-    for r in created {
-        r.unwrap();
-    }
+    create_topic(&fx.topic, PARTITIONS);
     fx
 }
 

@@ -12,11 +12,12 @@
 //!   twice into the output and none was skipped. The pipeline includes an event-time
 //!   window, so per-partition watermarks are exercised.
 
+mod common;
+
+use common::kafka::{brokers, create_topic};
 use exactly::operators::{WindowExt, Windows};
 use exactly::prelude::*;
-use exactly::sources::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use exactly::sources::rdkafka::client::ClientContext;
-use exactly::sources::rdkafka::client::DefaultClientContext;
 use exactly::sources::rdkafka::config::ClientConfig;
 use exactly::sources::rdkafka::consumer::{BaseConsumer, Consumer};
 use exactly::sources::rdkafka::producer::Producer;
@@ -38,12 +39,6 @@ struct Event {
     ts: i64,
 }
 
-fn brokers() -> String {
-    std::env::var("EXACTLY_KAFKA_BROKERS").expect(
-        "EXACTLY_KAFKA_BROKERS is not set: run the suite with ./scripts/test.sh, which starts a broker",
-    )
-}
-
 /// A fresh topic with `n` events spread round-robin over the partitions.
 fn topic_with(name: &str, n: u64) -> String {
     let topic = format!(
@@ -53,61 +48,12 @@ fn topic_with(name: &str, n: u64) -> String {
             .unwrap()
             .as_nanos()
     );
+    create_topic(&topic, PARTITIONS);
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers());
-    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let created = rt
-        .block_on(admin.create_topics(
-            &[NewTopic::new(
-                &topic,
-                PARTITIONS,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        ))
-        .unwrap();
-    for r in created {
-        r.unwrap();
-    }
-    wait_for_leaders(&cfg, &topic);
     cfg.set("batch.num.messages", "1").set("linger.ms", "0");
     produce(&cfg, &topic, n);
     topic
-}
-
-/// Wait until every partition of the new `topic` has a leader: records produced before
-/// that can fail or be retried.
-fn wait_for_leaders(cfg: &ClientConfig, topic: &str) {
-    let consumer: BaseConsumer = cfg.create().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .ok()
-            .and_then(|md| {
-                let t = md.topics().iter().find(|t| t.name() == topic)?;
-                Some(
-                    t.error().is_none()
-                        && t.partitions().len() == PARTITIONS as usize
-                        && t.partitions()
-                            .iter()
-                            .all(|p| p.error().is_none() && p.leader() >= 0),
-                )
-            })
-            .unwrap_or(false);
-        if ready {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{topic} has no leaders"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Counts failed deliveries, so test data is known to be complete.

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod gated;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};

@@ -1,0 +1,67 @@
+//! Kafka helpers shared by the tests against the broker `scripts/test.sh` starts.
+
+use exactly::sources::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use exactly::sources::rdkafka::client::DefaultClientContext;
+use exactly::sources::rdkafka::config::ClientConfig;
+use exactly::sources::rdkafka::consumer::{BaseConsumer, Consumer};
+use std::time::Duration;
+
+/// The broker's address.
+pub fn brokers() -> String {
+    std::env::var("EXACTLY_KAFKA_BROKERS").expect(
+        "EXACTLY_KAFKA_BROKERS is not set: run the suite with ./scripts/test.sh, which starts a broker",
+    )
+}
+
+/// Create `topic` with `partitions` partitions and wait until each has a leader:
+/// records produced before that can fail or be retried into duplicates.
+pub fn create_topic(topic: &str, partitions: i32) {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers());
+    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = rt
+        .block_on(admin.create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        ))
+        .unwrap();
+    for r in created {
+        r.unwrap();
+    }
+    wait_for_leaders(&cfg, topic, partitions);
+}
+
+/// Wait until every partition of the new `topic` has a leader: records produced before
+/// that can fail or be retried.
+fn wait_for_leaders(cfg: &ClientConfig, topic: &str, partitions: i32) {
+    let consumer: BaseConsumer = cfg.create().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|md| {
+                let t = md.topics().iter().find(|t| t.name() == topic)?;
+                Some(
+                    t.error().is_none()
+                        && t.partitions().len() == partitions as usize
+                        && t.partitions()
+                            .iter()
+                            .all(|p| p.error().is_none() && p.leader() >= 0),
+                )
+            })
+            .unwrap_or(false);
+        if ready {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{topic} has no leaders"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
