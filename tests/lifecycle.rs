@@ -6,9 +6,11 @@ mod common;
 
 use common::gated::{gated, open, wait_at};
 use common::{committed_lines, example_binary, leftover_staging};
+use exactly::operators::{WindowExt, Windows};
 use exactly::prelude::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 const BALANCE: ValueState<i64> = ValueState::new("balance");
 
@@ -115,6 +117,69 @@ fn a_stop_asked_before_the_run_stops_it_after_recovery() {
         committed_lines(&dir.path().join("out")),
         committed_lines(&golden.path().join("out"))
     );
+}
+
+/// Per-account counts in 1 s event-time windows (a payment's amount is its timestamp in
+/// ms, increasing with its index) into `dir/out`.
+fn window_counts<S: Source<Item = (u32, i64)>>(dir: &Path, source: S) -> Job {
+    let job = Job::builder("windows")
+        .parallelism(2)
+        .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
+        .build()
+        .unwrap();
+    job.source("payments", source)
+        .with_watermarks(WatermarkStrategy::monotonic(|p: &(u32, i64)| p.1))
+        .key_by(|p| p.0)
+        .window(Windows::tumbling(Duration::from_secs(1)), |p| p.1)
+        .name("count")
+        .count()
+        .results
+        .map(|w| (w.key, w.window.start, w.value))
+        .sink("counts", FileSink::exactly_once(dir.join("out")));
+    job
+}
+
+/// A stop does not end event time: windows still open at the stop are not fired with
+/// what they hold so far (every committed count is a final one), and fire complete
+/// after the restart.
+#[test]
+fn a_stop_leaves_open_windows_open_until_the_restart() {
+    let all = payments(20_000);
+    let golden = tempfile::tempdir().unwrap();
+    window_counts(golden.path(), VecSource::new(all.clone()))
+        .run()
+        .unwrap();
+    let expected = committed_lines(&golden.path().join("out"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (source, gate) = gated(&all);
+    let job = window_counts(dir.path(), source);
+    let stop = job.stop_handle();
+    let report = std::thread::scope(|s| {
+        s.spawn(|| {
+            wait_at(&gate);
+            stop.stop();
+        });
+        job.run().unwrap()
+    });
+    assert!(report.stopped_at.is_some());
+    let at_stop = committed_lines(&dir.path().join("out"));
+    assert!(
+        at_stop.len() < expected.len(),
+        "{} of {} windows",
+        at_stop.len(),
+        expected.len()
+    );
+    let partial: Vec<&String> = at_stop.iter().filter(|l| !expected.contains(l)).collect();
+    assert!(
+        partial.is_empty(),
+        "windows fired early at the stop: {partial:?}"
+    );
+
+    let (source, gate) = gated(&all);
+    open(&gate);
+    window_counts(dir.path(), source).run().unwrap();
+    assert_eq!(committed_lines(&dir.path().join("out")), expected);
 }
 
 /// The `ledger` example under SIGTERM: it exits 0 after its stop checkpoint, and run
