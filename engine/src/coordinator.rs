@@ -12,11 +12,14 @@
 //!    for an abandoned checkpoint is still part of the next completed one.
 //! 3. Every task acknowledges with its state handle. When all have, the decision is
 //!    [`Decision::Complete`], carrying every pending committable up to that id: the driver
-//!    writes the manifest (the commit point), then commits.
+//!    writes the manifest (the commit point) and reports it
+//!    ([`CheckpointCoordinator::on_manifest_written`]). From then on the checkpoint is
+//!    complete and the next one may be triggered, while the driver commits.
 //! 4. [`CheckpointCoordinator::on_committed`] drops what was committed; a later checkpoint
-//!    subsumes commits that failed earlier.
+//!    subsumes commits that failed or are still running (commits are idempotent).
 //! 5. When every source has finished, the next checkpoint is the final one; when it is
-//!    committed the decision is [`Decision::Finished`].
+//!    committed the decision is [`Decision::Finished`]. A stop checkpoint likewise ends
+//!    with [`Decision::Stopped`] once committed; nothing is triggered after either.
 //!
 //! # Invariants
 //!
@@ -107,6 +110,14 @@ pub enum Decision {
     },
 }
 
+/// A checkpoint past its acks: what its completion means.
+#[derive(Debug, Clone, Copy)]
+struct Ending {
+    id: CheckpointId,
+    is_final: bool,
+    stop: bool,
+}
+
 #[derive(Debug)]
 struct InFlight {
     id: CheckpointId,
@@ -125,13 +136,13 @@ pub struct CheckpointCoordinator {
     finished_sources: BTreeSet<TaskKey>,
     next_id: CheckpointId,
     in_flight: Option<InFlight>,
-    /// Completed and manifest written, waiting for the driver to commit.
-    committing: Option<(CheckpointId, bool)>,
+    /// Every task acked; the driver is writing the manifest.
+    writing: Option<Ending>,
+    /// A final or stop checkpoint whose manifest is written, waiting for its commits.
+    closing: Option<Ending>,
     /// A stop with a checkpoint was requested; the checkpoint in flight, if any, is
     /// the stop checkpoint when `in_flight.stop`.
     stop_requested: bool,
-    /// The checkpoint being committed is the stop checkpoint.
-    committing_stop: bool,
     last_completed: Option<CheckpointId>,
     last_settled: Instant,
     pending: Vec<PendingCommit>,
@@ -156,9 +167,9 @@ impl CheckpointCoordinator {
             finished_sources: BTreeSet::new(),
             next_id: first_id,
             in_flight: None,
-            committing: None,
+            writing: None,
+            closing: None,
             stop_requested: false,
-            committing_stop: false,
             last_completed: None,
             last_settled: now,
             pending: restored_pending,
@@ -174,6 +185,12 @@ impl CheckpointCoordinator {
     /// The latest checkpoint whose manifest was written in this attempt.
     pub fn last_completed(&self) -> Option<CheckpointId> {
         self.last_completed
+    }
+
+    /// Whether a checkpoint is in flight, its manifest being written, or a final or
+    /// stop checkpoint waiting for its commits: no checkpoint may be triggered.
+    pub fn busy(&self) -> bool {
+        self.in_flight.is_some() || self.writing.is_some() || self.closing.is_some()
     }
 
     fn all_sources_finished(&self) -> bool {
@@ -206,7 +223,7 @@ impl CheckpointCoordinator {
             return Vec::new();
         }
         self.stop_requested = true;
-        if self.in_flight.is_none() && self.committing.is_none() {
+        if !self.busy() {
             vec![self.trigger(now, self.all_sources_finished())]
         } else {
             Vec::new()
@@ -229,7 +246,7 @@ impl CheckpointCoordinator {
             }
             return out;
         }
-        if self.committing.is_some() {
+        if self.busy() {
             return out;
         }
         if self.all_sources_finished() {
@@ -247,7 +264,7 @@ impl CheckpointCoordinator {
     /// A source task has read all its input and waits for the final barrier.
     pub fn on_source_finished(&mut self, task: TaskKey, now: Instant) -> Vec<Decision> {
         self.finished_sources.insert(task);
-        if self.all_sources_finished() && self.in_flight.is_none() && self.committing.is_none() {
+        if self.all_sources_finished() && !self.busy() {
             vec![self.trigger(now, true)]
         } else {
             Vec::new()
@@ -291,8 +308,11 @@ impl CheckpointCoordinator {
         pending_commits.sort_by(|a, b| {
             (a.checkpoint, &a.sink, a.subtask).cmp(&(b.checkpoint, &b.sink, b.subtask))
         });
-        self.committing = Some((f.id, f.is_final));
-        self.committing_stop = f.stop;
+        self.writing = Some(Ending {
+            id: f.id,
+            is_final: f.is_final,
+            stop: f.stop,
+        });
         vec![Decision::Complete {
             id: f.id,
             is_final: f.is_final,
@@ -317,31 +337,29 @@ impl CheckpointCoordinator {
         reason: String,
         now: Instant,
     ) -> Vec<Decision> {
-        match self.committing {
-            Some((c, is_final)) if c == id => {
-                self.committing = None;
-                self.committing_stop = false;
-                self.register_failure(id, is_final, reason, now)
+        match self.writing {
+            Some(w) if w.id == id => {
+                self.writing = None;
+                self.register_failure(id, w.is_final, reason, now)
             }
             _ => Vec::new(),
         }
     }
 
-    /// The manifest of `id` is written and every pending commit up to `id` succeeded.
-    pub fn on_committed(&mut self, id: CheckpointId, now: Instant) -> Vec<Decision> {
-        let is_final = match self.committing {
-            Some((c, f)) if c == id => f,
+    /// The manifest of `id` is written: the checkpoint is complete (the restore point)
+    /// and its commits may run while the next checkpoint is taken.
+    pub fn on_manifest_written(&mut self, id: CheckpointId, now: Instant) -> Vec<Decision> {
+        let w = match self.writing {
+            Some(w) if w.id == id => w,
             _ => return Vec::new(),
         };
-        self.committing = None;
+        self.writing = None;
         self.last_completed = Some(id);
         self.last_settled = now;
         self.consecutive_failures = 0;
-        self.pending.retain(|p| p.checkpoint > id);
-        if is_final {
-            vec![Decision::Finished]
-        } else if std::mem::take(&mut self.committing_stop) {
-            vec![Decision::Stopped { id }]
+        if w.is_final || w.stop {
+            self.closing = Some(w);
+            Vec::new()
         } else if self.all_sources_finished() {
             vec![self.trigger(now, true)]
         } else if self.stop_requested {
@@ -351,20 +369,33 @@ impl CheckpointCoordinator {
         }
     }
 
+    /// Every pending commit up to `id` (whose manifest is written) succeeded.
+    pub fn on_committed(&mut self, id: CheckpointId, _now: Instant) -> Vec<Decision> {
+        self.pending.retain(|p| p.checkpoint > id);
+        match self.closing {
+            Some(c) if c.id <= id => {
+                self.closing = None;
+                if c.is_final {
+                    vec![Decision::Finished]
+                } else {
+                    vec![Decision::Stopped { id: c.id }]
+                }
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// The manifest of `id` is written but commits failed: the checkpoint is complete
     /// (it is the restore point), its output stays pending for the next checkpoint.
-    pub fn on_commit_deferred(&mut self, id: CheckpointId, now: Instant) -> Vec<Decision> {
-        match self.committing {
-            Some((c, is_final)) if c == id => {
+    pub fn on_commit_deferred(&mut self, id: CheckpointId, _now: Instant) -> Vec<Decision> {
+        match self.closing {
+            Some(c) if c.id <= id => {
                 // A stop checkpoint whose output is not committed is not a stop: the
                 // next tick triggers another one, which commits it.
-                self.committing = None;
-                self.committing_stop = false;
-                self.last_completed = Some(id);
-                self.last_settled = now;
-                if is_final {
+                self.closing = None;
+                if c.is_final {
                     return vec![Decision::Fail {
-                        reason: format!("commit of final checkpoint {id} failed"),
+                        reason: format!("commit of final checkpoint {} failed", c.id),
                     }];
                 }
                 Vec::new()
@@ -513,7 +544,7 @@ mod tests {
                     }
                 }
             }
-            c.on_committed(CheckpointId(5), t0 + s(2));
+            assert!(c.on_manifest_written(CheckpointId(5), t0 + s(2)).is_empty());
             assert_eq!(c.last_completed(), Some(CheckpointId(5)));
             // Next trigger one interval after completion, with the next id.
             assert!(c.on_tick(t0 + s(2)).is_empty());
@@ -610,6 +641,7 @@ mod tests {
         for t in &tasks {
             c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0 + s(1));
         }
+        c.on_manifest_written(CheckpointId(5), t0 + s(1));
         c.on_commit_deferred(CheckpointId(5), t0 + s(1));
         c.on_tick(t0 + s(2));
         let mut last = Vec::new();
@@ -622,6 +654,7 @@ mod tests {
             }] => assert_eq!(pending_commits, &vec![commit(5, "sink")]),
             other => panic!("{other:?}"),
         }
+        c.on_manifest_written(CheckpointId(6), t0 + s(2));
         c.on_committed(CheckpointId(6), t0 + s(2));
         c.on_tick(t0 + s(3));
         let mut last = Vec::new();
@@ -655,6 +688,11 @@ mod tests {
             &last[..],
             [Decision::Complete { is_final: true, .. }]
         ));
+        assert!(c.on_manifest_written(CheckpointId(5), t0).is_empty());
+        assert!(
+            c.on_tick(t0 + s(5)).is_empty(),
+            "nothing after the final one"
+        );
         assert_eq!(
             c.on_committed(CheckpointId(5), t0),
             vec![Decision::Finished]
@@ -671,7 +709,7 @@ mod tests {
             c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0 + s(1));
         }
         assert_eq!(
-            c.on_committed(CheckpointId(5), t0 + s(1)),
+            c.on_manifest_written(CheckpointId(5), t0 + s(1)),
             vec![Decision::Trigger {
                 id: CheckpointId(6),
                 is_final: true
@@ -689,7 +727,7 @@ mod tests {
             c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0 + s(1));
         }
         assert_eq!(
-            c.on_committed(CheckpointId(5), t0 + s(1)),
+            c.on_manifest_written(CheckpointId(5), t0 + s(1)),
             vec![Decision::TriggerStop {
                 id: CheckpointId(6)
             }]
@@ -706,6 +744,11 @@ mod tests {
             c.on_ack(t.clone(), CheckpointId(7), handle(t, 7), t0 + s(1));
         }
         // Its commit fails: not stopped yet, the next stop checkpoint commits it.
+        assert!(c.on_manifest_written(CheckpointId(7), t0 + s(1)).is_empty());
+        assert!(
+            c.on_tick(t0 + s(1)).is_empty(),
+            "waits for the stop's commits"
+        );
         assert!(c.on_commit_deferred(CheckpointId(7), t0 + s(1)).is_empty());
         assert_eq!(
             c.on_tick(t0 + s(1)),
@@ -716,6 +759,7 @@ mod tests {
         for t in &tasks {
             c.on_ack(t.clone(), CheckpointId(8), handle(t, 8), t0 + s(1));
         }
+        assert!(c.on_manifest_written(CheckpointId(8), t0 + s(1)).is_empty());
         assert_eq!(
             c.on_committed(CheckpointId(8), t0 + s(1)),
             vec![Decision::Stopped {
@@ -752,6 +796,54 @@ mod tests {
             matches!(&d[..], [Decision::Abort { .. }, Decision::Fail { .. }]),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn next_checkpoint_runs_while_commits_of_the_previous_one_are_in_progress() {
+        let (mut c, tasks, t0) = setup(0);
+        c.on_tick(t0 + s(1));
+        c.on_committables([commit(5, "sink")]);
+        for t in &tasks {
+            c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0 + s(1));
+        }
+        assert!(c.on_manifest_written(CheckpointId(5), t0 + s(1)).is_empty());
+        // 5's commits have not been reported: the interval still triggers 6.
+        assert!(!c.busy());
+        assert_eq!(
+            c.on_tick(t0 + s(2)),
+            vec![Decision::Trigger {
+                id: CheckpointId(6),
+                is_final: false
+            }]
+        );
+        c.on_committables([commit(6, "sink")]);
+        let mut last = Vec::new();
+        for t in &tasks {
+            last = c.on_ack(t.clone(), CheckpointId(6), handle(t, 6), t0 + s(2));
+        }
+        // 6's manifest still names 5's output: a restore from 6 re-commits it.
+        match &last[..] {
+            [Decision::Complete {
+                pending_commits, ..
+            }] => assert_eq!(pending_commits, &vec![commit(5, "sink"), commit(6, "sink")]),
+            other => panic!("{other:?}"),
+        }
+        assert!(c.on_committed(CheckpointId(5), t0 + s(2)).is_empty());
+        c.on_manifest_written(CheckpointId(6), t0 + s(2));
+        c.on_tick(t0 + s(3));
+        let mut last = Vec::new();
+        for t in &tasks {
+            last = c.on_ack(t.clone(), CheckpointId(7), handle(t, 7), t0 + s(3));
+        }
+        match &last[..] {
+            [Decision::Complete {
+                pending_commits, ..
+            }] => assert_eq!(pending_commits, &vec![commit(6, "sink")]),
+            other => panic!("{other:?}"),
+        }
+        // While a manifest is written nothing is triggered.
+        assert!(c.busy());
+        assert!(c.on_tick(t0 + s(9)).is_empty());
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //! 3. **Pick ids.** The first checkpoint id of this attempt is above every id seen in
 //!    storage, in the manifest and in staged sink artifacts.
 //! 4. **Run.** One thread per task instance; the driver thread runs the coordinator. On
-//!    [`Decision::Complete`] it writes the manifest (the commit point), then commits the
-//!    pending committables, then applies retention.
+//!    [`Decision::Complete`] it writes the manifest (the commit point) and hands the
+//!    pending committables to the commit lane (`committer.rs`), which commits them and
+//!    applies retention on its own thread while the next checkpoint runs.
 //! 5. **Finish.** When every source has ended, the final checkpoint is taken and
 //!    committed before `run()` returns.
 //!
@@ -25,6 +26,7 @@
 //! written stays pending and is retried with the next checkpoint; a commit whose staged
 //! output is gone ([`Error::CommitLost`]) stops the job, because that is data loss.
 
+use super::committer::{CommitJob, Committer};
 use super::{RuntimeConfig, SourceControl, TaskEnv, TaskEvent};
 use crate::coordinator::{CheckpointCoordinator, CoordinatorConfig, Decision, TaskKey};
 use crate::dsl::graph::{BuildCtx, ChannelPool, Graph, NodeId, Plan, RestoredState};
@@ -35,7 +37,7 @@ use crate::manifest::{Manifest, MANIFEST_FORMAT_VERSION};
 use crate::state::TaskSnapshotPayload;
 use crate::storage::CheckpointStorage;
 use crossbeam_channel::{RecvTimeoutError, Sender};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -570,6 +572,23 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
                 return Err(Error::io("spawning a task thread", e));
             }
         }
+        let (commit_tx, commit_rx) = crossbeam_channel::unbounded();
+        let committer = Committer {
+            graph,
+            rt,
+            storage,
+            lease,
+            retain: s.retain,
+            cancel: cancel.clone(),
+            events: env.events.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-commit", s.name))
+            .spawn_scoped(scope, move || committer.run(commit_rx));
+        if let Err(e) = spawned {
+            cancel.store(true, Ordering::Relaxed);
+            return Err(Error::io("spawning the commit thread", e));
+        }
         let mut coordinator = CheckpointCoordinator::new(
             CoordinatorConfig {
                 interval: s.interval,
@@ -583,11 +602,11 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             Instant::now(),
         );
         let driver = Driver {
-            graph,
             s,
             rt,
             storage,
             controls: std::mem::take(&mut controls),
+            commits: commit_tx,
             cancel: cancel.clone(),
             report,
             crash: env.crash.clone().zip(s.inject_failure_after),
@@ -639,11 +658,12 @@ fn run_task(
 }
 
 struct Driver<'a> {
-    graph: &'a Graph,
     s: &'a JobSettings,
     rt: &'a tokio::runtime::Runtime,
     storage: &'a CheckpointStorage,
     controls: Vec<Sender<SourceControl>>,
+    /// Written manifests' committables, to the commit lane.
+    commits: Sender<CommitJob>,
     cancel: Arc<AtomicBool>,
     report: &'a mut JobReport,
     /// Injected failure: armed after this many checkpoints of the attempt.
@@ -666,12 +686,11 @@ impl Driver<'_> {
         let mut finished = false;
         let mut stop_asked = false;
         let mut stopped: Option<CheckpointId> = None;
-        let mut triggered_at: Option<Instant> = None;
-        let mut pauses: std::collections::BTreeMap<CheckpointId, Duration> = Default::default();
-        let mut op_bytes: std::collections::BTreeMap<
-            CheckpointId,
-            std::collections::BTreeMap<String, u64>,
-        > = Default::default();
+        let mut triggered_at: BTreeMap<CheckpointId, Instant> = BTreeMap::new();
+        let mut pauses: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
+        let mut op_bytes: BTreeMap<CheckpointId, BTreeMap<String, u64>> = BTreeMap::new();
+        // Checkpoints whose manifest is written, waiting for the commit lane.
+        let mut committing: BTreeMap<CheckpointId, CheckpointStats> = BTreeMap::new();
         loop {
             let ev = events.recv_timeout(Duration::from_millis(20));
             let now = Instant::now();
@@ -710,6 +729,35 @@ impl Driver<'_> {
                         self.cancel.store(true, Ordering::Relaxed);
                     }
                 }
+                Ok(TaskEvent::Committed { ids, result }) => {
+                    let newest = ids.iter().copied().max().unwrap_or(CheckpointId(0));
+                    match result {
+                        Ok(()) => {
+                            decisions.extend(c.on_committed(newest, now));
+                            // Sources may report progress outside the checkpoint (a
+                            // Kafka group's offsets), now that output is visible.
+                            for tx in &self.controls {
+                                let _ = tx.send(SourceControl::Completed { id: newest });
+                            }
+                        }
+                        Err(e) if e.class() == ErrorClass::Stop => {
+                            failure = Some(e);
+                            self.cancel.store(true, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::warn!(checkpoint = %newest, error = %e, "commit failed; retrying with the next checkpoint");
+                            decisions.extend(c.on_commit_deferred(newest, now));
+                        }
+                    }
+                    for id in ids {
+                        if let Some(mut stats) = committing.remove(&id) {
+                            stats.end_to_end = triggered_at
+                                .remove(&id)
+                                .map_or(stats.duration, |t| now.duration_since(t));
+                            self.record(stats);
+                        }
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {}
             }
@@ -728,14 +776,14 @@ impl Driver<'_> {
                 match d {
                     Decision::Trigger { id, is_final } => {
                         tracing::debug!(checkpoint = %id, is_final, "trigger");
-                        triggered_at = Some(Instant::now());
+                        triggered_at.insert(id, Instant::now());
                         for tx in &self.controls {
                             let _ = tx.send(SourceControl::Trigger { id, is_final });
                         }
                     }
                     Decision::TriggerStop { id } => {
                         tracing::debug!(checkpoint = %id, "trigger stop");
-                        triggered_at = Some(Instant::now());
+                        triggered_at.insert(id, Instant::now());
                         for tx in &self.controls {
                             let _ = tx.send(SourceControl::Stop { id });
                         }
@@ -782,6 +830,7 @@ impl Driver<'_> {
                                 continue;
                             }
                             Err(e) => {
+                                triggered_at.remove(&id);
                                 decisions.extend(c.on_manifest_failed(
                                     id,
                                     e.to_string(),
@@ -792,66 +841,40 @@ impl Driver<'_> {
                         }
                         self.completed.fetch_max(id.0, Ordering::SeqCst);
                         fail::fail_point!("checkpoint::after_manifest");
-                        // Fenced since the lease check above? A newer instance then
-                        // took its lease before this manifest existed and may have
-                        // restored the checkpoint before it: publishing this output now
-                        // could duplicate what it produces. If it restores this manifest
-                        // instead, it re-commits its output itself. (If it missed the
-                        // manifest and deleted the staged files, a later restore of this
-                        // manifest stops with CommitLost: the documented race.)
-                        let committed = self
-                            .rt
-                            .block_on(self.storage.check_lease(self.lease))
-                            .and_then(|()| self.commit(&manifest));
-                        match committed {
-                            Ok(()) => {
-                                decisions.extend(c.on_committed(id, Instant::now()));
-                                // Sources may report progress outside the checkpoint
-                                // (a Kafka group's offsets), now that output is visible.
-                                for tx in &self.controls {
-                                    let _ = tx.send(SourceControl::Completed { id });
-                                }
-                            }
-                            Err(e) if e.class() == ErrorClass::Stop => {
-                                failure = Some(e);
-                                self.cancel.store(true, Ordering::Relaxed);
-                                continue;
-                            }
-                            Err(e) => {
-                                tracing::warn!(checkpoint = %id, error = %e, "commit failed; retrying with the next checkpoint");
-                                decisions.extend(c.on_commit_deferred(id, Instant::now()));
-                            }
-                        }
-                        let stats = CheckpointStats {
+                        tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
+                        committing.insert(
                             id,
-                            duration,
-                            end_to_end: triggered_at.map(|t| t.elapsed()).unwrap_or(duration),
-                            state_bytes,
-                            uploaded_bytes,
-                            max_sync_pause: pauses.remove(&id).unwrap_or_default(),
-                            is_final,
-                            state_bytes_by_operator: op_bytes.remove(&id).unwrap_or_default(),
-                            metrics: self.metrics.snapshot(),
-                        };
+                            CheckpointStats {
+                                id,
+                                duration,
+                                end_to_end: duration,
+                                state_bytes,
+                                uploaded_bytes,
+                                max_sync_pause: pauses.remove(&id).unwrap_or_default(),
+                                is_final,
+                                state_bytes_by_operator: op_bytes.remove(&id).unwrap_or_default(),
+                                metrics: self.metrics.snapshot(),
+                            },
+                        );
                         pauses.retain(|&p, _| p > id);
                         op_bytes.retain(|&p, _| p > id);
-                        tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
-                        if let Some(cb) = &self.s.on_checkpoint {
-                            cb(&stats);
-                        }
-                        self.completed_in_attempt += 1;
-                        if let Some((armed, after)) = &self.crash {
-                            if self.completed_in_attempt >= *after {
-                                armed.store(true, Ordering::SeqCst);
-                            }
-                        }
-                        self.report.checkpoints.push(stats);
-                        if let Err(e) = self.retain(id) {
-                            tracing::warn!(error = %e, "retention cleanup failed; will retry after the next checkpoint");
-                        }
+                        triggered_at.retain(|&p, _| p >= id);
+                        // The lane re-checks the lease before it commits: a newer
+                        // instance that took it since may have restored an older
+                        // checkpoint, and publishing this output could duplicate what it
+                        // produces. If it restores this manifest instead, it re-commits
+                        // the output itself. (If it missed the manifest and deleted the
+                        // staged files, a later restore of this manifest stops with
+                        // CommitLost: the documented race.)
+                        let _ = self.commits.send(CommitJob {
+                            id,
+                            pending: manifest.pending_commits,
+                        });
+                        decisions.extend(c.on_manifest_written(id, Instant::now()));
                     }
                     Decision::Abort { id, reason } => {
                         tracing::warn!(checkpoint = %id, %reason, "checkpoint aborted");
+                        triggered_at.remove(&id);
                         self.report.aborted_checkpoints += 1;
                     }
                     Decision::Fail { reason } => {
@@ -877,7 +900,7 @@ impl Driver<'_> {
                 if finished {
                     return Ok(());
                 }
-                if c.in_flight().is_none() {
+                if !c.busy() {
                     return Err(Error::Operator {
                         operator: crate::ids::OperatorId(self.s.name.clone()),
                         subtask: crate::ids::SubtaskIndex(0),
@@ -888,73 +911,18 @@ impl Driver<'_> {
         }
     }
 
-    /// Commit every pending committable of `manifest`, oldest first.
-    fn commit(&self, manifest: &Manifest) -> Result<()> {
-        for (i, p) in manifest.pending_commits.iter().enumerate() {
-            if i > 0 {
-                fail::fail_point!("sink::between_commits");
-            }
-            let node = self
-                .graph
-                .nodes
-                .iter()
-                .find(|n| n.op == p.sink)
-                .ok_or_else(|| {
-                    Error::config(format!(
-                        "manifest names sink '{}' that is not in the job",
-                        p.sink
-                    ))
-                })?;
-            let sink = node
-                .sink
-                .as_ref()
-                .ok_or_else(|| Error::config(format!("operator '{}' is not a sink", p.sink)))?;
-            sink.commit(&p.committable)?;
+    /// A checkpoint is complete and its commit round has run: report it, and arm the
+    /// injected failure once enough checkpoints of the attempt completed.
+    fn record(&mut self, stats: CheckpointStats) {
+        if let Some(cb) = &self.s.on_checkpoint {
+            cb(&stats);
         }
-        Ok(())
-    }
-
-    /// Delete completed checkpoints beyond the retention count (manifest first, then
-    /// files), and state directories without a manifest older than the oldest retained
-    /// checkpoint: abandoned checkpoints, or a cleanup a crash interrupted.
-    fn retain(&mut self, latest: CheckpointId) -> Result<()> {
-        let (ids, _) = self.rt.block_on(self.storage.scan())?;
-        let keep_from = ids.len().saturating_sub(self.s.retain);
-        let oldest_kept = ids.get(keep_from).copied().unwrap_or(latest).min(latest);
-        for &old in &ids[..keep_from] {
-            self.rt.block_on(self.storage.delete_manifest(old))?;
-            fail::fail_point!("checkpoint::during_retention");
-            self.rt
-                .block_on(self.storage.delete_checkpoint_files(old))?;
-        }
-        for dir in self.rt.block_on(self.storage.checkpoint_dirs())? {
-            if dir < oldest_kept && !ids[keep_from..].contains(&dir) {
-                self.rt
-                    .block_on(self.storage.delete_checkpoint_files(dir))?;
+        self.completed_in_attempt += 1;
+        if let Some((armed, after)) = &self.crash {
+            if self.completed_in_attempt >= *after {
+                armed.store(true, Ordering::SeqCst);
             }
         }
-        self.sweep_shared(&ids[keep_from..], latest)
-    }
-
-    /// Delete shared files no retained checkpoint references. Reference counts are
-    /// recomputed from the retained manifests every time, so they survive restarts.
-    /// Files uploaded by checkpoints newer than `latest` may belong to one in flight
-    /// and are kept.
-    fn sweep_shared(&self, retained: &[CheckpointId], latest: CheckpointId) -> Result<()> {
-        let files = self.rt.block_on(self.storage.list_shared())?;
-        if files.is_empty() {
-            return Ok(());
-        }
-        let mut referenced = HashSet::new();
-        for &id in retained {
-            let m = self.rt.block_on(self.storage.read_manifest(id))?;
-            referenced.extend(m.tasks.into_iter().flat_map(|t| t.shared).map(|f| f.path));
-        }
-        for (path, uploaded_by) in files {
-            if uploaded_by <= latest && !referenced.contains(&path) {
-                self.rt.block_on(self.storage.delete_shared(&path))?;
-            }
-        }
-        Ok(())
+        self.report.checkpoints.push(stats);
     }
 }

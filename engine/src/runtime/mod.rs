@@ -6,6 +6,7 @@
 //! (`Collector`), and loops over the batch in monomorphised code, so the per-record path
 //! has no dynamic dispatch, no locking and no allocation.
 
+pub(crate) mod committer;
 pub(crate) mod driver;
 pub(crate) mod exchange;
 pub(crate) mod heads;
@@ -110,6 +111,12 @@ pub(crate) enum TaskEvent {
     SourceFinished(TaskKey),
     Exited {
         key: TaskKey,
+        result: Result<()>,
+    },
+    /// The commit lane committed (or failed to commit) everything pending up to the
+    /// newest of `ids`, manifests it took in one round.
+    Committed {
+        ids: Vec<CheckpointId>,
         result: Result<()>,
     },
 }
