@@ -16,6 +16,7 @@ pub mod ids;
 pub mod manifest;
 pub mod metrics;
 pub mod process;
+pub(crate) mod retention;
 pub mod runtime;
 pub mod state;
 pub mod storage;

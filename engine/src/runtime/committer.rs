@@ -11,13 +11,14 @@
 //!
 //! Each round is reported back as a [`TaskEvent::Committed`]; the coordinator drops the
 //! committed output from its pending set and, for a final or stop checkpoint, ends the
-//! job. Retention runs after each round.
+//! job. Retention runs after each round: [`crate::retention`] decides, this lane deletes.
 
 use super::TaskEvent;
 use crate::dsl::graph::Graph;
 use crate::error::{Error, Result};
 use crate::ids::CheckpointId;
 use crate::manifest::PendingCommit;
+use crate::retention;
 use crate::storage::CheckpointStorage;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::HashSet;
@@ -97,13 +98,8 @@ impl Committer<'_> {
     }
 }
 
-/// Delete completed checkpoints beyond the retention count (manifest first, then
-/// files), and state directories without a manifest older than the oldest retained
-/// checkpoint: abandoned checkpoints, or a cleanup a crash interrupted.
-///
-/// Safe while the next checkpoint is in flight: its state directory and the shared
-/// files it uploads are newer than `latest`, and the shared files it references again
-/// belong to the newest completed checkpoint, which is always retained.
+/// Apply retention (see [`crate::retention`]) after checkpoint `latest` completed:
+/// list, decide, delete in the decided order.
 fn retain(
     rt: &tokio::runtime::Runtime,
     storage: &CheckpointStorage,
@@ -111,44 +107,38 @@ fn retain(
     latest: CheckpointId,
 ) -> Result<()> {
     let (ids, _) = rt.block_on(storage.scan())?;
-    let keep_from = ids.len().saturating_sub(retain);
-    let oldest_kept = ids.get(keep_from).copied().unwrap_or(latest).min(latest);
-    for &old in &ids[..keep_from] {
-        rt.block_on(storage.delete_manifest(old))?;
-        fail::fail_point!("checkpoint::during_retention");
-        rt.block_on(storage.delete_checkpoint_files(old))?;
+    let dirs = rt.block_on(storage.checkpoint_dirs())?;
+    let plan = retention::plan(&ids, &dirs, retain, latest);
+    for action in &plan.actions {
+        execute(rt, storage, action)?;
     }
-    for dir in rt.block_on(storage.checkpoint_dirs())? {
-        if dir < oldest_kept && !ids[keep_from..].contains(&dir) {
-            rt.block_on(storage.delete_checkpoint_files(dir))?;
-        }
-    }
-    sweep_shared(rt, storage, &ids[keep_from..], latest)
-}
-
-/// Delete shared files no retained checkpoint references. Reference counts are
-/// recomputed from the retained manifests every time, so they survive restarts.
-/// Files uploaded by checkpoints newer than `latest` may belong to one in flight
-/// and are kept.
-fn sweep_shared(
-    rt: &tokio::runtime::Runtime,
-    storage: &CheckpointStorage,
-    retained: &[CheckpointId],
-    latest: CheckpointId,
-) -> Result<()> {
     let files = rt.block_on(storage.list_shared())?;
     if files.is_empty() {
         return Ok(());
     }
     let mut referenced = HashSet::new();
-    for &id in retained {
+    for &id in &plan.retained {
         let m = rt.block_on(storage.read_manifest(id))?;
         referenced.extend(m.tasks.into_iter().flat_map(|t| t.shared).map(|f| f.path));
     }
-    for (path, uploaded_by) in files {
-        if uploaded_by <= latest && !referenced.contains(&path) {
-            rt.block_on(storage.delete_shared(&path))?;
-        }
+    for action in retention::sweep_shared(&files, &referenced, latest) {
+        execute(rt, storage, &action)?;
     }
     Ok(())
+}
+
+fn execute(
+    rt: &tokio::runtime::Runtime,
+    storage: &CheckpointStorage,
+    action: &retention::Delete,
+) -> Result<()> {
+    match action {
+        retention::Delete::Manifest(id) => {
+            rt.block_on(storage.delete_manifest(*id))?;
+            fail::fail_point!("checkpoint::during_retention");
+            Ok(())
+        }
+        retention::Delete::CheckpointFiles(id) => rt.block_on(storage.delete_checkpoint_files(*id)),
+        retention::Delete::Shared(path) => rt.block_on(storage.delete_shared(path)),
+    }
 }
