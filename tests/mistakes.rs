@@ -432,3 +432,88 @@ fn an_older_instance_is_fenced_and_never_touches_the_newer_ones_output() {
     assert!(report.restored_from.is_some());
     assert_eq!(committed_lines(&dir.join("out")), expected);
 }
+
+/// The running balance of the JSON-lines payments in `input` into `dir/out`; the job
+/// stops itself with a checkpoint after `stop_after` records.
+fn balances_of_file(
+    dir: &Path,
+    input: &Path,
+    stop_after: Option<usize>,
+) -> exactly::engine::error::Result<JobReport> {
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
+        .build()?;
+    let stop = job.stop_handle();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let payments = job
+        .source("payments", JsonLinesSource::<(u32, i64)>::new(input))
+        .map(move |p| {
+            if Some(seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1) == stop_after {
+                stop.stop();
+            }
+            p
+        });
+    running_balance(&payments)
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(dir.join("out")));
+    job.run()
+}
+
+fn payments_file(range: std::ops::Range<i64>) -> String {
+    range.map(|i| format!("[{},{i}]\n", i % 17)).collect()
+}
+
+#[test]
+fn an_input_file_rotated_under_a_checkpoint_is_refused_and_a_grown_one_read_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("payments.jsonl");
+    std::fs::write(&input, payments_file(0..20_000)).unwrap();
+    let golden = dir.path().join("golden");
+    balances_of_file(&golden, &input, None).unwrap();
+    let expected = committed_lines(&golden.join("out"));
+
+    let run = dir.path().join("run");
+    let report = balances_of_file(&run, &input, Some(2_000)).unwrap();
+    assert!(
+        report.stopped_at.is_some(),
+        "the job stopped with a checkpoint"
+    );
+    let out = run.join("out");
+    let at_stop = snapshot_of(&out);
+    assert!(
+        committed_lines(&out).len() < expected.len(),
+        "stopped mid-run"
+    );
+
+    // Log rotation: a longer file with other records at the same path. Resuming at the
+    // checkpoint's byte offset would skip its first records; the job refuses it.
+    std::fs::write(&input, payments_file(100_000..150_000)).unwrap();
+    let err = balances_of_file(&run, &input, None).unwrap_err();
+    assert!(
+        err.to_string().contains("was replaced") && err.to_string().contains("payments.jsonl"),
+        "{err}"
+    );
+    assert_eq!(
+        err.class(),
+        exactly::engine::error::ErrorClass::Stop,
+        "{err}"
+    );
+    assert_eq!(snapshot_of(&out), at_stop, "no committed file touched");
+
+    // Truncated under the checkpoint's offset: refused as well.
+    std::fs::write(&input, payments_file(0..10)).unwrap();
+    let err = balances_of_file(&run, &input, None).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+    assert_eq!(snapshot_of(&out), at_stop, "no committed file touched");
+
+    // The original file, grown since the job started: read as it was then, so the
+    // output is the failure-free run's, not a mix.
+    std::fs::write(
+        &input,
+        payments_file(0..20_000) + &payments_file(20_000..25_000),
+    )
+    .unwrap();
+    balances_of_file(&run, &input, None).unwrap();
+    assert_eq!(committed_lines(&out), expected);
+}

@@ -21,8 +21,17 @@ impl<S: Source> ErasedSource for SourceNode<S> {
         let mut restored: HashMap<String, (S::Offset, bool, Timestamp)> = HashMap::new();
         for snap in ctx.restored(&operator) {
             for entry in &snap.list {
+                // Restarting cannot make it decode: stop, and say why.
                 let (split, offset, done, max_ts): SplitState<S::Offset> =
-                    codec::decode(entry, &format!("offset of source '{operator}'"))?;
+                    codec::decode(entry, "source offset").map_err(|e| {
+                        Error::config(format!(
+                            "source '{operator}': an offset in the restored checkpoint does not \
+                             decode as {} ({e}): the source's type, or the version of exactly \
+                             that wrote the checkpoint, changed. Run the version that wrote it, \
+                             or start over with new checkpoint storage and new output locations",
+                            std::any::type_name::<S::Offset>()
+                        ))
+                    })?;
                 restored.insert(split, (offset, done, max_ts));
             }
         }

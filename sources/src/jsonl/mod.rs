@@ -1,5 +1,13 @@
 //! JSON-lines files: one JSON document per line; each file is a split.
 //!
+//! # Files that change
+//!
+//! A bounded source (the default) reads each file as it was when the job first opened
+//! it, up to the length it had then, in the first run and in every restored run; a
+//! [`JsonLinesSource::follow`] source tails its files and never ends. Every offset
+//! carries the identity of its file, so a file replaced (rotated) or truncated under a
+//! restored offset stops the job with an error naming it (see `identity`).
+//!
 //! # Bad records
 //!
 //! What happens to a line that does not parse is the job's explicit choice
@@ -8,12 +16,18 @@
 //! and a reader only appends entries beyond the highest offset already in the file, so
 //! re-reading after a restore never writes an entry twice.
 
+mod dead_letters;
+mod identity;
+
+use dead_letters::{DeadLetter, DeadLetters};
 use exactly_engine::api::{Source, SourceContext, SourcePoll, SourceReader};
 use exactly_engine::error::{Error, Result};
+pub use identity::FileIdentity;
+use identity::FileNow;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Take};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
@@ -26,13 +40,15 @@ pub enum BadRecordPolicy {
     DeadLetter(PathBuf),
 }
 
-/// Position in one file: the byte offset and 1-based number of the next line.
+/// Position in one file: the byte offset and number of the next line, and which file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JsonLinesOffset {
     /// Byte offset of the next line.
     pub byte: u64,
     /// Number of lines before it.
     pub lines_read: u64,
+    /// The file this offset is in.
+    pub file: FileIdentity,
 }
 
 /// Reads records of type `T` from a JSON-lines file, or from every `*.jsonl` file in a
@@ -48,6 +64,7 @@ pub struct JsonLinesOffset {
 pub struct JsonLinesSource<T> {
     path: PathBuf,
     policy: BadRecordPolicy,
+    follow: bool,
     _t: PhantomData<fn() -> T>,
 }
 
@@ -57,8 +74,28 @@ impl<T> JsonLinesSource<T> {
         JsonLinesSource {
             path: path.into(),
             policy: BadRecordPolicy::Fail,
+            follow: false,
             _t: PhantomData,
         }
+    }
+
+    /// Tail the files instead of reading them as they were when the job started: lines
+    /// appended while the job runs, or while it is down, are read once, across restarts.
+    /// A line is read only once its newline is written. The source never ends: stop the
+    /// job with its `StopHandle` or SIGTERM (a checkpoint keeps the position). Files
+    /// are followed by the handle opened at start, like `tail -f`: a file rotated away
+    /// under a running job is read to its end and the new file is not picked up; after
+    /// a restart the new file at the same path is refused as replaced.
+    ///
+    /// ```no_run
+    /// # use exactly_sources::JsonLinesSource;
+    /// #[derive(serde::Deserialize, Clone)]
+    /// struct Payment { account: u64, amount_cents: i64 }
+    /// let src = JsonLinesSource::<Payment>::new("payments.jsonl").follow();
+    /// ```
+    pub fn follow(mut self) -> Self {
+        self.follow = true;
+        self
     }
 
     /// Choose what happens to lines that are not valid records.
@@ -79,99 +116,18 @@ impl<T> JsonLinesSource<T> {
 /// Reads one file of a [`JsonLinesSource`].
 pub struct JsonLinesReader<T> {
     path: PathBuf,
-    reader: BufReader<File>,
+    /// Limited to the bounded end; unlimited when following.
+    reader: BufReader<Take<File>>,
     offset: JsonLinesOffset,
+    follow: bool,
     /// The current line's bytes: read as bytes, so invalid UTF-8 is a bad record (of
-    /// its file and line) rather than an I/O error.
+    /// its file and line) rather than an I/O error. When following, a line whose
+    /// newline is not written yet stays here, unread, until it is.
     line: Vec<u8>,
+    /// A bounded reader warned that the file grew past its end.
+    warned_growth: bool,
     dead_letters: Option<DeadLetters>,
     _t: PhantomData<fn() -> T>,
-}
-
-struct DeadLetters {
-    path: PathBuf,
-    file: File,
-    /// Entries at or below this byte offset are already in the file.
-    written_through: Option<u64>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct DeadLetter {
-    file: String,
-    line: u64,
-    byte_offset: u64,
-    error: String,
-    raw: String,
-}
-
-impl DeadLetters {
-    fn open(dir: &Path, source: &str, split: &str) -> Result<DeadLetters> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::io(
-                format!("creating dead-letter directory {}", dir.display()),
-                e,
-            )
-        })?;
-        let safe: String = split
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = dir.join(format!("{source}-{safe}.deadletter.jsonl"));
-        let mut existing = String::new();
-        if let Ok(mut f) = File::open(&path) {
-            f.read_to_string(&mut existing).map_err(|e| {
-                Error::io(format!("reading dead-letter file {}", path.display()), e)
-            })?;
-        }
-        // A crash can leave a torn last entry: drop it, it is written again on re-read.
-        let complete = existing.rfind('\n').map(|i| i + 1).unwrap_or(0);
-        let mut written_through = None;
-        for l in existing[..complete].lines() {
-            if let Ok(d) = serde_json::from_str::<DeadLetter>(l) {
-                written_through = written_through.max(Some(d.byte_offset));
-            }
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening dead-letter file {}", path.display()), e))?;
-        file.set_len(complete as u64)
-            .map_err(|e| Error::io(format!("truncating dead-letter file {}", path.display()), e))?;
-        Ok(DeadLetters {
-            path,
-            file,
-            written_through,
-        })
-    }
-
-    fn write(&mut self, entry: &DeadLetter) -> Result<()> {
-        if self.written_through.is_some_and(|w| entry.byte_offset <= w) {
-            return Ok(());
-        }
-        let mut line = serde_json::to_vec(entry).map_err(|e| Error::Codec {
-            what: "dead-letter entry".into(),
-            message: e.to_string(),
-        })?;
-        line.push(b'\n');
-        self.file
-            .write_all(&line)
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| {
-                Error::io(
-                    format!("writing dead-letter file {}", self.path.display()),
-                    e,
-                )
-            })?;
-        self.written_through = Some(entry.byte_offset);
-        Ok(())
-    }
 }
 
 /// A missing input is a configuration error (restarting cannot make it appear), so the
@@ -230,37 +186,72 @@ impl<T: DeserializeOwned + Clone + Send + 'static> Source for JsonLinesSource<T>
     ) -> Result<JsonLinesReader<T>> {
         let path = self.split_path(split);
         let mut file = File::open(&path).map_err(|e| missing_or_io(&path, e))?;
-        let offset = from.unwrap_or(JsonLinesOffset {
-            byte: 0,
-            lines_read: 0,
-        });
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
-            .len();
-        if offset.byte > len {
-            return Err(Error::config(format!(
-                "{}: restored offset {} is beyond the end of the file ({len} bytes); the input was truncated or replaced",
-                path.display(),
-                offset.byte
-            )));
-        }
-        file.seek(SeekFrom::Start(offset.byte))
-            .map_err(|e| Error::io(format!("seeking {}", path.display()), e))?;
+        let io = |e| Error::io(format!("reading {}", path.display()), e);
+        let len = file.metadata().map_err(io)?.len();
+        let offset = match from {
+            None => JsonLinesOffset {
+                byte: 0,
+                lines_read: 0,
+                file: FileIdentity::of(&mut file, len, self.follow).map_err(io)?,
+            },
+            Some(restored) => {
+                let now = FileNow {
+                    len,
+                    head_crc: identity::head_crc(&mut file, restored.file.head_len.into())
+                        .map_err(io)?,
+                };
+                let end = identity::check_restored(&path, &restored, now, self.follow)?;
+                JsonLinesOffset {
+                    file: FileIdentity {
+                        end,
+                        ..restored.file
+                    },
+                    ..restored
+                }
+            }
+        };
+        file.seek(SeekFrom::Start(offset.byte)).map_err(io)?;
+        let limit = match offset.file.end {
+            Some(end) => end.saturating_sub(offset.byte),
+            None => u64::MAX,
+        };
         let dead_letters = match &self.policy {
             BadRecordPolicy::Fail => None,
             BadRecordPolicy::DeadLetter(dir) => {
                 Some(DeadLetters::open(dir, &ctx.operator.0, split)?)
             }
         };
-        Ok(JsonLinesReader {
+        let mut reader = JsonLinesReader {
             path,
-            reader: BufReader::with_capacity(256 * 1024, file),
+            reader: BufReader::with_capacity(256 * 1024, file.take(limit)),
             offset,
+            follow: self.follow,
             line: Vec::new(),
+            warned_growth: false,
             dead_letters,
             _t: PhantomData,
-        })
+        };
+        reader.note_growth(len);
+        Ok(reader)
+    }
+}
+
+impl<T> JsonLinesReader<T> {
+    /// A bounded reader says once that the file grew past its end: those lines are not
+    /// read, by design.
+    fn note_growth(&mut self, len: u64) {
+        if let Some(end) = self.offset.file.end {
+            if len > end && !self.warned_growth {
+                self.warned_growth = true;
+                tracing::warn!(
+                    "{}: {} bytes were appended after the job started; this bounded source \
+                     reads the file as it was then ({end} bytes), not the new lines \
+                     (JsonLinesSource::follow() tails a growing file)",
+                    self.path.display(),
+                    len - end
+                );
+            }
+        }
     }
 }
 
@@ -271,7 +262,6 @@ impl<T: DeserializeOwned + 'static> SourceReader for JsonLinesReader<T> {
     fn poll_batch(&mut self, out: &mut Vec<T>, max: usize) -> Result<SourcePoll> {
         let before = out.len();
         while out.len() - before < max {
-            self.line.clear();
             let n = self.reader.read_until(b'\n', &mut self.line).map_err(|e| {
                 Error::io(
                     format!(
@@ -282,17 +272,18 @@ impl<T: DeserializeOwned + 'static> SourceReader for JsonLinesReader<T> {
                     e,
                 )
             })?;
-            if n == 0 {
+            if n == 0 || (self.follow && self.line.last() != Some(&b'\n')) {
                 break;
             }
             let line_start = self.offset.byte;
-            self.offset.byte += n as u64;
+            self.offset.byte += self.line.len() as u64;
             self.offset.lines_read += 1;
             // The same UTF-8 check `read_line` made, but a failure is the line's.
             let parsed = match std::str::from_utf8(&self.line) {
                 Ok(text) => {
                     let text = text.trim_end_matches(['\n', '\r']);
                     if text.trim().is_empty() {
+                        self.line.clear();
                         continue;
                     }
                     serde_json::from_str::<T>(text).map_err(|e| e.to_string())
@@ -320,12 +311,34 @@ impl<T: DeserializeOwned + 'static> SourceReader for JsonLinesReader<T> {
                     })?,
                 },
             }
+            self.line.clear();
         }
-        Ok(if out.len() > before {
-            SourcePoll::Ready
-        } else {
-            SourcePoll::End
-        })
+        if out.len() > before {
+            return Ok(SourcePoll::Ready);
+        }
+        // At the end of what there is to read: only now look at the file itself.
+        let len = self
+            .reader
+            .get_ref()
+            .get_ref()
+            .metadata()
+            .map_err(|e| Error::io(format!("reading {}", self.path.display()), e))?
+            .len();
+        if self.follow {
+            if len < self.offset.byte + self.line.len() as u64 {
+                return Err(Error::config(format!(
+                    "JSON-lines source: {} was truncated while it was followed: it has {len} \
+                     bytes, and {} were read. Lines written after the truncation would be \
+                     skipped; copy-truncate rotation cannot be followed safely, rotate by \
+                     renaming instead",
+                    self.path.display(),
+                    self.offset.byte + self.line.len() as u64,
+                )));
+            }
+            return Ok(SourcePoll::Idle);
+        }
+        self.note_growth(len);
+        Ok(SourcePoll::End)
     }
 
     fn offset(&self) -> JsonLinesOffset {
@@ -377,6 +390,126 @@ mod tests {
             let mut got: Vec<u32> = got.into_iter().map(|r| r.n).collect();
             got.extend(read_all(&mut r2, 7).unwrap());
             assert_eq!(got, (0..=50).collect::<Vec<_>>(), "cut at {cut}");
+        }
+    }
+
+    fn append(p: &Path, text: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn lines(range: std::ops::Range<u32>) -> String {
+        range.map(|n| format!("{{\"n\":{n}}}\n")).collect()
+    }
+
+    #[test]
+    fn a_bounded_source_reads_the_file_as_it_was_when_the_job_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.jsonl");
+        std::fs::write(&p, lines(0..10)).unwrap();
+        let src = JsonLinesSource::<R>::new(&p);
+        let mut r = src.open("in.jsonl", None, &ctx()).unwrap();
+        let mut first = Vec::new();
+        r.poll_batch(&mut first, 4).unwrap();
+        let at_four = r.offset();
+        // A writer appends while the job runs: the run still ends at the first 10 lines...
+        append(&p, &lines(10..15));
+        assert_eq!(read_all(&mut r, 3).unwrap(), (4..10).collect::<Vec<_>>());
+        // ...and so does a run restored from its checkpoint, with the file grown since.
+        let mut restored = src.open("in.jsonl", Some(at_four), &ctx()).unwrap();
+        assert_eq!(
+            read_all(&mut restored, 3).unwrap(),
+            (4..10).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_rotated_or_truncated_file_under_a_restored_offset_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.jsonl");
+        std::fs::write(&p, lines(0..50)).unwrap();
+        for policy in [
+            BadRecordPolicy::Fail,
+            BadRecordPolicy::DeadLetter(dir.path().join("dl")),
+        ] {
+            let src = JsonLinesSource::<R>::new(&p).on_bad_record(policy);
+            std::fs::write(&p, lines(0..50)).unwrap();
+            let mut r = src.open("in.jsonl", None, &ctx()).unwrap();
+            r.poll_batch(&mut Vec::new(), 20).unwrap();
+            let offset = r.offset();
+            // Rotated: a longer file with other records at the same path.
+            std::fs::write(&p, lines(1000..1100)).unwrap();
+            let err = src.open("in.jsonl", Some(offset), &ctx()).err().unwrap();
+            assert!(err.to_string().contains("was replaced"), "{err}");
+            assert!(err.to_string().contains("in.jsonl"), "{err}");
+            // Truncated under the offset (copy-truncate rotation).
+            std::fs::write(&p, lines(0..5)).unwrap();
+            let err = src.open("in.jsonl", Some(offset), &ctx()).err().unwrap();
+            assert!(err.to_string().contains("was truncated"), "{err}");
+            // The original file again: the restore reads on from line 20.
+            std::fs::write(&p, lines(0..50)).unwrap();
+            let mut r = src.open("in.jsonl", Some(offset), &ctx()).unwrap();
+            assert_eq!(read_all(&mut r, 7).unwrap(), (20..50).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_following_source_reads_appended_lines_once_across_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.jsonl");
+        std::fs::write(&p, lines(0..3) + "{\"n\":3").unwrap();
+        let src = JsonLinesSource::<R>::new(&p).follow();
+        let mut r = src.open("in.jsonl", None, &ctx()).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(r.poll_batch(&mut out, 10).unwrap(), SourcePoll::Ready);
+        // The half-written line is not read until its newline is there.
+        assert_eq!(r.poll_batch(&mut out, 10).unwrap(), SourcePoll::Idle);
+        assert_eq!(out.iter().map(|r| r.n).collect::<Vec<_>>(), vec![0, 1, 2]);
+        let at_three = r.offset();
+        assert_eq!(at_three.lines_read, 3);
+        append(&p, "}\n");
+        append(&p, &lines(4..6));
+        assert_eq!(read_all(&mut r, 10).unwrap(), vec![3, 4, 5]);
+        // Appended while the job was down: read once after the restore.
+        append(&p, &lines(6..8));
+        let mut r = src.open("in.jsonl", Some(at_three), &ctx()).unwrap();
+        assert_eq!(read_all(&mut r, 2).unwrap(), (3..8).collect::<Vec<_>>());
+        // Truncated under a running follower: an error, not silently skipped lines.
+        std::fs::write(&p, lines(0..1)).unwrap();
+        let err = r.poll_batch(&mut Vec::new(), 10).unwrap_err();
+        assert!(
+            err.to_string().contains("truncated while it was followed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn offsets_of_checkpoints_before_file_identities_do_not_decode() {
+        #[derive(Serialize)]
+        struct Before {
+            byte: u64,
+            lines_read: u64,
+        }
+        // A split's checkpointed state: split name, offset, done, highest timestamp.
+        for (byte, done, max_ts) in [
+            (0, false, i64::MIN),
+            (123_456, true, 1_700_000_000_000),
+            (7, false, 1000),
+            (70, true, 0),
+        ] {
+            let old = postcard::to_stdvec(&(
+                "in.jsonl",
+                Before {
+                    byte,
+                    lines_read: 9,
+                },
+                done,
+                max_ts,
+            ))
+            .unwrap();
+            let new = postcard::from_bytes::<(String, JsonLinesOffset, bool, i64)>(&old);
+            assert!(new.is_err(), "{new:?}");
         }
     }
 
