@@ -1,8 +1,10 @@
-//! Event-time operators: tumbling-window count over 1M keys and dedup over a stream with
-//! 10 % duplicates, in-memory state, local checkpoint directory, a checkpoint every
-//! second. Prints events/s (total and per core) and checkpoint figures.
+//! Event-time operators: tumbling-window count over 1M keys (checkpoints off, then every
+//! second) and dedup over a stream with 10 % duplicates (every second), in-memory state,
+//! local checkpoint directory. Prints events/s (total and per core) and checkpoint
+//! figures.
 //!
-//! `cargo bench --bench event_time`; `EXACTLY_BENCH_EVENTS` sets the event count.
+//! `cargo bench --bench event_time`; `EXACTLY_BENCH_EVENTS` sets the event count,
+//! `EXACTLY_BENCH_ONLY=window` skips the dedup runs.
 
 use exactly::operators::{DedupExt, DedupTime, WindowExt, Windows};
 use exactly::prelude::*;
@@ -29,13 +31,14 @@ fn event(i: u64) -> Event {
     }
 }
 
-fn job(dir: &std::path::Path) -> Job {
-    Job::builder("bench")
+fn job(dir: &std::path::Path, interval: Option<Duration>) -> Job {
+    let mut b = Job::builder("bench")
         .checkpoint_storage(dir.to_str().unwrap())
-        .checkpoint_every(Duration::from_secs(1))
-        .parallelism(PARALLELISM)
-        .build()
-        .unwrap()
+        .parallelism(PARALLELISM);
+    if let Some(i) = interval {
+        b = b.checkpoint_every(i);
+    }
+    b.build().unwrap()
 }
 
 fn source(job: &Job, events: u64) -> Stream<Event> {
@@ -59,7 +62,7 @@ fn report(label: &str, events: u64, elapsed: Duration, r: &JobReport) {
     let mut p: Vec<Duration> = r.checkpoints.iter().map(|c| c.max_sync_pause).collect();
     p.sort();
     println!(
-        "{label:>28}: {:>10.0} events/s ({:>9.0} per core), {} checkpoints, median checkpoint {:?}, median synchronous pause {:?}, largest state {} bytes",
+        "{label:>34}: {:>10.0} events/s ({:>9.0} per core), {} checkpoints, median checkpoint {:?}, median synchronous pause {:?}, largest state {} bytes",
         eps,
         eps / cores as f64,
         r.checkpoints.len(),
@@ -77,31 +80,39 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000_000);
-    println!("{events} events, {KEYS} keys, parallelism {PARALLELISM}, checkpoint every 1 s");
+    println!("{events} events, {KEYS} keys, parallelism {PARALLELISM}");
+
+    for (label, interval) in [
+        ("tumbling count, 1M keys, off", None),
+        ("tumbling count, 1M keys, 1 s", Some(Duration::from_secs(1))),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let j = job(dir.path(), interval);
+        let out = CollectSink::new();
+        source(&j, events)
+            .key_by(|e| e.key)
+            .window(Windows::tumbling(Duration::from_secs(10)), |e| e.ts)
+            .name("window")
+            .count()
+            .results
+            .map(|w| w.value)
+            .sink("counts", out.clone());
+        let t = Instant::now();
+        let r = j.run().unwrap();
+        let elapsed = t.elapsed();
+        assert_eq!(
+            out.committed().iter().sum::<u64>(),
+            events,
+            "every event counted once"
+        );
+        report(label, events, elapsed, &r);
+    }
+    if std::env::var("EXACTLY_BENCH_ONLY").is_ok_and(|v| v == "window") {
+        return;
+    }
 
     let dir = tempfile::tempdir().unwrap();
-    let j = job(dir.path());
-    let out = CollectSink::new();
-    source(&j, events)
-        .key_by(|e| e.key)
-        .window(Windows::tumbling(Duration::from_secs(10)), |e| e.ts)
-        .name("window")
-        .count()
-        .results
-        .map(|w| w.value)
-        .sink("counts", out.clone());
-    let t = Instant::now();
-    let r = j.run().unwrap();
-    let elapsed = t.elapsed();
-    assert_eq!(
-        out.committed().iter().sum::<u64>(),
-        events,
-        "every event counted once"
-    );
-    report("tumbling count, 1M keys", events, elapsed, &r);
-
-    let dir = tempfile::tempdir().unwrap();
-    let j = job(dir.path());
+    let j = job(dir.path(), Some(Duration::from_secs(1)));
     let out = CollectSink::new();
     source(&j, events)
         .dedup_by(

@@ -186,6 +186,31 @@ impl<K: Key, O> KeyedContext<'_, K, O> {
             .map_retain(self.key, state, |uk, uv| f(uk, uv, &mut emitter))
     }
 
+    /// Visit every entry of map `state` of **every key** of this operator instance, not
+    /// only the current one, keeping those for which `f` returns true (with the changes
+    /// `f` made); `f` may emit through its [`Emitter`], whose key is the visited one.
+    /// For work that concerns all keys at one moment, such as firing every key's window
+    /// at a window end with one pass over the state instead of a lookup per key. Costs
+    /// O(entries of `state` in this instance): in memory one sequential pass, on
+    /// RocksDB a scan of each key group.
+    pub fn map_retain_all_keys<UK: StateValue + Eq, UV: StateValue>(
+        &mut self,
+        state: MapState<UK, UV>,
+        mut f: impl FnMut(&UK, &mut UV, &mut Emitter<'_, K, O>) -> bool,
+    ) -> Result<()> {
+        let out = &mut *self.out;
+        self.state.map_retain_all_keys(state, |key, uk, uv| {
+            f(
+                uk,
+                uv,
+                &mut Emitter {
+                    key,
+                    out: &mut *out,
+                },
+            )
+        })
+    }
+
     /// Remove all entries of the current key's map `state`.
     pub fn map_clear<UK: StateValue + Eq, UV: StateValue>(&mut self, state: MapState<UK, UV>) {
         self.state.map_clear(self.key, state)

@@ -11,7 +11,13 @@
 //!    at `end - 1` fires the result. A record for a window that already fired but is
 //!    within the allowed lateness updates it and fires it again at once.
 //! 3. A second timer at the cleanup time purges the window, so state stays bounded.
-//! 4. Session windows merge: a record opens `[ts, ts + gap)`, which absorbs every session
+//! 4. Tumbling and sliding windows are aligned: every key's windows end at the same
+//!    times. The first timer of a window end fires and purges every key's due windows
+//!    in one pass over the state ([`KeyedContext::map_retain_all_keys`]); the other
+//!    keys' timers of that time then find nothing to do and touch no state. Each key
+//!    still registers its own timer, so after a rescale every instance has a timer
+//!    for every window end its keys need.
+//! 5. Session windows merge: a record opens `[ts, ts + gap)`, which absorbs every session
 //!    of the key it touches (accumulators merged, old timers deleted).
 //!
 //! Everything is keyed state and timers, so windows open across a checkpoint are
@@ -285,6 +291,11 @@ pub struct WindowOperator<T, A: AggregateFunction<T>, TS> {
     timestamp: TS,
     agg: A,
     late: Option<Counter>,
+    /// Aligned windows: every window ending at or before this time was fired (and
+    /// purged, if its cleanup time has passed) for every key of this instance by one
+    /// pass over the state. Not checkpointed: after a restore the first timer passes
+    /// again, which finds what the restored state holds.
+    swept_upto: Timestamp,
     _t: PhantomData<fn(T)>,
 }
 
@@ -306,6 +317,7 @@ where
             timestamp,
             agg,
             late: None,
+            swept_upto: Timestamp::MIN,
             _t: PhantomData,
         }
     }
@@ -349,6 +361,35 @@ where
         }
         Ok((merged, acc.map(|acc| Entry { acc, fired: false })))
     }
+
+    /// A timer of tumbling or sliding windows: the first one of its time fires every
+    /// key's windows ending by then and purges those past their cleanup time, in one
+    /// pass; later timers of the same time return at once.
+    fn on_aligned_timer<K: Key>(
+        &mut self,
+        timer: Timer,
+        ctx: &mut KeyedContext<'_, K, WindowEvent<K, A::Out, T>>,
+    ) -> Result<(), BoxError> {
+        if timer.time <= self.swept_upto {
+            return Ok(());
+        }
+        self.swept_upto = timer.time;
+        let mut fired_any = false;
+        ctx.map_retain_all_keys(slots::<A::Acc>(), |w, entry, out| {
+            if w.max_timestamp() <= timer.time && !entry.fired {
+                out.emit(self.fire(out.key(), *w, &entry.acc));
+                entry.fired = true;
+                fired_any = true;
+            }
+            self.cleanup_time(w) > timer.time
+        })?;
+        // What fired now is purged by the pass that this timer triggers: every window
+        // fired now ends by this time, so its cleanup time is by this time + lateness.
+        if fired_any && self.lateness > 0 {
+            ctx.register_event_time_timer(timer.time.saturating_add(self.lateness));
+        }
+        Ok(())
+    }
 }
 
 impl<K, T, A, TS> KeyedProcessFunction<K, T> for WindowOperator<T, A, TS>
@@ -384,6 +425,10 @@ where
             };
             // Within the allowed lateness of a window that already fired: fire again now.
             let refire = w.max_timestamp() <= wm;
+            // A window's timer is registered when its entry is created; a later record
+            // for it finds both (the timer service dedups anyway, but skipping the
+            // lookup is most of the per-record cost for a window already open).
+            let mut created = merged.is_some();
             let result = match merged {
                 Some(mut entry) => {
                     self.agg.add(&mut entry.acc, &record);
@@ -395,9 +440,12 @@ where
                 None => ctx.map_update(
                     slots::<A::Acc>(),
                     &w,
-                    || Entry {
-                        acc: self.agg.create(),
-                        fired: false,
+                    || {
+                        created = true;
+                        Entry {
+                            acc: self.agg.create(),
+                            fired: false,
+                        }
                     },
                     |entry| {
                         self.agg.add(&mut entry.acc, &record);
@@ -418,7 +466,8 @@ where
                 }
                 // One timer per window: firing registers the cleanup timer, if the
                 // allowed lateness puts it later.
-                None => ctx.register_event_time_timer(w.max_timestamp()),
+                None if created => ctx.register_event_time_timer(w.max_timestamp()),
+                None => {}
             }
         }
         if !on_time {
@@ -435,6 +484,9 @@ where
         timer: Timer,
         ctx: &mut KeyedContext<'_, K, Self::Out>,
     ) -> Result<(), BoxError> {
+        if !matches!(self.windows, Windows::Session { .. }) {
+            return self.on_aligned_timer(timer, ctx);
+        }
         let mut fired_any = false;
         ctx.map_retain(slots::<A::Acc>(), |w, entry, out| {
             let fire_now = w.max_timestamp() == timer.time && !entry.fired;

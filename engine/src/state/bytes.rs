@@ -9,6 +9,7 @@ use crate::codec;
 use crate::error::Result;
 use crate::ids::{key_group_of_bytes, CheckpointId, KeyGroup, KeyGroupRange};
 use crate::time::{TimeDomain, Timestamp};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::any::TypeId;
 
@@ -158,6 +159,47 @@ impl ByteState {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// Every entry of map `s` of every key of this instance, key group by key group,
+    /// kept if `f` returns true; a kept entry is written back only if its encoding
+    /// changed. Leaves the current key as it was.
+    pub fn map_retain_all<K: DeserializeOwned, UK: StateValue, UV: StateValue>(
+        &mut self,
+        s: MapState<UK, UV>,
+        mut f: impl FnMut(&K, &UK, &mut UV) -> bool,
+    ) -> Result<()> {
+        let prefix = super::layout::name_prefix(s.name());
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut after = Vec::new();
+        for g in 0..self.range.len() {
+            entries.clear();
+            self.db.scan_prefix(g, &prefix, |k, v| {
+                entries.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })?;
+            for (k, v) in &entries {
+                let (key, uk): (K, &[u8]) =
+                    postcard::take_from_bytes(&k[prefix.len()..]).map_err(|e| {
+                        crate::error::Error::Codec {
+                            what: s.name().to_string(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                let uk: UK = codec::decode(uk, s.name())?;
+                let mut uv: UV = codec::decode(v, s.name())?;
+                if !f(&key, &uk, &mut uv) {
+                    self.db.delete(g, k)?;
+                    continue;
+                }
+                after.clear();
+                codec::encode_into(&uv, &mut after, s.name())?;
+                if after != *v {
+                    self.db.put(g, k, &after)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn map_clear<UK, UV>(&mut self, s: MapState<UK, UV>) -> Result<()> {

@@ -690,6 +690,27 @@ impl<K: Key> KeyedState<K> {
         }
     }
 
+    /// [`Self::map_retain`] over every key of this instance: `f` gets each entry with
+    /// its key. In memory the table is visited in memory order; on RocksDB key group by
+    /// key group.
+    pub fn map_retain_all_keys<UK: StateValue + Eq, UV: StateValue>(
+        &mut self,
+        s: MapState<UK, UV>,
+        f: impl FnMut(&K, &UK, &mut UV) -> bool,
+    ) -> Result<()> {
+        match &mut self.inner {
+            Inner::Memory(m) => {
+                m.maps(s)?.retain_all(f);
+                Ok(())
+            }
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b, _) => {
+                check_map::<K, UK, UV>(b, s)?;
+                b.map_retain_all(s, f)
+            }
+        }
+    }
+
     /// Remove every entry of `key`'s map `s`.
     pub fn map_clear<UK: StateValue + Eq, UV: StateValue>(&mut self, key: &K, s: MapState<UK, UV>) {
         let r = match &mut self.inner {
@@ -1058,6 +1079,9 @@ pub(crate) mod tests {
         /// Keep the entries whose map key is not divisible by the divisor; add 1 to the
         /// kept values whose map key is even.
         Retain(u64, u8),
+        /// The same over every key's map; entries whose key plus map key is divisible
+        /// by the divisor are dropped.
+        RetainAllKeys(u8),
         Clear(u64),
     }
 
@@ -1069,6 +1093,7 @@ pub(crate) mod tests {
             (k.clone(), uk.clone(), any::<u32>()).prop_map(|(k, u, v)| MapOp::Update(k, u, v)),
             (k.clone(), uk).prop_map(|(k, u)| MapOp::Remove(k, u)),
             (k.clone(), 1u8..5).prop_map(|(k, d)| MapOp::Retain(k, d)),
+            (2u8..5).prop_map(MapOp::RetainAllKeys),
             k.prop_map(MapOp::Clear),
         ]
     }
@@ -1134,6 +1159,24 @@ pub(crate) mod tests {
                         }
                         *u % d != 0
                     });
+                }
+                MapOp::RetainAllKeys(d) => {
+                    let keep = |k: u64, u: u8, v: &mut u32| {
+                        if u.is_multiple_of(2) {
+                            *v = v.wrapping_add(1);
+                        }
+                        !(k + u64::from(u)).is_multiple_of(u64::from(d))
+                    };
+                    let mut seen = Vec::new();
+                    s.map_retain_all_keys(MO, |k, u, v| {
+                        seen.push((*k, *u));
+                        keep(*k, *u, v)
+                    })
+                    .unwrap();
+                    seen.sort();
+                    let expected: Vec<(u64, u8)> = model.keys().copied().collect();
+                    assert_eq!(seen, expected, "every key's entries visited once");
+                    model.retain(|(k, u), v| keep(*k, *u, v));
                 }
                 MapOp::Clear(k) => {
                     s.map_clear(&k, MO);

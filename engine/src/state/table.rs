@@ -136,6 +136,20 @@ impl<K: Hash + Eq + Clone, E: Clone> CowTable<K, E> {
         Some(entry.1)
     }
 
+    /// Visit every entry in memory order, keeping those for which `f` returns true (with
+    /// the changes `f` made). Each non-empty segment is copied if a snapshot holds it.
+    pub fn retain_all(&mut self, mut f: impl FnMut(&K, &mut E) -> bool) {
+        for seg in &mut self.segs {
+            if seg.is_empty() {
+                continue;
+            }
+            let seg = Arc::make_mut(seg);
+            let before = seg.len();
+            seg.retain(|(k, e)| f(k, e));
+            self.len -= before - seg.len();
+        }
+    }
+
     /// The segments, shared (a snapshot).
     pub fn share(&self) -> Vec<Segment<K, E>> {
         self.segs.clone()
@@ -153,6 +167,8 @@ mod tests {
         Insert(u16, u32),
         Upsert(u16, u32),
         Remove(u16),
+        /// Keep entries whose value is not divisible by the number; add one to the rest.
+        RetainAll(u32),
         Snapshot,
     }
 
@@ -161,6 +177,7 @@ mod tests {
             (0u16..300, any::<u32>()).prop_map(|(k, v)| Op::Insert(k, v)),
             (0u16..300, any::<u32>()).prop_map(|(k, v)| Op::Upsert(k, v)),
             (0u16..300).prop_map(Op::Remove),
+            (2u32..5).prop_map(Op::RetainAll),
             Just(Op::Snapshot),
         ]
     }
@@ -193,6 +210,15 @@ mod tests {
                         *m = m.wrapping_add(v);
                     }
                     Op::Remove(k) => prop_assert_eq!(t.remove(&k), model.remove(&k)),
+                    Op::RetainAll(d) => {
+                        let keep = |v: &mut u32| {
+                            let kept = !v.is_multiple_of(d);
+                            *v = v.wrapping_add(1);
+                            kept
+                        };
+                        t.retain_all(|_, v| keep(v));
+                        model.retain(|_, v| keep(v));
+                    }
                     Op::Snapshot => snaps.push((t.share(), model.clone())),
                 }
                 prop_assert_eq!(t.len(), model.len());

@@ -338,6 +338,18 @@ impl<K: Key, UK: StateValue + Eq, UV: StateValue> MapTable<K, UK, UV> {
         }
     }
 
+    /// [`Self::retain`] over every key's map, in memory order.
+    pub fn retain_all(&mut self, mut f: impl FnMut(&K, &UK, &mut UV) -> bool) {
+        let mut removed = 0;
+        self.table.retain_all(|k, m| {
+            let before = m.len();
+            m.retain(|(uk, uv)| f(k, uk, uv));
+            removed += before - m.len();
+            !m.is_empty()
+        });
+        self.entries -= removed;
+    }
+
     pub fn remove(&mut self, k: &K, uk: &UK) {
         let present = self
             .table
