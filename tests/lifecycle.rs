@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::gated::{gated, open, wait_at};
+use common::gated::{gated, gated_at, open, wait_at, GatedSource};
 use common::{committed_lines, example_binary, leftover_staging};
 use exactly::operators::{WindowExt, Windows};
 use exactly::prelude::*;
@@ -180,6 +180,63 @@ fn a_stop_leaves_open_windows_open_until_the_restart() {
     open(&gate);
     window_counts(dir.path(), source).run().unwrap();
     assert_eq!(committed_lines(&dir.path().join("out")), expected);
+}
+
+/// Windows open at a stop whose input is all read fire after a restart at another
+/// parallelism, though no record reaches them after it: each instance must have a timer
+/// for every window its restored key groups hold (tumbling windows register one per
+/// window and key group, not one per key).
+#[test]
+fn open_windows_fire_after_a_rescaled_restart_with_no_new_input() {
+    // 2,000 accounts, every payment in the first 10 s window.
+    let all: Vec<(u32, i64)> = (0..20_000)
+        .map(|i| (i % 2_000, (i % 9_000) as i64))
+        .collect();
+    let counts = |dir: &Path, source: GatedSource, parallelism: usize| {
+        let job = Job::builder("windows")
+            .parallelism(parallelism)
+            .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
+            .build()
+            .unwrap();
+        job.source("payments", source)
+            .with_watermarks(WatermarkStrategy::monotonic(|p: &(u32, i64)| p.1))
+            .key_by(|p| p.0)
+            .window(Windows::tumbling(Duration::from_secs(10)), |p| p.1)
+            .name("count")
+            .count()
+            .results
+            .map(|w| (w.key, w.window.start, w.value))
+            .sink("counts", FileSink::exactly_once(dir.join("out")));
+        job
+    };
+    let golden = tempfile::tempdir().unwrap();
+    let (source, gate) = gated_at(&all, all.len() as u64);
+    open(&gate);
+    counts(golden.path(), source, 1).run().unwrap();
+    let expected = committed_lines(&golden.path().join("out"));
+    assert_eq!(expected.len(), 2_000);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (source, gate) = gated_at(&all, all.len() as u64);
+    let job = counts(dir.path(), source, 1);
+    let stop = job.stop_handle();
+    let report = std::thread::scope(|s| {
+        s.spawn(|| {
+            wait_at(&gate);
+            stop.stop();
+        });
+        job.run().unwrap()
+    });
+    assert!(report.stopped_at.is_some());
+    assert!(committed_lines(&dir.path().join("out")).is_empty());
+
+    let (source, gate) = gated_at(&all, all.len() as u64);
+    open(&gate);
+    let report = counts(dir.path(), source, 3).run().unwrap();
+    assert!(report.restored_from.is_some());
+    let got = committed_lines(&dir.path().join("out"));
+    assert_eq!(got.len(), expected.len(), "windows fired after the restart");
+    assert_eq!(got, expected);
 }
 
 /// The `ledger` example under SIGTERM: it exits 0 after its stop checkpoint, and run

@@ -4,7 +4,7 @@
 use crate::api::{BoxError, Data, Key};
 use crate::error::Error;
 use crate::error::Result;
-use crate::ids::{OperatorId, SubtaskIndex};
+use crate::ids::{KeyGroup, OperatorId, SubtaskIndex};
 use crate::metrics::Metrics;
 use crate::metrics::OpenContext;
 use crate::state::{KeyedState, MapState, StateValue, ValueState};
@@ -184,6 +184,13 @@ impl<K: Key, O> KeyedContext<'_, K, O> {
         };
         self.state
             .map_retain(self.key, state, |uk, uv| f(uk, uv, &mut emitter))
+    }
+
+    /// The key group of the current key: `hash(key) % max_parallelism`, the unit in which
+    /// keyed state and timers move between instances when a job is restored at another
+    /// parallelism. Computed on each call (an encoding and a hash of the key).
+    pub fn key_group(&mut self) -> Result<KeyGroup> {
+        self.state.key_group(self.key)
     }
 
     /// Visit every entry of map `state` of **every key** of this operator instance, not

@@ -14,9 +14,11 @@
 //! 4. Tumbling and sliding windows are aligned: every key's windows end at the same
 //!    times. The first timer of a window end fires and purges every key's due windows
 //!    in one pass over the state ([`KeyedContext::map_retain_all_keys`]); the other
-//!    keys' timers of that time then find nothing to do and touch no state. Each key
-//!    still registers its own timer, so after a rescale every instance has a timer
-//!    for every window end its keys need.
+//!    keys' timers of that time then find nothing to do and touch no state. Timers
+//!    are registered once per window end and key group (for the first key of the key
+//!    group that opens the window in this instance): a key group is what moves between
+//!    instances on a rescaled restore, with its timers, so every instance still has a
+//!    timer for every window end its keys need.
 //! 5. Session windows merge: a record opens `[ts, ts + gap)`, which absorbs every session
 //!    of the key it touches (accumulators merged, old timers deleted).
 //!
@@ -30,6 +32,7 @@ use exactly_engine::process::{KeyedContext, KeyedProcessFunction};
 use exactly_engine::state::MapState;
 use exactly_engine::time::{Timer, Timestamp};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::marker::PhantomData;
 use std::time::Duration;
 
@@ -296,6 +299,10 @@ pub struct WindowOperator<T, A: AggregateFunction<T>, TS> {
     /// pass over the state. Not checkpointed: after a restore the first timer passes
     /// again, which finds what the restored state holds.
     swept_upto: Timestamp,
+    /// Aligned windows: the (window end, key group) pairs that have a timer registered
+    /// by this instance and not fired yet. Not checkpointed: after a restore the first
+    /// key of each pair registers again (a second timer of a time is a no-op).
+    triggers: BTreeSet<(Timestamp, u16)>,
     _t: PhantomData<fn(T)>,
 }
 
@@ -318,6 +325,7 @@ where
             agg,
             late: None,
             swept_upto: Timestamp::MIN,
+            triggers: BTreeSet::new(),
             _t: PhantomData,
         }
     }
@@ -374,6 +382,7 @@ where
             return Ok(());
         }
         self.swept_upto = timer.time;
+        self.triggers = self.triggers.split_off(&(timer.time.saturating_add(1), 0));
         let mut fired_any = false;
         ctx.map_retain_all_keys(slots::<A::Acc>(), |w, entry, out| {
             if w.max_timestamp() <= timer.time && !entry.fired {
@@ -465,8 +474,18 @@ where
                     ctx.register_event_time_timer(self.cleanup_time(&w));
                 }
                 // One timer per window: firing registers the cleanup timer, if the
-                // allowed lateness puts it later.
-                None if created => ctx.register_event_time_timer(w.max_timestamp()),
+                // allowed lateness puts it later. Aligned windows: one per window and
+                // key group, since one timer fires every key's window.
+                None if created => {
+                    let end = w.max_timestamp();
+                    let register = match self.windows {
+                        Windows::Session { .. } => true,
+                        _ => self.triggers.insert((end, ctx.key_group()?.0)),
+                    };
+                    if register {
+                        ctx.register_event_time_timer(end);
+                    }
+                }
                 None => {}
             }
         }

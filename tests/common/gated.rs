@@ -77,10 +77,16 @@ impl SourceReader for GatedReader {
 }
 
 pub fn gated(payments: &[(u32, i64)]) -> (GatedSource, Arc<(Mutex<u8>, Condvar)>) {
+    gated_at(payments, payments.len() as u64 / 2)
+}
+
+/// [`gated`] with the gate after the first `at` payments (`at` = all: the source has
+/// read everything but has not ended).
+pub fn gated_at(payments: &[(u32, i64)], at: u64) -> (GatedSource, Arc<(Mutex<u8>, Condvar)>) {
     let gate = Arc::new((Mutex::new(0u8), Condvar::new()));
     let source = GatedSource {
         payments: Arc::new(payments.to_vec()),
-        half: payments.len() as u64 / 2,
+        half: at,
         gate: gate.clone(),
     };
     (source, gate)

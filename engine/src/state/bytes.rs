@@ -84,6 +84,11 @@ impl ByteState {
         Ok(())
     }
 
+    /// The current key's key group.
+    pub fn key_group(&self) -> KeyGroup {
+        KeyGroup(self.range.start + self.group as u16)
+    }
+
     fn entry_key(&mut self, name: &str) {
         self.scratch.clear();
         self.scratch.push(name.len() as u8);

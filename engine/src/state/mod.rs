@@ -690,6 +690,18 @@ impl<K: Key> KeyedState<K> {
         }
     }
 
+    /// The key group of `key`.
+    pub fn key_group(&mut self, key: &K) -> Result<KeyGroup> {
+        match &mut self.inner {
+            Inner::Memory(m) => m.key_group(key),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b, last) => {
+                set_rocks_key(b, last, key)?;
+                Ok(b.key_group())
+            }
+        }
+    }
+
     /// [`Self::map_retain`] over every key of this instance: `f` gets each entry with
     /// its key. In memory the table is visited in memory order; on RocksDB key group by
     /// key group.

@@ -446,6 +446,8 @@ pub(crate) struct TypedState<K> {
     pub timers: TimerService<K>,
     pending: HashMap<Vec<u8>, Arc<Pending>>,
     pub types: StateTypes,
+    /// Scratch for encoding a key to find its key group.
+    key_buf: Vec<u8>,
 }
 
 impl<K: Key> TypedState<K> {
@@ -457,6 +459,7 @@ impl<K: Key> TypedState<K> {
             timers: TimerService::default(),
             pending: HashMap::new(),
             types: StateTypes::default(),
+            key_buf: Vec::new(),
         }
     }
 
@@ -505,6 +508,11 @@ impl<K: Key> TypedState<K> {
             table: Box::new(table),
         });
         Ok(self.slots.len() - 1)
+    }
+
+    /// The key group of `k` (the same as the exchange's and the snapshot's).
+    pub fn key_group(&mut self, k: &K) -> Result<KeyGroup> {
+        key_bytes(k, &mut self.key_buf, self.max_parallelism)
     }
 
     pub fn values<V: StateValue>(&mut self, s: ValueState<V>) -> Result<&mut ValueTable<K, V>> {
