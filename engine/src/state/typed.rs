@@ -259,6 +259,17 @@ impl<K: Key, V: StateValue> TableView for TtlView<K, V> {
 /// entries.
 pub(crate) type KeyMap<UK, UV> = smallvec::SmallVec<[(UK, UV); 1]>;
 
+/// Move a key's map that spilled to the heap back into its bucket once it fits again.
+/// Otherwise a key that once held two entries (a window still open when the next one
+/// starts) keeps a heap buffer for good, and every checkpoint's copy-on-write segment
+/// copy allocates a new one and frees the old.
+#[inline]
+fn inline_again<UK, UV>(m: &mut KeyMap<UK, UV>) {
+    if m.spilled() && m.len() <= m.inline_size() {
+        m.shrink_to_fit();
+    }
+}
+
 pub(crate) struct MapTable<K, UK, UV> {
     prefix: Arc<[u8]>,
     pub table: CowTable<K, KeyMap<UK, UV>>,
@@ -331,6 +342,7 @@ impl<K: Key, UK: StateValue + Eq, UV: StateValue> MapTable<K, UK, UV> {
         };
         let before = m.len();
         m.retain(|(uk, uv)| f(uk, uv));
+        inline_again(m);
         let emptied = m.is_empty();
         self.entries -= before - m.len();
         if emptied {
@@ -344,6 +356,7 @@ impl<K: Key, UK: StateValue + Eq, UV: StateValue> MapTable<K, UK, UV> {
         self.table.retain_all(|k, m| {
             let before = m.len();
             m.retain(|(uk, uv)| f(k, uk, uv));
+            inline_again(m);
             removed += before - m.len();
             !m.is_empty()
         });
@@ -362,6 +375,7 @@ impl<K: Key, UK: StateValue + Eq, UV: StateValue> MapTable<K, UK, UV> {
             return;
         };
         m.remove(i);
+        inline_again(m);
         self.entries -= 1;
         if m.is_empty() {
             self.table.remove(k);
@@ -628,5 +642,36 @@ impl<K> TypedState<K> {
     /// The key groups this instance owns.
     pub fn range(&self) -> KeyGroupRange {
         self.range
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spilled(t: &MapTable<u64, u32, u32>, k: u64) -> bool {
+        t.table.get(&k).is_some_and(|m| m.spilled())
+    }
+
+    /// A key whose map held two entries and holds one again keeps no heap buffer, however
+    /// the entry went: retain, retain over all keys, remove.
+    #[test]
+    fn a_map_back_to_one_entry_lives_in_its_bucket_again() {
+        let mut t = MapTable::<u64, u32, u32>::open("m", None).unwrap();
+        t.put(&1, &1, 10);
+        t.put(&1, &2, 20);
+        assert!(spilled(&t, 1));
+        t.retain(&1, |uk, _| *uk == 2);
+        assert!(!spilled(&t, 1));
+        t.put(&1, &3, 30);
+        assert!(spilled(&t, 1));
+        t.retain_all(|_, uk, _| *uk == 3);
+        assert!(!spilled(&t, 1));
+        t.put(&1, &4, 40);
+        assert!(spilled(&t, 1));
+        t.remove(&1, &3);
+        assert!(!spilled(&t, 1));
+        assert_eq!(t.get(&1, &4), Some(&40));
+        assert_eq!(t.entries, 1);
     }
 }
