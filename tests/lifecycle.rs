@@ -4,13 +4,15 @@
 
 mod common;
 
-use common::gated::{gated, gated_at, open, wait_at, GatedSource};
+use common::gated::{gated, gated_at, open, wait_at};
 use common::{committed_lines, example_binary, leftover_staging};
 use exactly::operators::{WindowExt, Windows};
 use exactly::prelude::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+
+const SECOND: Duration = Duration::from_secs(1);
 
 const BALANCE: ValueState<i64> = ValueState::new("balance");
 
@@ -119,18 +121,23 @@ fn a_stop_asked_before_the_run_stops_it_after_recovery() {
     );
 }
 
-/// Per-account counts in 1 s event-time windows (a payment's amount is its timestamp in
-/// ms, increasing with its index) into `dir/out`.
-fn window_counts<S: Source<Item = (u32, i64)>>(dir: &Path, source: S) -> Job {
+/// Per-account counts in tumbling event-time windows of `size` (a payment's amount is
+/// its timestamp in ms, never decreasing) into `dir/out`.
+fn window_counts<S: Source<Item = (u32, i64)>>(
+    dir: &Path,
+    source: S,
+    parallelism: usize,
+    size: Duration,
+) -> Job {
     let job = Job::builder("windows")
-        .parallelism(2)
+        .parallelism(parallelism)
         .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
         .build()
         .unwrap();
     job.source("payments", source)
         .with_watermarks(WatermarkStrategy::monotonic(|p: &(u32, i64)| p.1))
         .key_by(|p| p.0)
-        .window(Windows::tumbling(Duration::from_secs(1)), |p| p.1)
+        .window(Windows::tumbling(size), |p| p.1)
         .name("count")
         .count()
         .results
@@ -146,14 +153,14 @@ fn window_counts<S: Source<Item = (u32, i64)>>(dir: &Path, source: S) -> Job {
 fn a_stop_leaves_open_windows_open_until_the_restart() {
     let all = payments(20_000);
     let golden = tempfile::tempdir().unwrap();
-    window_counts(golden.path(), VecSource::new(all.clone()))
+    window_counts(golden.path(), VecSource::new(all.clone()), 2, SECOND)
         .run()
         .unwrap();
     let expected = committed_lines(&golden.path().join("out"));
 
     let dir = tempfile::tempdir().unwrap();
     let (source, gate) = gated(&all);
-    let job = window_counts(dir.path(), source);
+    let job = window_counts(dir.path(), source, 2, SECOND);
     let stop = job.stop_handle();
     let report = std::thread::scope(|s| {
         s.spawn(|| {
@@ -178,7 +185,7 @@ fn a_stop_leaves_open_windows_open_until_the_restart() {
 
     let (source, gate) = gated(&all);
     open(&gate);
-    window_counts(dir.path(), source).run().unwrap();
+    window_counts(dir.path(), source, 2, SECOND).run().unwrap();
     assert_eq!(committed_lines(&dir.path().join("out")), expected);
 }
 
@@ -192,33 +199,17 @@ fn open_windows_fire_after_a_rescaled_restart_with_no_new_input() {
     let all: Vec<(u32, i64)> = (0..20_000)
         .map(|i| (i % 2_000, (i % 9_000) as i64))
         .collect();
-    let counts = |dir: &Path, source: GatedSource, parallelism: usize| {
-        let job = Job::builder("windows")
-            .parallelism(parallelism)
-            .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
-            .build()
-            .unwrap();
-        job.source("payments", source)
-            .with_watermarks(WatermarkStrategy::monotonic(|p: &(u32, i64)| p.1))
-            .key_by(|p| p.0)
-            .window(Windows::tumbling(Duration::from_secs(10)), |p| p.1)
-            .name("count")
-            .count()
-            .results
-            .map(|w| (w.key, w.window.start, w.value))
-            .sink("counts", FileSink::exactly_once(dir.join("out")));
-        job
-    };
+    let ten = Duration::from_secs(10);
     let golden = tempfile::tempdir().unwrap();
     let (source, gate) = gated_at(&all, all.len() as u64);
     open(&gate);
-    counts(golden.path(), source, 1).run().unwrap();
+    window_counts(golden.path(), source, 1, ten).run().unwrap();
     let expected = committed_lines(&golden.path().join("out"));
     assert_eq!(expected.len(), 2_000);
 
     let dir = tempfile::tempdir().unwrap();
     let (source, gate) = gated_at(&all, all.len() as u64);
-    let job = counts(dir.path(), source, 1);
+    let job = window_counts(dir.path(), source, 1, ten);
     let stop = job.stop_handle();
     let report = std::thread::scope(|s| {
         s.spawn(|| {
@@ -232,7 +223,7 @@ fn open_windows_fire_after_a_rescaled_restart_with_no_new_input() {
 
     let (source, gate) = gated_at(&all, all.len() as u64);
     open(&gate);
-    let report = counts(dir.path(), source, 3).run().unwrap();
+    let report = window_counts(dir.path(), source, 3, ten).run().unwrap();
     assert!(report.restored_from.is_some());
     let got = committed_lines(&dir.path().join("out"));
     assert_eq!(got.len(), expected.len(), "windows fired after the restart");

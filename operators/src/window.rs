@@ -28,7 +28,7 @@
 use exactly_engine::api::{BoxError, Data, Key};
 use exactly_engine::dsl::{KeyedStream, Stream};
 use exactly_engine::metrics::{Counter, OpenContext};
-use exactly_engine::process::{KeyedContext, KeyedProcessFunction};
+use exactly_engine::process::{Emitter, KeyedContext, KeyedProcessFunction};
 use exactly_engine::state::MapState;
 use exactly_engine::time::{Timer, Timestamp};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -369,36 +369,6 @@ where
         }
         Ok((merged, acc.map(|acc| Entry { acc, fired: false })))
     }
-
-    /// A timer of tumbling or sliding windows: the first one of its time fires every
-    /// key's windows ending by then and purges those past their cleanup time, in one
-    /// pass; later timers of the same time return at once.
-    fn on_aligned_timer<K: Key>(
-        &mut self,
-        timer: Timer,
-        ctx: &mut KeyedContext<'_, K, WindowEvent<K, A::Out, T>>,
-    ) -> Result<(), BoxError> {
-        if timer.time <= self.swept_upto {
-            return Ok(());
-        }
-        self.swept_upto = timer.time;
-        self.triggers = self.triggers.split_off(&(timer.time.saturating_add(1), 0));
-        let mut fired_any = false;
-        ctx.map_retain_all_keys(slots::<A::Acc>(), |w, entry, out| {
-            if w.max_timestamp() <= timer.time && !entry.fired {
-                out.emit(self.fire(out.key(), *w, &entry.acc));
-                entry.fired = true;
-                fired_any = true;
-            }
-            self.cleanup_time(w) > timer.time
-        })?;
-        // What fired now is purged by the pass that this timer triggers: every window
-        // fired now ends by this time, so its cleanup time is by this time + lateness.
-        if fired_any && self.lateness > 0 {
-            ctx.register_event_time_timer(timer.time.saturating_add(self.lateness));
-        }
-        Ok(())
-    }
 }
 
 impl<K, T, A, TS> KeyedProcessFunction<K, T> for WindowOperator<T, A, TS>
@@ -503,20 +473,33 @@ where
         timer: Timer,
         ctx: &mut KeyedContext<'_, K, Self::Out>,
     ) -> Result<(), BoxError> {
-        if !matches!(self.windows, Windows::Session { .. }) {
-            return self.on_aligned_timer(timer, ctx);
+        // Aligned windows: the first timer of a time fires every key's windows ending by
+        // then, in one pass; later timers of that time return at once.
+        let aligned = !matches!(self.windows, Windows::Session { .. });
+        if aligned {
+            if timer.time <= self.swept_upto {
+                return Ok(());
+            }
+            self.swept_upto = timer.time;
+            self.triggers = self.triggers.split_off(&(timer.time.saturating_add(1), 0));
         }
         let mut fired_any = false;
-        ctx.map_retain(slots::<A::Acc>(), |w, entry, out| {
-            let fire_now = w.max_timestamp() == timer.time && !entry.fired;
-            if fire_now {
+        let visit = |w: &Window, entry: &mut Entry<A::Acc>, out: &mut Emitter<'_, K, _>| {
+            if w.max_timestamp() <= timer.time && !entry.fired {
                 out.emit(self.fire(out.key(), *w, &entry.acc));
                 entry.fired = true;
                 fired_any = true;
             }
             // Kept until its allowed lateness has passed.
             self.cleanup_time(w) > timer.time
-        })?;
+        };
+        if aligned {
+            ctx.map_retain_all_keys(slots::<A::Acc>(), visit)?;
+        } else {
+            ctx.map_retain(slots::<A::Acc>(), visit)?;
+        }
+        // What fired now is purged by the timer this registers: every window fired now
+        // ends by this time, so its cleanup time is by this time + lateness.
         if fired_any && self.lateness > 0 {
             ctx.register_event_time_timer(timer.time.saturating_add(self.lateness));
         }
