@@ -85,6 +85,12 @@ impl CheckpointStorage {
             return Err(Error::config(format!(
                 "checkpoint storage '{url}': unsupported scheme; use file:///dir, a directory path, s3://bucket/prefix or memory://"
             )));
+        } else if let Some(scheme) = mistyped_scheme(url) {
+            // Taken as a path, `s3:bucket/x` would be a local directory named `s3:`.
+            return Err(Error::config(format!(
+                "checkpoint storage '{url}' looks like a {scheme}: URL without '//'; write \
+                 {scheme}://..., or ./{url} for a local directory of that name"
+            )));
         } else {
             std::path::PathBuf::from(url)
         };
@@ -519,6 +525,19 @@ impl CheckpointStorage {
     }
 }
 
+/// The scheme of a storage location that names a known scheme but lacks the `//` of a
+/// URL (`s3:bucket/x`, `s3:/bucket/x`, `file:/abs`, `memory:`), if it does.
+fn mistyped_scheme(location: &str) -> Option<&str> {
+    const SCHEMES: [&str; 9] = [
+        "s3", "s3a", "file", "memory", "gs", "az", "abfs", "http", "https",
+    ];
+    let (scheme, _) = location.split_once(':')?;
+    SCHEMES
+        .iter()
+        .find(|s| s.eq_ignore_ascii_case(scheme))
+        .copied()
+}
+
 /// An S3 client for `s3://bucket/prefix` configured from the usual AWS environment
 /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
 /// `AWS_ENDPOINT_URL`; an `http://` endpoint is allowed for local servers), and the
@@ -715,5 +734,23 @@ mod tests {
         assert!(err.to_string().contains("unsupported scheme"), "{err}");
         let err = CheckpointStorage::from_url("file://relative").unwrap_err();
         assert!(err.to_string().contains("absolute path"), "{err}");
+        // A scheme without '//' used to become a relative directory named after it.
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        for (url, scheme) in [
+            ("s3:bucket/x", "s3"),
+            ("s3:/bucket/x", "s3"),
+            ("file:/abs/dir", "file"),
+            ("memory:", "memory"),
+        ] {
+            let err = CheckpointStorage::from_url(url).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("{scheme}://")), "{msg}");
+            assert_eq!(err.class(), crate::error::ErrorClass::Stop, "{msg}");
+            assert!(!cwd.join(url).exists(), "{url} created a directory");
+        }
+        // A directory whose name merely contains a colon is still a directory.
+        let odd = dir.path().join("run:2026");
+        assert!(CheckpointStorage::from_url(odd.to_str().unwrap()).is_ok());
     }
 }
