@@ -479,3 +479,50 @@ fn connection_loss_during_commit_and_writing() {
         }
     }
 }
+
+/// Mistakes in a sink's configuration stop the job at once, with the server's own words
+/// in the message, instead of three restarts as if the server were down (the default
+/// policy would end in `RestartsExhausted`, not a configuration error).
+#[test]
+fn configuration_mistakes_stop_at_once_with_the_servers_message() {
+    use exactly::prelude::*;
+    use exactly::sinks::postgres::{PostgresSink, Sql};
+    let good = fresh_database("pg_mistakes");
+    let mut c = Client::connect(&good, NoTls).unwrap();
+    c.batch_execute("CREATE TABLE t (n bigint)").unwrap();
+    let run = |url: &str, table: &str| {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = Job::builder("mistakes")
+            .checkpoint_storage(tmp.path().to_str().unwrap())
+            .build()
+            .unwrap();
+        job.source("numbers", VecSource::new((0..100i64).collect()))
+            .sink(
+                "out",
+                PostgresSink::two_phase(url, Sql::insert(table, &["n"]), |n: &i64| (*n,)),
+            );
+        job.run()
+    };
+    for (url, table, says) in [
+        (
+            good.replace("password=exactly-test", "password=wrong"),
+            "t",
+            "28P01",
+        ),
+        (
+            good.replace("dbname=pg_mistakes", "dbname=pg_no_such_db"),
+            "t",
+            "3D000",
+        ),
+        (good.clone(), "no_such_table", "42P01"),
+    ] {
+        let err = run(&url, table).expect_err(says);
+        assert!(
+            matches!(err, Error::Config { .. }) && err.to_string().contains(says),
+            "{says}: {err}"
+        );
+    }
+    run(&good, "t").unwrap();
+    let rows: i64 = c.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    assert_eq!(rows, 100);
+}

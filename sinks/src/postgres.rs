@@ -281,12 +281,7 @@ where
     }
 
     fn connect(&self, sink: &str) -> Result<Client> {
-        Client::connect(&self.config, NoTls).map_err(|e| Error::Sink {
-            sink: OperatorId(sink.to_string()),
-            step: "connect",
-            checkpoint: None,
-            source: Box::new(e),
-        })
+        Client::connect(&self.config, NoTls).map_err(|e| pg_error(sink, "connect", None, e))
     }
 
     /// Run `f` on the control connection. If a connection opened earlier turns out to be
@@ -404,13 +399,88 @@ impl SinkFailure {
     fn into_error(self, sink: &str, step: &'static str, checkpoint: Option<CheckpointId>) -> Error {
         match self {
             SinkFailure::Engine(e) => e,
-            SinkFailure::Pg(e) => Error::Sink {
-                sink: OperatorId(sink.to_string()),
-                step,
-                checkpoint,
-                source: Box::new(e),
-            },
+            SinkFailure::Pg(e) => pg_error(sink, step, checkpoint, e),
         }
+    }
+}
+
+/// A PostgreSQL error as the engine's. A server error that restarting cannot fix
+/// (refused credentials or privileges, a missing database, table or column, a statement
+/// the server rejects, a row it cannot store) stops the job at once; anything else (the
+/// server unreachable, restarting or dropping the connection) is a sink error the job
+/// restarts from. Either way the message carries the server's own words: the client
+/// library's says only "db error".
+fn pg_error(
+    sink: &str,
+    step: &'static str,
+    checkpoint: Option<CheckpointId>,
+    e: postgres::Error,
+) -> Error {
+    let permanent = e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        // 28: invalid authorization; 3D: no such database; 42: syntax or access rule
+        // violation; 22: data exception. Except what two sessions racing on `CREATE ...
+        // IF NOT EXISTS` can get: a duplicate table, object or schema.
+        ["28", "3D", "42", "22"]
+            .iter()
+            .any(|class| code.starts_with(class))
+            && !["42P07", "42710", "42P06"].contains(&code)
+    });
+    if permanent {
+        return Error::config(format!(
+            "sink '{sink}' ({step}): PostgreSQL refused it, and restarting cannot change \
+             that: {}",
+            PgError(e)
+        ));
+    }
+    Error::Sink {
+        sink: OperatorId(sink.to_string()),
+        step,
+        checkpoint,
+        source: Box::new(PgError(e)),
+    }
+}
+
+/// A PostgreSQL error whose message includes its cause: the server's severity, SQLSTATE
+/// and message, or the I/O error behind a failed connection.
+#[derive(Debug)]
+struct PgError(postgres::Error);
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => {
+                write!(
+                    f,
+                    "{} {}: {}",
+                    db.severity(),
+                    db.code().code(),
+                    db.message()
+                )?;
+                if let Some(detail) = db.detail() {
+                    write!(f, " ({detail})")?;
+                }
+                if let Some(hint) = db.hint() {
+                    write!(f, "; hint: {hint}")?;
+                }
+                Ok(())
+            }
+            None => {
+                write!(f, "{}", self.0)?;
+                let mut cause = std::error::Error::source(&self.0);
+                while let Some(c) = cause {
+                    write!(f, ": {c}")?;
+                    cause = c.source();
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
     }
 }
 
@@ -602,12 +672,7 @@ where
     F: Fn(&T) -> R,
 {
     fn err(&self, step: &'static str, c: Option<CheckpointId>, e: postgres::Error) -> Error {
-        Error::Sink {
-            sink: self.sink.clone(),
-            step,
-            checkpoint: c,
-            source: Box::new(e),
-        }
+        pg_error(&self.sink.0, step, c, e)
     }
 
     fn begin(&mut self) -> Result<()> {
