@@ -53,6 +53,30 @@ impl FileIdentity {
     }
 }
 
+/// Cover more of the file's start once it has grown: a file that was empty or short when
+/// first opened (a fresh log being followed) would otherwise be identified by too few
+/// bytes to tell a rotated one from it. Reads through the reader's own handle (never the
+/// path, which may name another file by now). `Err` with `InvalidData` if the bytes
+/// already covered changed: the file was rewritten in place.
+pub(super) fn widen(file: &File, id: &mut FileIdentity, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let covered = u64::from(id.head_len);
+    if covered >= HEAD_BYTES || len <= covered {
+        return Ok(());
+    }
+    let mut head = vec![0; len.min(HEAD_BYTES) as usize];
+    file.read_exact_at(&mut head, 0)?;
+    if crc32fast::hash(&head[..covered as usize]) != id.head_crc {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "its first bytes changed under the reader (rewritten in place)",
+        ));
+    }
+    id.head_len = head.len() as u32;
+    id.head_crc = crc32fast::hash(&head);
+    Ok(())
+}
+
 /// CRC-32 of the first `n` bytes of `file`, `None` if it is shorter. Leaves the file
 /// positioned anywhere: the caller seeks.
 pub(super) fn head_crc(file: &mut File, n: u64) -> std::io::Result<Option<u32>> {

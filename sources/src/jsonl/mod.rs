@@ -324,6 +324,12 @@ impl<T: DeserializeOwned + 'static> SourceReader for JsonLinesReader<T> {
             .metadata()
             .map_err(|e| Error::io(format!("reading {}", self.path.display()), e))?
             .len();
+        // A bounded reader's identity covers only what it reads.
+        let readable = self.offset.file.end.map_or(len, |end| len.min(end));
+        let file = self.reader.get_ref().get_ref();
+        identity::widen(file, &mut self.offset.file, readable).map_err(|e| {
+            Error::config(format!("JSON-lines source: {}: {e}", self.path.display()))
+        })?;
         if self.follow {
             if len < self.offset.byte + self.line.len() as u64 {
                 return Err(Error::config(format!(
@@ -511,6 +517,27 @@ mod tests {
             let new = postcard::from_bytes::<(String, JsonLinesOffset, bool, i64)>(&old);
             assert!(new.is_err(), "{new:?}");
         }
+    }
+
+    #[test]
+    fn a_file_that_was_empty_at_start_is_still_told_from_a_rotated_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.jsonl");
+        std::fs::write(&p, "").unwrap();
+        let src = JsonLinesSource::<R>::new(&p).follow();
+        let mut r = src.open("in.jsonl", None, &ctx()).unwrap();
+        assert_eq!(read_all(&mut r, 10).unwrap(), Vec::<u32>::new());
+        append(&p, &lines(0..3));
+        assert_eq!(read_all(&mut r, 10).unwrap(), vec![0, 1, 2]);
+        let offset = r.offset();
+        assert_eq!(offset.file.head_len as usize, lines(0..3).len());
+        std::fs::write(&p, lines(100..200)).unwrap();
+        let err = src.open("in.jsonl", Some(offset), &ctx()).err().unwrap();
+        assert!(err.to_string().contains("was replaced"), "{err}");
+        // The same file, grown: read on.
+        std::fs::write(&p, lines(0..5)).unwrap();
+        let mut r = src.open("in.jsonl", Some(offset), &ctx()).unwrap();
+        assert_eq!(read_all(&mut r, 10).unwrap(), vec![3, 4]);
     }
 
     #[test]
