@@ -143,7 +143,7 @@ pub enum Error {
     },
 
     /// A sink failed to stage, commit or abort.
-    #[error("sink '{sink}' failed to {step} for checkpoint {checkpoint:?}: {source}")]
+    #[error("sink '{sink}' failed to {step}{}: {source}", for_checkpoint(.checkpoint))]
     Sink {
         /// The sink's operator id.
         sink: OperatorId,
@@ -250,5 +250,35 @@ impl Error {
             context: context.into(),
             source,
         }
+    }
+}
+
+/// " for checkpoint N", or nothing when no checkpoint is concerned.
+fn for_checkpoint(checkpoint: &Option<CheckpointId>) -> String {
+    checkpoint
+        .map(|c| format!(" for checkpoint {c}"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sink_error_names_its_checkpoint_only_when_there_is_one() {
+        let sink = |checkpoint| Error::Sink {
+            sink: OperatorId("out".into()),
+            step: "connect",
+            checkpoint,
+            source: "refused".into(),
+        };
+        assert_eq!(
+            sink(None).to_string(),
+            "sink 'out' failed to connect: refused"
+        );
+        assert_eq!(
+            sink(Some(CheckpointId(7))).to_string(),
+            "sink 'out' failed to connect for checkpoint 7: refused"
+        );
     }
 }
