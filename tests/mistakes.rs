@@ -433,8 +433,10 @@ fn an_older_instance_is_fenced_and_never_touches_the_newer_ones_output() {
     assert_eq!(committed_lines(&dir.join("out")), expected);
 }
 
-/// The running balance of the JSON-lines payments in `input` into `dir/out`; the job
-/// stops itself with a checkpoint after `stop_after` records.
+/// The running balance of the JSON-lines payments in `input` into `dir/out`. With
+/// `stop_after`, the file is followed (`follow()`) and the job stops itself with a
+/// checkpoint once it has processed that many records in this run: the source waits at
+/// the end of what is written, so the stop comes exactly there.
 fn balances_of_file(
     dir: &Path,
     input: &Path,
@@ -446,14 +448,17 @@ fn balances_of_file(
         .build()?;
     let stop = job.stop_handle();
     let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let payments = job
-        .source("payments", JsonLinesSource::<(u32, i64)>::new(input))
-        .map(move |p| {
-            if Some(seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1) == stop_after {
-                stop.stop();
-            }
-            p
-        });
+    let source = JsonLinesSource::<(u32, i64)>::new(input);
+    let source = match stop_after {
+        Some(_) => source.follow(),
+        None => source,
+    };
+    let payments = job.source("payments", source).map(move |p| {
+        if Some(seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1) == stop_after {
+            stop.stop();
+        }
+        p
+    });
     running_balance(&payments)
         .name("balance")
         .sink("balances", FileSink::exactly_once(dir.join("out")));
@@ -465,14 +470,16 @@ fn payments_file(range: std::ops::Range<i64>) -> String {
 }
 
 #[test]
-fn an_input_file_rotated_under_a_checkpoint_is_refused_and_a_grown_one_read_as_it_was() {
+fn an_input_file_rotated_under_a_checkpoint_is_refused_and_a_grown_one_read_on() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("payments.jsonl");
-    std::fs::write(&input, payments_file(0..20_000)).unwrap();
+    std::fs::write(&input, payments_file(0..5_000)).unwrap();
     let golden = dir.path().join("golden");
     balances_of_file(&golden, &input, None).unwrap();
     let expected = committed_lines(&golden.join("out"));
 
+    // The first 2,000 payments are written; the job stops after reading them.
+    std::fs::write(&input, payments_file(0..2_000)).unwrap();
     let run = dir.path().join("run");
     let report = balances_of_file(&run, &input, Some(2_000)).unwrap();
     assert!(
@@ -480,16 +487,13 @@ fn an_input_file_rotated_under_a_checkpoint_is_refused_and_a_grown_one_read_as_i
         "the job stopped with a checkpoint"
     );
     let out = run.join("out");
+    assert_eq!(committed_lines(&out).len(), 2_000);
     let at_stop = snapshot_of(&out);
-    assert!(
-        committed_lines(&out).len() < expected.len(),
-        "stopped mid-run"
-    );
 
     // Log rotation: a longer file with other records at the same path. Resuming at the
     // checkpoint's byte offset would skip its first records; the job refuses it.
     std::fs::write(&input, payments_file(100_000..150_000)).unwrap();
-    let err = balances_of_file(&run, &input, None).unwrap_err();
+    let err = balances_of_file(&run, &input, Some(1)).unwrap_err();
     assert!(
         err.to_string().contains("was replaced") && err.to_string().contains("payments.jsonl"),
         "{err}"
@@ -503,17 +507,13 @@ fn an_input_file_rotated_under_a_checkpoint_is_refused_and_a_grown_one_read_as_i
 
     // Truncated under the checkpoint's offset: refused as well.
     std::fs::write(&input, payments_file(0..10)).unwrap();
-    let err = balances_of_file(&run, &input, None).unwrap_err();
+    let err = balances_of_file(&run, &input, Some(1)).unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");
     assert_eq!(snapshot_of(&out), at_stop, "no committed file touched");
 
-    // The original file, grown since the job started: read as it was then, so the
-    // output is the failure-free run's, not a mix.
-    std::fs::write(
-        &input,
-        payments_file(0..20_000) + &payments_file(20_000..25_000),
-    )
-    .unwrap();
-    balances_of_file(&run, &input, None).unwrap();
+    // The original file with the rest appended: read on from the checkpoint, each
+    // payment once, and the output is the failure-free run's.
+    std::fs::write(&input, payments_file(0..5_000)).unwrap();
+    balances_of_file(&run, &input, Some(3_000)).unwrap();
     assert_eq!(committed_lines(&out), expected);
 }
