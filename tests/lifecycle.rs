@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::gated::{gated, gated_at, open, wait_at};
+use common::gated::{gated, gated_at, open, run_stopped_at_gate};
 use common::{committed_lines, example_binary, leftover_staging};
 use exactly::operators::{WindowExt, Windows};
 use exactly::prelude::*;
@@ -62,14 +62,7 @@ fn stop_commits_what_was_read_and_the_next_run_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let (source, gate) = gated(&all);
     let job = ledger(dir.path(), source);
-    let stop = job.stop_handle();
-    let report = std::thread::scope(|s| {
-        s.spawn(|| {
-            wait_at(&gate);
-            stop.stop();
-        });
-        job.run().unwrap()
-    });
+    let report = run_stopped_at_gate(&job, &gate);
     let stopped_at = report
         .stopped_at
         .expect("the job reports its stop checkpoint");
@@ -161,14 +154,7 @@ fn a_stop_leaves_open_windows_open_until_the_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (source, gate) = gated(&all);
     let job = window_counts(dir.path(), source, 2, SECOND);
-    let stop = job.stop_handle();
-    let report = std::thread::scope(|s| {
-        s.spawn(|| {
-            wait_at(&gate);
-            stop.stop();
-        });
-        job.run().unwrap()
-    });
+    let report = run_stopped_at_gate(&job, &gate);
     assert!(report.stopped_at.is_some());
     let at_stop = committed_lines(&dir.path().join("out"));
     assert!(
@@ -210,14 +196,7 @@ fn open_windows_fire_after_a_rescaled_restart_with_no_new_input() {
     let dir = tempfile::tempdir().unwrap();
     let (source, gate) = gated_at(&all, all.len() as u64);
     let job = window_counts(dir.path(), source, 1, ten);
-    let stop = job.stop_handle();
-    let report = std::thread::scope(|s| {
-        s.spawn(|| {
-            wait_at(&gate);
-            stop.stop();
-        });
-        job.run().unwrap()
-    });
+    let report = run_stopped_at_gate(&job, &gate);
     assert!(report.stopped_at.is_some());
     assert!(committed_lines(&dir.path().join("out")).is_empty());
 

@@ -102,3 +102,15 @@ pub fn open(gate: &(Mutex<u8>, Condvar)) {
     *lock.lock().unwrap() = 2;
     cv.notify_all();
 }
+
+/// Run `job` and stop it with a checkpoint once its gated source waits at `gate`.
+pub fn run_stopped_at_gate(job: &Job, gate: &(Mutex<u8>, Condvar)) -> JobReport {
+    let stop = job.stop_handle();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            wait_at(gate);
+            stop.stop();
+        });
+        job.run().unwrap()
+    })
+}
