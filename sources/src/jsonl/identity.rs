@@ -53,18 +53,22 @@ impl FileIdentity {
     }
 }
 
-/// Cover more of the file's start once it has grown: a file that was empty or short when
+/// Check, through the reader's own handle (never the path, which may name another file
+/// by now), that the file still starts with the bytes the identity covers, and cover
+/// more of them once the file has grown to them: a file that was empty or short when
 /// first opened (a fresh log being followed) would otherwise be identified by too few
-/// bytes to tell a rotated one from it. Reads through the reader's own handle (never the
-/// path, which may name another file by now). `Err` with `InvalidData` if the bytes
-/// already covered changed: the file was rewritten in place.
-pub(super) fn widen(file: &File, id: &mut FileIdentity, len: u64) -> std::io::Result<()> {
+/// bytes to tell a rotated one from it. `readable` is how far the reader reads. `Err`
+/// with `InvalidData` if the covered bytes changed or are gone.
+pub(super) fn refresh(file: &File, id: &mut FileIdentity, readable: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let covered = u64::from(id.head_len);
-    if covered >= HEAD_BYTES || len <= covered {
-        return Ok(());
+    if readable < covered {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "it is shorter than the start this job read from it (truncated)",
+        ));
     }
-    let mut head = vec![0; len.min(HEAD_BYTES) as usize];
+    let mut head = vec![0; readable.min(HEAD_BYTES).max(covered) as usize];
     file.read_exact_at(&mut head, 0)?;
     if crc32fast::hash(&head[..covered as usize]) != id.head_crc {
         return Err(std::io::Error::new(

@@ -126,6 +126,8 @@ pub struct JsonLinesReader<T> {
     line: Vec<u8>,
     /// A bounded reader warned that the file grew past its end.
     warned_growth: bool,
+    /// The file's length when it was last checked against the identity.
+    checked_len: Option<u64>,
     dead_letters: Option<DeadLetters>,
     _t: PhantomData<fn() -> T>,
 }
@@ -228,6 +230,7 @@ impl<T: DeserializeOwned + Clone + Send + 'static> Source for JsonLinesSource<T>
             follow: self.follow,
             line: Vec::new(),
             warned_growth: false,
+            checked_len: None,
             dead_letters,
             _t: PhantomData,
         };
@@ -237,6 +240,44 @@ impl<T: DeserializeOwned + Clone + Send + 'static> Source for JsonLinesSource<T>
 }
 
 impl<T> JsonLinesReader<T> {
+    /// Whenever the file's length changed (and before the first read), check it against
+    /// the offset: not shorter than what was read, and still starting with the bytes the
+    /// identity covers. Otherwise reading on at the byte offset would skip or misread
+    /// records. One `fstat` per batch; a read of at most 4 KiB when the length changed.
+    fn check_file(&mut self) -> Result<u64> {
+        let file = self.reader.get_ref().get_ref();
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading {}", self.path.display()), e))?
+            .len();
+        if self.checked_len == Some(len) {
+            return Ok(len);
+        }
+        // A bounded reader also needs what it has still to read, up to its end.
+        let read = self.offset.byte + self.line.len() as u64;
+        let needed = self.offset.file.end.map_or(read, |end| end.max(read));
+        if len < needed {
+            return Err(Error::config(format!(
+                "JSON-lines source: {} was truncated while it was read: it has {len} bytes, \
+                 {read} were read and {needed} are needed. Lines would be skipped; \
+                 copy-truncate rotation cannot be read safely, rotate by renaming instead",
+                self.path.display(),
+            )));
+        }
+        // A bounded reader's identity covers only what it reads.
+        let readable = self.offset.file.end.map_or(len, |end| len.min(end));
+        identity::refresh(file, &mut self.offset.file, readable).map_err(|e| {
+            // Rewritten or cut: restarting cannot undo it. Other read errors may pass.
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                Error::config(format!("JSON-lines source: {}: {e}", self.path.display()))
+            } else {
+                Error::io(format!("reading {}", self.path.display()), e)
+            }
+        })?;
+        self.checked_len = Some(len);
+        Ok(len)
+    }
+
     /// A bounded reader says once that the file grew past its end: those lines are not
     /// read, by design.
     fn note_growth(&mut self, len: u64) {
@@ -260,6 +301,7 @@ impl<T: DeserializeOwned + 'static> SourceReader for JsonLinesReader<T> {
     type Offset = JsonLinesOffset;
 
     fn poll_batch(&mut self, out: &mut Vec<T>, max: usize) -> Result<SourcePoll> {
+        let len = self.check_file()?;
         let before = out.len();
         while out.len() - before < max {
             let n = self.reader.read_until(b'\n', &mut self.line).map_err(|e| {
@@ -316,31 +358,7 @@ impl<T: DeserializeOwned + 'static> SourceReader for JsonLinesReader<T> {
         if out.len() > before {
             return Ok(SourcePoll::Ready);
         }
-        // At the end of what there is to read: only now look at the file itself.
-        let len = self
-            .reader
-            .get_ref()
-            .get_ref()
-            .metadata()
-            .map_err(|e| Error::io(format!("reading {}", self.path.display()), e))?
-            .len();
-        // A bounded reader's identity covers only what it reads.
-        let readable = self.offset.file.end.map_or(len, |end| len.min(end));
-        let file = self.reader.get_ref().get_ref();
-        identity::widen(file, &mut self.offset.file, readable).map_err(|e| {
-            Error::config(format!("JSON-lines source: {}: {e}", self.path.display()))
-        })?;
         if self.follow {
-            if len < self.offset.byte + self.line.len() as u64 {
-                return Err(Error::config(format!(
-                    "JSON-lines source: {} was truncated while it was followed: it has {len} \
-                     bytes, and {} were read. Lines written after the truncation would be \
-                     skipped; copy-truncate rotation cannot be followed safely, rotate by \
-                     renaming instead",
-                    self.path.display(),
-                    self.offset.byte + self.line.len() as u64,
-                )));
-            }
             return Ok(SourcePoll::Idle);
         }
         self.note_growth(len);
@@ -428,6 +446,15 @@ mod tests {
             read_all(&mut restored, 3).unwrap(),
             (4..10).collect::<Vec<_>>()
         );
+        // Cut below its end while it is read: an error, not an early end.
+        let mut r = src.open("in.jsonl", Some(at_four), &ctx()).unwrap();
+        r.poll_batch(&mut Vec::new(), 1).unwrap();
+        std::fs::write(&p, lines(0..7)).unwrap();
+        let err = r.poll_batch(&mut Vec::new(), 10).unwrap_err();
+        assert!(
+            err.to_string().contains("truncated while it was read"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -485,7 +512,7 @@ mod tests {
         std::fs::write(&p, lines(0..1)).unwrap();
         let err = r.poll_batch(&mut Vec::new(), 10).unwrap_err();
         assert!(
-            err.to_string().contains("truncated while it was followed"),
+            err.to_string().contains("truncated while it was read"),
             "{err}"
         );
     }
@@ -538,6 +565,21 @@ mod tests {
         std::fs::write(&p, lines(0..5)).unwrap();
         let mut r = src.open("in.jsonl", Some(offset), &ctx()).unwrap();
         assert_eq!(read_all(&mut r, 10).unwrap(), vec![3, 4]);
+    }
+
+    #[test]
+    fn a_followed_file_rewritten_in_place_is_an_error_that_stops_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.jsonl");
+        std::fs::write(&p, lines(0..2)).unwrap();
+        let src = JsonLinesSource::<R>::new(&p).follow();
+        let mut r = src.open("in.jsonl", None, &ctx()).unwrap();
+        assert_eq!(read_all(&mut r, 10).unwrap(), vec![0, 1]);
+        // Same file (the reader's handle sees it), other first bytes, longer.
+        std::fs::write(&p, lines(50..60)).unwrap();
+        let err = r.poll_batch(&mut Vec::new(), 10).unwrap_err();
+        assert!(err.to_string().contains("rewritten in place"), "{err}");
+        assert_eq!(err.class(), exactly_engine::error::ErrorClass::Stop);
     }
 
     #[test]
