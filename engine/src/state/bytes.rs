@@ -3,7 +3,7 @@
 
 use super::layout::{decode_ts, domain_byte, due_range, mark, MARK_LEN, TTL_MARK};
 use super::rocks::RocksStore;
-use super::types::StateTypes;
+use super::types::{Declared, Restore, StateTypes};
 use super::{MapState, StateSnapshot, StateValue, ValueState};
 use crate::codec;
 use crate::error::Result;
@@ -44,14 +44,17 @@ impl ByteState {
     }
 
     /// Check state `name`'s declared type against the restored checkpoint's, once per
-    /// state (a short scan by name pointer afterwards).
+    /// state (a short scan by name pointer afterwards). If the checkpoint wrote it at an
+    /// earlier version, every stored value of it is converted with `convert` (old value
+    /// bytes to new) before its first use.
     #[inline]
     pub fn check(
         &mut self,
         name: &'static str,
         kind: u8,
         type_id: TypeId,
-        describe: fn() -> String,
+        declared: impl FnOnce() -> Declared,
+        convert: impl Fn(&[u8], &mut Vec<u8>) -> Result<()>,
     ) -> Result<()> {
         let seen = self
             .checked
@@ -60,8 +63,42 @@ impl ByteState {
         if seen {
             return Ok(());
         }
-        self.types.declare(name, describe())?;
+        if self.types.declare(name, declared())? == Restore::Migrate {
+            self.migrate(name, convert)?;
+        }
         self.checked.push((name, kind, type_id));
+        Ok(())
+    }
+
+    /// Rewrite every value of state `name` with `convert`.
+    #[cold]
+    fn migrate(
+        &mut self,
+        name: &str,
+        convert: impl Fn(&[u8], &mut Vec<u8>) -> Result<()>,
+    ) -> Result<()> {
+        let prefix = super::layout::name_prefix(name);
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut converted = Vec::new();
+        let mut count = 0usize;
+        for g in 0..self.range.len() {
+            entries.clear();
+            self.db.scan_prefix(g, &prefix, |k, v| {
+                entries.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })?;
+            for (k, v) in &entries {
+                converted.clear();
+                convert(v, &mut converted)?;
+                self.db.put(g, k, &converted)?;
+            }
+            count += entries.len();
+        }
+        tracing::info!(
+            state = name,
+            values = count,
+            "migrated state to its new version"
+        );
         Ok(())
     }
 

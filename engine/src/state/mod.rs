@@ -44,10 +44,66 @@ use std::sync::Arc;
 pub trait StateValue: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
 impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> StateValue for T {}
 
+/// Decodes an old value (bytes, the user's erased function, the state's name) and
+/// converts it.
+type Convert<V> = fn(&[u8], fn(), &str) -> Result<V>;
+
+/// How values written by an earlier version of a state become values of its current
+/// type: set with [`ValueState::migrate_from`] or [`MapState::migrate_from`].
+pub struct Migration<V> {
+    /// The type migrated from, as `std::any::type_name` gives it.
+    from: fn() -> &'static str,
+    /// Decode an old value and convert it with `f`.
+    convert: Convert<V>,
+    /// The user's `fn(Old) -> V`, type-erased (only `convert` calls it, as that type).
+    f: fn(),
+}
+
+impl<V> Clone for Migration<V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<V> Copy for Migration<V> {}
+
+impl<V> Migration<V> {
+    const fn new<Old: StateValue>(f: fn(Old) -> V) -> Self {
+        Migration {
+            from: std::any::type_name::<Old>,
+            convert: convert_from::<Old, V>,
+            // SAFETY: function pointers have one size and representation; `f` is only
+            // called after being transmuted back to `fn(Old) -> V` by
+            // `convert_from::<Old, V>`, the function stored beside it.
+            f: unsafe { std::mem::transmute::<fn(Old) -> V, fn()>(f) },
+        }
+    }
+
+    /// Decode a value written as the old type and convert it.
+    pub(crate) fn convert(&self, bytes: &[u8], state: &str) -> Result<V> {
+        (self.convert)(bytes, self.f, state)
+    }
+}
+
+fn convert_from<Old: StateValue, V>(bytes: &[u8], f: fn(), state: &str) -> Result<V> {
+    let old: Old = postcard::from_bytes(bytes).map_err(|e| Error::Codec {
+        what: format!(
+            "state '{state}', a value of the previous version, as {}",
+            std::any::type_name::<Old>()
+        ),
+        message: e.to_string(),
+    })?;
+    // SAFETY: `f` was made from a `fn(Old) -> V` in `Migration::<V>::new::<Old>`, which
+    // pairs it with this very instantiation.
+    let f = unsafe { std::mem::transmute::<fn(), fn(Old) -> V>(f) };
+    Ok(f(old))
+}
+
 /// A single value per key.
 pub struct ValueState<V> {
     name: &'static str,
     ttl_ms: Option<i64>,
+    version: u32,
+    migration: Option<Migration<V>>,
     _v: PhantomData<fn() -> V>,
 }
 
@@ -62,6 +118,8 @@ impl<V> ValueState<V> {
         ValueState {
             name,
             ttl_ms: None,
+            version: 1,
+            migration: None,
             _v: PhantomData,
         }
     }
@@ -80,6 +138,34 @@ impl<V> ValueState<V> {
         self
     }
 
+    /// The version of the state's schema (default 1). Checkpoints record it with the
+    /// state's type; raise it when the type or the meaning of its values changes, and
+    /// give the conversion with [`ValueState::migrate_from`]. A checkpoint written at a
+    /// higher version than the job declares is refused.
+    pub const fn version(mut self, version: u32) -> Self {
+        assert!(version >= 1, "state versions start at 1");
+        self.version = version;
+        self
+    }
+
+    /// Convert values written by the previous version, where the state held `Old`: on
+    /// restore, each old value is decoded as `Old` and converted with `f` (on first use
+    /// of the state, in memory and on RocksDB, at any parallelism). The next checkpoint
+    /// holds the converted values at the new version; the migration is then no longer
+    /// needed. Use with [`ValueState::version`].
+    ///
+    /// ```
+    /// use exactly_engine::state::ValueState;
+    /// // Version 1 kept whole units in a u32; version 2 keeps cents in an i64.
+    /// const BALANCE: ValueState<i64> = ValueState::new("balance")
+    ///     .version(2)
+    ///     .migrate_from::<u32>(|units| i64::from(units) * 100);
+    /// ```
+    pub const fn migrate_from<Old: StateValue>(mut self, f: fn(Old) -> V) -> Self {
+        self.migration = Some(Migration::new(f));
+        self
+    }
+
     /// The state's name.
     pub const fn name(&self) -> &'static str {
         self.name
@@ -88,6 +174,32 @@ impl<V> ValueState<V> {
     /// The time-to-live in milliseconds, if set.
     pub const fn ttl_ms(&self) -> Option<i64> {
         self.ttl_ms
+    }
+
+    /// What this handle declares for an operator keyed by `K`.
+    pub(crate) fn declared<K>(&self) -> types::Declared {
+        let kind = match self.ttl_ms {
+            None => "ValueState",
+            Some(_) => "ValueState with TTL",
+        };
+        types::Declared {
+            description: types::describe::<K>(kind, std::any::type_name::<V>()),
+            version: self.version,
+            migrates_from: self
+                .migration
+                .map(|m| types::describe::<K>(kind, (m.from)())),
+        }
+    }
+
+    /// Read a restored value as [`types::Restore`] says.
+    pub(crate) fn decode_restored(&self, bytes: &[u8], how: types::Restore) -> Result<V>
+    where
+        V: StateValue,
+    {
+        match (how, &self.migration) {
+            (types::Restore::Migrate, Some(m)) => m.convert(bytes, self.name),
+            _ => crate::codec::decode(bytes, self.name),
+        }
     }
 }
 
@@ -101,6 +213,8 @@ impl<V> Copy for ValueState<V> {}
 /// A map per key, with entries stored individually.
 pub struct MapState<UK, UV> {
     name: &'static str,
+    version: u32,
+    migration: Option<Migration<UV>>,
     _v: PhantomData<fn() -> (UK, UV)>,
 }
 
@@ -114,15 +228,51 @@ impl<UK, UV> MapState<UK, UV> {
         );
         MapState {
             name,
+            version: 1,
+            migration: None,
             _v: PhantomData,
         }
     }
-}
 
-impl<UK, UV> MapState<UK, UV> {
+    /// The version of the state's schema (default 1); see [`ValueState::version`].
+    pub const fn version(mut self, version: u32) -> Self {
+        assert!(version >= 1, "state versions start at 1");
+        self.version = version;
+        self
+    }
+
+    /// Convert map values written by the previous version, where they were `Old`;
+    /// see [`ValueState::migrate_from`]. Map keys keep their type.
+    pub const fn migrate_from<Old: StateValue>(mut self, f: fn(Old) -> UV) -> Self {
+        self.migration = Some(Migration::new(f));
+        self
+    }
+
     /// The state's name.
     pub const fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// What this handle declares for an operator keyed by `K`.
+    pub(crate) fn declared<K>(&self) -> types::Declared {
+        let uk = std::any::type_name::<UK>();
+        let map = |uv: &str| types::describe::<K>("MapState", &format!("{uk}, {uv}"));
+        types::Declared {
+            description: map(std::any::type_name::<UV>()),
+            version: self.version,
+            migrates_from: self.migration.map(|m| map((m.from)())),
+        }
+    }
+
+    /// Read a restored map value as [`types::Restore`] says.
+    pub(crate) fn decode_restored(&self, bytes: &[u8], how: types::Restore) -> Result<UV>
+    where
+        UV: StateValue,
+    {
+        match (how, &self.migration) {
+            (types::Restore::Migrate, Some(m)) => m.convert(bytes, self.name),
+            _ => crate::codec::decode(bytes, self.name),
+        }
     }
 }
 
@@ -901,10 +1051,25 @@ fn set_rocks_key<K: Key>(b: &mut bytes::ByteState, last: &mut Option<K>, key: &K
 #[cfg(feature = "rocksdb")]
 #[inline]
 fn check_value<K, V: StateValue>(b: &mut bytes::ByteState, s: ValueState<V>) -> Result<()> {
-    match s.ttl_ms() {
-        None => b.check(s.name(), 0, TypeId::of::<V>(), typed::value_type::<K, V>),
-        Some(_) => b.check(s.name(), 1, TypeId::of::<V>(), typed::ttl_type::<K, V>),
-    }
+    let (kind, expiry) = match s.ttl_ms() {
+        None => (0, 0),
+        Some(_) => (1, 8),
+    };
+    b.check(
+        s.name(),
+        kind,
+        TypeId::of::<V>(),
+        || s.declared::<K>(),
+        |old, new| {
+            let head = old.get(..expiry).ok_or_else(|| Error::Codec {
+                what: format!("state '{}'", s.name()),
+                message: "a value with a TTL lacks its expiry".into(),
+            })?;
+            new.extend_from_slice(head);
+            let v = s.decode_restored(&old[expiry..], types::Restore::Migrate)?;
+            crate::codec::encode_into(&v, new, s.name())
+        },
+    )
 }
 
 /// [`check_value`] for a map state.
@@ -918,7 +1083,11 @@ fn check_map<K, UK: StateValue, UV: StateValue>(
         s.name(),
         2,
         TypeId::of::<(UK, UV)>(),
-        typed::map_type::<K, UK, UV>,
+        || s.declared::<K>(),
+        |old, new| {
+            let v = s.decode_restored(old, types::Restore::Migrate)?;
+            crate::codec::encode_into(&v, new, s.name())
+        },
     )
 }
 

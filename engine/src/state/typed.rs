@@ -17,7 +17,7 @@
 use super::layout::{self, classify, mark, EntryKind, GroupWriter, TTL_MARK};
 use super::table::{hasher, CowTable, FixedHasher, Segment};
 use super::timers::{TimerService, TimersView};
-use super::types::{describe, StateTypes};
+use super::types::{Declared, Restore, StateTypes};
 use super::{MapState, StateValue, ValueState};
 use crate::api::Key;
 use crate::codec;
@@ -93,12 +93,15 @@ pub(crate) struct ValueTable<K, V> {
 }
 
 impl<K: Key, V: StateValue> ValueTable<K, V> {
-    fn open(name: &'static str, pending: Option<Arc<Pending>>) -> Result<Self> {
+    fn open(
+        name: &'static str,
+        pending: Option<Arc<Pending>>,
+        value: impl Fn(&[u8]) -> Result<V>,
+    ) -> Result<Self> {
         let mut table = CowTable::default();
         for (_, rest, v) in pending.iter().flat_map(|p| &p.entries) {
             let k: K = postcard::from_bytes(rest).map_err(|e| decode_err(name, e))?;
-            let v: V = postcard::from_bytes(v).map_err(|e| decode_err(name, e))?;
-            table.insert(&k, v);
+            table.insert(&k, value(v)?);
         }
         Ok(ValueTable {
             prefix: layout::name_prefix(name).into(),
@@ -151,7 +154,11 @@ pub(crate) struct TtlTable<K, V> {
 }
 
 impl<K: Key, V: StateValue> TtlTable<K, V> {
-    fn open(name: &'static str, pending: Option<Arc<Pending>>) -> Result<Self> {
+    fn open(
+        name: &'static str,
+        pending: Option<Arc<Pending>>,
+        value: impl Fn(&[u8]) -> Result<V>,
+    ) -> Result<Self> {
         let mut t = TtlTable {
             prefix: layout::name_prefix(name).into(),
             table: CowTable::default(),
@@ -162,8 +169,7 @@ impl<K: Key, V: StateValue> TtlTable<K, V> {
                 return Err(decode_err(name, "a value with a TTL lacks its expiry"));
             }
             let k: K = postcard::from_bytes(rest).map_err(|e| decode_err(name, e))?;
-            let x: V = postcard::from_bytes(&v[8..]).map_err(|e| decode_err(name, e))?;
-            t.set(&k, layout::decode_ts(v), x);
+            t.set(&k, layout::decode_ts(v), value(&v[8..])?);
         }
         Ok(t)
     }
@@ -277,7 +283,11 @@ pub(crate) struct MapTable<K, UK, UV> {
 }
 
 impl<K: Key, UK: StateValue + Eq, UV: StateValue> MapTable<K, UK, UV> {
-    fn open(name: &'static str, pending: Option<Arc<Pending>>) -> Result<Self> {
+    fn open(
+        name: &'static str,
+        pending: Option<Arc<Pending>>,
+        value: impl Fn(&[u8]) -> Result<UV>,
+    ) -> Result<Self> {
         let mut t = MapTable {
             prefix: layout::name_prefix(name).into(),
             table: CowTable::default(),
@@ -287,8 +297,7 @@ impl<K: Key, UK: StateValue + Eq, UV: StateValue> MapTable<K, UK, UV> {
             let (k, tail): (K, &[u8]) =
                 postcard::take_from_bytes(rest).map_err(|e| decode_err(name, e))?;
             let uk: UK = postcard::from_bytes(tail).map_err(|e| decode_err(name, e))?;
-            let uv: UV = postcard::from_bytes(v).map_err(|e| decode_err(name, e))?;
-            t.put(&k, &uk, uv);
+            t.put(&k, &uk, value(v)?);
         }
         Ok(t)
     }
@@ -434,18 +443,6 @@ impl<K: Key> TableView for TimersView<K> {
 
 // ---- the backend ----
 
-/// Type descriptions of the three kinds of state (see [`super::types`]).
-pub(crate) fn value_type<K, V>() -> String {
-    describe::<K>("ValueState", std::any::type_name::<V>())
-}
-pub(crate) fn ttl_type<K, V>() -> String {
-    describe::<K>("ValueState with TTL", std::any::type_name::<V>())
-}
-pub(crate) fn map_type<K, UK, UV>() -> String {
-    let (uk, uv) = (std::any::type_name::<UK>(), std::any::type_name::<UV>());
-    describe::<K>("MapState", &format!("{uk}, {uv}"))
-}
-
 struct Slot<K> {
     name: &'static str,
     type_id: TypeId,
@@ -483,8 +480,8 @@ impl<K: Key> TypedState<K> {
     fn table<T: StateTable<K> + 'static>(
         &mut self,
         name: &'static str,
-        describe: fn() -> String,
-        open: impl FnOnce(&'static str, Option<Arc<Pending>>) -> Result<T>,
+        declared: impl FnOnce() -> Declared,
+        open: impl FnOnce(&'static str, Option<Arc<Pending>>, Restore) -> Result<T>,
     ) -> Result<&mut T> {
         let found = self
             .slots
@@ -492,7 +489,7 @@ impl<K: Key> TypedState<K> {
             .position(|s| std::ptr::eq(s.name, name) || s.name == name);
         let i = match found {
             Some(i) => i,
-            None => self.open_slot(name, describe, open)?,
+            None => self.open_slot(name, declared, open)?,
         };
         let slot = &mut self.slots[i];
         if slot.type_id != TypeId::of::<T>() {
@@ -510,12 +507,12 @@ impl<K: Key> TypedState<K> {
     fn open_slot<T: StateTable<K> + 'static>(
         &mut self,
         name: &'static str,
-        describe: fn() -> String,
-        open: impl FnOnce(&'static str, Option<Arc<Pending>>) -> Result<T>,
+        declared: impl FnOnce() -> Declared,
+        open: impl FnOnce(&'static str, Option<Arc<Pending>>, Restore) -> Result<T>,
     ) -> Result<usize> {
-        self.types.declare(name, describe())?;
+        let how = self.types.declare(name, declared())?;
         let pending = self.pending.remove(name.as_bytes());
-        let table = open(name, pending)?;
+        let table = open(name, pending, how)?;
         self.slots.push(Slot {
             name,
             type_id: TypeId::of::<T>(),
@@ -530,18 +527,30 @@ impl<K: Key> TypedState<K> {
     }
 
     pub fn values<V: StateValue>(&mut self, s: ValueState<V>) -> Result<&mut ValueTable<K, V>> {
-        self.table(s.name(), value_type::<K, V>, ValueTable::open)
+        self.table(
+            s.name(),
+            || s.declared::<K>(),
+            |name, pending, how| ValueTable::open(name, pending, |b| s.decode_restored(b, how)),
+        )
     }
 
     pub fn ttl_values<V: StateValue>(&mut self, s: ValueState<V>) -> Result<&mut TtlTable<K, V>> {
-        self.table(s.name(), ttl_type::<K, V>, TtlTable::open)
+        self.table(
+            s.name(),
+            || s.declared::<K>(),
+            |name, pending, how| TtlTable::open(name, pending, |b| s.decode_restored(b, how)),
+        )
     }
 
     pub fn maps<UK: StateValue + Eq, UV: StateValue>(
         &mut self,
         s: MapState<UK, UV>,
     ) -> Result<&mut MapTable<K, UK, UV>> {
-        self.table(s.name(), map_type::<K, UK, UV>, MapTable::open)
+        self.table(
+            s.name(),
+            || s.declared::<K>(),
+            |name, pending, how| MapTable::open(name, pending, |b| s.decode_restored(b, how)),
+        )
     }
 
     /// Delete every value whose TTL expired at `now`.
@@ -657,7 +666,7 @@ mod tests {
     /// the entry went: retain, retain over all keys, remove.
     #[test]
     fn a_map_back_to_one_entry_lives_in_its_bucket_again() {
-        let mut t = MapTable::<u64, u32, u32>::open("m", None).unwrap();
+        let mut t = MapTable::<u64, u32, u32>::open("m", None, |b| codec::decode(b, "m")).unwrap();
         t.put(&1, &1, 10);
         t.put(&1, &2, 20);
         assert!(spilled(&t, 1));
