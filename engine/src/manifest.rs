@@ -85,6 +85,25 @@ pub struct Manifest {
     pub tasks: Vec<TaskStateHandle>,
     /// Sink output to commit (this checkpoint's and any older not yet committed).
     pub pending_commits: Vec<PendingCommit>,
+    /// The savepoint this state descends from, when a run was started with
+    /// `restore_from_savepoint` (carried by every later checkpoint): a restart of that
+    /// deployment may resume from these newer checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_savepoint: Option<String>,
+}
+
+/// A named checkpoint that retention keeps until the savepoint is deleted: the state a
+/// new version of a job starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Savepoint {
+    /// Its name, unique in the checkpoint location.
+    pub name: String,
+    /// The job whose state it holds.
+    pub job: String,
+    /// The completed checkpoint it names.
+    pub checkpoint: CheckpointId,
+    /// Wall-clock time of creation, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -181,6 +200,7 @@ mod tests {
                 subtask: SubtaskIndex(0),
                 committable: serde_json::json!({"file": "x"}),
             }],
+            from_savepoint: None,
         }
     }
 

@@ -15,6 +15,10 @@
 //!    the checkpoint in flight). References are recomputed from the kept manifests
 //!    every time, so nothing depends on counts surviving a crash.
 //!
+//! 4. A checkpoint a savepoint names (`pinned`) is kept with its directory and shared
+//!    files, however old, until the savepoint is deleted; it does not count towards
+//!    `retain`.
+//!
 //! The checkpoint in flight only re-references shared files of the newest completed
 //! checkpoint, which rule 1 always keeps; so retention may run while it is in flight.
 
@@ -40,15 +44,20 @@ pub(crate) struct Plan {
     pub retained: Vec<CheckpointId>,
 }
 
-/// Rules 1 and 2, from the listed manifest ids and state directories (any order)
-/// after checkpoint `latest` completed.
+/// Rules 1, 2 and 4, from the listed manifest ids and state directories (any order)
+/// after checkpoint `latest` completed, and the checkpoints savepoints name.
 pub(crate) fn plan(
     manifests: &[CheckpointId],
     dirs: &[CheckpointId],
     retain: usize,
     latest: CheckpointId,
+    pinned: &[CheckpointId],
 ) -> Plan {
-    let mut ids = manifests.to_vec();
+    let mut ids: Vec<CheckpointId> = manifests
+        .iter()
+        .copied()
+        .filter(|id| !pinned.contains(id))
+        .collect();
     ids.sort();
     ids.dedup();
     let keep_from = ids.len().saturating_sub(retain.max(1));
@@ -59,18 +68,23 @@ pub(crate) fn plan(
         actions.push(Delete::Manifest(id));
         actions.push(Delete::CheckpointFiles(id));
     }
+    let mut retained: Vec<CheckpointId> = manifests
+        .iter()
+        .copied()
+        .filter(|id| pinned.contains(id))
+        .chain(kept.iter().copied())
+        .collect();
+    retained.sort();
+    retained.dedup();
     let mut stray: Vec<CheckpointId> = dirs
         .iter()
         .copied()
-        .filter(|d| *d < oldest_kept && !kept.contains(d) && !old.contains(d))
+        .filter(|d| *d < oldest_kept && !retained.contains(d) && !old.contains(d))
         .collect();
     stray.sort();
     stray.dedup();
     actions.extend(stray.into_iter().map(Delete::CheckpointFiles));
-    Plan {
-        actions,
-        retained: kept.to_vec(),
-    }
+    Plan { actions, retained }
 }
 
 /// Rule 3: the listed shared files (path, uploading checkpoint) that may go, given
@@ -98,6 +112,8 @@ mod tests {
     struct Store {
         manifests: BTreeMap<CheckpointId, BTreeSet<String>>,
         dirs: BTreeSet<CheckpointId>,
+        /// Checkpoints savepoints name.
+        pinned: BTreeSet<CheckpointId>,
         shared: BTreeMap<String, CheckpointId>,
     }
 
@@ -121,7 +137,8 @@ mod tests {
         fn retain(&mut self, retain: usize, latest: CheckpointId, crash_after: Option<usize>) {
             let ids: Vec<CheckpointId> = self.manifests.keys().copied().collect();
             let dirs: Vec<CheckpointId> = self.dirs.iter().copied().collect();
-            let p = plan(&ids, &dirs, retain, latest);
+            let pinned: Vec<CheckpointId> = self.pinned.iter().copied().collect();
+            let p = plan(&ids, &dirs, retain, latest, &pinned);
             let mut budget = crash_after.unwrap_or(usize::MAX);
             for a in &p.actions {
                 if budget == 0 {
@@ -161,6 +178,10 @@ mod tests {
         Abort { new: u8 },
         /// Retention runs again (after a restart) and crashes after `n` deletions.
         CrashRetention { n: u8 },
+        /// A savepoint is taken of the newest completed checkpoint.
+        Pin,
+        /// The oldest savepoint is deleted.
+        Unpin,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -169,6 +190,8 @@ mod tests {
                 .prop_map(|(new, reuse_mask, crash)| Op::Complete { new, reuse_mask, crash }),
             1 => (0u8..3).prop_map(|new| Op::Abort { new }),
             1 => (0u8..6).prop_map(|n| Op::CrashRetention { n }),
+            1 => Just(Op::Pin),
+            1 => Just(Op::Unpin),
         ]
     }
 
@@ -226,6 +249,17 @@ mod tests {
                             s.retain(retain, l, Some(n as usize));
                         }
                     }
+                    Op::Pin => {
+                        if let Some(l) = latest {
+                            s.pinned.insert(l);
+                        }
+                    }
+                    Op::Unpin => {
+                        let oldest = s.pinned.iter().next().copied();
+                        if let Some(p) = oldest {
+                            s.pinned.remove(&p);
+                        }
+                    }
                 }
                 // Safety, after every step (crashed retentions included): every kept
                 // manifest's directory and shared files exist.
@@ -237,6 +271,9 @@ mod tests {
                 }
                 if let Some(l) = latest {
                     prop_assert!(s.manifests.contains_key(&l), "latest {l} deleted");
+                }
+                for p in &s.pinned {
+                    prop_assert!(s.manifests.contains_key(p), "savepoint's checkpoint {p} deleted");
                 }
             }
             let Some(l) = latest else { return Ok(()) };
@@ -252,13 +289,19 @@ mod tests {
                 s.shared.values().filter(|&&b| b == flying).count(),
                 in_flight_uploads as usize
             );
-            // Exactly the newest `retain` (at least one) restore points are left...
-            let completed: Vec<CheckpointId> = s.manifests.keys().copied().collect();
-            prop_assert_eq!(completed.last(), Some(&l));
-            prop_assert_eq!(completed.len(), completed.len().min(retain.max(1)));
+            // Exactly the newest `retain` (at least one) restore points are left besides
+            // the savepoints' checkpoints...
+            let completed: Vec<CheckpointId> = s
+                .manifests
+                .keys()
+                .copied()
+                .filter(|id| !s.pinned.contains(id))
+                .collect();
+            prop_assert!(s.manifests.contains_key(&l));
+            prop_assert!(completed.len() <= retain.max(1));
             // ...and no garbage: directories are those of kept checkpoints (or newer);
             // shared files are referenced by one, or uploaded by the one in flight.
-            let oldest = completed[0];
+            let oldest = completed.first().copied().unwrap_or(l);
             for d in &s.dirs {
                 prop_assert!(s.manifests.contains_key(d) || *d > oldest, "stray dir {d}");
             }
@@ -271,7 +314,13 @@ mod tests {
 
     #[test]
     fn keeps_the_restore_point_even_with_retain_zero() {
-        let p = plan(&[CheckpointId(3), CheckpointId(4)], &[], 0, CheckpointId(4));
+        let p = plan(
+            &[CheckpointId(3), CheckpointId(4)],
+            &[],
+            0,
+            CheckpointId(4),
+            &[],
+        );
         assert_eq!(p.retained, vec![CheckpointId(4)]);
         assert_eq!(
             p.actions,
@@ -280,5 +329,19 @@ mod tests {
                 Delete::CheckpointFiles(CheckpointId(3))
             ]
         );
+    }
+
+    #[test]
+    fn keeps_a_savepoints_checkpoint_and_its_directory_whatever_its_age() {
+        let ids = [1, 2, 3, 4, 5].map(CheckpointId);
+        let p = plan(&ids, &ids, 1, CheckpointId(5), &[CheckpointId(2)]);
+        assert_eq!(p.retained, vec![CheckpointId(2), CheckpointId(5)]);
+        for gone in [1, 3, 4] {
+            assert!(p.actions.contains(&Delete::Manifest(CheckpointId(gone))));
+        }
+        assert!(!p.actions.iter().any(|a| matches!(
+            a,
+            Delete::Manifest(CheckpointId(2)) | Delete::CheckpointFiles(CheckpointId(2))
+        )));
     }
 }

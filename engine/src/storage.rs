@@ -14,6 +14,8 @@
 //! <root>/shared/<id:020>_<instance>_<file>     RocksDB SST files, referenced by every
 //!                                              checkpoint that needs them; <id> is the
 //!                                              checkpoint that uploaded the file
+//! <root>/savepoints/<name>.json                a savepoint: names a checkpoint that
+//!                                              retention keeps until it is deleted
 //! ```
 //!
 //! # Invariants
@@ -30,7 +32,7 @@
 use crate::codec::{self, FrameError};
 use crate::error::{Error, Result};
 use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
-use crate::manifest::{Manifest, SharedFile, TaskStateHandle};
+use crate::manifest::{Manifest, Savepoint, SharedFile, TaskStateHandle};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -479,6 +481,96 @@ impl CheckpointStorage {
         Ok((ids, max_any))
     }
 
+    fn savepoint_path(&self, name: &str) -> Path {
+        self.root
+            .clone()
+            .join("savepoints")
+            .join(format!("{name}.json"))
+    }
+
+    /// Record savepoint `sp` (its checkpoint's manifest must exist). Never overwrites:
+    /// a name is given once, and an existing one is a configuration error.
+    pub async fn write_savepoint(&self, sp: &Savepoint) -> Result<()> {
+        let path = self.savepoint_path(&sp.name);
+        let bytes = serde_json::to_vec_pretty(sp).map_err(|e| Error::Codec {
+            what: format!("savepoint '{}'", sp.name),
+            message: e.to_string(),
+        })?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let old = self.read_savepoint(&sp.name).await?;
+                Err(Error::config(format!(
+                    "savepoint '{}' exists already in {}{}; choose another name, or delete it first",
+                    sp.name,
+                    self.url,
+                    old.map(|o| format!(" (checkpoint {})", o.checkpoint))
+                        .unwrap_or_default()
+                )))
+            }
+            Err(e) => Err(storage_err("write savepoint", &path, e)),
+        }
+    }
+
+    /// Savepoint `name`, if it exists.
+    pub async fn read_savepoint(&self, name: &str) -> Result<Option<Savepoint>> {
+        let path = self.savepoint_path(name);
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await.map_err(|e| storage_err("read", &path, e))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(storage_err("get", &path, e)),
+        };
+        let sp: Savepoint = serde_json::from_slice(&bytes).map_err(|e| Error::Codec {
+            what: format!("savepoint file {path}"),
+            message: e.to_string(),
+        })?;
+        if sp.name != name {
+            return Err(Error::Codec {
+                what: format!("savepoint file {path}"),
+                message: format!("it names savepoint '{}'", sp.name),
+            });
+        }
+        Ok(Some(sp))
+    }
+
+    /// Every savepoint, oldest checkpoint first.
+    pub async fn list_savepoints(&self) -> Result<Vec<Savepoint>> {
+        let metas = self.list_all(&self.root.clone().join("savepoints")).await?;
+        let mut all = Vec::new();
+        for name in metas
+            .iter()
+            .filter_map(|m| m.location.filename())
+            .filter_map(|f| f.strip_suffix(".json"))
+        {
+            if let Some(sp) = self.read_savepoint(name).await? {
+                all.push(sp);
+            }
+        }
+        all.sort_by(|a, b| (a.checkpoint, &a.name).cmp(&(b.checkpoint, &b.name)));
+        Ok(all)
+    }
+
+    /// Delete savepoint `name` (its checkpoint goes with the next retention run unless
+    /// it is among the newest or another savepoint names it). `false` if there was none.
+    pub async fn delete_savepoint(&self, name: &str) -> Result<bool> {
+        let path = self.savepoint_path(name);
+        if self.read_savepoint(name).await?.is_none() {
+            return Ok(false);
+        }
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(storage_err("delete", &path, e)),
+        }
+    }
+
     /// Delete checkpoint `id`: its manifest first, then its files.
     pub async fn delete_checkpoint(&self, id: CheckpointId) -> Result<()> {
         self.delete_manifest(id).await?;
@@ -613,6 +705,7 @@ mod tests {
             is_final: false,
             tasks,
             pending_commits: vec![],
+            from_savepoint: None,
         }
     }
 

@@ -37,7 +37,31 @@ fn manifest(id: u64) -> Manifest {
         is_final: false,
         tasks: vec![],
         pending_commits: vec![],
+        from_savepoint: None,
     }
+}
+
+#[test]
+fn savepoints_are_written_once_listed_and_deleted() {
+    let s = CheckpointStorage::from_url(&unique("savepoints")).unwrap();
+    rt().block_on(async {
+        s.write_manifest(&manifest(3)).await.unwrap();
+        let sp = exactly_engine::manifest::Savepoint {
+            name: "v1".into(),
+            job: "s3".into(),
+            checkpoint: CheckpointId(3),
+            created_at_ms: 1,
+        };
+        s.write_savepoint(&sp).await.unwrap();
+        let again = s.write_savepoint(&sp).await.unwrap_err().to_string();
+        assert!(again.contains("exists already"), "{again}");
+        assert_eq!(s.read_savepoint("v1").await.unwrap(), Some(sp.clone()));
+        assert_eq!(s.read_savepoint("v2").await.unwrap(), None);
+        assert_eq!(s.list_savepoints().await.unwrap(), vec![sp]);
+        assert!(s.delete_savepoint("v1").await.unwrap());
+        assert!(!s.delete_savepoint("v1").await.unwrap());
+        assert!(s.list_savepoints().await.unwrap().is_empty());
+    });
 }
 
 #[test]

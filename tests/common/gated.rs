@@ -105,12 +105,22 @@ pub fn open(gate: &(Mutex<u8>, Condvar)) {
 
 /// Run `job` and stop it with a checkpoint once its gated source waits at `gate`.
 pub fn run_stopped_at_gate(job: &Job, gate: &(Mutex<u8>, Condvar)) -> JobReport {
+    run_at_gate_then(job, gate, StopHandle::stop).unwrap()
+}
+
+/// Run `job` and, once its gated source waits at `gate`, call `then` with its stop
+/// handle (from another thread, while the job runs).
+pub fn run_at_gate_then(
+    job: &Job,
+    gate: &(Mutex<u8>, Condvar),
+    then: impl FnOnce(&StopHandle) + Send,
+) -> exactly::engine::error::Result<JobReport> {
     let stop = job.stop_handle();
     std::thread::scope(|s| {
         s.spawn(|| {
             wait_at(gate);
-            stop.stop();
+            then(&stop);
         });
-        job.run().unwrap()
+        job.run()
     })
 }

@@ -157,6 +157,8 @@ pub(crate) struct Node {
     /// A keyed operator still under its generated name (`process-N`): its state would
     /// be stored under a name that changes when operators are added before it.
     pub unnamed_state: bool,
+    /// The operator whose checkpointed state this one restores (a rename on purpose).
+    pub restores: Option<OperatorId>,
     pub in_edges: Vec<EdgeId>,
     pub out_edges: Vec<EdgeId>,
 }
@@ -180,6 +182,7 @@ impl Graph {
             sink: None,
             sink_location: None,
             unnamed_state: false,
+            restores: None,
             in_edges: Vec::new(),
             out_edges: Vec::new(),
         });

@@ -98,6 +98,26 @@ impl JobBuilder {
         self
     }
 
+    /// Start this deployment from savepoint `name` in the job's checkpoint storage (one
+    /// taken with [`StopHandle::stop_with_savepoint`]): the way to deploy a new version
+    /// of a job. The run fails unless the savepoint exists and is the newest checkpoint,
+    /// or the newest checkpoint descends from it (a restart of this deployment, which
+    /// resumes from its own latest checkpoint, so keeping the setting is safe). Restoring
+    /// an older savepoint over checkpoints taken after it would commit their output
+    /// again, so that is refused.
+    ///
+    /// The state is checked as on every restore: state of an operator the job no
+    /// longer has is an error (see [`Stream::restore_state_of`] for renames and
+    /// [`JobBuilder::allow_non_restored_state`] for removals), and a state whose type
+    /// changed needs a migration (see [`ValueState::migrate_from`]).
+    ///
+    /// [`Stream::restore_state_of`]: crate::dsl::Stream::restore_state_of
+    /// [`ValueState::migrate_from`]: crate::state::ValueState::migrate_from
+    pub fn restore_from_savepoint(mut self, name: &str) -> Self {
+        self.s.restore_from_savepoint = Some(name.to_string());
+        self
+    }
+
     /// Restart policy (default: 3 restarts, 1 s apart).
     pub fn restart_policy(mut self, p: RestartPolicy) -> Self {
         self.s.restart = p;
@@ -290,6 +310,7 @@ impl Job {
                 source_pacing: None,
                 backend: StateBackend::Memory,
                 allow_non_restored_state: false,
+                restore_from_savepoint: None,
                 stop: StopHandle::default(),
                 stop_on_signals: false,
             },

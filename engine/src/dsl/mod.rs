@@ -281,6 +281,29 @@ impl<T: Data> Stream<T> {
         drop(g);
         self
     }
+
+    /// Restore the checkpointed state of operator `old_name` into this operator: a
+    /// rename on purpose. Its keyed state, timers and (for a source) read offsets carry
+    /// over. Once a checkpoint holds the state under the new name, the mapping has
+    /// nothing left to do and may be removed (it is ignored then). Without it, a
+    /// checkpoint holding state of an operator the job no longer has is refused.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let totals = job.source("payments", VecSource::new(vec![(1u32, 5i64)]))
+    ///     .key_by(|p| p.0)
+    ///     .process_fn(|p: (u32, i64), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+    ///         ctx.emit(p);
+    ///         Ok(())
+    ///     })
+    ///     .name("account-totals")
+    ///     .restore_state_of("totals"); // its name in the previous version
+    /// ```
+    pub fn restore_state_of(self, old_name: &str) -> Self {
+        self.graph.borrow_mut().nodes[self.node].restores = Some(OperatorId(old_name.to_string()));
+        self
+    }
 }
 
 struct SinkCommitter<S> {

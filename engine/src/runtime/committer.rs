@@ -108,7 +108,12 @@ fn retain(
 ) -> Result<()> {
     let (ids, _) = rt.block_on(storage.scan())?;
     let dirs = rt.block_on(storage.checkpoint_dirs())?;
-    let plan = retention::plan(&ids, &dirs, retain, latest);
+    let pinned: Vec<CheckpointId> = rt
+        .block_on(storage.list_savepoints())?
+        .into_iter()
+        .map(|sp| sp.checkpoint)
+        .collect();
+    let plan = retention::plan(&ids, &dirs, retain, latest, &pinned);
     for action in &plan.actions {
         execute(rt, storage, action)?;
     }

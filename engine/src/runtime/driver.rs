@@ -33,7 +33,7 @@ use crate::dsl::graph::{BuildCtx, ChannelPool, Graph, NodeId, Plan, RestoredStat
 use crate::dsl::RestartPolicy;
 use crate::error::{Error, ErrorClass, Result};
 use crate::ids::{CheckpointId, OperatorId};
-use crate::manifest::{Manifest, MANIFEST_FORMAT_VERSION};
+use crate::manifest::{Manifest, Savepoint, MANIFEST_FORMAT_VERSION};
 use crate::state::TaskSnapshotPayload;
 use crate::storage::CheckpointStorage;
 use crossbeam_channel::{RecvTimeoutError, Sender};
@@ -67,6 +67,8 @@ pub(crate) struct JobSettings {
     pub source_pacing: Option<Duration>,
     pub backend: crate::state::StateBackend,
     pub allow_non_restored_state: bool,
+    /// The savepoint a new deployment starts from.
+    pub restore_from_savepoint: Option<String>,
     pub stop: super::StopHandle,
     /// SIGTERM and SIGINT stop the job with a checkpoint while it runs.
     pub stop_on_signals: bool,
@@ -122,6 +124,9 @@ pub struct JobReport {
     /// [`JobBuilder::stop_on_sigterm`](crate::dsl::JobBuilder::stop_on_sigterm)) rather
     /// than run to the end of its input. The next run resumes from it.
     pub stopped_at: Option<CheckpointId>,
+    /// The savepoint the stop checkpoint was kept as
+    /// ([`StopHandle::stop_with_savepoint`](super::StopHandle::stop_with_savepoint)).
+    pub savepoint: Option<String>,
 }
 
 pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
@@ -260,6 +265,41 @@ fn validate(graph: &Graph, s: &JobSettings) -> Result<()> {
                 n.op
             )));
         }
+        if let Some(old) = &n.restores {
+            if !crate::dsl::job::valid_name(&old.0) {
+                return Err(Error::config(format!(
+                    "operator '{}' restores the state of '{}', which is not a valid name ({})",
+                    n.op,
+                    old.0.escape_debug(),
+                    crate::dsl::job::NAME_RULE
+                )));
+            }
+            if let Some(other) = graph.nodes.iter().find(|o| &o.op == old && o.op != n.op) {
+                return Err(Error::config(format!(
+                    "operator '{}' restores the state of '{old}', but the job has an operator \
+                     named '{}': each operator's state goes to one operator",
+                    n.op, other.op
+                )));
+            }
+            if n.sink.is_some() {
+                return Err(Error::config(format!(
+                    "sink '{}': restore_state_of is for operators and sources; a sink's output \
+                     pending commit stays with its name. Stop the job with a checkpoint (which \
+                     commits everything), then rename the sink",
+                    n.op
+                )));
+            }
+            if let Some(twice) = graph
+                .nodes
+                .iter()
+                .find(|o| o.op != n.op && o.restores.as_ref() == Some(old))
+            {
+                return Err(Error::config(format!(
+                    "operators '{}' and '{}' both restore the state of '{old}'",
+                    n.op, twice.op
+                )));
+            }
+        }
         if let Some(p) = n.parallelism {
             if p == 0 || p > s.max_parallelism as usize {
                 return Err(Error::config(format!(
@@ -296,6 +336,64 @@ fn validate(graph: &Graph, s: &JobSettings) -> Result<()> {
 struct Restored {
     state: RestoredState,
     first_id: CheckpointId,
+    /// The savepoint the restored state descends from, recorded in every checkpoint.
+    from_savepoint: Option<String>,
+}
+
+/// With `restore_from_savepoint(name)`: the savepoint must exist and be the newest
+/// checkpoint, or the newest must descend from it (a restart of the deployment that
+/// started from it). Restoring an older savepoint over newer checkpoints would commit
+/// their output a second time, so that is an error.
+async fn check_savepoint(
+    storage: &CheckpointStorage,
+    s: &JobSettings,
+    name: &str,
+    latest: Option<CheckpointId>,
+) -> Result<()> {
+    let Some(sp) = storage.read_savepoint(name).await? else {
+        let have: Vec<String> = storage
+            .list_savepoints()
+            .await?
+            .into_iter()
+            .map(|sp| format!("'{}' (checkpoint {})", sp.name, sp.checkpoint))
+            .collect();
+        return Err(Error::config(format!(
+            "savepoint '{name}' does not exist in {}; it has {}",
+            storage.url(),
+            if have.is_empty() {
+                "no savepoints".to_string()
+            } else {
+                format!("savepoints {}", have.join(", "))
+            }
+        )));
+    };
+    if sp.job != s.name {
+        return Err(Error::config(format!(
+            "savepoint '{name}' holds the state of job '{}', not '{}'",
+            sp.job, s.name
+        )));
+    }
+    let Some(latest) = latest.filter(|l| *l >= sp.checkpoint) else {
+        return Err(Error::config(format!(
+            "savepoint '{name}' names checkpoint {}, whose manifest is missing from {}",
+            sp.checkpoint,
+            storage.url()
+        )));
+    };
+    if latest == sp.checkpoint {
+        return Ok(());
+    }
+    let m = storage.read_manifest(latest).await?;
+    if m.from_savepoint.as_deref() == Some(name) {
+        tracing::info!(savepoint = name, checkpoint = %latest, "this deployment started from the savepoint; resuming from its latest checkpoint");
+        return Ok(());
+    }
+    Err(Error::config(format!(
+        "savepoint '{name}' is checkpoint {}, but checkpoint {latest} completed after it \
+         without starting from it: restoring the savepoint would commit that output again. \
+         Stop the running version with stop_with_savepoint and start the new one from that",
+        sp.checkpoint
+    )))
 }
 
 fn recover(
@@ -309,8 +407,15 @@ fn recover(
     let (ids, max_any) = rt.block_on(storage.scan())?;
     let mut state = RestoredState::default();
     let mut pending = Vec::new();
+    let mut from_savepoint = s.restore_from_savepoint.clone();
+    if let Some(name) = &s.restore_from_savepoint {
+        rt.block_on(check_savepoint(storage, s, name, ids.last().copied()))?;
+    }
     if let Some(&latest) = ids.last() {
         let m = rt.block_on(storage.read_manifest(latest))?;
+        if from_savepoint.is_none() {
+            from_savepoint = m.from_savepoint.clone();
+        }
         if m.job != s.name {
             return Err(Error::config(format!(
                 "checkpoint storage {} holds checkpoints of job '{}', not '{}'; use a separate location per job",
@@ -386,6 +491,7 @@ fn recover(
     Ok(Restored {
         state,
         first_id: max_seen.map(|c| c.next()).unwrap_or(CheckpointId(1)),
+        from_savepoint,
     })
 }
 
@@ -402,6 +508,32 @@ fn check_all_state_restores(
     state: &mut RestoredState,
     pending: &mut Vec<crate::manifest::PendingCommit>,
 ) -> Result<()> {
+    for n in &graph.nodes {
+        let Some(old) = &n.restores else { continue };
+        match (
+            state.operators.contains_key(old),
+            state.operators.contains_key(&n.op),
+        ) {
+            (true, true) => {
+                return Err(Error::config(format!(
+                    "checkpoint {checkpoint} holds state of both '{old}' and '{}'; operator '{}' \
+                     cannot restore the state of '{old}' without dropping its own",
+                    n.op, n.op
+                )))
+            }
+            (true, false) => {
+                tracing::info!(operator = %n.op, from = %old, "restoring the state of a renamed operator");
+                if let Some(snaps) = state.operators.remove(old) {
+                    state.operators.insert(n.op.clone(), snaps);
+                }
+                if let Some(types) = state.types.remove(old) {
+                    state.types.insert(n.op.clone(), types);
+                }
+            }
+            // Renamed by an earlier run, or nothing to restore.
+            _ => {}
+        }
+    }
     let known: HashSet<&OperatorId> = graph.nodes.iter().map(|n| &n.op).collect();
     let sinks: HashSet<&OperatorId> = graph
         .nodes
@@ -614,6 +746,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             lease,
             metrics: metrics.clone(),
             completed: run.completed.clone(),
+            from_savepoint: restored.from_savepoint.clone(),
         };
         let result = driver.coordinate(&mut coordinator, &events_rx, tasks.len());
         if result.is_err() {
@@ -672,6 +805,8 @@ struct Driver<'a> {
     metrics: Arc<crate::metrics::Metrics>,
     lease: u64,
     completed: Arc<AtomicU64>,
+    /// Recorded in every manifest (see [`Manifest::from_savepoint`]).
+    from_savepoint: Option<String>,
 }
 
 impl Driver<'_> {
@@ -686,6 +821,9 @@ impl Driver<'_> {
         let mut finished = false;
         let mut stop_asked = false;
         let mut stopped: Option<CheckpointId> = None;
+        // The stop checkpoint, once triggered, and the savepoint to keep it as.
+        let mut stop_id: Option<CheckpointId> = None;
+        let mut savepoint: Option<String> = None;
         let mut triggered_at: BTreeMap<CheckpointId, Instant> = BTreeMap::new();
         let mut pauses: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
         let mut op_bytes: BTreeMap<CheckpointId, BTreeMap<String, u64>> = BTreeMap::new();
@@ -763,8 +901,17 @@ impl Driver<'_> {
             }
             if failure.is_none() && !stop_asked && self.s.stop.is_requested() {
                 stop_asked = true;
-                tracing::info!(job = %self.s.name, "stop requested: taking a checkpoint, then stopping");
-                decisions.extend(c.request_stop(now));
+                savepoint = self.s.stop.savepoint();
+                match savepoint.as_deref().map(|n| self.savepoint_name_free(n)) {
+                    Some(Err(e)) => {
+                        failure = Some(e);
+                        self.cancel.store(true, Ordering::Relaxed);
+                    }
+                    _ => {
+                        tracing::info!(job = %self.s.name, savepoint = ?savepoint, "stop requested: taking a checkpoint, then stopping");
+                        decisions.extend(c.request_stop(now));
+                    }
+                }
             }
             if failure.is_none() && stopped.is_none() {
                 decisions.extend(c.on_tick(now));
@@ -783,6 +930,7 @@ impl Driver<'_> {
                     }
                     Decision::TriggerStop { id } => {
                         tracing::debug!(checkpoint = %id, "trigger stop");
+                        stop_id = Some(id);
                         triggered_at.insert(id, Instant::now());
                         for tx in &self.controls {
                             let _ = tx.send(SourceControl::Stop { id });
@@ -817,6 +965,7 @@ impl Driver<'_> {
                             is_final,
                             tasks,
                             pending_commits,
+                            from_savepoint: self.from_savepoint.clone(),
                         };
                         let written = self.rt.block_on(async {
                             self.storage.check_lease(self.lease).await?;
@@ -841,6 +990,23 @@ impl Driver<'_> {
                         }
                         self.completed.fetch_max(id.0, Ordering::SeqCst);
                         fail::fail_point!("checkpoint::after_manifest");
+                        if let Some(name) = savepoint.as_ref().filter(|_| stop_id == Some(id)) {
+                            // Before the commit round, so the stop cannot end the job
+                            // without it. If it fails, the checkpoint stands; the job
+                            // fails, and resumes from it.
+                            let sp = Savepoint {
+                                name: name.clone(),
+                                job: self.s.name.clone(),
+                                checkpoint: id,
+                                created_at_ms: manifest.completed_at_ms,
+                            };
+                            if let Err(e) = self.rt.block_on(self.storage.write_savepoint(&sp)) {
+                                failure = Some(e);
+                                self.cancel.store(true, Ordering::Relaxed);
+                                continue;
+                            }
+                            tracing::info!(savepoint = %name, checkpoint = %id, "savepoint written");
+                        }
                         tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
                         committing.insert(
                             id,
@@ -892,6 +1058,7 @@ impl Driver<'_> {
                         tracing::warn!(error = %e, "a task failed after the stop checkpoint; the next run resumes from it");
                     }
                     self.report.stopped_at = Some(id);
+                    self.report.savepoint = savepoint;
                     return Ok(());
                 }
                 if let Some(e) = failure {
@@ -908,6 +1075,25 @@ impl Driver<'_> {
                     });
                 }
             }
+        }
+    }
+
+    /// Whether `name` can be given to a new savepoint (checked when the stop is asked,
+    /// before its checkpoint; the write is create-if-absent all the same).
+    fn savepoint_name_free(&self, name: &str) -> Result<()> {
+        if !crate::dsl::job::valid_name(name) {
+            return Err(Error::config(format!(
+                "savepoint name '{}' must be {}",
+                name.escape_debug(),
+                crate::dsl::job::NAME_RULE
+            )));
+        }
+        match self.rt.block_on(self.storage.read_savepoint(name))? {
+            Some(old) => Err(Error::config(format!(
+                "savepoint '{name}' exists already (checkpoint {}); stop with another name",
+                old.checkpoint
+            ))),
+            None => Ok(()),
         }
     }
 

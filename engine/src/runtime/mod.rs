@@ -33,26 +33,54 @@ pub use driver::{CheckpointStats, JobReport};
 /// is lost or repeated. Event time is not advanced to the end: open windows stay open
 /// and fire after the restart. Cheap to clone; stopping twice is stopping once.
 ///
+/// [`StopHandle::stop_with_savepoint`] also keeps that checkpoint as a named savepoint,
+/// the way to deploy a new version of the job (see
+/// [`JobBuilder::restore_from_savepoint`](crate::dsl::JobBuilder::restore_from_savepoint)).
+///
 /// [`JobReport::stopped_at`]: JobReport::stopped_at
 /// [`Job::run`]: crate::dsl::Job::run
 #[derive(Debug, Clone, Default)]
-pub struct StopHandle(Arc<AtomicBool>);
+pub struct StopHandle {
+    flag: Arc<AtomicBool>,
+    savepoint: Arc<std::sync::Mutex<Option<String>>>,
+}
 
 impl StopHandle {
     /// Ask the job to stop with a checkpoint (returns at once; `run()` returns once
     /// the checkpoint is committed). A stop asked before `run()` stops after recovery.
     pub fn stop(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.flag.store(true, Ordering::SeqCst);
+    }
+
+    /// Ask the job to stop with a checkpoint and keep that checkpoint as savepoint
+    /// `name`: retention never deletes it, and a new version of the job starts from it
+    /// with `restore_from_savepoint(name)`. `run()` fails if the name is taken or not
+    /// a valid name (the job then stops without a checkpoint and resumes from its last
+    /// one). Asked after a plain stop was taken into account, it is a plain stop.
+    pub fn stop_with_savepoint(&self, name: &str) {
+        *self
+            .savepoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(name.to_string());
+        self.stop();
     }
 
     /// Whether a stop was asked.
     pub fn is_requested(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// The savepoint name asked with the stop, if any.
+    pub(crate) fn savepoint(&self) -> Option<String> {
+        self.savepoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The flag a signal handler sets.
     pub(crate) fn flag(&self) -> &Arc<AtomicBool> {
-        &self.0
+        &self.flag
     }
 }
 
