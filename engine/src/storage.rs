@@ -68,8 +68,20 @@ fn storage_err(op: &'static str, path: &Path, source: object_store::Error) -> Er
 
 impl CheckpointStorage {
     /// Open storage by URL: `file:///abs/dir`, a plain directory path, `s3://bucket/prefix`
-    /// or `memory://`.
+    /// or `memory://`. A local directory is created if missing.
     pub fn from_url(url: &str) -> Result<Self> {
+        Self::open(url, true)
+    }
+
+    /// Open storage that must already exist, for tools that only inspect it: like
+    /// [`CheckpointStorage::from_url`], but a missing local directory is an error
+    /// instead of being created (a mistyped path must not leave an empty directory
+    /// behind and look like a location without checkpoints).
+    pub fn open_existing(url: &str) -> Result<Self> {
+        Self::open(url, false)
+    }
+
+    fn open(url: &str, create: bool) -> Result<Self> {
         if url == "memory://" || url == "memory:///" {
             return Ok(Self::in_memory());
         }
@@ -96,12 +108,24 @@ impl CheckpointStorage {
         } else {
             std::path::PathBuf::from(url)
         };
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            Error::io(
-                format!("creating checkpoint directory {}", dir.display()),
-                e,
-            )
-        })?;
+        if create {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                Error::io(
+                    format!("creating checkpoint directory {}", dir.display()),
+                    e,
+                )
+            })?;
+        } else if !dir.is_dir() {
+            let what = if dir.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            };
+            return Err(Error::config(format!(
+                "checkpoint storage '{url}': {} {what}",
+                dir.display()
+            )));
+        }
         let local = object_store::local::LocalFileSystem::new_with_prefix(&dir)
             .map_err(|e| Error::config(format!("checkpoint directory {}: {e}", dir.display())))?
             .with_fsync(true)
@@ -384,6 +408,28 @@ impl CheckpointStorage {
             .collect())
     }
 
+    /// Every lease in the storage, lowest epoch first, for tools that inspect it; it
+    /// neither takes nor changes one. Normally there is one: the last instance that
+    /// started took it and removed the older ones. A lease stays after its instance
+    /// ends, so it names the latest instance, not necessarily a running one.
+    pub async fn list_leases(&self) -> Result<Vec<Lease>> {
+        let mut leases: Vec<Lease> = self
+            .list_all(&self.lease_dir())
+            .await?
+            .iter()
+            .filter_map(|m| {
+                let epoch = m.location.filename()?.parse::<u64>().ok()?;
+                Some(Lease {
+                    epoch,
+                    path: m.location.to_string(),
+                    created_at_ms: u64::try_from(m.last_modified.timestamp_millis()).ok(),
+                })
+            })
+            .collect();
+        leases.sort_by_key(|l| l.epoch);
+        Ok(leases)
+    }
+
     /// Take a lease above every existing one (create-if-absent, so two instances never
     /// hold the same epoch) and drop older leases: their holders are fenced.
     ///
@@ -617,6 +663,19 @@ impl CheckpointStorage {
     }
 }
 
+/// A lease in checkpoint storage, as listed by [`CheckpointStorage::list_leases`]: an
+/// empty object named by its epoch; nothing else about its holder is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The fencing epoch: the instance that holds the highest one fences the others.
+    pub epoch: u64,
+    /// Object path relative to the storage root.
+    pub path: String,
+    /// When the store wrote the object (leases are never rewritten, so when it was
+    /// taken), in milliseconds since the Unix epoch, if the store reports it.
+    pub created_at_ms: Option<u64>,
+}
+
 /// The scheme of a storage location that names a known scheme but lacks the `//` of a
 /// URL (`s3:bucket/x`, `s3:/bucket/x`, `file:/abs`, `memory:`), if it does.
 fn mistyped_scheme(location: &str) -> Option<&str> {
@@ -732,6 +791,35 @@ mod tests {
         let s = CheckpointStorage::from_url(&url).unwrap();
         let c = rt().block_on(s.acquire_lease()).unwrap();
         assert!(c >= b, "{b} {c}");
+    }
+
+    #[test]
+    fn open_existing_creates_nothing_and_listing_leases_takes_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("mistyped");
+        let err = CheckpointStorage::open_existing(missing.to_str().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(!missing.exists(), "a mistyped location was created");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let err = CheckpointStorage::open_existing(file.to_str().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+
+        let url = dir.path().to_str().unwrap();
+        let epoch = rt()
+            .block_on(CheckpointStorage::from_url(url).unwrap().acquire_lease())
+            .unwrap();
+        let s = CheckpointStorage::open_existing(url).unwrap();
+        for _ in 0..2 {
+            let leases = rt().block_on(s.list_leases()).unwrap();
+            assert_eq!(leases.len(), 1, "{leases:?}");
+            assert_eq!(leases[0].epoch, epoch);
+            assert!(
+                leases[0].path.ends_with(&format!("{epoch:020}")),
+                "{leases:?}"
+            );
+            assert!(leases[0].created_at_ms.is_some());
+        }
     }
 
     #[test]
