@@ -1,0 +1,5 @@
+//! The commands of the `exactly` binary (`src/bin/exactly.rs`).
+
+pub mod checkpoints;
+pub mod format;
+pub mod lease;

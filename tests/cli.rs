@@ -1,0 +1,290 @@
+//! The `exactly` binary against the checkpoints of a real job: a ledger run stopped
+//! half-way (a stop checkpoint) and resumed to its end (the final checkpoint). What the
+//! binary prints is compared with what the engine reads from the same storage.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use common::gated::{gated, open, run_stopped_at_gate};
+use exactly::engine::ids::CheckpointId;
+use exactly::engine::manifest::Manifest;
+use exactly::engine::storage::CheckpointStorage;
+use exactly::prelude::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BALANCE: ValueState<i64> = ValueState::new("balance");
+
+fn ledger<S: Source<Item = (u32, i64)>>(checkpoints: &Path, out: &Path, source: S) -> Job {
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .checkpoint_storage(checkpoints.to_str().unwrap())
+        .build()
+        .unwrap();
+    job.source("payments", source)
+        .key_by(|p| p.0)
+        .process_fn(
+            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
+                ctx.set_value(BALANCE, &balance)?;
+                ctx.emit((account, balance));
+                Ok(())
+            },
+        )
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(out));
+    job
+}
+
+/// A scratch directory whose `checkpoints/` holds a stop checkpoint and, as the latest,
+/// the final checkpoint of the resumed run.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let payments: Vec<(u32, i64)> = (0..4_000).map(|i| (i % 97, i64::from(i) - 500)).collect();
+        let (checkpoints, out) = (dir.path().join("checkpoints"), dir.path().join("out"));
+        let (source, gate) = gated(&payments);
+        let stopped = run_stopped_at_gate(&ledger(&checkpoints, &out, source), &gate);
+        assert!(stopped.stopped_at.is_some());
+        let (source, gate) = gated(&payments);
+        open(&gate);
+        let report = ledger(&checkpoints, &out, source).run().unwrap();
+        assert!(report.checkpoints.last().is_some_and(|c| c.is_final));
+        Fixture { dir }
+    }
+
+    fn checkpoints(&self) -> PathBuf {
+        self.dir.path().join("checkpoints")
+    }
+
+    fn location(&self) -> String {
+        self.checkpoints().to_str().unwrap().to_string()
+    }
+
+    fn storage(&self) -> CheckpointStorage {
+        CheckpointStorage::open_existing(&self.location()).unwrap()
+    }
+
+    /// The completed checkpoints, as the engine lists them.
+    fn ids(&self) -> Vec<CheckpointId> {
+        rt().block_on(self.storage().scan()).unwrap().0
+    }
+
+    fn manifest(&self, id: CheckpointId) -> Manifest {
+        rt().block_on(self.storage().read_manifest(id)).unwrap()
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Run `exactly <args>`; stdout and stderr as text, and the exit code.
+fn exactly(args: &[&str]) -> (String, String, i32) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(env!("CARGO_BIN_EXE_exactly"))
+        .args(args)
+        .output()
+        .expect("the binary runs");
+    let (stdout, stderr) = (
+        String::from_utf8(stdout).unwrap(),
+        String::from_utf8(stderr).unwrap(),
+    );
+    let code = status.code().expect("exited, not killed");
+    (stdout, stderr, code)
+}
+
+/// The rows of `list`: lines that start with a checkpoint id.
+fn rows(stdout: &str) -> Vec<(u64, &str)> {
+    stdout
+        .lines()
+        .filter_map(|l| Some((l.split_whitespace().next()?.parse().ok()?, l)))
+        .collect()
+}
+
+#[test]
+fn list_shows_every_checkpoint_and_marks_the_latest_and_the_final_one() {
+    let f = Fixture::new();
+    let ids = f.ids();
+    assert!(ids.len() >= 2, "a stop and a final checkpoint: {ids:?}");
+    let latest = *ids.last().unwrap();
+    let (out, err, code) = exactly(&["checkpoints", "list", &f.location()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("checkpoints of job 'ledger'"), "{out}");
+    let rows = rows(&out);
+    let listed: Vec<u64> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(listed, ids.iter().map(|i| i.0).collect::<Vec<_>>(), "{out}");
+    let marked = |word: &str| -> Vec<u64> {
+        rows.iter()
+            .filter(|(_, l)| l.split_whitespace().any(|w| w == word))
+            .map(|r| r.0)
+            .collect()
+    };
+    assert_eq!(marked("latest"), vec![latest.0], "{out}");
+    assert_eq!(marked("final"), vec![latest.0], "{out}");
+    let m = f.manifest(latest);
+    // id, date, time, UTC, final, tasks, state (2 words), uploaded (2), pending, latest
+    let row: Vec<&str> = rows.last().unwrap().1.split_whitespace().collect();
+    assert_eq!(row[5], m.tasks.len().to_string(), "task count: {row:?}");
+    assert_eq!(row[10], m.pending_commits.len().to_string(), "{row:?}");
+}
+
+#[test]
+fn show_prints_the_manifest_readably_and_as_json() {
+    let f = Fixture::new();
+    let ids = f.ids();
+    let latest = *ids.last().unwrap();
+    let (out, err, code) = exactly(&["checkpoints", "show", &f.location()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with(&format!(
+            "checkpoint {latest} of job 'ledger' (latest, final)"
+        )),
+        "{out}"
+    );
+    let m = f.manifest(latest);
+    for task in &m.tasks {
+        assert!(
+            out.contains(&format!(
+                "  {}  subtask {}/{}",
+                task.task, task.subtask, task.parallelism
+            )),
+            "{out}"
+        );
+        if !task.path.is_empty() {
+            assert!(out.contains(&task.path), "{out}");
+        }
+    }
+    assert!(out.contains("balance/balance: ValueState<i64>"), "{out}");
+    assert!(
+        out.contains(&format!("pending commits ({})", m.pending_commits.len())),
+        "{out}"
+    );
+
+    let (out, err, code) = exactly(&["checkpoints", "show", &f.location(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(json["checkpoint"], latest.0);
+    assert_eq!(json["job"], "ledger");
+    let first = ids[0].0.to_string();
+    let (out, _, code) = exactly(&["checkpoints", "show", &f.location(), &first, "--json"]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["checkpoint"], ids[0].0);
+    assert_eq!(json["is_final"], false);
+}
+
+#[test]
+fn verify_passes_on_clean_checkpoints_and_names_a_corrupted_file() {
+    let f = Fixture::new();
+    let ids = f.ids();
+    let (out, err, code) = exactly(&["checkpoints", "verify", &f.location()]);
+    assert_eq!(code, 0, "{out}{err}");
+    for id in &ids {
+        assert!(out.contains(&format!("checkpoint {id}: ok")), "{out}");
+    }
+    assert!(
+        out.contains(&format!("{} checkpoints verified", ids.len())),
+        "{out}"
+    );
+
+    // One byte of one task file of the latest checkpoint changed.
+    let latest = *ids.last().unwrap();
+    let m = f.manifest(latest);
+    let task = m
+        .tasks
+        .iter()
+        .find(|t| t.path.contains("balance"))
+        .expect("the keyed operator's task has a file");
+    let file = f.checkpoints().join(&task.path);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+
+    let (out, err, code) = exactly(&["checkpoints", "verify", &f.location()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("checkpoint {latest}: BAD")))
+        .unwrap_or_else(|| panic!("no verdict for {latest}: {out}"));
+    assert!(
+        line.contains(&task.path) && line.contains("checksum"),
+        "{line}"
+    );
+    assert!(
+        err.starts_with("error: 1 checkpoint failed verification"),
+        "{err}"
+    );
+    // An older checkpoint does not reference that file and still verifies.
+    let older = ids[0].to_string();
+    let (out, err, code) = exactly(&["checkpoints", "verify", &f.location(), &older]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn a_wrong_location_or_id_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let missing = missing.to_str().unwrap();
+    for command in ["list", "show", "verify"] {
+        let (out, err, code) = exactly(&["checkpoints", command, missing]);
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(missing) && err.contains("does not exist"),
+            "{err}"
+        );
+    }
+    assert!(
+        !dir.path().join("no-such-dir").exists(),
+        "nothing is created"
+    );
+    let (_, err, code) = exactly(&["checkpoints", "list", "s3:bucket/prefix"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("s3://"), "{err}");
+    let (_, err, code) = exactly(&["lease", "show", "gopher://host/x"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unsupported scheme"), "{err}");
+
+    // An existing directory without checkpoints: listed as such; nothing to verify.
+    let empty = dir.path().to_str().unwrap();
+    let (out, _, code) = exactly(&["checkpoints", "list", empty]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("no completed checkpoints at "), "{out}");
+    let (_, err, code) = exactly(&["checkpoints", "verify", empty]);
+    assert_eq!(code, 2);
+    assert!(err.contains("nothing to verify"), "{err}");
+
+    let f = Fixture::new();
+    let (_, err, code) = exactly(&["checkpoints", "show", &f.location(), "999999"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("999999 is not a completed checkpoint"),
+        "{err}"
+    );
+    let (_, err, code) = exactly(&["checkpoints", "show", &f.location(), "latest"]);
+    assert_eq!(code, 2, "a usage error");
+    assert!(err.contains("invalid value 'latest'"), "{err}");
+}
+
+#[test]
+fn lease_show_prints_the_epoch_and_takes_no_lease() {
+    let f = Fixture::new();
+    let before = rt().block_on(f.storage().list_leases()).unwrap();
+    let current = before.last().expect("the job took a lease");
+    let (out, err, code) = exactly(&["lease", "show", &f.location()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("epoch   {}", current.epoch)), "{out}");
+    assert!(out.contains(&current.path), "{out}");
+    assert_eq!(rt().block_on(f.storage().list_leases()).unwrap(), before);
+}
