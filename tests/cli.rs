@@ -288,3 +288,67 @@ fn lease_show_prints_the_epoch_and_takes_no_lease() {
     assert!(out.contains(&current.path), "{out}");
     assert_eq!(rt().block_on(f.storage().list_leases()).unwrap(), before);
 }
+
+#[test]
+fn savepoints_are_created_listed_kept_by_a_job_and_deleted() {
+    let f = Fixture::new();
+    let ids = f.ids();
+    let first = ids[0];
+    let loc = f.location();
+    let (out, _, code) = exactly(&["savepoints", "list", &loc]);
+    assert_eq!(code, 0);
+    assert!(out.contains("no savepoints"), "{out}");
+
+    let first_id = first.0.to_string();
+    let (out, err, code) = exactly(&[
+        "savepoints",
+        "create",
+        &loc,
+        "audit",
+        "--checkpoint",
+        &first_id,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, err, code) = exactly(&["savepoints", "create", &loc, "audit"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("exists already"), "{err}");
+    let (_, err, code) = exactly(&["savepoints", "create", &loc, "../x"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("must be"), "{err}");
+    let (out, _, code) = exactly(&["savepoints", "list", &loc]);
+    assert_eq!(code, 0);
+    let row = out.lines().find(|l| l.starts_with("audit")).expect(&out);
+    assert_eq!(
+        row.split_whitespace().nth(1),
+        Some(first_id.as_str()),
+        "{out}"
+    );
+
+    // The job's retention keeps it (retain 1) through the next run's checkpoints.
+    let payments: Vec<(u32, i64)> = (0..10).map(|i| (i, 1)).collect();
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .retain_checkpoints(1)
+        .checkpoint_storage(f.checkpoints().to_str().unwrap())
+        .build()
+        .unwrap();
+    job.source("payments", VecSource::new(Vec::<(u32, i64)>::new()))
+        .union(&job.source("more", VecSource::new(payments)))
+        .key_by(|p| p.0)
+        .process_fn(|p, ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+            ctx.emit(p);
+            Ok(())
+        })
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(f.dir.path().join("out")));
+    job.run().unwrap();
+    let after = f.ids();
+    assert_eq!(after.first(), Some(&first), "{after:?}");
+    assert_eq!(after.len(), 2, "the savepoint's and the newest: {after:?}");
+
+    let (out, err, code) = exactly(&["savepoints", "delete", &loc, "audit"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, err, code) = exactly(&["savepoints", "delete", &loc, "audit"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no savepoint 'audit'"), "{err}");
+}

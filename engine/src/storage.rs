@@ -537,6 +537,13 @@ impl CheckpointStorage {
     /// Record savepoint `sp` (its checkpoint's manifest must exist). Never overwrites:
     /// a name is given once, and an existing one is a configuration error.
     pub async fn write_savepoint(&self, sp: &Savepoint) -> Result<()> {
+        if !crate::dsl::job::valid_name(&sp.name) {
+            return Err(Error::config(format!(
+                "savepoint name '{}' must be {}",
+                sp.name.escape_debug(),
+                crate::dsl::job::NAME_RULE
+            )));
+        }
         let path = self.savepoint_path(&sp.name);
         let bytes = serde_json::to_vec_pretty(sp).map_err(|e| Error::Codec {
             what: format!("savepoint '{}'", sp.name),
@@ -568,6 +575,9 @@ impl CheckpointStorage {
 
     /// Savepoint `name`, if it exists.
     pub async fn read_savepoint(&self, name: &str) -> Result<Option<Savepoint>> {
+        if !crate::dsl::job::valid_name(name) {
+            return Ok(None);
+        }
         let path = self.savepoint_path(name);
         let bytes = match self.store.get(&path).await {
             Ok(r) => r.bytes().await.map_err(|e| storage_err("read", &path, e))?,

@@ -5,11 +5,15 @@
 //! exactly checkpoints show   <location> [ID]     a manifest, readable (or --json)
 //! exactly checkpoints verify <location> [ID]     read every file, check size and CRC-32
 //! exactly lease show         <location>          the fencing lease the storage holds
+//! exactly savepoints list    <location>          named checkpoints retention keeps
+//! exactly savepoints create  <location> NAME [--checkpoint ID]
+//! exactly savepoints delete  <location> NAME
 //! ```
 //!
 //! The location is what the job was given as `checkpoint_storage`: a local directory,
 //! `file:///abs/dir`, or `s3://bucket/prefix` (with the `s3` feature). Nothing is
-//! written: a missing directory is an error, not created, and no lease is taken.
+//! written but savepoint records: a missing directory is an error, not created, and no
+//! lease is taken.
 //!
 //! Exit codes: 0 done, 1 a checkpoint failed verification, 2 bad usage or a location
 //! that cannot be read.
@@ -28,7 +32,7 @@ macro_rules! say {
 mod cli;
 
 use clap::{Parser, Subcommand};
-use cli::{checkpoints, lease};
+use cli::{checkpoints, lease, savepoints};
 use exactly::engine::error::Error;
 use exactly::engine::storage::CheckpointStorage;
 use std::process::ExitCode;
@@ -49,6 +53,35 @@ enum Command {
     /// The fencing lease of a checkpoint location.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Savepoints: checkpoints kept by name until deleted, to deploy new job versions.
+    #[command(subcommand)]
+    Savepoints(SavepointsCommand),
+}
+
+#[derive(Subcommand)]
+enum SavepointsCommand {
+    /// Every savepoint and the checkpoint it keeps.
+    List {
+        /// Checkpoint location: a directory, file:///dir or s3://bucket/prefix.
+        location: String,
+    },
+    /// Keep a completed checkpoint as a named savepoint.
+    Create {
+        /// Checkpoint location: a directory, file:///dir or s3://bucket/prefix.
+        location: String,
+        /// The savepoint's name (A-Z a-z 0-9 _ . -, not starting with '.').
+        name: String,
+        /// Checkpoint id (default: the latest).
+        #[arg(long)]
+        checkpoint: Option<u64>,
+    },
+    /// Delete a savepoint (its checkpoint goes with the job's next retention run).
+    Delete {
+        /// Checkpoint location: a directory, file:///dir or s3://bucket/prefix.
+        location: String,
+        /// The savepoint's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -142,6 +175,17 @@ fn run(args: Cli) -> Result<ExitCode, Failure> {
             checkpoints::verify(&rt, &open(&rt, &location)?, id)
         }
         Command::Lease(LeaseCommand::Show { location }) => lease::show(&rt, &open(&rt, &location)?),
+        Command::Savepoints(SavepointsCommand::List { location }) => {
+            savepoints::list(&rt, &open(&rt, &location)?)
+        }
+        Command::Savepoints(SavepointsCommand::Create {
+            location,
+            name,
+            checkpoint,
+        }) => savepoints::create(&rt, &open(&rt, &location)?, &name, checkpoint),
+        Command::Savepoints(SavepointsCommand::Delete { location, name }) => {
+            savepoints::delete(&rt, &open(&rt, &location)?, &name)
+        }
     }
 }
 

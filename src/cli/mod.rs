@@ -3,3 +3,4 @@
 pub mod checkpoints;
 pub mod format;
 pub mod lease;
+pub mod savepoints;
