@@ -276,3 +276,34 @@ fn sigterm_stops_the_example_with_a_checkpoint_and_exit_code_0() {
     assert!(resumed.status.success());
     assert_eq!(committed_lines(&out), golden, "nothing lost or doubled");
 }
+
+/// `run()` called from async code (an `async fn main` under `#[tokio::main]`) works on
+/// either kind of tokio runtime: the engine's own I/O runtime is not nested in the
+/// caller's.
+#[test]
+fn a_job_runs_inside_a_tokio_runtime() {
+    let all = payments(4_000);
+    let golden = tempfile::tempdir().unwrap();
+    ledger(golden.path(), VecSource::new(all.clone()))
+        .run()
+        .unwrap();
+    let expected = committed_lines(&golden.path().join("out"));
+    let runtimes = [
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    ];
+    for rt in runtimes {
+        let dir = tempfile::tempdir().unwrap();
+        let report = rt
+            .block_on(async { ledger(dir.path(), VecSource::new(all.clone())).run() })
+            .unwrap();
+        assert!(report.checkpoints.last().is_some_and(|c| c.is_final));
+        assert_eq!(committed_lines(&dir.path().join("out")), expected);
+    }
+}

@@ -333,9 +333,26 @@ impl Job {
     /// when every source is exhausted, takes and commits a final checkpoint, then
     /// returns. Task failures restart the job from its latest checkpoint under the
     /// restart policy.
+    ///
+    /// `run` blocks the calling thread. Called from inside a tokio runtime (an async
+    /// `main`), it runs the job on a thread of its own, since the engine's I/O runtime
+    /// cannot be nested in the caller's; the calling thread still waits, so in async code
+    /// call it from `tokio::task::spawn_blocking` or a thread of its own where that
+    /// matters.
     pub fn run(&self) -> Result<JobReport> {
         let graph = self.graph.borrow();
-        driver::run(&graph, &self.settings)
+        if tokio::runtime::Handle::try_current().is_err() {
+            return driver::run(&graph, &self.settings);
+        }
+        let (graph, settings) = (&*graph, &self.settings);
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name(format!("{}-driver", settings.name))
+                .spawn_scoped(scope, move || driver::run(graph, settings))
+                .map_err(|e| Error::io("spawning the job's driver thread", e))?
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
     /// A handle that stops this job with a checkpoint, from any thread.
