@@ -60,35 +60,6 @@ struct Cents {
     cents: i64,
 }
 
-/// Version 2's states (version 2 of both), converting version 1's values. Each backend
-/// has its own, so the conversions are counted per test.
-macro_rules! v2_states {
-    ($m:ident) => {
-        mod $m {
-            use super::*;
-            pub static VALUES: AtomicUsize = AtomicUsize::new(0);
-            pub static ENTRIES: AtomicUsize = AtomicUsize::new(0);
-            pub const BALANCE: ValueState<Cents> = ValueState::new("balance")
-                .version(2)
-                .migrate_from::<i64>(|units| {
-                    VALUES.fetch_add(1, Ordering::SeqCst);
-                    Cents { cents: units * 100 }
-                });
-            pub const BY_KIND: MapState<u8, Cents> = MapState::new("by-kind")
-                .version(2)
-                .migrate_from::<i64>(|units| {
-                    ENTRIES.fetch_add(1, Ordering::SeqCst);
-                    Cents { cents: units * 100 }
-                });
-        }
-    };
-}
-v2_states!(v2_memory);
-#[cfg(feature = "rocksdb")]
-v2_states!(v2_rocksdb);
-#[cfg(feature = "rocksdb")]
-v2_states!(v2_rocksdb_rescaled);
-
 /// Version 2: the source and the keyed operator renamed (restoring their old state), an
 /// added stateless operator, states in cents; the same output as version 1.
 fn v2<S: Source<Item = (u32, i64)>>(
@@ -212,37 +183,50 @@ fn upgrade_from_a_savepoint(
     assert_eq!(committed_lines(&dir.join("out")), expected);
 }
 
-#[test]
-fn a_new_version_starts_from_a_savepoint_with_renamed_operators_and_migrated_state() {
-    upgrade_from_a_savepoint(
-        StateBackend::Memory,
-        3,
-        (v2_memory::BALANCE, v2_memory::BY_KIND),
-        (&v2_memory::VALUES, &v2_memory::ENTRIES),
-    );
+/// One upgrade test: version 2's states (version 2 of both, converting version 1's
+/// values, counted in the test's own statics) and the upgrade on `backend` to
+/// `parallelism`.
+macro_rules! upgrade_test {
+    ($(#[$attr:meta])* $test:ident, $backend:expr, $parallelism:expr) => {
+        $(#[$attr])*
+        #[test]
+        fn $test() {
+            static VALUES: AtomicUsize = AtomicUsize::new(0);
+            static ENTRIES: AtomicUsize = AtomicUsize::new(0);
+            const BALANCE: ValueState<Cents> = ValueState::new("balance")
+                .version(2)
+                .migrate_from::<i64>(|units| {
+                    VALUES.fetch_add(1, Ordering::SeqCst);
+                    Cents { cents: units * 100 }
+                });
+            const BY_KIND: MapState<u8, Cents> = MapState::new("by-kind")
+                .version(2)
+                .migrate_from::<i64>(|units| {
+                    ENTRIES.fetch_add(1, Ordering::SeqCst);
+                    Cents { cents: units * 100 }
+                });
+            upgrade_from_a_savepoint($backend, $parallelism, (BALANCE, BY_KIND), (&VALUES, &ENTRIES));
+        }
+    };
 }
 
-#[cfg(feature = "rocksdb")]
-#[test]
-fn a_new_version_starts_from_a_savepoint_with_migrated_state_on_rocksdb() {
-    upgrade_from_a_savepoint(
-        StateBackend::rocksdb(),
-        2,
-        (v2_rocksdb::BALANCE, v2_rocksdb::BY_KIND),
-        (&v2_rocksdb::VALUES, &v2_rocksdb::ENTRIES),
-    );
-}
-
-#[cfg(feature = "rocksdb")]
-#[test]
-fn a_new_version_starts_from_a_savepoint_with_migrated_state_on_rocksdb_rescaled() {
-    upgrade_from_a_savepoint(
-        StateBackend::rocksdb(),
-        3,
-        (v2_rocksdb_rescaled::BALANCE, v2_rocksdb_rescaled::BY_KIND),
-        (&v2_rocksdb_rescaled::VALUES, &v2_rocksdb_rescaled::ENTRIES),
-    );
-}
+upgrade_test!(
+    a_new_version_starts_from_a_savepoint_with_renamed_operators_and_migrated_state,
+    StateBackend::Memory,
+    3
+);
+upgrade_test!(
+    #[cfg(feature = "rocksdb")]
+    a_new_version_starts_from_a_savepoint_with_migrated_state_on_rocksdb,
+    StateBackend::rocksdb(),
+    2
+);
+upgrade_test!(
+    #[cfg(feature = "rocksdb")]
+    a_new_version_starts_from_a_savepoint_with_migrated_state_on_rocksdb_rescaled,
+    StateBackend::rocksdb(),
+    3
+);
 
 /// A savepoint restored over checkpoints taken after it (without starting from it)
 /// would commit their output again; a missing or taken name is an error, as is a new

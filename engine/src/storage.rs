@@ -366,22 +366,33 @@ impl CheckpointStorage {
     /// Write the manifest: the commit point of its checkpoint. Never overwrites.
     pub async fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
         let path = self.manifest_path(manifest.checkpoint);
-        let bytes = manifest.to_bytes()?;
+        if self
+            .put_once(&path, manifest.to_bytes()?, "write manifest")
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Error::ConcurrentWriter {
+                checkpoint: manifest.checkpoint,
+                path: path.to_string(),
+            })
+        }
+    }
+
+    /// Create `path` with `bytes` unless it exists (conditional put): `false` if it did.
+    async fn put_once(&self, path: &Path, bytes: Vec<u8>, op: &'static str) -> Result<bool> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
         match self
             .store
-            .put_opts(&path, PutPayload::from(bytes), opts)
+            .put_opts(path, PutPayload::from(bytes), opts)
             .await
         {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::ConcurrentWriter {
-                checkpoint: manifest.checkpoint,
-                path: path.to_string(),
-            }),
-            Err(e) => Err(storage_err("write manifest", &path, e)),
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(storage_err(op, path, e)),
         }
     }
 
@@ -457,28 +468,17 @@ impl CheckpointStorage {
                 .map_or(0, |d| d.as_millis() as u64);
             let epoch = leases.iter().max().map_or(1, |m| m + 1).max(now_ms);
             let path = self.lease_dir().join(format!("{epoch:020}"));
-            let opts = PutOptions {
-                mode: PutMode::Create,
-                ..Default::default()
-            };
-            match self
-                .store
-                .put_opts(&path, PutPayload::from(Vec::new()), opts)
-                .await
-            {
-                Ok(_) => {
-                    for old in leases.into_iter().filter(|&l| l < epoch) {
-                        let p = self.lease_dir().join(format!("{old:020}"));
-                        match self.store.delete(&p).await {
-                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                            Err(e) => return Err(storage_err("delete", &p, e)),
-                        }
-                    }
-                    return Ok(epoch);
-                }
-                Err(object_store::Error::AlreadyExists { .. }) => continue,
-                Err(e) => return Err(storage_err("create lease", &path, e)),
+            if !self.put_once(&path, Vec::new(), "create lease").await? {
+                continue;
             }
+            for old in leases.into_iter().filter(|&l| l < epoch) {
+                let p = self.lease_dir().join(format!("{old:020}"));
+                match self.store.delete(&p).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(storage_err("delete", &p, e)),
+                }
+            }
+            return Ok(epoch);
         }
     }
 
@@ -549,28 +549,17 @@ impl CheckpointStorage {
             what: format!("savepoint '{}'", sp.name),
             message: e.to_string(),
         })?;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(bytes), opts)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let old = self.read_savepoint(&sp.name).await?;
-                Err(Error::config(format!(
-                    "savepoint '{}' exists already in {}{}; choose another name, or delete it first",
-                    sp.name,
-                    self.url,
-                    old.map(|o| format!(" (checkpoint {})", o.checkpoint))
-                        .unwrap_or_default()
-                )))
-            }
-            Err(e) => Err(storage_err("write savepoint", &path, e)),
+        if self.put_once(&path, bytes, "write savepoint").await? {
+            return Ok(());
         }
+        let old = self.read_savepoint(&sp.name).await?;
+        Err(Error::config(format!(
+            "savepoint '{}' exists already in {}{}; choose another name, or delete it first",
+            sp.name,
+            self.url,
+            old.map(|o| format!(" (checkpoint {})", o.checkpoint))
+                .unwrap_or_default()
+        )))
     }
 
     /// Savepoint `name`, if it exists.

@@ -70,6 +70,21 @@ impl ByteState {
         Ok(())
     }
 
+    /// Key group `g`'s entries under `prefix`, copied into `out` (cleared), so they can
+    /// be rewritten while walked.
+    fn entries_under(
+        &mut self,
+        g: usize,
+        prefix: &[u8],
+        out: &mut Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<()> {
+        out.clear();
+        self.db.scan_prefix(g, prefix, |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+    }
+
     /// Rewrite every value of state `name` with `convert`.
     #[cold]
     fn migrate(
@@ -82,11 +97,7 @@ impl ByteState {
         let mut converted = Vec::new();
         let mut count = 0usize;
         for g in 0..self.range.len() {
-            entries.clear();
-            self.db.scan_prefix(g, &prefix, |k, v| {
-                entries.push((k.to_vec(), v.to_vec()));
-                Ok(())
-            })?;
+            self.entries_under(g, &prefix, &mut entries)?;
             for (k, v) in &entries {
                 converted.clear();
                 convert(v, &mut converted)?;
@@ -215,11 +226,7 @@ impl ByteState {
         let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut after = Vec::new();
         for g in 0..self.range.len() {
-            entries.clear();
-            self.db.scan_prefix(g, &prefix, |k, v| {
-                entries.push((k.to_vec(), v.to_vec()));
-                Ok(())
-            })?;
+            self.entries_under(g, &prefix, &mut entries)?;
             for (k, v) in &entries {
                 let (key, uk): (K, &[u8]) =
                     postcard::take_from_bytes(&k[prefix.len()..]).map_err(|e| {
