@@ -20,6 +20,7 @@ pub(crate) mod retention;
 pub mod runtime;
 pub mod state;
 pub mod storage;
+pub mod telemetry;
 pub mod testing;
 pub mod time;
 

@@ -109,7 +109,8 @@ pub fn run_stopped_at_gate(job: &Job, gate: &(Mutex<u8>, Condvar)) -> JobReport 
 }
 
 /// Run `job` and, once its gated source waits at `gate`, call `then` with its stop
-/// handle (from another thread, while the job runs).
+/// handle (from another thread, while the job runs). If `then` panics (a failed
+/// assertion), the job is stopped and the panic goes on to the test.
 pub fn run_at_gate_then(
     job: &Job,
     gate: &(Mutex<u8>, Condvar),
@@ -119,7 +120,11 @@ pub fn run_at_gate_then(
     std::thread::scope(|s| {
         s.spawn(|| {
             wait_at(gate);
-            then(&stop);
+            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(&stop)));
+            if let Err(panic) = done {
+                stop.stop();
+                std::panic::resume_unwind(panic);
+            }
         });
         job.run()
     })

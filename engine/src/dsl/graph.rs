@@ -114,12 +114,15 @@ impl<I: Data> ErasedInput for NodeInput<I> {
             receivers.extend(mine);
         }
         let op = (self.op)(ctx)?;
+        let key = ctx.key();
+        let records_in = ctx.env.metrics.counter(&key.task.0, "records_in");
         Ok(Box::new(InputHead {
-            key: ctx.key(),
+            key,
             parallelism: ctx.plan.parallelism[node],
             receivers,
             op,
             env: ctx.env.clone(),
+            records_in,
         }))
     }
 }

@@ -118,6 +118,18 @@ impl JobBuilder {
         self
     }
 
+    /// Serve the job's metrics (see [`crate::telemetry`]) for Prometheus at
+    /// `http://<addr>/metrics`, e.g. `127.0.0.1:9464` (bind to 127.0.0.1 unless the
+    /// port is meant to be reachable from other machines). The exporter is installed
+    /// once per process, as the process's `metrics` recorder; every job of the process
+    /// must name the same address. Without this, metrics go to whatever recorder the
+    /// application installed, if any.
+    #[cfg(feature = "prometheus")]
+    pub fn prometheus_endpoint(mut self, addr: std::net::SocketAddr) -> Self {
+        self.s.prometheus = Some(addr);
+        self
+    }
+
     /// Restart policy (default: 3 restarts, 1 s apart).
     pub fn restart_policy(mut self, p: RestartPolicy) -> Self {
         self.s.restart = p;
@@ -311,6 +323,8 @@ impl Job {
                 backend: StateBackend::Memory,
                 allow_non_restored_state: false,
                 restore_from_savepoint: None,
+                #[cfg(feature = "prometheus")]
+                prometheus: None,
                 stop: StopHandle::default(),
                 stop_on_signals: false,
             },

@@ -69,6 +69,9 @@ pub(crate) struct JobSettings {
     pub allow_non_restored_state: bool,
     /// The savepoint a new deployment starts from.
     pub restore_from_savepoint: Option<String>,
+    /// Where to serve metrics for Prometheus.
+    #[cfg(feature = "prometheus")]
+    pub prometheus: Option<std::net::SocketAddr>,
     pub stop: super::StopHandle,
     /// SIGTERM and SIGINT stop the job with a checkpoint while it runs.
     pub stop_on_signals: bool,
@@ -131,6 +134,10 @@ pub struct JobReport {
 
 pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
     validate(graph, s)?;
+    #[cfg(feature = "prometheus")]
+    if let Some(addr) = s.prometheus {
+        crate::telemetry::install_prometheus(addr)?;
+    }
     let started = Instant::now();
     let _signals = if s.stop_on_signals {
         Some(SignalStop::install(&s.stop)?)
@@ -172,6 +179,7 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
             Ok(()) => {
                 report.elapsed = started.elapsed();
                 report.metrics = metrics.snapshot();
+                crate::telemetry::counters(&s.name, &report.metrics);
                 // Finished: the local copies only served a restart of this run.
                 #[cfg(feature = "rocksdb")]
                 if matches!(s.backend, crate::state::StateBackend::RocksDb(_)) {
@@ -189,6 +197,7 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
                     });
                 }
                 report.restarts += 1;
+                crate::telemetry::restarted(&s.name);
                 tracing::warn!(job = %s.name, error = %e, restart = report.restarts, "task failed; restarting from the latest checkpoint");
                 std::thread::sleep(s.restart.backoff);
             }
@@ -829,9 +838,14 @@ impl Driver<'_> {
         let mut op_bytes: BTreeMap<CheckpointId, BTreeMap<String, u64>> = BTreeMap::new();
         // Checkpoints whose manifest is written, waiting for the commit lane.
         let mut committing: BTreeMap<CheckpointId, CheckpointStats> = BTreeMap::new();
+        let mut published = Instant::now();
         loop {
             let ev = events.recv_timeout(Duration::from_millis(20));
             let now = Instant::now();
+            if now.duration_since(published) >= Duration::from_secs(1) {
+                crate::telemetry::counters(&self.s.name, &self.metrics.snapshot());
+                published = now;
+            }
             let mut decisions = Vec::new();
             match ev {
                 Ok(TaskEvent::Ack {
@@ -1042,6 +1056,7 @@ impl Driver<'_> {
                         tracing::warn!(checkpoint = %id, %reason, "checkpoint aborted");
                         triggered_at.remove(&id);
                         self.report.aborted_checkpoints += 1;
+                        crate::telemetry::checkpoint_aborted(&self.s.name);
                     }
                     Decision::Fail { reason } => {
                         failure = Some(Error::CheckpointsFailing { reason });
@@ -1109,6 +1124,8 @@ impl Driver<'_> {
                 armed.store(true, Ordering::SeqCst);
             }
         }
+        crate::telemetry::checkpoint_completed(&self.s.name, &stats);
+        crate::telemetry::counters(&self.s.name, &stats.metrics);
         self.report.checkpoints.push(stats);
     }
 }

@@ -400,6 +400,8 @@ pub(crate) struct InputHead<T> {
     pub receivers: Vec<Receiver<Message<T>>>,
     pub op: Box<dyn Collector<T>>,
     pub env: TaskEnv,
+    /// Records received, counted per batch (`<task>.records_in`).
+    pub records_in: crate::metrics::Counter,
 }
 
 /// Event time over a task's inputs: the minimum over inputs that are not idle.
@@ -500,6 +502,7 @@ impl<T: 'static> TaskHead for InputHead<T> {
             match oper.recv(&receivers[i]) {
                 Ok(Message::Batch(mut b)) => {
                     wms.idle[i] = false;
+                    self.records_in.add(b.len() as u64);
                     self.op.push(&mut b)?
                 }
                 Ok(Message::Watermark(wm)) => {

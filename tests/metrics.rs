@@ -1,0 +1,112 @@
+//! The Prometheus endpoint of a running job: scraped while the job waits mid-input
+//! and after it stopped, its figures match what the job did.
+#![cfg(feature = "prometheus")]
+
+mod common;
+
+use common::gated::{gated, run_at_gate_then};
+use exactly::prelude::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+const BALANCE: ValueState<i64> = ValueState::new("balance");
+
+/// `GET /metrics`, the body.
+fn scrape(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// The value of the sample of `family` whose labels include every one of `labels`.
+fn sample(body: &str, family: &str, labels: &[&str]) -> Option<f64> {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn a_running_job_serves_its_metrics_for_prometheus() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let payments: Vec<(u32, i64)> = (0..10_000).map(|i| (i % 97, i64::from(i))).collect();
+    let half = (payments.len() / 2) as f64;
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .checkpoint_storage(dir.path().join("checkpoints").to_str().unwrap())
+        .prometheus_endpoint(addr)
+        .build()
+        .unwrap();
+    let (source, gate) = gated(&payments);
+    job.source("payments", source)
+        .key_by(|p| p.0)
+        .process_fn(
+            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
+                ctx.set_value(BALANCE, &balance)?;
+                ctx.emit((account, balance));
+                Ok(())
+            },
+        )
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(dir.path().join("out")));
+    let read = [
+        "exactly_counter",
+        "job=\"ledger\"",
+        "operator=\"payments\"",
+        "name=\"records\"",
+    ];
+    let received = ["operator=\"balance\"", "name=\"records_in\""];
+
+    // The source waits at its gate after half its input: the job is running. Counters
+    // are published about once a second, so the scrape is repeated until they show it.
+    let report = run_at_gate_then(&job, &gate, |stop| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let body = scrape(addr).unwrap_or_default();
+            if sample(&body, read[0], &read[1..]) == Some(half) {
+                let got = sample(&body, "exactly_counter", &received);
+                assert_eq!(got, Some(half), "{body}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no records counter at {half} within 60 s:\n{body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.stop();
+    })
+    .unwrap();
+
+    // After the stop checkpoint: the checkpoint figures, published when it completed.
+    let stopped_at = report.stopped_at.unwrap();
+    let body = scrape(addr).expect("the endpoint still serves");
+    let job_label = ["job=\"ledger\""];
+    assert_eq!(
+        sample(&body, "exactly_checkpoint_last_id", &job_label),
+        Some(stopped_at.0 as f64),
+        "{body}"
+    );
+    let completed = sample(&body, "exactly_checkpoints_completed_total", &job_label).unwrap();
+    assert_eq!(completed, report.checkpoints.len() as f64, "{body}");
+    assert!(completed >= 1.0);
+    let bytes = sample(&body, "exactly_checkpoint_state_bytes", &job_label).unwrap();
+    assert!(bytes > 0.0, "{body}");
+    assert!(
+        body.contains("exactly_checkpoint_duration_seconds"),
+        "the duration family: {body}"
+    );
+    assert_eq!(sample(&body, read[0], &read[1..]), Some(half), "{body}");
+}
