@@ -45,6 +45,8 @@ fn main() {
         batch_size: 1024,
         pacing: None,
         ledger_pg: None,
+        savepoint_on_stop: None,
+        from_savepoint: None,
     };
     let j = job::job(
         "reconciliation",

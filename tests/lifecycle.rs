@@ -307,3 +307,77 @@ fn a_job_runs_inside_a_tokio_runtime() {
         assert_eq!(committed_lines(&dir.path().join("out")), expected);
     }
 }
+
+/// The reconciliation example upgraded the documented way: the running version is
+/// stopped with SIGTERM and keeps its stop checkpoint as a savepoint
+/// (`--savepoint-on-stop`); the next one starts from it (`--from-savepoint`). Together
+/// they commit the failure-free run's output exactly, and the example's verifier agrees.
+#[test]
+fn the_reconciliation_example_upgrades_through_a_savepoint_taken_at_sigterm() {
+    let bin = example_binary("reconciliation", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let gold = tmp.path().join("gold");
+    common::generate(&bin, &["--trips", "20000", "--seed", "5", "--dir"], &gold);
+    let run = |dir: &Path, extra: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.arg("run")
+            .arg("--dir")
+            .arg(dir)
+            .args(["--checkpoint-ms", "50", "--batch-size", "128"])
+            .args(extra)
+            .stderr(Stdio::piped());
+        c
+    };
+    assert!(run(&gold, &[]).status().unwrap().success());
+    let golden = committed_lines(&gold.join("out"));
+
+    let dir = tmp.path().join("upgraded");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(gold.join("input"), dir.join("input")).unwrap();
+    // Version 1, paced so that the signal certainly arrives mid-run; it is sent once the
+    // first output is committed.
+    let mut v1 = run(&dir, &["--pace-us", "3000", "--savepoint-on-stop", "v1"])
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while committed_lines(&dir.join("out")).is_empty() {
+        assert!(v1.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(started.elapsed().as_secs() < 120, "no output committed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &v1.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let ended = v1.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(ended.status.success(), "exit {:?}: {stderr}", ended.status);
+    assert!(stderr.contains("kept as savepoint 'v1'"), "{stderr}");
+    let partial = committed_lines(&dir.join("out"));
+    assert!(partial.len() < golden.len(), "stopped mid-run");
+
+    // Version 2 starts from the savepoint and runs to the end.
+    let v2 = run(&dir, &["--from-savepoint", "v1"]).output().unwrap();
+    assert!(
+        v2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&v2.stderr)
+    );
+    assert_eq!(
+        committed_lines(&dir.join("out")),
+        golden,
+        "nothing lost or doubled"
+    );
+    let verify = Command::new(&bin)
+        .arg("verify")
+        .arg("--dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success() && report.contains("VERIFIED"),
+        "{report}"
+    );
+}

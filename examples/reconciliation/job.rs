@@ -31,6 +31,10 @@ pub struct JobConfig {
     pub pacing: Option<Duration>,
     /// Also write the ledger (every posting) into PostgreSQL.
     pub ledger_pg: Option<LedgerTable>,
+    /// Keep the checkpoint of a stop (SIGTERM, Ctrl-C) as this savepoint.
+    pub savepoint_on_stop: Option<String>,
+    /// Start this deployment from this savepoint.
+    pub from_savepoint: Option<String>,
 }
 
 /// Where and how the ledger goes into PostgreSQL.
@@ -273,6 +277,12 @@ pub fn job(name: &str, checkpoints: &Path, cfg: &JobConfig, progress: bool) -> a
         .batch_size(cfg.batch_size);
     if let Some(p) = cfg.pacing {
         b = b.source_pacing(p);
+    }
+    if let Some(name) = &cfg.savepoint_on_stop {
+        b = b.savepoint_on_stop(name);
+    }
+    if let Some(name) = &cfg.from_savepoint {
+        b = b.restore_from_savepoint(name);
     }
     if progress {
         b = b.on_checkpoint(move |c| {

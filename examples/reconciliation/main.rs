@@ -95,6 +95,14 @@ struct JobFlags {
     /// How the ledger table is written.
     #[arg(long = "ledger-commit", value_enum, requires = "ledger_postgres")]
     ledger_commit: Option<LedgerCommit>,
+    /// Keep the checkpoint of a stop (SIGTERM, Ctrl-C) as savepoint NAME, to start the
+    /// next version of the job from.
+    #[arg(long = "savepoint-on-stop", value_name = "NAME")]
+    savepoint_on_stop: Option<String>,
+    /// Start from savepoint NAME (taken by a run with --savepoint-on-stop): the way to
+    /// deploy a new version.
+    #[arg(long = "from-savepoint", value_name = "NAME")]
+    from_savepoint: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -185,6 +193,8 @@ impl Flags {
                 us => Some(Duration::from_micros(us)),
             },
             ledger_pg: self.ledger_table()?,
+            savepoint_on_stop: j.savepoint_on_stop.clone(),
+            from_savepoint: j.from_savepoint.clone(),
         })
     }
 }
@@ -243,7 +253,15 @@ fn run(a: &Flags) -> Result<bool> {
         report.restarts
     );
     if let Some(id) = report.stopped_at {
-        eprintln!("stopped with checkpoint {id}: run the same command again to resume from it");
+        match &report.savepoint {
+            Some(name) => eprintln!(
+                "stopped with checkpoint {id}, kept as savepoint '{name}': start the next \
+                 version with --from-savepoint {name}"
+            ),
+            None => eprintln!(
+                "stopped with checkpoint {id}: run the same command again to resume from it"
+            ),
+        }
         return Ok(false);
     }
     Ok(true)

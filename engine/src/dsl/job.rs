@@ -130,6 +130,16 @@ impl JobBuilder {
         self
     }
 
+    /// Keep the checkpoint of any stop (a [`StopHandle`], or SIGTERM/Ctrl-C with
+    /// [`JobBuilder::stop_on_sigterm`]) as savepoint `name`, as
+    /// [`StopHandle::stop_with_savepoint`] does: a deployment script stops the running
+    /// version with a signal and starts the next one with
+    /// [`JobBuilder::restore_from_savepoint`]. A name given to the stop itself wins.
+    pub fn savepoint_on_stop(mut self, name: &str) -> Self {
+        self.s.savepoint_on_stop = Some(name.to_string());
+        self
+    }
+
     /// Restart policy (default: 3 restarts, 1 s apart).
     pub fn restart_policy(mut self, p: RestartPolicy) -> Self {
         self.s.restart = p;
@@ -323,6 +333,7 @@ impl Job {
                 backend: StateBackend::Memory,
                 allow_non_restored_state: false,
                 restore_from_savepoint: None,
+                savepoint_on_stop: None,
                 #[cfg(feature = "prometheus")]
                 prometheus: None,
                 stop: StopHandle::default(),

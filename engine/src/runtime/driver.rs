@@ -69,6 +69,8 @@ pub(crate) struct JobSettings {
     pub allow_non_restored_state: bool,
     /// The savepoint a new deployment starts from.
     pub restore_from_savepoint: Option<String>,
+    /// The savepoint every stop checkpoint is kept as.
+    pub savepoint_on_stop: Option<String>,
     /// Where to serve metrics for Prometheus.
     #[cfg(feature = "prometheus")]
     pub prometheus: Option<std::net::SocketAddr>,
@@ -915,7 +917,11 @@ impl Driver<'_> {
             }
             if failure.is_none() && !stop_asked && self.s.stop.is_requested() {
                 stop_asked = true;
-                savepoint = self.s.stop.savepoint();
+                savepoint = self
+                    .s
+                    .stop
+                    .savepoint()
+                    .or_else(|| self.s.savepoint_on_stop.clone());
                 match savepoint.as_deref().map(|n| self.savepoint_name_free(n)) {
                     Some(Err(e)) => {
                         failure = Some(e);
