@@ -305,7 +305,48 @@ fn a_job_runs_inside_a_tokio_runtime() {
             .unwrap();
         assert!(report.checkpoints.last().is_some_and(|c| c.is_final));
         assert_eq!(committed_lines(&dir.path().join("out")), expected);
+        // And awaited, on a blocking thread of the caller's runtime.
+        let dir = tempfile::tempdir().unwrap();
+        let job = ledger(dir.path(), VecSource::new(all.clone()));
+        let report = rt.block_on(job.run_async()).unwrap();
+        assert!(report.checkpoints.last().is_some_and(|c| c.is_final));
+        assert_eq!(committed_lines(&dir.path().join("out")), expected);
     }
+}
+
+/// `start()` runs the job on its own thread; the handle stops it with a checkpoint in
+/// the middle of its input, and the next run resumes exactly after it.
+#[test]
+fn a_started_job_stops_with_a_checkpoint_through_its_handle() {
+    let all = payments(20_000);
+    let golden = tempfile::tempdir().unwrap();
+    ledger(golden.path(), VecSource::new(all.clone()))
+        .run()
+        .unwrap();
+    let expected = committed_lines(&golden.path().join("out"));
+    let first_half = tempfile::tempdir().unwrap();
+    ledger(first_half.path(), VecSource::new(all[..10_000].to_vec()))
+        .run()
+        .unwrap();
+    let expected_first_half = committed_lines(&first_half.path().join("out"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (source, gate) = gated(&all);
+    // Built here, run on the job's own thread.
+    let handle = ledger(dir.path(), source).start().unwrap();
+    common::gated::wait_at(&gate);
+    assert!(!handle.is_finished(), "it waits at its gate, mid-input");
+    handle.stop_with_checkpoint();
+    let report = handle.wait().unwrap();
+    assert!(report.stopped_at.is_some());
+    let out = dir.path().join("out");
+    assert_eq!(committed_lines(&out), expected_first_half);
+
+    let (source, gate) = gated(&all);
+    open(&gate);
+    let report = ledger(dir.path(), source).start().unwrap().wait().unwrap();
+    assert!(report.restored_from.is_some());
+    assert_eq!(committed_lines(&out), expected);
 }
 
 /// The reconciliation example upgraded the documented way: the running version is

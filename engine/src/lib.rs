@@ -30,7 +30,7 @@ pub mod prelude {
         BoxError, Data, Key, RecoveryContext, SinkContext, SinkWriter, Source, SourceContext,
         SourcePoll, SourceReader, TwoPhaseCommitSink,
     };
-    pub use crate::dsl::{Job, JobBuilder, KeyedStream, RestartPolicy, Stream};
+    pub use crate::dsl::{Job, JobBuilder, JobHandle, KeyedStream, RestartPolicy, Stream};
     pub use crate::error::{Error, ErrorClass};
     pub use crate::ids::CheckpointId;
     pub use crate::metrics::{Counter, OpenContext};

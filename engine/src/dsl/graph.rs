@@ -166,6 +166,20 @@ pub(crate) struct Node {
     pub out_edges: Vec<EdgeId>,
 }
 
+/// The graph a job's DSL calls build, shared by the job and its streams (and sent with
+/// the job to the thread that runs it).
+#[derive(Clone, Default)]
+pub(crate) struct SharedGraph(Arc<Mutex<Graph>>);
+
+impl SharedGraph {
+    /// The graph, for one DSL call or one run. Never held across user code.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Graph> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Graph {
     pub nodes: Vec<Node>,

@@ -1,6 +1,6 @@
 //! The job: configuration, the graph being built, and `run()`.
 
-use super::graph::{Graph, SourceNode};
+use super::graph::{SharedGraph, SourceNode};
 use super::Stream;
 use crate::api::Source;
 use crate::error::{Error, Result};
@@ -9,8 +9,6 @@ use crate::runtime::driver::{self, JobSettings};
 use crate::runtime::{CheckpointStats, JobReport, StopHandle};
 use crate::state::StateBackend;
 use crate::storage::CheckpointStorage;
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -280,7 +278,7 @@ impl JobBuilder {
         }
         Ok(Job {
             settings: self.s,
-            graph: Rc::new(RefCell::new(Graph::default())),
+            graph: SharedGraph::default(),
         })
     }
 }
@@ -301,10 +299,49 @@ pub(crate) fn valid_name(n: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
+/// A job started with [`Job::start`], running on its own thread.
+#[derive(Debug)]
+pub struct JobHandle {
+    stop: StopHandle,
+    thread: std::thread::JoinHandle<Result<JobReport>>,
+}
+
+impl JobHandle {
+    /// Ask the job to stop with a checkpoint (see [`StopHandle::stop`]); returns at
+    /// once, [`JobHandle::wait`] returns the report once the checkpoint is committed.
+    pub fn stop_with_checkpoint(&self) {
+        self.stop.stop();
+    }
+
+    /// Ask the job to stop with a checkpoint kept as savepoint `name` (see
+    /// [`StopHandle::stop_with_savepoint`]).
+    pub fn stop_with_savepoint(&self, name: &str) {
+        self.stop.stop_with_savepoint(name);
+    }
+
+    /// A handle to stop the job from elsewhere (another thread, a signal handler).
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Whether the job has ended (its report is ready).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Wait for the job to end: its report, or why it failed.
+    pub fn wait(self) -> Result<JobReport> {
+        self.thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
 /// A pipeline and its configuration. Add sources with [`Job::source`], then run it.
+/// `Send`: it can be built on one thread and run on another ([`Job::start`]).
 pub struct Job {
     settings: JobSettings,
-    graph: Rc<RefCell<Graph>>,
+    graph: SharedGraph,
 }
 
 impl Job {
@@ -345,7 +382,7 @@ impl Job {
 
     /// Add a source named `name`; its offsets are checkpointed under that name.
     pub fn source<S: Source>(&self, name: &str, source: S) -> Stream<S::Item> {
-        let mut g = self.graph.borrow_mut();
+        let mut g = self.graph.lock();
         let node = g.add_node(OperatorId(name.to_string()));
         g.nodes[node].source = Some(Arc::new(SourceNode {
             source: Arc::new(source),
@@ -365,7 +402,7 @@ impl Job {
     /// call it from `tokio::task::spawn_blocking` or a thread of its own where that
     /// matters.
     pub fn run(&self) -> Result<JobReport> {
-        let graph = self.graph.borrow();
+        let graph = self.graph.lock();
         if tokio::runtime::Handle::try_current().is_err() {
             return driver::run(&graph, &self.settings);
         }
@@ -378,6 +415,28 @@ impl Job {
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+
+    /// Start the job on a thread of its own and return at once with a handle to stop it
+    /// and wait for its report. Works from sync and async code alike.
+    pub fn start(self) -> Result<JobHandle> {
+        let stop = self.stop_handle();
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-job", self.settings.name))
+            .spawn(move || self.run())
+            .map_err(|e| Error::io("spawning the job's thread", e))?;
+        Ok(JobHandle { stop, thread })
+    }
+
+    /// [`Job::run`] for async code: runs on a blocking thread of the caller's tokio
+    /// runtime (`spawn_blocking`), so the caller's tasks go on meanwhile. Must be awaited
+    /// inside a tokio runtime.
+    pub async fn run_async(self) -> Result<JobReport> {
+        match tokio::task::spawn_blocking(move || self.run()).await {
+            Ok(report) => report,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Error::Cancelled),
+        }
     }
 
     /// A handle that stops this job with a checkpoint, from any thread.
@@ -393,3 +452,11 @@ impl Job {
             .expect("storage is set by build()")
     }
 }
+
+// `Job`, its streams and its handle can move to another thread: checked at compile time.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<Job>();
+    send::<super::Stream<u32>>();
+    send::<JobHandle>();
+};

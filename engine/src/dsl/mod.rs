@@ -23,7 +23,7 @@ pub(crate) mod graph;
 pub(crate) mod job;
 mod source_node;
 
-pub use job::{Job, JobBuilder, RestartPolicy};
+pub use job::{Job, JobBuilder, JobHandle, RestartPolicy};
 
 use crate::api::{Data, Key, TwoPhaseCommitSink};
 use crate::error::Result;
@@ -34,15 +34,13 @@ use crate::runtime::ops::{FilterOp, FlatMapOp, KeyedProcessOp, MapOp, PassOp, Si
 use crate::runtime::Collector;
 use crate::state::KeyedState;
 use crate::time::WatermarkStrategy;
-use graph::{ErasedSink, Graph, NodeId, NodeInput, OpFactory, Partition, SenderFactory};
-use std::cell::RefCell;
+use graph::{ErasedSink, NodeId, NodeInput, OpFactory, Partition, SenderFactory, SharedGraph};
 use std::marker::PhantomData;
-use std::rc::Rc;
 use std::sync::Arc;
 
 /// A typed stream of records in a job being built.
 pub struct Stream<T> {
-    graph: Rc<RefCell<Graph>>,
+    graph: SharedGraph,
     node: NodeId,
     _t: PhantomData<fn() -> T>,
 }
@@ -58,7 +56,7 @@ impl<T> Clone for Stream<T> {
 }
 
 impl<T: Data> Stream<T> {
-    pub(crate) fn new(graph: Rc<RefCell<Graph>>, node: NodeId) -> Self {
+    pub(crate) fn new(graph: SharedGraph, node: NodeId) -> Self {
         Stream {
             graph,
             node,
@@ -71,7 +69,7 @@ impl<T: Data> Stream<T> {
         kind: &str,
         make: impl Fn(Box<dyn Collector<U>>) -> Box<dyn Collector<T>> + Send + Sync + 'static,
     ) -> Stream<U> {
-        let mut g = self.graph.borrow_mut();
+        let mut g = self.graph.lock();
         let node = g.nodes.len();
         g.add_node(OperatorId(format!("{kind}-{node}")));
         let op: OpFactory<T> = Arc::new(move |ctx| {
@@ -166,7 +164,7 @@ impl<T: Data> Stream<T> {
     /// let both = a.union(&b);
     /// ```
     pub fn union(&self, other: &Stream<T>) -> Stream<T> {
-        let mut g = self.graph.borrow_mut();
+        let mut g = self.graph.lock();
         let node = g.nodes.len();
         g.add_node(OperatorId(format!("union-{node}")));
         let op: OpFactory<T> = Arc::new(move |ctx| {
@@ -191,7 +189,7 @@ impl<T: Data> Stream<T> {
     /// ```
     pub fn sink<S: TwoPhaseCommitSink<Item = T>>(&self, name: &str, sink: S) -> Stream<()> {
         let sink = Arc::new(sink);
-        let mut g = self.graph.borrow_mut();
+        let mut g = self.graph.lock();
         let node = g.add_node(OperatorId(name.to_string()));
         let writer_sink = sink.clone();
         let op: OpFactory<T> = Arc::new(move |ctx| {
@@ -233,7 +231,7 @@ impl<T: Data> Stream<T> {
     ///     .with_watermarks(WatermarkStrategy::bounded_out_of_orderness(Duration::from_secs(5), |e: &(i64, String)| e.0));
     /// ```
     pub fn with_watermarks(self, strategy: WatermarkStrategy<T>) -> Self {
-        let mut g = self.graph.borrow_mut();
+        let mut g = self.graph.lock();
         if g.nodes[self.node].source.is_none() {
             let op = g.nodes[self.node].op.clone();
             g.errors.push(format!(
@@ -256,7 +254,7 @@ impl<T: Data> Stream<T> {
     ///     .parallelism(4);
     /// ```
     pub fn parallelism(self, n: usize) -> Self {
-        self.graph.borrow_mut().nodes[self.node].parallelism = Some(n);
+        self.graph.lock().nodes[self.node].parallelism = Some(n);
         self
     }
 
@@ -275,7 +273,7 @@ impl<T: Data> Stream<T> {
     ///     .name("totals");
     /// ```
     pub fn name(self, name: &str) -> Self {
-        let mut g = self.graph.borrow_mut();
+        let mut g = self.graph.lock();
         g.nodes[self.node].op = OperatorId(name.to_string());
         g.nodes[self.node].unnamed_state = false;
         drop(g);
@@ -301,7 +299,7 @@ impl<T: Data> Stream<T> {
     ///     .restore_state_of("totals"); // its name in the previous version
     /// ```
     pub fn restore_state_of(self, old_name: &str) -> Self {
-        self.graph.borrow_mut().nodes[self.node].restores = Some(OperatorId(old_name.to_string()));
+        self.graph.lock().nodes[self.node].restores = Some(OperatorId(old_name.to_string()));
         self
     }
 }
@@ -364,7 +362,7 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
     /// Run a keyed process function: per record, with state scoped to the record's key.
     /// See [`KeyedProcessFunction`] for an example.
     pub fn process<F: KeyedProcessFunction<K, T>>(&self, func: F) -> Stream<F::Out> {
-        let mut g = self.stream.graph.borrow_mut();
+        let mut g = self.stream.graph.lock();
         let node = g.nodes.len();
         g.add_node(OperatorId(format!("process-{node}")));
         g.nodes[node].unnamed_state = true;
