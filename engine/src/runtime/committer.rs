@@ -56,15 +56,18 @@ impl Committer<'_> {
                 // The next attempt restores the newest manifest and re-commits it.
                 break;
             }
-            let result = self
-                .rt
-                .block_on(self.storage.check_lease(self.lease))
-                .and_then(|()| self.commit(&job.pending, committed_through));
+            let span = tracing::info_span!("commit", checkpoint = %job.id, committables = job.pending.len());
+            let result = span.in_scope(|| {
+                self.rt
+                    .block_on(self.storage.check_lease(self.lease))
+                    .and_then(|()| self.commit(&job.pending, committed_through))
+            });
             if result.is_ok() {
                 committed_through = job.id;
             }
             let _ = self.events.send(TaskEvent::Committed { ids, result });
-            if let Err(e) = retain(self.rt, self.storage, self.retain, job.id) {
+            let span = tracing::info_span!("retention", after = %job.id);
+            if let Err(e) = span.in_scope(|| retain(self.rt, self.storage, self.retain, job.id)) {
                 tracing::warn!(error = %e, "retention cleanup failed; will retry after the next checkpoint");
             }
         }

@@ -631,7 +631,8 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
     // artifact: its recovery would commit or delete what the newer one staged. This also
     // stops its in-process restarts.
     rt.block_on(storage.check_lease(lease))?;
-    let restored = recover(graph, s, rt, storage, &run.local_dir, lease)?;
+    let restored = tracing::info_span!("recovery", job = %s.name, lease)
+        .in_scope(|| recover(graph, s, rt, storage, &run.local_dir, lease))?;
     run.completed.store(
         restored.state.checkpoint.map_or(0, |c| c.0),
         Ordering::SeqCst,
@@ -987,10 +988,13 @@ impl Driver<'_> {
                             pending_commits,
                             from_savepoint: self.from_savepoint.clone(),
                         };
-                        let written = self.rt.block_on(async {
-                            self.storage.check_lease(self.lease).await?;
-                            self.storage.write_manifest(&manifest).await
-                        });
+                        let written =
+                            tracing::info_span!("manifest", checkpoint = %id).in_scope(|| {
+                                self.rt.block_on(async {
+                                    self.storage.check_lease(self.lease).await?;
+                                    self.storage.write_manifest(&manifest).await
+                                })
+                            });
                         match written {
                             Ok(()) => {}
                             Err(e) if e.class() == ErrorClass::Stop => {
