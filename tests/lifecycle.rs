@@ -43,19 +43,23 @@ fn payments(n: u32) -> Vec<(u32, i64)> {
     (0..n).map(|i| (i % 97, i64::from(i) - 500)).collect()
 }
 
+/// The committed output of failure-free runs over all of `all` and over its first
+/// half (what a job stopped at a half-way gate must have committed).
+fn golden_runs(all: &[(u32, i64)]) -> (Vec<String>, Vec<String>) {
+    let run = |payments: &[(u32, i64)]| {
+        let dir = tempfile::tempdir().unwrap();
+        ledger(dir.path(), VecSource::new(payments.to_vec()))
+            .run()
+            .unwrap();
+        committed_lines(&dir.path().join("out"))
+    };
+    (run(all), run(&all[..all.len() / 2]))
+}
+
 #[test]
 fn stop_commits_what_was_read_and_the_next_run_resumes_from_its_checkpoint() {
     let all = payments(20_000);
-    let golden = tempfile::tempdir().unwrap();
-    ledger(golden.path(), VecSource::new(all.clone()))
-        .run()
-        .unwrap();
-    let expected = committed_lines(&golden.path().join("out"));
-    let first_half = tempfile::tempdir().unwrap();
-    ledger(first_half.path(), VecSource::new(all[..10_000].to_vec()))
-        .run()
-        .unwrap();
-    let expected_first_half = committed_lines(&first_half.path().join("out"));
+    let (expected, expected_first_half) = golden_runs(&all);
 
     // The source reads half, then waits at its gate; the stop is asked there, from
     // another thread, while the job runs.
@@ -319,16 +323,7 @@ fn a_job_runs_inside_a_tokio_runtime() {
 #[test]
 fn a_started_job_stops_with_a_checkpoint_through_its_handle() {
     let all = payments(20_000);
-    let golden = tempfile::tempdir().unwrap();
-    ledger(golden.path(), VecSource::new(all.clone()))
-        .run()
-        .unwrap();
-    let expected = committed_lines(&golden.path().join("out"));
-    let first_half = tempfile::tempdir().unwrap();
-    ledger(first_half.path(), VecSource::new(all[..10_000].to_vec()))
-        .run()
-        .unwrap();
-    let expected_first_half = committed_lines(&first_half.path().join("out"));
+    let (expected, expected_first_half) = golden_runs(&all);
 
     let dir = tempfile::tempdir().unwrap();
     let (source, gate) = gated(&all);
