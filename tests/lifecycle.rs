@@ -332,8 +332,14 @@ fn a_started_job_stops_with_a_checkpoint_through_its_handle() {
     common::gated::wait_at(&gate);
     assert!(!handle.is_finished(), "it waits at its gate, mid-input");
     handle.stop_with_checkpoint();
+    // The stop checkpoint is committed before the job ends.
+    while !handle.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let last = handle.last_checkpoint().expect("the stop checkpoint");
+    assert_eq!(last.metrics.get("payments.records"), Some(&10_000));
     let report = handle.wait().unwrap();
-    assert!(report.stopped_at.is_some());
+    assert_eq!(report.stopped_at, Some(last.id));
     let out = dir.path().join("out");
     assert_eq!(committed_lines(&out), expected_first_half);
 

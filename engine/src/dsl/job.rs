@@ -303,6 +303,7 @@ pub(crate) fn valid_name(n: &str) -> bool {
 #[derive(Debug)]
 pub struct JobHandle {
     stop: StopHandle,
+    latest: Arc<std::sync::Mutex<Option<CheckpointStats>>>,
     thread: std::thread::JoinHandle<Result<JobReport>>,
 }
 
@@ -322,6 +323,16 @@ impl JobHandle {
     /// A handle to stop the job from elsewhere (another thread, a signal handler).
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
+    }
+
+    /// The latest checkpoint completed (its output committed) so far, with every
+    /// counter's value at that moment ([`CheckpointStats::metrics`]); `None` before the
+    /// first.
+    pub fn last_checkpoint(&self) -> Option<CheckpointStats> {
+        self.latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether the job has ended (its report is ready).
@@ -374,6 +385,7 @@ impl Job {
                 #[cfg(feature = "prometheus")]
                 prometheus: None,
                 stop: StopHandle::default(),
+                latest: Default::default(),
                 stop_on_signals: false,
             },
             storage_url: None,
@@ -421,11 +433,16 @@ impl Job {
     /// and wait for its report. Works from sync and async code alike.
     pub fn start(self) -> Result<JobHandle> {
         let stop = self.stop_handle();
+        let latest = self.settings.latest.clone();
         let thread = std::thread::Builder::new()
             .name(format!("{}-job", self.settings.name))
             .spawn(move || self.run())
             .map_err(|e| Error::io("spawning the job's thread", e))?;
-        Ok(JobHandle { stop, thread })
+        Ok(JobHandle {
+            stop,
+            latest,
+            thread,
+        })
     }
 
     /// [`Job::run`] for async code: runs on a blocking thread of the caller's tokio

@@ -75,6 +75,8 @@ pub(crate) struct JobSettings {
     #[cfg(feature = "prometheus")]
     pub prometheus: Option<std::net::SocketAddr>,
     pub stop: super::StopHandle,
+    /// The latest completed checkpoint, for a [`crate::dsl::JobHandle`].
+    pub latest: Arc<std::sync::Mutex<Option<CheckpointStats>>>,
     /// SIGTERM and SIGINT stop the job with a checkpoint while it runs.
     pub stop_on_signals: bool,
 }
@@ -1135,6 +1137,11 @@ impl Driver<'_> {
             }
         }
         crate::telemetry::checkpoint_completed(&self.s.name, &stats);
+        *self
+            .s
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stats.clone());
         crate::telemetry::counters(&self.s.name, &stats.metrics);
         self.report.checkpoints.push(stats);
     }
