@@ -13,26 +13,13 @@ use exactly::prelude::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const BALANCE: ValueState<i64> = ValueState::new("balance");
-
 fn ledger<S: Source<Item = (u32, i64)>>(checkpoints: &Path, out: &Path, source: S) -> Job {
     let job = Job::builder("ledger")
         .parallelism(2)
         .checkpoint_storage(checkpoints.to_str().unwrap())
         .build()
         .unwrap();
-    job.source("payments", source)
-        .key_by(|p| p.0)
-        .process_fn(
-            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
-                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
-                ctx.set_value(BALANCE, &balance)?;
-                ctx.emit((account, balance));
-                Ok(())
-            },
-        )
-        .name("balance")
-        .sink("balances", FileSink::exactly_once(out));
+    common::running_balances(&job, source, out);
     job
 }
 

@@ -14,8 +14,6 @@ use std::time::Duration;
 
 const SECOND: Duration = Duration::from_secs(1);
 
-const BALANCE: ValueState<i64> = ValueState::new("balance");
-
 /// Each account's running balance of `source`'s payments into `dir/out`, checkpoints
 /// in `dir/checkpoints`. Returns the job (not yet run).
 fn ledger<S: Source<Item = (u32, i64)>>(dir: &Path, source: S) -> Job {
@@ -24,18 +22,7 @@ fn ledger<S: Source<Item = (u32, i64)>>(dir: &Path, source: S) -> Job {
         .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
         .build()
         .unwrap();
-    job.source("payments", source)
-        .key_by(|p| p.0)
-        .process_fn(
-            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
-                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
-                ctx.set_value(BALANCE, &balance)?;
-                ctx.emit((account, balance));
-                Ok(())
-            },
-        )
-        .name("balance")
-        .sink("balances", FileSink::exactly_once(dir.join("out")));
+    common::running_balances(&job, source, &dir.join("out"));
     job
 }
 

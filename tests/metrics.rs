@@ -10,8 +10,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-const BALANCE: ValueState<i64> = ValueState::new("balance");
-
 /// `GET /metrics`, the body.
 fn scrape(addr: SocketAddr) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
@@ -49,18 +47,7 @@ fn a_running_job_serves_its_metrics_for_prometheus() {
         .build()
         .unwrap();
     let (source, gate) = gated(&payments);
-    job.source("payments", source)
-        .key_by(|p| p.0)
-        .process_fn(
-            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
-                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
-                ctx.set_value(BALANCE, &balance)?;
-                ctx.emit((account, balance));
-                Ok(())
-            },
-        )
-        .name("balance")
-        .sink("balances", FileSink::exactly_once(dir.path().join("out")));
+    common::running_balances(&job, source, &dir.path().join("out"));
     let read = [
         "exactly_counter",
         "job=\"ledger\"",

@@ -28,6 +28,22 @@ fn storage(dir: &Path) -> String {
     dir.join("checkpoints").to_str().unwrap().to_string()
 }
 
+/// Version 1's keyed operator (unnamed): each account's balance and the total of the
+/// payment's kind.
+fn balances(payments: Stream<(u32, i64)>) -> Stream<(u32, i64, i64)> {
+    payments.key_by(|p| p.0).process_fn(
+        |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64, i64)>| {
+            let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
+            ctx.set_value(BALANCE, &balance)?;
+            let k = kind(amount);
+            let total = ctx.map_get(BY_KIND, &k)?.unwrap_or(0) + amount;
+            ctx.map_put(BY_KIND, &k, &total)?;
+            ctx.emit((account, balance, total));
+            Ok(())
+        },
+    )
+}
+
 /// Version 1: source `payments`, keyed operator `balance` emitting (account, balance,
 /// total of the payment's kind), file sink `balances`.
 fn v1<S: Source<Item = (u32, i64)>>(dir: &Path, source: S, builder: JobBuilder) -> Job {
@@ -36,19 +52,7 @@ fn v1<S: Source<Item = (u32, i64)>>(dir: &Path, source: S, builder: JobBuilder) 
         .checkpoint_storage(storage(dir))
         .build()
         .unwrap();
-    job.source("payments", source)
-        .key_by(|p| p.0)
-        .process_fn(
-            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64, i64)>| {
-                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
-                ctx.set_value(BALANCE, &balance)?;
-                let k = kind(amount);
-                let total = ctx.map_get(BY_KIND, &k)?.unwrap_or(0) + amount;
-                ctx.map_put(BY_KIND, &k, &total)?;
-                ctx.emit((account, balance, total));
-                Ok(())
-            },
-        )
+    balances(job.source("payments", source))
         .name("balance")
         .sink("balances", FileSink::exactly_once(dir.join("out")));
     job
@@ -345,18 +349,7 @@ fn restore_state_of_carries_a_renamed_operators_state() {
         if map {
             s = s.restore_state_of("payments");
         }
-        let mut keyed = s.key_by(|p| p.0).process_fn(
-            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64, i64)>| {
-                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
-                ctx.set_value(BALANCE, &balance)?;
-                let k = kind(amount);
-                let total = ctx.map_get(BY_KIND, &k)?.unwrap_or(0) + amount;
-                ctx.map_put(BY_KIND, &k, &total)?;
-                ctx.emit((account, balance, total));
-                Ok(())
-            },
-        );
-        keyed = keyed.name("account-balance");
+        let mut keyed = balances(s).name("account-balance");
         if map {
             keyed = keyed.restore_state_of("balance");
         }

@@ -537,13 +537,7 @@ impl CheckpointStorage {
     /// Record savepoint `sp` (its checkpoint's manifest must exist). Never overwrites:
     /// a name is given once, and an existing one is a configuration error.
     pub async fn write_savepoint(&self, sp: &Savepoint) -> Result<()> {
-        if !crate::dsl::job::valid_name(&sp.name) {
-            return Err(Error::config(format!(
-                "savepoint name '{}' must be {}",
-                sp.name.escape_debug(),
-                crate::dsl::job::NAME_RULE
-            )));
-        }
+        valid_savepoint_name(&sp.name)?;
         let path = self.savepoint_path(&sp.name);
         let bytes = serde_json::to_vec_pretty(sp).map_err(|e| Error::Codec {
             what: format!("savepoint '{}'", sp.name),
@@ -560,6 +554,21 @@ impl CheckpointStorage {
             old.map(|o| format!(" (checkpoint {})", o.checkpoint))
                 .unwrap_or_default()
         )))
+    }
+
+    /// Whether a new savepoint may take `name`: a valid name no savepoint has. Checked
+    /// before a stop's checkpoint is taken, so a bad name fails the stop before it
+    /// happens; the write is create-if-absent all the same.
+    pub async fn savepoint_name_free(&self, name: &str) -> Result<()> {
+        valid_savepoint_name(name)?;
+        match self.read_savepoint(name).await? {
+            Some(old) => Err(Error::config(format!(
+                "savepoint '{name}' exists already in {} (checkpoint {}); choose another \
+                 name, or delete it first",
+                self.url, old.checkpoint
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Savepoint `name`, if it exists.
@@ -673,6 +682,18 @@ pub struct Lease {
     /// When the store wrote the object (leases are never rewritten, so when it was
     /// taken), in milliseconds since the Unix epoch, if the store reports it.
     pub created_at_ms: Option<u64>,
+}
+
+/// Savepoint names follow the rule of job and operator names (they become file names).
+fn valid_savepoint_name(name: &str) -> Result<()> {
+    if crate::dsl::job::valid_name(name) {
+        return Ok(());
+    }
+    Err(Error::config(format!(
+        "savepoint name '{}' must be {}",
+        name.escape_debug(),
+        crate::dsl::job::NAME_RULE
+    )))
 }
 
 /// The scheme of a storage location that names a known scheme but lacks the `//` of a

@@ -205,3 +205,27 @@ pub fn leftover_staging(dir: &Path) -> Vec<PathBuf> {
     walk(dir, false, &mut left);
     left
 }
+
+/// The ledger pipeline several tests share: source `payments`, each account's running
+/// balance in keyed operator `balance` (state `balance`), file sink `balances` into
+/// `out`, added to `job`.
+pub fn running_balances<S: exactly::prelude::Source<Item = (u32, i64)>>(
+    job: &exactly::prelude::Job,
+    source: S,
+    out: &Path,
+) {
+    use exactly::prelude::*;
+    const BALANCE: ValueState<i64> = ValueState::new("balance");
+    job.source("payments", source)
+        .key_by(|p| p.0)
+        .process_fn(
+            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
+                ctx.set_value(BALANCE, &balance)?;
+                ctx.emit((account, balance));
+                Ok(())
+            },
+        )
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(out));
+}

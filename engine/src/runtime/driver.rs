@@ -925,7 +925,10 @@ impl Driver<'_> {
                     .stop
                     .savepoint()
                     .or_else(|| self.s.savepoint_on_stop.clone());
-                match savepoint.as_deref().map(|n| self.savepoint_name_free(n)) {
+                match savepoint
+                    .as_deref()
+                    .map(|n| self.rt.block_on(self.storage.savepoint_name_free(n)))
+                {
                     Some(Err(e)) => {
                         failure = Some(e);
                         self.cancel.store(true, Ordering::Relaxed);
@@ -1102,25 +1105,6 @@ impl Driver<'_> {
                     });
                 }
             }
-        }
-    }
-
-    /// Whether `name` can be given to a new savepoint (checked when the stop is asked,
-    /// before its checkpoint; the write is create-if-absent all the same).
-    fn savepoint_name_free(&self, name: &str) -> Result<()> {
-        if !crate::dsl::job::valid_name(name) {
-            return Err(Error::config(format!(
-                "savepoint name '{}' must be {}",
-                name.escape_debug(),
-                crate::dsl::job::NAME_RULE
-            )));
-        }
-        match self.rt.block_on(self.storage.read_savepoint(name))? {
-            Some(old) => Err(Error::config(format!(
-                "savepoint '{name}' exists already (checkpoint {}); stop with another name",
-                old.checkpoint
-            ))),
-            None => Ok(()),
         }
     }
 
