@@ -21,13 +21,24 @@ struct Event {
     ts: i64,
 }
 
-fn event(i: u64) -> Event {
+/// Event `i` of `events`. The generator gives each split a contiguous range of `i`, so
+/// the timestamp follows `i`'s position inside its split: both splits move through event
+/// time together, as the partitions of a topic do. (Timestamps that grew with `i` across
+/// the whole run put the second split's events far ahead of the watermark, which is the
+/// first split's, and kept all of its windows open until the end.)
+fn event(i: u64, events: u64) -> Event {
     // Every tenth event repeats the previous id (a redelivery), so 10 % are duplicates.
     let id = if i % 10 == 9 { i - 1 } else { i };
+    let splits = PARALLELISM as u64;
+    let split = (0..splits)
+        .rev()
+        .find(|s| i >= s * events / splits)
+        .unwrap_or(0);
+    let position = (i - split * events / splits) * splits + split;
     Event {
         id,
         key: i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % KEYS,
-        ts: (i / 100) as i64, // 100k events per second of event time
+        ts: (position / 100) as i64, // 100k events per second of event time
     }
 }
 
@@ -44,7 +55,7 @@ fn job(dir: &std::path::Path, interval: Option<Duration>) -> Job {
 fn source(job: &Job, events: u64) -> Stream<Event> {
     job.source(
         "events",
-        GeneratorSource::new(events, event).with_splits(PARALLELISM as u64),
+        GeneratorSource::new(events, move |i| event(i, events)).with_splits(PARALLELISM as u64),
     )
     .with_watermarks(WatermarkStrategy::bounded_out_of_orderness(
         Duration::from_secs(1),
