@@ -3,7 +3,8 @@
 //! and per core) with checkpointing off (final checkpoint only) and every second, plus
 //! checkpoint durations and bytes uploaded per checkpoint.
 //!
-//! `cargo bench --bench throughput`; `EXACTLY_BENCH_EVENTS` sets the event count. Without
+//! `cargo bench --bench throughput`; `EXACTLY_BENCH_EVENTS` sets the event count and
+//! `EXACTLY_BENCH_KEYS` the number of distinct keys (state size). Without
 //! the `rocksdb` feature only the in-memory cases run.
 
 #[path = "common/mod.rs"]
@@ -16,7 +17,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const SUM: ValueState<i64> = ValueState::new("sum");
-const KEYS: u64 = 1_000_000;
 const PARALLELISM: usize = 2;
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -42,6 +42,11 @@ impl KeyedProcessFunction<u64, Event> for RunningSum {
     }
 }
 
+/// Distinct keys: `EXACTLY_BENCH_KEYS`, 1M by default.
+fn keys() -> u64 {
+    env_num("EXACTLY_BENCH_KEYS", 1_000_000).max(1)
+}
+
 fn run(events: u64, interval: Option<Duration>, backend: StateBackend) -> (Duration, JobReport) {
     let dir = tempfile::tempdir().unwrap();
     run_on(dir.path().to_str().unwrap(), events, interval, backend)
@@ -64,10 +69,11 @@ fn run_on(
     }
     let job = b.build().unwrap();
     let sink = CountSink::<(u64, i64)>::default();
+    let keys = keys();
     job.source(
         "events",
-        GeneratorSource::new(events, |i| Event {
-            key: i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % KEYS,
+        GeneratorSource::new(events, move |i| Event {
+            key: i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % keys,
             amount: (i % 100) as i64,
         })
         .with_splits(PARALLELISM as u64),
@@ -103,7 +109,8 @@ fn main() {
     }
     let events = env_num("EXACTLY_BENCH_EVENTS", 10_000_000);
     let cores = cores();
-    println!("keyed running sum: {events} events, {KEYS} distinct keys, parallelism {PARALLELISM}, {cores} cores");
+    let keys = keys();
+    println!("keyed running sum: {events} events, {keys} distinct keys, parallelism {PARALLELISM}, {cores} cores");
     let every = Some(Duration::from_secs(1));
     let mut cases = vec![
         ("memory, no checkpoints", None, StateBackend::Memory),
@@ -134,7 +141,7 @@ fn main() {
     }
     let dir = tempfile::tempdir().unwrap();
     println!(
-        "{:>24}: {:?} to read and restore the {KEYS}-key state from a local directory",
+        "{:>24}: {:?} to read and restore the {keys}-key state from a local directory",
         "recovery",
         recovery(dir.path().to_str().unwrap(), events)
     );
