@@ -371,12 +371,7 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
             let cfg = &ctx.env.config;
             Box::new(ExchangeOut::new(
                 senders,
-                ByKeyGroup {
-                    key_fn: kf.clone(),
-                    max_parallelism: cfg.max_parallelism,
-                    scratch: Vec::new(),
-                    _k: PhantomData,
-                },
+                ByKeyGroup::new(kf.clone(), cfg.max_parallelism),
                 cfg.batch_size,
                 ctx.env.cancel.clone(),
             ))
@@ -406,6 +401,7 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
             Ok(Box::new(KeyedProcessOp {
                 core,
                 key_fn: kf.clone(),
+                keys: Vec::new(),
                 batch_size: ctx.env.config.batch_size,
                 out: Vec::new(),
                 next,

@@ -4,7 +4,7 @@ use super::{send_blocking, Collector, Message, TaskSnapshot};
 use crate::api::{Data, Key};
 use crate::codec;
 use crate::error::Result;
-use crate::ids::{key_group_of_bytes, subtask_for_key_group, CheckpointId};
+use crate::ids::{key_group_of_bytes, subtask_for_key_group, CheckpointId, KeyGroup};
 use crate::time::Timestamp;
 use crossbeam_channel::Sender;
 use std::sync::atomic::AtomicBool;
@@ -28,20 +28,47 @@ impl<T> Partitioner<T> for RoundRobin {
 
 /// Hash by key group: the channel is the subtask owning the record's key group.
 pub(crate) struct ByKeyGroup<K, F> {
-    pub key_fn: F,
-    pub max_parallelism: u16,
-    pub scratch: Vec<u8>,
-    pub _k: std::marker::PhantomData<fn() -> K>,
+    key_fn: F,
+    max_parallelism: u16,
+    scratch: Vec<u8>,
+    /// The channel of each key group, for `owners_of` channels (no division per record).
+    owners: Vec<u32>,
+    owners_of: usize,
+    _k: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<K, F> ByKeyGroup<K, F> {
+    pub fn new(key_fn: F, max_parallelism: u16) -> Self {
+        ByKeyGroup {
+            key_fn,
+            max_parallelism,
+            scratch: Vec::new(),
+            owners: Vec::new(),
+            owners_of: 0,
+            _k: std::marker::PhantomData,
+        }
+    }
+
+    #[cold]
+    fn set_channels(&mut self, channels: usize) {
+        self.owners = (0..self.max_parallelism)
+            .map(|g| subtask_for_key_group(KeyGroup(g), self.max_parallelism, channels).0 as u32)
+            .collect();
+        self.owners_of = channels;
+    }
 }
 
 impl<T, K: Key, F: Fn(&T) -> K> Partitioner<T> for ByKeyGroup<K, F> {
     #[inline]
     fn channel(&mut self, record: &T, channels: usize) -> Result<usize> {
+        if channels != self.owners_of {
+            self.set_channels(channels);
+        }
         let key = (self.key_fn)(record);
         self.scratch.clear();
         codec::encode_into(&key, &mut self.scratch, "key")?;
         let kg = key_group_of_bytes(&self.scratch, self.max_parallelism);
-        Ok(subtask_for_key_group(kg, self.max_parallelism, channels).0)
+        Ok(self.owners[kg.0 as usize] as usize)
     }
 }
 

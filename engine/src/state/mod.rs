@@ -615,6 +615,17 @@ impl<K: Key> KeyedState<K> {
         }
     }
 
+    /// Start fetching `key`'s entries into the processor's cache (in memory; RocksDB
+    /// reads through its own block cache).
+    #[inline]
+    pub fn prefetch(&self, key: &K) {
+        match &self.inner {
+            Inner::Memory(m) => m.prefetch(key),
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(..) => {}
+        }
+    }
+
     /// `key`'s value of `s` (`None` if absent, or if its TTL expired at `now`).
     #[inline]
     pub fn get<V: StateValue>(

@@ -15,7 +15,7 @@
 //! unchanged if it never is.
 
 use super::layout::{self, classify, mark, EntryKind, GroupWriter, TTL_MARK};
-use super::table::{hasher, CowTable, FixedHasher, Segment};
+use super::table::{hash_of, hasher, CowTable, FixedHasher, PrefetchHints, Segment};
 use super::timers::{TimerService, TimersView};
 use super::types::{Declared, Restore, StateTypes};
 use super::{MapState, StateValue, ValueState};
@@ -38,6 +38,8 @@ pub(crate) trait StateTable<K>: Send {
     }
     /// Entries held, counted as the byte layout counts them.
     fn entries(&self) -> usize;
+    /// Where the table's buckets are, to prefetch a key's.
+    fn hints(&self) -> Arc<PrefetchHints>;
 }
 
 /// A table as of a barrier, written to bytes off the task thread. Consumed as it is
@@ -111,6 +113,9 @@ impl<K: Key, V: StateValue> ValueTable<K, V> {
 }
 
 impl<K: Key, V: StateValue> StateTable<K> for ValueTable<K, V> {
+    fn hints(&self) -> Arc<PrefetchHints> {
+        self.table.hints()
+    }
     fn share(&self) -> Box<dyn TableView> {
         Box::new(ValueView {
             prefix: self.prefix.clone(),
@@ -208,6 +213,9 @@ impl<K: Key, V: StateValue> TtlTable<K, V> {
 }
 
 impl<K: Key, V: StateValue> StateTable<K> for TtlTable<K, V> {
+    fn hints(&self) -> Arc<PrefetchHints> {
+        self.table.hints()
+    }
     fn share(&self) -> Box<dyn TableView> {
         Box::new(TtlView {
             prefix: self.prefix.clone(),
@@ -399,6 +407,9 @@ impl<K: Key, UK: StateValue + Eq, UV: StateValue> MapTable<K, UK, UV> {
 }
 
 impl<K: Key, UK: StateValue + Eq, UV: StateValue> StateTable<K> for MapTable<K, UK, UV> {
+    fn hints(&self) -> Arc<PrefetchHints> {
+        self.table.hints()
+    }
     fn share(&self) -> Box<dyn TableView> {
         Box::new(MapView {
             prefix: self.prefix.clone(),
@@ -447,6 +458,7 @@ struct Slot<K> {
     name: &'static str,
     type_id: TypeId,
     table: Box<dyn StateTable<K>>,
+    hints: Arc<PrefetchHints>,
 }
 
 /// Keyed state of one operator instance in memory.
@@ -516,9 +528,23 @@ impl<K: Key> TypedState<K> {
         self.slots.push(Slot {
             name,
             type_id: TypeId::of::<T>(),
+            hints: table.hints(),
             table: Box::new(table),
         });
         Ok(self.slots.len() - 1)
+    }
+
+    /// Start fetching `k`'s buckets in every state's table into the cache, so that the
+    /// access a few records later does not wait for memory.
+    #[inline]
+    pub fn prefetch(&self, k: &K) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let h = hash_of(k);
+        for slot in &self.slots {
+            slot.hints.prefetch(h);
+        }
     }
 
     /// The key group of `k` (the same as the exchange's and the snapshot's).
