@@ -337,6 +337,43 @@ fn a_started_job_stops_with_a_checkpoint_through_its_handle() {
     assert_eq!(committed_lines(&out), expected);
 }
 
+/// `cancel()` ends a job without a checkpoint and without restarting it; the next run
+/// resumes from the last completed checkpoint and the output ends exactly as a
+/// failure-free run's.
+#[test]
+fn a_cancelled_job_ends_without_restarting_and_the_next_run_completes_it_exactly() {
+    let all = payments(20_000);
+    let (expected, _) = golden_runs(&all);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (source, gate) = gated(&all);
+    let handle = ledger(dir.path(), source).start().unwrap();
+    common::gated::wait_at(&gate);
+    handle.cancel();
+    // The source idles at its gate, so only the cancel can end the job. (A bound, not a
+    // timing: a cancel that did nothing would otherwise hang the test.)
+    let asked = std::time::Instant::now();
+    while !handle.is_finished() {
+        assert!(
+            asked.elapsed() < Duration::from_secs(120),
+            "the cancel did not end the job"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    match handle.wait() {
+        Err(Error::JobCancelled { job }) => assert_eq!(job, "ledger"),
+        other => panic!("expected the job cancelled, got {other:?}"),
+    }
+    let out = dir.path().join("out");
+    assert_ne!(committed_lines(&out), expected, "cancelled before the end");
+
+    let (source, gate) = gated(&all);
+    open(&gate);
+    let report = ledger(dir.path(), source).start().unwrap().wait().unwrap();
+    assert_eq!(report.restarts, 0);
+    assert_eq!(committed_lines(&out), expected);
+}
+
 /// The reconciliation example upgraded the documented way: the running version is
 /// stopped with SIGTERM and keeps its stop checkpoint as a savepoint
 /// (`--savepoint-on-stop`); the next one starts from it (`--from-savepoint`). Together

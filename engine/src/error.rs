@@ -211,6 +211,13 @@ pub enum Error {
     /// The job was cancelled because another task failed.
     #[error("cancelled")]
     Cancelled,
+
+    /// The job was cancelled on request (`cancel()` on its handle).
+    #[error("job '{job}' was cancelled: output after its last completed checkpoint is not committed; the next run resumes from that checkpoint")]
+    JobCancelled {
+        /// The job's name.
+        job: String,
+    },
 }
 
 impl Error {
@@ -224,6 +231,7 @@ impl Error {
             | Error::ConcurrentWriter { .. }
             | Error::Fenced { .. }
             | Error::CommitLost { .. }
+            | Error::JobCancelled { .. }
             | Error::RestartsExhausted { .. } => ErrorClass::Stop,
             Error::Storage { .. } => ErrorClass::Retry,
             Error::Operator { .. }

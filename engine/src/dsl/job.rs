@@ -320,6 +320,13 @@ impl JobHandle {
         self.stop.stop_with_savepoint(name);
     }
 
+    /// Cancel the job without a checkpoint (see [`StopHandle::cancel`]); returns at
+    /// once, [`JobHandle::wait`] then returns
+    /// [`Error::JobCancelled`](crate::error::Error::JobCancelled).
+    pub fn cancel(&self) {
+        self.stop.cancel();
+    }
+
     /// A handle to stop the job from elsewhere (another thread, a signal handler).
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()

@@ -192,6 +192,11 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
                 return Ok(report);
             }
             Err(e) if e.class() == ErrorClass::Stop => return Err(e),
+            Err(_) if s.stop.is_cancelled() => {
+                return Err(Error::JobCancelled {
+                    job: s.name.clone(),
+                })
+            }
             Err(e) => {
                 if report.restarts >= s.restart.max_restarts {
                     return Err(Error::RestartsExhausted {
@@ -917,6 +922,13 @@ impl Driver<'_> {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {}
+            }
+            if self.s.stop.is_cancelled() && !matches!(failure, Some(Error::JobCancelled { .. })) {
+                tracing::info!(job = %self.s.name, "cancelled: stopping without a checkpoint");
+                failure = Some(Error::JobCancelled {
+                    job: self.s.name.clone(),
+                });
+                self.cancel.store(true, Ordering::Relaxed);
             }
             if failure.is_none() && !stop_asked && self.s.stop.is_requested() {
                 stop_asked = true;

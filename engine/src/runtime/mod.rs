@@ -43,6 +43,7 @@ pub use driver::{CheckpointStats, JobReport};
 pub struct StopHandle {
     flag: Arc<AtomicBool>,
     savepoint: Arc<std::sync::Mutex<Option<String>>>,
+    cancel: Arc<AtomicBool>,
 }
 
 impl StopHandle {
@@ -63,6 +64,21 @@ impl StopHandle {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(name.to_string());
         self.stop();
+    }
+
+    /// Cancel the job without a checkpoint: tasks stop where they are and `run()`
+    /// returns [`Error::JobCancelled`](crate::error::Error::JobCancelled) without
+    /// restarting. Output of completed checkpoints stays committed; what was processed
+    /// after the last one is not, and the next run resumes from that checkpoint and
+    /// does it again (so nothing is lost or doubled). For a deployment, prefer
+    /// [`StopHandle::stop`]: it commits everything read before stopping.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the job was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
     }
 
     /// Whether a stop was asked.
