@@ -108,6 +108,18 @@ pub struct CheckpointStats {
     pub metrics: std::collections::BTreeMap<String, u64>,
 }
 
+/// Checkpoints a [`JobReport`] keeps at least (the most recent ones).
+pub const REPORTED_CHECKPOINTS: usize = 1000;
+
+/// Append `item`, first dropping the oldest `keep` items once `2 * keep` are held: at
+/// least the `keep` most recent stay, in amortised O(1) per item.
+fn push_recent<T>(v: &mut Vec<T>, item: T, keep: usize) {
+    if v.len() >= 2 * keep {
+        v.drain(..keep);
+    }
+    v.push(item);
+}
+
 /// What a finished `run()` reports.
 #[derive(Debug, Clone, Default)]
 pub struct JobReport {
@@ -119,8 +131,12 @@ pub struct JobReport {
     pub restarts: u32,
     /// Checkpoints abandoned (timed out, or a task or the manifest write failed).
     pub aborted_checkpoints: u32,
-    /// Every checkpoint completed, in order.
+    /// The checkpoints completed, in order: all of them, or for a long run the most
+    /// recent (between [`REPORTED_CHECKPOINTS`] and twice as many), so that a job
+    /// running for months does not grow its report. `completed_checkpoints` counts all.
     pub checkpoints: Vec<CheckpointStats>,
+    /// Checkpoints completed over the whole run.
+    pub completed_checkpoints: u64,
     /// Wall-clock time of `run()`.
     pub elapsed: Duration,
     /// Every counter operators registered, as `operator.name`, summed over subtasks
@@ -1139,6 +1155,25 @@ impl Driver<'_> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stats.clone());
         crate::telemetry::counters(&self.s.name, &stats.metrics);
-        self.report.checkpoints.push(stats);
+        push_recent(&mut self.report.checkpoints, stats, REPORTED_CHECKPOINTS);
+        self.report.completed_checkpoints += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_recent;
+
+    #[test]
+    fn a_report_keeps_the_most_recent_checkpoints_and_stays_bounded() {
+        let mut v = Vec::new();
+        for i in 0..10_000u32 {
+            push_recent(&mut v, i, 100);
+            assert!(v.len() <= 200);
+            assert!(v.len() >= 100.min(i as usize + 1));
+            assert_eq!(*v.last().unwrap(), i);
+            // In order, without gaps.
+            assert!(v.windows(2).all(|w| w[1] == w[0] + 1));
+        }
     }
 }

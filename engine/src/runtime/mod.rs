@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use driver::{CheckpointStats, JobReport};
+pub use driver::{CheckpointStats, JobReport, REPORTED_CHECKPOINTS};
 
 /// Stops a running job with a checkpoint: the sources read no further, one more
 /// checkpoint is taken and its output committed, and [`Job::run`] returns with
