@@ -52,7 +52,7 @@ fn main() {
         "reconciliation",
         &dir.path().join("checkpoints"),
         &cfg,
-        false,
+        None,
     )
     .unwrap();
     job::build(&j, &input, &dir.path().join("out"), &cfg);

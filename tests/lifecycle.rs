@@ -318,6 +318,8 @@ fn a_started_job_stops_with_a_checkpoint_through_its_handle() {
     let handle = ledger(dir.path(), source).start().unwrap();
     common::gated::wait_at(&gate);
     assert!(!handle.is_finished(), "it waits at its gate, mid-input");
+    // Live counters: the source has read up to its gate.
+    assert_eq!(handle.metrics().get("payments.records"), Some(&10_000));
     handle.stop_with_checkpoint();
     // The stop checkpoint is committed before the job ends.
     while !handle.is_finished() {

@@ -262,8 +262,23 @@ pub fn build(job: &Job, input: &Path, out: &Path, cfg: &JobConfig) {
         .sink("balances", FileSink::exactly_once(out.join("balances")));
 }
 
-/// A job with the settings of `cfg`, checkpointing into `checkpoints`.
-pub fn job(name: &str, checkpoints: &Path, cfg: &JobConfig, progress: bool) -> anyhow::Result<Job> {
+/// Events read so far by the three sources, from a job's counters.
+pub fn events_read(metrics: &std::collections::BTreeMap<String, u64>) -> u64 {
+    ["charges", "payments", "payouts"]
+        .iter()
+        .map(|s| metrics.get(&format!("{s}.records")).copied().unwrap_or(0))
+        .sum()
+}
+
+/// A job with the settings of `cfg`, checkpointing into `checkpoints`. With `progress`,
+/// a line per completed checkpoint is printed above that bar (or to stderr when the
+/// bar is hidden, as it is when stderr is not a terminal).
+pub fn job(
+    name: &str,
+    checkpoints: &Path,
+    cfg: &JobConfig,
+    progress: Option<indicatif::ProgressBar>,
+) -> anyhow::Result<Job> {
     let started = std::time::Instant::now();
     let mut b = Job::builder(name)
         .checkpoint_storage(
@@ -284,14 +299,11 @@ pub fn job(name: &str, checkpoints: &Path, cfg: &JobConfig, progress: bool) -> a
     if let Some(name) = &cfg.from_savepoint {
         b = b.restore_from_savepoint(name);
     }
-    if progress {
+    if let Some(bar) = progress {
         b = b.on_checkpoint(move |c| {
-            let read: u64 = ["charges", "payments", "payouts"]
-                .iter()
-                .map(|s| c.metrics.get(&format!("{s}.records")).copied().unwrap_or(0))
-                .sum();
+            let read = events_read(&c.metrics);
             let secs = started.elapsed().as_secs_f64();
-            eprintln!(
+            let line = format!(
                 "[{secs:>7.2}s] checkpoint {:>4}{} {:>5} ms | {:>10} events read ({:>9.0}/s this run) | {:>6} duplicates dropped",
                 c.id,
                 if c.is_final { " (final)" } else { "        " },
@@ -302,7 +314,12 @@ pub fn job(name: &str, checkpoints: &Path, cfg: &JobConfig, progress: bool) -> a
                     .iter()
                     .map(|s| c.metrics.get(&format!("{s}.duplicates_dropped")).copied().unwrap_or(0))
                     .sum::<u64>(),
-            )
+            );
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
         });
     }
     Ok(b.build()?)

@@ -231,19 +231,35 @@ fn run(a: &Flags) -> Result<bool> {
     if let Some(pg) = &cfg.ledger_pg {
         create_ledger_table(pg)?;
     }
-    let job = job::job("reconciliation", &dir.join("checkpoints"), &cfg, true)?;
+    let bar = progress_bar(&input)?;
+    let job = job::job(
+        "reconciliation",
+        &dir.join("checkpoints"),
+        &cfg,
+        Some(bar.clone()),
+    )?;
     job::build(&job, &input, &dir.join("out"), &cfg);
-    let report = job.run()?;
-    let read: u64 = ["charges", "payments", "payouts"]
-        .iter()
-        .map(|s| {
-            report
-                .metrics
-                .get(&format!("{s}.records"))
-                .copied()
-                .unwrap_or(0)
-        })
-        .sum();
+    // On its own thread, so that this one can show progress; SIGTERM and Ctrl-C still
+    // stop it with a checkpoint.
+    let handle = job.start()?;
+    let started = Instant::now();
+    while !handle.is_finished() {
+        let read = job::events_read(&handle.metrics());
+        bar.set_position(read.min(bar.length().unwrap_or(u64::MAX)));
+        let rate = read as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        bar.set_message(match handle.last_checkpoint() {
+            Some(c) => format!(
+                "{rate:>9.0}/s | checkpoint {} took {} ms",
+                c.id,
+                c.duration.as_millis()
+            ),
+            None => format!("{rate:>9.0}/s"),
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bar.finish_and_clear();
+    let report = handle.wait()?;
+    let read = job::events_read(&report.metrics);
     eprintln!(
         "job finished in {:.2}s ({} events read, restored from checkpoint {:?}, {} checkpoints, {} in-process restarts)",
         report.elapsed.as_secs_f64(),
@@ -265,6 +281,34 @@ fn run(a: &Flags) -> Result<bool> {
         return Ok(false);
     }
     Ok(true)
+}
+
+/// A progress bar over the input's events (its lines), drawn on stderr when that is a
+/// terminal and hidden otherwise (logs and tests get the checkpoint lines only).
+fn progress_bar(input: &std::path::Path) -> Result<indicatif::ProgressBar> {
+    let mut total = 0u64;
+    for stream in ["charges", "payments", "payouts"] {
+        for f in std::fs::read_dir(input.join(stream))? {
+            let mut r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(f?.path())?);
+            loop {
+                let buf = std::io::BufRead::fill_buf(&mut r)?;
+                if buf.is_empty() {
+                    break;
+                }
+                total += buf.iter().filter(|&&b| b == b'\n').count() as u64;
+                let n = buf.len();
+                std::io::BufRead::consume(&mut r, n);
+            }
+        }
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {human_pos}/{human_len} events read {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    Ok(bar)
 }
 
 /// Create the ledger table if it does not exist.

@@ -304,6 +304,7 @@ pub(crate) fn valid_name(n: &str) -> bool {
 pub struct JobHandle {
     stop: StopHandle,
     latest: Arc<std::sync::Mutex<Option<CheckpointStats>>>,
+    live: Arc<std::sync::Mutex<Arc<crate::metrics::Metrics>>>,
     thread: std::thread::JoinHandle<Result<JobReport>>,
 }
 
@@ -330,6 +331,17 @@ impl JobHandle {
     /// A handle to stop the job from elsewhere (another thread, a signal handler).
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
+    }
+
+    /// Every counter's value now (e.g. `<source>.records`, read so far, including
+    /// records read again after a restart), by `operator.name`; empty before the job
+    /// has started. For a progress display; [`JobHandle::last_checkpoint`] has the
+    /// values as of the latest committed output.
+    pub fn metrics(&self) -> std::collections::BTreeMap<String, u64> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .snapshot()
     }
 
     /// The latest checkpoint completed (its output committed) so far, with every
@@ -393,6 +405,7 @@ impl Job {
                 prometheus: None,
                 stop: StopHandle::default(),
                 latest: Default::default(),
+                live: Default::default(),
                 stop_on_signals: false,
             },
             storage_url: None,
@@ -441,6 +454,7 @@ impl Job {
     pub fn start(self) -> Result<JobHandle> {
         let stop = self.stop_handle();
         let latest = self.settings.latest.clone();
+        let live = self.settings.live.clone();
         let thread = std::thread::Builder::new()
             .name(format!("{}-job", self.settings.name))
             .spawn(move || self.run())
@@ -448,6 +462,7 @@ impl Job {
         Ok(JobHandle {
             stop,
             latest,
+            live,
             thread,
         })
     }

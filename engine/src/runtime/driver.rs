@@ -77,6 +77,8 @@ pub(crate) struct JobSettings {
     pub stop: super::StopHandle,
     /// The latest completed checkpoint, for a [`crate::dsl::JobHandle`].
     pub latest: Arc<std::sync::Mutex<Option<CheckpointStats>>>,
+    /// The running job's counters, for a [`crate::dsl::JobHandle`].
+    pub live: Arc<std::sync::Mutex<Arc<crate::metrics::Metrics>>>,
     /// SIGTERM and SIGINT stop the job with a checkpoint while it runs.
     pub stop_on_signals: bool,
 }
@@ -183,6 +185,9 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
     let lease = rt.block_on(storage.acquire_lease())?;
     let mut report = JobReport::default();
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    *s.live
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = metrics.clone();
     let run = RunContext {
         graph,
         s,
