@@ -65,6 +65,22 @@ fn a_running_job_serves_its_metrics_for_prometheus() {
             if sample(&body, read[0], &read[1..]) == Some(half) {
                 let got = sample(&body, "exactly_counter", &received);
                 assert_eq!(got, Some(half), "{body}");
+                // The keyed task worked on those records, and its inputs' fill is
+                // published per subtask, a ratio.
+                let busy = sample(
+                    &body,
+                    "exactly_counter",
+                    &["operator=\"balance\"", "name=\"busy_ns\""],
+                );
+                assert!(busy.is_some_and(|b| b > 0.0), "{body}");
+                for subtask in ["0", "1"] {
+                    let fill = sample(
+                        &body,
+                        "exactly_task_input_fill_ratio",
+                        &["operator=\"balance\"", &format!("subtask=\"{subtask}\"")],
+                    );
+                    assert!(fill.is_some_and(|f| (0.0..=1.0).contains(&f)), "{body}");
+                }
                 break;
             }
             assert!(

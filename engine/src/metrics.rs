@@ -29,20 +29,56 @@ impl Counter {
     }
 }
 
-/// All counters of a job, by `operator.name`.
+/// A value that goes up and down (a queue's fill, a lag), one per parallel instance.
+#[derive(Debug, Clone, Default)]
+pub struct Gauge(Arc<AtomicU64>);
+
+impl Gauge {
+    /// Set the value.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What identifies a gauge: operator (task), name, subtask.
+pub type GaugeKey = (String, String, usize);
+
+/// All counters of a job, by `operator.name`, and the engine's gauges.
 #[derive(Debug, Default)]
-pub struct Metrics(Mutex<BTreeMap<String, Counter>>);
+pub struct Metrics {
+    counters: Mutex<BTreeMap<String, Counter>>,
+    gauges: Mutex<BTreeMap<GaugeKey, Gauge>>,
+}
 
 impl Metrics {
     /// The counter `name` of `operator`, created on first use.
     pub fn counter(&self, operator: &str, name: &str) -> Counter {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(format!("{operator}.{name}")).or_default().clone()
     }
 
     /// Every counter's current value.
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), v.get())).collect()
+    }
+
+    /// The gauge `name` of `operator`'s instance `subtask`, created on first use.
+    pub(crate) fn gauge(&self, operator: &str, name: &str, subtask: usize) -> Gauge {
+        let mut m = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry((operator.to_string(), name.to_string(), subtask))
+            .or_default()
+            .clone()
+    }
+
+    /// Every gauge's current value.
+    pub fn gauges(&self) -> BTreeMap<GaugeKey, u64> {
+        let m = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
         m.iter().map(|(k, v)| (k.clone(), v.get())).collect()
     }
 }

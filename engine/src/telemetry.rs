@@ -10,7 +10,9 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `exactly_counter` | counter | `job`, `operator`, `name` (`records` of a source: records read; `records_in` of a task: records received; and every counter operators register) |
+//! | `exactly_counter` | counter | `job`, `operator`, `name` (`records` of a source: records read; `records_in` of a task: records received; `busy_ns` of a task: nanoseconds its operators spent on batches, summed over subtasks, so its rate over the subtasks is how busy they are; and every counter operators register) |
+//! | `exactly_task_input_fill_ratio` | gauge | `job`, `operator`, `subtask` (batches queued on the task's inputs over their capacity: near 1, the task holds its inputs back, which is backpressure) |
+//! | `exactly_task_watermark_lag_seconds` | gauge | `job`, `operator`, `subtask` (the clock's time minus the task's event time, once it has one) |
 //! | `exactly_checkpoints_completed_total` | counter | `job` |
 //! | `exactly_checkpoints_aborted_total` | counter | `job` |
 //! | `exactly_restarts_total` | counter | `job` |
@@ -42,6 +44,33 @@ pub(crate) fn counters(job: &str, values: &BTreeMap<String, u64>) {
         .absolute(*value);
     }
 }
+
+/// Publish the engine's gauges.
+pub(crate) fn gauges(job: &str, metrics: &crate::metrics::Metrics) {
+    for ((operator, name, subtask), value) in metrics.gauges() {
+        let labels = [
+            ("job", job.to_string()),
+            ("operator", operator),
+            ("subtask", subtask.to_string()),
+        ];
+        match name.as_str() {
+            INPUT_FILL_PERMILLE => {
+                gauge!("exactly_task_input_fill_ratio", &labels).set(value as f64 / 1000.0)
+            }
+            WATERMARK_LAG_MS => {
+                gauge!("exactly_task_watermark_lag_seconds", &labels).set(value as f64 / 1000.0)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Gauge of an input task: batches queued over capacity, in thousandths.
+pub(crate) const INPUT_FILL_PERMILLE: &str = "input_fill_permille";
+/// Gauge of an input task: clock time minus its event time, in milliseconds.
+pub(crate) const WATERMARK_LAG_MS: &str = "watermark_lag_ms";
+/// Counter of an input task: nanoseconds its operators spent on batches.
+pub(crate) const BUSY_NS: &str = "busy_ns";
 
 /// A checkpoint completed and its output was committed.
 pub(crate) fn checkpoint_completed(job: &str, c: &CheckpointStats) {

@@ -115,7 +115,19 @@ impl<I: Data> ErasedInput for NodeInput<I> {
         }
         let op = (self.op)(ctx)?;
         let key = ctx.key();
-        let records_in = ctx.env.metrics.counter(&key.task.0, "records_in");
+        let metrics = &ctx.env.metrics;
+        let records_in = metrics.counter(&key.task.0, "records_in");
+        let busy_ns = metrics.counter(&key.task.0, crate::telemetry::BUSY_NS);
+        let fill = metrics.gauge(
+            &key.task.0,
+            crate::telemetry::INPUT_FILL_PERMILLE,
+            key.subtask.0,
+        );
+        let lag = metrics.gauge(
+            &key.task.0,
+            crate::telemetry::WATERMARK_LAG_MS,
+            key.subtask.0,
+        );
         Ok(Box::new(InputHead {
             key,
             parallelism: ctx.plan.parallelism[node],
@@ -123,6 +135,9 @@ impl<I: Data> ErasedInput for NodeInput<I> {
             op,
             env: ctx.env.clone(),
             records_in,
+            busy_ns,
+            fill,
+            lag,
         }))
     }
 }

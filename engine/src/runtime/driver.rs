@@ -875,6 +875,7 @@ impl Driver<'_> {
             let now = Instant::now();
             if now.duration_since(published) >= Duration::from_secs(1) {
                 crate::telemetry::counters(&self.s.name, &self.metrics.snapshot());
+                crate::telemetry::gauges(&self.s.name, &self.metrics);
                 published = now;
             }
             let mut decisions = Vec::new();

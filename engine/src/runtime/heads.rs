@@ -402,6 +402,12 @@ pub(crate) struct InputHead<T> {
     pub env: TaskEnv,
     /// Records received, counted per batch (`<task>.records_in`).
     pub records_in: crate::metrics::Counter,
+    /// Time spent in the operators on batches (`<task>.busy_ns`).
+    pub busy_ns: crate::metrics::Counter,
+    /// Batches queued on the inputs over their capacity, in thousandths, and the
+    /// clock's time minus the task's event time: sampled every buffer timeout.
+    pub fill: crate::metrics::Gauge,
+    pub lag: crate::metrics::Gauge,
 }
 
 /// Event time over a task's inputs: the minimum over inputs that are not idle.
@@ -490,6 +496,15 @@ impl<T: 'static> TaskHead for InputHead<T> {
                 if self.env.cancelled() {
                     return Err(Error::Cancelled);
                 }
+                let (queued, capacity) = receivers.iter().fold((0, 0), |(q, c), rx| {
+                    (q + rx.len(), c + rx.capacity().unwrap_or(0))
+                });
+                self.fill
+                    .set((queued * 1000).checked_div(capacity).unwrap_or(0) as u64);
+                if wms.emitted > Timestamp::MIN {
+                    let now = self.env.clock.now_ms();
+                    self.lag.set(now.saturating_sub(wms.emitted).max(0) as u64);
+                }
                 self.op.flush()?;
                 self.op.tick(self.env.clock.now_ms())?;
                 last_periodic = Instant::now();
@@ -503,7 +518,9 @@ impl<T: 'static> TaskHead for InputHead<T> {
                 Ok(Message::Batch(mut b)) => {
                     wms.idle[i] = false;
                     self.records_in.add(b.len() as u64);
-                    self.op.push(&mut b)?
+                    let started = Instant::now();
+                    self.op.push(&mut b)?;
+                    self.busy_ns.add(started.elapsed().as_nanos() as u64);
                 }
                 Ok(Message::Watermark(wm)) => {
                     wms.idle[i] = false;
