@@ -323,7 +323,7 @@ impl JobHandle {
 
     /// Cancel the job without a checkpoint (see [`StopHandle::cancel`]); returns at
     /// once, [`JobHandle::wait`] then returns
-    /// [`Error::JobCancelled`](crate::error::Error::JobCancelled).
+    /// [`Error::JobCancelled`].
     pub fn cancel(&self) {
         self.stop.cancel();
     }
