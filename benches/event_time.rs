@@ -1,7 +1,7 @@
 //! Event-time operators: tumbling-window count over 1M keys (checkpoints off, then every
-//! second) and dedup over a stream with 10 % duplicates (every second), in-memory state,
-//! local checkpoint directory. Prints events/s (total and per core) and checkpoint
-//! figures.
+//! second; on RocksDB too with the `rocksdb` feature) and dedup over a stream with 10 %
+//! duplicates (every second), in-memory state unless said otherwise, local checkpoint
+//! directory. Prints events/s (total and per core) and checkpoint figures.
 //!
 //! `cargo bench --bench event_time`; `EXACTLY_BENCH_EVENTS` sets the event count,
 //! `EXACTLY_BENCH_ONLY=window` skips the dedup runs.
@@ -42,10 +42,11 @@ fn event(i: u64, events: u64) -> Event {
     }
 }
 
-fn job(dir: &std::path::Path, interval: Option<Duration>) -> Job {
+fn job(dir: &std::path::Path, interval: Option<Duration>, backend: StateBackend) -> Job {
     let mut b = Job::builder("bench")
         .checkpoint_storage(dir.to_str().unwrap())
-        .parallelism(PARALLELISM);
+        .parallelism(PARALLELISM)
+        .state_backend(backend);
     if let Some(i) = interval {
         b = b.checkpoint_every(i);
     }
@@ -93,12 +94,26 @@ fn main() {
         .unwrap_or(5_000_000);
     println!("{events} events, {KEYS} keys, parallelism {PARALLELISM}");
 
-    for (label, interval) in [
-        ("tumbling count, 1M keys, off", None),
-        ("tumbling count, 1M keys, 1 s", Some(Duration::from_secs(1))),
-    ] {
+    let every = Some(Duration::from_secs(1));
+    let mut cases = vec![
+        ("tumbling count, 1M keys, off", None, StateBackend::Memory),
+        ("tumbling count, 1M keys, 1 s", every, StateBackend::Memory),
+    ];
+    if cfg!(feature = "rocksdb") {
+        cases.push((
+            "tumbling count, rocksdb, off",
+            None,
+            StateBackend::rocksdb(),
+        ));
+        cases.push((
+            "tumbling count, rocksdb, 1 s",
+            every,
+            StateBackend::rocksdb(),
+        ));
+    }
+    for (label, interval, backend) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let j = job(dir.path(), interval);
+        let j = job(dir.path(), interval, backend);
         let out = CollectSink::new();
         source(&j, events)
             .key_by(|e| e.key)
@@ -123,7 +138,11 @@ fn main() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let j = job(dir.path(), Some(Duration::from_secs(1)));
+    let j = job(
+        dir.path(),
+        Some(Duration::from_secs(1)),
+        StateBackend::Memory,
+    );
     let out = CollectSink::new();
     source(&j, events)
         .dedup_by(
