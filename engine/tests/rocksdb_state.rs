@@ -46,6 +46,8 @@ fn run(
         .state_backend(StateBackend::RocksDb(RocksDbConfig {
             local_dir: Some(local.to_path_buf()),
             write_buffer_size: 1 << 20,
+            // Small enough that the cache evicts and writes through between barriers.
+            cache_bytes: 16 << 10,
         }));
     if let Some(n) = crash_after {
         b = b.inject_failure_after_checkpoint(n);

@@ -1,6 +1,8 @@
-//! Keyed state of the RocksDB backend: every access reads or writes entries of the byte
-//! layout ([`super::layout`]) in the operator instance's database.
+//! Keyed state of the RocksDB backend: entries of the byte layout ([`super::layout`]) in
+//! the operator instance's database, value and map entries behind a write-behind cache
+//! ([`super::cache`]) that is flushed before every scan and at every checkpoint.
 
+use super::cache::EntryCache;
 use super::layout::{decode_ts, domain_byte, due_range, mark, MARK_LEN, TTL_MARK};
 use super::rocks::RocksStore;
 use super::types::{Declared, Restore, StateTypes};
@@ -17,6 +19,8 @@ pub(crate) struct ByteState {
     range: KeyGroupRange,
     max_parallelism: u16,
     pub db: Box<RocksStore>,
+    /// Value and map entries, written to `db` in batches (see [`super::cache`]).
+    cache: EntryCache,
     /// The current key's key group (index in `range`) and encoded key.
     group: usize,
     key: Vec<u8>,
@@ -29,11 +33,18 @@ pub(crate) struct ByteState {
 }
 
 impl ByteState {
-    pub fn new(range: KeyGroupRange, max_parallelism: u16, db: RocksStore) -> Self {
+    /// State over `db`, caching about `cache_bytes` of entries.
+    pub fn new(
+        range: KeyGroupRange,
+        max_parallelism: u16,
+        db: RocksStore,
+        cache_bytes: usize,
+    ) -> Self {
         ByteState {
             range,
             max_parallelism,
             db: Box::new(db),
+            cache: EntryCache::new(cache_bytes),
             group: 0,
             key: Vec::new(),
             scratch: Vec::new(),
@@ -71,7 +82,7 @@ impl ByteState {
     }
 
     /// Key group `g`'s entries under `prefix`, copied into `out` (cleared), so they can
-    /// be rewritten while walked.
+    /// be rewritten (through [`EntryCache::write_through`]) while walked.
     fn entries_under(
         &mut self,
         g: usize,
@@ -79,6 +90,7 @@ impl ByteState {
         out: &mut Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<()> {
         out.clear();
+        self.cache.flush(&mut self.db)?;
         self.db.scan_prefix(g, prefix, |k, v| {
             out.push((k.to_vec(), v.to_vec()));
             Ok(())
@@ -101,7 +113,8 @@ impl ByteState {
             for (k, v) in &entries {
                 converted.clear();
                 convert(v, &mut converted)?;
-                self.db.put(g, k, &converted)?;
+                self.cache
+                    .write_through(&mut self.db, g, k, Some(&converted))?;
             }
             count += entries.len();
         }
@@ -111,6 +124,12 @@ impl ByteState {
             "migrated state to its new version"
         );
         Ok(())
+    }
+
+    /// Entries cached, and how many of them are dirty.
+    #[cfg(test)]
+    pub fn cache_counts(&self) -> (usize, usize) {
+        self.cache.counts()
     }
 
     /// The key groups this instance owns.
@@ -146,8 +165,9 @@ impl ByteState {
 
     pub fn get<V: StateValue>(&mut self, s: ValueState<V>) -> Result<Option<V>> {
         self.entry_key(s.name());
-        self.db
-            .get(self.group, &self.scratch, |b| codec::decode(b, s.name()))?
+        self.cache
+            .get(&mut self.db, self.group, &self.scratch)?
+            .map(|b| codec::decode(b, s.name()))
             .transpose()
     }
 
@@ -155,12 +175,18 @@ impl ByteState {
         self.entry_key(s.name());
         self.value_buf.clear();
         codec::encode_into(value, &mut self.value_buf, s.name())?;
-        self.db.put(self.group, &self.scratch, &self.value_buf)
+        self.cache.set(
+            &mut self.db,
+            self.group,
+            &self.scratch,
+            Some(&self.value_buf),
+        )
     }
 
     pub fn clear<V>(&mut self, s: ValueState<V>) -> Result<()> {
         self.entry_key(s.name());
-        self.db.delete(self.group, &self.scratch)
+        self.cache
+            .set(&mut self.db, self.group, &self.scratch, None)
     }
 
     fn map_entry_key<UK: Serialize>(&mut self, name: &str, uk: &UK) -> Result<()> {
@@ -174,8 +200,9 @@ impl ByteState {
         uk: &UK,
     ) -> Result<Option<UV>> {
         self.map_entry_key(s.name(), uk)?;
-        self.db
-            .get(self.group, &self.scratch, |b| codec::decode(b, s.name()))?
+        self.cache
+            .get(&mut self.db, self.group, &self.scratch)?
+            .map(|b| codec::decode(b, s.name()))
             .transpose()
     }
 
@@ -188,12 +215,18 @@ impl ByteState {
         self.map_entry_key(s.name(), uk)?;
         self.value_buf.clear();
         codec::encode_into(value, &mut self.value_buf, s.name())?;
-        self.db.put(self.group, &self.scratch, &self.value_buf)
+        self.cache.set(
+            &mut self.db,
+            self.group,
+            &self.scratch,
+            Some(&self.value_buf),
+        )
     }
 
     pub fn map_remove<UK: StateValue, UV>(&mut self, s: MapState<UK, UV>, uk: &UK) -> Result<()> {
         self.map_entry_key(s.name(), uk)?;
-        self.db.delete(self.group, &self.scratch)
+        self.cache
+            .set(&mut self.db, self.group, &self.scratch, None)
     }
 
     /// All entries of the current key's map, ordered by encoded map key.
@@ -204,6 +237,7 @@ impl ByteState {
         self.entry_key(s.name());
         let plen = self.scratch.len();
         let mut out = Vec::new();
+        self.cache.flush(&mut self.db)?;
         self.db.scan_prefix(self.group, &self.scratch, |k, v| {
             out.push((
                 codec::decode(&k[plen..], s.name())?,
@@ -238,13 +272,13 @@ impl ByteState {
                 let uk: UK = codec::decode(uk, s.name())?;
                 let mut uv: UV = codec::decode(v, s.name())?;
                 if !f(&key, &uk, &mut uv) {
-                    self.db.delete(g, k)?;
+                    self.cache.write_through(&mut self.db, g, k, None)?;
                     continue;
                 }
                 after.clear();
                 codec::encode_into(&uv, &mut after, s.name())?;
                 if after != *v {
-                    self.db.put(g, k, &after)?;
+                    self.cache.write_through(&mut self.db, g, k, Some(&after))?;
                 }
             }
         }
@@ -254,12 +288,14 @@ impl ByteState {
     pub fn map_clear<UK, UV>(&mut self, s: MapState<UK, UV>) -> Result<()> {
         self.entry_key(s.name());
         let mut doomed = Vec::new();
+        self.cache.flush(&mut self.db)?;
         self.db.scan_prefix(self.group, &self.scratch, |k, _| {
             doomed.push(k.to_vec());
             Ok(())
         })?;
         for k in doomed {
-            self.db.delete(self.group, &k)?;
+            self.cache
+                .write_through(&mut self.db, self.group, &k, None)?;
         }
         Ok(())
     }
@@ -309,14 +345,12 @@ impl ByteState {
         now: Timestamp,
     ) -> Result<Option<V>> {
         self.entry_key(s.name());
-        let found = self.db.get(self.group, &self.scratch, |b| {
-            if b.len() < 8 || decode_ts(&b[..8]) <= now {
-                None
-            } else {
-                Some(codec::decode(&b[8..], s.name()))
+        match self.cache.get(&mut self.db, self.group, &self.scratch)? {
+            Some(b) if b.len() >= 8 && decode_ts(&b[..8]) > now => {
+                codec::decode(&b[8..], s.name()).map(Some)
             }
-        })?;
-        found.flatten().transpose()
+            _ => Ok(None),
+        }
     }
 
     pub fn put_ttl<V: StateValue>(
@@ -333,22 +367,26 @@ impl ByteState {
             .extend_from_slice(&super::layout::ts_bytes(expires));
         codec::encode_into(value, &mut self.value_buf, s.name())?;
         let timer = self.ttl_timer(expires);
-        self.db.put(self.group, &self.scratch, &self.value_buf)?;
+        self.cache.set(
+            &mut self.db,
+            self.group,
+            &self.scratch,
+            Some(&self.value_buf),
+        )?;
         self.db.put(self.group, &timer, &[])
     }
 
     pub fn clear_ttl<V>(&mut self, s: ValueState<V>) -> Result<()> {
         self.entry_key(s.name());
         let old = self
-            .db
-            .get(self.group, &self.scratch, |b| {
-                (b.len() >= 8).then(|| decode_ts(&b[..8]))
-            })?
-            .flatten();
+            .cache
+            .get(&mut self.db, self.group, &self.scratch)?
+            .and_then(|b| (b.len() >= 8).then(|| decode_ts(&b[..8])));
         if let Some(old) = old {
             let timer = self.ttl_timer(old);
             self.db.delete(self.group, &timer)?;
-            self.db.delete(self.group, &self.scratch)?;
+            self.cache
+                .set(&mut self.db, self.group, &self.scratch, None)?;
         }
         Ok(())
     }
@@ -360,11 +398,11 @@ impl ByteState {
             let entry = &k[MARK_LEN..];
             // Only delete the value if this cleanup entry is its current expiry.
             let current = self
-                .db
-                .get(g, entry, |v| v.len() >= 8 && v[..8] == k[2..MARK_LEN])?
-                .unwrap_or(false);
+                .cache
+                .get(&mut self.db, g, entry)?
+                .is_some_and(|v| v.len() >= 8 && v[..8] == k[2..MARK_LEN]);
             if current {
-                self.db.delete(g, entry)?;
+                self.cache.set(&mut self.db, g, entry, None)?;
                 expired += 1;
             }
         }
@@ -372,7 +410,8 @@ impl ByteState {
     }
 
     /// Remove every reserved entry `[0, kind, ts, ..]` with `ts <= upto` from every key
-    /// group; returns `(group index, removed entry key)` pairs.
+    /// group; returns `(group index, removed entry key)` pairs. These entries are never
+    /// cached, so RocksDB alone holds them.
     fn drain_due(&mut self, kind: u8, upto: Timestamp) -> Result<Vec<(usize, Vec<u8>)>> {
         let (lo, hi) = due_range(kind, upto);
         let mut out = Vec::new();
@@ -387,18 +426,23 @@ impl ByteState {
     /// Store an entry of a restored snapshot.
     pub fn restore_entry(&mut self, kg: KeyGroup, key: &[u8], value: &[u8]) -> Result<()> {
         if self.range.contains(kg) {
-            self.db
-                .put((kg.0 - self.range.start) as usize, key, value)?;
+            let g = (kg.0 - self.range.start) as usize;
+            self.cache
+                .write_through(&mut self.db, g, key, Some(value))?;
         }
         Ok(())
     }
 
     pub fn len(&mut self) -> Result<usize> {
+        self.cache.flush(&mut self.db)?;
         self.db.count()
     }
 
     /// A local RocksDB checkpoint (a memtable flush and hard links), uploaded later.
+    /// The cache's dirty entries are written first, in one batch, so the checkpoint
+    /// holds the state as of the barrier.
     pub fn snapshot(&mut self, id: CheckpointId) -> Result<StateSnapshot> {
+        self.cache.flush(&mut self.db)?;
         Ok(StateSnapshot {
             pending_db: Some(self.db.checkpoint(id)?),
             ..Default::default()

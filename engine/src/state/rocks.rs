@@ -224,6 +224,25 @@ impl RocksStore {
             .map_err(|e| db_err("delete", e))
     }
 
+    /// Write (`Some`) or delete (`None`) every entry of `entries`, given as `(key group
+    /// index, entry key, value)`, in one batch.
+    pub(crate) fn write_batch<'a>(
+        &mut self,
+        entries: impl Iterator<Item = (usize, &'a [u8], Option<&'a [u8]>)>,
+    ) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for (g, key, value) in entries {
+            self.prefixed(g, key);
+            match value {
+                Some(v) => batch.put(&self.key, v),
+                None => batch.delete(&self.key),
+            }
+        }
+        self.db()
+            .write_opt(batch, &self.write)
+            .map_err(|e| db_err("write", e))
+    }
+
     pub(crate) fn scan_prefix(
         &mut self,
         g: usize,
@@ -626,7 +645,7 @@ pub(crate) fn prune_local_cache<'a>(dir: &Path, keep: impl Iterator<Item = &'a S
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::codec;
     use crate::ids::key_group_of_bytes;
@@ -636,7 +655,9 @@ mod tests {
     const V: ValueState<String> = ValueState::new("v");
     const MAX: u16 = 128;
 
-    struct Fixture {
+    /// Checkpoint storage in memory, a local directory and an I/O runtime, to open,
+    /// checkpoint and restore RocksDB state.
+    pub(crate) struct Fixture {
         rt: tokio::runtime::Runtime,
         local: tempfile::TempDir,
         storage: CheckpointStorage,
@@ -644,7 +665,7 @@ mod tests {
     }
 
     impl Fixture {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             Fixture {
                 rt: tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -657,7 +678,7 @@ mod tests {
             }
         }
 
-        fn env(&self, backend: StateBackend) -> BackendEnv {
+        pub(crate) fn env(&self, backend: StateBackend) -> BackendEnv {
             BackendEnv {
                 backend,
                 local_dir: self.local.path().to_path_buf(),
@@ -667,10 +688,25 @@ mod tests {
             }
         }
 
-        fn open(&self, range: KeyGroupRange, snaps: &[OperatorSnapshot]) -> KeyedState<u64> {
+        pub(crate) fn open(
+            &self,
+            range: KeyGroupRange,
+            snaps: &[OperatorSnapshot],
+        ) -> KeyedState<u64> {
+            self.open_caching(range, snaps, RocksDbConfig::default().cache_bytes)
+        }
+
+        /// [`Self::open`] with a write-behind cache of `cache_bytes`.
+        pub(crate) fn open_caching(
+            &self,
+            range: KeyGroupRange,
+            snaps: &[OperatorSnapshot],
+            cache_bytes: usize,
+        ) -> KeyedState<u64> {
             let backend = StateBackend::RocksDb(RocksDbConfig {
                 local_dir: None,
                 write_buffer_size: 1 << 20,
+                cache_bytes,
             });
             KeyedState::open(
                 range,
@@ -684,7 +720,7 @@ mod tests {
         }
 
         /// Take checkpoint `id`, upload it, and mark it completed.
-        fn checkpoint(&self, s: &mut KeyedState<u64>, id: u64) -> Uploaded {
+        pub(crate) fn checkpoint(&self, s: &mut KeyedState<u64>, id: u64) -> Uploaded {
             let view = s.snapshot(CheckpointId(id)).unwrap();
             let up = self
                 .rt
