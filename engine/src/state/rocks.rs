@@ -225,12 +225,13 @@ impl RocksStore {
     }
 
     /// Write (`Some`) or delete (`None`) every entry of `entries`, given as `(key group
-    /// index, entry key, value)`, in one batch.
+    /// index, entry key, value)`, in one batch of about `bytes` bytes.
     pub(crate) fn write_batch<'a>(
         &mut self,
+        bytes: usize,
         entries: impl Iterator<Item = (usize, &'a [u8], Option<&'a [u8]>)>,
     ) -> Result<()> {
-        let mut batch = WriteBatch::default();
+        let mut batch = WriteBatch::with_capacity_bytes(bytes);
         for (g, key, value) in entries {
             self.prefixed(g, key);
             match value {
