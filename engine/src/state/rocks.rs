@@ -32,7 +32,8 @@ use crate::manifest::SharedFile;
 use crate::storage::CheckpointStorage;
 use futures::{StreamExt, TryStreamExt};
 use rocksdb::{
-    checkpoint::Checkpoint, DBCompressionType, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    checkpoint::Checkpoint, BlockBasedOptions, DBCompressionType, Options, ReadOptions, WriteBatch,
+    WriteOptions, DB,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -76,6 +77,15 @@ fn options(cfg: &RocksDbConfig) -> Options {
     o.set_compression_type(DBCompressionType::Lz4);
     o.set_write_buffer_size(cfg.write_buffer_size);
     o.set_max_background_jobs(2);
+    // Bloom filters on whole keys, in SST files and in the memtable: most cache misses
+    // look up an entry that does not exist yet (a key's first record, a new window),
+    // which otherwise searches the memtable and every level-0 file.
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_whole_key_filtering(true);
+    o.set_block_based_table_factory(&table);
+    o.set_memtable_whole_key_filtering(true);
+    o.set_memtable_prefix_bloom_ratio(0.1);
     o
 }
 
