@@ -82,7 +82,7 @@ impl ByteState {
     }
 
     /// Key group `g`'s entries under `prefix`, copied into `out` (cleared), so they can
-    /// be rewritten (through [`EntryCache::write_through`]) while walked.
+    /// be rewritten (through [`EntryCache::write_through_all`]) while walked.
     fn entries_under(
         &mut self,
         g: usize,
@@ -110,12 +110,13 @@ impl ByteState {
         let mut count = 0usize;
         for g in 0..self.range.len() {
             self.entries_under(g, &prefix, &mut entries)?;
-            for (k, v) in &entries {
+            for (_, v) in &mut entries {
                 converted.clear();
                 convert(v, &mut converted)?;
-                self.cache
-                    .write_through(&mut self.db, g, k, Some(&converted))?;
+                std::mem::swap(v, &mut converted);
             }
+            let writes = entries.iter().map(|(k, v)| (&k[..], Some(&v[..])));
+            self.cache.write_through_all(&mut self.db, g, writes)?;
             count += entries.len();
         }
         tracing::info!(
@@ -259,9 +260,13 @@ impl ByteState {
         let prefix = super::layout::name_prefix(s.name());
         let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut after = Vec::new();
+        // Entries to write back, by index in `entries` (its value rewritten), and
+        // whether they are kept (else deleted).
+        let mut changed: Vec<(usize, bool)> = Vec::new();
         for g in 0..self.range.len() {
             self.entries_under(g, &prefix, &mut entries)?;
-            for (k, v) in &entries {
+            changed.clear();
+            for (i, (k, v)) in entries.iter_mut().enumerate() {
                 let (key, uk): (K, &[u8]) =
                     postcard::take_from_bytes(&k[prefix.len()..]).map_err(|e| {
                         crate::error::Error::Codec {
@@ -272,14 +277,22 @@ impl ByteState {
                 let uk: UK = codec::decode(uk, s.name())?;
                 let mut uv: UV = codec::decode(v, s.name())?;
                 if !f(&key, &uk, &mut uv) {
-                    self.cache.write_through(&mut self.db, g, k, None)?;
+                    changed.push((i, false));
                     continue;
                 }
                 after.clear();
                 codec::encode_into(&uv, &mut after, s.name())?;
                 if after != *v {
-                    self.cache.write_through(&mut self.db, g, k, Some(&after))?;
+                    std::mem::swap(v, &mut after);
+                    changed.push((i, true));
                 }
+            }
+            if !changed.is_empty() {
+                let writes = changed.iter().map(|&(i, keep)| {
+                    let (k, v) = &entries[i];
+                    (&k[..], keep.then_some(&v[..]))
+                });
+                self.cache.write_through_all(&mut self.db, g, writes)?;
             }
         }
         Ok(())
@@ -293,10 +306,9 @@ impl ByteState {
             doomed.push(k.to_vec());
             Ok(())
         })?;
-        for k in doomed {
-            self.cache
-                .write_through(&mut self.db, self.group, &k, None)?;
-        }
+        let writes = doomed.iter().map(|k| (&k[..], None));
+        self.cache
+            .write_through_all(&mut self.db, self.group, writes)?;
         Ok(())
     }
 

@@ -21,7 +21,8 @@
 //! # Invariants
 //!
 //! * A clean entry equals RocksDB (present with these bytes, or absent). Writes that
-//!   bypass the cache ([`EntryCache::write_through`]) update a cached copy in place.
+//!   bypass the cache ([`EntryCache::write_through`], while walking a scan) update a
+//!   cached copy in place.
 //! * A dirty entry is newer than RocksDB and is listed in `dirty` (the list may also
 //!   name entries cleaned since; [`EntryCache::flush`] skips those).
 //! * `dirty` is empty whenever the slots are renumbered (eviction), so it never names a
@@ -247,8 +248,7 @@ impl EntryCache {
     }
 
     /// Write entry `key` straight to `db` (`None`: delete it), updating a cached copy,
-    /// which stays clean. For writes made while walking entries read from `db` after a
-    /// flush.
+    /// which stays clean.
     pub fn write_through(
         &mut self,
         db: &mut RocksStore,
@@ -260,6 +260,38 @@ impl EntryCache {
             Some(v) => db.put(g, key, v)?,
             None => db.delete(g, key)?,
         }
+        self.written(g, key, value);
+        Ok(())
+    }
+
+    /// [`Self::write_through`] for every `(key, value)` of `writes`, all of key group
+    /// index `g`, in one batch. For writes made while walking entries read from `db`
+    /// after a flush.
+    pub fn write_through_all<'a, I>(
+        &mut self,
+        db: &mut RocksStore,
+        g: usize,
+        writes: I,
+    ) -> Result<()>
+    where
+        I: Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
+    {
+        if writes.clone().next().is_none() {
+            return Ok(());
+        }
+        let bytes = writes
+            .clone()
+            .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len) + 8)
+            .sum();
+        db.write_batch(bytes, writes.clone().map(|(k, v)| (g, k, v)))?;
+        for (key, value) in writes {
+            self.written(g, key, value);
+        }
+        Ok(())
+    }
+
+    /// Entry `key` now holds `value` in RocksDB: a cached copy takes it, clean.
+    fn written(&mut self, g: usize, key: &[u8], value: Option<&[u8]>) {
         let g16 = g as u16;
         let hash = hash_of(&(g16, key));
         if let Some(i) = self.find(hash, g16, key) {
@@ -269,7 +301,6 @@ impl EntryCache {
             s.dirty = false;
             self.bytes = self.bytes + s.bytes() - before;
         }
-        Ok(())
     }
 
     /// Write every dirty entry to `db` in one batch; they stay cached, clean.
