@@ -4,7 +4,8 @@
 //!   keys and values, a timer service ordered by time, nothing encoded on the record
 //!   path (module `typed`).
 //! * **RocksDB** ([`StateBackend::RocksDb`]): entries of the byte layout in one database
-//!   per operator instance (modules `bytes` and [`rocks`]).
+//!   per operator instance, value and map entries behind a write-behind cache written
+//!   in one batch at each barrier (modules `bytes`, `cache` and [`rocks`]).
 //!
 //! Checkpoints of both hold the same backend-independent byte layout (module `layout`),
 //! stored per key group, so either backend restores the other's checkpoints and a job
@@ -485,8 +486,9 @@ pub struct RocksDbConfig {
     /// Write-behind cache of value and map entries per instance, in bytes (approximate:
     /// each entry counts its encoded key and value plus about 100 bytes; default 64
     /// MiB). Reads are served from it, writes collect in it and reach RocksDB in one
-    /// batch at the next checkpoint, or earlier when it fills; 0 still works but writes
-    /// almost every change through at once.
+    /// batch at the next checkpoint, or earlier (when it fills, and before a scan of
+    /// map state); 0 still works but writes almost every change through at once. The
+    /// barrier's pause grows with the keys changed since the previous checkpoint.
     pub cache_bytes: usize,
 }
 

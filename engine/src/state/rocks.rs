@@ -9,7 +9,8 @@
 //!
 //! # Checkpoints
 //!
-//! At the barrier the task flushes the memtable and creates a RocksDB checkpoint (hard
+//! At the barrier the task writes the dirty entries of its write-behind cache (module
+//! `cache`) in one batch, flushes the memtable and creates a RocksDB checkpoint (hard
 //! links) in the working directory: that is the whole synchronous part. On the job's
 //! I/O runtime the SST files not uploaded before are uploaded to `shared/` in checkpoint
 //! storage; the small metadata files (`MANIFEST-*`, `CURRENT`, `OPTIONS-*`) go inline
