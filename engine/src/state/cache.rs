@@ -358,9 +358,9 @@ impl EntryCache {
 
 #[cfg(test)]
 mod tests {
-    use crate::ids::{KeyGroupRange, OperatorId, SubtaskIndex};
+    use crate::ids::KeyGroupRange;
     use crate::state::rocks::tests::Fixture;
-    use crate::state::{Inner, KeyedState, MapState, OperatorSnapshot, StateBackend, ValueState};
+    use crate::state::{Inner, KeyedState, MapState, OperatorSnapshot, ValueState};
     use proptest::prelude::*;
     use proptest::strategy::ValueTree;
     use proptest::test_runner::TestRunner;
@@ -379,18 +379,6 @@ mod tests {
             Inner::Rocks(b, _) => b.cache_counts(),
             Inner::Memory(_) => unreachable!("the fixture opens RocksDB state"),
         }
-    }
-
-    fn open_memory(f: &Fixture, snaps: &[OperatorSnapshot]) -> KeyedState<u64> {
-        KeyedState::open(
-            ALL,
-            MAX,
-            &OperatorId("op".into()),
-            SubtaskIndex(0),
-            &f.env(StateBackend::Memory),
-            snaps,
-        )
-        .unwrap()
     }
 
     fn snapshot_of(f: &Fixture, s: &mut KeyedState<u64>, id: u64) -> OperatorSnapshot {
@@ -421,7 +409,7 @@ mod tests {
         // Both backends read the checkpoint with every write in it.
         for mut r in [
             f.open(ALL, std::slice::from_ref(&snap)),
-            open_memory(&f, &[snap]),
+            f.open_memory(&[snap]),
         ] {
             for k in 0..100u64 {
                 let v = (k != 7).then_some(k as u32);
@@ -447,7 +435,7 @@ mod tests {
             assert!(cached < 100, "{cached} entries cached in 4 KiB");
         }
         let snap = snapshot_of(&f, &mut s, 1);
-        let mut r = open_memory(&f, &[snap]);
+        let mut r = f.open_memory(&[snap]);
         for k in 0..1_000u64 {
             assert_eq!(r.get(&k, V, 0).unwrap(), Some(k as u32 + 2));
         }
@@ -586,7 +574,7 @@ mod tests {
                     *next_id += 1;
                     let snap = snapshot_of(f, &mut s, *next_id);
                     model.check(
-                        &mut open_memory(f, std::slice::from_ref(&snap)),
+                        &mut f.open_memory(std::slice::from_ref(&snap)),
                         now,
                         "in memory",
                     );
@@ -598,7 +586,7 @@ mod tests {
         }
         *next_id += 1;
         let snap = snapshot_of(f, &mut s, *next_id);
-        model.check(&mut open_memory(f, &[snap]), now, "final checkpoint");
+        model.check(&mut f.open_memory(&[snap]), now, "final checkpoint");
     }
 
     /// Random value, TTL and map operations, checkpoints and restores, with caches from

@@ -720,6 +720,21 @@ pub(crate) mod tests {
                 write_buffer_size: 1 << 20,
                 cache_bytes,
             });
+            self.open_backend(range, backend, snaps)
+        }
+
+        /// In-memory state of every key group, restored from `snaps`.
+        pub(crate) fn open_memory(&self, snaps: &[OperatorSnapshot]) -> KeyedState<u64> {
+            let all = KeyGroupRange { start: 0, end: MAX };
+            self.open_backend(all, StateBackend::Memory, snaps)
+        }
+
+        fn open_backend(
+            &self,
+            range: KeyGroupRange,
+            backend: StateBackend,
+            snaps: &[OperatorSnapshot],
+        ) -> KeyedState<u64> {
             KeyedState::open(
                 range,
                 MAX,
@@ -860,15 +875,7 @@ pub(crate) mod tests {
             assert_eq!(found, vec![v.clone()], "key {k}");
         }
         // Switching backend: the in-memory backend reads the RocksDB checkpoint.
-        let mut mem = KeyedState::<u64>::open(
-            ALL,
-            MAX,
-            &OperatorId("op".into()),
-            SubtaskIndex(0),
-            &f.env(StateBackend::Memory),
-            snaps,
-        )
-        .unwrap();
+        let mut mem = f.open_memory(snaps);
         for (k, v) in &expect {
             assert_eq!(get(&mut mem, *k).as_ref(), Some(v));
         }
