@@ -37,7 +37,9 @@ pub enum Error {
     /// A source cannot rewind but the job runs in exactly-once mode.
     #[error(
         "source '{operator}' cannot rewind to a checkpointed offset, so it cannot take part in \
-         an exactly-once job; use a replayable source or run the job in at-least-once mode"
+         an exactly-once job: after a crash its events since the last checkpoint would be \
+         lost; use a replayable source (files, Kafka, a generator), or land the events in \
+         one first (e.g. a Kafka topic) and read them from there"
     )]
     NotReplayable {
         /// The source's operator id.

@@ -332,6 +332,9 @@ fn non_replayable_source_is_refused() {
     let err = job.run().unwrap_err();
     assert!(matches!(err, Error::NotReplayable { .. }), "{err}");
     assert!(err.to_string().contains("socket"), "{err}");
+    // It points at something that exists: there is no at-least-once mode (yet).
+    assert!(err.to_string().contains("replayable source"), "{err}");
+    assert!(!err.to_string().contains("at-least-once"), "{err}");
 }
 
 #[test]
