@@ -491,7 +491,7 @@ impl<K: Key> TypedState<K> {
 
     /// The table of state `name`, typed `T`, created (from restored entries, if any)
     /// on first use.
-    #[inline]
+    #[inline(always)]
     fn table<T: StateTable<K> + 'static>(
         &mut self,
         name: &'static str,
