@@ -40,14 +40,30 @@ fn a_running_job_serves_its_metrics_for_prometheus() {
     let payments: Vec<(u32, i64)> = (0..10_000).map(|i| (i % 97, i64::from(i))).collect();
     let half = (payments.len() / 2) as f64;
     let dir = tempfile::tempdir().unwrap();
+    // The job's clock is held at 65 s; event time is the amount in milliseconds, so it
+    // stops at 4,999 ms while the source waits at its gate after half its input.
     let job = Job::builder("ledger")
         .parallelism(2)
         .checkpoint_storage(dir.path().join("checkpoints").to_str().unwrap())
+        .clock(ManualClock::new(65_000))
         .prometheus_endpoint(addr)
         .build()
         .unwrap();
     let (source, gate) = gated(&payments);
-    common::running_balances(&job, source, &dir.path().join("out"));
+    const BALANCE: ValueState<i64> = ValueState::new("balance");
+    job.source("payments", source)
+        .with_watermarks(WatermarkStrategy::monotonic(|p: &(u32, i64)| p.1))
+        .key_by(|p| p.0)
+        .process_fn(
+            |(account, amount), ctx: &mut KeyedContext<'_, u32, (u32, i64)>| {
+                let balance = ctx.value(BALANCE)?.unwrap_or(0) + amount;
+                ctx.set_value(BALANCE, &balance)?;
+                ctx.emit((account, balance));
+                Ok(())
+            },
+        )
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(dir.path().join("out")));
     let read = [
         "exactly_counter",
         "job=\"ledger\"",
@@ -81,11 +97,30 @@ fn a_running_job_serves_its_metrics_for_prometheus() {
                     );
                     assert!(fill.is_some_and(|f| (0.0..=1.0).contains(&f)), "{body}");
                 }
-                break;
+                // Watermark lag: the clock's 65 s minus the event time reached (the
+                // watermark trails the largest timestamp read, 4,999 ms, by at most a
+                // few milliseconds). Gauges are sampled every buffer timeout, so wait
+                // for both subtasks' to show.
+                let lags: Vec<Option<f64>> = ["0", "1"]
+                    .iter()
+                    .map(|subtask| {
+                        sample(
+                            &body,
+                            "exactly_task_watermark_lag_seconds",
+                            &["operator=\"balance\"", &format!("subtask=\"{subtask}\"")],
+                        )
+                    })
+                    .collect();
+                if lags.iter().all(Option::is_some) {
+                    for lag in lags.into_iter().flatten() {
+                        assert!((59.9..=60.1).contains(&lag), "{body}");
+                    }
+                    break;
+                }
             }
             assert!(
                 Instant::now() < deadline,
-                "no records counter at {half} within 60 s:\n{body}"
+                "no records counter at {half}, or no watermark lag, within 60 s:\n{body}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -322,8 +322,7 @@ impl JobHandle {
     }
 
     /// Cancel the job without a checkpoint (see [`StopHandle::cancel`]); returns at
-    /// once, [`JobHandle::wait`] then returns
-    /// [`Error::JobCancelled`].
+    /// once, [`JobHandle::wait`] then returns [`Error::JobCancelled`].
     pub fn cancel(&self) {
         self.stop.cancel();
     }

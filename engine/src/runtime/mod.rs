@@ -67,10 +67,10 @@ impl StopHandle {
     }
 
     /// Cancel the job without a checkpoint: tasks stop where they are and `run()`
-    /// returns [`Error::JobCancelled`] without
-    /// restarting. Output of completed checkpoints stays committed; what was processed
-    /// after the last one is not, and the next run resumes from that checkpoint and
-    /// does it again (so nothing is lost or doubled). For a deployment, prefer
+    /// returns [`Error::JobCancelled`] without restarting. Output of completed
+    /// checkpoints stays committed; what was processed after the last one is not, and
+    /// the next run resumes from that checkpoint and does it again (so nothing is lost
+    /// or doubled). For a deployment, prefer
     /// [`StopHandle::stop`]: it commits everything read before stopping.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
