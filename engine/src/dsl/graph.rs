@@ -12,7 +12,7 @@ use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
 use crate::runtime::exchange::{ExchangeOut, RoundRobin};
 use crate::runtime::heads::{InputHead, TaskHead};
 use crate::runtime::ops::{Discard, Fanout};
-use crate::runtime::{Collector, Message, SourceControl, TaskEnv};
+use crate::runtime::{BatchPool, Collector, Message, SourceControl, TaskEnv};
 use crate::state::OperatorSnapshot;
 use crossbeam_channel::{Receiver, Sender};
 use std::any::Any;
@@ -26,8 +26,11 @@ pub(crate) type EdgeId = usize;
 pub(crate) type OpFactory<I> =
     Arc<dyn Fn(&mut BuildCtx<'_>) -> Result<Box<dyn Collector<I>>> + Send + Sync>;
 /// Builds the sending side of a hash edge for one upstream subtask.
-pub(crate) type SenderFactory<T> =
-    Arc<dyn Fn(Vec<Sender<Message<T>>>, &BuildCtx<'_>) -> Box<dyn Collector<T>> + Send + Sync>;
+pub(crate) type SenderFactory<T> = Arc<
+    dyn Fn(Vec<Sender<Message<T>>>, BatchPool<T>, &BuildCtx<'_>) -> Box<dyn Collector<T>>
+        + Send
+        + Sync,
+>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Partition {
@@ -56,6 +59,8 @@ struct EdgeChannels<T> {
     senders: Vec<Option<Vec<Sender<Message<T>>>>>,
     /// Per downstream subtask: receivers ordered by upstream subtask.
     receivers: Vec<Option<Vec<Receiver<Message<T>>>>>,
+    /// Emptied batches going back from the receivers to the senders.
+    pool: BatchPool<T>,
 }
 
 pub(crate) trait ErasedInput: Send + Sync {
@@ -66,6 +71,7 @@ pub(crate) trait ErasedInput: Send + Sync {
         down: usize,
         one_to_one: bool,
         capacity: usize,
+        batch_size: usize,
     ) -> Box<dyn Any + Send>;
     fn build_head(&self, node: NodeId, ctx: &mut BuildCtx<'_>) -> Result<Box<dyn TaskHead>>;
 }
@@ -81,6 +87,7 @@ impl<I: Data> ErasedInput for NodeInput<I> {
         down: usize,
         one_to_one: bool,
         capacity: usize,
+        batch_size: usize,
     ) -> Box<dyn Any + Send> {
         let mut senders: Vec<Vec<Sender<Message<I>>>> = (0..up).map(|_| Vec::new()).collect();
         let mut receivers: Vec<Vec<Receiver<Message<I>>>> = (0..down).map(|_| Vec::new()).collect();
@@ -94,14 +101,19 @@ impl<I: Data> ErasedInput for NodeInput<I> {
                 r.push(rx);
             }
         }
+        // Enough for every sender to take a fresh buffer per channel while the
+        // receivers hand back what they processed.
+        let channels = if one_to_one { up } else { up * down };
         Box::new(EdgeChannels {
             senders: senders.into_iter().map(Some).collect(),
             receivers: receivers.into_iter().map(Some).collect(),
+            pool: BatchPool::new(2 * channels + up, batch_size),
         })
     }
 
     fn build_head(&self, node: NodeId, ctx: &mut BuildCtx<'_>) -> Result<Box<dyn TaskHead>> {
         let mut receivers = Vec::new();
+        let mut pools = Vec::new();
         for &e in &ctx.graph.nodes[node].in_edges {
             let mut pool = ctx.channels.lock();
             let chans = pool
@@ -111,6 +123,7 @@ impl<I: Data> ErasedInput for NodeInput<I> {
             let mine = chans.receivers[ctx.subtask.0].take().ok_or_else(|| {
                 Error::config(format!("internal: receivers of edge {e} taken twice"))
             })?;
+            pools.extend(mine.iter().map(|_| chans.pool.clone()));
             receivers.extend(mine);
         }
         let op = (self.op)(ctx)?;
@@ -132,6 +145,7 @@ impl<I: Data> ErasedInput for NodeInput<I> {
             key,
             parallelism: ctx.plan.parallelism[node],
             receivers,
+            pools,
             op,
             env: ctx.env.clone(),
             records_in,
@@ -307,7 +321,7 @@ impl Plan {
 pub(crate) struct ChannelPool(Mutex<HashMap<EdgeId, Box<dyn Any + Send>>>);
 
 impl ChannelPool {
-    pub fn new(graph: &Graph, plan: &Plan, capacity: usize) -> ChannelPool {
+    pub fn new(graph: &Graph, plan: &Plan, capacity: usize, batch_size: usize) -> ChannelPool {
         let mut map = HashMap::new();
         for (e, edge) in graph.edges.iter().enumerate() {
             if plan.chained[e] {
@@ -319,7 +333,10 @@ impl ChannelPool {
                 .input
                 .as_ref()
                 .expect("non-source node has an input");
-            map.insert(e, input.make_channels(up, down, one_to_one, capacity));
+            map.insert(
+                e,
+                input.make_channels(up, down, one_to_one, capacity, batch_size),
+            );
         }
         ChannelPool(Mutex::new(map))
     }
@@ -388,25 +405,27 @@ impl BuildCtx<'_> {
                 outs.push(self.build_input::<T>(edge.to)?);
                 continue;
             }
-            let senders = {
+            let (senders, batches) = {
                 let mut pool = self.channels.lock();
                 let chans = pool
                     .get_mut(&e)
                     .and_then(|c| c.downcast_mut::<EdgeChannels<T>>())
                     .ok_or_else(|| Error::config(format!("internal: no channels for edge {e}")))?;
-                chans.senders[self.subtask.0].take().ok_or_else(|| {
+                let senders = chans.senders[self.subtask.0].take().ok_or_else(|| {
                     Error::config(format!("internal: senders of edge {e} taken twice"))
-                })?
+                })?;
+                (senders, chans.pool.clone())
             };
             let out: Box<dyn Collector<T>> = match (&edge.partition, &edge.hash_sender) {
                 (Partition::Hash, Some(f)) => {
                     let f = f
                         .downcast_ref::<SenderFactory<T>>()
                         .ok_or_else(|| Error::config("internal: hash sender of the wrong type"))?;
-                    f(senders, self)
+                    f(senders, batches, self)
                 }
                 _ => Box::new(ExchangeOut::new(
                     senders,
+                    batches,
                     RoundRobin(self.subtask.0),
                     self.env.config.batch_size,
                     self.env.cancel.clone(),

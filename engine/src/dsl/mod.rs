@@ -367,10 +367,11 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
         g.add_node(OperatorId(format!("process-{node}")));
         g.nodes[node].unnamed_state = true;
         let kf = self.key_fn.clone();
-        let sender: SenderFactory<T> = Arc::new(move |senders, ctx| {
+        let sender: SenderFactory<T> = Arc::new(move |senders, batches, ctx| {
             let cfg = &ctx.env.config;
             Box::new(ExchangeOut::new(
                 senders,
+                batches,
                 ByKeyGroup::new(kf.clone(), cfg.max_parallelism),
                 cfg.batch_size,
                 ctx.env.cancel.clone(),

@@ -670,7 +670,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
         report.recovery_time = t0.elapsed();
     }
     let plan = Plan::new(graph, s.parallelism);
-    let channels = ChannelPool::new(graph, &plan, s.channel_capacity);
+    let channels = ChannelPool::new(graph, &plan, s.channel_capacity, s.batch_size);
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
     let cancel = Arc::new(AtomicBool::new(false));
     let env = TaskEnv {

@@ -1,6 +1,6 @@
 //! Senders of an edge that leaves a task: forward, round-robin and hash by key group.
 
-use super::{send_blocking, Collector, Message, TaskSnapshot};
+use super::{send_blocking, BatchPool, Collector, Message, TaskSnapshot};
 use crate::api::{Data, Key};
 use crate::codec;
 use crate::error::Result;
@@ -76,6 +76,8 @@ impl<T, K: Key, F: Fn(&T) -> K> Partitioner<T> for ByKeyGroup<K, F> {
 pub(crate) struct ExchangeOut<T, P> {
     senders: Vec<Sender<Message<T>>>,
     buffers: Vec<Vec<T>>,
+    /// Where fresh buffers come from (the receivers hand their batches back).
+    pool: BatchPool<T>,
     partitioner: P,
     batch_size: usize,
     cancel: Arc<AtomicBool>,
@@ -84,17 +86,16 @@ pub(crate) struct ExchangeOut<T, P> {
 impl<T: Data, P: Partitioner<T>> ExchangeOut<T, P> {
     pub fn new(
         senders: Vec<Sender<Message<T>>>,
+        pool: BatchPool<T>,
         partitioner: P,
         batch_size: usize,
         cancel: Arc<AtomicBool>,
     ) -> Self {
-        let buffers = senders
-            .iter()
-            .map(|_| Vec::with_capacity(batch_size))
-            .collect();
+        let buffers = senders.iter().map(|_| pool.take()).collect();
         ExchangeOut {
             senders,
             buffers,
+            pool,
             partitioner,
             batch_size,
             cancel,
@@ -105,7 +106,7 @@ impl<T: Data, P: Partitioner<T>> ExchangeOut<T, P> {
         if self.buffers[i].is_empty() {
             return Ok(());
         }
-        let full = std::mem::replace(&mut self.buffers[i], Vec::with_capacity(self.batch_size));
+        let full = std::mem::replace(&mut self.buffers[i], self.pool.take());
         send_blocking(&self.senders[i], Message::Batch(full), &self.cancel)
     }
 
@@ -122,9 +123,10 @@ impl<T: Data, P: Partitioner<T>> Collector<T> for ExchangeOut<T, P> {
     fn push(&mut self, batch: &mut Vec<T>) -> Result<()> {
         let n = self.senders.len();
         if n == 1 {
-            // Forward edge: move the whole batch when the buffer is empty.
+            // Forward edge: move the whole batch when the buffer is empty, and leave
+            // the caller a recycled one to fill next.
             if self.buffers[0].is_empty() && batch.len() >= self.batch_size / 2 {
-                let b = std::mem::take(batch);
+                let b = std::mem::replace(batch, self.pool.take());
                 return send_blocking(&self.senders[0], Message::Batch(b), &self.cancel);
             }
             self.buffers[0].append(batch);
@@ -137,8 +139,7 @@ impl<T: Data, P: Partitioner<T>> Collector<T> for ExchangeOut<T, P> {
             let i = self.partitioner.channel(&record, n)?;
             self.buffers[i].push(record);
             if self.buffers[i].len() >= self.batch_size {
-                let full =
-                    std::mem::replace(&mut self.buffers[i], Vec::with_capacity(self.batch_size));
+                let full = std::mem::replace(&mut self.buffers[i], self.pool.take());
                 send_blocking(&self.senders[i], Message::Batch(full), &self.cancel)?;
             }
         }

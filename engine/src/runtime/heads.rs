@@ -1,6 +1,6 @@
 //! The loop at the head of each task: a source reader or the task's input channels.
 
-use super::{Collector, Message, SourceControl, TaskEnv, TaskEvent, TaskSnapshot};
+use super::{BatchPool, Collector, Message, SourceControl, TaskEnv, TaskEvent, TaskSnapshot};
 use crate::aligner::BarrierAligner;
 use crate::api::{Source, SourcePoll, SourceReader};
 use crate::codec;
@@ -398,6 +398,8 @@ pub(crate) struct InputHead<T> {
     pub key: TaskKey,
     pub parallelism: usize,
     pub receivers: Vec<Receiver<Message<T>>>,
+    /// Where each receiver's processed batches go back to.
+    pub pools: Vec<BatchPool<T>>,
     pub op: Box<dyn Collector<T>>,
     pub env: TaskEnv,
     /// Records received, counted per batch (`<task>.records_in`).
@@ -520,6 +522,7 @@ impl<T: 'static> TaskHead for InputHead<T> {
                     self.records_in.add(b.len() as u64);
                     let started = Instant::now();
                     self.op.push(&mut b)?;
+                    self.pools[i].give(b);
                     self.busy_ns.add(started.elapsed().as_nanos() as u64);
                 }
                 Ok(Message::Watermark(wm)) => {

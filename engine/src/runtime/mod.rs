@@ -111,6 +111,53 @@ pub(crate) enum Message<T> {
     End,
 }
 
+/// Emptied batches of one edge, handed back from the receiving tasks to the sending
+/// ones, so that in steady state a batch costs no allocation (and, with the system
+/// allocator, no free of a large block in another thread than the one that allocated
+/// it). Best effort both ways: an empty pool allocates, a full one drops.
+pub(crate) struct BatchPool<T> {
+    tx: Sender<Vec<T>>,
+    rx: crossbeam_channel::Receiver<Vec<T>>,
+    batch_size: usize,
+}
+
+impl<T> Clone for BatchPool<T> {
+    fn clone(&self) -> Self {
+        BatchPool {
+            tx: self.tx.clone(),
+            rx: self.rx.clone(),
+            batch_size: self.batch_size,
+        }
+    }
+}
+
+impl<T> BatchPool<T> {
+    /// A pool keeping up to `slots` batches of `batch_size` records.
+    pub fn new(slots: usize, batch_size: usize) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(slots.max(1));
+        BatchPool { tx, rx, batch_size }
+    }
+
+    /// An empty batch with room for a whole batch.
+    #[inline]
+    pub fn take(&self) -> Vec<T> {
+        self.rx
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(self.batch_size))
+    }
+
+    /// Hand a processed batch back (its records, if any are left, are dropped here).
+    /// Batches that are too small or grew far beyond a batch are not kept.
+    #[inline]
+    pub fn give(&self, mut batch: Vec<T>) {
+        let cap = batch.capacity();
+        if cap >= self.batch_size && cap <= self.batch_size.saturating_mul(4) {
+            batch.clear();
+            let _ = self.tx.try_send(batch);
+        }
+    }
+}
+
 /// Collected while a barrier passes through a task's chain.
 #[derive(Default)]
 pub(crate) struct TaskSnapshot {
@@ -358,5 +405,32 @@ pub(crate) fn send_blocking<T>(
                 msg = m;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BatchPool;
+
+    #[test]
+    fn batch_pool_hands_back_the_same_buffers() {
+        let pool = BatchPool::<u64>::new(2, 16);
+        let mut a = pool.take();
+        assert!(a.capacity() >= 16);
+        a.extend(0..10);
+        let addr = a.as_ptr();
+        pool.give(a);
+        let b = pool.take();
+        assert!(b.is_empty(), "records left in a batch are dropped");
+        assert_eq!(b.as_ptr(), addr, "the buffer handed back is reused");
+        // Too small (a batch moved on and replaced) or far too large: not kept.
+        pool.give(Vec::new());
+        pool.give(Vec::with_capacity(1000));
+        assert_ne!(pool.take().capacity(), 1000);
+        // A full pool drops what it cannot keep.
+        for _ in 0..5 {
+            pool.give(Vec::with_capacity(16));
+        }
+        assert_eq!(pool.rx.len(), 2);
     }
 }
