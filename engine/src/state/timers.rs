@@ -21,8 +21,76 @@ const SLOT_BITS: u32 = 10;
 /// Width of a slot in milliseconds.
 pub(crate) const SLOT_MS: i64 = 1 << SLOT_BITS;
 
-type Keys<K> = hashbrown::HashSet<K, FixedHasher>;
 type Slot<K> = BTreeMap<Timestamp, Keys<K>>;
+
+/// The keys with a timer at one time. Most times have one key (event times in
+/// milliseconds rarely repeat, unless timers sit on window or day ends), so a single
+/// key is kept without a set: registering it costs no allocation beyond its entry.
+#[derive(Debug, Clone)]
+enum Keys<K> {
+    One(K),
+    Many(hashbrown::HashSet<K, FixedHasher>),
+}
+
+impl<K: Hash + Eq + Clone> Keys<K> {
+    fn contains(&self, k: &K) -> bool {
+        match self {
+            Keys::One(x) => x == k,
+            Keys::Many(set) => set.contains(k),
+        }
+    }
+
+    /// Add `k`; whether it was new.
+    fn insert(&mut self, k: &K) -> bool {
+        match self {
+            Keys::One(x) if x == k => false,
+            Keys::One(_) => {
+                let mut set = hashbrown::HashSet::with_capacity_and_hasher(2, hasher());
+                let Keys::One(x) = std::mem::replace(self, Keys::Many(Default::default())) else {
+                    unreachable!()
+                };
+                set.insert(x);
+                set.insert(k.clone());
+                *self = Keys::Many(set);
+                true
+            }
+            Keys::Many(set) => {
+                let before = set.len();
+                set.get_or_insert_with(k, K::clone);
+                set.len() > before
+            }
+        }
+    }
+
+    /// Remove `k` (which is present); whether none is left.
+    fn remove(&mut self, k: &K) -> bool {
+        match self {
+            Keys::One(_) => true,
+            Keys::Many(set) => {
+                set.remove(k);
+                set.is_empty()
+            }
+        }
+    }
+}
+
+impl<K> Keys<K> {
+    fn iter(&self) -> impl Iterator<Item = &K> {
+        let (one, many) = match self {
+            Keys::One(x) => (Some(x), None),
+            Keys::Many(set) => (None, Some(set.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = K> {
+        let (one, many) = match self {
+            Keys::One(x) => (Some(x), None),
+            Keys::Many(set) => (None, Some(set.into_iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
 
 fn slot_of(ts: Timestamp) -> i64 {
     ts >> SLOT_BITS
@@ -58,12 +126,17 @@ impl<K: Hash + Eq + Clone> TimerQueue<K> {
         if Arc::get_mut(shared).is_none() && shared.get(&ts).is_some_and(|keys| keys.contains(k)) {
             return;
         }
-        let keys = Arc::make_mut(shared)
-            .entry(ts)
-            .or_insert_with(|| Keys::with_hasher(hasher()));
-        let before = keys.len();
-        keys.get_or_insert_with(k, K::clone);
-        self.len += keys.len() - before;
+        match Arc::make_mut(shared).entry(ts) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(Keys::One(k.clone()));
+                self.len += 1;
+            }
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                if e.get_mut().insert(k) {
+                    self.len += 1;
+                }
+            }
+        }
     }
 
     fn delete(&mut self, ts: Timestamp, k: &K) {
@@ -76,9 +149,8 @@ impl<K: Hash + Eq + Clone> TimerQueue<K> {
         };
         let slot = Arc::make_mut(shared);
         if let Some(keys) = slot.get_mut(&ts) {
-            keys.remove(k);
             self.len -= 1;
-            if keys.is_empty() {
+            if keys.remove(k) {
                 slot.remove(&ts);
             }
         }
@@ -201,7 +273,7 @@ impl<K: Serialize> TimersView<K> {
             for slot in slots {
                 for (&ts, keys) in slot.iter() {
                     let m = mark(domain_byte(d), ts);
-                    for k in keys {
+                    for k in keys.iter() {
                         key.clear();
                         codec::encode_into(k, &mut key, "timer key")?;
                         w.push(key_group_of_bytes(&key, max_parallelism), &[&m, &key], &[]);
@@ -280,7 +352,7 @@ mod tests {
                 for (d, slots) in [(true, &view.event), (false, &view.processing)] {
                     for slot in slots {
                         for (t, keys) in slot.iter() {
-                            for k in keys { got.insert((d, *t, *k)); }
+                            for k in keys.iter() { got.insert((d, *t, *k)); }
                         }
                     }
                 }
