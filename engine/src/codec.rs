@@ -48,13 +48,28 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
 
 /// Wrap a payload into a framed state file.
 pub fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    let mut out = begin_frame(payload.len());
+    out.extend_from_slice(payload);
+    finish_frame(&mut out);
+    out
+}
+
+/// A state file to write the payload into (room for `payload_hint` bytes of it), then
+/// close with [`finish_frame`]: the payload is written once, in place.
+pub fn begin_frame(payload_hint: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload_hint);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(payload);
+    out.extend_from_slice(&[0; 12]);
     out
+}
+
+/// Fill in the header of a file begun with [`begin_frame`]: the payload's length and
+/// CRC-32.
+pub fn finish_frame(file: &mut [u8]) {
+    let (header, payload) = file.split_at_mut(HEADER_LEN);
+    header[6..14].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header[14..18].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
 }
 
 /// Why a framed file did not verify.

@@ -219,6 +219,20 @@ impl CheckpointStorage {
         payload: &[u8],
     ) -> Result<TaskStateHandle> {
         let file = codec::frame(payload);
+        self.put_state_file(id, task, subtask, parallelism, operators, file)
+            .await
+    }
+
+    /// Write a task's state file, already framed (see [`codec::begin_frame`]).
+    pub async fn put_state_file(
+        &self,
+        id: CheckpointId,
+        task: &OperatorId,
+        subtask: SubtaskIndex,
+        parallelism: usize,
+        operators: Vec<OperatorId>,
+        file: Vec<u8>,
+    ) -> Result<TaskStateHandle> {
         let path = self
             .checkpoint_dir(id)
             .join(format!("{task}-{subtask}.state"));

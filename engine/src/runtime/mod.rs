@@ -333,7 +333,7 @@ impl TaskEnv {
                     }
                 }
                 // Encoding is CPU work: keep it off the I/O workers.
-                let (payload, operator_bytes) = tokio::task::spawn_blocking(move || {
+                let (file, operator_bytes) = tokio::task::spawn_blocking(move || {
                     view.prepare()?;
                     let mut bytes: Vec<(OperatorId, u64)> = view
                         .operators
@@ -345,7 +345,7 @@ impl TaskEnv {
                             e.1 += b;
                         }
                     }
-                    Ok::<_, Error>((crate::codec::encode(&view, "task snapshot")?, bytes))
+                    Ok::<_, Error>((view.encode_file()?, bytes))
                 })
                 .await
                 .map_err(|e| Error::Codec {
@@ -353,7 +353,7 @@ impl TaskEnv {
                     message: e.to_string(),
                 })??;
                 let mut handle = storage
-                    .put_state(id, &key.task, key.subtask, parallelism, operators, &payload)
+                    .put_state_file(id, &key.task, key.subtask, parallelism, operators, file)
                     .await?;
                 handle.shared = shared;
                 handle.uploaded += shared_new;

@@ -132,9 +132,10 @@ pub(crate) fn classify(key: &[u8]) -> Option<EntryKind<'_>> {
 }
 
 /// Entries of one snapshot, bucketed by key group while they are encoded. Each entry is
-/// written once, as bytes, into its group's buffer; serialising the buffers produces
-/// exactly the postcard encoding of `Vec<(KeyGroup, Vec<(Vec<u8>, Vec<u8>)>)>`, the
-/// `keyed` field of [`super::OperatorSnapshot`].
+/// written once, already in its final form (postcard's `len | key | len | value`), into
+/// its group's buffer, so that [`EncodedGroups::write_postcard`] produces the postcard
+/// encoding of `Vec<(KeyGroup, Vec<(Vec<u8>, Vec<u8>)>)>`, the `keyed` field of
+/// [`super::OperatorSnapshot`], by copying each group's buffer once.
 #[derive(Debug, Default)]
 pub(crate) struct GroupWriter {
     groups: Vec<GroupBuf>,
@@ -142,9 +143,33 @@ pub(crate) struct GroupWriter {
 
 #[derive(Debug, Default)]
 struct GroupBuf {
+    /// Entries as postcard writes a `(Vec<u8>, Vec<u8>)`.
     bytes: Vec<u8>,
-    /// Per entry: where its key ends and where its value ends in `bytes`.
-    ends: Vec<(usize, usize)>,
+    entries: usize,
+    /// Bytes of keys and values, without the lengths.
+    payload: usize,
+}
+
+/// Append `n` as postcard's variable-length integer.
+#[inline]
+pub(crate) fn push_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Read a postcard variable-length integer at the start of `b`: its value and length.
+fn read_varint(b: &[u8]) -> (u64, usize) {
+    let mut n = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        n |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return (n, i + 1);
+        }
+    }
+    unreachable!("the group writer writes complete variable-length integers")
 }
 
 impl GroupWriter {
@@ -155,14 +180,19 @@ impl GroupWriter {
     }
 
     /// Append one entry whose key is the concatenation of `key_parts`.
+    #[inline]
     pub fn push(&mut self, kg: KeyGroup, key_parts: &[&[u8]], value: &[u8]) {
         let g = &mut self.groups[kg.0 as usize];
+        let key_len: usize = key_parts.iter().map(|p| p.len()).sum();
+        g.bytes.reserve(key_len + value.len() + 20);
+        push_varint(&mut g.bytes, key_len as u64);
         for part in key_parts {
             g.bytes.extend_from_slice(part);
         }
-        let key_end = g.bytes.len();
+        push_varint(&mut g.bytes, value.len() as u64);
         g.bytes.extend_from_slice(value);
-        g.ends.push((key_end, g.bytes.len()));
+        g.entries += 1;
+        g.payload += key_len + value.len();
     }
 
     /// The non-empty groups, in key group order.
@@ -171,7 +201,7 @@ impl GroupWriter {
             self.groups
                 .into_iter()
                 .enumerate()
-                .filter(|(_, g)| !g.ends.is_empty())
+                .filter(|(_, g)| g.entries > 0)
                 .map(|(i, g)| (KeyGroup(i as u16), g))
                 .collect(),
         )
@@ -185,7 +215,27 @@ pub(crate) struct EncodedGroups(Vec<(KeyGroup, GroupBuf)>);
 impl EncodedGroups {
     /// Bytes of keys and values held.
     pub fn bytes(&self) -> usize {
-        self.0.iter().map(|(_, g)| g.bytes.len()).sum()
+        self.0.iter().map(|(_, g)| g.payload).sum()
+    }
+
+    /// An upper bound of what [`EncodedGroups::write_postcard`] appends.
+    pub fn encoded_len(&self) -> usize {
+        10 + self
+            .0
+            .iter()
+            .map(|(_, g)| 13 + g.bytes.len())
+            .sum::<usize>()
+    }
+
+    /// Append exactly what serialising `self` with postcard appends, one copy per group.
+    pub fn write_postcard(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        push_varint(out, self.0.len() as u64);
+        for (kg, g) in &self.0 {
+            push_varint(out, u64::from(kg.0));
+            push_varint(out, g.entries as u64);
+            out.extend_from_slice(&g.bytes);
+        }
     }
 }
 
@@ -204,16 +254,22 @@ impl serde::Serialize for Entries<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
         let g = self.0;
-        let mut seq = s.serialize_seq(Some(g.ends.len()))?;
-        let mut start = 0;
-        for &(key_end, end) in &g.ends {
-            seq.serialize_element(&(Raw(&g.bytes[start..key_end]), Raw(&g.bytes[key_end..end])))?;
-            start = end;
+        let mut seq = s.serialize_seq(Some(g.entries))?;
+        let mut rest = &g.bytes[..];
+        while !rest.is_empty() {
+            let (klen, n) = read_varint(rest);
+            let (key, tail) = rest[n..].split_at(klen as usize);
+            let (vlen, n) = read_varint(tail);
+            let (value, tail) = tail[n..].split_at(vlen as usize);
+            seq.serialize_element(&(Raw(key), Raw(value)))?;
+            rest = tail;
         }
         seq.end()
     }
 }
 
+/// The general (and slower) path, for other serialisers than the state file's and for
+/// the tests that hold [`EncodedGroups::write_postcard`] to it.
 impl serde::Serialize for EncodedGroups {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
@@ -236,7 +292,11 @@ mod tests {
         w.push(KeyGroup(5), &[b"\x01a", b"k1"], b"v1");
         w.push(KeyGroup(2), &[b"\x01a", b"k2"], b"");
         w.push(KeyGroup(5), &[b"\x01b", b"k3"], &[0u8; 300]);
-        let ours = codec::encode(&w.finish(), "t").unwrap();
+        let groups = w.finish();
+        let ours = codec::encode(&groups, "t").unwrap();
+        let mut direct = Vec::new();
+        groups.write_postcard(&mut direct);
+        assert_eq!(direct, ours, "the direct path writes what serde writes");
         let expected: Vec<super::super::KeyGroupEntries> = vec![
             (KeyGroup(2), vec![(b"\x01ak2".to_vec(), vec![])]),
             (
@@ -248,6 +308,37 @@ mod tests {
             ),
         ];
         assert_eq!(ours, codec::encode(&expected, "t").unwrap());
+    }
+
+    type Pair = (Vec<u8>, Vec<u8>);
+
+    proptest::proptest! {
+        /// Entries of any size (lengths of one to three varint bytes) in any key group
+        /// (two-byte group numbers too): the direct path and serde agree byte for byte.
+        #[test]
+        fn direct_encoding_matches_serde(
+            entries in proptest::collection::vec(
+                (0u16..400, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), 0usize..20_000),
+                0..40,
+            )
+        ) {
+            let mut w = GroupWriter::new(400);
+            let mut model: std::collections::BTreeMap<u16, Vec<Pair>> = Default::default();
+            for (kg, key, vlen) in &entries {
+                let value = vec![*vlen as u8; *vlen];
+                let (a, b) = key.split_at(key.len() / 2);
+                w.push(KeyGroup(*kg), &[a, b], &value);
+                model.entry(*kg).or_default().push((key.clone(), value));
+            }
+            let groups = w.finish();
+            let mut direct = Vec::new();
+            groups.write_postcard(&mut direct);
+            proptest::prop_assert!(direct.len() <= groups.encoded_len());
+            let expected: Vec<super::super::KeyGroupEntries> =
+                model.into_iter().map(|(k, v)| (KeyGroup(k), v)).collect();
+            proptest::prop_assert_eq!(&direct, &codec::encode(&expected, "t").unwrap());
+            proptest::prop_assert_eq!(direct, codec::encode(&groups, "t").unwrap());
+        }
     }
 
     #[test]
