@@ -48,28 +48,54 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
 
 /// Wrap a payload into a framed state file.
 pub fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = begin_frame(payload.len());
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&header(payload.len(), crc32fast::hash(payload)));
     out.extend_from_slice(payload);
-    finish_frame(&mut out);
     out
 }
 
-/// A state file to write the payload into (room for `payload_hint` bytes of it), then
-/// close with [`finish_frame`]: the payload is written once, in place.
-pub fn begin_frame(payload_hint: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload_hint);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&[0; 12]);
-    out
+fn header(payload_len: usize, payload_crc: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..6].copy_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
+    h[6..14].copy_from_slice(&(payload_len as u64).to_le_bytes());
+    h[14..18].copy_from_slice(&payload_crc.to_le_bytes());
+    h
 }
 
-/// Fill in the header of a file begun with [`begin_frame`]: the payload's length and
-/// CRC-32.
-pub fn finish_frame(file: &mut [u8]) {
-    let (header, payload) = file.split_at_mut(HEADER_LEN);
-    header[6..14].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    header[14..18].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+/// A framed state file in pieces, written one after the other (large encoded buffers
+/// go to storage as they are, without being copied into one).
+#[derive(Debug)]
+pub struct FileChunks {
+    /// The header first, then the payload.
+    pub chunks: Vec<bytes::Bytes>,
+    /// Bytes of the whole file.
+    pub len: u64,
+    /// CRC-32 of the whole file.
+    pub crc32: u32,
+}
+
+/// Frame a payload given in pieces: exactly the file [`frame`] writes for their
+/// concatenation.
+pub fn frame_chunks(payload: Vec<bytes::Bytes>) -> FileChunks {
+    let mut payload_crc = crc32fast::Hasher::new();
+    let mut n = 0;
+    for c in &payload {
+        payload_crc.update(c);
+        n += c.len();
+    }
+    let head = header(n, payload_crc.clone().finalize());
+    let mut file_crc = crc32fast::Hasher::new();
+    file_crc.update(&head);
+    file_crc.combine(&payload_crc);
+    let mut chunks = Vec::with_capacity(payload.len() + 1);
+    chunks.push(bytes::Bytes::copy_from_slice(&head));
+    chunks.extend(payload);
+    FileChunks {
+        chunks,
+        len: (HEADER_LEN + n) as u64,
+        crc32: file_crc.finalize(),
+    }
 }
 
 /// Why a framed file did not verify.

@@ -218,12 +218,12 @@ impl CheckpointStorage {
         operators: Vec<OperatorId>,
         payload: &[u8],
     ) -> Result<TaskStateHandle> {
-        let file = codec::frame(payload);
+        let file = codec::frame_chunks(vec![payload.to_vec().into()]);
         self.put_state_file(id, task, subtask, parallelism, operators, file)
             .await
     }
 
-    /// Write a task's state file, already framed (see [`codec::begin_frame`]).
+    /// Write a task's state file, framed in pieces (see [`codec::frame_chunks`]).
     pub async fn put_state_file(
         &self,
         id: CheckpointId,
@@ -231,14 +231,14 @@ impl CheckpointStorage {
         subtask: SubtaskIndex,
         parallelism: usize,
         operators: Vec<OperatorId>,
-        file: Vec<u8>,
+        file: codec::FileChunks,
     ) -> Result<TaskStateHandle> {
         let path = self
             .checkpoint_dir(id)
             .join(format!("{task}-{subtask}.state"));
-        let size = file.len() as u64;
-        let crc32 = crc32fast::hash(&file);
-        self.put_object(&path, file).await?;
+        let (size, crc32) = (file.len, file.crc32);
+        self.put_object(&path, file.chunks.into_iter().collect())
+            .await?;
         Ok(TaskStateHandle {
             task: task.clone(),
             subtask,
@@ -255,8 +255,8 @@ impl CheckpointStorage {
 
     /// Write one object; large ones go up in parts (S3 caps single puts, and parts
     /// upload in parallel) and appear only when the upload completes.
-    async fn put_object(&self, path: &Path, bytes: Vec<u8>) -> Result<()> {
-        if bytes.len() > MULTIPART_THRESHOLD {
+    async fn put_object(&self, path: &Path, payload: PutPayload) -> Result<()> {
+        if payload.content_length() > MULTIPART_THRESHOLD {
             let upload = self
                 .store
                 .put_multipart(path)
@@ -264,13 +264,15 @@ impl CheckpointStorage {
                 .map_err(|e| storage_err("start multipart upload", path, e))?;
             let mut w =
                 object_store::WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_SIZE);
-            w.write(&bytes);
+            for chunk in payload.iter() {
+                w.write(chunk);
+            }
             w.finish()
                 .await
                 .map_err(|e| storage_err("multipart upload", path, e))?;
         } else {
             self.store
-                .put(path, PutPayload::from(bytes))
+                .put(path, payload)
                 .await
                 .map_err(|e| storage_err("put", path, e))?;
         }
@@ -295,7 +297,7 @@ impl CheckpointStorage {
             .join(format!("{:020}_{instance}_{file}", id.0));
         let size = bytes.len() as u64;
         let crc32 = crc32fast::hash(&bytes);
-        self.put_object(&path, bytes).await?;
+        self.put_object(&path, bytes.into()).await?;
         Ok(SharedFile {
             path: path.to_string(),
             size,

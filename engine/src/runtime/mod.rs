@@ -345,7 +345,7 @@ impl TaskEnv {
                             e.1 += b;
                         }
                     }
-                    Ok::<_, Error>((view.encode_file()?, bytes))
+                    Ok::<_, Error>((view.into_file()?, bytes))
                 })
                 .await
                 .map_err(|e| Error::Codec {

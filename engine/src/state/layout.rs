@@ -133,7 +133,7 @@ pub(crate) fn classify(key: &[u8]) -> Option<EntryKind<'_>> {
 
 /// Entries of one snapshot, bucketed by key group while they are encoded. Each entry is
 /// written once, already in its final form (postcard's `len | key | len | value`), into
-/// its group's buffer, so that [`EncodedGroups::write_postcard`] produces the postcard
+/// its group's buffer, so that [`EncodedGroups::into_chunks`] produces the postcard
 /// encoding of `Vec<(KeyGroup, Vec<(Vec<u8>, Vec<u8>)>)>`, the `keyed` field of
 /// [`super::OperatorSnapshot`], by copying each group's buffer once.
 #[derive(Debug, Default)]
@@ -218,23 +218,20 @@ impl EncodedGroups {
         self.0.iter().map(|(_, g)| g.payload).sum()
     }
 
-    /// An upper bound of what [`EncodedGroups::write_postcard`] appends.
-    pub fn encoded_len(&self) -> usize {
-        10 + self
-            .0
-            .iter()
-            .map(|(_, g)| 13 + g.bytes.len())
-            .sum::<usize>()
-    }
-
-    /// Append exactly what serialising `self` with postcard appends, one copy per group.
-    pub fn write_postcard(&self, out: &mut Vec<u8>) {
-        out.reserve(self.encoded_len());
-        push_varint(out, self.0.len() as u64);
-        for (kg, g) in &self.0 {
-            push_varint(out, u64::from(kg.0));
-            push_varint(out, g.entries as u64);
-            out.extend_from_slice(&g.bytes);
+    /// Append exactly what serialising `self` with postcard appends: small pieces go
+    /// into `cur`, and a large group's buffer becomes a chunk of its own (after `cur`
+    /// is moved into `chunks`), so it is never copied.
+    pub fn into_chunks(self, cur: &mut Vec<u8>, chunks: &mut Vec<bytes::Bytes>) {
+        push_varint(cur, self.0.len() as u64);
+        for (kg, g) in self.0 {
+            push_varint(cur, u64::from(kg.0));
+            push_varint(cur, g.entries as u64);
+            if g.bytes.len() >= 4096 {
+                chunks.push(std::mem::take(cur).into());
+                chunks.push(g.bytes.into());
+            } else {
+                cur.extend_from_slice(&g.bytes);
+            }
         }
     }
 }
@@ -294,9 +291,11 @@ mod tests {
         w.push(KeyGroup(5), &[b"\x01b", b"k3"], &[0u8; 300]);
         let groups = w.finish();
         let ours = codec::encode(&groups, "t").unwrap();
-        let mut direct = Vec::new();
-        groups.write_postcard(&mut direct);
-        assert_eq!(direct, ours, "the direct path writes what serde writes");
+        assert_eq!(
+            direct(groups),
+            ours,
+            "the direct path writes what serde writes"
+        );
         let expected: Vec<super::super::KeyGroupEntries> = vec![
             (KeyGroup(2), vec![(b"\x01ak2".to_vec(), vec![])]),
             (
@@ -311,6 +310,16 @@ mod tests {
     }
 
     type Pair = (Vec<u8>, Vec<u8>);
+
+    /// The chunks [`EncodedGroups::into_chunks`] makes, put together.
+    fn direct(groups: EncodedGroups) -> Vec<u8> {
+        let (mut cur, mut chunks) = (b"head".to_vec(), Vec::new());
+        groups.into_chunks(&mut cur, &mut chunks);
+        chunks.push(cur.into());
+        let all: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(&all[..4], b"head", "what was in the buffer comes first");
+        all[4..].to_vec()
+    }
 
     proptest::proptest! {
         /// Entries of any size (lengths of one to three varint bytes) in any key group
@@ -331,13 +340,12 @@ mod tests {
                 model.entry(*kg).or_default().push((key.clone(), value));
             }
             let groups = w.finish();
-            let mut direct = Vec::new();
-            groups.write_postcard(&mut direct);
-            proptest::prop_assert!(direct.len() <= groups.encoded_len());
+            let serde = codec::encode(&groups, "t").unwrap();
+            let direct = direct(groups);
             let expected: Vec<super::super::KeyGroupEntries> =
                 model.into_iter().map(|(k, v)| (KeyGroup(k), v)).collect();
             proptest::prop_assert_eq!(&direct, &codec::encode(&expected, "t").unwrap());
-            proptest::prop_assert_eq!(direct, codec::encode(&groups, "t").unwrap());
+            proptest::prop_assert_eq!(direct, serde);
         }
     }
 

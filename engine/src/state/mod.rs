@@ -452,20 +452,17 @@ impl TaskStateView {
     }
 
     /// The state file of a prepared view: exactly the framed postcard encoding of
-    /// `self`, with the encoded key groups copied once into the file's buffer.
-    pub fn encode_file(&self) -> Result<Vec<u8>> {
-        let hint = self
-            .operators
-            .iter()
-            .map(|(o, s)| o.0.len() + s.keyed.encoded_len() + 64)
-            .sum::<usize>();
-        let mut out = crate::codec::begin_frame(hint);
-        layout::push_varint(&mut out, self.operators.len() as u64);
-        for (op, snap) in &self.operators {
-            crate::codec::encode_into(op, &mut out, "task snapshot")?;
-            match &snap.keyed.0 {
-                ViewState::Empty => layout::EncodedGroups::default().write_postcard(&mut out),
-                ViewState::Encoded(g) => g.write_postcard(&mut out),
+    /// `self`, in pieces, the encoded key groups never copied.
+    pub fn into_file(self) -> Result<crate::codec::FileChunks> {
+        let (mut cur, mut chunks) = (Vec::with_capacity(256), Vec::new());
+        layout::push_varint(&mut cur, self.operators.len() as u64);
+        for (op, snap) in self.operators {
+            crate::codec::encode_into(&op, &mut cur, "task snapshot")?;
+            match snap.keyed.0 {
+                ViewState::Empty => {
+                    layout::EncodedGroups::default().into_chunks(&mut cur, &mut chunks)
+                }
+                ViewState::Encoded(g) => g.into_chunks(&mut cur, &mut chunks),
                 ViewState::Live(_) => {
                     return Err(Error::Codec {
                         what: "task snapshot".into(),
@@ -473,20 +470,11 @@ impl TaskStateView {
                     })
                 }
             }
-            crate::codec::encode_into(&snap.list, &mut out, "task snapshot")?;
-            crate::codec::encode_into(&snap.db, &mut out, "task snapshot")?;
+            crate::codec::encode_into(&snap.list, &mut cur, "task snapshot")?;
+            crate::codec::encode_into(&snap.db, &mut cur, "task snapshot")?;
         }
-        crate::codec::finish_frame(&mut out);
-        Ok(out)
-    }
-}
-
-impl KeyedView {
-    fn encoded_len(&self) -> usize {
-        match &self.0 {
-            ViewState::Encoded(g) => g.encoded_len(),
-            _ => 16,
-        }
+        chunks.push(cur.into());
+        Ok(crate::codec::frame_chunks(chunks))
     }
 }
 
@@ -1190,8 +1178,16 @@ pub(crate) mod tests {
         };
         task.prepare().unwrap();
         // The state file's direct path writes exactly what serde writes.
-        let file = task.encode_file().unwrap();
-        assert_eq!(file, codec::frame(&codec::encode(&task, "t").unwrap()));
+        let expected = codec::frame(&codec::encode(&task, "t").unwrap());
+        let chunks = task.into_file().unwrap();
+        let file: Vec<u8> = chunks
+            .chunks
+            .iter()
+            .flat_map(|c| c.iter().copied())
+            .collect();
+        assert_eq!(file, expected);
+        assert_eq!(chunks.len, file.len() as u64);
+        assert_eq!(chunks.crc32, crc32fast::hash(&file));
         let mut back: TaskSnapshotPayload =
             codec::decode(codec::unframe(&file).unwrap(), "t").unwrap();
         assert_eq!(back.operators.len(), 1);
