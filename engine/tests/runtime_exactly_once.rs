@@ -173,6 +173,59 @@ fn task_panic_restarts_from_checkpoint_without_duplicates_or_loss() {
     assert_eq!(got, expected(&data));
 }
 
+/// Restarts are counted in a row: a checkpoint completed after a restart shows progress
+/// and the count starts over, so a policy of one restart survives three failures that
+/// each follow a completed checkpoint (each failure is armed by a checkpoint completing
+/// after the previous restart).
+#[test]
+fn restart_count_starts_over_after_a_completed_checkpoint() {
+    let data = events(40_000, 97);
+    let sink = CollectSink::new();
+    let fail = Arc::new(AtomicU64::new(u64::MAX));
+    let (arm, armed) = (fail.clone(), Arc::new(AtomicU64::new(0)));
+    let count = armed.clone();
+    let job = Job::builder("sum")
+        .on_checkpoint(move |c| {
+            if !c.is_final
+                && count.load(Ordering::SeqCst) < 3
+                && arm
+                    .compare_exchange(u64::MAX, ARMED, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .checkpoint_storage_instance(CheckpointStorage::in_memory())
+        .checkpoint_every(Duration::from_millis(5))
+        .parallelism(1)
+        .restart_policy(RestartPolicy::fixed(1, Duration::ZERO))
+        .batch_size(64)
+        .build()
+        .unwrap();
+    job.source("events", VecSource::new(data.clone()).with_splits(3))
+        .map(|e| {
+            if e.2 % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            e
+        })
+        .key_by(|e: &(u64, i64, u64)| e.0)
+        .process(RunningSum {
+            fail_at: fail.clone(),
+        })
+        .name("running-sum")
+        .sink("out", sink.clone());
+    let report = job.run().unwrap();
+    // A failure armed after the last record never fires.
+    let fired = armed.load(Ordering::SeqCst) - u64::from(fail.load(Ordering::SeqCst) == ARMED);
+    assert!(
+        fired >= 2,
+        "at least two failures in a row-breaking sequence: {fired}"
+    );
+    assert_eq!(u64::from(report.restarts), fired);
+    assert_eq!(sink.sorted(), expected(&data));
+}
+
 #[test]
 fn exhausted_restarts_name_the_failing_operator() {
     let data = events(5_000, 7);

@@ -14,29 +14,70 @@ use std::time::Duration;
 
 /// What happens when a task fails: how often the job restarts from its latest
 /// checkpoint, and how long it waits before each restart.
-#[derive(Debug, Clone)]
+///
+/// Restarts are counted in a row: a checkpoint that completes after a restart shows the
+/// job healthy again, and the count and the pause start over. The pause doubles with
+/// each restart in a row, from `backoff` up to `max_backoff`, shortened by a random
+/// fraction up to `jitter` so that instances restarting together do not retry in step.
+/// The default, [`RestartPolicy::default`], rides out an outage of a database or an
+/// object store of about two minutes.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RestartPolicy {
-    /// Restarts before `run()` gives up.
+    /// Restarts in a row before `run()` gives up (with
+    /// [`Error::RestartsExhausted`](crate::error::Error::RestartsExhausted)).
     pub max_restarts: u32,
-    /// Pause before each restart.
+    /// Pause before the first restart of a row.
     pub backoff: Duration,
+    /// Longest pause.
+    pub max_backoff: Duration,
+    /// Largest fraction (0 to 1) taken off each pause at random.
+    pub jitter: f64,
+}
+
+impl Default for RestartPolicy {
+    /// Up to 10 restarts in a row, waiting 1, 2, 4, 8, 16 s and then 30 s (each up to
+    /// 20 % shorter at random): 145-181 s of pauses before giving up.
+    fn default() -> Self {
+        RestartPolicy::exponential(10, Duration::from_secs(1), Duration::from_secs(30))
+    }
 }
 
 impl RestartPolicy {
-    /// Up to `max_restarts` restarts, `backoff` apart.
+    /// Up to `max_restarts` restarts in a row, `backoff` apart.
     pub fn fixed(max_restarts: u32, backoff: Duration) -> Self {
         RestartPolicy {
             max_restarts,
             backoff,
+            max_backoff: backoff,
+            jitter: 0.0,
+        }
+    }
+
+    /// Up to `max_restarts` restarts in a row, the pause doubling from `first` up to
+    /// `max`, each up to 20 % shorter at random.
+    pub fn exponential(max_restarts: u32, first: Duration, max: Duration) -> Self {
+        RestartPolicy {
+            max_restarts,
+            backoff: first,
+            max_backoff: max.max(first),
+            jitter: 0.2,
         }
     }
 
     /// Never restart in-process; `run()` returns the first failure.
     pub fn none() -> Self {
-        RestartPolicy {
-            max_restarts: 0,
-            backoff: Duration::ZERO,
-        }
+        RestartPolicy::fixed(0, Duration::ZERO)
+    }
+
+    /// The pause before restart `nth` of a row (1-based), with `random` in `[0, 1)`
+    /// choosing the jitter.
+    pub fn pause(&self, nth: u32, random: f64) -> Duration {
+        let doublings = nth.saturating_sub(1).min(32);
+        let full = self
+            .backoff
+            .saturating_mul(1u32 << doublings.min(31))
+            .min(self.max_backoff.max(self.backoff));
+        full.mul_f64(1.0 - self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0))
     }
 }
 
@@ -138,7 +179,7 @@ impl JobBuilder {
         self
     }
 
-    /// Restart policy (default: 3 restarts, 1 s apart).
+    /// Restart policy (default: [`RestartPolicy::default`], exponential backoff).
     pub fn restart_policy(mut self, p: RestartPolicy) -> Self {
         self.s.restart = p;
         self
@@ -386,7 +427,7 @@ impl Job {
                     .unwrap_or(1),
                 max_parallelism: 128,
                 retain: 3,
-                restart: RestartPolicy::fixed(3, Duration::from_secs(1)),
+                restart: RestartPolicy::default(),
                 timeout: Duration::from_secs(600),
                 tolerable_failures: 3,
                 batch_size: 1024,
@@ -498,3 +539,29 @@ const _: fn() = || {
     send::<super::Stream<u32>>();
     send::<JobHandle>();
 };
+
+#[cfg(test)]
+mod restart_policy_tests {
+    use super::RestartPolicy;
+    use std::time::Duration;
+
+    #[test]
+    fn pauses_double_up_to_the_cap_and_jitter_only_shortens() {
+        let p = RestartPolicy::default();
+        let secs = |n| p.pause(n, 0.0).as_secs_f64();
+        assert_eq!(
+            (1..=10).map(secs).collect::<Vec<_>>(),
+            [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0, 30.0]
+        );
+        // Under the default, a 60 s outage is ridden out even with the shortest pauses.
+        let shortest: f64 = (1..=p.max_restarts)
+            .map(|n| p.pause(n, 0.999_999).as_secs_f64())
+            .sum();
+        assert!(shortest > 120.0, "{shortest}");
+        assert_eq!(p.pause(1, 0.5), Duration::from_millis(900));
+        assert_eq!(p.pause(40, 0.0), Duration::from_secs(30), "no overflow");
+        let fixed = RestartPolicy::fixed(3, Duration::from_millis(10));
+        assert_eq!(fixed.pause(3, 0.7), Duration::from_millis(10));
+        assert_eq!(RestartPolicy::none().pause(1, 0.3), Duration::ZERO);
+    }
+}

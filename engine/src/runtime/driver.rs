@@ -198,8 +198,11 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
         local_dir,
         completed: Arc::new(AtomicU64::new(0)),
     };
+    // Restarts since the job last showed progress (a checkpoint completed).
+    let mut in_a_row = 0u32;
     loop {
         let attempt = report.restarts;
+        let completed_before = run.completed.load(Ordering::SeqCst);
         match run_attempt(&run, &mut report, attempt == 0) {
             Ok(()) => {
                 report.elapsed = started.elapsed();
@@ -219,19 +222,47 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
                 })
             }
             Err(e) => {
-                if report.restarts >= s.restart.max_restarts {
+                if run.completed.load(Ordering::SeqCst) > completed_before {
+                    in_a_row = 0;
+                }
+                if in_a_row >= s.restart.max_restarts {
                     return Err(Error::RestartsExhausted {
                         job: s.name.clone(),
-                        attempts: report.restarts,
+                        attempts: in_a_row,
                         source: Box::new(e),
                     });
                 }
+                in_a_row += 1;
                 report.restarts += 1;
                 crate::telemetry::restarted(&s.name);
-                tracing::warn!(job = %s.name, error = %e, restart = report.restarts, "task failed; restarting from the latest checkpoint");
-                std::thread::sleep(s.restart.backoff);
+                let pause = s.restart.pause(in_a_row, random_fraction());
+                tracing::warn!(job = %s.name, error = %e, restart = report.restarts, in_a_row,
+                    pause_ms = pause.as_millis() as u64,
+                    "task failed; restarting from the latest checkpoint");
+                sleep_unless_cancelled(pause, &s.stop);
             }
         }
+    }
+}
+
+/// A random number in `[0, 1)` for restart jitter (from the standard library's
+/// randomly seeded hasher: no generator is needed for this).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Wait `pause` before a restart; a cancel or a stop asked meanwhile ends the wait.
+fn sleep_unless_cancelled(pause: Duration, stop: &super::StopHandle) {
+    let until = Instant::now() + pause;
+    loop {
+        let now = Instant::now();
+        if now >= until || stop.is_cancelled() || stop.is_requested() {
+            return;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(50)));
     }
 }
 
