@@ -66,6 +66,29 @@ fn storage_err(op: &'static str, path: &Path, source: object_store::Error) -> Er
     }
 }
 
+/// Whether the store refused the request for good (missing bucket, rejected
+/// credentials, no permission), as opposed to failing to answer.
+fn is_refusal(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    if matches!(
+        e,
+        E::NotFound { .. } | E::PermissionDenied { .. } | E::Unauthenticated { .. }
+    ) {
+        return true;
+    }
+    let text = format!("{e:?}");
+    [
+        "NoSuchBucket",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "status: 403",
+        "status: 404",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
+}
+
 impl CheckpointStorage {
     /// Open storage by URL: `file:///abs/dir`, a plain directory path, `s3://bucket/prefix`
     /// or `memory://`. A local directory is created if missing.
@@ -157,14 +180,19 @@ impl CheckpointStorage {
     /// Check at job start that the storage can be listed (bucket exists, credentials
     /// accepted), so a misconfiguration is a clear error before any work, not a failed
     /// checkpoint later.
+    ///
+    /// A refusal (no such bucket, credentials rejected) is a configuration error; a
+    /// server that cannot be reached or does not answer is a storage error, which the
+    /// job retries under its restart policy.
     pub async fn check_access(&self) -> Result<()> {
         match self.store.list_with_delimiter(Some(&self.root)).await {
             Ok(_) => Ok(()),
-            Err(e) => Err(Error::config(format!(
+            Err(e) if is_refusal(&e) => Err(Error::config(format!(
                 "cannot access checkpoint storage {}: {e}. Check that the bucket exists and that the \
                  credentials may read and write it",
                 self.url
             ))),
+            Err(e) => Err(storage_err("list", &self.root, e)),
         }
     }
 
@@ -725,10 +753,21 @@ fn mistyped_scheme(location: &str) -> Option<&str> {
         .copied()
 }
 
+/// Connect timeout of S3 requests, unless `AWS_CONNECT_TIMEOUT` says otherwise (e.g. `2s`).
+pub const S3_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Timeout of one S3 request, unless `AWS_TIMEOUT` says otherwise (e.g. `10s`).
+pub const S3_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Retries of a failed S3 request (connection errors, timeouts, 5xx) before the
+/// operation fails; each retry also stays within [`S3_RETRY_TIMEOUT`] of the first try.
+pub const S3_MAX_RETRIES: usize = 3;
+/// No retry of an S3 request starts later than this after its first try.
+pub const S3_RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// An S3 client for `s3://bucket/prefix` configured from the usual AWS environment
 /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
 /// `AWS_ENDPOINT_URL`; an `http://` endpoint is allowed for local servers), and the
-/// prefix. Used for checkpoint storage and by the object-store sink.
+/// prefix, with the timeouts and retries above. Used for checkpoint storage and by the
+/// object-store sink.
 #[cfg(feature = "s3")]
 pub fn s3_bucket(url: &str) -> Result<(object_store::aws::AmazonS3, Path)> {
     let rest = url
@@ -750,6 +789,29 @@ pub fn s3_bucket(url: &str) -> Result<(object_store::aws::AmazonS3, Path)> {
     if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
         builder = builder.with_region("us-east-1");
     }
+    // A server that accepts connections but never answers must become an error in
+    // bounded time; the job's restart policy, not the client, rides out long outages.
+    use object_store::ClientConfigKey;
+    for (var, key, default) in [
+        (
+            "AWS_CONNECT_TIMEOUT",
+            ClientConfigKey::ConnectTimeout,
+            S3_CONNECT_TIMEOUT,
+        ),
+        ("AWS_TIMEOUT", ClientConfigKey::Timeout, S3_REQUEST_TIMEOUT),
+    ] {
+        if std::env::var(var).is_err() {
+            builder = builder.with_config(
+                object_store::aws::AmazonS3ConfigKey::Client(key),
+                format!("{}s", default.as_secs()),
+            );
+        }
+    }
+    builder = builder.with_retry(object_store::RetryConfig {
+        backoff: Default::default(),
+        max_retries: S3_MAX_RETRIES,
+        retry_timeout: S3_RETRY_TIMEOUT,
+    });
     let store = builder.build().map_err(|e| {
         Error::config(format!(
             "'{url}': {e}. Set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, for \

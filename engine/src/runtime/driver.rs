@@ -176,13 +176,18 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
         .storage
         .clone()
         .ok_or_else(|| Error::config("no checkpoint storage"))?;
-    rt.block_on(storage.check_access())?;
+    // Storage that does not answer at start is retried like a failure while running.
+    let lease = starting(s, || {
+        rt.block_on(async {
+            storage.check_access().await?;
+            storage.acquire_lease().await
+        })
+    })?;
     let local_dir = local_state_dir(s, &storage);
     #[cfg(feature = "rocksdb")]
     if matches!(s.backend, crate::state::StateBackend::RocksDb(_)) {
         crate::state::rocks::prepare_local_dir(&local_dir)?;
     }
-    let lease = rt.block_on(storage.acquire_lease())?;
     let mut report = JobReport::default();
     let metrics = Arc::new(crate::metrics::Metrics::default());
     *s.live
@@ -239,6 +244,34 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
                 tracing::warn!(job = %s.name, error = %e, restart = report.restarts, in_a_row,
                     pause_ms = pause.as_millis() as u64,
                     "task failed; restarting from the latest checkpoint");
+                sleep_unless_cancelled(pause, &s.stop);
+            }
+        }
+    }
+}
+
+/// Run a start-up step, retrying errors that are not [`ErrorClass::Stop`] under the
+/// restart policy (its count and pauses), so a job started while its storage is briefly
+/// unreachable waits for it instead of failing.
+fn starting<T>(s: &JobSettings, mut step: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut tries = 0u32;
+    loop {
+        match step() {
+            Ok(v) => return Ok(v),
+            Err(e) if e.class() == ErrorClass::Stop => return Err(e),
+            Err(e) if tries >= s.restart.max_restarts || s.stop.is_cancelled() => {
+                return Err(Error::RestartsExhausted {
+                    job: s.name.clone(),
+                    attempts: tries,
+                    source: Box::new(e),
+                })
+            }
+            Err(e) => {
+                tries += 1;
+                let pause = s.restart.pause(tries, random_fraction());
+                tracing::warn!(job = %s.name, error = %e, try_ = tries,
+                    pause_ms = pause.as_millis() as u64,
+                    "checkpoint storage not reachable at start; retrying");
                 sleep_unless_cancelled(pause, &s.stop);
             }
         }
