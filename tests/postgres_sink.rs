@@ -526,3 +526,79 @@ fn configuration_mistakes_stop_at_once_with_the_servers_message() {
     let rows: i64 = c.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
     assert_eq!(rows, 100);
 }
+
+/// What an instance stages carries its fencing generation: a recovery of an older
+/// instance that finds a newer instance's prepared transaction or staged rows stops
+/// with `Fenced` and touches none of them; the newer instance's own recovery (or a yet
+/// newer one's) aborts them as usual. Both modes.
+#[test]
+fn an_older_instance_never_aborts_what_a_newer_one_staged() {
+    use exactly::engine::api::{RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
+    use exactly::engine::ids::{OperatorId, SubtaskIndex};
+    use exactly::prelude::*;
+    use exactly::sinks::postgres::{PostgresSink, Sql};
+    let url = fresh_database("pg_generations");
+    let mut c = Client::connect(&url, NoTls).unwrap();
+    c.batch_execute("CREATE TABLE t (n bigint)").unwrap();
+    let count = |c: &mut Client, sql: &str| -> i64 { c.query_one(sql, &[]).unwrap().get(0) };
+    for two_phase in [true, false] {
+        let sql = Sql::insert("t", &["n"]);
+        fn row(n: &i64) -> (i64,) {
+            (*n,)
+        }
+        let sink = if two_phase {
+            PostgresSink::two_phase(&url, sql, row)
+        } else {
+            PostgresSink::idempotent(&url, sql, row)
+        };
+        let recovery = |generation| RecoveryContext {
+            job: "gen".into(),
+            sink: OperatorId("out".into()),
+            restored: None,
+            generation,
+        };
+        // Creates the staging tables of the idempotent mode.
+        sink.recover(&recovery(1), vec![]).unwrap();
+        let mut w = sink
+            .open_writer(&SinkContext {
+                job: "gen".into(),
+                sink: OperatorId("out".into()),
+                subtask: SubtaskIndex(0),
+                parallelism: 1,
+                checkpoint_interval: None,
+                generation: 5,
+            })
+            .unwrap();
+        w.write(&mut vec![1, 2, 3]).unwrap();
+        let staged = w.pre_commit(CheckpointId(7)).unwrap().expect("staged");
+        let pending = |c: &mut Client| {
+            if two_phase {
+                count(c, "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'exactly:gen:out:7:0:g5'")
+            } else {
+                count(
+                    c,
+                    "SELECT count(*) FROM exactly_sink_staging WHERE generation = 5",
+                )
+            }
+        };
+        assert_eq!(pending(&mut c), if two_phase { 1 } else { 3 });
+        let err = sink.recover(&recovery(4), vec![]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Fenced {
+                    epoch: 4,
+                    newer: 5,
+                    ..
+                }
+            ),
+            "two-phase {two_phase}: {err}"
+        );
+        assert_eq!(pending(&mut c), if two_phase { 1 } else { 3 }, "untouched");
+        // The newer instance itself restores it and commits it.
+        sink.recover(&recovery(5), vec![staged]).unwrap();
+        assert_eq!(pending(&mut c), 0);
+        assert_eq!(count(&mut c, "SELECT count(*) FROM t"), 3);
+        c.batch_execute("DELETE FROM t").unwrap();
+    }
+}

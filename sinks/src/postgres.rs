@@ -4,12 +4,15 @@
 //!
 //! Each sink subtask writes the rows of one checkpoint interval into one open
 //! transaction. At the barrier the transaction is prepared (`PREPARE TRANSACTION`) under
-//! the global id `exactly:<job>:<sink>:<checkpoint>:<subtask>`: its rows are durable but
+//! the global id `exactly:<job>:<sink>:<checkpoint>:<subtask>:g<generation>` (the
+//! generation is the job instance's lease on its checkpoint storage): its rows are durable but
 //! invisible. After the checkpoint's manifest is written, `COMMIT PREPARED` makes them
 //! visible; an id that no longer exists counts as committed (SQLSTATE 42704), so a
 //! repeated commit is harmless. On recovery the restored checkpoint's ids are committed
 //! and every other prepared transaction of this job and sink (listed in
-//! `pg_prepared_xacts`) is rolled back. Needs `max_prepared_transactions > 0`, checked
+//! `pg_prepared_xacts`) is rolled back, unless one has a newer generation: then a newer
+//! instance runs on the same checkpoint location, and this one stops with
+//! `Error::Fenced` before touching anything. Needs `max_prepared_transactions > 0`, checked
 //! when the job starts. Commits are cheap; the server holds one prepared transaction
 //! per subtask between barrier and commit.
 //!
@@ -22,7 +25,8 @@
 //! into `exactly_sink_commits` (primary key), applies the staged records with the
 //! user's statement and deletes them; if the marker is already there the transaction
 //! does nothing. On recovery, restored committables are committed the same way and
-//! staged rows of any other token are deleted. Staging lives in the database, so its
+//! other staged rows of this job and sink are deleted; staged rows carry the
+//! instance's generation, and rows of a newer generation fence this instance instead. Staging lives in the database, so its
 //! size is bounded by the database, not by the checkpoint; the commit does the real
 //! writes, so it takes longer than a two-phase commit.
 //!
@@ -496,6 +500,16 @@ fn gid_checkpoint(gid: &str) -> Option<CheckpointId> {
     gid.split(':').nth(3)?.parse().ok().map(CheckpointId)
 }
 
+/// The fencing generation in a transaction id (`...:<checkpoint>:<subtask>:g<generation>`;
+/// ids written before generations existed count as generation 0).
+fn gid_generation(gid: &str) -> u64 {
+    gid.split(':')
+        .nth(5)
+        .and_then(|g| g.strip_prefix('g'))
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0)
+}
+
 impl<T, R, F> TwoPhaseCommitSink for PostgresSink<T, R, F>
 where
     T: Data + Serialize + DeserializeOwned,
@@ -524,6 +538,7 @@ where
             job: ctx.job.clone(),
             sink: ctx.sink.clone(),
             subtask: ctx.subtask.0,
+            generation: ctx.generation as i64,
             _t: PhantomData,
         })
     }
@@ -559,7 +574,7 @@ where
                     )));
                 }
                 let prefix = gid_prefix(&ctx.job, sink);
-                if prefix.len() + 30 > 200 {
+                if prefix.len() + 52 > 200 {
                     return Err(Error::config(format!(
                         "PostgreSQL sink '{sink}': job and sink names are too long for a transaction id (200 bytes)"
                     )));
@@ -584,6 +599,19 @@ where
                         Ok(rows.iter().map(|r| r.get(0)).collect())
                     })
                     .map_err(fail)?;
+                // A transaction a newer instance prepared: this one is fenced, and rolls
+                // back nothing (it would abort the newer instance's output).
+                if let Some(newer) = gids
+                    .iter()
+                    .map(|g| gid_generation(g))
+                    .find(|&g| g > ctx.generation)
+                {
+                    return Err(Error::Fenced {
+                        epoch: ctx.generation,
+                        newer,
+                        url: format!("PostgreSQL sink '{sink}'"),
+                    });
+                }
                 let mut max_seen = None;
                 for gid in gids {
                     max_seen = max_seen.max(gid_checkpoint(&gid));
@@ -610,6 +638,8 @@ where
                              token bigint NOT NULL, seq integer NOT NULL,
                              job text NOT NULL, sink text NOT NULL, payload bytea NOT NULL,
                              PRIMARY KEY (token, seq));
+                         ALTER TABLE exactly_sink_staging
+                             ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
                          CREATE TABLE IF NOT EXISTS exactly_sink_commits (
                              job text NOT NULL, sink text NOT NULL, subtask integer NOT NULL,
                              checkpoint bigint NOT NULL,
@@ -626,12 +656,32 @@ where
                     }
                 }
                 // Staged records of intervals no restored checkpoint includes.
+                // Staged by a newer instance: this one is fenced and deletes nothing.
                 let job = ctx.job.clone();
+                let generation = ctx.generation as i64;
+                let newer: Option<i64> = self
+                    .with_control(sink, |c| {
+                        Ok(c.query_one(
+                            "SELECT max(generation) FROM exactly_sink_staging \
+                             WHERE job = $1 AND sink = $2 AND generation > $3",
+                            &[&job, &sink, &generation],
+                        )?
+                        .get(0))
+                    })
+                    .map_err(fail)?;
+                if let Some(newer) = newer {
+                    return Err(Error::Fenced {
+                        epoch: ctx.generation,
+                        newer: newer as u64,
+                        url: format!("PostgreSQL sink '{sink}'"),
+                    });
+                }
                 let max: Option<i64> = self
                     .with_control(sink, |c| {
                         c.execute(
-                            "DELETE FROM exactly_sink_staging WHERE job = $1 AND sink = $2",
-                            &[&job, &sink],
+                            "DELETE FROM exactly_sink_staging \
+                             WHERE job = $1 AND sink = $2 AND generation <= $3",
+                            &[&job, &sink, &generation],
                         )?;
                         Ok(c.query_one(
                             "SELECT max(checkpoint) FROM exactly_sink_commits WHERE job = $1 AND sink = $2",
@@ -662,6 +712,8 @@ pub struct PgWriter<T, R, F> {
     job: String,
     sink: OperatorId,
     subtask: usize,
+    /// This instance's fencing generation, in every transaction id and staged row.
+    generation: i64,
     _t: PhantomData<fn(T)>,
 }
 
@@ -699,27 +751,29 @@ where
             PgMode::Idempotent if !self.staged.is_empty() => {
                 self.begin()?;
                 let mut sql = String::from(
-                    "INSERT INTO exactly_sink_staging (token, seq, job, sink, payload) VALUES ",
+                    "INSERT INTO exactly_sink_staging (token, seq, job, sink, generation, payload) VALUES ",
                 );
                 let seqs: Vec<i32> = (0..self.staged.len() as i32)
                     .map(|i| self.seq + i)
                     .collect();
-                let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(seqs.len() * 5);
+                let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(seqs.len() * 6);
                 for (i, payload) in self.staged.iter().enumerate() {
-                    let b = i * 5;
+                    let b = i * 6;
                     sql.push_str(&format!(
-                        "{}(${}, ${}, ${}, ${}, ${})",
+                        "{}(${}, ${}, ${}, ${}, ${}, ${})",
                         if i == 0 { "" } else { ", " },
                         b + 1,
                         b + 2,
                         b + 3,
                         b + 4,
-                        b + 5
+                        b + 5,
+                        b + 6
                     ));
                     params.push(&self.token);
                     params.push(&seqs[i]);
                     params.push(&self.job);
                     params.push(&self.sink.0);
+                    params.push(&self.generation);
                     params.push(payload);
                 }
                 let r = self.client.execute(sql.as_str(), &params);
@@ -758,7 +812,7 @@ where
                 PgMode::Idempotent => {
                     self.staged
                         .push(exactly_engine::codec::encode(&record, "staged record")?);
-                    if self.staged.len() >= self.batch_rows.min(MAX_PARAMS / 5) {
+                    if self.staged.len() >= self.batch_rows.min(MAX_PARAMS / 6) {
                         self.flush()?;
                     }
                 }
@@ -775,7 +829,10 @@ where
         self.in_txn = false;
         match self.mode {
             PgMode::TwoPhase => {
-                let gid = format!("{}{}:{}", self.gid_prefix, checkpoint.0, self.subtask);
+                let gid = format!(
+                    "{}{}:{}:g{}",
+                    self.gid_prefix, checkpoint.0, self.subtask, self.generation
+                );
                 self.client
                     .batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
                     .map_err(|e| self.err("pre-commit", Some(checkpoint), e))?;
