@@ -250,6 +250,42 @@ fn recovery_commits_prepared_and_drops_uncompleted_checkpoints() {
     );
 }
 
+/// Staged objects carry the instance's fencing generation: the recovery of an older
+/// instance (generation 0 here, the writer's is 1) that finds them stops with `Fenced`
+/// before fencing any producer or deleting anything, and the newer instance's own
+/// recovery commits them.
+#[test]
+fn an_older_instance_never_touches_what_a_newer_one_staged() {
+    let fx = fixture("generations");
+    let staging = tempfile::tempdir().unwrap();
+    let s = sink(&fx, staging.path());
+    s.recover(&recovery(&fx, None), Vec::new()).unwrap();
+    let c = stage(&fx, &s, 0, 3, 0..50);
+    assert!(c.staged.ends_with("-0-g1.stage"), "{}", c.staged);
+    let older = RecoveryContext {
+        generation: 0,
+        ..recovery(&fx, None)
+    };
+    let err = sink(&fx, staging.path())
+        .recover(&older, Vec::new())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Fenced {
+                epoch: 0,
+                newer: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(staged_files(staging.path()), 1, "nothing deleted");
+    let restarted = sink(&fx, staging.path());
+    restarted.recover(&recovery(&fx, Some(3)), vec![c]).unwrap();
+    assert_eq!(topic_values(&fx), (0..50).collect::<Vec<_>>());
+}
+
 #[test]
 fn transaction_timeout_below_checkpoint_interval_is_refused() {
     let fx = fixture("timeout");

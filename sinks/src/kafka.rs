@@ -12,7 +12,8 @@
 //!
 //! * **Write**: records are encoded (key and value bytes) into the subtask's buffer.
 //! * **Pre-commit** (barrier): the buffer is written as one staged object
-//!   `<prefix>/<job>/<sink>/<checkpoint>-<subtask>.stage` (length-framed records, a
+//!   `<prefix>/<job>/<sink>/<checkpoint>-<subtask>-g<generation>.stage` (the
+//!   generation is the job instance's lease; length-framed records, a
 //!   record count and a CRC-32) to the staging store; the committable names it. Nothing
 //!   is in Kafka yet.
 //! * **Commit** (after the manifest): one transaction of the producer whose
@@ -28,7 +29,9 @@
 //!   committable or a staged object fences the previous process's producers and aborts
 //!   a transaction a crash left open ("lingering"); then the markers are read, the
 //!   restored committables are committed (the prepared-but-not-committed case), and
-//!   staged objects of checkpoints that never completed are deleted. (Fencing and the
+//!   staged objects of checkpoints that never completed are deleted. A staged object of
+//!   a newer generation means a newer instance runs on the same checkpoint location:
+//!   this one stops with `Error::Fenced` before fencing any producer. (Fencing and the
 //!   abort are the broker's InitProducerId semantics; `tests/kafka_sink.rs` checks them
 //!   against a real Apache Kafka broker with zombie producers.)
 //! * **Transaction timeout**: a commit produces one checkpoint interval's records in one
@@ -531,6 +534,20 @@ fn send<K: rdkafka::message::ToBytes + ?Sized, V: rdkafka::message::ToBytes + ?S
     }
 }
 
+/// Checkpoint, subtask and fencing generation in a staged object's name
+/// (`<checkpoint>-<subtask>-g<generation>.stage`; names written before generations
+/// existed, `<checkpoint>-<subtask>.stage`, are generation 0).
+fn staged_name_parts(name: &str) -> Option<(u64, usize, u64)> {
+    let mut parts = name.strip_suffix(".stage")?.split('-');
+    let cp = parts.next()?.parse().ok()?;
+    let subtask = parts.next()?.parse().ok()?;
+    let generation = match parts.next() {
+        None => 0,
+        Some(g) => g.strip_prefix('g')?.parse().ok()?,
+    };
+    parts.next().is_none().then_some((cp, subtask, generation))
+}
+
 /// Append one record to a staged buffer.
 fn frame(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     let key_len = if key.is_empty() {
@@ -597,6 +614,7 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
             dir: self.inner.staged_dir(&ctx.job, &ctx.sink.0),
             transactional_id: transactional_id(&ctx.job, &ctx.sink.0, ctx.subtask.0),
             subtask: ctx.subtask.0,
+            generation: ctx.generation,
             buf: STAGE_MAGIC.to_vec(),
             key: Vec::new(),
             value: Vec::new(),
@@ -635,11 +653,22 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
         let staged: Vec<(Path, u64, usize)> = listed
             .into_iter()
             .filter_map(|p| {
-                let name = p.filename()?.strip_suffix(".stage")?.to_string();
-                let (cp, subtask) = name.split_once('-')?;
-                Some((p, cp.parse().ok()?, subtask.parse().ok()?))
+                let (cp, subtask, generation) = staged_name_parts(p.filename()?)?;
+                Some((p, cp, subtask, generation))
             })
-            .collect();
+            .map(|(p, cp, subtask, generation)| {
+                if generation > ctx.generation {
+                    // A newer instance staged it: fencing producers or deleting would
+                    // break its commits. This one is fenced and touches nothing.
+                    return Err(Error::Fenced {
+                        epoch: ctx.generation,
+                        newer: generation,
+                        url: format!("Kafka sink '{}' staging", ctx.sink),
+                    });
+                }
+                Ok((p, cp, subtask))
+            })
+            .collect::<Result<_>>()?;
         // Fence the previous producers and abort what they left open.
         let ids: BTreeSet<String> = pending
             .iter()
@@ -685,6 +714,8 @@ pub struct KafkaWriter<T, E> {
     dir: Path,
     transactional_id: String,
     subtask: usize,
+    /// This instance's fencing generation, in every staged object's name.
+    generation: u64,
     /// Header and framed records since the last barrier.
     buf: Vec<u8>,
     key: Vec<u8>,
@@ -715,10 +746,10 @@ impl<T: Data, E: KafkaEncoder<T>> SinkWriter for KafkaWriter<T, E> {
         self.buf.extend_from_slice(&self.records.to_le_bytes());
         let crc = crc32fast::hash(&self.buf);
         self.buf.extend_from_slice(&crc.to_le_bytes());
-        let path = self
-            .dir
-            .clone()
-            .join(format!("{:020}-{}.stage", checkpoint.0, self.subtask));
+        let path = self.dir.clone().join(format!(
+            "{:020}-{}-g{}.stage",
+            checkpoint.0, self.subtask, self.generation
+        ));
         let payload = PutPayload::from(std::mem::replace(&mut self.buf, STAGE_MAGIC.to_vec()));
         let store = self.inner.staging.store.clone();
         let put_path = path.clone();
@@ -739,5 +770,26 @@ impl<T: Data, E: KafkaEncoder<T>> SinkWriter for KafkaWriter<T, E> {
         };
         self.records = 0;
         Ok(Some(c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::staged_name_parts;
+
+    #[test]
+    fn staged_names_carry_checkpoint_subtask_and_generation() {
+        assert_eq!(
+            staged_name_parts("00000000000000000007-2-g13.stage"),
+            Some((7, 2, 13))
+        );
+        assert_eq!(
+            staged_name_parts("00000000000000000007-2.stage"),
+            Some((7, 2, 0)),
+            "names from before generations are generation 0"
+        );
+        assert_eq!(staged_name_parts("7-2-x13.stage"), None);
+        assert_eq!(staged_name_parts("7-2-g1-9.stage"), None);
+        assert_eq!(staged_name_parts("7-2-g1.tmp"), None);
     }
 }
