@@ -236,21 +236,6 @@ impl CheckpointStorage {
             .join(format!("{:020}.json", id.0))
     }
 
-    /// Store one task's snapshot payload for checkpoint `id`.
-    pub async fn put_state(
-        &self,
-        id: CheckpointId,
-        task: &OperatorId,
-        subtask: SubtaskIndex,
-        parallelism: usize,
-        operators: Vec<OperatorId>,
-        payload: &[u8],
-    ) -> Result<TaskStateHandle> {
-        let file = codec::frame_chunks(vec![payload.to_vec().into()]);
-        self.put_state_file(id, task, subtask, parallelism, operators, file)
-            .await
-    }
-
     /// Write a task's state file, framed in pieces (see [`codec::frame_chunks`]).
     pub async fn put_state_file(
         &self,
@@ -920,6 +905,11 @@ mod tests {
         }
     }
 
+    /// `payload` as a state file.
+    fn framed(payload: &[u8]) -> codec::FileChunks {
+        codec::frame_chunks(vec![payload.to_vec().into()])
+    }
+
     #[test]
     fn state_round_trip_scan_and_delete_on_local_dir() {
         let dir = tempfile::tempdir().unwrap();
@@ -927,13 +917,13 @@ mod tests {
         rt().block_on(async {
             let op = OperatorId("op".into());
             let h = s
-                .put_state(
+                .put_state_file(
                     CheckpointId(3),
                     &op,
                     SubtaskIndex(1),
                     2,
                     vec![op.clone()],
-                    b"hello",
+                    framed(b"hello"),
                 )
                 .await
                 .unwrap();
@@ -942,9 +932,16 @@ mod tests {
                 .await
                 .unwrap();
             // An incomplete later checkpoint still counts for id allocation.
-            s.put_state(CheckpointId(9), &op, SubtaskIndex(0), 2, vec![], b"x")
-                .await
-                .unwrap();
+            s.put_state_file(
+                CheckpointId(9),
+                &op,
+                SubtaskIndex(0),
+                2,
+                vec![],
+                framed(b"x"),
+            )
+            .await
+            .unwrap();
             assert_eq!(
                 s.scan().await.unwrap(),
                 (vec![CheckpointId(3)], Some(CheckpointId(9)))
@@ -974,13 +971,13 @@ mod tests {
         let s = CheckpointStorage::from_url(dir.path().to_str().unwrap()).unwrap();
         let op = OperatorId("op".into());
         let h = rt()
-            .block_on(s.put_state(
+            .block_on(s.put_state_file(
                 CheckpointId(1),
                 &op,
                 SubtaskIndex(0),
                 1,
                 vec![],
-                &[7u8; 100],
+                framed(&[7u8; 100]),
             ))
             .unwrap();
         let file = dir.path().join(&h.path);

@@ -99,6 +99,18 @@ fn build(
         .batch_size(64)
         .build()
         .unwrap();
+    pipeline(&job, data, sink, fail);
+    job
+}
+
+/// Events from 3 splits, a slow map, the keyed `running-sum` (failing as `fail` says),
+/// into `sink`.
+fn pipeline(
+    job: &Job,
+    data: &[(u64, i64, u64)],
+    sink: &CollectSink<(u64, u64, i64)>,
+    fail: Arc<AtomicU64>,
+) {
     job.source("events", VecSource::new(data.to_vec()).with_splits(3))
         // A slow map keeps the run long enough for several checkpoints.
         .map(|e| {
@@ -111,7 +123,6 @@ fn build(
         .process(RunningSum { fail_at: fail })
         .name("running-sum")
         .sink("out", sink.clone());
-    job
 }
 
 #[test]
@@ -202,19 +213,7 @@ fn restart_count_starts_over_after_a_completed_checkpoint() {
         .batch_size(64)
         .build()
         .unwrap();
-    job.source("events", VecSource::new(data.clone()).with_splits(3))
-        .map(|e| {
-            if e.2 % 100 == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            e
-        })
-        .key_by(|e: &(u64, i64, u64)| e.0)
-        .process(RunningSum {
-            fail_at: fail.clone(),
-        })
-        .name("running-sum")
-        .sink("out", sink.clone());
+    pipeline(&job, &data, &sink, fail.clone());
     let report = job.run().unwrap();
     // A failure armed after the last record never fires.
     let fired = armed.load(Ordering::SeqCst) - u64::from(fail.load(Ordering::SeqCst) == ARMED);

@@ -4,6 +4,7 @@
 
 mod common;
 
+use exactly_engine::codec::frame_chunks;
 use exactly_engine::ids::{OperatorId, SubtaskIndex};
 use exactly_engine::manifest::{Manifest, MANIFEST_FORMAT_VERSION};
 use exactly_engine::prelude::*;
@@ -71,13 +72,13 @@ fn put_list_read_conditional_manifest_and_delete() {
         s.check_access().await.unwrap();
         let op = OperatorId("op".into());
         let h = s
-            .put_state(
+            .put_state_file(
                 CheckpointId(3),
                 &op,
                 SubtaskIndex(0),
                 1,
                 vec![op.clone()],
-                b"state",
+                frame_chunks(vec![bytes::Bytes::from_static(b"state")]),
             )
             .await
             .unwrap();
@@ -101,6 +102,8 @@ fn put_list_read_conditional_manifest_and_delete() {
     });
 }
 
+/// A large state file goes up in parts, from pieces of uneven sizes (as the snapshot
+/// writes it: framing, then each key group's buffer) that the parts cut across.
 #[test]
 fn large_state_files_use_multipart_upload() {
     let s = CheckpointStorage::from_url(&unique("multipart")).unwrap();
@@ -109,8 +112,22 @@ fn large_state_files_use_multipart_upload() {
         .collect();
     rt().block_on(async {
         let op = OperatorId("big".into());
+        let pieces: Vec<bytes::Bytes> = [0, 7, 5 * 1024 * 1024 + 3, 5 * 1024 * 1024 + 4]
+            .into_iter()
+            .chain([payload.len()])
+            .collect::<Vec<_>>()
+            .windows(2)
+            .map(|w| bytes::Bytes::copy_from_slice(&payload[w[0]..w[1]]))
+            .collect();
         let h = s
-            .put_state(CheckpointId(1), &op, SubtaskIndex(0), 1, vec![], &payload)
+            .put_state_file(
+                CheckpointId(1),
+                &op,
+                SubtaskIndex(0),
+                1,
+                vec![],
+                frame_chunks(pieces),
+            )
             .await
             .unwrap();
         assert!(h.size as usize > MULTIPART_THRESHOLD);
