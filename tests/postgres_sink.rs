@@ -602,3 +602,72 @@ fn an_older_instance_never_aborts_what_a_newer_one_staged() {
         c.batch_execute("DELETE FROM t").unwrap();
     }
 }
+
+/// PostgreSQL stopped for 30 s in the middle of a run (an immediate shutdown, with
+/// prepared transactions pending) is ridden out by the default restart policy: the
+/// job restarts until the server is back, recovers the prepared checkpoint and ends
+/// with every row exactly once. Runs on a cluster of its own, which it stops and
+/// starts with the commands `scripts/pg-server.sh` exports.
+#[test]
+fn a_30_second_outage_is_survived_under_the_default_policy() {
+    use exactly::prelude::*;
+    use exactly::sinks::postgres::{PostgresSink, Sql};
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!(
+                "{name} is not set: run the suite with ./scripts/test.sh, which starts PostgreSQL"
+            )
+        })
+    };
+    let (server, stop, start) = (
+        var("EXACTLY_PG_OUTAGE_URL"),
+        var("EXACTLY_PG_OUTAGE_STOP"),
+        var("EXACTLY_PG_OUTAGE_START"),
+    );
+    let sh = |cmd: &str| {
+        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mut c = Client::connect(&server, NoTls).unwrap();
+    c.batch_execute("DROP TABLE IF EXISTS outage; CREATE TABLE outage (n bigint)")
+        .unwrap();
+    let n = 20_000i64;
+    let tmp = tempfile::tempdir().unwrap();
+    let (third, at_third) = std::sync::mpsc::channel();
+    let job = Job::builder("outage")
+        .checkpoint_storage(tmp.path().to_str().unwrap())
+        .checkpoint_every(Duration::from_millis(100))
+        .batch_size(100)
+        .source_pacing(Duration::from_millis(10))
+        .on_checkpoint(move |cp| {
+            if cp.id.0 == 3 {
+                let _ = third.send(());
+            }
+        })
+        .build()
+        .unwrap();
+    job.source("numbers", VecSource::new((0..n).collect()))
+        .sink(
+            "out",
+            PostgresSink::two_phase(&server, Sql::insert("outage", &["n"]), |n: &i64| (*n,)),
+        );
+    let running = std::thread::spawn(move || job.run());
+    at_third.recv().unwrap();
+    sh(&stop);
+    std::thread::sleep(Duration::from_secs(30));
+    sh(&start);
+    let report = running.join().unwrap().unwrap();
+    assert!(report.restarts >= 1, "the outage was seen");
+    let mut c = Client::connect(&server, NoTls).unwrap();
+    let (rows, distinct): (i64, i64) = {
+        let r = c
+            .query_one("SELECT count(*), count(DISTINCT n) FROM outage", &[])
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((rows, distinct), (n, n), "every row exactly once");
+}
