@@ -85,7 +85,7 @@ fn a_30_second_freeze_of_the_s3_server_is_survived_under_the_default_policy() {
     let sink = CollectSink::new();
     let (third, at_third) = std::sync::mpsc::channel();
     let job = Job::builder("frozen")
-        .checkpoint_storage(&format!("s3://{bucket}/tests/frozen-{nanos}"))
+        .checkpoint_storage(format!("s3://{bucket}/tests/frozen-{nanos}"))
         .checkpoint_every(Duration::from_millis(100))
         .batch_size(100)
         .source_pacing(Duration::from_millis(10))
