@@ -184,6 +184,35 @@ impl<T: Data, E: RecordEncoder<T>> ObjectStoreSink<T, E> {
         self.prefix.clone().join("_pending").join(sink)
     }
 
+    /// The object holding the highest checkpoint this sink committed here.
+    fn committed_path(&self, sink: &str) -> Path {
+        self.prefix.clone().join("_committed").join(sink)
+    }
+
+    /// The highest checkpoint committed into this prefix, if any.
+    async fn committed_high_water(&self, sink: &str) -> Result<Option<u64>> {
+        let path = self.committed_path(sink);
+        match self.store.get(&path).await {
+            Ok(r) => {
+                let bytes = r
+                    .bytes()
+                    .await
+                    .map_err(|e| Self::err(sink, "recover", None, e))?;
+                let id = std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                    .ok_or_else(|| Error::CorruptCheckpoint {
+                        checkpoint: CheckpointId(0),
+                        path: path.to_string(),
+                        message: "not a checkpoint id".into(),
+                    })?;
+                Ok(Some(id))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Self::err(sink, "recover", None, e)),
+        }
+    }
+
     /// Refuse a committable whose paths are not plain names under this sink's prefix:
     /// it comes from the manifest, and an edited one must not complete, or later delete,
     /// objects elsewhere in the bucket.
@@ -305,6 +334,18 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
                     Err(e) => return Err(Self::err(&c.sink, "commit", Some(c.checkpoint), e)),
                 }
             }
+            // Remember the highest checkpoint committed here, so that a job whose
+            // checkpoint storage lost manifests finds out before committing them again.
+            let high = self.committed_high_water(&c.sink).await?;
+            if high.is_none_or(|h| h < c.checkpoint) {
+                store
+                    .put(
+                        &self.committed_path(&c.sink),
+                        PutPayload::from(c.checkpoint.to_string()),
+                    )
+                    .await
+                    .map_err(|e| Self::err(&c.sink, "commit", Some(c.checkpoint), e))?;
+            }
             Ok(())
         })
     }
@@ -314,10 +355,28 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
         ctx: &RecoveryContext,
         pending: Vec<ObjectsCommittable>,
     ) -> Result<Option<CheckpointId>> {
+        let sink = ctx.sink.0.clone();
+        // Output committed by a checkpoint above the one restored: the checkpoint
+        // storage lost manifests (deleted, moved aside, replaced) that this output
+        // already committed; going on would commit their records again.
+        let high = self.rt.block_on(self.committed_high_water(&sink))?;
+        if let Some(high) = high.filter(|&h| ctx.restored.is_none_or(|r| h > r.0)) {
+            let from = match ctx.restored {
+                Some(c) => format!("restores checkpoint {c}"),
+                None => "finds no checkpoint and would start from the beginning".to_string(),
+            };
+            return Err(Error::config(format!(
+                "sink '{sink}': {} holds output committed by checkpoint {high}, but the job \
+                 {from}: the checkpoint storage lost manifests that the output already \
+                 committed (deleted, moved aside or replaced). Going on would commit those \
+                 records again. Put the checkpoint storage back as it was, or start over \
+                 with both a new checkpoint location and a new, empty output location",
+                self.prefix
+            )));
+        }
         for c in &pending {
             self.commit(c)?;
         }
-        let sink = ctx.sink.0.clone();
         let dir = self.marker_dir(&sink);
         let store = &self.store;
         self.rt.block_on(async {
@@ -586,6 +645,9 @@ mod tests {
             let metas: Vec<_> = store.list(None).try_collect().await.unwrap();
             let mut out = Vec::new();
             for m in metas {
+                if m.location.as_ref().contains("/_committed/") {
+                    continue; // the sink's own bookkeeping, not output
+                }
                 let b = store.get(&m.location).await.unwrap().bytes().await.unwrap();
                 out.push((m.location.to_string(), b.to_vec()));
             }
@@ -758,6 +820,40 @@ mod tests {
             "only the restored checkpoint's file: {files:?}"
         );
         assert_eq!(files[0].1, b"1,\"a,b\"\n");
+    }
+
+    /// The checkpoint storage lost manifests (deleted, moved aside) while the output
+    /// stayed: restoring below a checkpoint the output already committed, or starting
+    /// from nothing, stops before committing or aborting anything.
+    #[test]
+    fn output_committed_above_the_restored_checkpoint_stops_recovery() {
+        let sink = memory_sink(JsonLines);
+        let mut w = sink.open_writer(&ctx()).unwrap();
+        w.write(&mut vec![(1, "a".into())]).unwrap();
+        let one = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
+        sink.commit(&one).unwrap();
+        w.write(&mut vec![(2, "b".into())]).unwrap();
+        let two = w.pre_commit(CheckpointId(2)).unwrap().unwrap();
+        sink.commit(&two).unwrap();
+        sink.commit(&one).unwrap(); // a repeated older commit keeps the mark at 2
+        w.write(&mut vec![(3, "c".into())]).unwrap();
+        let _staged = w.pre_commit(CheckpointId(3)).unwrap().unwrap();
+        let before = objects(&sink);
+        let at = |restored: Option<u64>| RecoveryContext {
+            restored: restored.map(CheckpointId),
+            ..recovery()
+        };
+        for restored in [None, Some(1)] {
+            let err = sink.recover(&at(restored), vec![one.clone()]).unwrap_err();
+            assert!(
+                matches!(err, Error::Config { .. })
+                    && err.to_string().contains("committed by checkpoint 2"),
+                "{restored:?}: {err}"
+            );
+            assert_eq!(objects(&sink), before, "nothing committed or aborted");
+        }
+        // Restoring the checkpoint that committed it (or a later one) is normal.
+        sink.recover(&at(Some(2)), vec![two]).unwrap();
     }
 
     #[test]
