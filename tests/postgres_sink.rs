@@ -283,7 +283,9 @@ fn between_commits(name: &str, mode: &'static str) {
             let staged = case.query_count("SELECT count(*) FROM exactly_sink_staging");
             landed = markers == 1 && staged > 0;
         } else if let [only] = gids.as_slice() {
-            landed = only.starts_with("exactly:reconciliation:ledger:") && only.ends_with(":1");
+            // exactly:<job>:<sink>:<checkpoint>:<subtask>:g<generation>
+            landed = only.starts_with("exactly:reconciliation:ledger:")
+                && only.split(':').nth(4) == Some("1");
         }
         if landed {
             break;
