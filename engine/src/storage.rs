@@ -76,17 +76,30 @@ fn is_refusal(e: &object_store::Error) -> bool {
     ) {
         return true;
     }
+    // The client's errors carry the HTTP status in their text: any 4xx but a timeout
+    // (408) or throttling (429) is the server saying no (wrong region, bad bucket name,
+    // credentials, permissions), which retrying cannot change.
     let text = format!("{e:?}");
-    [
-        "NoSuchBucket",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "AccessDenied",
-        "status: 403",
-        "status: 404",
-    ]
-    .iter()
-    .any(|s| text.contains(s))
+    let refused_status = text.match_indices("status: ").any(|(i, m)| {
+        let code = &text[i + m.len()..];
+        code.len() >= 3
+            && code.as_bytes()[0] == b'4'
+            && code.as_bytes()[1..3].iter().all(u8::is_ascii_digit)
+            && !code.starts_with("408")
+            && !code.starts_with("429")
+    });
+    refused_status
+        || [
+            "NoSuchBucket",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+            "PermanentRedirect",
+            "AuthorizationHeaderMalformed",
+            "InvalidBucketName",
+        ]
+        .iter()
+        .any(|s| text.contains(s))
 }
 
 impl CheckpointStorage {
@@ -745,8 +758,10 @@ pub const S3_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// Retries of a failed S3 request (connection errors, timeouts, 5xx) before the
 /// operation fails; each retry also stays within [`S3_RETRY_TIMEOUT`] of the first try.
 pub const S3_MAX_RETRIES: usize = 3;
-/// No retry of an S3 request starts later than this after its first try.
-pub const S3_RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// No retry of an S3 request starts later than this after its first try (object_store
+/// also resumes an interrupted download within it, so it bounds how long reading one
+/// large state file may take).
+pub const S3_RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// An S3 client for `s3://bucket/prefix` configured from the usual AWS environment
 /// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
@@ -903,6 +918,33 @@ mod tests {
             );
             assert!(leases[0].created_at_ms.is_some());
         }
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_failures_to_answer() {
+        let generic = |text: &str| object_store::Error::Generic {
+            store: "S3",
+            source: std::io::Error::other(text.to_string()).into(),
+        };
+        for (text, refused) in [
+            (
+                "Client error with status: 400 Bad Request: InvalidRequest",
+                true,
+            ),
+            ("status: 403 Forbidden", true),
+            ("<Code>PermanentRedirect</Code>", true),
+            ("status: 408 Request Timeout", false),
+            ("status: 429 Too Many Requests", false),
+            ("Server error, status: 503 Service Unavailable", false),
+            ("error sending request: connection refused", false),
+            ("operation timed out", false),
+        ] {
+            assert_eq!(is_refusal(&generic(text)), refused, "{text}");
+        }
+        assert!(is_refusal(&object_store::Error::NotFound {
+            path: "x".into(),
+            source: std::io::Error::other("gone").into(),
+        }));
     }
 
     /// `payload` as a state file.

@@ -185,9 +185,10 @@ fn task_panic_restarts_from_checkpoint_without_duplicates_or_loss() {
 }
 
 /// Restarts are counted in a row: a checkpoint completed after a restart shows progress
-/// and the count starts over, so a policy of one restart survives three failures that
-/// each follow a completed checkpoint (each failure is armed by a checkpoint completing
-/// after the previous restart).
+/// (here with `healthy_after` zero: no minimum run time) and the count starts over, so a
+/// policy of one restart survives three failures that each follow a completed
+/// checkpoint (each failure is armed by a checkpoint completing after the previous
+/// restart).
 #[test]
 fn restart_count_starts_over_after_a_completed_checkpoint() {
     let data = events(40_000, 97);
@@ -209,7 +210,10 @@ fn restart_count_starts_over_after_a_completed_checkpoint() {
         .checkpoint_storage_instance(CheckpointStorage::in_memory())
         .checkpoint_every(Duration::from_millis(5))
         .parallelism(1)
-        .restart_policy(RestartPolicy::fixed(1, Duration::ZERO))
+        .restart_policy(RestartPolicy {
+            healthy_after: Duration::ZERO,
+            ..RestartPolicy::fixed(1, Duration::ZERO)
+        })
         .batch_size(64)
         .build()
         .unwrap();

@@ -579,9 +579,6 @@ where
                         "PostgreSQL sink '{sink}': job and sink names are too long for a transaction id (200 bytes)"
                     )));
                 }
-                for c in &pending {
-                    self.commit_one(c)?;
-                }
                 let keep: std::collections::HashSet<&str> = pending
                     .iter()
                     .filter_map(|c| match c {
@@ -612,6 +609,9 @@ where
                         url: format!("PostgreSQL sink '{sink}'"),
                     });
                 }
+                for c in &pending {
+                    self.commit_one(c)?;
+                }
                 let mut max_seen = None;
                 for gid in gids {
                     max_seen = max_seen.max(gid_checkpoint(&gid));
@@ -637,15 +637,35 @@ where
                         "CREATE TABLE IF NOT EXISTS exactly_sink_staging (
                              token bigint NOT NULL, seq integer NOT NULL,
                              job text NOT NULL, sink text NOT NULL, payload bytea NOT NULL,
+                             generation bigint NOT NULL DEFAULT 0,
                              PRIMARY KEY (token, seq));
-                         ALTER TABLE exactly_sink_staging
-                             ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
                          CREATE TABLE IF NOT EXISTS exactly_sink_commits (
                              job text NOT NULL, sink text NOT NULL, subtask integer NOT NULL,
                              checkpoint bigint NOT NULL,
                              committed_at timestamptz NOT NULL DEFAULT now(),
                              PRIMARY KEY (job, sink, subtask, checkpoint));",
                     )?)
+                })
+                .map_err(fail)?;
+                // Staging tables created before generations existed get the column. The
+                // ALTER takes an exclusive lock even when the column exists, and would
+                // queue behind other jobs' open staging transactions: only when missing.
+                self.with_control(sink, |c| {
+                    let has: bool = c
+                        .query_one(
+                            "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
+                             WHERE table_schema = current_schema() \
+                             AND table_name = 'exactly_sink_staging' AND column_name = 'generation')",
+                            &[],
+                        )?
+                        .get(0);
+                    if !has {
+                        c.batch_execute(
+                            "ALTER TABLE exactly_sink_staging \
+                             ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0",
+                        )?;
+                    }
+                    Ok(())
                 })
                 .map_err(fail)?;
                 let mut tokens = Vec::new();

@@ -15,8 +15,9 @@ use std::time::Duration;
 /// What happens when a task fails: how often the job restarts from its latest
 /// checkpoint, and how long it waits before each restart.
 ///
-/// Restarts are counted in a row: a checkpoint that completes after a restart shows the
-/// job healthy again, and the count and the pause start over. The pause doubles with
+/// Restarts are counted in a row: an attempt that completes a checkpoint and runs for
+/// [`RestartPolicy::healthy_after`] (default 60 s) shows the job healthy again, and the
+/// count and the pause start over. The pause doubles with
 /// each restart in a row, from `backoff` up to `max_backoff`, shortened by a random
 /// fraction up to `jitter` so that instances restarting together do not retry in step.
 /// The default, [`RestartPolicy::default`], rides out an outage of a database or an
@@ -32,6 +33,10 @@ pub struct RestartPolicy {
     pub max_backoff: Duration,
     /// Largest fraction (0 to 1) taken off each pause at random.
     pub jitter: f64,
+    /// A restarted attempt that completes a checkpoint and has run this long shows the
+    /// job healthy: the count and the pause start over. (A failure that strikes soon
+    /// after every restart's first checkpoint still exhausts the policy.)
+    pub healthy_after: Duration,
 }
 
 impl Default for RestartPolicy {
@@ -50,6 +55,7 @@ impl RestartPolicy {
             backoff,
             max_backoff: backoff,
             jitter: 0.0,
+            healthy_after: Duration::from_secs(60),
         }
     }
 
@@ -61,6 +67,7 @@ impl RestartPolicy {
             backoff: first,
             max_backoff: max.max(first),
             jitter: 0.2,
+            healthy_after: Duration::from_secs(60),
         }
     }
 
@@ -72,12 +79,20 @@ impl RestartPolicy {
     /// The pause before restart `nth` of a row (1-based), with `random` in `[0, 1)`
     /// choosing the jitter.
     pub fn pause(&self, nth: u32, random: f64) -> Duration {
-        let doublings = nth.saturating_sub(1).min(32);
+        let doublings = nth.saturating_sub(1).min(31);
         let full = self
             .backoff
-            .saturating_mul(1u32 << doublings.min(31))
+            .saturating_mul(1u32 << doublings)
             .min(self.max_backoff.max(self.backoff));
-        full.mul_f64(1.0 - self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0))
+        let finite = |x: f64| {
+            if x.is_finite() {
+                x.clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        };
+        let factor = 1.0 - finite(self.jitter) * finite(random);
+        Duration::try_from_secs_f64(full.as_secs_f64() * factor).unwrap_or(full)
     }
 }
 
@@ -563,5 +578,11 @@ mod restart_policy_tests {
         let fixed = RestartPolicy::fixed(3, Duration::from_millis(10));
         assert_eq!(fixed.pause(3, 0.7), Duration::from_millis(10));
         assert_eq!(RestartPolicy::none().pause(1, 0.3), Duration::ZERO);
+        // Nonsense settings do not panic.
+        let odd = RestartPolicy {
+            jitter: f64::NAN,
+            ..RestartPolicy::fixed(1, Duration::MAX)
+        };
+        assert_eq!(odd.pause(3, f64::NAN), Duration::MAX);
     }
 }

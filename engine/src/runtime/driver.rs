@@ -208,6 +208,7 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
     loop {
         let attempt = report.restarts;
         let completed_before = run.completed.load(Ordering::SeqCst);
+        let attempt_started = Instant::now();
         match run_attempt(&run, &mut report, attempt == 0) {
             Ok(()) => {
                 report.elapsed = started.elapsed();
@@ -227,7 +228,9 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
                 })
             }
             Err(e) => {
-                if run.completed.load(Ordering::SeqCst) > completed_before {
+                if run.completed.load(Ordering::SeqCst) > completed_before
+                    && attempt_started.elapsed() >= s.restart.healthy_after
+                {
                     in_a_row = 0;
                 }
                 if in_a_row >= s.restart.max_restarts {
@@ -256,10 +259,15 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
 fn starting<T>(s: &JobSettings, mut step: impl FnMut() -> Result<T>) -> Result<T> {
     let mut tries = 0u32;
     loop {
+        if s.stop.is_cancelled() {
+            return Err(Error::JobCancelled {
+                job: s.name.clone(),
+            });
+        }
         match step() {
             Ok(v) => return Ok(v),
             Err(e) if e.class() == ErrorClass::Stop => return Err(e),
-            Err(e) if tries >= s.restart.max_restarts || s.stop.is_cancelled() => {
+            Err(e) if tries >= s.restart.max_restarts => {
                 return Err(Error::RestartsExhausted {
                     job: s.name.clone(),
                     attempts: tries,
@@ -287,12 +295,16 @@ fn random_fraction() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Wait `pause` before a restart; a cancel or a stop asked meanwhile ends the wait.
+/// Wait `pause` before a restart; a cancel, or a stop asked during this wait, ends it
+/// (a stop asked earlier does not shorten later waits).
 fn sleep_unless_cancelled(pause: Duration, stop: &super::StopHandle) {
-    let until = Instant::now() + pause;
+    let until = Instant::now()
+        .checked_add(pause)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+    let stop_before = stop.is_requested();
     loop {
         let now = Instant::now();
-        if now >= until || stop.is_cancelled() || stop.is_requested() {
+        if now >= until || stop.is_cancelled() || (!stop_before && stop.is_requested()) {
             return;
         }
         std::thread::sleep((until - now).min(Duration::from_millis(50)));
