@@ -639,19 +639,9 @@ fn a_30_second_outage_is_survived_under_the_default_policy() {
         .unwrap();
     let n = 20_000i64;
     let tmp = tempfile::tempdir().unwrap();
-    let (third, at_third) = std::sync::mpsc::channel();
-    let job = Job::builder("outage")
-        .checkpoint_storage(tmp.path().to_str().unwrap())
-        .checkpoint_every(Duration::from_millis(100))
-        .batch_size(100)
-        .source_pacing(Duration::from_millis(10))
-        .on_checkpoint(move |cp| {
-            if cp.id.0 == 3 {
-                let _ = third.send(());
-            }
-        })
-        .build()
-        .unwrap();
+    let (builder, at_third) =
+        exactly::engine::testing::job_for_outage("outage", tmp.path().to_str().unwrap());
+    let job = builder.build().unwrap();
     job.source("numbers", VecSource::new((0..n).collect()))
         .sink(
             "out",

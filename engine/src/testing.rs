@@ -27,6 +27,27 @@ pub fn s3_test_bucket() -> String {
     std::env::var("EXACTLY_S3_BUCKET").unwrap_or_else(|_| "exactly".into())
 }
 
+/// A job for outage tests: checkpoints every 100 ms into `storage`, sources paced
+/// (100 records per batch, 10 ms apart) so the run lasts while the test breaks something,
+/// and a receiver that hears when checkpoint 3 completes (the moment to break it).
+pub fn job_for_outage(
+    name: &str,
+    storage: &str,
+) -> (crate::dsl::JobBuilder, std::sync::mpsc::Receiver<()>) {
+    let (third, at_third) = std::sync::mpsc::channel();
+    let builder = crate::dsl::Job::builder(name)
+        .checkpoint_storage(storage)
+        .checkpoint_every(std::time::Duration::from_millis(100))
+        .batch_size(100)
+        .source_pacing(std::time::Duration::from_millis(10))
+        .on_checkpoint(move |cp| {
+            if cp.id.0 == 3 {
+                let _ = third.send(());
+            }
+        });
+    (builder, at_third)
+}
+
 /// A replayable source over a vector, divided into `splits` round-robin splits.
 #[derive(Clone)]
 pub struct VecSource<T> {

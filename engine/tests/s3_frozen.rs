@@ -83,19 +83,11 @@ fn a_30_second_freeze_of_the_s3_server_is_survived_under_the_default_policy() {
         .as_nanos();
     let n = 20_000u64;
     let sink = CollectSink::new();
-    let (third, at_third) = std::sync::mpsc::channel();
-    let job = Job::builder("frozen")
-        .checkpoint_storage(format!("s3://{bucket}/tests/frozen-{nanos}"))
-        .checkpoint_every(Duration::from_millis(100))
-        .batch_size(100)
-        .source_pacing(Duration::from_millis(10))
-        .on_checkpoint(move |cp| {
-            if cp.id.0 == 3 {
-                let _ = third.send(());
-            }
-        })
-        .build()
-        .unwrap();
+    let (builder, at_third) = exactly_engine::testing::job_for_outage(
+        "frozen",
+        &format!("s3://{bucket}/tests/frozen-{nanos}"),
+    );
+    let job = builder.build().unwrap();
     job.source("numbers", VecSource::new((0..n).collect::<Vec<u64>>()))
         .key_by(|x: &u64| x % 97)
         .process_fn(|x, ctx: &mut KeyedContext<'_, u64, u64>| {
