@@ -339,3 +339,43 @@ fn savepoints_are_created_listed_kept_by_a_job_and_deleted() {
     assert_eq!(code, 2);
     assert!(err.contains("no savepoint 'audit'"), "{err}");
 }
+
+/// The same commands on checkpoints in S3 (the SeaweedFS server `scripts/test.sh`
+/// starts; the binary reads the same AWS_* environment): `list` shows what the engine
+/// scans and `verify` checks every file.
+#[cfg(feature = "s3")]
+#[test]
+fn list_and_verify_work_on_s3_locations() {
+    let bucket = exactly::engine::testing::s3_test_bucket();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let url = format!("s3://{bucket}/tests/cli-{nanos}");
+    let out = tempfile::tempdir().unwrap();
+    let payments: Vec<(u32, i64)> = (0..2_000).map(|i| (i % 31, i64::from(i))).collect();
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .checkpoint_storage(url.as_str())
+        .build()
+        .unwrap();
+    common::running_balances(&job, VecSource::new(payments), out.path());
+    job.run().unwrap();
+    let storage = CheckpointStorage::open_existing(&url).unwrap();
+    let ids = rt().block_on(storage.scan()).unwrap().0;
+    assert!(!ids.is_empty());
+    let (stdout, err, code) = exactly(&["checkpoints", "list", &url]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    let listed: Vec<u64> = rows(&stdout).iter().map(|r| r.0).collect();
+    assert_eq!(
+        listed,
+        ids.iter().map(|i| i.0).collect::<Vec<_>>(),
+        "{stdout}"
+    );
+    let (stdout, err, code) = exactly(&["checkpoints", "verify", &url]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(
+        stdout.contains(&format!("{} good, 0 bad", ids.len())),
+        "{stdout}"
+    );
+}
