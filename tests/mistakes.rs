@@ -314,7 +314,7 @@ fn lost_manifests_stop_the_job_before_it_commits_anything_twice() {
     std::fs::remove_dir_all(dir.join("checkpoints")).unwrap();
     let err = ledger_with_more(dir, 500).unwrap_err().to_string();
     assert!(err.contains("finds no checkpoint"), "{err}");
-    assert!(err.contains("new, empty output directory"), "{err}");
+    assert!(err.contains("new, empty output location"), "{err}");
     assert_eq!(
         snapshot_of(&dir.join("out")),
         out,

@@ -254,6 +254,29 @@ impl Error {
         }
     }
 
+    /// A sink found output committed by checkpoint `committed`, above the checkpoint
+    /// being restored (or with none to restore): the checkpoint storage lost manifests
+    /// that the output already committed. `holds` says where, e.g. `/out holds
+    /// part-x.jsonl`. A configuration error: going on would commit those records again.
+    pub fn output_ahead_of_checkpoints(
+        sink: &str,
+        holds: &str,
+        committed: u64,
+        restored: Option<CheckpointId>,
+    ) -> Self {
+        let from = match restored {
+            Some(c) => format!("restores checkpoint {c}"),
+            None => "finds no checkpoint and would start from the beginning".to_string(),
+        };
+        Error::config(format!(
+            "sink '{sink}': {holds}, committed by checkpoint {committed}, but the job {from}: \
+             the checkpoint storage lost manifests that the output already committed \
+             (deleted, moved aside or replaced). Going on would commit those records \
+             again. Put the checkpoint storage back as it was, or start over with both a \
+             new checkpoint location and a new, empty output location"
+        ))
+    }
+
     /// Shorthand for an I/O error with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {

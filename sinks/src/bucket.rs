@@ -361,18 +361,12 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
         // already committed; going on would commit their records again.
         let high = self.rt.block_on(self.committed_high_water(&sink))?;
         if let Some(high) = high.filter(|&h| ctx.restored.is_none_or(|r| h > r.0)) {
-            let from = match ctx.restored {
-                Some(c) => format!("restores checkpoint {c}"),
-                None => "finds no checkpoint and would start from the beginning".to_string(),
-            };
-            return Err(Error::config(format!(
-                "sink '{sink}': {} holds output committed by checkpoint {high}, but the job \
-                 {from}: the checkpoint storage lost manifests that the output already \
-                 committed (deleted, moved aside or replaced). Going on would commit those \
-                 records again. Put the checkpoint storage back as it was, or start over \
-                 with both a new checkpoint location and a new, empty output location",
-                self.prefix
-            )));
+            return Err(Error::output_ahead_of_checkpoints(
+                &sink,
+                &format!("{} holds output", self.prefix),
+                high,
+                ctx.restored,
+            ));
         }
         for c in &pending {
             self.commit(c)?;

@@ -267,19 +267,12 @@ impl<T, E> FileSink<T, E> {
         let Some((id, name)) = newer else {
             return Ok(());
         };
-        let from = match ctx.restored {
-            Some(c) => format!("restores checkpoint {c}"),
-            None => "finds no checkpoint and would start from the beginning".to_string(),
-        };
-        Err(Error::config(format!(
-            "sink '{}': {} holds {name}, committed by checkpoint {id}, but the job {from}: \
-             the checkpoint storage lost manifests that the output already committed \
-             (deleted, moved aside or replaced). Going on would commit those records \
-             again. Put the checkpoint storage back as it was, or start over with both a \
-             new checkpoint location and a new, empty output directory",
-            ctx.sink,
-            self.dir.display()
-        )))
+        Err(Error::output_ahead_of_checkpoints(
+            &ctx.sink.0,
+            &format!("{} holds {name}", self.dir.display()),
+            id,
+            ctx.restored,
+        ))
     }
 }
 

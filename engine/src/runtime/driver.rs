@@ -203,8 +203,7 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
         local_dir,
         completed: Arc::new(AtomicU64::new(0)),
     };
-    // Restarts since the job last showed progress (a checkpoint completed).
-    let mut in_a_row = 0u32;
+    let mut budget = RestartBudget::new(s);
     loop {
         let attempt = report.restarts;
         let completed_before = run.completed.load(Ordering::SeqCst);
@@ -228,36 +227,62 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
                 })
             }
             Err(e) => {
+                // Progress since the last restart: a checkpoint, and long enough.
                 if run.completed.load(Ordering::SeqCst) > completed_before
                     && attempt_started.elapsed() >= s.restart.healthy_after
                 {
-                    in_a_row = 0;
+                    budget.reset();
                 }
-                if in_a_row >= s.restart.max_restarts {
-                    return Err(Error::RestartsExhausted {
-                        job: s.name.clone(),
-                        attempts: in_a_row,
-                        source: Box::new(e),
-                    });
-                }
-                in_a_row += 1;
+                budget.wait_or_give_up(e, "task failed; restarting from the latest checkpoint")?;
                 report.restarts += 1;
                 crate::telemetry::restarted(&s.name);
-                let pause = s.restart.pause(in_a_row, random_fraction());
-                tracing::warn!(job = %s.name, error = %e, restart = report.restarts, in_a_row,
-                    pause_ms = pause.as_millis() as u64,
-                    "task failed; restarting from the latest checkpoint");
-                sleep_unless_cancelled(pause, &s.stop);
             }
         }
     }
 }
 
+/// Restarts in a row under the job's [`RestartPolicy`]: whether one more is allowed,
+/// and the pause before it. Shared by start-up and by the restart loop.
+struct RestartBudget<'a> {
+    s: &'a JobSettings,
+    in_a_row: u32,
+}
+
+impl<'a> RestartBudget<'a> {
+    fn new(s: &'a JobSettings) -> Self {
+        RestartBudget { s, in_a_row: 0 }
+    }
+
+    /// The job showed progress: the count and the pause start over.
+    fn reset(&mut self) {
+        self.in_a_row = 0;
+    }
+
+    /// After failure `e`: `RestartsExhausted` if the policy allows no more, otherwise
+    /// wait the policy's pause (a cancel, or a stop asked meanwhile, ends it).
+    fn wait_or_give_up(&mut self, e: Error, what: &str) -> Result<()> {
+        let s = self.s;
+        if self.in_a_row >= s.restart.max_restarts {
+            return Err(Error::RestartsExhausted {
+                job: s.name.clone(),
+                attempts: self.in_a_row,
+                source: Box::new(e),
+            });
+        }
+        self.in_a_row += 1;
+        let pause = s.restart.pause(self.in_a_row, random_fraction());
+        tracing::warn!(job = %s.name, error = %e, in_a_row = self.in_a_row,
+            pause_ms = pause.as_millis() as u64, "{what}");
+        sleep_unless_cancelled(pause, &s.stop);
+        Ok(())
+    }
+}
+
 /// Run a start-up step, retrying errors that are not [`ErrorClass::Stop`] under the
-/// restart policy (its count and pauses), so a job started while its storage is briefly
-/// unreachable waits for it instead of failing.
+/// restart policy, so a job started while its storage is briefly unreachable waits for
+/// it instead of failing.
 fn starting<T>(s: &JobSettings, mut step: impl FnMut() -> Result<T>) -> Result<T> {
-    let mut tries = 0u32;
+    let mut budget = RestartBudget::new(s);
     loop {
         if s.stop.is_cancelled() {
             return Err(Error::JobCancelled {
@@ -267,20 +292,8 @@ fn starting<T>(s: &JobSettings, mut step: impl FnMut() -> Result<T>) -> Result<T
         match step() {
             Ok(v) => return Ok(v),
             Err(e) if e.class() == ErrorClass::Stop => return Err(e),
-            Err(e) if tries >= s.restart.max_restarts => {
-                return Err(Error::RestartsExhausted {
-                    job: s.name.clone(),
-                    attempts: tries,
-                    source: Box::new(e),
-                })
-            }
             Err(e) => {
-                tries += 1;
-                let pause = s.restart.pause(tries, random_fraction());
-                tracing::warn!(job = %s.name, error = %e, try_ = tries,
-                    pause_ms = pause.as_millis() as u64,
-                    "checkpoint storage not reachable at start; retrying");
-                sleep_unless_cancelled(pause, &s.stop);
+                budget.wait_or_give_up(e, "checkpoint storage not reachable at start; retrying")?
             }
         }
     }

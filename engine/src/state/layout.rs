@@ -265,8 +265,8 @@ impl serde::Serialize for Entries<'_> {
     }
 }
 
-/// The general (and slower) path, for other serialisers than the state file's and for
-/// the tests that hold [`EncodedGroups::write_postcard`] to it.
+/// The general (and slower) path through serde: not used to write state files any
+/// more, kept as the reference the tests hold [`EncodedGroups::into_chunks`] to.
 impl serde::Serialize for EncodedGroups {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
