@@ -18,16 +18,39 @@ const HEADER_LEN: usize = 4 + 2 + 8 + 4;
 
 /// Encode `value` with postcard, appending to `buf` (which is not cleared).
 pub fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>, what: &str) -> Result<()> {
-    let taken = std::mem::take(buf);
-    match postcard::to_extend(value, taken) {
-        Ok(v) => {
-            *buf = v;
-            Ok(())
+    postcard::serialize_with_flavor(value, Append(buf)).map_err(|e| Error::Codec {
+        what: what.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Postcard output appended to a vector, byte strings copied in one go. (postcard's own
+/// `to_extend` pushes them byte by byte: a quarter of the snapshot encoder's time for
+/// string keys.)
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        if data.len() <= 16 {
+            // Varints and short strings: a copy loop the compiler unrolls beats a call.
+            self.0.extend(data.iter().copied());
+        } else {
+            self.0.extend_from_slice(data);
         }
-        Err(e) => Err(Error::Codec {
-            what: what.to_string(),
-            message: e.to_string(),
-        }),
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
     }
 }
 
@@ -187,6 +210,18 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn encode_into_appends_postcards_bytes(
+            before in proptest::collection::vec(any::<u8>(), 0..8),
+            value in any::<(u64, String, Vec<u8>, i32)>(),
+        ) {
+            let mut buf = before.clone();
+            encode_into(&value, &mut buf, "test").unwrap();
+            let mut expected = before;
+            expected.extend(postcard::to_allocvec(&value).unwrap());
+            prop_assert_eq!(buf, expected);
+        }
+
         #[test]
         fn frame_round_trips(payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let f = frame(&payload);
