@@ -1,5 +1,5 @@
 //! Nexmark (the standard streaming benchmark: people, auctions and bids of an online
-//! auction house) on the public DSL: q0, q1, q2, q3, q4, q5, q7 and q8, in-memory state,
+//! auction house) on the public DSL: q0 to q8, in-memory state,
 //! parallelism 2, a local checkpoint directory. Each query runs with checkpoints off
 //! (final checkpoint only) and every second, prints events/s (total and per core), the
 //! median checkpoint duration and synchronous pause, and asserts its committed output
@@ -311,10 +311,16 @@ impl CoProcessFunction<usize, Person, Auction> for LocalItems {
     }
 }
 
-/// q4's first phase: per auction, the highest bid placed while it was open, emitted
-/// when it closes as `(category, price)`.
+/// The first phase of q4 and q6: per auction, the highest bid placed while it was open,
+/// emitted when it closes.
 #[derive(Clone)]
-struct WinningBid;
+struct WinningBid {
+    /// Group winners by seller (q6) rather than by category (q4).
+    by_seller: bool,
+}
+
+/// A closed auction's winning bid: `(category or seller, closing time, auction, price)`.
+type Winner = (usize, u64, usize, u64);
 
 const OPEN: ValueState<(usize, u64, u64)> = ValueState::new("auction");
 const HIGHEST: ValueState<u64> = ValueState::new("highest");
@@ -324,11 +330,11 @@ const EARLY: ValueState<Vec<(u64, u64)>> = ValueState::new("early");
 const EARLY_WAIT_MS: i64 = 60_000;
 
 impl CoProcessFunction<usize, Auction, Bid> for WinningBid {
-    type Out = (usize, u64);
+    type Out = Winner;
     fn process_left(
         &mut self,
         a: Auction,
-        ctx: &mut KeyedContext<'_, usize, (usize, u64)>,
+        ctx: &mut KeyedContext<'_, usize, Winner>,
     ) -> Result<(), BoxError> {
         let mut best = None;
         for (price, t) in ctx.value(EARLY)?.unwrap_or_default() {
@@ -340,14 +346,15 @@ impl CoProcessFunction<usize, Auction, Bid> for WinningBid {
         if let Some(b) = best {
             ctx.set_value(HIGHEST, &b)?;
         }
-        ctx.set_value(OPEN, &(a.category, a.date_time, a.expires))?;
+        let group = if self.by_seller { a.seller } else { a.category };
+        ctx.set_value(OPEN, &(group, a.date_time, a.expires))?;
         ctx.register_event_time_timer(a.expires as i64);
         Ok(())
     }
     fn process_right(
         &mut self,
         b: Bid,
-        ctx: &mut KeyedContext<'_, usize, (usize, u64)>,
+        ctx: &mut KeyedContext<'_, usize, Winner>,
     ) -> Result<(), BoxError> {
         let (price, t) = (b.price as u64, b.date_time);
         match ctx.value(OPEN)? {
@@ -368,12 +375,12 @@ impl CoProcessFunction<usize, Auction, Bid> for WinningBid {
     fn on_timer(
         &mut self,
         timer: Timer,
-        ctx: &mut KeyedContext<'_, usize, (usize, u64)>,
+        ctx: &mut KeyedContext<'_, usize, Winner>,
     ) -> Result<(), BoxError> {
         match ctx.value(OPEN)? {
-            Some((category, _, expires)) if expires as i64 == timer.time => {
+            Some((group, _, expires)) if expires as i64 == timer.time => {
                 if let Some(h) = ctx.value(HIGHEST)? {
-                    ctx.emit((category, h));
+                    ctx.emit((group, expires, *ctx.key(), h));
                 }
                 ctx.clear_value(OPEN);
                 ctx.clear_value(HIGHEST);
@@ -393,11 +400,11 @@ struct CategoryAverage;
 
 const SUM_COUNT: ValueState<(u64, u64)> = ValueState::new("sum-count");
 
-impl KeyedProcessFunction<usize, (usize, u64)> for CategoryAverage {
+impl KeyedProcessFunction<usize, Winner> for CategoryAverage {
     type Out = (usize, u64, u64);
     fn process(
         &mut self,
-        (_, price): (usize, u64),
+        (_, _, _, price): Winner,
         ctx: &mut KeyedContext<'_, usize, (usize, u64, u64)>,
     ) -> Result<(), BoxError> {
         let (sum, n) = ctx.value(SUM_COUNT)?.unwrap_or((0, 0));
@@ -415,6 +422,92 @@ impl KeyedProcessFunction<usize, (usize, u64)> for CategoryAverage {
         }
         Ok(())
     }
+}
+
+/// q6's second phase: per seller, the average winning price of its last 10 closed
+/// auctions, emitted at every close as `(seller, closing time, auction, average)`.
+/// Winners are taken in closing order (ties by auction id) once event time has passed
+/// their close, so the output does not depend on how the first phase's subtasks
+/// interleave.
+#[derive(Clone)]
+struct SellerAverage;
+
+/// Winners not yet taken: `(closing time, auction, price)`.
+const CLOSED: ValueState<Vec<(u64, usize, u64)>> = ValueState::new("closed");
+/// The winning prices of the seller's last (up to) 10 auctions, oldest first.
+const LAST: ValueState<Vec<u64>> = ValueState::new("last-10");
+const Q6_AUCTIONS: usize = 10;
+
+/// The running averages of one seller's winners, in order: the same arithmetic for the
+/// job and for the batch computation.
+fn push_last(last: &mut Vec<u64>, price: u64) -> u64 {
+    if last.len() == Q6_AUCTIONS {
+        last.remove(0);
+    }
+    last.push(price);
+    last.iter().sum::<u64>() / last.len() as u64
+}
+
+impl KeyedProcessFunction<usize, Winner> for SellerAverage {
+    type Out = (usize, u64, usize, u64);
+    fn process(
+        &mut self,
+        (_, closes, auction, price): Winner,
+        ctx: &mut KeyedContext<'_, usize, (usize, u64, usize, u64)>,
+    ) -> Result<(), BoxError> {
+        let mut closed = ctx.value(CLOSED)?.unwrap_or_default();
+        closed.push((closes, auction, price));
+        ctx.set_value(CLOSED, &closed)?;
+        ctx.register_event_time_timer(closes as i64);
+        Ok(())
+    }
+    fn on_timer(
+        &mut self,
+        timer: Timer,
+        ctx: &mut KeyedContext<'_, usize, (usize, u64, usize, u64)>,
+    ) -> Result<(), BoxError> {
+        let Some(mut closed) = ctx.value(CLOSED)? else {
+            return Ok(());
+        };
+        closed.sort_unstable();
+        let due = closed.partition_point(|c| c.0 as i64 <= timer.time);
+        let mut last = ctx.value(LAST)?.unwrap_or_default();
+        let seller = *ctx.key();
+        for (closes, auction, price) in closed.drain(..due) {
+            let avg = push_last(&mut last, price);
+            ctx.emit((seller, closes, auction, avg));
+        }
+        ctx.set_value(LAST, &last)?;
+        if closed.is_empty() {
+            ctx.clear_value(CLOSED);
+        } else {
+            ctx.set_value(CLOSED, &closed)?;
+        }
+        Ok(())
+    }
+}
+
+/// Per auction with a bid placed while it was open: its highest such bid (q4, q6).
+fn winners(all: &[Event]) -> (HashMap<usize, &Auction>, HashMap<usize, u64>) {
+    let auctions: HashMap<usize, &Auction> = all
+        .iter()
+        .filter_map(|e| match e {
+            Event::Auction(a) => Some((a.id, a)),
+            _ => None,
+        })
+        .collect();
+    let mut highest: HashMap<usize, u64> = HashMap::new();
+    for e in all {
+        if let Event::Bid(b) = e {
+            if let Some(a) = auctions.get(&b.auction) {
+                if a.date_time <= b.date_time && b.date_time <= a.expires {
+                    let h = highest.entry(a.id).or_default();
+                    *h = (*h).max(b.price as u64);
+                }
+            }
+        }
+    }
+    (auctions, highest)
 }
 
 fn q3_person(p: &Person) -> bool {
@@ -516,28 +609,13 @@ fn build(q: &str, job: &Job, events: u64, all: &[Event]) -> (Check, (u64, u64)) 
             auctions
                 .connect(&bids(&src))
                 .key_by(|a: &Auction| a.id, |b: &Bid| b.auction)
-                .process(WinningBid)
+                .process(WinningBid { by_seller: false })
                 .name("q4-winning")
-                .key_by(|w: &(usize, u64)| w.0)
+                .key_by(|w: &Winner| w.0)
                 .process(CategoryAverage)
                 .name("q4-average")
                 .sink("out", out.clone());
-            let auctions: HashMap<usize, &Auction> = all
-                .iter()
-                .filter_map(|e| match e {
-                    Event::Auction(a) => Some((a.id, a)),
-                    _ => None,
-                })
-                .collect();
-            let mut highest: HashMap<usize, u64> = HashMap::new();
-            for b in all_bids() {
-                if let Some(a) = auctions.get(&b.auction) {
-                    if a.date_time <= b.date_time && b.date_time <= a.expires {
-                        let h = highest.entry(a.id).or_default();
-                        *h = (*h).max(b.price as u64);
-                    }
-                }
-            }
+            let (auctions, highest) = winners(all);
             let mut per_category: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
             for (id, price) in highest {
                 let e = per_category.entry(auctions[&id].category).or_default();
@@ -575,6 +653,42 @@ fn build(q: &str, job: &Job, events: u64, all: &[Event]) -> (Check, (u64, u64)) 
                 Box::new(move || out.digest()),
                 digest(window_max(counts).into_iter()),
             )
+        }
+        // Average selling price by seller: the mean winning price of each seller's last
+        // 10 closed auctions, updated at every close.
+        "q6" => {
+            let out = sink_of();
+            let auctions = src.flat_map(|e| match e {
+                Event::Auction(a) => Some(a),
+                _ => None,
+            });
+            auctions
+                .connect(&bids(&src))
+                .key_by(|a: &Auction| a.id, |b: &Bid| b.auction)
+                .process(WinningBid { by_seller: true })
+                .name("q6-winning")
+                .key_by(|w: &Winner| w.0)
+                .process(SellerAverage)
+                .name("q6-average")
+                .sink("out", out.clone());
+            let (auctions, highest) = winners(all);
+            let mut per_seller: BTreeMap<usize, Vec<(u64, usize, u64)>> = BTreeMap::new();
+            for (id, price) in highest {
+                let a = auctions[&id];
+                per_seller
+                    .entry(a.seller)
+                    .or_default()
+                    .push((a.expires, id, price));
+            }
+            let mut rows = Vec::new();
+            for (seller, mut closed) in per_seller {
+                closed.sort_unstable();
+                let mut last = Vec::new();
+                for (closes, auction, price) in closed {
+                    rows.push((seller, closes, auction, push_last(&mut last, price)));
+                }
+            }
+            (Box::new(move || out.digest()), digest(rows.into_iter()))
         }
         // Highest bid per 10 s tumbling window (two phases: per auction, then global).
         "q7" => {
@@ -662,7 +776,7 @@ fn window_max(scores: HashMap<(i64, u64), u64>) -> Vec<(i64, u64, u64)> {
         .collect()
 }
 
-const QUERIES: [&str; 8] = ["q0", "q1", "q2", "q3", "q4", "q5", "q7", "q8"];
+const QUERIES: [&str; 9] = ["q0", "q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8"];
 
 fn main() {
     if listing() {
