@@ -11,6 +11,10 @@ use exactly::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
+/// The allocator the README recommends for jobs that allocate per record.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const KEYS: u64 = 1_000_000;
 const PARALLELISM: usize = 2;
 

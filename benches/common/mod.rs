@@ -9,6 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The allocator the README recommends for jobs that allocate per record.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// `cargo bench --list` and `cargo test --benches` must not run a benchmark.
 pub fn listing() -> bool {
     std::env::args().any(|a| a == "--list" || a == "--test")

@@ -29,6 +29,10 @@ use anyhow::{bail, Result};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// The allocator the README recommends for jobs that allocate per record.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The flags of a command, as the commands' functions read them.
 struct Flags {
     dir: PathBuf,
