@@ -140,6 +140,14 @@ fn show_prints_the_manifest_readably_and_as_json() {
         "{out}"
     );
     let m = f.manifest(latest);
+    assert!(m.generation > 0);
+    assert!(
+        out.contains(&format!(
+            "  written by       the instance of lease {}",
+            m.generation
+        )),
+        "{out}"
+    );
     for task in &m.tasks {
         assert!(
             out.contains(&format!(

@@ -633,3 +633,88 @@ fn two_instances_started_together(trials: u64, location: impl Fn(&Path, u64) -> 
     }
     eprintln!("outcomes of {} instances: {outcomes:?}", 2 * trials);
 }
+
+/// The race of two instances at a checkpoint's end: the older one checked its lease and
+/// is about to write manifest 1 when the newer one takes the location over, finds no
+/// manifest and starts afresh (its recovery aborts what the older one staged); the older
+/// one's manifest 1 lands while the newer one runs, and the newer one fails before its
+/// own first checkpoint. The next run must not restore that orphan manifest (before,
+/// it did, found its staged output gone and stopped with `CommitLost`, on every rerun).
+#[cfg(feature = "failpoints")]
+#[test]
+fn an_older_instances_late_manifest_is_never_restored() {
+    use exactly::engine::failpoints::{on_hit, AFTER_MANIFEST, BEFORE_MANIFEST};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::sync::{Arc, Mutex};
+
+    let payments: Vec<(u32, i64)> = (0..20_000).map(|i| (i % 101, i as i64)).collect();
+    let golden = tempfile::tempdir().unwrap();
+    balances(golden.path(), VecSource::new(payments.clone())).unwrap();
+    let expected = committed_lines(&golden.path().join("out"));
+
+    // The first manifest about to be written (the older instance's) waits for the second
+    // (the newer instance's), which lets it go, waits until it is written, and then
+    // fails the newer instance on the spot, as a crash would.
+    let (older_waits, older_is_waiting) = mpsc::channel::<()>();
+    let (release_older, older_released) = mpsc::channel::<()>();
+    let (older_wrote, older_has_written) = mpsc::channel::<()>();
+    let (older_waits, release_older) = (Mutex::new(older_waits), Mutex::new(release_older));
+    let (older_released, older_has_written) =
+        (Mutex::new(older_released), Mutex::new(older_has_written));
+    let before = Arc::new(AtomicUsize::new(0));
+    let b = before.clone();
+    on_hit(BEFORE_MANIFEST, move || {
+        match b.fetch_add(1, Ordering::SeqCst) {
+            0 => {
+                older_waits.lock().unwrap().send(()).unwrap();
+                older_released.lock().unwrap().recv().unwrap();
+            }
+            1 => {
+                release_older.lock().unwrap().send(()).unwrap();
+                older_has_written.lock().unwrap().recv().unwrap();
+                panic!("the newer instance crashes before its first manifest");
+            }
+            _ => {}
+        }
+    })
+    .unwrap();
+    let written = AtomicUsize::new(0);
+    on_hit(AFTER_MANIFEST, move || {
+        if written.fetch_add(1, Ordering::SeqCst) == 0 {
+            older_wrote.send(()).unwrap();
+        }
+    })
+    .unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let spawn = || {
+        let dir = dir.clone();
+        let payments = payments.clone();
+        std::thread::spawn(move || balances(&dir, VecSource::new(payments)))
+    };
+    let older = spawn();
+    older_is_waiting.recv().unwrap();
+    let newer = spawn();
+    assert!(newer.join().is_err(), "the newer instance crashed");
+    let err = older.join().unwrap().unwrap_err();
+    assert!(matches!(err, Error::Fenced { .. }), "{err}");
+    assert!(
+        dir.join("checkpoints/manifests/00000000000000000001.json")
+            .exists(),
+        "the older instance's manifest landed"
+    );
+    assert!(committed_lines(&dir.join("out")).is_empty());
+
+    // The next run passes over the orphan and ends with the failure-free output.
+    let report = balances(&dir, VecSource::new(payments.clone())).unwrap();
+    assert_eq!(
+        report.restored_from, None,
+        "nothing restorable: a fresh start"
+    );
+    assert_eq!(committed_lines(&dir.join("out")), expected);
+    let report = balances(&dir, VecSource::new(payments)).unwrap();
+    assert!(report.restored_from.is_some());
+    assert_eq!(committed_lines(&dir.join("out")), expected);
+}

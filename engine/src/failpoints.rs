@@ -25,6 +25,10 @@ pub const AFTER_SNAPSHOT: &str = "checkpoint::after_snapshot";
 pub const AFTER_STATE_UPLOAD: &str = "checkpoint::after_state_upload";
 /// A sink staged its output for barrier `n`.
 pub const AFTER_PRE_COMMIT: &str = "sink::after_pre_commit";
+/// The lease was checked for manifest `n`, which is not written yet. Not in [`ALL`]: a
+/// crash there is a crash before the manifest, which [`AFTER_STATE_UPLOAD`] covers;
+/// tests hold an instance there to let a newer one start in between.
+pub const BEFORE_MANIFEST: &str = "checkpoint::before_manifest";
 /// Manifest `n` is written (checkpoint complete) but no sink output is committed.
 pub const AFTER_MANIFEST: &str = "checkpoint::after_manifest";
 /// One committable of a checkpoint is committed, the next is not.
@@ -51,6 +55,17 @@ pub fn crash_at(point: &str, nth: u64) -> Result<(), String> {
             std::process::abort();
         }
     })
+}
+
+/// Call `f` at every hit of `point` (in this process, by every job in it): tests hold a
+/// thread there to order two instances' steps. `point` is one of [`ALL`] or
+/// [`BEFORE_MANIFEST`].
+#[cfg(feature = "failpoints")]
+pub fn on_hit(point: &str, f: impl Fn() + Send + Sync + 'static) -> Result<(), String> {
+    if !ALL.contains(&point) && point != BEFORE_MANIFEST {
+        return Err(format!("unknown fail point '{point}'"));
+    }
+    fail::cfg_callback(point, f)
 }
 
 /// Arm the point named by `EXACTLY_CRASH_AT=<point>[:<nth>]`, if set.

@@ -90,6 +90,10 @@ pub struct Manifest {
     /// deployment may resume from these newer checkpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_savepoint: Option<String>,
+    /// The lease (fencing generation) of the instance that wrote it; 0 in manifests
+    /// written before generations were recorded.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// A named checkpoint that retention keeps until the savepoint is deleted: the state a
@@ -201,6 +205,7 @@ mod tests {
                 committable: serde_json::json!({"file": "x"}),
             }],
             from_savepoint: None,
+            generation: 1,
         }
     }
 

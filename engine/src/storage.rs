@@ -9,13 +9,19 @@
 //! # Layout
 //!
 //! ```text
-//! <root>/chk-<id:020>/<task>-<subtask>.state   one framed snapshot per task instance
+//! <root>/chk-<id:020>/<task>-<subtask>-g<gen>.state
+//!                                              one framed snapshot per task instance,
+//!                                              <gen> the writer's lease (two instances
+//!                                              never write one file)
 //! <root>/manifests/<id:020>.json               the commit point of checkpoint <id>
 //! <root>/shared/<id:020>_<instance>_<file>     RocksDB SST files, referenced by every
 //!                                              checkpoint that needs them; <id> is the
 //!                                              checkpoint that uploaded the file
 //! <root>/savepoints/<name>.json                a savepoint: names a checkpoint that
 //!                                              retention keeps until it is deleted
+//! <root>/_leases/<gen:020>                     the newest instance's lease
+//! <root>/_takeovers/<gen:020>.json             the checkpoint instance <gen> restored
+//!                                              (see [`Takeover`])
 //! ```
 //!
 //! # Invariants
@@ -249,10 +255,14 @@ impl CheckpointStorage {
             .join(format!("{:020}.json", id.0))
     }
 
-    /// Write a task's state file, framed in pieces (see [`codec::frame_chunks`]).
+    /// Write a task's state file, framed in pieces (see [`codec::frame_chunks`]). The
+    /// name carries the writer's `generation`, so an older instance still finishing a
+    /// checkpoint never overwrites what a newer one wrote under the same id.
+    #[allow(clippy::too_many_arguments)]
     pub async fn put_state_file(
         &self,
         id: CheckpointId,
+        generation: u64,
         task: &OperatorId,
         subtask: SubtaskIndex,
         parallelism: usize,
@@ -261,7 +271,7 @@ impl CheckpointStorage {
     ) -> Result<TaskStateHandle> {
         let path = self
             .checkpoint_dir(id)
-            .join(format!("{task}-{subtask}.state"));
+            .join(format!("{task}-{subtask}-g{generation}.state"));
         let (size, crc32) = (file.len, file.crc32);
         self.put_object(&path, file.chunks.into_iter().collect())
             .await?;
@@ -449,6 +459,59 @@ impl CheckpointStorage {
 
     fn lease_dir(&self) -> Path {
         self.root.clone().join("_leases")
+    }
+
+    fn takeover_path(&self, generation: u64) -> Path {
+        self.root
+            .clone()
+            .join("_takeovers")
+            .join(format!("{generation:020}.json"))
+    }
+
+    /// Record which checkpoint the instance of `generation` restored, before its
+    /// recovery touches any sink. Written once per instance (a restart of the same
+    /// instance keeps the first record).
+    pub async fn record_takeover(&self, t: &Takeover) -> Result<()> {
+        let bytes = serde_json::to_vec(t).map_err(|e| Error::Codec {
+            what: "takeover record".into(),
+            message: e.to_string(),
+        })?;
+        self.put_once(&self.takeover_path(t.generation), bytes, "record takeover")
+            .await
+            .map(|_| ())
+    }
+
+    /// Every takeover record, oldest generation first.
+    pub async fn takeovers(&self) -> Result<Vec<Takeover>> {
+        let mut out = Vec::new();
+        for meta in self.list_all(&self.root.clone().join("_takeovers")).await? {
+            let bytes = self
+                .store
+                .get(&meta.location)
+                .await
+                .map_err(|e| storage_err("get", &meta.location, e))?
+                .bytes()
+                .await
+                .map_err(|e| storage_err("read", &meta.location, e))?;
+            let t: Takeover =
+                serde_json::from_slice(&bytes).map_err(|e| Error::CorruptCheckpoint {
+                    checkpoint: CheckpointId(0),
+                    path: meta.location.to_string(),
+                    message: format!("takeover record: {e}"),
+                })?;
+            out.push(t);
+        }
+        out.sort_by_key(|t| t.generation);
+        Ok(out)
+    }
+
+    /// Delete the takeover record of `generation` (absent counts as deleted).
+    pub async fn delete_takeover(&self, generation: u64) -> Result<()> {
+        let path = self.takeover_path(generation);
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(storage_err("delete", &path, e)),
+        }
     }
 
     async fn leases(&self) -> Result<Vec<u64>> {
@@ -823,6 +886,32 @@ pub fn s3_bucket(url: &str) -> Result<(object_store::aws::AmazonS3, Path)> {
     Ok((store, root))
 }
 
+/// Which checkpoint an instance restored when it took the checkpoint location over
+/// (its lease, `generation`): `None` for a fresh start.
+///
+/// An older instance can still write one manifest after a newer one took the lease: it
+/// checked its lease just before. The newer instance restored an older checkpoint and
+/// its recovery aborted what that manifest's sinks staged, so the manifest is an orphan
+/// that must never be restored. The newer instance's own checkpoints get higher ids (ids
+/// continue past every checkpoint directory found), so the orphan only matters if the
+/// newer instance fails before its first checkpoint; then this record says which
+/// manifests to pass over: those of an older generation above `restored`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Takeover {
+    /// The lease of the instance that took over.
+    pub generation: u64,
+    /// The checkpoint it restored.
+    pub restored: Option<CheckpointId>,
+}
+
+impl Takeover {
+    /// Whether manifest `id`, written by an instance of `generation`, was written after
+    /// this takeover by an older instance.
+    pub fn orphans(&self, id: CheckpointId, generation: u64) -> bool {
+        generation < self.generation && self.restored.is_none_or(|r| id > r)
+    }
+}
+
 /// Check `bytes` against the size and CRC-32 a manifest recorded for a shared file.
 pub fn verify_shared(id: CheckpointId, file: &SharedFile, bytes: &[u8]) -> Result<()> {
     let corrupt = |message: String| Error::CorruptCheckpoint {
@@ -863,6 +952,7 @@ mod tests {
             tasks,
             pending_commits: vec![],
             from_savepoint: None,
+            generation: 1,
         }
     }
 
@@ -961,6 +1051,7 @@ mod tests {
             let h = s
                 .put_state_file(
                     CheckpointId(3),
+                    1,
                     &op,
                     SubtaskIndex(1),
                     2,
@@ -976,6 +1067,7 @@ mod tests {
             // An incomplete later checkpoint still counts for id allocation.
             s.put_state_file(
                 CheckpointId(9),
+                1,
                 &op,
                 SubtaskIndex(0),
                 2,
@@ -998,6 +1090,72 @@ mod tests {
     }
 
     #[test]
+    fn two_instances_never_write_one_state_file() {
+        // An older instance whose upload for checkpoint 4 lands after a newer one chose
+        // id 4 too (it scanned before the older one's files appeared) must not replace
+        // the file the newer one's manifest names.
+        let s = CheckpointStorage::in_memory();
+        let op = OperatorId("op".into());
+        rt().block_on(async {
+            let put = |generation, body: &'static [u8]| {
+                s.put_state_file(
+                    CheckpointId(4),
+                    generation,
+                    &op,
+                    SubtaskIndex(0),
+                    1,
+                    vec![],
+                    framed(body),
+                )
+            };
+            let newer = put(8, b"newer").await.unwrap();
+            let older = put(7, b"older").await.unwrap();
+            assert_ne!(newer.path, older.path);
+            let id = CheckpointId(4);
+            assert_eq!(s.read_state(id, &newer).await.unwrap(), b"newer");
+            assert_eq!(s.read_state(id, &older).await.unwrap(), b"older");
+        });
+    }
+
+    #[test]
+    fn takeover_records_are_kept_once_per_instance_and_name_orphans() {
+        let s = CheckpointStorage::in_memory();
+        rt().block_on(async {
+            let t = |generation, restored: Option<u64>| Takeover {
+                generation,
+                restored: restored.map(CheckpointId),
+            };
+            s.record_takeover(&t(5, Some(3))).await.unwrap();
+            // A restart of the same instance keeps the first record.
+            s.record_takeover(&t(5, Some(4))).await.unwrap();
+            s.record_takeover(&t(2, None)).await.unwrap();
+            assert_eq!(
+                s.takeovers().await.unwrap(),
+                vec![t(2, None), t(5, Some(3))]
+            );
+            s.delete_takeover(2).await.unwrap();
+            s.delete_takeover(2).await.unwrap();
+            assert_eq!(s.takeovers().await.unwrap(), vec![t(5, Some(3))]);
+        });
+        let t = Takeover {
+            generation: 5,
+            restored: Some(CheckpointId(3)),
+        };
+        assert!(
+            t.orphans(CheckpointId(4), 4),
+            "older writer, above the restore"
+        );
+        assert!(!t.orphans(CheckpointId(3), 4), "what it restored");
+        assert!(!t.orphans(CheckpointId(4), 5), "its own");
+        assert!(!t.orphans(CheckpointId(9), 6), "a newer instance's");
+        let fresh = Takeover {
+            generation: 5,
+            restored: None,
+        };
+        assert!(fresh.orphans(CheckpointId(1), 0));
+    }
+
+    #[test]
     fn manifest_is_never_overwritten() {
         let s = CheckpointStorage::in_memory();
         rt().block_on(async {
@@ -1015,6 +1173,7 @@ mod tests {
         let h = rt()
             .block_on(s.put_state_file(
                 CheckpointId(1),
+                1,
                 &op,
                 SubtaskIndex(0),
                 1,

@@ -39,6 +39,7 @@ fn manifest(id: u64) -> Manifest {
         tasks: vec![],
         pending_commits: vec![],
         from_savepoint: None,
+        generation: 1,
     }
 }
 
@@ -74,6 +75,7 @@ fn put_list_read_conditional_manifest_and_delete() {
         let h = s
             .put_state_file(
                 CheckpointId(3),
+                1,
                 &op,
                 SubtaskIndex(0),
                 1,
@@ -122,6 +124,7 @@ fn large_state_files_use_multipart_upload() {
         let h = s
             .put_state_file(
                 CheckpointId(1),
+                1,
                 &op,
                 SubtaskIndex(0),
                 1,

@@ -160,6 +160,9 @@ fn print_header(m: &Manifest, latest: bool) {
     say!("checkpoint {} of job '{}'{tags}", m.checkpoint, m.job);
     say!("  completed        {}", utc(m.completed_at_ms));
     say!("  max parallelism  {}", m.max_parallelism);
+    if m.generation > 0 {
+        say!("  written by       the instance of lease {}", m.generation);
+    }
     say!(
         "  state            {} in {} and {}; {} uploaded by this checkpoint",
         bytes(t.state_bytes),

@@ -524,6 +524,27 @@ async fn check_savepoint(
     )))
 }
 
+/// The newest manifest that is not an orphan (see [`crate::storage::Takeover`]).
+async fn newest_restorable(
+    storage: &CheckpointStorage,
+    ids: &[CheckpointId],
+    takeovers: &[crate::storage::Takeover],
+) -> Result<Option<(CheckpointId, crate::manifest::Manifest)>> {
+    for &id in ids.iter().rev() {
+        let m = storage.read_manifest(id).await?;
+        match takeovers.iter().find(|t| t.orphans(id, m.generation)) {
+            Some(t) => tracing::warn!(
+                checkpoint = %id,
+                writer = m.generation,
+                newer = t.generation,
+                "passing over a checkpoint an older instance completed after a newer one took over (its output was aborted)"
+            ),
+            None => return Ok(Some((id, m))),
+        }
+    }
+    Ok(None)
+}
+
 fn recover(
     graph: &Graph,
     s: &JobSettings,
@@ -533,14 +554,38 @@ fn recover(
     generation: u64,
 ) -> Result<Restored> {
     let (ids, max_any) = rt.block_on(storage.scan())?;
+    let takeovers = rt.block_on(storage.takeovers())?;
+    let newest = rt.block_on(newest_restorable(storage, &ids, &takeovers))?;
+    // Before any sink settles: a failure from here on must not let a later recovery
+    // restore a manifest that an older instance writes after this point.
+    let takeover = crate::storage::Takeover {
+        generation,
+        restored: newest.as_ref().map(|(id, _)| *id),
+    };
+    rt.block_on(storage.record_takeover(&takeover))?;
+    // A record is needed until a manifest of its generation or a newer one is the
+    // newest: every orphan it guards against is older than that manifest.
+    let newest_generation = newest.as_ref().map_or(0, |(_, m)| m.generation);
+    for t in takeovers
+        .iter()
+        .filter(|t| t.generation <= newest_generation)
+    {
+        if let Err(e) = rt.block_on(storage.delete_takeover(t.generation)) {
+            tracing::warn!(generation = t.generation, error = %e, "could not delete an old takeover record");
+        }
+    }
     let mut state = RestoredState::default();
     let mut pending = Vec::new();
     let mut from_savepoint = s.restore_from_savepoint.clone();
     if let Some(name) = &s.restore_from_savepoint {
-        rt.block_on(check_savepoint(storage, s, name, ids.last().copied()))?;
+        rt.block_on(check_savepoint(
+            storage,
+            s,
+            name,
+            newest.as_ref().map(|(id, _)| *id),
+        ))?;
     }
-    if let Some(&latest) = ids.last() {
-        let m = rt.block_on(storage.read_manifest(latest))?;
+    if let Some((latest, m)) = newest {
         if from_savepoint.is_none() {
             from_savepoint = m.from_savepoint.clone();
         }
@@ -1115,11 +1160,13 @@ impl Driver<'_> {
                             tasks,
                             pending_commits,
                             from_savepoint: self.from_savepoint.clone(),
+                            generation: self.lease,
                         };
                         let written =
                             tracing::info_span!("manifest", checkpoint = %id).in_scope(|| {
                                 self.rt.block_on(async {
                                     self.storage.check_lease(self.lease).await?;
+                                    fail::fail_point!("checkpoint::before_manifest");
                                     self.storage.write_manifest(&manifest).await
                                 })
                             });

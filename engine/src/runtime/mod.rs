@@ -315,6 +315,7 @@ impl TaskEnv {
         let storage = self.storage.clone();
         let events = self.events.clone();
         let key = key.clone();
+        let generation = self.config.generation;
         let sync_pause = started.elapsed();
         self.rt.spawn(async move {
             let res = async {
@@ -353,7 +354,15 @@ impl TaskEnv {
                     message: e.to_string(),
                 })??;
                 let mut handle = storage
-                    .put_state_file(id, &key.task, key.subtask, parallelism, operators, file)
+                    .put_state_file(
+                        id,
+                        generation,
+                        &key.task,
+                        key.subtask,
+                        parallelism,
+                        operators,
+                        file,
+                    )
                     .await?;
                 handle.shared = shared;
                 handle.uploaded += shared_new;
