@@ -384,3 +384,78 @@ fn restore_state_of_carries_a_renamed_operators_state() {
         "{err}"
     );
 }
+
+/// A savepoint taken through the job handle while the job runs: a checkpoint at once,
+/// kept under its name through retention, while the job goes on to finish; a taken
+/// name and a job that has ended are answered with errors.
+#[test]
+fn a_savepoint_taken_while_the_job_runs_survives_retention() {
+    let all = payments(20_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (source, gate) = gated(&all);
+    // No periodic checkpoints: the savepoint's checkpoint is the one it asked for.
+    let job = v1(dir, source, Job::builder("ledger").retain_checkpoints(1));
+    let handle = job.start().unwrap();
+    common::gated::wait_at(&gate);
+    let id = handle.savepoint("mid-run").unwrap();
+    let err = handle.savepoint("mid-run").unwrap_err();
+    assert!(err.to_string().contains("exists already"), "{err}");
+    let err = handle.savepoint("../x").unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err}");
+    open(&gate);
+    let report = handle.wait().unwrap();
+    let last = report.checkpoints.last().unwrap().id;
+    assert!(
+        last > id,
+        "the job went on after the savepoint: {last} > {id}"
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let st = CheckpointStorage::from_url(&storage(dir)).unwrap();
+    let sp = rt.block_on(st.read_savepoint("mid-run")).unwrap().unwrap();
+    assert_eq!(sp.checkpoint, id);
+    let (ids, _) = rt.block_on(st.scan()).unwrap();
+    assert_eq!(
+        ids,
+        vec![id, last],
+        "retention keeps the savepoint's checkpoint"
+    );
+    // It was taken at the gate: the output it committed is the first half of the input.
+    let m = rt.block_on(st.read_manifest(id)).unwrap();
+    assert!(!m.is_final);
+    let upto_savepoint: usize = std::fs::read_dir(dir.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.strip_prefix("part-balances-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|c| c.parse::<u64>().ok())
+                .is_some_and(|c| c <= id.0)
+        })
+        .map(|n| {
+            std::fs::read_to_string(dir.join("out").join(n))
+                .unwrap()
+                .lines()
+                .count()
+        })
+        .sum();
+    assert_eq!(upto_savepoint, all.len() / 2);
+    assert_eq!(committed_lines(&dir.join("out")).len(), all.len());
+
+    // A job that has ended takes no savepoint.
+    let (source, gate) = gated(&all);
+    open(&gate);
+    let handle = v1(dir, source, Job::builder("ledger")).start().unwrap();
+    while !handle.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let err = handle.savepoint("too-late").unwrap_err();
+    assert!(err.to_string().contains("ended"), "{err}");
+    assert!(rt
+        .block_on(st.read_savepoint("too-late"))
+        .unwrap()
+        .is_none());
+}

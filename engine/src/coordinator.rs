@@ -143,6 +143,8 @@ pub struct CheckpointCoordinator {
     /// A stop with a checkpoint was requested; the checkpoint in flight, if any, is
     /// the stop checkpoint when `in_flight.stop`.
     stop_requested: bool,
+    /// A checkpoint was asked for now (a savepoint), not at the next interval.
+    asap: bool,
     last_completed: Option<CheckpointId>,
     last_settled: Instant,
     pending: Vec<PendingCommit>,
@@ -170,6 +172,7 @@ impl CheckpointCoordinator {
             writing: None,
             closing: None,
             stop_requested: false,
+            asap: false,
             last_completed: None,
             last_settled: now,
             pending: restored_pending,
@@ -198,6 +201,7 @@ impl CheckpointCoordinator {
     }
 
     fn trigger(&mut self, now: Instant, is_final: bool) -> Decision {
+        self.asap = false;
         let id = self.next_id;
         self.next_id = id.next();
         // The final checkpoint ends the job anyway; it wins over a stop.
@@ -230,6 +234,18 @@ impl CheckpointCoordinator {
         }
     }
 
+    /// Take a checkpoint as soon as possible (a savepoint asked while the job runs): at
+    /// once if none is in flight, else right after the one in flight. The next trigger
+    /// decision is that checkpoint.
+    pub fn request_checkpoint(&mut self, now: Instant) -> Vec<Decision> {
+        self.asap = true;
+        if self.busy() {
+            Vec::new()
+        } else {
+            vec![self.trigger(now, self.all_sources_finished())]
+        }
+    }
+
     /// Time passed.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Decision> {
         let mut out = Vec::new();
@@ -251,7 +267,7 @@ impl CheckpointCoordinator {
         }
         if self.all_sources_finished() {
             out.push(self.trigger(now, true));
-        } else if self.stop_requested {
+        } else if self.stop_requested || self.asap {
             out.push(self.trigger(now, false));
         } else if let Some(interval) = self.config.interval {
             if now.duration_since(self.last_settled) >= interval {
@@ -362,7 +378,7 @@ impl CheckpointCoordinator {
             Vec::new()
         } else if self.all_sources_finished() {
             vec![self.trigger(now, true)]
-        } else if self.stop_requested {
+        } else if self.stop_requested || self.asap {
             vec![self.trigger(now, false)]
         } else {
             Vec::new()
@@ -510,6 +526,32 @@ mod tests {
         );
         // No second trigger while one is in flight.
         assert!(c.on_tick(t0 + s(3)).is_empty());
+    }
+
+    #[test]
+    fn a_checkpoint_asked_for_comes_at_once_or_right_after_the_one_in_flight() {
+        let (mut c, tasks, t0) = setup(0);
+        let trigger = |id| {
+            vec![Decision::Trigger {
+                id: CheckpointId(id),
+                is_final: false,
+            }]
+        };
+        // Idle: at once, not at the interval.
+        assert_eq!(c.request_checkpoint(t0), trigger(5));
+        // In flight: after it, before the interval has passed.
+        assert!(c.request_checkpoint(t0).is_empty());
+        for t in &tasks {
+            c.on_ack(t.clone(), CheckpointId(5), handle(t, 5), t0);
+        }
+        assert_eq!(c.on_manifest_written(CheckpointId(5), t0), trigger(6));
+        for t in &tasks {
+            c.on_ack(t.clone(), CheckpointId(6), handle(t, 6), t0);
+        }
+        // Served: back to the interval.
+        assert!(c.on_manifest_written(CheckpointId(6), t0).is_empty());
+        assert!(c.on_tick(t0 + Duration::from_millis(500)).is_empty());
+        assert_eq!(c.on_tick(t0 + s(1)), trigger(7));
     }
 
     #[test]

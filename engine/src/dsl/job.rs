@@ -388,6 +388,35 @@ impl JobHandle {
         self.stop.clone()
     }
 
+    /// Take savepoint `name` while the job keeps running: a checkpoint is triggered at
+    /// once (or right after the one in flight) and kept under that name; returns its
+    /// id once its manifest and the savepoint are written. Retention never deletes it
+    /// (`exactly savepoints delete` does). Fails if the name is invalid or taken, if
+    /// that checkpoint is aborted (ask again), or if the job ends first.
+    ///
+    /// Restoring it with `restore_from_savepoint` is refused while newer checkpoints of
+    /// the same location exist (their output is committed, and restoring the older
+    /// state would commit it again): it is a point to inspect, verify, or come back to
+    /// after the newer checkpoints are removed on purpose. To deploy a new version, stop
+    /// with a savepoint ([`JobHandle::stop_with_savepoint`]).
+    pub fn savepoint(&self, name: &str) -> Result<crate::ids::CheckpointId> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.stop.request_savepoint(name, reply);
+        loop {
+            match answer.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(result) => return result,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if !self.is_finished() => {}
+                Err(_) => {
+                    return answer.try_recv().unwrap_or_else(|_| {
+                        Err(Error::config(format!(
+                            "the job ended before savepoint '{name}' was taken"
+                        )))
+                    })
+                }
+            }
+        }
+    }
+
     /// Every counter's value now (e.g. `<source>.records`, read so far, including
     /// records read again after a restart), by `operator.name`; empty before the job
     /// has started. For a progress display; [`JobHandle::last_checkpoint`] has the

@@ -998,6 +998,10 @@ impl Driver<'_> {
         // The stop checkpoint, once triggered, and the savepoint to keep it as.
         let mut stop_id: Option<CheckpointId> = None;
         let mut savepoint: Option<String> = None;
+        // Savepoints asked while running: waiting for the next trigger, then by checkpoint.
+        let mut savepoints_next: Vec<super::SavepointRequest> = Vec::new();
+        let mut savepoints_at: BTreeMap<CheckpointId, Vec<super::SavepointRequest>> =
+            BTreeMap::new();
         let mut triggered_at: BTreeMap<CheckpointId, Instant> = BTreeMap::new();
         let mut pauses: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
         let mut op_bytes: BTreeMap<CheckpointId, BTreeMap<String, u64>> = BTreeMap::new();
@@ -1107,6 +1111,27 @@ impl Driver<'_> {
                     }
                 }
             }
+            for req in self.s.stop.take_savepoint_requests() {
+                let free = if failure.is_some() || stop_asked {
+                    Err(Error::config(format!(
+                        "job '{}' is stopping; savepoint '{}' was not taken",
+                        self.s.name, req.name
+                    )))
+                } else {
+                    self.rt
+                        .block_on(self.storage.savepoint_name_free(&req.name))
+                };
+                match free {
+                    Ok(()) => {
+                        tracing::info!(job = %self.s.name, savepoint = %req.name, "savepoint asked: taking a checkpoint now");
+                        savepoints_next.push(req);
+                        decisions.extend(c.request_checkpoint(now));
+                    }
+                    Err(e) => {
+                        let _ = req.reply.send(Err(e));
+                    }
+                }
+            }
             if failure.is_none() && stopped.is_none() {
                 decisions.extend(c.on_tick(now));
             }
@@ -1117,6 +1142,9 @@ impl Driver<'_> {
                 match d {
                     Decision::Trigger { id, is_final } => {
                         tracing::debug!(checkpoint = %id, is_final, "trigger");
+                        if !savepoints_next.is_empty() {
+                            savepoints_at.insert(id, std::mem::take(&mut savepoints_next));
+                        }
                         triggered_at.insert(id, Instant::now());
                         for tx in &self.controls {
                             let _ = tx.send(SourceControl::Trigger { id, is_final });
@@ -1124,6 +1152,9 @@ impl Driver<'_> {
                     }
                     Decision::TriggerStop { id } => {
                         tracing::debug!(checkpoint = %id, "trigger stop");
+                        if !savepoints_next.is_empty() {
+                            savepoints_at.insert(id, std::mem::take(&mut savepoints_next));
+                        }
                         stop_id = Some(id);
                         triggered_at.insert(id, Instant::now());
                         for tx in &self.controls {
@@ -1206,6 +1237,19 @@ impl Driver<'_> {
                             }
                             tracing::info!(savepoint = %name, checkpoint = %id, "savepoint written");
                         }
+                        for req in savepoints_at.remove(&id).unwrap_or_default() {
+                            let sp = Savepoint {
+                                name: req.name.clone(),
+                                job: self.s.name.clone(),
+                                checkpoint: id,
+                                created_at_ms: manifest.completed_at_ms,
+                            };
+                            let written = self.rt.block_on(self.storage.write_savepoint(&sp));
+                            if written.is_ok() {
+                                tracing::info!(savepoint = %req.name, checkpoint = %id, "savepoint written");
+                            }
+                            let _ = req.reply.send(written.map(|()| id));
+                        }
                         tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
                         committing.insert(
                             id,
@@ -1239,6 +1283,14 @@ impl Driver<'_> {
                     }
                     Decision::Abort { id, reason } => {
                         tracing::warn!(checkpoint = %id, %reason, "checkpoint aborted");
+                        for req in savepoints_at.remove(&id).unwrap_or_default() {
+                            let _ = req.reply.send(Err(Error::CheckpointsFailing {
+                                reason: format!(
+                                    "checkpoint {id} for savepoint '{}' was aborted: {reason}",
+                                    req.name
+                                ),
+                            }));
+                        }
                         triggered_at.remove(&id);
                         self.report.aborted_checkpoints += 1;
                         crate::telemetry::checkpoint_aborted(&self.s.name);
@@ -1251,6 +1303,15 @@ impl Driver<'_> {
                 }
             }
             if exited == task_count {
+                let unserved = savepoints_next
+                    .drain(..)
+                    .chain(std::mem::take(&mut savepoints_at).into_values().flatten());
+                for req in unserved {
+                    let _ = req.reply.send(Err(Error::config(format!(
+                        "job '{}' ended before the checkpoint of savepoint '{}' completed",
+                        self.s.name, req.name
+                    ))));
+                }
                 if let Some(id) = stopped {
                     // Output and state are safe at `id`; what tasks did after its barrier
                     // is redone by the next run.

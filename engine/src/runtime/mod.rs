@@ -44,6 +44,16 @@ pub struct StopHandle {
     flag: Arc<AtomicBool>,
     savepoint: Arc<std::sync::Mutex<Option<String>>>,
     cancel: Arc<AtomicBool>,
+    /// Savepoints asked while the job runs, not yet taken up by the coordinator.
+    savepoints: Arc<std::sync::Mutex<Vec<SavepointRequest>>>,
+}
+
+/// A savepoint asked while the job runs; the coordinator answers on `reply` once its
+/// checkpoint's manifest and the savepoint record are written, or why not.
+#[derive(Debug)]
+pub(crate) struct SavepointRequest {
+    pub name: String,
+    pub reply: Sender<Result<CheckpointId>>,
 }
 
 impl StopHandle {
@@ -92,6 +102,28 @@ impl StopHandle {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Ask for savepoint `name` of a checkpoint taken as soon as possible; the answer
+    /// comes on `reply`.
+    pub(crate) fn request_savepoint(&self, name: &str, reply: Sender<Result<CheckpointId>>) {
+        self.savepoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(SavepointRequest {
+                name: name.to_string(),
+                reply,
+            });
+    }
+
+    /// The savepoints asked since the last call.
+    pub(crate) fn take_savepoint_requests(&self) -> Vec<SavepointRequest> {
+        std::mem::take(
+            &mut *self
+                .savepoints
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// The flag a signal handler sets.
