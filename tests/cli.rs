@@ -387,3 +387,48 @@ fn list_and_verify_work_on_s3_locations() {
         "{stdout}"
     );
 }
+
+#[test]
+fn state_dump_decodes_every_balance_of_the_final_checkpoint() {
+    let f = Fixture::new();
+    let (out, err, code) = exactly(&[
+        "state",
+        "dump",
+        &f.location(),
+        "--operator",
+        "balance",
+        "--entries",
+        "1000",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("  state balance: ValueState<i64> keyed by u32\n    97 entries,"),
+        "{out}"
+    );
+    // Every account's balance at the end of the input, as the job computed it.
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..4_000u32 {
+        *expected.entry(i % 97).or_insert(0i64) += i64::from(i) - 500;
+    }
+    let dumped: std::collections::BTreeMap<u32, i64> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("key group"))
+        .map(|l| {
+            let (_, rest) = l.split_once(" key ").unwrap();
+            let (k, v) = rest.split_once("  value ").unwrap();
+            (k.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(dumped, expected);
+    assert!(
+        !out.contains("operator payments"),
+        "only the operator asked for"
+    );
+
+    let (_, err, code) = exactly(&["state", "dump", &f.location(), "--operator", "nope"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("holds no state of operator 'nope'; operators with state: balance"),
+        "{err}"
+    );
+}

@@ -8,6 +8,7 @@
 //! exactly savepoints list    <location>          named checkpoints retention keeps
 //! exactly savepoints create  <location> NAME [--checkpoint ID]
 //! exactly savepoints delete  <location> NAME
+//! exactly state dump         <location> [ID] [--operator NAME] [--entries N]
 //! ```
 //!
 //! The location is what the job was given as `checkpoint_storage`: a local directory,
@@ -32,7 +33,7 @@ macro_rules! say {
 mod cli;
 
 use clap::{Parser, Subcommand};
-use cli::{checkpoints, lease, savepoints};
+use cli::{checkpoints, lease, savepoints, state};
 use exactly::engine::error::Error;
 use exactly::engine::storage::CheckpointStorage;
 use std::process::ExitCode;
@@ -56,6 +57,27 @@ enum Command {
     /// Savepoints: checkpoints kept by name until deleted, to deploy new job versions.
     #[command(subcommand)]
     Savepoints(SavepointsCommand),
+    /// What a checkpoint holds per operator and state.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Entries, bytes and key groups per operator and state; with --entries, the first
+    /// entries of each state (decoded where the recorded types are primitives).
+    Dump {
+        /// Checkpoint location: a directory, file:///dir or s3://bucket/prefix.
+        location: String,
+        /// Checkpoint id (default: the latest).
+        id: Option<u64>,
+        /// Only this operator.
+        #[arg(long)]
+        operator: Option<String>,
+        /// Print the first N entries of each state.
+        #[arg(long, default_value_t = 0)]
+        entries: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -186,6 +208,18 @@ fn run(args: Cli) -> Result<ExitCode, Failure> {
         Command::Savepoints(SavepointsCommand::Delete { location, name }) => {
             savepoints::delete(&rt, &open(&rt, &location)?, &name)
         }
+        Command::State(StateCommand::Dump {
+            location,
+            id,
+            operator,
+            entries,
+        }) => state::dump(
+            &rt,
+            &open(&rt, &location)?,
+            id,
+            operator.as_deref(),
+            entries,
+        ),
     }
 }
 

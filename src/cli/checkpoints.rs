@@ -21,7 +21,11 @@ fn none_at(loc: &Location) -> String {
 }
 
 /// Checkpoint `id`, which must be a completed one, or the latest when none is given.
-fn pick(loc: &Location, ids: &[CheckpointId], id: Option<u64>) -> Result<CheckpointId, Failure> {
+pub fn pick(
+    loc: &Location,
+    ids: &[CheckpointId],
+    id: Option<u64>,
+) -> Result<CheckpointId, Failure> {
     match id.map(CheckpointId) {
         Some(id) if ids.contains(&id) => Ok(id),
         Some(id) => Err(Failure(format!(

@@ -4,3 +4,4 @@ pub mod checkpoints;
 pub mod format;
 pub mod lease;
 pub mod savepoints;
+pub mod state;
