@@ -487,6 +487,19 @@ impl KeyedProcessFunction<usize, Winner> for SellerAverage {
     }
 }
 
+/// The winners of closed auctions (the first phase of q4 and q6), by category or seller.
+fn winning_bids(src: &Stream<Event>, by_seller: bool, name: &str) -> Stream<Winner> {
+    let auctions = src.flat_map(|e| match e {
+        Event::Auction(a) => Some(a),
+        _ => None,
+    });
+    auctions
+        .connect(&bids(src))
+        .key_by(|a: &Auction| a.id, |b: &Bid| b.auction)
+        .process(WinningBid { by_seller })
+        .name(name)
+}
+
 /// Per auction with a bid placed while it was open: its highest such bid (q4, q6).
 fn winners(all: &[Event]) -> (HashMap<usize, &Auction>, HashMap<usize, u64>) {
     let auctions: HashMap<usize, &Auction> = all
@@ -602,15 +615,7 @@ fn build(q: &str, job: &Job, events: u64, all: &[Event]) -> (Check, (u64, u64)) 
         // Average winning price per category.
         "q4" => {
             let out = sink_of();
-            let auctions = src.flat_map(|e| match e {
-                Event::Auction(a) => Some(a),
-                _ => None,
-            });
-            auctions
-                .connect(&bids(&src))
-                .key_by(|a: &Auction| a.id, |b: &Bid| b.auction)
-                .process(WinningBid { by_seller: false })
-                .name("q4-winning")
+            winning_bids(&src, false, "q4-winning")
                 .key_by(|w: &Winner| w.0)
                 .process(CategoryAverage)
                 .name("q4-average")
@@ -658,15 +663,7 @@ fn build(q: &str, job: &Job, events: u64, all: &[Event]) -> (Check, (u64, u64)) 
         // 10 closed auctions, updated at every close.
         "q6" => {
             let out = sink_of();
-            let auctions = src.flat_map(|e| match e {
-                Event::Auction(a) => Some(a),
-                _ => None,
-            });
-            auctions
-                .connect(&bids(&src))
-                .key_by(|a: &Auction| a.id, |b: &Bid| b.auction)
-                .process(WinningBid { by_seller: true })
-                .name("q6-winning")
+            winning_bids(&src, true, "q6-winning")
                 .key_by(|w: &Winner| w.0)
                 .process(SellerAverage)
                 .name("q6-average")
