@@ -18,12 +18,21 @@
 //!   has not ended delivered that id.
 //! * An ended input counts as aligned: sources only end after the final barrier, so an
 //!   ended input has nothing left to deliver.
+//!
+//! # At-least-once
+//!
+//! [`BarrierAligner::at_least_once`] skips step 1: an input that delivered barrier `n`
+//! stays readable, so records after `n` may reach the operator before its snapshot of
+//! `n`. The snapshot still waits for `n` on every input (nothing before `n` is missed:
+//! no loss), but may include the effect of records a restore replays (duplicates). Nothing
+//! waits behind a barrier, so a backlog on one input never holds the others back.
 
 use crate::ids::CheckpointId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Input {
     Open,
+    /// Delivered the barrier being aligned; read only in at-least-once mode.
     Blocked,
     Ended,
 }
@@ -34,6 +43,8 @@ pub struct BarrierAligner {
     inputs: Vec<Input>,
     aligning: Option<CheckpointId>,
     last_snapshot: Option<CheckpointId>,
+    /// Exactly-once: an input that delivered the barrier is not read until the snapshot.
+    block: bool,
 }
 
 /// What happened when an input ended.
@@ -52,12 +63,25 @@ impl BarrierAligner {
             inputs: vec![Input::Open; inputs],
             aligning: None,
             last_snapshot: None,
+            block: true,
+        }
+    }
+
+    /// An aligner that never blocks an input (see the module's "At-least-once").
+    pub fn at_least_once(inputs: usize) -> Self {
+        BarrierAligner {
+            block: false,
+            ..BarrierAligner::new(inputs)
         }
     }
 
     /// Whether input `i` may be read now.
     pub fn is_readable(&self, i: usize) -> bool {
-        self.inputs[i] == Input::Open
+        match self.inputs[i] {
+            Input::Open => true,
+            Input::Blocked => !self.block,
+            Input::Ended => false,
+        }
     }
 
     /// The checkpoint being aligned, if any.
@@ -207,6 +231,18 @@ mod tests {
         assert_eq!(a.on_barrier(1, c(1)), Some(c(1)));
     }
 
+    #[test]
+    fn at_least_once_keeps_reading_but_snapshots_only_when_all_delivered() {
+        let mut a = BarrierAligner::at_least_once(3);
+        assert_eq!(a.on_barrier(0, c(4)), None);
+        assert!(a.is_readable(0), "records after the barrier flow on");
+        assert_eq!(a.on_barrier(2, c(4)), None);
+        assert!((0..3).all(|i| a.is_readable(i)));
+        assert_eq!(a.on_barrier(1, c(4)), Some(c(4)));
+        assert_eq!(a.on_end(1).snapshot, None);
+        assert!(!a.is_readable(1), "an ended input is never read");
+    }
+
     /// One input's script: a sequence of barrier ids (increasing), then maybe end.
     fn scripts() -> impl Strategy<Value = Vec<(Vec<u64>, bool)>> {
         proptest::collection::vec(
@@ -224,9 +260,17 @@ mod tests {
         /// Invariants: snapshots are strictly increasing; a snapshot of `n` happens only
         /// when every input that has not ended has delivered `n` (or passed it).
         #[test]
-        fn alignment_invariants(scripts in scripts(), picks in proptest::collection::vec(any::<usize>(), 0..200)) {
+        fn alignment_invariants(
+            scripts in scripts(),
+            picks in proptest::collection::vec(any::<usize>(), 0..200),
+            exactly_once in any::<bool>(),
+        ) {
             let n = scripts.len();
-            let mut a = BarrierAligner::new(n);
+            let mut a = if exactly_once {
+                BarrierAligner::new(n)
+            } else {
+                BarrierAligner::at_least_once(n)
+            };
             let mut pos = vec![0usize; n];
             let mut ended = vec![false; n];
             let mut delivered_max = vec![0u64; n];

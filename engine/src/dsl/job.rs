@@ -240,6 +240,22 @@ impl JobBuilder {
         self
     }
 
+    /// Checkpoint **at least once** instead of exactly once: barriers are not aligned.
+    /// A task with several inputs keeps reading an input that delivered a checkpoint's
+    /// barrier while it waits for the barrier on the others, so a backlog on one input
+    /// never holds the others back and checkpoints take about as long as the slowest
+    /// input's barrier needs to arrive, not the backlog behind the fastest. The price:
+    /// the snapshot can include records that come after the barrier, and after a
+    /// failure the restored job processes them again, so state and committed output may
+    /// hold **duplicates** (never losses: every record before a barrier is in its
+    /// checkpoint). Sinks still stage at the barrier and commit after the checkpoint.
+    /// Tasks with a single input (every task of a job without `union`, joins or
+    /// re-partitioning with several upstream subtasks) behave as before.
+    pub fn at_least_once(mut self) -> Self {
+        self.s.at_least_once = true;
+        self
+    }
+
     /// Fault injection for tests: after the `n`-th checkpoint completed in an attempt,
     /// the next batch a source reads fails the attempt, as a crash in the middle of the
     /// stream would. Used by [`crate::testing::ExactlyOnceCheck`].
@@ -481,6 +497,7 @@ impl Job {
                 clock: Arc::new(crate::time::SystemClock),
                 inject_failure_after: None,
                 source_pacing: None,
+                at_least_once: false,
                 backend: StateBackend::Memory,
                 allow_non_restored_state: false,
                 restore_from_savepoint: None,

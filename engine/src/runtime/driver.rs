@@ -65,6 +65,8 @@ pub(crate) struct JobSettings {
     pub clock: Arc<dyn crate::time::Clock>,
     pub inject_failure_after: Option<u64>,
     pub source_pacing: Option<Duration>,
+    /// Checkpoints without alignment (see `JobBuilder::at_least_once`).
+    pub at_least_once: bool,
     pub backend: crate::state::StateBackend,
     pub allow_non_restored_state: bool,
     /// The savepoint a new deployment starts from.
@@ -812,6 +814,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             batch_size: s.batch_size,
             buffer_timeout: s.buffer_timeout,
             source_pacing: s.source_pacing,
+            at_least_once: s.at_least_once,
             max_parallelism: s.max_parallelism,
             job: s.name.clone(),
             checkpoint_interval: s.interval,

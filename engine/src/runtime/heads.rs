@@ -474,7 +474,11 @@ impl<T: 'static> TaskHead for InputHead<T> {
     fn run(mut self: Box<Self>) -> Result<()> {
         let timeout = self.env.config.buffer_timeout;
         let receivers = std::mem::take(&mut self.receivers);
-        let mut aligner = BarrierAligner::new(receivers.len());
+        let mut aligner = if self.env.config.at_least_once {
+            BarrierAligner::at_least_once(receivers.len())
+        } else {
+            BarrierAligner::new(receivers.len())
+        };
         let mut wms = InputWatermarks::new(receivers.len());
         let mut ended = vec![false; receivers.len()];
         // The select set changes only when an input blocks, unblocks or ends.

@@ -268,6 +268,8 @@ pub(crate) struct RuntimeConfig {
     pub batch_size: usize,
     pub buffer_timeout: Duration,
     pub source_pacing: Option<Duration>,
+    /// Barriers not aligned (at-least-once checkpoints).
+    pub at_least_once: bool,
     pub max_parallelism: u16,
     pub job: String,
     pub checkpoint_interval: Option<Duration>,
