@@ -3,7 +3,8 @@
 //! exactly-once file sinks, a checkpoint every second. Prints events/s (total and per
 //! core) and checkpoint figures; the verifier must pass.
 //!
-//! `cargo bench --bench reconciliation`; `EXACTLY_BENCH_TRIPS` sets the size.
+//! `cargo bench --bench reconciliation`; `EXACTLY_BENCH_TRIPS` sets the size,
+//! `EXACTLY_BENCH_AT_LEAST_ONCE=1` checkpoints without alignment.
 
 #[path = "../examples/reconciliation/generator.rs"]
 mod generator;
@@ -51,6 +52,7 @@ fn main() {
         ledger_pg: None,
         savepoint_on_stop: None,
         from_savepoint: None,
+        at_least_once: std::env::var("EXACTLY_BENCH_AT_LEAST_ONCE").is_ok_and(|v| v == "1"),
     };
     let j = job::job(
         "reconciliation",
@@ -78,8 +80,11 @@ fn main() {
         .map(|c| c.max_sync_pause)
         .collect();
     p.sort();
+    let mut a: Vec<Duration> = report.checkpoints.iter().map(|c| c.max_alignment).collect();
+    a.sort();
     println!(
-        "reconciliation: {trips} trips, {} events ({} redelivered, {} anomalies) in {:.2}s: {:.0} events/s ({:.0} per core on {cores} cores), {} checkpoints, median checkpoint {:?}, median synchronous pause {:?}, largest state {} bytes; verified",
+        "reconciliation{}: {trips} trips, {} events ({} redelivered, {} anomalies) in {:.2}s: {:.0} events/s ({:.0} per core on {cores} cores), {} checkpoints, median checkpoint {:?}, median synchronous pause {:?}, median alignment {:?}, largest state {} bytes; verified",
+        if cfg.at_least_once { " (at least once)" } else { "" },
         g.events,
         g.duplicates,
         g.anomalies,
@@ -89,6 +94,7 @@ fn main() {
         report.checkpoints.len(),
         d[d.len() / 2],
         p[p.len() / 2],
+        a[a.len() / 2],
         report.checkpoints.iter().map(|c| c.state_bytes).max().unwrap_or(0),
     );
 }

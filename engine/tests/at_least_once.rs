@@ -148,7 +148,13 @@ fn an_input_whose_barrier_arrived_keeps_flowing_while_another_is_held_up() {
     }
     *gate.0.lock().unwrap() = true;
     gate.1.notify_all();
-    handle.wait().unwrap();
+    let report = handle.wait().unwrap();
+    // The union aligned its first checkpoint from `a`'s barrier to `b`'s, after the wait.
+    assert!(
+        report.checkpoints[0].max_alignment > Duration::ZERO,
+        "{:?}",
+        report.checkpoints[0]
+    );
     let expected: Vec<u64> = (0..N + 10).collect();
     assert_eq!(
         out.sorted(),

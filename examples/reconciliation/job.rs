@@ -35,6 +35,9 @@ pub struct JobConfig {
     pub savepoint_on_stop: Option<String>,
     /// Start this deployment from this savepoint.
     pub from_savepoint: Option<String>,
+    /// Checkpoint without barrier alignment (duplicates possible after a failure; the
+    /// benchmark compares checkpoint times).
+    pub at_least_once: bool,
 }
 
 /// Where and how the ledger goes into PostgreSQL.
@@ -298,6 +301,9 @@ pub fn job(
     }
     if let Some(name) = &cfg.from_savepoint {
         b = b.restore_from_savepoint(name);
+    }
+    if cfg.at_least_once {
+        b = b.at_least_once();
     }
     if let Some(bar) = progress {
         b = b.on_checkpoint(move |c| {

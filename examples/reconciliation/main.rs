@@ -199,6 +199,7 @@ impl Flags {
             ledger_pg: self.ledger_table()?,
             savepoint_on_stop: j.savepoint_on_stop.clone(),
             from_savepoint: j.from_savepoint.clone(),
+            at_least_once: false,
         })
     }
 }

@@ -102,6 +102,10 @@ pub struct CheckpointStats {
     pub uploaded_bytes: u64,
     /// Longest time any task spent on this checkpoint before resuming its input.
     pub max_sync_pause: Duration,
+    /// Longest barrier alignment of any task with several inputs: from the first input's
+    /// barrier to the last one's. In exactly-once mode the inputs whose barrier arrived
+    /// are not read meanwhile; in at-least-once mode they are.
+    pub max_alignment: Duration,
     /// Whether it was the final checkpoint.
     pub is_final: bool,
     /// Bytes of keyed state per stateful operator (summed over subtasks): the encoded
@@ -1007,6 +1011,7 @@ impl Driver<'_> {
             BTreeMap::new();
         let mut triggered_at: BTreeMap<CheckpointId, Instant> = BTreeMap::new();
         let mut pauses: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
+        let mut aligns: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
         let mut op_bytes: BTreeMap<CheckpointId, BTreeMap<String, u64>> = BTreeMap::new();
         // Checkpoints whose manifest is written, waiting for the commit lane.
         let mut committing: BTreeMap<CheckpointId, CheckpointStats> = BTreeMap::new();
@@ -1026,10 +1031,13 @@ impl Driver<'_> {
                     id,
                     handle,
                     sync_pause,
+                    alignment,
                     operator_bytes,
                 }) => {
                     let p = pauses.entry(id).or_insert(Duration::ZERO);
                     *p = (*p).max(sync_pause);
+                    let a = aligns.entry(id).or_insert(Duration::ZERO);
+                    *a = (*a).max(alignment);
                     let per_op = op_bytes.entry(id).or_default();
                     for (op, b) in operator_bytes {
                         *per_op.entry(op.0).or_default() += b;
@@ -1263,12 +1271,14 @@ impl Driver<'_> {
                                 state_bytes,
                                 uploaded_bytes,
                                 max_sync_pause: pauses.remove(&id).unwrap_or_default(),
+                                max_alignment: aligns.remove(&id).unwrap_or_default(),
                                 is_final,
                                 state_bytes_by_operator: op_bytes.remove(&id).unwrap_or_default(),
                                 metrics: self.metrics.snapshot(),
                             },
                         );
                         pauses.retain(|&p, _| p > id);
+                        aligns.retain(|&p, _| p > id);
                         op_bytes.retain(|&p, _| p > id);
                         triggered_at.retain(|&p, _| p >= id);
                         // The lane re-checks the lease before it commits: a newer

@@ -95,8 +95,14 @@ impl<S: Source> SourceHead<S> {
         ));
         self.out.barrier(id, &mut snap)?;
         fail::fail_point!("checkpoint::after_barrier_injection");
-        self.env
-            .complete_snapshot(&self.key, self.parallelism, id, snap, started)
+        self.env.complete_snapshot(
+            &self.key,
+            self.parallelism,
+            id,
+            snap,
+            started,
+            Duration::ZERO,
+        )
     }
 
     /// Returns true when the task must end (after the final barrier).
@@ -453,12 +459,14 @@ impl InputWatermarks {
 }
 
 impl<T> InputHead<T> {
-    fn snapshot(&mut self, id: CheckpointId) -> Result<()> {
+    /// Snapshot for `id`, whose first barrier arrived at `aligning_since`.
+    fn snapshot(&mut self, id: CheckpointId, aligning_since: Option<Instant>) -> Result<()> {
         let started = Instant::now();
+        let alignment = aligning_since.map_or(Duration::ZERO, |t| started.duration_since(t));
         let mut snap = TaskSnapshot::default();
         self.op.barrier(id, &mut snap)?;
         self.env
-            .complete_snapshot(&self.key, self.parallelism, id, snap, started)
+            .complete_snapshot(&self.key, self.parallelism, id, snap, started, alignment)
     }
 
     fn forward(&mut self, change: Option<Option<Timestamp>>) -> Result<()> {
@@ -481,6 +489,8 @@ impl<T: 'static> TaskHead for InputHead<T> {
         };
         let mut wms = InputWatermarks::new(receivers.len());
         let mut ended = vec![false; receivers.len()];
+        // When the first barrier of the alignment in progress arrived.
+        let mut aligning_since: Option<Instant> = None;
         // The select set changes only when an input blocks, unblocks or ends.
         let mut dirty = true;
         let mut sel = Select::new();
@@ -542,8 +552,14 @@ impl<T: 'static> TaskHead for InputHead<T> {
                 }
                 Ok(Message::Barrier(id)) => {
                     dirty = true;
-                    if let Some(id) = aligner.on_barrier(i, id) {
-                        self.snapshot(id)?;
+                    let first = aligner.aligning().is_none();
+                    let snapshot = aligner.on_barrier(i, id);
+                    if first && aligner.aligning().is_some() {
+                        aligning_since = Some(Instant::now());
+                    }
+                    if let Some(id) = snapshot {
+                        let since = aligning_since.take();
+                        self.snapshot(id, since)?;
                     }
                 }
                 Ok(Message::End) => {
@@ -555,7 +571,8 @@ impl<T: 'static> TaskHead for InputHead<T> {
                     self.forward(change)?;
                     let out = aligner.on_end(i);
                     if let Some(id) = out.snapshot {
-                        self.snapshot(id)?;
+                        let since = aligning_since.take();
+                        self.snapshot(id, since)?;
                     }
                     if out.all_ended {
                         self.op.end()?;

@@ -223,6 +223,8 @@ pub(crate) enum TaskEvent {
         handle: TaskStateHandle,
         /// Time the task spent on the checkpoint before resuming (the synchronous part).
         sync_pause: Duration,
+        /// From the first of its inputs' barriers to the last (zero for one input).
+        alignment: Duration,
         /// Bytes of keyed state per stateful operator of the task.
         operator_bytes: Vec<(OperatorId, u64)>,
     },
@@ -309,6 +311,7 @@ impl TaskEnv {
         id: CheckpointId,
         mut snap: TaskSnapshot,
         started: std::time::Instant,
+        alignment: Duration,
     ) -> Result<()> {
         if !snap.commits.is_empty() {
             let _ = self.events.send(TaskEvent::Committables(snap.commits));
@@ -332,6 +335,7 @@ impl TaskEnv {
                 id,
                 handle,
                 sync_pause: started.elapsed(),
+                alignment,
                 operator_bytes: Vec::new(),
             });
             return Ok(());
@@ -413,6 +417,7 @@ impl TaskEnv {
                     id,
                     handle,
                     sync_pause,
+                    alignment,
                     operator_bytes,
                 }),
                 Err(e) => events.send(TaskEvent::Decline {
