@@ -4,6 +4,7 @@
 mod common;
 
 use common::gated::{gated, open, wait_at, GatedSource};
+use exactly::engine::ids::CheckpointId;
 use exactly::prelude::*;
 use std::path::Path;
 
@@ -294,6 +295,7 @@ fn lost_manifests_stop_the_job_before_it_commits_anything_twice() {
 
     // The newest manifest deleted: the job would restore checkpoint 1 and commit the
     // 500 payments of checkpoint 2 again.
+    let newest = std::fs::read(names.last().unwrap()).unwrap();
     std::fs::remove_file(names.last().unwrap()).unwrap();
     let err = ledger_with_more(dir, 500).unwrap_err();
     assert_eq!(
@@ -308,6 +310,17 @@ fn lost_manifests_stop_the_job_before_it_commits_anything_twice() {
         snapshot_of(&dir.join("out")),
         out,
         "no committed file touched"
+    );
+    // The manifest put back, as the error advises: the job restores checkpoint 2 and
+    // has nothing left to do (the refused run's record of what it restored must not
+    // make checkpoint 2 look like a manifest written behind its back).
+    std::fs::write(names.last().unwrap(), &newest).unwrap();
+    let report = ledger_with_more(dir, 500).unwrap();
+    assert_eq!(report.restored_from, Some(CheckpointId(2)));
+    assert_eq!(
+        snapshot_of(&dir.join("out")),
+        out,
+        "nothing committed again"
     );
 
     // Every manifest deleted (or the checkpoint directory moved aside).

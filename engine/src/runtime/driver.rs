@@ -562,24 +562,13 @@ fn recover(
     let (ids, max_any) = rt.block_on(storage.scan())?;
     let takeovers = rt.block_on(storage.takeovers())?;
     let newest = rt.block_on(newest_restorable(storage, &ids, &takeovers))?;
-    // Before any sink settles: a failure from here on must not let a later recovery
-    // restore a manifest that an older instance writes after this point.
     let takeover = crate::storage::Takeover {
         generation,
         restored: newest.as_ref().map(|(id, _)| *id),
     };
-    rt.block_on(storage.record_takeover(&takeover))?;
     // A record is needed until a manifest of its generation or a newer one is the
     // newest: every orphan it guards against is older than that manifest.
     let newest_generation = newest.as_ref().map_or(0, |(_, m)| m.generation);
-    for t in takeovers
-        .iter()
-        .filter(|t| t.generation <= newest_generation)
-    {
-        if let Err(e) = rt.block_on(storage.delete_takeover(t.generation)) {
-            tracing::warn!(generation = t.generation, error = %e, "could not delete an old takeover record");
-        }
-    }
     let mut state = RestoredState::default();
     let mut pending = Vec::new();
     let mut from_savepoint = s.restore_from_savepoint.clone();
@@ -649,7 +638,46 @@ fn recover(
         tracing::info!(job = %s.name, checkpoint = %latest, "restoring from checkpoint");
     }
     let _ = local_dir;
-    let mut max_seen = max_any.max(state.checkpoint);
+    // Before any sink settles: a failure from here on must not let a later recovery
+    // restore a manifest that an older instance writes after this point.
+    rt.block_on(storage.record_takeover(&takeover))?;
+    for t in takeovers
+        .iter()
+        .filter(|t| t.generation <= newest_generation)
+    {
+        if let Err(e) = rt.block_on(storage.delete_takeover(t.generation)) {
+            tracing::warn!(generation = t.generation, error = %e, "could not delete an old takeover record");
+        }
+    }
+    let settled = settle_sinks(graph, s, &pending, state.checkpoint, generation);
+    if let Err(e) = &settled {
+        if e.class() == ErrorClass::Stop {
+            // This run goes no further (a sink refused: e.g. output ahead of the
+            // checkpoints after manifests were lost). Its record would make manifests
+            // put back as the error advises look written behind its back.
+            if let Err(d) = rt.block_on(storage.delete_takeover(generation)) {
+                tracing::warn!(generation, error = %d, "could not delete this run's takeover record");
+            }
+        }
+    }
+    let max_seen = max_any.max(state.checkpoint).max(settled?);
+    Ok(Restored {
+        state,
+        first_id: max_seen.map(|c| c.next()).unwrap_or(CheckpointId(1)),
+        from_savepoint,
+    })
+}
+
+/// Let every sink commit the restored checkpoint's output and abort what was staged
+/// after it; the highest checkpoint id a sink saw staged.
+fn settle_sinks(
+    graph: &Graph,
+    s: &JobSettings,
+    pending: &[crate::manifest::PendingCommit],
+    restored: Option<CheckpointId>,
+    generation: u64,
+) -> Result<Option<CheckpointId>> {
+    let mut max_seen = None;
     for n in &graph.nodes {
         if let Some(sink) = &n.sink {
             let mine = pending
@@ -660,18 +688,14 @@ fn recover(
             let ctx = crate::api::RecoveryContext {
                 job: s.name.clone(),
                 sink: n.op.clone(),
-                restored: state.checkpoint,
+                restored,
                 generation,
             };
             let staged = sink.recover(&ctx, mine)?;
             max_seen = max_seen.max(staged);
         }
     }
-    Ok(Restored {
-        state,
-        first_id: max_seen.map(|c| c.next()).unwrap_or(CheckpointId(1)),
-        from_savepoint,
-    })
+    Ok(max_seen)
 }
 
 /// Every piece of a checkpoint must go somewhere: state (keyed state, operator state,
