@@ -242,9 +242,10 @@ impl JobBuilder {
 
     /// Checkpoint **at least once** instead of exactly once: barriers are not aligned.
     /// A task with several inputs keeps reading an input that delivered a checkpoint's
-    /// barrier while it waits for the barrier on the others, so a backlog on one input
-    /// never holds the others back and checkpoints take about as long as the slowest
-    /// input's barrier needs to arrive, not the backlog behind the fastest. The price:
+    /// barrier while it waits for the barrier on the others, so records keep flowing on
+    /// the inputs whose barrier arrived. It does not make checkpoints shorter: a barrier
+    /// still waits behind the records queued before it (measured on the reconciliation
+    /// benchmark, see the README). The price:
     /// the snapshot can include records that come after the barrier, and after a
     /// failure the restored job processes them again, so state and committed output may
     /// hold **duplicates** (never losses: every record before a barrier is in its

@@ -1259,31 +1259,16 @@ impl Driver<'_> {
                             // Before the commit round, so the stop cannot end the job
                             // without it. If it fails, the checkpoint stands; the job
                             // fails, and resumes from it.
-                            let sp = Savepoint {
-                                name: name.clone(),
-                                job: self.s.name.clone(),
-                                checkpoint: id,
-                                created_at_ms: manifest.completed_at_ms,
-                            };
-                            if let Err(e) = self.rt.block_on(self.storage.write_savepoint(&sp)) {
+                            if let Err(e) = self.keep_as_savepoint(name, &manifest) {
                                 failure = Some(e);
                                 self.cancel.store(true, Ordering::Relaxed);
                                 continue;
                             }
-                            tracing::info!(savepoint = %name, checkpoint = %id, "savepoint written");
                         }
+                        // Savepoints asked while running: answered, never failing the job.
                         for req in savepoints_at.remove(&id).unwrap_or_default() {
-                            let sp = Savepoint {
-                                name: req.name.clone(),
-                                job: self.s.name.clone(),
-                                checkpoint: id,
-                                created_at_ms: manifest.completed_at_ms,
-                            };
-                            let written = self.rt.block_on(self.storage.write_savepoint(&sp));
-                            if written.is_ok() {
-                                tracing::info!(savepoint = %req.name, checkpoint = %id, "savepoint written");
-                            }
-                            let _ = req.reply.send(written.map(|()| id));
+                            let kept = self.keep_as_savepoint(&req.name, &manifest);
+                            let _ = req.reply.send(kept.map(|()| id));
                         }
                         tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
                         committing.insert(
@@ -1374,6 +1359,19 @@ impl Driver<'_> {
                 }
             }
         }
+    }
+
+    /// Keep the checkpoint of `manifest` (just written) as savepoint `name`.
+    fn keep_as_savepoint(&self, name: &str, manifest: &Manifest) -> Result<()> {
+        let sp = Savepoint {
+            name: name.to_string(),
+            job: self.s.name.clone(),
+            checkpoint: manifest.checkpoint,
+            created_at_ms: manifest.completed_at_ms,
+        };
+        self.rt.block_on(self.storage.write_savepoint(&sp))?;
+        tracing::info!(savepoint = %name, checkpoint = %manifest.checkpoint, "savepoint written");
+        Ok(())
     }
 
     /// A checkpoint is complete and its commit round has run: report it, and arm the
