@@ -114,6 +114,22 @@ pub fn subtask_for_key_group(
     SubtaskIndex(kg.0 as usize * parallelism / max_parallelism as usize)
 }
 
+/// What a job, operator or sink name may be. Names become parts of paths (a sink's
+/// staging directory, a part file's name, a checkpoint's state), so they are plain ASCII
+/// with no separator, and may not start with `.`: no `.` or `..`, no hidden or
+/// `.staging` directory.
+pub(crate) const NAME_RULE: &str =
+    "1-100 characters of A-Z a-z 0-9 _ . - that do not start with '.'";
+
+/// Whether `n` follows [`NAME_RULE`].
+pub(crate) fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 100
+        && !n.starts_with('.')
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

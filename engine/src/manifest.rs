@@ -38,7 +38,7 @@ pub struct TaskStateHandle {
     /// The declared type of each keyed state, per operator: state name to description
     /// (`ValueState<i64> keyed by u32`). A restore refuses a state declared otherwise.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub state_types: std::collections::BTreeMap<String, crate::state::types::StateTypeMap>,
+    pub state_types: std::collections::BTreeMap<String, StateTypeMap>,
 }
 
 /// A file in the shared area of checkpoint storage, referenced by one or more
@@ -65,6 +65,10 @@ pub struct PendingCommit {
     /// The sink's committable, as JSON.
     pub committable: serde_json::Value,
 }
+
+/// State name to type description, as recorded for one operator (see
+/// [`crate::state::types`]).
+pub type StateTypeMap = std::collections::BTreeMap<String, String>;
 
 /// A completed checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

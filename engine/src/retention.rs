@@ -1,6 +1,6 @@
 //! Retention as pure decisions: given what checkpoint storage lists, which manifests,
 //! state directories and shared files may be deleted now. The commit lane
-//! (`runtime/committer.rs`) lists, asks, and executes the actions in order.
+//! (`driver/committer.rs`) lists, asks, and executes the actions in order.
 //!
 //! # Rules
 //!

@@ -678,7 +678,7 @@ impl CheckpointStorage {
 
     /// Savepoint `name`, if it exists.
     pub async fn read_savepoint(&self, name: &str) -> Result<Option<Savepoint>> {
-        if !crate::dsl::job::valid_name(name) {
+        if !crate::ids::valid_name(name) {
             return Ok(None);
         }
         let path = self.savepoint_path(name);
@@ -791,13 +791,13 @@ pub struct Lease {
 
 /// Savepoint names follow the rule of job and operator names (they become file names).
 fn valid_savepoint_name(name: &str) -> Result<()> {
-    if crate::dsl::job::valid_name(name) {
+    if crate::ids::valid_name(name) {
         return Ok(());
     }
     Err(Error::config(format!(
         "savepoint name '{}' must be {}",
         name.escape_debug(),
-        crate::dsl::job::NAME_RULE
+        crate::ids::NAME_RULE
     )))
 }
 

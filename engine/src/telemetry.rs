@@ -28,7 +28,7 @@
 //! [`JobBuilder::prometheus_endpoint`]: crate::dsl::JobBuilder::prometheus_endpoint
 //! [`Metrics`]: crate::metrics::Metrics
 
-use crate::runtime::CheckpointStats;
+use crate::report::CheckpointStats;
 use ::metrics::{counter, gauge, histogram};
 use std::collections::BTreeMap;
 

@@ -1,100 +1,16 @@
 //! The job: configuration, the graph being built, and `run()`.
 
-use super::graph::{SharedGraph, SourceNode};
 use super::Stream;
 use crate::api::Source;
+use crate::driver::{self, JobSettings, RestartPolicy};
 use crate::error::{Error, Result};
-use crate::ids::OperatorId;
-use crate::runtime::driver::{self, JobSettings};
+use crate::ids::{valid_name, OperatorId, NAME_RULE};
+use crate::plan::{SharedGraph, SourceNode};
 use crate::runtime::{CheckpointStats, JobReport, StopHandle};
 use crate::state::StateBackend;
 use crate::storage::CheckpointStorage;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// What happens when a task fails: how often the job restarts from its latest
-/// checkpoint, and how long it waits before each restart.
-///
-/// Restarts are counted in a row: an attempt that completes a checkpoint and runs for
-/// [`RestartPolicy::healthy_after`] (default 60 s) shows the job healthy again, and the
-/// count and the pause start over. The pause doubles with
-/// each restart in a row, from `backoff` up to `max_backoff`, shortened by a random
-/// fraction up to `jitter` so that instances restarting together do not retry in step.
-/// The default, [`RestartPolicy::default`], rides out an outage of a database or an
-/// object store of about two minutes.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RestartPolicy {
-    /// Restarts in a row before `run()` gives up (with
-    /// [`Error::RestartsExhausted`](crate::error::Error::RestartsExhausted)).
-    pub max_restarts: u32,
-    /// Pause before the first restart of a row.
-    pub backoff: Duration,
-    /// Longest pause.
-    pub max_backoff: Duration,
-    /// Largest fraction (0 to 1) taken off each pause at random.
-    pub jitter: f64,
-    /// A restarted attempt that completes a checkpoint and has run this long shows the
-    /// job healthy: the count and the pause start over. (A failure that strikes soon
-    /// after every restart's first checkpoint still exhausts the policy.)
-    pub healthy_after: Duration,
-}
-
-impl Default for RestartPolicy {
-    /// Up to 10 restarts in a row, waiting 1, 2, 4, 8, 16 s and then 30 s (each up to
-    /// 20 % shorter at random): 145-181 s of pauses before giving up.
-    fn default() -> Self {
-        RestartPolicy::exponential(10, Duration::from_secs(1), Duration::from_secs(30))
-    }
-}
-
-impl RestartPolicy {
-    /// Up to `max_restarts` restarts in a row, `backoff` apart.
-    pub fn fixed(max_restarts: u32, backoff: Duration) -> Self {
-        RestartPolicy {
-            max_restarts,
-            backoff,
-            max_backoff: backoff,
-            jitter: 0.0,
-            healthy_after: Duration::from_secs(60),
-        }
-    }
-
-    /// Up to `max_restarts` restarts in a row, the pause doubling from `first` up to
-    /// `max`, each up to 20 % shorter at random.
-    pub fn exponential(max_restarts: u32, first: Duration, max: Duration) -> Self {
-        RestartPolicy {
-            max_restarts,
-            backoff: first,
-            max_backoff: max.max(first),
-            jitter: 0.2,
-            healthy_after: Duration::from_secs(60),
-        }
-    }
-
-    /// Never restart in-process; `run()` returns the first failure.
-    pub fn none() -> Self {
-        RestartPolicy::fixed(0, Duration::ZERO)
-    }
-
-    /// The pause before restart `nth` of a row (1-based), with `random` in `[0, 1)`
-    /// choosing the jitter.
-    pub fn pause(&self, nth: u32, random: f64) -> Duration {
-        let doublings = nth.saturating_sub(1).min(31);
-        let full = self
-            .backoff
-            .saturating_mul(1u32 << doublings)
-            .min(self.max_backoff.max(self.backoff));
-        let finite = |x: f64| {
-            if x.is_finite() {
-                x.clamp(0.0, 1.0)
-            } else {
-                0.0
-            }
-        };
-        let factor = 1.0 - finite(self.jitter) * finite(random);
-        Duration::try_from_secs_f64(full.as_secs_f64() * factor).unwrap_or(full)
-    }
-}
 
 /// Configures a [`Job`]. Every setting has a default except the name.
 pub struct JobBuilder {
@@ -356,22 +272,6 @@ impl JobBuilder {
     }
 }
 
-/// What a job, operator or sink name may be. Names become parts of paths (a sink's
-/// staging directory, a part file's name, a checkpoint's state), so they are plain ASCII
-/// with no separator, and may not start with `.`: no `.` or `..`, no hidden or
-/// `.staging` directory.
-pub(crate) const NAME_RULE: &str =
-    "1-100 characters of A-Z a-z 0-9 _ . - that do not start with '.'";
-
-/// Whether `n` follows [`NAME_RULE`].
-pub(crate) fn valid_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 100
-        && !n.starts_with('.')
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
 /// A job started with [`Job::start`], running on its own thread.
 #[derive(Debug)]
 pub struct JobHandle {
@@ -601,35 +501,3 @@ const _: fn() = || {
     send::<super::Stream<u32>>();
     send::<JobHandle>();
 };
-
-#[cfg(test)]
-mod restart_policy_tests {
-    use super::RestartPolicy;
-    use std::time::Duration;
-
-    #[test]
-    fn pauses_double_up_to_the_cap_and_jitter_only_shortens() {
-        let p = RestartPolicy::default();
-        let secs = |n| p.pause(n, 0.0).as_secs_f64();
-        assert_eq!(
-            (1..=10).map(secs).collect::<Vec<_>>(),
-            [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0, 30.0]
-        );
-        // Under the default, a 60 s outage is ridden out even with the shortest pauses.
-        let shortest: f64 = (1..=p.max_restarts)
-            .map(|n| p.pause(n, 0.999_999).as_secs_f64())
-            .sum();
-        assert!(shortest > 120.0, "{shortest}");
-        assert_eq!(p.pause(1, 0.5), Duration::from_millis(900));
-        assert_eq!(p.pause(40, 0.0), Duration::from_secs(30), "no overflow");
-        let fixed = RestartPolicy::fixed(3, Duration::from_millis(10));
-        assert_eq!(fixed.pause(3, 0.7), Duration::from_millis(10));
-        assert_eq!(RestartPolicy::none().pause(1, 0.3), Duration::ZERO);
-        // Nonsense settings do not panic.
-        let odd = RestartPolicy {
-            jitter: f64::NAN,
-            ..RestartPolicy::fixed(1, Duration::MAX)
-        };
-        assert_eq!(odd.pause(3, f64::NAN), Duration::MAX);
-    }
-}

@@ -19,22 +19,23 @@
 //! # Ok(()) }
 //! ```
 
-pub(crate) mod graph;
 pub(crate) mod job;
-mod source_node;
 
-pub use job::{Job, JobBuilder, JobHandle, RestartPolicy};
+pub use crate::driver::RestartPolicy;
+pub use job::{Job, JobBuilder, JobHandle};
 
 use crate::api::{Data, Key, TwoPhaseCommitSink};
 use crate::error::Result;
 use crate::ids::{KeyGroupRange, OperatorId};
+use crate::plan::{
+    ErasedSink, NodeId, NodeInput, OpFactory, Partition, SenderFactory, SharedGraph,
+};
 use crate::process::{KeyedContext, KeyedCore, KeyedProcessFunction, ProcessFn};
 use crate::runtime::exchange::{ByKeyGroup, ExchangeOut};
 use crate::runtime::ops::{FilterOp, FlatMapOp, KeyedProcessOp, MapOp, PassOp, SinkOp};
 use crate::runtime::Collector;
 use crate::state::KeyedState;
 use crate::time::WatermarkStrategy;
-use graph::{ErasedSink, NodeId, NodeInput, OpFactory, Partition, SenderFactory, SharedGraph};
 use std::marker::PhantomData;
 use std::sync::Arc;
 

@@ -6,8 +6,6 @@
 //! (`Collector`), and loops over the batch in monomorphised code, so the per-record path
 //! has no dynamic dispatch, no locking and no allocation.
 
-pub(crate) mod committer;
-pub(crate) mod driver;
 pub(crate) mod exchange;
 pub(crate) mod heads;
 pub(crate) mod ops;
@@ -25,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use driver::{CheckpointStats, JobReport, REPORTED_CHECKPOINTS};
+pub use crate::report::{CheckpointStats, JobReport, REPORTED_CHECKPOINTS};
 
 /// Stops a running job with a checkpoint: the sources read no further, one more
 /// checkpoint is taken and its output committed, and [`Job::run`] returns with

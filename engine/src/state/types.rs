@@ -11,10 +11,8 @@
 
 use crate::error::{Error, Result};
 use crate::ids::OperatorId;
-use std::collections::BTreeMap;
 
-/// State name to type description, as recorded for one operator.
-pub type StateTypeMap = BTreeMap<String, String>;
+pub use crate::manifest::StateTypeMap;
 
 /// What a state handle declares: its description, its version and, if it converts
 /// values of an earlier version, the description of the state it converts from.

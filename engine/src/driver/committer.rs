@@ -13,12 +13,12 @@
 //! committed output from its pending set and, for a final or stop checkpoint, ends the
 //! job. Retention runs after each round: [`crate::retention`] decides, this lane deletes.
 
-use super::TaskEvent;
-use crate::dsl::graph::Graph;
 use crate::error::{Error, Result};
 use crate::ids::CheckpointId;
 use crate::manifest::PendingCommit;
+use crate::plan::Graph;
 use crate::retention;
+use crate::runtime::TaskEvent;
 use crate::storage::CheckpointStorage;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::HashSet;

@@ -26,17 +26,23 @@
 //! written stays pending and is retried with the next checkpoint; a commit whose staged
 //! output is gone ([`Error::CommitLost`]) stops the job, because that is data loss.
 
-use super::committer::{CommitJob, Committer};
-use super::{RuntimeConfig, SourceControl, TaskEnv, TaskEvent};
+mod committer;
+mod restart;
+
+pub use restart::RestartPolicy;
+
 use crate::coordinator::{CheckpointCoordinator, CoordinatorConfig, Decision, TaskKey};
-use crate::dsl::graph::{BuildCtx, ChannelPool, Graph, NodeId, Plan, RestoredState};
-use crate::dsl::RestartPolicy;
 use crate::error::{Error, ErrorClass, Result};
 use crate::ids::{CheckpointId, OperatorId};
 use crate::manifest::{Manifest, Savepoint, MANIFEST_FORMAT_VERSION};
+use crate::plan::{BuildCtx, ChannelPool, Graph, NodeId, Plan, RestoredState};
+use crate::report::{push_recent, CheckpointStats, JobReport, REPORTED_CHECKPOINTS};
+use crate::runtime::{RuntimeConfig, SourceControl, TaskEnv, TaskEvent};
 use crate::state::TaskSnapshotPayload;
 use crate::storage::CheckpointStorage;
+use committer::{CommitJob, Committer};
 use crossbeam_channel::{RecvTimeoutError, Sender};
+use restart::{starting, RestartBudget};
 use std::collections::{BTreeMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,88 +82,13 @@ pub(crate) struct JobSettings {
     /// Where to serve metrics for Prometheus.
     #[cfg(feature = "prometheus")]
     pub prometheus: Option<std::net::SocketAddr>,
-    pub stop: super::StopHandle,
+    pub stop: crate::runtime::StopHandle,
     /// The latest completed checkpoint, for a [`crate::dsl::JobHandle`].
     pub latest: Arc<std::sync::Mutex<Option<CheckpointStats>>>,
     /// The running job's counters, for a [`crate::dsl::JobHandle`].
     pub live: Arc<std::sync::Mutex<Arc<crate::metrics::Metrics>>>,
     /// SIGTERM and SIGINT stop the job with a checkpoint while it runs.
     pub stop_on_signals: bool,
-}
-
-/// Figures of one completed checkpoint.
-#[derive(Debug, Clone)]
-pub struct CheckpointStats {
-    /// Checkpoint id.
-    pub id: CheckpointId,
-    /// From trigger to the last acknowledgement.
-    pub duration: Duration,
-    /// From trigger to manifest written and output committed.
-    pub end_to_end: Duration,
-    /// Size of the checkpoint's state: every file it references, including shared
-    /// files uploaded by earlier checkpoints.
-    pub state_bytes: u64,
-    /// Bytes written for this checkpoint (with incremental RocksDB checkpoints, only
-    /// the SST files not uploaded before).
-    pub uploaded_bytes: u64,
-    /// Longest time any task spent on this checkpoint before resuming its input.
-    pub max_sync_pause: Duration,
-    /// Longest barrier alignment of any task with several inputs: from the first input's
-    /// barrier to the last one's. In exactly-once mode the inputs whose barrier arrived
-    /// are not read meanwhile; in at-least-once mode they are.
-    pub max_alignment: Duration,
-    /// Whether it was the final checkpoint.
-    pub is_final: bool,
-    /// Bytes of keyed state per stateful operator (summed over subtasks): the encoded
-    /// state in memory, the referenced SST files with RocksDB. The memory budget to
-    /// watch.
-    pub state_bytes_by_operator: std::collections::BTreeMap<String, u64>,
-    /// Every counter's value when the checkpoint completed (e.g. `<source>.records`).
-    pub metrics: std::collections::BTreeMap<String, u64>,
-}
-
-/// Checkpoints a [`JobReport`] keeps at least (the most recent ones).
-pub const REPORTED_CHECKPOINTS: usize = 1000;
-
-/// Append `item`, first dropping the oldest `keep` items once `2 * keep` are held: at
-/// least the `keep` most recent stay, in amortised O(1) per item.
-fn push_recent<T>(v: &mut Vec<T>, item: T, keep: usize) {
-    if v.len() >= 2 * keep {
-        v.drain(..keep);
-    }
-    v.push(item);
-}
-
-/// What a finished `run()` reports.
-#[derive(Debug, Clone, Default)]
-pub struct JobReport {
-    /// The checkpoint the first attempt restored, if any.
-    pub restored_from: Option<CheckpointId>,
-    /// Time the first attempt spent restoring (reading state, settling sinks).
-    pub recovery_time: Duration,
-    /// In-process restarts after task failures.
-    pub restarts: u32,
-    /// Checkpoints abandoned (timed out, or a task or the manifest write failed).
-    pub aborted_checkpoints: u32,
-    /// The checkpoints completed, in order: all of them, or for a long run the most
-    /// recent (between [`REPORTED_CHECKPOINTS`] and twice as many), so that a job
-    /// running for months does not grow its report. `completed_checkpoints` counts all.
-    pub checkpoints: Vec<CheckpointStats>,
-    /// Checkpoints completed over the whole run.
-    pub completed_checkpoints: u64,
-    /// Wall-clock time of `run()`.
-    pub elapsed: Duration,
-    /// Every counter operators registered, as `operator.name`, summed over subtasks
-    /// and including work repeated after restarts.
-    pub metrics: std::collections::BTreeMap<String, u64>,
-    /// The checkpoint the job stopped with, when it was stopped (a
-    /// [`StopHandle`](super::StopHandle), or SIGTERM with
-    /// [`JobBuilder::stop_on_sigterm`](crate::dsl::JobBuilder::stop_on_sigterm)) rather
-    /// than run to the end of its input. The next run resumes from it.
-    pub stopped_at: Option<CheckpointId>,
-    /// The savepoint the stop checkpoint was kept as
-    /// ([`StopHandle::stop_with_savepoint`](super::StopHandle::stop_with_savepoint)).
-    pub savepoint: Option<String>,
 }
 
 pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
@@ -247,95 +178,12 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
     }
 }
 
-/// Restarts in a row under the job's [`RestartPolicy`]: whether one more is allowed,
-/// and the pause before it. Shared by start-up and by the restart loop.
-struct RestartBudget<'a> {
-    s: &'a JobSettings,
-    in_a_row: u32,
-}
-
-impl<'a> RestartBudget<'a> {
-    fn new(s: &'a JobSettings) -> Self {
-        RestartBudget { s, in_a_row: 0 }
-    }
-
-    /// The job showed progress: the count and the pause start over.
-    fn reset(&mut self) {
-        self.in_a_row = 0;
-    }
-
-    /// After failure `e`: `RestartsExhausted` if the policy allows no more, otherwise
-    /// wait the policy's pause (a cancel, or a stop asked meanwhile, ends it).
-    fn wait_or_give_up(&mut self, e: Error, what: &str) -> Result<()> {
-        let s = self.s;
-        if self.in_a_row >= s.restart.max_restarts {
-            return Err(Error::RestartsExhausted {
-                job: s.name.clone(),
-                attempts: self.in_a_row,
-                source: Box::new(e),
-            });
-        }
-        self.in_a_row += 1;
-        let pause = s.restart.pause(self.in_a_row, random_fraction());
-        tracing::warn!(job = %s.name, error = %e, in_a_row = self.in_a_row,
-            pause_ms = pause.as_millis() as u64, "{what}");
-        sleep_unless_cancelled(pause, &s.stop);
-        Ok(())
-    }
-}
-
-/// Run a start-up step, retrying errors that are not [`ErrorClass::Stop`] under the
-/// restart policy, so a job started while its storage is briefly unreachable waits for
-/// it instead of failing.
-fn starting<T>(s: &JobSettings, mut step: impl FnMut() -> Result<T>) -> Result<T> {
-    let mut budget = RestartBudget::new(s);
-    loop {
-        if s.stop.is_cancelled() {
-            return Err(Error::JobCancelled {
-                job: s.name.clone(),
-            });
-        }
-        match step() {
-            Ok(v) => return Ok(v),
-            Err(e) if e.class() == ErrorClass::Stop => return Err(e),
-            Err(e) => {
-                budget.wait_or_give_up(e, "checkpoint storage not reachable at start; retrying")?
-            }
-        }
-    }
-}
-
-/// A random number in `[0, 1)` for restart jitter (from the standard library's
-/// randomly seeded hasher: no generator is needed for this).
-fn random_fraction() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Wait `pause` before a restart; a cancel, or a stop asked during this wait, ends it
-/// (a stop asked earlier does not shorten later waits).
-fn sleep_unless_cancelled(pause: Duration, stop: &super::StopHandle) {
-    let until = Instant::now()
-        .checked_add(pause)
-        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
-    let stop_before = stop.is_requested();
-    loop {
-        let now = Instant::now();
-        if now >= until || stop.is_cancelled() || (!stop_before && stop.is_requested()) {
-            return;
-        }
-        std::thread::sleep((until - now).min(Duration::from_millis(50)));
-    }
-}
-
 /// SIGTERM and SIGINT handlers that ask for a stop with a checkpoint, removed when
 /// dropped. A signal that finds the stop already asked ends the process (exit code 1).
 struct SignalStop(Vec<signal_hook::SigId>);
 
 impl SignalStop {
-    fn install(stop: &super::StopHandle) -> Result<Self> {
+    fn install(stop: &crate::runtime::StopHandle) -> Result<Self> {
         use signal_hook::consts::{SIGINT, SIGTERM};
         let mut ids = Vec::new();
         for sig in [SIGTERM, SIGINT] {
@@ -378,11 +226,11 @@ fn validate(graph: &Graph, s: &JobSettings) -> Result<()> {
         }
     }
     for n in &graph.nodes {
-        if !crate::dsl::job::valid_name(&n.op.0) {
+        if !crate::ids::valid_name(&n.op.0) {
             return Err(Error::config(format!(
                 "operator name '{}' must be {}",
                 n.op.0.escape_debug(),
-                crate::dsl::job::NAME_RULE
+                crate::ids::NAME_RULE
             )));
         }
         if n.unnamed_state {
@@ -400,12 +248,12 @@ fn validate(graph: &Graph, s: &JobSettings) -> Result<()> {
             )));
         }
         if let Some(old) = &n.restores {
-            if !crate::dsl::job::valid_name(&old.0) {
+            if !crate::ids::valid_name(&old.0) {
                 return Err(Error::config(format!(
                     "operator '{}' restores the state of '{}', which is not a valid name ({})",
                     n.op,
                     old.0.escape_debug(),
-                    crate::dsl::job::NAME_RULE
+                    crate::ids::NAME_RULE
                 )));
             }
             if let Some(other) = graph.nodes.iter().find(|o| &o.op == old && o.op != n.op) {
@@ -1030,8 +878,8 @@ impl Driver<'_> {
         let mut stop_id: Option<CheckpointId> = None;
         let mut savepoint: Option<String> = None;
         // Savepoints asked while running: waiting for the next trigger, then by checkpoint.
-        let mut savepoints_next: Vec<super::SavepointRequest> = Vec::new();
-        let mut savepoints_at: BTreeMap<CheckpointId, Vec<super::SavepointRequest>> =
+        let mut savepoints_next: Vec<crate::runtime::SavepointRequest> = Vec::new();
+        let mut savepoints_at: BTreeMap<CheckpointId, Vec<crate::runtime::SavepointRequest>> =
             BTreeMap::new();
         let mut triggered_at: BTreeMap<CheckpointId, Instant> = BTreeMap::new();
         let mut pauses: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
@@ -1395,23 +1243,5 @@ impl Driver<'_> {
         crate::telemetry::counters(&self.s.name, &stats.metrics);
         push_recent(&mut self.report.checkpoints, stats, REPORTED_CHECKPOINTS);
         self.report.completed_checkpoints += 1;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::push_recent;
-
-    #[test]
-    fn a_report_keeps_the_most_recent_checkpoints_and_stays_bounded() {
-        let mut v = Vec::new();
-        for i in 0..10_000u32 {
-            push_recent(&mut v, i, 100);
-            assert!(v.len() <= 200);
-            assert!(v.len() >= 100.min(i as usize + 1));
-            assert_eq!(*v.last().unwrap(), i);
-            // In order, without gaps.
-            assert!(v.windows(2).all(|w| w[1] == w[0] + 1));
-        }
     }
 }

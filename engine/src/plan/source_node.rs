@@ -1,6 +1,6 @@
 //! Building a source task: splits, restored offsets, reader per split.
 
-use super::graph::{BuildCtx, ErasedSource, NodeId, SourceNode};
+use super::{BuildCtx, ErasedSource, NodeId, SourceNode};
 use crate::api::{Source, SourceContext};
 use crate::codec;
 use crate::error::{Error, Result};

@@ -1,9 +1,11 @@
-//! The job graph behind the DSL, its execution plan, and how a task instance is built
-//! from it.
+//! The planner: the logical graph the DSL builds, the physical plan of one run
+//! (parallelism, chaining, channels) and how a task instance is built from it.
 //!
 //! Every node keeps its typed parts behind `Any`: the DSL knows the types when a node is
 //! added, and the builder downcasts with the same types when a task is assembled, so the
 //! operators that run are fully monomorphised.
+
+mod source_node;
 
 use crate::api::{Data, Source};
 use crate::coordinator::TaskKey;
