@@ -451,10 +451,10 @@ impl ByteState {
     }
 
     /// A local RocksDB checkpoint (a memtable flush and hard links), uploaded later.
-    /// The cache's dirty entries are written first, in one batch, so the checkpoint
-    /// holds the state as of the barrier.
+    /// The cache's dirty entries go first, in one batch that the checkpoint's thread
+    /// writes before it flushes, so the checkpoint holds the state as of the barrier.
     pub fn snapshot(&mut self, id: CheckpointId) -> Result<StateSnapshot> {
-        self.cache.flush(&mut self.db)?;
+        self.cache.flush_for_checkpoint(&mut self.db)?;
         Ok(StateSnapshot {
             pending_db: Some(self.db.checkpoint(id)?),
             ..Default::default()

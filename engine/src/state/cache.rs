@@ -37,7 +37,7 @@
 //! anything a checkpoint needed, because a checkpoint is created only after a
 //! successful flush.
 
-use super::rocks::RocksStore;
+use super::rocks::{DeferredBatch, RocksStore};
 use super::table::hash_of;
 use crate::error::Result;
 use hashbrown::HashTable;
@@ -153,6 +153,8 @@ impl EntryCache {
     fn make_room(&mut self, db: &mut RocksStore, extra: usize) -> Result<()> {
         if self.bytes + extra + ENTRY_OVERHEAD > self.budget && !self.slots.is_empty() {
             self.flush(db)?;
+            // Evicted entries are read from the database again: it must hold them.
+            db.settle()?;
             self.evict();
         }
         Ok(())
@@ -344,6 +346,25 @@ impl EntryCache {
             self.slots[i as usize].dirty = false;
         }
         Ok(())
+    }
+
+    /// Copy every dirty entry into the batch the next checkpoint's thread sorts and
+    /// writes before it creates the checkpoint ([`RocksStore::checkpoint`]); they stay
+    /// cached, clean, so reads find them here until the database holds them (an
+    /// eviction waits for that thread first).
+    pub fn flush_for_checkpoint(&mut self, db: &mut RocksStore) -> Result<()> {
+        let mut batch = DeferredBatch::default();
+        for i in self.dirty.drain(..) {
+            let s = &mut self.slots[i as usize];
+            // An entry dirtied again after a write-through is listed twice.
+            if std::mem::take(&mut s.dirty) {
+                batch.push(s.group, &s.key, s.present.then_some(&s.value[..]));
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        db.defer(batch)
     }
 
     /// Entries cached, and how many of them are dirty (tests).

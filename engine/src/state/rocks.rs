@@ -9,11 +9,17 @@
 //!
 //! # Checkpoints
 //!
-//! At the barrier the task writes the dirty entries of its write-behind cache (module
-//! `cache`) in one batch, flushes the memtable and creates a RocksDB checkpoint (hard
-//! links) in the working directory: that is the whole synchronous part. On the job's
-//! I/O runtime the SST files not uploaded before are uploaded to `shared/` in checkpoint
-//! storage; the small metadata files (`MANIFEST-*`, `CURRENT`, `OPTIONS-*`) go inline
+//! At the barrier the task copies the dirty entries of its write-behind cache (module
+//! `cache`) into one buffer ([`DeferredBatch`]): that is the whole synchronous part. A
+//! thread of its own then sorts them into a batch, writes it, flushes the memtable and
+//! creates a RocksDB checkpoint (hard links) in the working directory while the task
+//! goes on with its cache. Until that thread is done the task neither writes to the
+//! database nor reads it other than for a key missing from the cache
+//! ([`RocksStore::settle`] waits for it first): the batch's entries stay in the cache,
+//! clean, until an eviction, and an eviction settles first. So the checkpoint holds
+//! exactly the barrier's state, and every read sees it. On the job's I/O runtime the SST
+//! files not uploaded before are uploaded to `shared/` in checkpoint storage; the small
+//! metadata files (`MANIFEST-*`, `CURRENT`, `OPTIONS-*`) go inline
 //! into the task's state file, which lists every file the checkpoint needs.
 //!
 //! A file is referenced again by a later checkpoint only once a checkpoint listing it
@@ -105,7 +111,12 @@ type Uploads = BTreeMap<u64, HashMap<String, SharedFile>>;
 
 /// One operator instance's RocksDB.
 pub struct RocksStore {
-    db: Option<DB>,
+    db: Option<Arc<DB>>,
+    /// The thread writing the barrier's batch and creating the latest checkpoint, until
+    /// the task needs the database again; an error means the batch was not written.
+    creating: Option<std::thread::JoinHandle<Result<()>>>,
+    /// The cache's batch for the next checkpoint, not yet handed to its thread.
+    deferred: Option<DeferredBatch>,
     dir: PathBuf,
     local: PathBuf,
     start: u16,
@@ -122,6 +133,7 @@ pub struct RocksStore {
 impl Drop for RocksStore {
     fn drop(&mut self) {
         // The state lives in checkpoints; the local copy is scratch space.
+        let _ = self.join_checkpoint_thread();
         drop(self.db.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -166,7 +178,9 @@ impl RocksStore {
         let mut write = WriteOptions::default();
         write.disable_wal(true);
         let mut store = RocksStore {
-            db: Some(db),
+            db: Some(Arc::new(db)),
+            creating: None,
+            deferred: None,
             dir,
             local: env.local_dir.clone(),
             start: range.start,
@@ -201,6 +215,41 @@ impl RocksStore {
         self.db.as_ref().expect("the database is open until drop")
     }
 
+    /// Make the database whole before the task uses it other than for a point read of
+    /// a key missing from the cache: wait for the checkpoint thread (its batch written,
+    /// its checkpoint created, so the checkpoint never holds a later write) and write a
+    /// deferred batch not handed to a thread. A batch that could not be written is an
+    /// error here, so the task fails rather than read around it.
+    pub(crate) fn settle(&mut self) -> Result<()> {
+        self.join_checkpoint_thread()?;
+        if let Some(batch) = self.deferred.take() {
+            self.db()
+                .write_opt(batch.into_write_batch(), &self.write)
+                .map_err(|e| db_err("write", e))?;
+        }
+        Ok(())
+    }
+
+    /// Hand `batch` (entries of this instance's key group indexes) to the next
+    /// [`RocksStore::checkpoint`], whose thread writes it before the checkpoint.
+    pub(crate) fn defer(&mut self, mut batch: DeferredBatch) -> Result<()> {
+        self.settle()?;
+        batch.start = self.start;
+        self.deferred = Some(batch);
+        Ok(())
+    }
+
+    fn join_checkpoint_thread(&mut self) -> Result<()> {
+        match self.creating.take().map(|h| h.join()) {
+            Some(Err(_)) => Err(Error::State {
+                context: "creating a RocksDB checkpoint".into(),
+                message: "the thread creating it panicked".into(),
+            }),
+            Some(Ok(r)) => r,
+            None => Ok(()),
+        }
+    }
+
     fn prefixed(&mut self, g: usize, key: &[u8]) {
         self.key.clear();
         self.key
@@ -222,6 +271,7 @@ impl RocksStore {
     }
 
     pub(crate) fn put(&mut self, g: usize, key: &[u8], value: &[u8]) -> Result<()> {
+        self.settle()?;
         self.prefixed(g, key);
         self.db()
             .put_opt(&self.key, value, &self.write)
@@ -229,6 +279,7 @@ impl RocksStore {
     }
 
     pub(crate) fn delete(&mut self, g: usize, key: &[u8]) -> Result<()> {
+        self.settle()?;
         self.prefixed(g, key);
         self.db()
             .delete_opt(&self.key, &self.write)
@@ -242,6 +293,7 @@ impl RocksStore {
         bytes: usize,
         entries: impl Iterator<Item = (usize, &'a [u8], Option<&'a [u8]>)>,
     ) -> Result<()> {
+        self.settle()?;
         let mut batch = WriteBatch::with_capacity_bytes(bytes);
         for (g, key, value) in entries {
             self.prefixed(g, key);
@@ -261,6 +313,7 @@ impl RocksStore {
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
     ) -> Result<()> {
+        self.settle()?;
         self.prefixed(g, prefix);
         let mut it = self.db().raw_iterator();
         it.seek(&self.key);
@@ -281,6 +334,7 @@ impl RocksStore {
         hi: &[u8],
         out: &mut Vec<Vec<u8>>,
     ) -> Result<()> {
+        self.settle()?;
         let first = out.len();
         self.prefixed(g, hi);
         let mut opts = ReadOptions::default();
@@ -309,6 +363,7 @@ impl RocksStore {
     }
 
     pub(crate) fn count(&mut self) -> Result<usize> {
+        self.settle()?;
         let mut it = self.db().raw_iterator();
         it.seek_to_first();
         let mut n = 0;
@@ -349,8 +404,11 @@ impl RocksStore {
         }
     }
 
-    /// The synchronous part of a checkpoint: flush and hard-link a RocksDB checkpoint.
+    /// Start a RocksDB checkpoint of the database with the deferred batch written (a
+    /// flush and hard links) on a thread of its own; the returned upload waits for it.
     pub(crate) fn checkpoint(&mut self, id: CheckpointId) -> Result<PendingDb> {
+        let batch = self.deferred.take();
+        self.join_checkpoint_thread()?;
         self.confirm();
         let dir = self.local.join(format!(
             "chk-{}-{}-{}",
@@ -362,24 +420,35 @@ impl RocksStore {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| io_err(format!("removing {}", dir.display()), e))?;
         }
-        Checkpoint::new(self.db())
-            .and_then(|c| c.create_checkpoint(&dir))
-            .map_err(|e| db_err(format!("creating checkpoint {}", dir.display()), e))?;
-        let mut files = Vec::new();
-        for entry in
-            std::fs::read_dir(&dir).map_err(|e| io_err(format!("listing {}", dir.display()), e))?
-        {
-            let entry = entry.map_err(|e| io_err(format!("listing {}", dir.display()), e))?;
-            let size = entry
-                .metadata()
-                .map_err(|e| io_err(format!("reading {}", entry.path().display()), e))?
-                .len();
-            files.push((entry.file_name().to_string_lossy().into_owned(), size));
-        }
-        files.sort();
+        let db = self.db.clone().expect("the database is open until drop");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let target = dir.clone();
+        let thread = std::thread::Builder::new()
+            .name("rocksdb-checkpoint".into())
+            .spawn(move || {
+                let mut write = WriteOptions::default();
+                write.disable_wal(true);
+                let written = match batch {
+                    Some(b) => db.write_opt(b.into_write_batch(), &write),
+                    None => Ok(()),
+                };
+                let (files, written) = match written {
+                    Ok(()) => (create_checkpoint(&db, &target), Ok(())),
+                    Err(e) => (
+                        Err(db_err("writing the barrier's batch", e.clone())),
+                        Err(db_err("writing the barrier's batch", e)),
+                    ),
+                };
+                drop(db);
+                let _ = tx.send(files);
+                written
+            })
+            .map_err(|e| io_err("starting the RocksDB checkpoint thread".into(), e))?;
+        self.creating = Some(thread);
         Ok(PendingDb {
             dir,
-            files,
+            created: Some(rx),
+            files: Vec::new(),
             range_start: self.start,
             range_end: self.end,
             confirmed: self.confirmed.clone(),
@@ -390,10 +459,117 @@ impl RocksStore {
     }
 }
 
-/// A local RocksDB checkpoint waiting for its upload.
+/// Entries to write at a checkpoint, copied from the cache at the barrier in any order
+/// and sorted into a RocksDB batch later, on the checkpoint's thread.
+#[derive(Debug, Default)]
+pub(crate) struct DeferredBatch {
+    /// The instance's first key group (key group indexes are relative to it).
+    start: u16,
+    /// Per entry: its first 16 bytes of `key group index | key` as a number, where its
+    /// key starts in `bytes`, the key's length, and the value's (`u32::MAX`: a delete).
+    entries: Vec<(u128, usize, u32, u32)>,
+    /// Keys and values, each entry's key group index (2 bytes) and key, then value.
+    bytes: Vec<u8>,
+}
+
+/// RocksDB's batch record tags (its `WriteBatch` format: a 12-byte header, then per
+/// record a tag and length-prefixed key and value).
+const TAG_DELETE: u8 = 0;
+const TAG_PUT: u8 = 1;
+
+impl DeferredBatch {
+    /// Add entry `key` of key group index `g`: written as `value`, or deleted (`None`).
+    pub fn push(&mut self, g: u16, key: &[u8], value: Option<&[u8]>) {
+        let mut order = [0u8; 16];
+        order[..2].copy_from_slice(&g.to_be_bytes());
+        let n = key.len().min(14);
+        order[2..2 + n].copy_from_slice(&key[..n]);
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(&g.to_be_bytes());
+        self.bytes.extend_from_slice(key);
+        if let Some(v) = value {
+            self.bytes.extend_from_slice(v);
+        }
+        let vlen = value.map_or(u32::MAX, |v| v.len() as u32);
+        self.entries
+            .push((u128::from_be_bytes(order), at, key.len() as u32, vlen));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries in key order (RocksDB inserts a sorted batch into its memtable several
+    /// times faster: each insertion starts where the previous one ended), encoded in
+    /// RocksDB's batch format with key group indexes made absolute.
+    fn into_write_batch(mut self) -> WriteBatch {
+        let bytes = &self.bytes;
+        let key = |&(_, at, klen, _): &(u128, usize, u32, u32)| &bytes[at..at + 2 + klen as usize];
+        self.entries
+            .sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| key(a).cmp(key(b))));
+        let mut rep = Vec::with_capacity(12 + bytes.len() + 11 * self.entries.len());
+        rep.extend_from_slice(&0u64.to_le_bytes());
+        rep.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            let (_, at, klen, vlen) = *e;
+            let k = key(e);
+            let g = u16::from_be_bytes([k[0], k[1]]) + self.start;
+            rep.push(if vlen == u32::MAX {
+                TAG_DELETE
+            } else {
+                TAG_PUT
+            });
+            push_varint32(&mut rep, klen + 2);
+            rep.extend_from_slice(&g.to_be_bytes());
+            rep.extend_from_slice(&k[2..]);
+            if vlen != u32::MAX {
+                push_varint32(&mut rep, vlen);
+                let v = at + 2 + klen as usize;
+                rep.extend_from_slice(&bytes[v..v + vlen as usize]);
+            }
+        }
+        WriteBatch::from_data(&rep)
+    }
+}
+
+fn push_varint32(out: &mut Vec<u8>, mut n: u32) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Flush the memtable and hard-link a RocksDB checkpoint of `db` into `dir`; its files
+/// with their sizes, sorted by name.
+fn create_checkpoint(db: &DB, dir: &Path) -> Result<Vec<LocalFile>> {
+    Checkpoint::new(db)
+        .and_then(|c| c.create_checkpoint(dir))
+        .map_err(|e| db_err(format!("creating checkpoint {}", dir.display()), e))?;
+    let mut files = Vec::new();
+    for entry in
+        std::fs::read_dir(dir).map_err(|e| io_err(format!("listing {}", dir.display()), e))?
+    {
+        let entry = entry.map_err(|e| io_err(format!("listing {}", dir.display()), e))?;
+        let size = entry
+            .metadata()
+            .map_err(|e| io_err(format!("reading {}", entry.path().display()), e))?
+            .len();
+        files.push((entry.file_name().to_string_lossy().into_owned(), size));
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A file of a local RocksDB checkpoint: its name and size.
+type LocalFile = (String, u64);
+
+/// A local RocksDB checkpoint, being created, waiting for its upload.
 pub struct PendingDb {
     dir: PathBuf,
-    files: Vec<(String, u64)>,
+    /// The checkpoint's files, once the thread creating it is done.
+    created: Option<tokio::sync::oneshot::Receiver<Result<Vec<LocalFile>>>>,
+    files: Vec<LocalFile>,
     range_start: u16,
     range_end: u16,
     confirmed: HashMap<String, SharedFile>,
@@ -414,8 +590,25 @@ impl std::fmt::Debug for PendingDb {
 impl PendingDb {
     /// Upload the SST files not uploaded before; inline the metadata files. The local
     /// checkpoint directory is removed afterwards, whatever the outcome.
-    pub async fn upload(self, storage: &CheckpointStorage, id: CheckpointId) -> Result<Uploaded> {
-        let result = self.transfer(storage, id).await;
+    pub async fn upload(
+        mut self,
+        storage: &CheckpointStorage,
+        id: CheckpointId,
+    ) -> Result<Uploaded> {
+        let result = match self.created.take() {
+            Some(created) => match created.await {
+                Ok(Ok(files)) => {
+                    self.files = files;
+                    self.transfer(storage, id).await
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(Error::State {
+                    context: format!("creating RocksDB checkpoint {}", self.dir.display()),
+                    message: "the thread creating it ended without an answer".into(),
+                }),
+            },
+            None => self.transfer(storage, id).await,
+        };
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         result
@@ -666,6 +859,42 @@ pub(crate) mod tests {
 
     const V: ValueState<String> = ValueState::new("v");
     const MAX: u16 = 128;
+
+    #[test]
+    fn a_deferred_batch_is_the_batch_rocksdb_builds_from_the_sorted_entries() {
+        // Entries pushed out of order, with keys sharing their first 14 bytes (ties of
+        // the order prefix), long values (two-byte lengths) and deletes.
+        let long = vec![7u8; 300];
+        let entries: Vec<(u16, Vec<u8>, Option<Vec<u8>>)> = vec![
+            (3, b"b".to_vec(), Some(b"x".to_vec())),
+            (0, b"same-prefix-1234-z".to_vec(), None),
+            (3, b"a".to_vec(), Some(long.clone())),
+            (0, b"same-prefix-1234-a".to_vec(), Some(Vec::new())),
+            (1, Vec::new(), Some(b"empty key".to_vec())),
+            (0, b"same-prefix-1234".to_vec(), Some(b"shorter".to_vec())),
+        ];
+        let mut deferred = DeferredBatch {
+            start: 40,
+            ..Default::default()
+        };
+        for (g, k, v) in &entries {
+            deferred.push(*g, k, v.as_deref());
+        }
+        let mut sorted = entries.clone();
+        sorted.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut expected = WriteBatch::default();
+        for (g, k, v) in &sorted {
+            let mut key = (40 + g).to_be_bytes().to_vec();
+            key.extend_from_slice(k);
+            match v {
+                Some(v) => expected.put(&key, v),
+                None => expected.delete(&key),
+            }
+        }
+        let got = deferred.into_write_batch();
+        assert_eq!(got.len(), entries.len());
+        assert_eq!(got.data(), expected.data());
+    }
 
     /// Checkpoint storage in memory, a local directory and an I/O runtime, to open,
     /// checkpoint and restore RocksDB state.
