@@ -432,3 +432,67 @@ fn state_dump_decodes_every_balance_of_the_final_checkpoint() {
         "{err}"
     );
 }
+
+/// A manifest an older instance wrote after a newer one took over (recorded in a
+/// takeover record) is never restored: the CLI marks it, never calls it the latest, and
+/// refuses to keep it as a savepoint.
+#[test]
+fn an_orphaned_checkpoint_is_marked_and_never_the_latest() {
+    use exactly::engine::storage::Takeover;
+    let f = Fixture::new();
+    let ids = f.ids();
+    let (first, newest) = (ids[0], *ids.last().unwrap());
+    let newer = ids
+        .iter()
+        .map(|&id| f.manifest(id).generation)
+        .max()
+        .unwrap()
+        + 1;
+    rt().block_on(f.storage().record_takeover(&Takeover {
+        generation: newer,
+        restored: Some(first),
+    }))
+    .unwrap();
+    let loc = f.location();
+
+    let (out, err, code) = exactly(&["checkpoints", "list", &loc]);
+    assert_eq!(code, 0, "{out}{err}");
+    let rows = rows(&out);
+    assert_eq!(rows.len(), ids.len(), "{out}");
+    for (id, line) in &rows {
+        if *id == first.0 {
+            assert!(line.ends_with("latest"), "{out}");
+        } else {
+            assert!(
+                line.contains("orphaned") && !line.contains("latest"),
+                "{out}"
+            );
+        }
+    }
+    assert!(out.contains(&format!("latest: {first}")), "{out}");
+
+    let (out, err, code) = exactly(&["checkpoints", "show", &loc]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with(&format!("checkpoint {first} ")), "{out}");
+    let newest_id = newest.0.to_string();
+    let (out, _, code) = exactly(&["checkpoints", "show", &loc, &newest_id]);
+    assert_eq!(code, 0);
+    assert!(out.contains("orphaned"), "{out}");
+
+    let (_, err, code) = exactly(&[
+        "savepoints",
+        "create",
+        &loc,
+        "late",
+        "--checkpoint",
+        &newest_id,
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("cannot be a savepoint") && err.contains("orphaned"),
+        "{err}"
+    );
+    let (out, err, code) = exactly(&["savepoints", "create", &loc, "kept"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("keeps checkpoint {first} ")), "{out}");
+}

@@ -910,6 +910,17 @@ impl Takeover {
     pub fn orphans(&self, id: CheckpointId, generation: u64) -> bool {
         generation < self.generation && self.restored.is_none_or(|r| id > r)
     }
+
+    /// The takeover, among `takeovers`, after which an older instance wrote manifest `id`
+    /// (of `generation`): such a checkpoint is never restored, and its output was
+    /// aborted. `None` for a checkpoint a restore may use.
+    pub fn orphaning(
+        takeovers: &[Takeover],
+        id: CheckpointId,
+        generation: u64,
+    ) -> Option<&Takeover> {
+        takeovers.iter().find(|t| t.orphans(id, generation))
+    }
 }
 
 /// Check `bytes` against the size and CRC-32 a manifest recorded for a shared file.

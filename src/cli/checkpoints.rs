@@ -5,14 +5,59 @@ use crate::{describe, Failure, Location};
 use exactly::engine::error::Error;
 use exactly::engine::ids::CheckpointId;
 use exactly::engine::manifest::{Manifest, PendingCommit, SharedFile, TaskStateHandle};
-use exactly::engine::storage::CheckpointStorage;
+use exactly::engine::storage::{CheckpointStorage, Takeover};
 use std::collections::{BTreeMap, HashSet};
 use std::process::ExitCode;
 use tokio::runtime::Runtime;
 
-/// The ids of the completed checkpoints (those with a manifest), oldest first.
-fn completed(rt: &Runtime, loc: &Location) -> Result<Vec<CheckpointId>, Failure> {
-    Ok(rt.block_on(loc.storage.scan())?.0)
+/// The completed checkpoints of a location (those with a manifest), and which of them
+/// no restore uses: manifests an older instance wrote after a newer one took over.
+pub struct Completed {
+    /// Oldest first.
+    pub ids: Vec<CheckpointId>,
+    /// Per orphaned checkpoint: the lease of the instance that wrote it, and of the one
+    /// that had taken over.
+    pub orphans: BTreeMap<CheckpointId, (u64, u64)>,
+}
+
+impl Completed {
+    /// The checkpoint a job restores from: the newest that is not orphaned.
+    pub fn latest(&self) -> Option<CheckpointId> {
+        self.ids
+            .iter()
+            .rev()
+            .find(|id| !self.orphans.contains_key(id))
+            .copied()
+    }
+
+    /// The note for an orphaned checkpoint.
+    pub fn orphan_note(&self, id: CheckpointId) -> Option<String> {
+        self.orphans.get(&id).map(|(writer, newer)| {
+            format!(
+                "orphaned: written by the instance of lease {writer} after the instance of \
+                 lease {newer} took over; never restored, its output was aborted"
+            )
+        })
+    }
+}
+
+/// The completed checkpoints, with the orphans the takeover records name (manifests are
+/// read only when there are such records).
+pub fn completed(rt: &Runtime, loc: &Location) -> Result<Completed, Failure> {
+    let ids = rt.block_on(loc.storage.scan())?.0;
+    let takeovers = rt.block_on(loc.storage.takeovers())?;
+    let mut orphans = BTreeMap::new();
+    if !takeovers.is_empty() {
+        for &id in &ids {
+            // An unreadable manifest is reported where it is read.
+            if let Ok(m) = rt.block_on(loc.storage.read_manifest(id)) {
+                if let Some(t) = Takeover::orphaning(&takeovers, id, m.generation) {
+                    orphans.insert(id, (m.generation, t.generation));
+                }
+            }
+        }
+    }
+    Ok(Completed { ids, orphans })
 }
 
 /// The message for a location without completed checkpoints.
@@ -20,20 +65,17 @@ fn none_at(loc: &Location) -> String {
     format!("no completed checkpoints at {}", loc.name)
 }
 
-/// Checkpoint `id`, which must be a completed one, or the latest when none is given.
-pub fn pick(
-    loc: &Location,
-    ids: &[CheckpointId],
-    id: Option<u64>,
-) -> Result<CheckpointId, Failure> {
+/// Checkpoint `id`, which must be a completed one, or the latest (the one a job
+/// restores from) when none is given.
+pub fn pick(loc: &Location, done: &Completed, id: Option<u64>) -> Result<CheckpointId, Failure> {
     match id.map(CheckpointId) {
-        Some(id) if ids.contains(&id) => Ok(id),
+        Some(id) if done.ids.contains(&id) => Ok(id),
         Some(id) => Err(Failure(format!(
             "checkpoint {id} is not a completed checkpoint at {}; completed: {}",
             loc.name,
-            joined(ids)
+            joined(&done.ids)
         ))),
-        None => ids.last().copied().ok_or_else(|| Failure(none_at(loc))),
+        None => done.latest().ok_or_else(|| Failure(none_at(loc))),
     }
 }
 
@@ -47,11 +89,13 @@ fn joined(ids: &[CheckpointId]) -> String {
 
 /// `exactly checkpoints list`: one line per completed checkpoint.
 pub fn list(rt: &Runtime, loc: &Location) -> Result<ExitCode, Failure> {
-    let ids = completed(rt, loc)?;
-    let Some(&latest) = ids.last() else {
+    let done = completed(rt, loc)?;
+    let ids = &done.ids;
+    let Some(&newest) = ids.last() else {
         say!("{}", none_at(loc));
         return Ok(ExitCode::SUCCESS);
     };
+    let latest = done.latest();
     let manifests: Vec<(CheckpointId, Result<Manifest, Error>)> = ids
         .iter()
         .map(|&id| (id, rt.block_on(loc.storage.read_manifest(id))))
@@ -61,7 +105,7 @@ pub fn list(rt: &Runtime, loc: &Location) -> Result<ExitCode, Failure> {
         Some(m) => say!("checkpoints of job '{}' at {}", m.job, loc.name),
         None => say!("checkpoints at {}", loc.name),
     }
-    let width = latest.to_string().len().max(2);
+    let width = newest.to_string().len().max(2);
     say!(
         "{:>width$}  {:<27}  {:<5}  {:>5}  {:>10}  {:>10}  {:>7}",
         "id",
@@ -74,7 +118,11 @@ pub fn list(rt: &Runtime, loc: &Location) -> Result<ExitCode, Failure> {
     );
     let mut unreadable = 0;
     for (id, m) in &manifests {
-        let mark = if *id == latest { "  latest" } else { "" };
+        let mark = match done.orphan_note(*id) {
+            Some(note) => format!("  {note}"),
+            None if Some(*id) == latest => "  latest".to_string(),
+            None => String::new(),
+        };
         match m {
             Ok(m) => say!("{}{mark}", row(m, width)),
             Err(e) => {
@@ -83,10 +131,22 @@ pub fn list(rt: &Runtime, loc: &Location) -> Result<ExitCode, Failure> {
             }
         }
     }
-    say!(
-        "latest: {latest}; {} in all",
-        count(ids.len(), "checkpoint")
-    );
+    match latest {
+        Some(latest) => say!(
+            "latest: {latest}; {} in all",
+            count(ids.len(), "checkpoint")
+        ),
+        None => say!(
+            "no checkpoint to restore from; {} in all",
+            count(ids.len(), "checkpoint")
+        ),
+    }
+    if !done.orphans.is_empty() {
+        say!(
+            "orphaned: {}; a job restores from the latest, never from those",
+            count(done.orphans.len(), "checkpoint")
+        );
+    }
     if unreadable > 0 {
         say!(
             "{} could not be read; `exactly checkpoints verify` checks every file",
@@ -126,8 +186,8 @@ pub fn show(
     id: Option<u64>,
     json: bool,
 ) -> Result<ExitCode, Failure> {
-    let ids = completed(rt, loc)?;
-    let id = pick(loc, &ids, id)?;
+    let done = completed(rt, loc)?;
+    let id = pick(loc, &done, id)?;
     let m = rt.block_on(loc.storage.read_manifest(id))?;
     if json {
         let text = serde_json::to_string_pretty(&m)
@@ -135,8 +195,10 @@ pub fn show(
         say!("{text}");
         return Ok(ExitCode::SUCCESS);
     }
-    let latest = ids.last() == Some(&id);
-    print_header(&m, latest);
+    print_header(&m, done.latest() == Some(id));
+    if let Some(note) = done.orphan_note(id) {
+        say!("  {note}");
+    }
     say!("");
     say!("tasks ({})", m.tasks.len());
     for task in &m.tasks {
@@ -303,12 +365,13 @@ struct Tally {
 
 /// `exactly checkpoints verify`: exit code 1 if any checkpoint has a bad file.
 pub fn verify(rt: &Runtime, loc: &Location, id: Option<u64>) -> Result<ExitCode, Failure> {
-    let ids = completed(rt, loc)?;
+    let done = completed(rt, loc)?;
+    let ids = &done.ids;
     if ids.is_empty() {
         return Err(Failure(format!("{}: nothing to verify", none_at(loc))));
     }
     let targets = match id {
-        Some(_) => vec![pick(loc, &ids, id)?],
+        Some(_) => vec![pick(loc, &done, id)?],
         None => ids.clone(),
     };
     say!(
@@ -337,7 +400,7 @@ pub fn verify(rt: &Runtime, loc: &Location, id: Option<u64>) -> Result<ExitCode,
         count(tally.bad.len(), "checkpoint"),
         joined(&tally.bad)
     );
-    if tally.bad.last() == ids.last() {
+    if tally.bad.last().is_some() && tally.bad.last().copied() == done.latest() {
         eprintln!(
             "note: the latest checkpoint is bad: a job on this location refuses to start (it never \
              falls back to an older checkpoint)"
@@ -385,5 +448,5 @@ fn verify_one(
 /// Whether checkpoint `id` is no longer a completed checkpoint: a running job's
 /// retention deleted it (manifest first, then files) while it was being read.
 fn retired(rt: &Runtime, loc: &Location, id: CheckpointId) -> Result<bool, Failure> {
-    Ok(!completed(rt, loc)?.contains(&id))
+    Ok(!completed(rt, loc)?.ids.contains(&id))
 }

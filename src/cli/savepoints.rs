@@ -2,7 +2,6 @@
 
 use super::format::utc;
 use crate::{Failure, Location};
-use exactly::engine::ids::CheckpointId;
 use exactly::engine::manifest::Savepoint;
 use std::process::ExitCode;
 use tokio::runtime::Runtime;
@@ -48,19 +47,13 @@ pub fn create(
     name: &str,
     id: Option<u64>,
 ) -> Result<ExitCode, Failure> {
-    let (ids, _) = rt.block_on(loc.storage.scan())?;
-    let id = match id.map(CheckpointId) {
-        Some(id) if ids.contains(&id) => id,
-        Some(id) => {
-            return Err(Failure(format!(
-                "checkpoint {id} is not a completed checkpoint at {}",
-                loc.name
-            )))
-        }
-        None => *ids
-            .last()
-            .ok_or_else(|| Failure(format!("no completed checkpoints at {}", loc.name)))?,
-    };
+    let done = super::checkpoints::completed(rt, loc)?;
+    let id = super::checkpoints::pick(loc, &done, id)?;
+    if let Some(note) = done.orphan_note(id) {
+        return Err(Failure(format!(
+            "checkpoint {id} cannot be a savepoint: {note}"
+        )));
+    }
     let manifest = rt.block_on(loc.storage.read_manifest(id))?;
     let sp = Savepoint {
         name: name.to_string(),
@@ -86,7 +79,7 @@ pub fn create(
         sp.job,
         loc.name
     );
-    if manifest.is_final || ids.last() == Some(&id) {
+    if manifest.is_final || done.latest() == Some(id) {
         say!("a new version of the job starts from it with .restore_from_savepoint(\"{name}\")");
     }
     Ok(ExitCode::SUCCESS)

@@ -54,8 +54,8 @@ pub fn dump(
     operator: Option<&str>,
     entries: usize,
 ) -> Result<ExitCode, Failure> {
-    let (ids, _) = rt.block_on(loc.storage.scan())?;
-    let id = super::checkpoints::pick(loc, &ids, id)?;
+    let done = super::checkpoints::completed(rt, loc)?;
+    let id = super::checkpoints::pick(loc, &done, id)?;
     let m = rt.block_on(loc.storage.read_manifest(id))?;
     let mut ops: BTreeMap<String, OperatorSummary> = BTreeMap::new();
     for h in m.tasks.iter().filter(|h| !h.path.is_empty()) {

@@ -386,7 +386,7 @@ async fn newest_restorable(
 ) -> Result<Option<(CheckpointId, crate::manifest::Manifest)>> {
     for &id in ids.iter().rev() {
         let m = storage.read_manifest(id).await?;
-        match takeovers.iter().find(|t| t.orphans(id, m.generation)) {
+        match crate::storage::Takeover::orphaning(takeovers, id, m.generation) {
             Some(t) => tracing::warn!(
                 checkpoint = %id,
                 writer = m.generation,
