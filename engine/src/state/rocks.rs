@@ -10,12 +10,12 @@
 //! # Checkpoints
 //!
 //! At the barrier the task copies the dirty entries of its write-behind cache (module
-//! `cache`) into one buffer ([`DeferredBatch`]): that is the whole synchronous part. A
+//! `cache`) into one buffer (`DeferredBatch`): that is the whole synchronous part. A
 //! thread of its own then sorts them into a batch, writes it, flushes the memtable and
 //! creates a RocksDB checkpoint (hard links) in the working directory while the task
 //! goes on with its cache. Until that thread is done the task neither writes to the
 //! database nor reads it other than for a key missing from the cache
-//! ([`RocksStore::settle`] waits for it first): the batch's entries stay in the cache,
+//! (`RocksStore::settle` waits for it first): the batch's entries stay in the cache,
 //! clean, until an eviction, and an eviction settles first. So the checkpoint holds
 //! exactly the barrier's state, and every read sees it. On the job's I/O runtime the SST
 //! files not uploaded before are uploaded to `shared/` in checkpoint storage; the small
