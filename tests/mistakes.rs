@@ -531,6 +531,116 @@ fn an_input_file_rotated_under_a_checkpoint_is_refused_and_a_grown_one_read_on()
     assert_eq!(committed_lines(&out), expected);
 }
 
+/// The running balance of every payment in the `*.jsonl` files of directory `input`,
+/// followed, into `dir/out`. The job stops itself with a checkpoint once it has processed
+/// `stop_after` records in this run; when it has processed `add_at` of them, it calls
+/// `add` (which adds a file to the directory). Gives up after a minute.
+fn balances_of_followed_dir(
+    dir: &Path,
+    input: &Path,
+    stop_after: usize,
+    add_at: Option<(usize, std::sync::Arc<dyn Fn() + Send + Sync>)>,
+) -> JobReport {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .checkpoint_storage(dir.join("checkpoints").to_str().unwrap())
+        .build()
+        .unwrap();
+    let stop = job.stop_handle();
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let source = JsonLinesSource::<(u32, i64)>::new(input).follow();
+    let payments = job.source("payments", source).map(move |p| {
+        let n = seen.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some((at, add)) = &add_at {
+            if n == *at {
+                add();
+            }
+        }
+        if n == stop_after {
+            stop.stop();
+        }
+        p
+    });
+    running_balance(&payments)
+        .name("balance")
+        .sink("balances", FileSink::exactly_once(dir.join("out")));
+    let handle = job.start().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !handle.is_finished() {
+        if std::time::Instant::now() > deadline {
+            handle.stop_with_checkpoint();
+            let report = handle.wait();
+            panic!("the job did not read {stop_after} records within a minute: {report:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    handle.wait().unwrap()
+}
+
+/// Each account's output lines and highest balance. Amounts are never negative, so the
+/// highest balance is the sum of every payment the job processed: with a line per
+/// payment, a lost payment lowers it and a doubled one adds a line.
+fn per_account(lines: &[String]) -> std::collections::BTreeMap<u32, (usize, i64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for l in lines {
+        let (account, balance): (u32, i64) = serde_json::from_str(l).unwrap();
+        let e = out.entry(account).or_insert((0, i64::MIN));
+        e.0 += 1;
+        e.1 = e.1.max(balance);
+    }
+    out
+}
+
+fn expected_per_account(
+    payments: std::ops::Range<i64>,
+) -> std::collections::BTreeMap<u32, (usize, i64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for i in payments {
+        let e = out.entry((i % 17) as u32).or_insert((0, 0));
+        e.0 += 1;
+        e.1 += i;
+    }
+    out
+}
+
+/// A followed directory picks up files added while the job runs, and files added while
+/// it is stopped: each payment once, none lost.
+#[test]
+fn files_added_to_a_followed_directory_are_read_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    std::fs::write(input.join("a.jsonl"), payments_file(0..2_000)).unwrap();
+    let add = |name: &'static str, range: std::ops::Range<i64>| {
+        let input = input.clone();
+        move || {
+            let tmp = input.join(format!("{name}.tmp"));
+            std::fs::write(&tmp, payments_file(range.clone())).unwrap();
+            std::fs::rename(&tmp, input.join(name)).unwrap();
+        }
+    };
+    let run = dir.path().join("run");
+    // b.jsonl appears once a.jsonl has been read; the job reads it while it runs.
+    let report = balances_of_followed_dir(
+        &run,
+        &input,
+        3_000,
+        Some((2_000, std::sync::Arc::new(add("b.jsonl", 2_000..3_000)))),
+    );
+    assert!(report.stopped_at.is_some());
+    let out = committed_lines(&run.join("out"));
+    assert_eq!(per_account(&out), expected_per_account(0..3_000));
+
+    // c.jsonl appears while the job is stopped; the next run reads it, and a and b
+    // resume at their ends.
+    add("c.jsonl", 3_000..4_000)();
+    let report = balances_of_followed_dir(&run, &input, 1_000, None);
+    assert!(report.restored_from.is_some());
+    let out = committed_lines(&run.join("out"));
+    assert_eq!(per_account(&out), expected_per_account(0..4_000));
+}
+
 /// Two instances started at nearly the same moment on one location, 50 times, with the
 /// second one's start shifted a little further each time so the starts interleave with
 /// leases, checkpoints and the final checkpoint in every order: each instance either

@@ -80,6 +80,15 @@ pub trait Source: Send + Sync + 'static {
     fn replayable(&self) -> bool {
         true
     }
+
+    /// How often a running job lists [`Source::splits`] again to find splits that
+    /// appeared since it started (files added to a followed directory). `None`, the
+    /// default: the splits are listed once per run, when it starts. A split found while
+    /// the job runs is read from its start by the subtask a hash of its name picks; a
+    /// source that discovers splits never finishes, even with none to read yet.
+    fn discover_splits_every(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Reads one split of a [`Source`].

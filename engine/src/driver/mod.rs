@@ -35,7 +35,7 @@ use crate::coordinator::{CheckpointCoordinator, CoordinatorConfig, Decision, Tas
 use crate::error::{Error, ErrorClass, Result};
 use crate::ids::{CheckpointId, OperatorId};
 use crate::manifest::{Manifest, Savepoint, MANIFEST_FORMAT_VERSION};
-use crate::plan::{BuildCtx, ChannelPool, Graph, NodeId, Plan, RestoredState};
+use crate::plan::{BuildCtx, ChannelPool, Graph, NodeId, Plan, RestoredState, SplitLists};
 use crate::report::{push_recent, CheckpointStats, JobReport, REPORTED_CHECKPOINTS};
 use crate::runtime::{RuntimeConfig, SourceControl, TaskEnv, TaskEvent};
 use crate::state::TaskSnapshotPayload;
@@ -683,6 +683,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
     }
     let plan = Plan::new(graph, s.parallelism);
     let channels = ChannelPool::new(graph, &plan, s.channel_capacity, s.batch_size);
+    let splits = SplitLists::default();
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
     let cancel = Arc::new(AtomicBool::new(false));
     let env = TaskEnv {
@@ -727,13 +728,16 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             } else {
                 None
             };
-            let (env, plan, channels, restored) = (&env, &plan, &channels, &restored.state);
+            let (env, plan, channels, splits, restored) =
+                (&env, &plan, &channels, &splits, &restored.state);
             let (head, key) = (*head, key.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("{}-{}", key.task, key.subtask))
                 .spawn_scoped(scope, move || {
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        run_task(graph, plan, head, &key, env, channels, restored, control)
+                        run_task(
+                            graph, plan, head, &key, env, channels, splits, restored, control,
+                        )
                     }))
                     .unwrap_or_else(|payload| {
                         let message = payload
@@ -817,6 +821,7 @@ fn run_task(
     key: &TaskKey,
     env: &TaskEnv,
     channels: &ChannelPool,
+    splits: &SplitLists,
     restored: &RestoredState,
     control: Option<crossbeam_channel::Receiver<SourceControl>>,
 ) -> Result<()> {
@@ -827,6 +832,7 @@ fn run_task(
         subtask: key.subtask,
         env,
         channels,
+        splits,
         restored,
         control,
     };

@@ -350,6 +350,29 @@ impl ChannelPool {
     }
 }
 
+/// Each source's splits, listed once per run: every subtask deals out the same list,
+/// even if the input changes while the subtasks start.
+#[derive(Default)]
+pub(crate) struct SplitLists(Mutex<HashMap<NodeId, Arc<Vec<String>>>>);
+
+impl SplitLists {
+    /// `node`'s list, listed with `list` by the first subtask that asks.
+    pub fn of(
+        &self,
+        node: NodeId,
+        list: impl FnOnce() -> Result<Vec<String>>,
+    ) -> Result<Arc<Vec<String>>> {
+        // A poisoned lock means a listing panicked; the map itself is consistent.
+        let mut lists = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = lists.get(&node) {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(list()?);
+        lists.insert(node, l.clone());
+        Ok(l)
+    }
+}
+
 /// Restored operator state, by operator id.
 #[derive(Default)]
 pub(crate) struct RestoredState {
@@ -367,6 +390,7 @@ pub(crate) struct BuildCtx<'a> {
     pub subtask: SubtaskIndex,
     pub env: &'a TaskEnv,
     pub channels: &'a ChannelPool,
+    pub splits: &'a SplitLists,
     pub restored: &'a RestoredState,
     pub control: Option<Receiver<SourceControl>>,
 }

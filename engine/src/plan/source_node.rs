@@ -4,7 +4,9 @@ use super::{BuildCtx, ErasedSource, NodeId, SourceNode};
 use crate::api::{Source, SourceContext};
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::runtime::heads::{SourceHead, SourceWatermarks, SplitReader, SplitState, TaskHead};
+use crate::runtime::heads::{
+    Discovery, SourceHead, SourceWatermarks, SplitReader, SplitState, TaskHead,
+};
 use crate::time::{Timestamp, WatermarkStrategy};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -17,7 +19,8 @@ impl<S: Source> ErasedSource for SourceNode<S> {
     fn build_head(&self, node: NodeId, ctx: &mut BuildCtx<'_>) -> Result<Box<dyn TaskHead>> {
         let operator = ctx.graph.nodes[node].op.clone();
         let parallelism = ctx.parallelism_of(node);
-        let splits = self.source.splits()?;
+        // Listed once per run for all subtasks: each deals out the same list.
+        let splits = ctx.splits.of(node, || self.source.splits())?;
         let mut restored: HashMap<String, (S::Offset, bool, Timestamp)> = HashMap::new();
         for snap in ctx.restored(&operator) {
             for entry in &snap.list {
@@ -50,6 +53,13 @@ impl<S: Source> ErasedSource for SourceNode<S> {
             operator: operator.clone(),
             subtask: ctx.subtask,
         };
+        let discovery = self.source.discover_splits_every().map(|every| Discovery {
+            source: self.source.clone(),
+            ctx: sctx.clone(),
+            every,
+            last: Instant::now(),
+            known: splits.iter().cloned().collect(),
+        });
         let mut readers = Vec::new();
         for (i, split) in splits.iter().enumerate() {
             if i % parallelism != ctx.subtask.0 {
@@ -112,6 +122,7 @@ impl<S: Source> ErasedSource for SourceNode<S> {
             watermarks,
             records,
             unannounced: Default::default(),
+            discovery,
         }))
     }
 }

@@ -2,7 +2,7 @@
 
 use super::{BatchPool, Collector, Message, SourceControl, TaskEnv, TaskEvent, TaskSnapshot};
 use crate::aligner::BarrierAligner;
-use crate::api::{Source, SourcePoll, SourceReader};
+use crate::api::{Source, SourceContext, SourcePoll, SourceReader};
 use crate::codec;
 use crate::coordinator::TaskKey;
 use crate::error::{Error, Result};
@@ -10,6 +10,8 @@ use crate::ids::{CheckpointId, OperatorId};
 use crate::state::StateSnapshot;
 use crate::time::{Timestamp, WatermarkStrategy};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A task's main loop.
@@ -60,6 +62,26 @@ pub(crate) struct SourceHead<S: Source> {
     /// Offsets of each reader recorded at barriers whose completion has not been
     /// announced yet, oldest first (at most [`MAX_UNANNOUNCED`]).
     pub unannounced: std::collections::VecDeque<(CheckpointId, Vec<S::Offset>)>,
+    /// Finding splits that appear while the job runs, if the source does.
+    pub discovery: Option<Discovery<S>>,
+}
+
+/// Splits that appear while a job runs ([`Source::discover_splits_every`]).
+pub(crate) struct Discovery<S> {
+    pub source: Arc<S>,
+    pub ctx: SourceContext,
+    pub every: Duration,
+    pub last: Instant,
+    /// Every split this run knows: listed when it started, or found since (whichever
+    /// subtask reads it).
+    pub known: HashSet<String>,
+}
+
+/// The subtask that reads a split found while the job runs: the same in every subtask,
+/// whenever each of them finds it. (Splits listed at the start of a run are dealt out
+/// in list order instead, from the one list all subtasks share.)
+pub(crate) fn discovered_split_owner(split: &str, parallelism: usize) -> usize {
+    (xxhash_rust::xxh3::xxh3_64(split.as_bytes()) % parallelism as u64) as usize
 }
 
 /// Checkpoints whose offsets a source keeps for completion notices; older ones are
@@ -251,7 +273,8 @@ impl<S: Source> SourceHead<S> {
             };
             min = Some(min.map_or(wm, |m| m.min(wm)));
         }
-        let all_done = self.readers.iter().all(|r| r.done);
+        // A source that discovers splits is never done: more may come.
+        let all_done = self.discovery.is_none() && self.readers.iter().all(|r| r.done);
         if all_done {
             min = Some(Timestamp::MAX);
             all_idle = false;
@@ -275,6 +298,44 @@ impl<S: Source> SourceHead<S> {
                     w.strategy.stall_warning);
                 w.last_advance = Instant::now();
             }
+        }
+        Ok(())
+    }
+
+    /// List the source's splits again if it is time, and open those this subtask reads
+    /// that appeared since. A listing that fails is retried at the next round.
+    fn discover(&mut self) -> Result<()> {
+        let Some(d) = &mut self.discovery else {
+            return Ok(());
+        };
+        if d.last.elapsed() < d.every {
+            return Ok(());
+        }
+        d.last = Instant::now();
+        let splits = match d.source.splits() {
+            Ok(splits) => splits,
+            Err(e) => {
+                tracing::warn!(source = %self.operator, error = %e,
+                    "listing the source's splits failed; trying again at the next round");
+                return Ok(());
+            }
+        };
+        for split in splits {
+            if !d.known.insert(split.clone())
+                || discovered_split_owner(&split, self.parallelism) != self.key.subtask.0
+            {
+                continue;
+            }
+            tracing::info!(source = %self.operator, split = %split, subtask = self.key.subtask.0,
+                "reading a split that appeared while the job runs");
+            let reader = d.source.open(&split, None, &d.ctx)?;
+            self.readers.push(SplitReader {
+                split,
+                reader,
+                done: false,
+                max_ts: Timestamp::MIN,
+                last_data: Instant::now(),
+            });
         }
         Ok(())
     }
@@ -316,6 +377,23 @@ impl<S: Source> TaskHead for SourceHead<S> {
                 return Err(Error::Cancelled);
             }
             let active = self.readers.iter().filter(|r| !r.done).count();
+            if active == 0 && self.discovery.is_some() {
+                // Nothing to read until a split appears: idle, not finished.
+                self.emit_watermark()?;
+                self.out.flush()?;
+                match self.control.recv_timeout(Duration::from_millis(50)) {
+                    Ok(msg) => {
+                        if self.handle(msg)? {
+                            return Ok(());
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return Err(Error::Cancelled),
+                }
+                self.periodic(&mut last_periodic)?;
+                self.discover()?;
+                continue;
+            }
             if active == 0 {
                 if !reported {
                     // All splits are done: event time is complete. A source with a
@@ -396,6 +474,7 @@ impl<S: Source> TaskHead for SourceHead<S> {
             }
             cursor += 1;
             self.periodic(&mut last_periodic)?;
+            self.discover()?;
         }
     }
 }

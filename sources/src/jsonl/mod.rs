@@ -87,6 +87,12 @@ impl<T> JsonLinesSource<T> {
     /// under a running job is read to its end and the new file is not picked up; after
     /// a restart the new file at the same path is refused as replaced.
     ///
+    /// Following a directory, `*.jsonl` files added to it are read too: the directory
+    /// is listed again every second while the job runs (and at every start), and each
+    /// new file is read from its start, once. Write a new file under another name and
+    /// rename it into place, or write whole lines: a partial last line waits for its
+    /// newline either way.
+    ///
     /// ```no_run
     /// # use exactly_sources::JsonLinesSource;
     /// #[derive(serde::Deserialize, Clone)]
@@ -178,6 +184,10 @@ impl<T: DeserializeOwned + Clone + Send + 'static> Source for JsonLinesSource<T>
             )));
         }
         Ok(names)
+    }
+
+    fn discover_splits_every(&self) -> Option<std::time::Duration> {
+        (self.follow && self.path.is_dir()).then_some(std::time::Duration::from_secs(1))
     }
 
     fn open(
