@@ -11,10 +11,12 @@
 //!   time): its committed output equals a failure-free run's, so no record was read
 //!   twice into the output and none was skipped. The pipeline includes an event-time
 //!   window, so per-partition watermarks are exercised.
+//! * A partition added to the topic while an unbounded job runs is found and read from
+//!   its first record, once.
 
 mod common;
 
-use common::kafka::{brokers, create_topic};
+use common::kafka::{add_partitions, brokers, create_topic};
 use exactly::operators::{WindowExt, Windows};
 use exactly::prelude::*;
 use exactly::sources::rdkafka::client::ClientContext;
@@ -294,4 +296,67 @@ fn completed_checkpoints_commit_offsets_to_the_monitoring_group() {
         vec![None; PARTITIONS as usize],
         "without monitoring, nothing is committed"
     );
+}
+
+/// A partition added while an unbounded job runs: found by the next discovery, read from
+/// its first record by one subtask; every record of the topic reaches the output once.
+#[test]
+fn a_partition_added_while_the_job_runs_is_read_once() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    let topic = topic_with("grown", 300);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = CollectSink::new();
+    let job = Job::builder("grown")
+        .checkpoint_storage(tmp.path().to_str().unwrap())
+        .parallelism(2)
+        .build()
+        .unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    let src = KafkaSource::new(&brokers(), &topic, decode as Decode)
+        .discover_partitions_every(Some(Duration::from_millis(100)));
+    job.source("events", src)
+        .map(move |e| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            e.seq
+        })
+        .sink("out", out.clone());
+    let handle = job.start().unwrap();
+    let wait_for = |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while seen.load(Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline && !handle.is_finished(),
+                "the job read {} of {n} records",
+                seen.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for(300);
+    add_partitions(&topic, PARTITIONS as usize + 1);
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true");
+    let producer: ThreadedProducer<Deliveries> =
+        cfg.create_with_context(Deliveries::default()).unwrap();
+    for seq in 300..400u64 {
+        let payload = serde_json::to_vec(&Event { seq, key: 0, ts: 0 }).unwrap();
+        producer
+            .send(
+                BaseRecord::<(), _>::to(&topic)
+                    .partition(PARTITIONS)
+                    .payload(&payload),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    assert_eq!(producer.context().0.load(Ordering::SeqCst), 0);
+    wait_for(400);
+    handle.stop_with_checkpoint();
+    let report = handle.wait().unwrap();
+    assert!(report.stopped_at.is_some());
+    assert_eq!(out.sorted(), (0..400).collect::<Vec<u64>>());
 }

@@ -13,6 +13,10 @@
 //! watermarks per split and merges them. Restoring at another parallelism redistributes
 //! partitions like any other splits.
 //!
+//! Partitions added to the topic while an unbounded job runs are found within a minute
+//! ([`KafkaSource::discover_partitions_every`]) and read from their first record; a
+//! bounded source reads the partitions the topic had when the job started.
+//!
 //! ```no_run
 //! use exactly_sources::KafkaSource;
 //! let payments = KafkaSource::new("127.0.0.1:9092", "payments", |payload: &[u8]| {
@@ -43,8 +47,13 @@ pub struct KafkaSource<T, F> {
     config: Vec<(String, String)>,
     /// Consumer group that completed checkpoints' offsets are committed to.
     group: Option<String>,
+    /// How often an unbounded source looks for partitions added to the topic.
+    discover: Option<Duration>,
     _t: PhantomData<fn() -> T>,
 }
+
+/// How often an unbounded source looks for new partitions unless told otherwise.
+const DISCOVER_PARTITIONS_EVERY: Duration = Duration::from_secs(60);
 
 impl<T, F, E> KafkaSource<T, F>
 where
@@ -63,8 +72,18 @@ where
             bounded: false,
             config: Vec::new(),
             group: None,
+            discover: Some(DISCOVER_PARTITIONS_EVERY),
             _t: PhantomData,
         }
+    }
+
+    /// How often a running unbounded job asks the broker for partitions added to the
+    /// topic (default: every 60 s; `None`: only when the job starts). A new partition
+    /// is read from its first record by one subtask. A bounded source never looks: it
+    /// reads the partitions the topic had at its start.
+    pub fn discover_partitions_every(mut self, every: Option<Duration>) -> Self {
+        self.discover = every;
+        self
     }
 
     /// End each partition when the reader reaches its end (librdkafka's partition-EOF
@@ -183,6 +202,10 @@ where
         let mut ids: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
         ids.sort_unstable();
         Ok(ids.iter().map(|p| format!("{}-{p}", self.topic)).collect())
+    }
+
+    fn discover_splits_every(&self) -> Option<Duration> {
+        self.discover.filter(|_| !self.bounded)
     }
 
     fn open(&self, split: &str, from: Option<i64>, ctx: &SourceContext) -> Result<Self::Reader> {

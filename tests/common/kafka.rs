@@ -35,6 +35,28 @@ pub fn create_topic(topic: &str, partitions: i32) {
     wait_for_leaders(&cfg, topic, partitions);
 }
 
+/// Grow `topic` to `partitions` partitions and wait until each has a leader.
+pub fn add_partitions(topic: &str, partitions: usize) {
+    use exactly::sources::rdkafka::admin::NewPartitions;
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers());
+    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let grown = rt
+        .block_on(admin.create_partitions(
+            &[NewPartitions::new(topic, partitions)],
+            &AdminOptions::new(),
+        ))
+        .unwrap();
+    for r in grown {
+        r.unwrap();
+    }
+    wait_for_leaders(&cfg, topic, partitions as i32);
+}
+
 /// Wait until every partition of the new `topic` has a leader: records produced before
 /// that can fail or be retried.
 fn wait_for_leaders(cfg: &ClientConfig, topic: &str, partitions: i32) {
