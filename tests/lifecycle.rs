@@ -339,6 +339,53 @@ fn a_started_job_stops_with_a_checkpoint_through_its_handle() {
     assert_eq!(committed_lines(&out), expected);
 }
 
+/// `JobHandle::checkpoint()` takes a checkpoint at a known point of the input (here the
+/// source's gate, half-way) and returns once it is complete; its output is committed,
+/// and a cancelled job's next run resumes from it.
+#[test]
+fn a_checkpoint_asked_through_the_handle_is_taken_at_once_and_resumed_from() {
+    let all = payments(20_000);
+    let (expected, expected_first_half) = golden_runs(&all);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (source, gate) = gated(&all);
+    let handle = ledger(dir.path(), source).start().unwrap();
+    common::gated::wait_at(&gate);
+    let id = handle.checkpoint().unwrap();
+    let storage = exactly::engine::storage::CheckpointStorage::open_existing(
+        dir.path().join("checkpoints").to_str().unwrap(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let manifest = rt.block_on(storage.read_manifest(id)).unwrap();
+    assert!(!manifest.is_final, "taken while the job runs");
+    // Its output reaches the sink's directory on the commit lane, right after.
+    let out = dir.path().join("out");
+    let asked = std::time::Instant::now();
+    while committed_lines(&out) != expected_first_half {
+        assert!(
+            asked.elapsed() < Duration::from_secs(60),
+            "checkpoint {id}'s output was not committed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    handle.cancel();
+    assert!(matches!(handle.wait(), Err(Error::JobCancelled { .. })));
+
+    let (source, gate) = gated(&all);
+    open(&gate);
+    let report = ledger(dir.path(), source).run().unwrap();
+    assert!(
+        report.restored_from >= Some(id),
+        "{:?}",
+        report.restored_from
+    );
+    assert_eq!(committed_lines(&out), expected);
+}
+
 /// `cancel()` ends a job without a checkpoint and without restarting it; the next run
 /// resumes from the last completed checkpoint and the output ends exactly as a
 /// failure-free run's.

@@ -178,6 +178,14 @@ pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
     }
 }
 
+/// What a request asked for, in messages: a savepoint or a checkpoint.
+fn asked(req: &crate::runtime::SavepointRequest) -> String {
+    match &req.name {
+        Some(name) => format!("savepoint '{name}'"),
+        None => "the checkpoint asked for".to_string(),
+    }
+}
+
 /// SIGTERM and SIGINT handlers that ask for a stop with a checkpoint, removed when
 /// dropped. A signal that finds the stop already asked ends the process (exit code 1).
 struct SignalStop(Vec<signal_hook::SigId>);
@@ -1001,18 +1009,18 @@ impl Driver<'_> {
                 }
             }
             for req in self.s.stop.take_savepoint_requests() {
-                let free = if failure.is_some() || stop_asked {
-                    Err(Error::config(format!(
-                        "job '{}' is stopping; savepoint '{}' was not taken",
-                        self.s.name, req.name
-                    )))
-                } else {
-                    self.rt
-                        .block_on(self.storage.savepoint_name_free(&req.name))
+                let free = match &req.name {
+                    _ if failure.is_some() || stop_asked => Err(Error::config(format!(
+                        "job '{}' is stopping; {} was not taken",
+                        self.s.name,
+                        asked(&req)
+                    ))),
+                    Some(name) => self.rt.block_on(self.storage.savepoint_name_free(name)),
+                    None => Ok(()),
                 };
                 match free {
                     Ok(()) => {
-                        tracing::info!(job = %self.s.name, savepoint = %req.name, "savepoint asked: taking a checkpoint now");
+                        tracing::info!(job = %self.s.name, savepoint = ?req.name, "checkpoint asked: taking it now");
                         savepoints_next.push(req);
                         decisions.extend(c.request_checkpoint(now));
                     }
@@ -1119,9 +1127,13 @@ impl Driver<'_> {
                                 continue;
                             }
                         }
-                        // Savepoints asked while running: answered, never failing the job.
+                        // Checkpoints and savepoints asked while running: answered,
+                        // never failing the job.
                         for req in savepoints_at.remove(&id).unwrap_or_default() {
-                            let kept = self.keep_as_savepoint(&req.name, &manifest);
+                            let kept = match &req.name {
+                                Some(name) => self.keep_as_savepoint(name, &manifest),
+                                None => Ok(()),
+                            };
                             let _ = req.reply.send(kept.map(|()| id));
                         }
                         tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
@@ -1162,8 +1174,8 @@ impl Driver<'_> {
                         for req in savepoints_at.remove(&id).unwrap_or_default() {
                             let _ = req.reply.send(Err(Error::CheckpointsFailing {
                                 reason: format!(
-                                    "checkpoint {id} for savepoint '{}' was aborted: {reason}",
-                                    req.name
+                                    "checkpoint {id} for {} was aborted: {reason}",
+                                    asked(&req)
                                 ),
                             }));
                         }
@@ -1184,8 +1196,12 @@ impl Driver<'_> {
                     .chain(std::mem::take(&mut savepoints_at).into_values().flatten());
                 for req in unserved {
                     let _ = req.reply.send(Err(Error::config(format!(
-                        "job '{}' ended before the checkpoint of savepoint '{}' completed",
-                        self.s.name, req.name
+                        "job '{}' ended before the checkpoint {} completed",
+                        self.s.name,
+                        match &req.name {
+                            Some(name) => format!("of savepoint '{name}'"),
+                            None => "asked for".to_string(),
+                        }
                     ))));
                 }
                 if let Some(id) = stopped {

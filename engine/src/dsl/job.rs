@@ -317,17 +317,34 @@ impl JobHandle {
     /// after the newer checkpoints are removed on purpose. To deploy a new version, stop
     /// with a savepoint ([`JobHandle::stop_with_savepoint`]).
     pub fn savepoint(&self, name: &str) -> Result<crate::ids::CheckpointId> {
+        self.ask_checkpoint(Some(name))
+    }
+
+    /// Take a checkpoint now (or right after the one in flight) and return its id once
+    /// its manifest is written: the job restores from it or a later one, and its sinks'
+    /// output is committed right after, on the commit lane. For a maintenance step that
+    /// wants a fresh restore point, and for tests that need a checkpoint at a known
+    /// point of the input instead of waiting for the interval. Fails if that checkpoint
+    /// is aborted (ask again) or the job ends first.
+    pub fn checkpoint(&self) -> Result<crate::ids::CheckpointId> {
+        self.ask_checkpoint(None)
+    }
+
+    fn ask_checkpoint(&self, name: Option<&str>) -> Result<crate::ids::CheckpointId> {
         let (reply, answer) = crossbeam_channel::bounded(1);
-        self.stop.request_savepoint(name, reply);
+        self.stop.request_checkpoint(name, reply);
         loop {
             match answer.recv_timeout(std::time::Duration::from_millis(50)) {
                 Ok(result) => return result,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) if !self.is_finished() => {}
                 Err(_) => {
                     return answer.try_recv().unwrap_or_else(|_| {
-                        Err(Error::config(format!(
-                            "the job ended before savepoint '{name}' was taken"
-                        )))
+                        Err(Error::config(match name {
+                            Some(name) => {
+                                format!("the job ended before savepoint '{name}' was taken")
+                            }
+                            None => "the job ended before the checkpoint was taken".to_string(),
+                        }))
                     })
                 }
             }

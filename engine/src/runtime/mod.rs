@@ -46,11 +46,12 @@ pub struct StopHandle {
     savepoints: Arc<std::sync::Mutex<Vec<SavepointRequest>>>,
 }
 
-/// A savepoint asked while the job runs; the coordinator answers on `reply` once its
-/// checkpoint's manifest and the savepoint record are written, or why not.
+/// A checkpoint asked while the job runs, kept as savepoint `name` if one is given; the
+/// coordinator answers on `reply` once its manifest (and the savepoint record) are
+/// written, or why not.
 #[derive(Debug)]
 pub(crate) struct SavepointRequest {
-    pub name: String,
+    pub name: Option<String>,
     pub reply: Sender<Result<CheckpointId>>,
 }
 
@@ -102,14 +103,18 @@ impl StopHandle {
             .clone()
     }
 
-    /// Ask for savepoint `name` of a checkpoint taken as soon as possible; the answer
-    /// comes on `reply`.
-    pub(crate) fn request_savepoint(&self, name: &str, reply: Sender<Result<CheckpointId>>) {
+    /// Ask for a checkpoint taken as soon as possible, kept as savepoint `name` if
+    /// given; the answer comes on `reply`.
+    pub(crate) fn request_checkpoint(
+        &self,
+        name: Option<&str>,
+        reply: Sender<Result<CheckpointId>>,
+    ) {
         self.savepoints
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(SavepointRequest {
-                name: name.to_string(),
+                name: name.map(str::to_string),
                 reply,
             });
     }
