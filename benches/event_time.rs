@@ -8,6 +8,7 @@
 
 use exactly::operators::{DedupExt, DedupTime, WindowExt, Windows};
 use exactly::prelude::*;
+use exactly::testing::CollectSink;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 

@@ -6,6 +6,7 @@
 //!
 //! ```
 //! use exactly::prelude::*;
+//! use exactly::testing::VecSource;
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = tempfile::tempdir()?;
 //! const BALANCE: ValueState<i64> = ValueState::new("balance");
@@ -27,6 +28,8 @@
 //! job.run()?; // resumes from the last checkpoint if there is one
 //! # Ok(()) }
 //! ```
+
+#![warn(missing_docs)]
 
 pub use exactly_engine as engine;
 /// Keyed state: handles, and the backends ([`state::StateBackend`]: in memory, or

@@ -10,6 +10,7 @@ use exactly::engine::ids::CheckpointId;
 use exactly::engine::manifest::Manifest;
 use exactly::engine::storage::CheckpointStorage;
 use exactly::prelude::*;
+use exactly::testing::VecSource;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -27,6 +27,7 @@ use exactly::sources::rdkafka::producer::{
     BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer,
 };
 use exactly::sources::KafkaSource;
+use exactly::testing::CollectSink;
 use exactly::testing::ExactlyOnceCheck;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};

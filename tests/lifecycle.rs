@@ -8,6 +8,7 @@ use common::gated::{gated, gated_at, open, run_stopped_at_gate};
 use common::{committed_lines, example_binary, leftover_staging};
 use exactly::operators::{WindowExt, Windows};
 use exactly::prelude::*;
+use exactly::testing::VecSource;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -6,6 +6,7 @@ mod common;
 
 use common::gated::{gated, run_at_gate_then};
 use exactly::prelude::*;
+use exactly::testing::ManualClock;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};

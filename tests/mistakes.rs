@@ -6,6 +6,7 @@ mod common;
 use common::gated::{gated, open, wait_at, GatedSource};
 use exactly::engine::ids::CheckpointId;
 use exactly::prelude::*;
+use exactly::testing::VecSource;
 use std::path::Path;
 
 const BALANCE: ValueState<i64> = ValueState::new("balance");

@@ -350,6 +350,7 @@ fn random_sigkills(name: &str, mode: &'static str) {
 fn two_phase_is_refused_without_prepared_transactions() {
     use exactly::prelude::*;
     use exactly::sinks::postgres::{PostgresSink, Sql};
+    use exactly::testing::VecSource;
     let url = std::env::var("EXACTLY_PG_NO2PC_URL").expect(
         "EXACTLY_PG_NO2PC_URL is not set: run the suite with ./scripts/test.sh, which starts PostgreSQL",
     );
@@ -489,6 +490,7 @@ fn connection_loss_during_commit_and_writing() {
 fn configuration_mistakes_stop_at_once_with_the_servers_message() {
     use exactly::prelude::*;
     use exactly::sinks::postgres::{PostgresSink, Sql};
+    use exactly::testing::VecSource;
     let good = fresh_database("pg_mistakes");
     let mut c = Client::connect(&good, NoTls).unwrap();
     c.batch_execute("CREATE TABLE t (n bigint)").unwrap();
@@ -612,8 +614,8 @@ fn an_older_instance_never_aborts_what_a_newer_one_staged() {
 /// starts with the commands `scripts/pg-server.sh` exports.
 #[test]
 fn a_30_second_outage_is_survived_under_the_default_policy() {
-    use exactly::prelude::*;
     use exactly::sinks::postgres::{PostgresSink, Sql};
+    use exactly::testing::VecSource;
     let var = |name: &str| {
         std::env::var(name).unwrap_or_else(|_| {
             panic!(

@@ -8,6 +8,7 @@ use common::committed_lines;
 use common::gated::{gated, open, run_at_gate_then, run_stopped_at_gate};
 use exactly::engine::storage::CheckpointStorage;
 use exactly::prelude::*;
+use exactly::testing::VecSource;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -180,12 +180,8 @@ impl CheckpointCoordinator {
         }
     }
 
-    /// The checkpoint in flight, if any.
-    pub fn in_flight(&self) -> Option<CheckpointId> {
-        self.in_flight.as_ref().map(|f| f.id)
-    }
-
     /// The latest checkpoint whose manifest was written in this attempt.
+    #[cfg(test)]
     pub fn last_completed(&self) -> Option<CheckpointId> {
         self.last_completed
     }

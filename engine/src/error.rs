@@ -15,6 +15,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What the runtime should do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ErrorClass {
     /// Transient; retry the operation.
     Retry,
@@ -26,6 +27,7 @@ pub enum ErrorClass {
 
 /// Everything that can go wrong in the engine.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The job is configured in a way that cannot work.
     #[error("invalid job configuration: {message}")]

@@ -2,14 +2,17 @@
 //! state, checkpoint storage and recovery.
 //!
 //! Start with [`dsl::Job`]; implement [`api::Source`] or [`api::TwoPhaseCommitSink`] to
-//! connect other systems. The protocol modules ([`coordinator`], [`aligner`]) are pure
-//! state machines; the runtime drives them.
+//! connect other systems. The protocol's decisions (the checkpoint coordinator, barrier
+//! alignment, retention) are pure state machines inside the crate; the driver runs
+//! them (ARCHITECTURE.md in the repository walks through the layers).
 
-pub mod aligner;
+#![warn(missing_docs)]
+
+pub(crate) mod aligner;
 pub mod api;
 pub mod codec;
-pub mod coordinator;
-pub mod driver;
+pub(crate) mod coordinator;
+pub(crate) mod driver;
 pub mod dsl;
 pub mod error;
 pub mod failpoints;
@@ -20,14 +23,15 @@ pub(crate) mod plan;
 pub mod process;
 pub mod report;
 pub(crate) mod retention;
-pub mod runtime;
+pub(crate) mod runtime;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
 pub mod testing;
 pub mod time;
 
-/// Everything a pipeline author needs.
+/// Everything a pipeline author writes. Test doubles (`VecSource`, `CollectSink`,
+/// `ManualClock`) and the chaos kit are in [`testing`].
 pub mod prelude {
     pub use crate::api::{
         BoxError, Data, Key, RecoveryContext, SinkContext, SinkWriter, Source, SourceContext,
@@ -38,8 +42,8 @@ pub mod prelude {
     pub use crate::ids::CheckpointId;
     pub use crate::metrics::{Counter, OpenContext};
     pub use crate::process::{Emitter, KeyedContext, KeyedProcessFunction};
-    pub use crate::runtime::{CheckpointStats, JobReport, StopHandle};
+    pub use crate::report::{CheckpointStats, JobReport};
+    pub use crate::runtime::StopHandle;
     pub use crate::state::{MapState, StateBackend, StateValue, ValueState};
-    pub use crate::testing::{CollectSink, VecSource};
-    pub use crate::time::{Clock, ManualClock, TimeDomain, Timer, Timestamp, WatermarkStrategy};
+    pub use crate::time::{Clock, TimeDomain, Timer, Timestamp, WatermarkStrategy};
 }

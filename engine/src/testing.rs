@@ -6,6 +6,8 @@
 //! staged under checkpoints that never completed. It survives in-process restarts, which
 //! makes it the reference sink for exactly-once tests.
 
+pub use crate::time::ManualClock;
+
 use crate::api::{
     Data, RecoveryContext, SinkContext, SinkWriter, Source, SourceContext, SourcePoll,
     SourceReader, TwoPhaseCommitSink,
@@ -441,7 +443,7 @@ impl<K: crate::api::Key, I, F: crate::process::KeyedProcessFunction<K, I>> Keyed
 ///
 /// ```
 /// use exactly_engine::prelude::*;
-/// use exactly_engine::testing::ExactlyOnceCheck;
+/// use exactly_engine::testing::{CollectSink, ExactlyOnceCheck, VecSource};
 ///
 /// const SUM: ValueState<i64> = ValueState::new("sum");
 /// let input: Vec<(u32, i64)> = (0..40_000).map(|i| (i % 50, 1)).collect();

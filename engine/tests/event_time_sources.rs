@@ -2,6 +2,7 @@
 //! idle source stops holding event time back only when idleness is configured.
 
 use exactly_engine::prelude::*;
+use exactly_engine::testing::{CollectSink, VecSource};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

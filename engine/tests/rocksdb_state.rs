@@ -10,6 +10,7 @@ use exactly_engine::manifest::Manifest;
 use exactly_engine::prelude::*;
 use exactly_engine::state::RocksDbConfig;
 use exactly_engine::testing::with_slower_sources;
+use exactly_engine::testing::{CollectSink, VecSource};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;

@@ -2,6 +2,7 @@
 
 use exactly_engine::prelude::*;
 use exactly_engine::storage::CheckpointStorage;
+use exactly_engine::testing::{CollectSink, VecSource};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -7,6 +7,7 @@
 
 use exactly_engine::prelude::*;
 use exactly_engine::testing::s3_test_bucket;
+use exactly_engine::testing::{CollectSink, VecSource};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -5,6 +5,7 @@
 
 use exactly_engine::prelude::*;
 use exactly_engine::storage::{CheckpointStorage, S3_MAX_RETRIES};
+use exactly_engine::testing::VecSource;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -6,6 +6,7 @@ mod common;
 
 use exactly_engine::prelude::*;
 use exactly_engine::storage::CheckpointStorage;
+use exactly_engine::testing::{CollectSink, VecSource};
 use futures::stream::BoxStream;
 use object_store::memory::InMemory;
 use object_store::path::Path;

@@ -10,6 +10,7 @@ use exactly_engine::manifest::{Manifest, MANIFEST_FORMAT_VERSION};
 use exactly_engine::prelude::*;
 use exactly_engine::storage::{CheckpointStorage, MULTIPART_THRESHOLD};
 use exactly_engine::testing::ExactlyOnceCheck;
+use exactly_engine::testing::{CollectSink, VecSource};
 
 use exactly_engine::testing::s3_test_bucket as bucket;
 

@@ -150,6 +150,7 @@ where
     ///
     /// ```
     /// use exactly_engine::prelude::*;
+    /// use exactly_engine::testing::{CollectSink, VecSource};
     /// use exactly_operators::{ConnectExt, CoProcessFunction};
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// const CHARGED: ValueState<i64> = ValueState::new("charged");
@@ -445,6 +446,7 @@ pub trait IntervalJoinExt<A, K> {
     ///
     /// ```
     /// use exactly_engine::prelude::*;
+    /// use exactly_engine::testing::{CollectSink, VecSource};
     /// use exactly_operators::IntervalJoinExt;
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let job = Job::builder("join").checkpoint_storage("memory://").build()?;
@@ -483,6 +485,7 @@ pub trait IntervalJoinExt<A, K> {
     ///
     /// ```
     /// use exactly_engine::prelude::*;
+    /// use exactly_engine::testing::{CollectSink, VecSource};
     /// use exactly_operators::{IntervalJoinExt, Windows};
     /// use std::time::Duration;
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -102,6 +102,7 @@ pub trait DedupExt<T> {
     ///
     /// ```
     /// use exactly_engine::prelude::*;
+    /// use exactly_engine::testing::{CollectSink, VecSource};
     /// use exactly_operators::{DedupExt, DedupTime};
     /// use std::time::Duration;
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,6 +6,8 @@
 //! * [`ConnectExt::connect`]: two inputs with shared keyed state (co-process);
 //!   [`IntervalJoinExt::interval_join`] and [`IntervalJoinExt::window_join`].
 
+#![warn(missing_docs)]
+
 mod connect;
 mod dedup;
 mod reduce;

@@ -41,6 +41,7 @@ pub trait ReduceExt<T> {
     ///
     /// ```
     /// use exactly_engine::prelude::*;
+    /// use exactly_engine::testing::{CollectSink, VecSource};
     /// use exactly_operators::ReduceExt;
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let job = Job::builder("totals").checkpoint_storage("memory://").build()?;

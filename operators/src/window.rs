@@ -63,6 +63,7 @@ fn ms(d: Duration) -> i64 {
 
 /// How records are assigned to windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Windows {
     /// Fixed-size, non-overlapping windows aligned to the epoch.
     Tumbling {
@@ -595,6 +596,7 @@ pub trait WindowExt<T, K, KF> {
     ///
     /// ```
     /// use exactly_engine::prelude::*;
+    /// use exactly_engine::testing::{CollectSink, VecSource};
     /// use exactly_operators::{WindowExt, Windows};
     /// use std::time::Duration;
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -10,6 +10,7 @@
 use exactly_engine::prelude::*;
 use exactly_engine::state::StateBackend;
 use exactly_engine::testing::ExactlyOnceCheck;
+use exactly_engine::testing::{CollectSink, VecSource};
 use exactly_operators::*;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

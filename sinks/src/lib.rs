@@ -13,6 +13,8 @@
 //! Part files are JSON lines ([`JsonLines`]), CSV ([`Csv`]), Parquet (`Parquet`,
 //! feature `parquet`) or your own [`RecordEncoder`].
 
+#![warn(missing_docs)]
+
 mod bucket;
 mod file;
 #[cfg(feature = "kafka")]

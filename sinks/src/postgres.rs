@@ -199,6 +199,7 @@ impl Sql {
 
 /// Which exactly-once protocol a [`PostgresSink`] uses (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PgMode {
     /// `PREPARE TRANSACTION` at the barrier, `COMMIT PREPARED` after the checkpoint.
     TwoPhase,

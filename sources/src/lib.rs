@@ -8,6 +8,8 @@
 //! * [`VecSource`]: an in-memory vector, for tests.
 //! * `KafkaSource` (feature `kafka`): a topic, one split per partition; offset = next offset.
 
+#![warn(missing_docs)]
+
 mod generator;
 mod jsonl;
 #[cfg(feature = "kafka")]

@@ -3,6 +3,7 @@
 //!
 //! ```
 //! use exactly_engine::prelude::*;
+//! use exactly_engine::testing::{CollectSink, VecSource};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = tempfile::tempdir()?;
 //! let job = Job::builder("doc")
@@ -87,6 +88,7 @@ impl<T: Data> Stream<T> {
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// let lengths = job.source("words", VecSource::new(vec!["a".to_string()])).map(|w| w.len());
     /// ```
@@ -104,6 +106,7 @@ impl<T: Data> Stream<T> {
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// let even = job.source("n", VecSource::new(vec![1u32, 2, 3])).filter(|n| n % 2 == 0);
     /// ```
@@ -117,6 +120,7 @@ impl<T: Data> Stream<T> {
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// let words = job
     ///     .source("lines", VecSource::new(vec!["a b".to_string()]))
@@ -140,6 +144,7 @@ impl<T: Data> Stream<T> {
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// let by_account = job.source("p", VecSource::new(vec![(1u64, 5i64)])).key_by(|p| p.0);
     /// ```
@@ -159,6 +164,7 @@ impl<T: Data> Stream<T> {
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// let a = job.source("a", VecSource::new(vec![1u32]));
     /// let b = job.source("b", VecSource::new(vec![2u32]));
@@ -184,6 +190,7 @@ impl<T: Data> Stream<T> {
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::{CollectSink, VecSource};
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// let out = CollectSink::new();
     /// job.source("n", VecSource::new(vec![1u32])).sink("out", out.clone());
@@ -225,6 +232,7 @@ impl<T: Data> Stream<T> {
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
     /// # use std::time::Duration;
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// let events = job
@@ -249,6 +257,7 @@ impl<T: Data> Stream<T> {
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// let parsed = job.source("lines", VecSource::new(vec!["1".to_string()]))
     ///     .map(|l| l.parse::<u64>().unwrap_or(0))
@@ -264,6 +273,7 @@ impl<T: Data> Stream<T> {
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// let totals = job.source("payments", VecSource::new(vec![(1u32, 5i64)]))
     ///     .key_by(|p| p.0)
@@ -289,6 +299,7 @@ impl<T: Data> Stream<T> {
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// let totals = job.source("payments", VecSource::new(vec![(1u32, 5i64)]))
     ///     .key_by(|p| p.0)
@@ -424,6 +435,7 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
     ///
     /// ```
     /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
     /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
     /// const COUNT: ValueState<u64> = ValueState::new("count");
     /// let counts = job

@@ -23,8 +23,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::report::{CheckpointStats, JobReport, REPORTED_CHECKPOINTS};
-
 /// Stops a running job with a checkpoint: the sources read no further, one more
 /// checkpoint is taken and its output committed, and [`Job::run`] returns with
 /// [`JobReport::stopped_at`] set. The next run resumes from that checkpoint, so nothing
@@ -35,7 +33,7 @@ pub use crate::report::{CheckpointStats, JobReport, REPORTED_CHECKPOINTS};
 /// the way to deploy a new version of the job (see
 /// [`JobBuilder::restore_from_savepoint`](crate::dsl::JobBuilder::restore_from_savepoint)).
 ///
-/// [`JobReport::stopped_at`]: JobReport::stopped_at
+/// [`JobReport::stopped_at`]: crate::report::JobReport::stopped_at
 /// [`Job::run`]: crate::dsl::Job::run
 #[derive(Debug, Clone, Default)]
 pub struct StopHandle {

@@ -482,6 +482,7 @@ impl TaskStateView {
 /// ([`crate::dsl::JobBuilder::state_backend`]); a checkpoint written by either backend
 /// restores into either.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum StateBackend {
     /// Ordered maps in memory, copied on write while a snapshot is being written. Fast;
     /// state must fit in memory and every checkpoint writes all of it.

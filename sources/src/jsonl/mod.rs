@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 
 /// What to do with a line that is not a valid record.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BadRecordPolicy {
     /// Stop the job with an error naming the file and line (the default).
     Fail,
