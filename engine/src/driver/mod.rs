@@ -386,6 +386,70 @@ async fn check_savepoint(
     )))
 }
 
+/// Where a recovering instance stands: the checkpoint it restores and what it must
+/// record before any sink settles (steps 1 and 3 of the protocol above, as far as
+/// checkpoint storage decides them).
+struct RestorePoint {
+    /// The newest checkpoint that is not an orphan, and the generation that wrote it.
+    restored: Option<(CheckpointId, u64)>,
+    /// The highest checkpoint id in storage, completed or not (directories included).
+    max_any: Option<CheckpointId>,
+    /// The takeover records found.
+    takeovers: Vec<crate::storage::Takeover>,
+}
+
+impl RestorePoint {
+    /// Read what storage holds (completed checkpoints, directories, takeover records):
+    /// the point, and the manifest to restore.
+    async fn find(
+        storage: &CheckpointStorage,
+    ) -> Result<(RestorePoint, Option<crate::manifest::Manifest>)> {
+        let (ids, max_any) = storage.scan().await?;
+        let takeovers = storage.takeovers().await?;
+        let newest = newest_restorable(storage, &ids, &takeovers).await?;
+        let point = RestorePoint {
+            restored: newest.as_ref().map(|(id, m)| (*id, m.generation)),
+            max_any,
+            takeovers,
+        };
+        Ok((point, newest.map(|(_, m)| m)))
+    }
+
+    /// Record that instance `generation` restores this point, so that a manifest an
+    /// older instance writes from now on is never restored, and delete the records no
+    /// longer needed: a record guards against orphans older than the manifest restored
+    /// next, so once a manifest of its generation or a newer one is the newest, it is
+    /// spent. Done before any sink settles.
+    async fn take_over(&self, storage: &CheckpointStorage, generation: u64) -> Result<()> {
+        let takeover = crate::storage::Takeover {
+            generation,
+            restored: self.restored.map(|(id, _)| id),
+        };
+        storage.record_takeover(&takeover).await?;
+        let newest_generation = self.restored.map_or(0, |(_, g)| g);
+        for t in self
+            .takeovers
+            .iter()
+            .filter(|t| t.generation <= newest_generation)
+        {
+            if let Err(e) = storage.delete_takeover(t.generation).await {
+                tracing::warn!(generation = t.generation, error = %e, "could not delete an old takeover record");
+            }
+        }
+        Ok(())
+    }
+
+    /// The first checkpoint id of the instance: above every id in storage, and above
+    /// `sinks_seen`, the highest id the sinks found staged.
+    fn first_id(&self, sinks_seen: Option<CheckpointId>) -> CheckpointId {
+        let restored = self.restored.map(|(id, _)| id);
+        self.max_any
+            .max(restored)
+            .max(sinks_seen)
+            .map_or(CheckpointId(1), |c| c.next())
+    }
+}
+
 /// The newest manifest that is not an orphan (see [`crate::storage::Takeover`]).
 async fn newest_restorable(
     storage: &CheckpointStorage,
@@ -415,16 +479,8 @@ fn recover(
     local_dir: &std::path::Path,
     generation: u64,
 ) -> Result<Restored> {
-    let (ids, max_any) = rt.block_on(storage.scan())?;
-    let takeovers = rt.block_on(storage.takeovers())?;
-    let newest = rt.block_on(newest_restorable(storage, &ids, &takeovers))?;
-    let takeover = crate::storage::Takeover {
-        generation,
-        restored: newest.as_ref().map(|(id, _)| *id),
-    };
-    // A record is needed until a manifest of its generation or a newer one is the
-    // newest: every orphan it guards against is older than that manifest.
-    let newest_generation = newest.as_ref().map_or(0, |(_, m)| m.generation);
+    let (point, newest) = rt.block_on(RestorePoint::find(storage))?;
+    let newest = point.restored.map(|(id, _)| id).zip(newest);
     let mut state = RestoredState::default();
     let mut pending = Vec::new();
     let mut from_savepoint = s.restore_from_savepoint.clone();
@@ -496,15 +552,7 @@ fn recover(
     let _ = local_dir;
     // Before any sink settles: a failure from here on must not let a later recovery
     // restore a manifest that an older instance writes after this point.
-    rt.block_on(storage.record_takeover(&takeover))?;
-    for t in takeovers
-        .iter()
-        .filter(|t| t.generation <= newest_generation)
-    {
-        if let Err(e) = rt.block_on(storage.delete_takeover(t.generation)) {
-            tracing::warn!(generation = t.generation, error = %e, "could not delete an old takeover record");
-        }
-    }
+    rt.block_on(point.take_over(storage, generation))?;
     let settled = settle_sinks(graph, s, &pending, state.checkpoint, generation);
     if let Err(e) = &settled {
         if e.class() == ErrorClass::Stop {
@@ -516,10 +564,9 @@ fn recover(
             }
         }
     }
-    let max_seen = max_any.max(state.checkpoint).max(settled?);
     Ok(Restored {
         state,
-        first_id: max_seen.map(|c| c.next()).unwrap_or(CheckpointId(1)),
+        first_id: point.first_id(settled?),
         from_savepoint,
     })
 }
@@ -1265,5 +1312,131 @@ impl Driver<'_> {
         crate::telemetry::counters(&self.s.name, &stats.metrics);
         push_recent(&mut self.report.checkpoints, stats, REPORTED_CHECKPOINTS);
         self.report.completed_checkpoints += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RestorePoint;
+    use crate::codec::frame_chunks;
+    use crate::error::Error;
+    use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
+    use crate::manifest::{Manifest, MANIFEST_FORMAT_VERSION};
+    use crate::storage::CheckpointStorage;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A new instance starts and recovers. The one it takes over from had a
+        /// checkpoint in flight (`in_flight`), whose directory exists or not yet.
+        Start { in_flight: bool, dir: bool },
+        /// The newest instance completes a checkpoint.
+        Complete,
+        /// An older instance's in-flight checkpoint lands after it was taken over: its
+        /// lease check passed just before (the race no object store can close).
+        Late { which: usize },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (any::<bool>(), any::<bool>()).prop_map(|(in_flight, dir)| Op::Start { in_flight, dir }),
+            4 => Just(Op::Complete),
+            2 => (0usize..8).prop_map(|which| Op::Late { which }),
+        ]
+    }
+
+    struct Instance {
+        generation: u64,
+        next: u64,
+        /// The checkpoint it had in flight when a newer instance took over.
+        in_flight: Option<CheckpointId>,
+    }
+
+    fn manifest(id: CheckpointId, generation: u64) -> Manifest {
+        Manifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            job: "j".into(),
+            checkpoint: id,
+            completed_at_ms: 0,
+            max_parallelism: 128,
+            is_final: false,
+            tasks: vec![],
+            pending_commits: vec![],
+            from_savepoint: None,
+            generation,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Against a model of instances taking over one checkpoint location: every
+        /// recovery restores the newest manifest that was not written by an older
+        /// instance after a newer one took over (never an orphan, never an older
+        /// checkpoint than needed), and continues with ids above every checkpoint it
+        /// can see.
+        #[test]
+        fn recovery_restores_the_newest_checkpoint_that_is_not_an_orphan(
+            ops in proptest::collection::vec(op(), 1..40),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let storage = CheckpointStorage::in_memory();
+            // Manifests written: id -> whether it is an orphan.
+            let mut written: BTreeMap<CheckpointId, bool> = BTreeMap::new();
+            let mut instances: Vec<Instance> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Start { in_flight, dir } => {
+                        if let Some(cur) = instances.last_mut().filter(|_| in_flight) {
+                            let id = CheckpointId(cur.next);
+                            cur.next += 1;
+                            cur.in_flight = Some(id);
+                            if dir {
+                                let file = frame_chunks(vec![bytes::Bytes::from_static(b"x")]);
+                                rt.block_on(storage.put_state_file(
+                                    id, cur.generation, &OperatorId("t".into()), SubtaskIndex(0), 1, vec![], file,
+                                )).unwrap();
+                            }
+                        }
+                        let generation = rt.block_on(storage.acquire_lease()).unwrap();
+                        let (point, m) = rt.block_on(RestorePoint::find(&storage)).unwrap();
+                        let expected = written.iter().rev().find(|(_, orphan)| !**orphan).map(|(id, _)| *id);
+                        prop_assert_eq!(point.restored.map(|(id, _)| id), expected);
+                        prop_assert_eq!(m.map(|m| m.checkpoint), expected);
+                        rt.block_on(point.take_over(&storage, generation)).unwrap();
+                        let first = point.first_id(None);
+                        let (_, max_any) = rt.block_on(storage.scan()).unwrap();
+                        prop_assert!(max_any.is_none_or(|m| first > m), "{first} not above {max_any:?}");
+                        instances.push(Instance { generation, next: first.0, in_flight: None });
+                    }
+                    Op::Complete => {
+                        let Some(cur) = instances.last_mut() else { continue };
+                        let id = CheckpointId(cur.next);
+                        cur.next += 1;
+                        match rt.block_on(storage.write_manifest(&manifest(id, cur.generation))) {
+                            Ok(()) => {
+                                written.insert(id, false);
+                            }
+                            // An older instance's late manifest took the id: the newer
+                            // one's checkpoint fails, and its next takes the next id.
+                            Err(Error::ConcurrentWriter { .. }) => prop_assert!(written.contains_key(&id)),
+                            Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                        }
+                    }
+                    Op::Late { which } => {
+                        let n = instances.len();
+                        if n < 2 {
+                            continue;
+                        }
+                        let older = &mut instances[which % (n - 1)];
+                        let Some(id) = older.in_flight.take() else { continue };
+                        if rt.block_on(storage.write_manifest(&manifest(id, older.generation))).is_ok() {
+                            written.insert(id, true);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
