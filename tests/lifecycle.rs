@@ -8,7 +8,7 @@ use common::gated::{gated, gated_at, open, run_stopped_at_gate};
 use common::{committed_lines, example_binary, leftover_staging};
 use exactly::operators::{WindowExt, Windows};
 use exactly::prelude::*;
-use exactly::testing::VecSource;
+use exactly::testing::{ManualClock, VecSource};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -385,6 +385,63 @@ fn a_checkpoint_asked_through_the_handle_is_taken_at_once_and_resumed_from() {
         report.restored_from
     );
     assert_eq!(committed_lines(&out), expected);
+}
+
+/// With the job's clock set, periodic checkpoints follow that clock, not the wall: a
+/// manual clock held still means none come (even every 1 ms), and moving it past the
+/// interval triggers exactly one. Checkpoints therefore come exactly when the test says:
+/// the ids below leave no room for any other.
+#[test]
+fn periodic_checkpoints_follow_the_jobs_clock() {
+    let all = payments(20_000);
+    let (expected, _) = golden_runs(&all);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(0);
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .checkpoint_storage(dir.path().join("checkpoints").to_str().unwrap())
+        .checkpoint_every(Duration::from_millis(1))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let (source, gate) = gated(&all);
+    common::running_balances(&job, source, &dir.path().join("out"));
+    let handle = job.start().unwrap();
+    common::gated::wait_at(&gate);
+    // Wait until checkpoint `id` is complete and committed.
+    let committed = |id: u64| {
+        let asked = std::time::Instant::now();
+        while handle
+            .last_checkpoint()
+            .is_none_or(|c| c.id < CheckpointId(id))
+        {
+            assert!(
+                asked.elapsed() < Duration::from_secs(60),
+                "checkpoint {id} did not come"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // Half the input processed, the clock still: only the checkpoints asked for, each
+    // committed before the next is asked (on the wall clock, periodic ones every 1 ms
+    // would come in between).
+    for id in 1..=5 {
+        assert_eq!(handle.checkpoint().unwrap(), CheckpointId(id));
+        committed(id);
+    }
+    clock.advance(Duration::from_millis(1));
+    committed(6);
+    // One periodic checkpoint, and no other: the clock has not moved since.
+    assert_eq!(handle.checkpoint().unwrap(), CheckpointId(7));
+    open(&gate);
+    let report = handle.wait().unwrap();
+    let ids: Vec<u64> = report.checkpoints.iter().map(|c| c.id.0).collect();
+    assert_eq!(
+        ids,
+        [1, 2, 3, 4, 5, 6, 7, 8],
+        "5 asked, periodic, asked, final"
+    );
+    assert_eq!(committed_lines(&dir.path().join("out")), expected);
 }
 
 /// `cancel()` ends a job without a checkpoint and without restarting it; the next run

@@ -69,6 +69,9 @@ pub(crate) struct JobSettings {
     pub channel_capacity: usize,
     pub on_checkpoint: Option<CheckpointCallback>,
     pub clock: Arc<dyn crate::time::Clock>,
+    /// Whether the clock was set (`JobBuilder::clock`): it then drives checkpoint
+    /// cadence too.
+    pub clock_set: bool,
     pub inject_failure_after: Option<u64>,
     pub source_pacing: Option<Duration>,
     /// Checkpoints without alignment (see `JobBuilder::at_least_once`).
@@ -833,6 +836,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             cancel.store(true, Ordering::Relaxed);
             return Err(Error::io("spawning the commit thread", e));
         }
+        let protocol = ProtocolClock::new(s);
         let mut coordinator = CheckpointCoordinator::new(
             CoordinatorConfig {
                 interval: s.interval,
@@ -843,7 +847,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             source_keys.iter().cloned(),
             restored.first_id,
             Vec::new(),
-            Instant::now(),
+            protocol.now(),
         );
         let driver = Driver {
             s,
@@ -859,6 +863,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             metrics: metrics.clone(),
             completed: run.completed.clone(),
             from_savepoint: restored.from_savepoint.clone(),
+            protocol,
         };
         let result = driver.coordinate(&mut coordinator, &events_rx, tasks.len());
         if result.is_err() {
@@ -921,6 +926,39 @@ struct Driver<'a> {
     completed: Arc<AtomicU64>,
     /// Recorded in every manifest (see [`Manifest::from_savepoint`]).
     from_savepoint: Option<String>,
+    /// The time the coordinator sees.
+    protocol: ProtocolClock,
+}
+
+/// The time the checkpoint protocol runs on (checkpoint cadence and timeouts): the
+/// monotonic clock, or the job's own clock when one was set with `JobBuilder::clock`,
+/// so that a test holding a manual clock decides when periodic checkpoints come.
+/// Durations reported in statistics are always measured on the monotonic clock.
+struct ProtocolClock {
+    /// The job's clock, and the monotonic and clock times when this attempt began.
+    job: Option<(Arc<dyn crate::time::Clock>, Instant, crate::time::Timestamp)>,
+}
+
+impl ProtocolClock {
+    fn new(s: &JobSettings) -> Self {
+        ProtocolClock {
+            job: s
+                .clock_set
+                .then(|| (s.clock.clone(), Instant::now(), s.clock.now_ms())),
+        }
+    }
+
+    /// Now, as an instant the coordinator compares (a clock set back counts as no time
+    /// passing).
+    fn now(&self) -> Instant {
+        match &self.job {
+            None => Instant::now(),
+            Some((clock, base, base_ms)) => {
+                let passed = clock.now_ms().saturating_sub(*base_ms).max(0) as u64;
+                *base + Duration::from_millis(passed)
+            }
+        }
+    }
 }
 
 impl Driver<'_> {
@@ -951,11 +989,11 @@ impl Driver<'_> {
         let mut published = Instant::now();
         loop {
             let ev = events.recv_timeout(Duration::from_millis(20));
-            let now = Instant::now();
-            if now.duration_since(published) >= Duration::from_secs(1) {
+            let now = self.protocol.now();
+            if published.elapsed() >= Duration::from_secs(1) {
                 crate::telemetry::counters(&self.s.name, &self.metrics.snapshot());
                 crate::telemetry::gauges(&self.s.name, &self.metrics);
-                published = now;
+                published = Instant::now();
             }
             let mut decisions = Vec::new();
             match ev {
@@ -1157,7 +1195,7 @@ impl Driver<'_> {
                                 decisions.extend(c.on_manifest_failed(
                                     id,
                                     e.to_string(),
-                                    Instant::now(),
+                                    self.protocol.now(),
                                 ));
                                 continue;
                             }
@@ -1174,15 +1212,21 @@ impl Driver<'_> {
                                 continue;
                             }
                         }
-                        // Checkpoints and savepoints asked while running: answered,
-                        // never failing the job.
-                        for req in savepoints_at.remove(&id).unwrap_or_default() {
-                            let kept = match &req.name {
-                                Some(name) => self.keep_as_savepoint(name, &manifest),
-                                None => Ok(()),
-                            };
-                            let _ = req.reply.send(kept.map(|()| id));
-                        }
+                        // Checkpoints and savepoints asked while running: answered
+                        // (never failing the job) once the coordinator knows the
+                        // checkpoint is complete, so the next interval counts from then.
+                        let answers: Vec<_> = savepoints_at
+                            .remove(&id)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|req| {
+                                let kept = match &req.name {
+                                    Some(name) => self.keep_as_savepoint(name, &manifest),
+                                    None => Ok(()),
+                                };
+                                (req.reply, kept.map(|()| id))
+                            })
+                            .collect();
                         tracing::info!(checkpoint = %id, ms = duration.as_millis() as u64, bytes = state_bytes, is_final, "checkpoint complete");
                         committing.insert(
                             id,
@@ -1214,7 +1258,10 @@ impl Driver<'_> {
                             id,
                             pending: manifest.pending_commits,
                         });
-                        decisions.extend(c.on_manifest_written(id, Instant::now()));
+                        decisions.extend(c.on_manifest_written(id, self.protocol.now()));
+                        for (reply, answer) in answers {
+                            let _ = reply.send(answer);
+                        }
                     }
                     Decision::Abort { id, reason } => {
                         tracing::warn!(checkpoint = %id, %reason, "checkpoint aborted");

@@ -201,10 +201,14 @@ impl JobBuilder {
         self
     }
 
-    /// The clock processing time comes from (default: the system clock). Tests pass a
-    /// [`crate::time::ManualClock`] to control processing-time timers.
+    /// The clock the job's time comes from (default: the system clock for processing
+    /// time, the monotonic clock for the checkpoint protocol). A clock set here drives
+    /// both: processing-time timers, and when periodic checkpoints are triggered and
+    /// time out. Tests pass a [`crate::testing::ManualClock`] and advance it to make
+    /// timers fire and checkpoints come exactly when they say.
     pub fn clock(mut self, clock: impl crate::time::Clock) -> Self {
         self.s.clock = Arc::new(clock);
+        self.s.clock_set = true;
         self
     }
 
@@ -414,6 +418,7 @@ impl Job {
                 channel_capacity: 16,
                 on_checkpoint: None,
                 clock: Arc::new(crate::time::SystemClock),
+                clock_set: false,
                 inject_failure_after: None,
                 source_pacing: None,
                 at_least_once: false,
