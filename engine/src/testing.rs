@@ -55,6 +55,46 @@ pub fn job_for_outage(
 pub struct VecSource<T> {
     data: Arc<Vec<T>>,
     splits: usize,
+    pace: Option<CheckpointPace>,
+}
+
+/// Makes checkpoints happen at known points of a [`VecSource`]'s input, without
+/// sleeping: after every `every` records of a split, the reader advances the job's
+/// [`ManualClock`] by the checkpoint interval and reads on only once a checkpoint has
+/// completed since. Build the job with `.clock(clock)`, `.checkpoint_every(interval)`
+/// and `.on_checkpoint(move |_| pace.checkpoint_completed())`.
+#[derive(Clone)]
+pub struct CheckpointPace(Arc<PaceInner>);
+
+struct PaceInner {
+    every: u64,
+    clock: ManualClock,
+    interval: std::time::Duration,
+    completed: std::sync::atomic::AtomicU64,
+}
+
+impl CheckpointPace {
+    /// A checkpoint every `every` records of each split, on `clock`, whose job
+    /// checkpoints every `interval`.
+    pub fn new(every: u64, clock: ManualClock, interval: std::time::Duration) -> Self {
+        CheckpointPace(Arc::new(PaceInner {
+            every: every.max(1),
+            clock,
+            interval,
+            completed: Default::default(),
+        }))
+    }
+
+    /// A checkpoint completed (call it from `JobBuilder::on_checkpoint`).
+    pub fn checkpoint_completed(&self) {
+        self.0
+            .completed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn completed(&self) -> u64 {
+        self.0.completed.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl<T: Data + Sync> VecSource<T> {
@@ -63,12 +103,19 @@ impl<T: Data + Sync> VecSource<T> {
         VecSource {
             data: Arc::new(data),
             splits: 1,
+            pace: None,
         }
     }
 
     /// Spread the records round-robin over `n` splits (read in parallel).
     pub fn with_splits(mut self, n: usize) -> Self {
         self.splits = n.max(1);
+        self
+    }
+
+    /// Wait for a checkpoint every so many records (see [`CheckpointPace`]).
+    pub fn paced(mut self, pace: CheckpointPace) -> Self {
+        self.pace = Some(pace);
         self
     }
 }
@@ -80,6 +127,15 @@ pub struct VecReader<T> {
     splits: usize,
     /// Records of this split already read; names the next one.
     next: u64,
+    pace: Option<ReaderPace>,
+}
+
+struct ReaderPace {
+    pace: CheckpointPace,
+    /// Records read since the last pause.
+    since: u64,
+    /// Paused until this many checkpoints have completed.
+    until: Option<u64>,
 }
 
 impl<T: Data + Sync> Source for VecSource<T> {
@@ -103,6 +159,11 @@ impl<T: Data + Sync> Source for VecSource<T> {
             split,
             splits: self.splits,
             next: from.unwrap_or(0),
+            pace: self.pace.clone().map(|pace| ReaderPace {
+                pace,
+                since: 0,
+                until: None,
+            }),
         })
     }
 }
@@ -111,7 +172,17 @@ impl<T: Data> SourceReader for VecReader<T> {
     type Item = T;
     type Offset = u64;
 
-    fn poll_batch(&mut self, out: &mut Vec<T>, max: usize) -> Result<SourcePoll> {
+    fn poll_batch(&mut self, out: &mut Vec<T>, mut max: usize) -> Result<SourcePoll> {
+        if let Some(p) = &mut self.pace {
+            if let Some(until) = p.until {
+                if p.pace.completed() < until {
+                    return Ok(SourcePoll::Idle);
+                }
+                p.until = None;
+                p.since = 0;
+            }
+            max = max.min((p.pace.0.every - p.since) as usize);
+        }
         let before = out.len();
         while out.len() - before < max {
             let pos = self.next as usize * self.splits + self.split;
@@ -123,7 +194,15 @@ impl<T: Data> SourceReader for VecReader<T> {
                 None => break,
             }
         }
-        Ok(if out.len() > before {
+        let read = (out.len() - before) as u64;
+        if let Some(p) = &mut self.pace {
+            p.since += read;
+            if p.since >= p.pace.0.every {
+                p.until = Some(p.pace.completed() + 1);
+                p.pace.0.clock.advance(p.pace.0.interval);
+            }
+        }
+        Ok(if read > 0 {
             SourcePoll::Ready
         } else {
             SourcePoll::End

@@ -776,6 +776,10 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
     let mut controls: Vec<Sender<SourceControl>> = Vec::new();
     let mut source_keys = Vec::new();
 
+    // Taken before any task runs: a task may move the job's clock (a test pacing its
+    // input), and the coordinator's first interval must count from before that.
+    let protocol = ProtocolClock::new(s);
+    let started_at = protocol.now();
     std::thread::scope(|scope| {
         for (head, key) in &tasks {
             let control = if graph.nodes[*head].source.is_some() {
@@ -836,7 +840,6 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             cancel.store(true, Ordering::Relaxed);
             return Err(Error::io("spawning the commit thread", e));
         }
-        let protocol = ProtocolClock::new(s);
         let mut coordinator = CheckpointCoordinator::new(
             CoordinatorConfig {
                 interval: s.interval,
@@ -847,7 +850,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             source_keys.iter().cloned(),
             restored.first_id,
             Vec::new(),
-            protocol.now(),
+            started_at,
         );
         let driver = Driver {
             s,
