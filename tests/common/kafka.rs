@@ -13,16 +13,26 @@ pub fn brokers() -> String {
     )
 }
 
-/// Create `topic` with `partitions` partitions and wait until each has a leader:
-/// records produced before that can fail or be retried into duplicates.
-pub fn create_topic(topic: &str, partitions: i32) {
+/// A client configuration for the broker, an admin client and a runtime for its calls.
+fn admin() -> (
+    ClientConfig,
+    AdminClient<DefaultClientContext>,
+    tokio::runtime::Runtime,
+) {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers());
-    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
+    let admin = cfg.create().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
+    (cfg, admin, rt)
+}
+
+/// Create `topic` with `partitions` partitions and wait until each has a leader:
+/// records produced before that can fail or be retried into duplicates.
+pub fn create_topic(topic: &str, partitions: i32) {
+    let (cfg, admin, rt) = admin();
     let created = rt
         .block_on(admin.create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
@@ -38,13 +48,7 @@ pub fn create_topic(topic: &str, partitions: i32) {
 /// Grow `topic` to `partitions` partitions and wait until each has a leader.
 pub fn add_partitions(topic: &str, partitions: usize) {
     use exactly::sources::rdkafka::admin::NewPartitions;
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", brokers());
-    let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (cfg, admin, rt) = admin();
     let grown = rt
         .block_on(admin.create_partitions(
             &[NewPartitions::new(topic, partitions)],

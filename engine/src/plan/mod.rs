@@ -117,15 +117,10 @@ impl<I: Data> ErasedInput for NodeInput<I> {
         let mut receivers = Vec::new();
         let mut pools = Vec::new();
         for &e in &ctx.graph.nodes[node].in_edges {
-            let mut pool = ctx.channels.lock();
-            let chans = pool
-                .get_mut(&e)
-                .and_then(|c| c.downcast_mut::<EdgeChannels<I>>())
-                .ok_or_else(|| Error::config(format!("internal: no channels for edge {e}")))?;
-            let mine = chans.receivers[ctx.subtask.0].take().ok_or_else(|| {
-                Error::config(format!("internal: receivers of edge {e} taken twice"))
+            let (mine, pool) = ctx.channels.take(e, |c: &mut EdgeChannels<I>| {
+                c.receivers[ctx.subtask.0].take()
             })?;
-            pools.extend(mine.iter().map(|_| chans.pool.clone()));
+            pools.extend(mine.iter().map(|_| pool.clone()));
             receivers.extend(mine);
         }
         let op = (self.op)(ctx)?;
@@ -343,10 +338,23 @@ impl ChannelPool {
         ChannelPool(Mutex::new(map))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<EdgeId, Box<dyn Any + Send>>> {
+    /// Take one subtask's end of edge `e` (`side` picks senders or receivers), with the
+    /// edge's batch pool. Each end is taken once.
+    fn take<T: 'static, End>(
+        &self,
+        e: EdgeId,
+        side: impl FnOnce(&mut EdgeChannels<T>) -> Option<End>,
+    ) -> Result<(End, BatchPool<T>)> {
         // Only used while tasks are built; a poisoned lock means a builder panicked, and
         // the map itself is still consistent.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let chans = map
+            .get_mut(&e)
+            .and_then(|c| c.downcast_mut::<EdgeChannels<T>>())
+            .ok_or_else(|| Error::config(format!("internal: no channels for edge {e}")))?;
+        let end = side(chans)
+            .ok_or_else(|| Error::config(format!("internal: an end of edge {e} taken twice")))?;
+        Ok((end, chans.pool.clone()))
     }
 }
 
@@ -431,17 +439,10 @@ impl BuildCtx<'_> {
                 outs.push(self.build_input::<T>(edge.to)?);
                 continue;
             }
-            let (senders, batches) = {
-                let mut pool = self.channels.lock();
-                let chans = pool
-                    .get_mut(&e)
-                    .and_then(|c| c.downcast_mut::<EdgeChannels<T>>())
-                    .ok_or_else(|| Error::config(format!("internal: no channels for edge {e}")))?;
-                let senders = chans.senders[self.subtask.0].take().ok_or_else(|| {
-                    Error::config(format!("internal: senders of edge {e} taken twice"))
-                })?;
-                (senders, chans.pool.clone())
-            };
+            let subtask = self.subtask.0;
+            let (senders, batches) = self
+                .channels
+                .take(e, |c: &mut EdgeChannels<T>| c.senders[subtask].take())?;
             let out: Box<dyn Collector<T>> = match (&edge.partition, &edge.hash_sender) {
                 (Partition::Hash, Some(f)) => {
                     let f = f
