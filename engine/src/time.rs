@@ -174,7 +174,8 @@ impl<T: 'static> WatermarkStrategy<T> {
         Self::bounded_out_of_orderness(Duration::ZERO, timestamp)
     }
 
-    /// A split without records for `timeout` stops holding the watermark back.
+    /// A split without records for `timeout` of processing time (the job's clock, see
+    /// `JobBuilder::clock`) stops holding the watermark back.
     pub fn with_idleness(mut self, timeout: Duration) -> Self {
         self.idle_timeout = Some(timeout);
         self

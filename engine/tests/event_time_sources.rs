@@ -2,7 +2,7 @@
 //! idle source stops holding event time back only when idleness is configured.
 
 use exactly_engine::prelude::*;
-use exactly_engine::testing::{CollectSink, VecSource};
+use exactly_engine::testing::{CollectSink, ManualClock, VecSource};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,42 +116,53 @@ impl SourceReader for QuietReader {
     }
 }
 
-/// Runs busy + quiet sources; returns how many results were committed while the quiet
-/// source was still idle, and the final output.
+/// Runs busy + quiet sources on a manual clock; returns how many results were committed
+/// while the quiet source was still idle, and the final output. Once both sources have
+/// read what they have, the clock moves 1 s past the idleness timeout and checkpoints
+/// are taken until results are committed (at most 20): with idleness they come, without
+/// it none may.
 fn run_with_quiet_source(idleness: Option<Duration>) -> (usize, Vec<(u8, u64)>) {
     let release = Arc::new(AtomicBool::new(false));
     let sink = CollectSink::new();
-    let (r, s) = (release.clone(), sink.clone());
-    let handle = std::thread::spawn(move || {
-        let job = Job::builder("idle")
-            .checkpoint_storage("memory://")
-            .checkpoint_every(Duration::from_millis(10))
-            .parallelism(1)
-            .build()
-            .unwrap();
-        let busy: Vec<(u8, i64)> = (0..1_000).map(|i| ((i % 3) as u8, i * 10)).collect();
-        let busy = job
-            .source("busy", VecSource::new(busy))
-            .with_watermarks(WatermarkStrategy::monotonic(|e: &(u8, i64)| e.1));
-        let mut quiet_wm = WatermarkStrategy::monotonic(|e: &(u8, i64)| e.1);
-        if let Some(d) = idleness {
-            quiet_wm = quiet_wm.with_idleness(d);
+    let clock = ManualClock::new(0);
+    let job = Job::builder("idle")
+        .checkpoint_storage("memory://")
+        .clock(clock.clone())
+        .parallelism(1)
+        .build()
+        .unwrap();
+    let busy: Vec<(u8, i64)> = (0..1_000).map(|i| ((i % 3) as u8, i * 10)).collect();
+    let busy = job
+        .source("busy", VecSource::new(busy))
+        .with_watermarks(WatermarkStrategy::monotonic(|e: &(u8, i64)| e.1));
+    let mut quiet_wm = WatermarkStrategy::monotonic(|e: &(u8, i64)| e.1);
+    if let Some(d) = idleness {
+        quiet_wm = quiet_wm.with_idleness(d);
+    }
+    let quiet = job
+        .source("quiet", Quiet(release.clone()))
+        .with_watermarks(quiet_wm);
+    busy.union(&quiet)
+        .key_by(|e| e.0)
+        .process(CountUntil)
+        .name("count-until")
+        .sink("out", sink.clone());
+    let handle = job.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while handle.metrics().get("count-until.records_in") != Some(&1_001) {
+        assert!(Instant::now() < deadline, "{:?}", handle.metrics());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    clock.advance(idleness.unwrap_or_default() + Duration::from_secs(1));
+    for _ in 0..20 {
+        handle.checkpoint().unwrap();
+        if !sink.committed().is_empty() {
+            break;
         }
-        let quiet = job.source("quiet", Quiet(r)).with_watermarks(quiet_wm);
-        busy.union(&quiet)
-            .key_by(|e| e.0)
-            .process(CountUntil)
-            .name("count-until")
-            .sink("out", s);
-        job.run().unwrap()
-    });
-    let deadline = Instant::now() + Duration::from_millis(1_500);
-    while Instant::now() < deadline && sink.committed().is_empty() {
-        std::thread::sleep(Duration::from_millis(10));
     }
     let while_idle = sink.committed().len();
     release.store(true, Ordering::SeqCst);
-    handle.join().unwrap();
+    handle.wait().unwrap();
     (while_idle, sink.sorted())
 }
 

@@ -25,8 +25,9 @@ pub(crate) struct SplitReader<S: Source> {
     pub done: bool,
     /// Highest timestamp read from the split (`MIN` before the first).
     pub max_ts: Timestamp,
-    /// Last time the split produced records.
-    pub last_data: Instant,
+    /// Last time the split produced records, on the job's clock (idleness is
+    /// processing time: a test's manual clock decides it).
+    pub last_data: Timestamp,
 }
 
 /// A split's entry in the source's operator state: name, offset, finished, highest
@@ -222,7 +223,7 @@ impl<S: Source> SourceHead<S> {
         };
         let times = w.strategy.extract.scan(batch);
         let r = &mut self.readers[i];
-        r.last_data = Instant::now();
+        r.last_data = self.env.clock.now_ms();
         w.records_since_advance += batch.len() as u64;
         w.negative.add(times.negative);
         if times.negative > 0 && !w.warned_negative {
@@ -254,13 +255,15 @@ impl<S: Source> SourceHead<S> {
             return Ok(());
         };
         let idle_timeout = w.strategy.idle_timeout;
+        let now = self.env.clock.now_ms();
         let mut min: Option<Timestamp> = None;
         let mut all_idle = true;
         for r in &self.readers {
             if r.done {
                 continue;
             }
-            if idle_timeout.is_some_and(|t| r.last_data.elapsed() >= t) {
+            if idle_timeout.is_some_and(|t| now.saturating_sub(r.last_data) >= t.as_millis() as i64)
+            {
                 continue;
             }
             all_idle = false;
@@ -334,7 +337,7 @@ impl<S: Source> SourceHead<S> {
                 reader,
                 done: false,
                 max_ts: Timestamp::MIN,
-                last_data: Instant::now(),
+                last_data: self.env.clock.now_ms(),
             });
         }
         Ok(())
