@@ -69,6 +69,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
     })
 }
 
+/// Decode a `T` from the start of `bytes`: the value and the bytes after it (for a key
+/// made of several encoded values), or `None` if they do not start with one.
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Option<(T, &[u8])> {
+    postcard::take_from_bytes(bytes).ok()
+}
+
 /// Wrap a payload into a framed state file.
 pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());

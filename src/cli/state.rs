@@ -311,35 +311,24 @@ impl Prim {
         })
     }
 
-    /// The value at the start of `b` and what follows it.
+    /// The value at the start of `b` and what follows it. Integers of any width are
+    /// read at the widest: postcard writes them all as the same varint (zigzag for
+    /// signed ones).
     fn decode(self, b: &[u8]) -> Option<(String, &[u8])> {
+        macro_rules! text {
+            ($t:ty) => {
+                codec::decode_prefix::<$t>(b).map(|(v, r)| (v.to_string(), r))
+            };
+        }
         match self {
-            Prim::Unsigned => varint(b).map(|(v, r)| (v.to_string(), r)),
-            Prim::Signed => varint(b).map(|(v, r)| {
-                let v = (v >> 1) as i128 ^ -((v & 1) as i128);
-                (v.to_string(), r)
-            }),
-            Prim::Byte => b.split_first().map(|(v, r)| (v.to_string(), r)),
-            Prim::SignedByte => b.split_first().map(|(v, r)| ((*v as i8).to_string(), r)),
-            Prim::Bool => match b.split_first() {
-                Some((0, r)) => Some(("false".into(), r)),
-                Some((1, r)) => Some(("true".into(), r)),
-                _ => None,
-            },
-            Prim::Text => {
-                let (len, r) = varint(b)?;
-                let len = usize::try_from(len).ok()?;
-                let s = std::str::from_utf8(r.get(..len)?).ok()?;
-                Some((format!("{s:?}"), &r[len..]))
-            }
-            Prim::F32 => {
-                let a: [u8; 4] = b.get(..4)?.try_into().ok()?;
-                Some((f32::from_le_bytes(a).to_string(), &b[4..]))
-            }
-            Prim::F64 => {
-                let a: [u8; 8] = b.get(..8)?.try_into().ok()?;
-                Some((f64::from_le_bytes(a).to_string(), &b[8..]))
-            }
+            Prim::Unsigned => text!(u128),
+            Prim::Signed => text!(i128),
+            Prim::Byte => text!(u8),
+            Prim::SignedByte => text!(i8),
+            Prim::Bool => text!(bool),
+            Prim::Text => codec::decode_prefix::<String>(b).map(|(v, r)| (format!("{v:?}"), r)),
+            Prim::F32 => text!(f32),
+            Prim::F64 => text!(f64),
         }
     }
 }
@@ -351,18 +340,6 @@ fn entries_count(n: u64) -> String {
     } else {
         format!("{n} entries")
     }
-}
-
-/// A postcard (LEB128) varint and what follows it.
-fn varint(b: &[u8]) -> Option<(u128, &[u8])> {
-    let mut v: u128 = 0;
-    for (i, &byte) in b.iter().enumerate().take(19) {
-        v |= u128::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((v, &b[i + 1..]));
-        }
-    }
-    None
 }
 
 fn hex(b: &[u8]) -> String {
