@@ -441,6 +441,13 @@ fn periodic_checkpoints_follow_the_jobs_clock() {
         [1, 2, 3, 4, 5, 6, 7, 8],
         "5 asked, periodic, asked, final"
     );
+    // Statistics stay on the monotonic clock: the still manual clock measures nothing.
+    for c in &report.checkpoints {
+        assert!(
+            c.duration > Duration::ZERO && c.end_to_end >= c.duration,
+            "{c:?}"
+        );
+    }
     assert_eq!(committed_lines(&dir.path().join("out")), expected);
 }
 

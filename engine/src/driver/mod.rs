@@ -1060,7 +1060,7 @@ impl Driver<'_> {
                         if let Some(mut stats) = committing.remove(&id) {
                             stats.end_to_end = triggered_at
                                 .remove(&id)
-                                .map_or(stats.duration, |t| now.duration_since(t));
+                                .map_or(stats.duration, |t| t.elapsed());
                             self.record(stats);
                         }
                     }
@@ -1117,7 +1117,9 @@ impl Driver<'_> {
                     }
                 }
             }
-            if failure.is_none() && stopped.is_none() {
+            // Once finished, nothing is left to trigger (the coordinator would take a
+            // second final checkpoint that no task answers).
+            if failure.is_none() && stopped.is_none() && !finished {
                 decisions.extend(c.on_tick(now));
             }
             while let Some(d) = (!decisions.is_empty()).then(|| decisions.remove(0)) {
@@ -1158,6 +1160,8 @@ impl Driver<'_> {
                         pending_commits,
                         duration,
                     } => {
+                        // Statistics on the monotonic clock, whatever the protocol runs on.
+                        let duration = triggered_at.get(&id).map_or(duration, |t| t.elapsed());
                         let state_bytes = tasks
                             .iter()
                             .map(|t| t.size + t.shared.iter().map(|f| f.size).sum::<u64>())
