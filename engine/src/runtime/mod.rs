@@ -40,15 +40,16 @@ pub struct StopHandle {
     flag: Arc<AtomicBool>,
     savepoint: Arc<std::sync::Mutex<Option<String>>>,
     cancel: Arc<AtomicBool>,
-    /// Savepoints asked while the job runs, not yet taken up by the coordinator.
-    savepoints: Arc<std::sync::Mutex<Vec<SavepointRequest>>>,
+    /// Checkpoints and savepoints asked while the job runs, not yet taken up by the
+    /// coordinator.
+    asked: Arc<std::sync::Mutex<Vec<CheckpointRequest>>>,
 }
 
 /// A checkpoint asked while the job runs, kept as savepoint `name` if one is given; the
 /// coordinator answers on `reply` once its manifest (and the savepoint record) are
 /// written, or why not.
 #[derive(Debug)]
-pub(crate) struct SavepointRequest {
+pub(crate) struct CheckpointRequest {
     pub name: Option<String>,
     pub reply: Sender<Result<CheckpointId>>,
 }
@@ -108,20 +109,20 @@ impl StopHandle {
         name: Option<&str>,
         reply: Sender<Result<CheckpointId>>,
     ) {
-        self.savepoints
+        self.asked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(SavepointRequest {
+            .push(CheckpointRequest {
                 name: name.map(str::to_string),
                 reply,
             });
     }
 
-    /// The savepoints asked since the last call.
-    pub(crate) fn take_savepoint_requests(&self) -> Vec<SavepointRequest> {
+    /// The checkpoints and savepoints asked since the last call.
+    pub(crate) fn take_checkpoint_requests(&self) -> Vec<CheckpointRequest> {
         std::mem::take(
             &mut *self
-                .savepoints
+                .asked
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
