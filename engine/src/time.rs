@@ -51,10 +51,19 @@ pub struct Timer {
     pub domain: TimeDomain,
 }
 
-/// The clock processing time comes from; tests use [`ManualClock`].
+/// The clock a job's time comes from; tests use [`ManualClock`].
 pub trait Clock: Send + Sync + 'static {
-    /// Current time in milliseconds since the Unix epoch.
+    /// Current time in milliseconds since the Unix epoch (processing time).
     fn now_ms(&self) -> Timestamp;
+
+    /// Milliseconds on a clock that never goes back, for how long something lasted:
+    /// checkpoint cadence and timeouts, source idleness. The default is
+    /// [`Clock::now_ms`], right for a clock that only moves forward, as a test's manual
+    /// clock; the system clock answers from the monotonic clock, so a step of the wall
+    /// clock neither triggers nor delays anything.
+    fn monotonic_ms(&self) -> Timestamp {
+        self.now_ms()
+    }
 }
 
 /// Wall-clock time.
@@ -67,6 +76,14 @@ impl Clock for SystemClock {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0)
+    }
+
+    fn monotonic_ms(&self) -> Timestamp {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as i64
     }
 }
 
@@ -174,8 +191,9 @@ impl<T: 'static> WatermarkStrategy<T> {
         Self::bounded_out_of_orderness(Duration::ZERO, timestamp)
     }
 
-    /// A split without records for `timeout` of processing time (the job's clock, see
-    /// `JobBuilder::clock`) stops holding the watermark back.
+    /// A split without records for `timeout` (on the job's clock, see
+    /// `JobBuilder::clock`; monotonic unless a test set one) stops holding the
+    /// watermark back.
     pub fn with_idleness(mut self, timeout: Duration) -> Self {
         self.idle_timeout = Some(timeout);
         self

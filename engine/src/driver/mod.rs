@@ -69,9 +69,6 @@ pub(crate) struct JobSettings {
     pub channel_capacity: usize,
     pub on_checkpoint: Option<CheckpointCallback>,
     pub clock: Arc<dyn crate::time::Clock>,
-    /// Whether the clock was set (`JobBuilder::clock`): it then drives checkpoint
-    /// cadence too.
-    pub clock_set: bool,
     pub inject_failure_after: Option<u64>,
     pub source_pacing: Option<Duration>,
     /// Checkpoints without alignment (see `JobBuilder::at_least_once`).
@@ -933,34 +930,35 @@ struct Driver<'a> {
     protocol: ProtocolClock,
 }
 
-/// The time the checkpoint protocol runs on (checkpoint cadence and timeouts): the
-/// monotonic clock, or the job's own clock when one was set with `JobBuilder::clock`,
-/// so that a test holding a manual clock decides when periodic checkpoints come.
-/// Durations reported in statistics are always measured on the monotonic clock.
+/// The time the checkpoint protocol runs on (checkpoint cadence and timeouts): the job's
+/// clock's [`Clock::monotonic_ms`](crate::time::Clock::monotonic_ms), the monotonic
+/// clock unless a test set a manual one, which then decides when periodic checkpoints
+/// come. Durations reported in statistics are measured on the monotonic clock.
 struct ProtocolClock {
-    /// The job's clock, and the monotonic and clock times when this attempt began.
-    job: Option<(Arc<dyn crate::time::Clock>, Instant, crate::time::Timestamp)>,
+    clock: Arc<dyn crate::time::Clock>,
+    /// The monotonic and the clock's time when this attempt began.
+    base: Instant,
+    base_ms: crate::time::Timestamp,
 }
 
 impl ProtocolClock {
     fn new(s: &JobSettings) -> Self {
         ProtocolClock {
-            job: s
-                .clock_set
-                .then(|| (s.clock.clone(), Instant::now(), s.clock.now_ms())),
+            clock: s.clock.clone(),
+            base: Instant::now(),
+            base_ms: s.clock.monotonic_ms(),
         }
     }
 
     /// Now, as an instant the coordinator compares (a clock set back counts as no time
     /// passing).
     fn now(&self) -> Instant {
-        match &self.job {
-            None => Instant::now(),
-            Some((clock, base, base_ms)) => {
-                let passed = clock.now_ms().saturating_sub(*base_ms).max(0) as u64;
-                *base + Duration::from_millis(passed)
-            }
-        }
+        let passed = self
+            .clock
+            .monotonic_ms()
+            .saturating_sub(self.base_ms)
+            .max(0);
+        self.base + Duration::from_millis(passed as u64)
     }
 }
 

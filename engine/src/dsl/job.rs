@@ -208,7 +208,6 @@ impl JobBuilder {
     /// timers fire and checkpoints come exactly when they say.
     pub fn clock(mut self, clock: impl crate::time::Clock) -> Self {
         self.s.clock = Arc::new(clock);
-        self.s.clock_set = true;
         self
     }
 
@@ -418,7 +417,6 @@ impl Job {
                 channel_capacity: 16,
                 on_checkpoint: None,
                 clock: Arc::new(crate::time::SystemClock),
-                clock_set: false,
                 inject_failure_after: None,
                 source_pacing: None,
                 at_least_once: false,

@@ -75,7 +75,7 @@ impl<S: Source> ErasedSource for SourceNode<S> {
                 reader,
                 done,
                 max_ts,
-                last_data: ctx.env.clock.now_ms(),
+                last_data: ctx.env.clock.monotonic_ms(),
             });
         }
         let watermarks = match &ctx.graph.nodes[node].watermarks {

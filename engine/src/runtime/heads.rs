@@ -25,8 +25,8 @@ pub(crate) struct SplitReader<S: Source> {
     pub done: bool,
     /// Highest timestamp read from the split (`MIN` before the first).
     pub max_ts: Timestamp,
-    /// Last time the split produced records, on the job's clock (idleness is
-    /// processing time: a test's manual clock decides it).
+    /// Last time the split produced records, on the job's clock's monotonic reading
+    /// (a test's manual clock decides idleness).
     pub last_data: Timestamp,
 }
 
@@ -223,7 +223,7 @@ impl<S: Source> SourceHead<S> {
         };
         let times = w.strategy.extract.scan(batch);
         let r = &mut self.readers[i];
-        r.last_data = self.env.clock.now_ms();
+        r.last_data = self.env.clock.monotonic_ms();
         w.records_since_advance += batch.len() as u64;
         w.negative.add(times.negative);
         if times.negative > 0 && !w.warned_negative {
@@ -255,7 +255,7 @@ impl<S: Source> SourceHead<S> {
             return Ok(());
         };
         let idle_timeout = w.strategy.idle_timeout;
-        let now = self.env.clock.now_ms();
+        let now = self.env.clock.monotonic_ms();
         let mut min: Option<Timestamp> = None;
         let mut all_idle = true;
         for r in &self.readers {
@@ -337,7 +337,7 @@ impl<S: Source> SourceHead<S> {
                 reader,
                 done: false,
                 max_ts: Timestamp::MIN,
-                last_data: self.env.clock.now_ms(),
+                last_data: self.env.clock.monotonic_ms(),
             });
         }
         Ok(())
