@@ -343,11 +343,14 @@ impl<S: Source> SourceHead<S> {
         Ok(())
     }
 
+    /// Every buffer timeout: watermark, flush, processing-time tick, and (when due) a
+    /// look for new splits.
     fn periodic(&mut self, last: &mut Instant) -> Result<()> {
         if last.elapsed() >= self.env.config.buffer_timeout {
             self.emit_watermark()?;
             self.out.flush()?;
             self.out.tick(self.env.clock.now_ms())?;
+            self.discover()?;
             *last = Instant::now();
         }
         Ok(())
@@ -394,7 +397,6 @@ impl<S: Source> TaskHead for SourceHead<S> {
                     Err(RecvTimeoutError::Disconnected) => return Err(Error::Cancelled),
                 }
                 self.periodic(&mut last_periodic)?;
-                self.discover()?;
                 continue;
             }
             if active == 0 {
@@ -477,7 +479,6 @@ impl<S: Source> TaskHead for SourceHead<S> {
             }
             cursor += 1;
             self.periodic(&mut last_periodic)?;
-            self.discover()?;
         }
     }
 }
