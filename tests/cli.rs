@@ -475,6 +475,9 @@ fn an_orphaned_checkpoint_is_marked_and_never_the_latest() {
     let (out, err, code) = exactly(&["checkpoints", "show", &loc]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with(&format!("checkpoint {first} ")), "{out}");
+    let (out, err, code) = exactly(&["state", "dump", &loc]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with(&format!("checkpoint {first} ")), "{out}");
     let newest_id = newest.0.to_string();
     let (out, _, code) = exactly(&["checkpoints", "show", &loc, &newest_id]);
     assert_eq!(code, 0);
