@@ -4,7 +4,9 @@
 //! core) and checkpoint figures; the verifier must pass.
 //!
 //! `cargo bench --bench reconciliation`; `EXACTLY_BENCH_TRIPS` sets the size,
-//! `EXACTLY_BENCH_AT_LEAST_ONCE=1` checkpoints without alignment.
+//! `EXACTLY_BENCH_AT_LEAST_ONCE=1` checkpoints without alignment,
+//! `EXACTLY_BENCH_ALIGNED_TIMEOUT_MS=<ms>` lets checkpoints go unaligned after that
+//! long (0: always).
 
 #[path = "../examples/reconciliation/generator.rs"]
 mod generator;
@@ -53,6 +55,10 @@ fn main() {
         savepoint_on_stop: None,
         from_savepoint: None,
         at_least_once: std::env::var("EXACTLY_BENCH_AT_LEAST_ONCE").is_ok_and(|v| v == "1"),
+        // `EXACTLY_BENCH_ALIGNED_TIMEOUT_MS=0`: unaligned checkpoints.
+        aligned_timeout: std::env::var("EXACTLY_BENCH_ALIGNED_TIMEOUT_MS")
+            .ok()
+            .map(|v| Duration::from_millis(v.parse().expect("milliseconds"))),
     };
     let j = job::job(
         "reconciliation",
@@ -82,9 +88,24 @@ fn main() {
     p.sort();
     let mut a: Vec<Duration> = report.checkpoints.iter().map(|c| c.max_alignment).collect();
     a.sort();
+    let unaligned = report
+        .checkpoints
+        .iter()
+        .filter(|c| c.unaligned_tasks > 0)
+        .count();
+    let mut inflight: Vec<u64> = report
+        .checkpoints
+        .iter()
+        .map(|c| c.inflight_bytes)
+        .collect();
+    inflight.sort();
     println!(
-        "reconciliation{}: {trips} trips, {} events ({} redelivered, {} anomalies) in {:.2}s: {:.0} events/s ({:.0} per core on {cores} cores), {} checkpoints, median checkpoint {:?}, median synchronous pause {:?}, median alignment {:?}, largest state {} bytes; verified",
-        if cfg.at_least_once { " (at least once)" } else { "" },
+        "reconciliation{}: {trips} trips, {} events ({} redelivered, {} anomalies) in {:.2}s: {:.0} events/s ({:.0} per core on {cores} cores), {} checkpoints ({unaligned} unaligned, median {} bytes in flight), median checkpoint {:?}, p99 {:?}, median synchronous pause {:?}, median alignment {:?}, largest state {} bytes; verified",
+        match (cfg.at_least_once, cfg.aligned_timeout) {
+            (true, _) => " (at least once)".to_string(),
+            (false, Some(t)) => format!(" (unaligned after {t:?})"),
+            (false, None) => String::new(),
+        },
         g.events,
         g.duplicates,
         g.anomalies,
@@ -92,7 +113,9 @@ fn main() {
         eps,
         eps / cores as f64,
         report.checkpoints.len(),
+        inflight[inflight.len() / 2],
         d[d.len() / 2],
+        d[(d.len() * 99 / 100).min(d.len() - 1)],
         p[p.len() / 2],
         a[a.len() / 2],
         report.checkpoints.iter().map(|c| c.state_bytes).max().unwrap_or(0),

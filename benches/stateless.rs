@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 const PARALLELISM: usize = 2;
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Payment {
     id: u64,
     account: u32,
@@ -29,7 +29,7 @@ struct Payment {
 // Every field is computed and stored into the batch the sink receives (through a call
 // the compiler cannot see through); the counting sink just does not read them.
 #[allow(dead_code)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Converted {
     account: u32,
     euro_cents: i64,

@@ -4,6 +4,10 @@
 //! Each test ends with the committed output identical to a failure-free run, no staged
 //! output left behind, and the job's independent verifier passing.
 //!
+//! Every test runs with aligned checkpoints, and again with unaligned ones (`unaligned`)
+//! and with an alignment timeout of 2 ms (`alignment_timeout`); the failure-free run
+//! they are compared with is always aligned.
+//!
 //! `EXACTLY_CHAOS_KILLS` (default 50) sets the number of random kills for soak runs;
 //! `EXACTLY_CHAOS_SEED` replays a run.
 
@@ -18,15 +22,34 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+/// How the crashed runs align barriers.
+#[derive(Clone, Copy)]
+enum Mode {
+    Aligned,
+    Unaligned,
+    Timeout,
+}
+
+impl Mode {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Aligned => &[],
+            Mode::Unaligned => &["--aligned-checkpoint-timeout-ms", "0"],
+            Mode::Timeout => &["--aligned-checkpoint-timeout-ms", "2"],
+        }
+    }
+}
+
 struct Fixture {
+    mode: Mode,
     bin: PathBuf,
     tmp: tempfile::TempDir,
     golden: Vec<String>,
     golden_bytes: u64,
 }
 
-/// Generate the input and run the job once without failures.
-fn fixture(trips: u64) -> Fixture {
+/// Generate the input and run the job once without failures (aligned).
+fn fixture(trips: u64, mode: Mode) -> Fixture {
     let bin = example_binary("reconciliation", &["failpoints"]);
     let tmp = tempfile::tempdir().unwrap();
     let gold = tmp.path().join("gold");
@@ -35,7 +58,7 @@ fn fixture(trips: u64) -> Fixture {
         &["--trips", &trips.to_string(), "--seed", "11", "--dir"],
         &gold,
     );
-    let out = run(&bin, &gold, 2, None);
+    let out = run(&bin, &gold, 2, None, Mode::Aligned);
     assert!(
         out.status.success(),
         "failure-free run failed: {}",
@@ -50,6 +73,7 @@ fn fixture(trips: u64) -> Fixture {
     // (daily totals and balances arrive in a few large steps).
     let golden_bytes = committed_bytes(&gold.join("out/results"));
     Fixture {
+        mode,
         bin,
         tmp,
         golden,
@@ -68,7 +92,7 @@ impl Fixture {
 
     /// Finish the job without failures and check it against the golden run.
     fn finish_and_check(&self, dir: &Path) {
-        let out = run(&self.bin, dir, 2, None);
+        let out = run(&self.bin, dir, 2, None, self.mode);
         assert!(
             out.status.success(),
             "final run failed: {}",
@@ -119,6 +143,7 @@ fn run_cmd(
     parallelism: usize,
     crash: Option<&str>,
     pace_us: u64,
+    mode: Mode,
 ) -> Command {
     let mut c = Command::new(bin);
     c.arg("run")
@@ -130,23 +155,23 @@ fn run_cmd(
             "--parallelism",
             &parallelism.to_string(),
         ])
-        .args(["--batch-size", "128", "--pace-us", &pace_us.to_string()]);
+        .args(["--batch-size", "128", "--pace-us", &pace_us.to_string()])
+        .args(mode.args());
     if let Some(spec) = crash {
         c.env("EXACTLY_CRASH_AT", spec);
     }
     c
 }
 
-fn run(bin: &Path, dir: &Path, parallelism: usize, crash: Option<&str>) -> Output {
-    run_cmd(bin, dir, parallelism, crash, PACE_US)
+fn run(bin: &Path, dir: &Path, parallelism: usize, crash: Option<&str>, mode: Mode) -> Output {
+    run_cmd(bin, dir, parallelism, crash, PACE_US, mode)
         .output()
         .unwrap()
 }
 
-#[test]
-fn random_sigkills_while_rescaling() {
+fn random_sigkills_while_rescaling(mode: Mode) {
     let kills_wanted = env_num("EXACTLY_CHAOS_KILLS", 50);
-    let f = fixture(40_000);
+    let f = fixture(40_000, mode);
     let mut seed = common::seed();
     let mut targets: Vec<u64> = (0..kills_wanted)
         .map(|_| 1 + xorshift(&mut seed) % 80)
@@ -166,7 +191,7 @@ fn random_sigkills_while_rescaling() {
         let p = parallelism[(xorshift(&mut seed) % 3) as usize];
         rescales += u64::from(p != last_p);
         last_p = p;
-        let mut child = run_cmd(&f.bin, &dir, p, None, pace_us)
+        let mut child = run_cmd(&f.bin, &dir, p, None, pace_us, mode)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -203,10 +228,10 @@ fn random_sigkills_while_rescaling() {
 }
 
 /// Crash the job by aborting at the `nth` hit of `point`, then finish it.
-fn crash_at(point: &str, nth: u64) {
-    let f = fixture(30_000);
+fn crash_at(mode: Mode, point: &str, nth: u64) {
+    let f = fixture(30_000, mode);
     let dir = f.run_dir("crash");
-    let out = run(&f.bin, &dir, 2, Some(&format!("{point}:{nth}")));
+    let out = run(&f.bin, &dir, 2, Some(&format!("{point}:{nth}")), mode);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.signal(),
@@ -223,50 +248,15 @@ fn crash_at(point: &str, nth: u64) {
     println!("crashed at {point} (hit {nth}, {committed}% committed), restored: output identical, duplicates 0, lost 0");
 }
 
-#[test]
-fn crash_after_barrier_injection() {
-    crash_at(failpoints::AFTER_BARRIER_INJECTION, 5);
-}
-
-#[test]
-fn crash_after_state_snapshot() {
-    crash_at(failpoints::AFTER_SNAPSHOT, 20);
-}
-
-#[test]
-fn crash_after_state_upload() {
-    crash_at(failpoints::AFTER_STATE_UPLOAD, 20);
-}
-
-#[test]
-fn crash_after_pre_commit() {
-    crash_at(failpoints::AFTER_PRE_COMMIT, 15);
-}
-
-#[test]
-fn crash_after_manifest_before_sink_commit() {
-    crash_at(failpoints::AFTER_MANIFEST, 4);
-}
-
-#[test]
-fn crash_between_commits_of_two_sink_subtasks() {
-    crash_at(failpoints::BETWEEN_COMMITS, 7);
-}
-
-#[test]
-fn crash_during_retention_cleanup() {
-    crash_at(failpoints::DURING_RETENTION, 2);
-}
-
-#[test]
-fn crash_during_recovery() {
-    let f = fixture(30_000);
+fn crash_during_recovery(mode: Mode) {
+    let f = fixture(30_000, mode);
     let dir = f.run_dir("recovery");
     let first = run(
         &f.bin,
         &dir,
         2,
         Some(&format!("{}:4", failpoints::AFTER_MANIFEST)),
+        mode,
     );
     assert_eq!(first.status.signal(), Some(6), "first crash");
     // The restart crashes while restoring; the one after that restores at parallelism 3.
@@ -275,6 +265,7 @@ fn crash_during_recovery() {
         &dir,
         3,
         Some(&format!("{}:1", failpoints::DURING_RESTORE)),
+        mode,
     );
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(
@@ -286,6 +277,63 @@ fn crash_during_recovery() {
     f.finish_and_check(&dir);
     println!("crashed after a manifest, then again during recovery; restored: output identical, duplicates 0, lost 0");
 }
+
+macro_rules! in_mode {
+    ($module:ident, $mode:expr) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn random_sigkills_while_rescaling() {
+                super::random_sigkills_while_rescaling($mode);
+            }
+
+            #[test]
+            fn crash_after_barrier_injection() {
+                crash_at($mode, failpoints::AFTER_BARRIER_INJECTION, 5);
+            }
+
+            #[test]
+            fn crash_after_state_snapshot() {
+                crash_at($mode, failpoints::AFTER_SNAPSHOT, 20);
+            }
+
+            #[test]
+            fn crash_after_state_upload() {
+                crash_at($mode, failpoints::AFTER_STATE_UPLOAD, 20);
+            }
+
+            #[test]
+            fn crash_after_pre_commit() {
+                crash_at($mode, failpoints::AFTER_PRE_COMMIT, 15);
+            }
+
+            #[test]
+            fn crash_after_manifest_before_sink_commit() {
+                crash_at($mode, failpoints::AFTER_MANIFEST, 4);
+            }
+
+            #[test]
+            fn crash_between_commits_of_two_sink_subtasks() {
+                crash_at($mode, failpoints::BETWEEN_COMMITS, 7);
+            }
+
+            #[test]
+            fn crash_during_retention_cleanup() {
+                crash_at($mode, failpoints::DURING_RETENTION, 2);
+            }
+
+            #[test]
+            fn crash_during_recovery() {
+                super::crash_during_recovery($mode);
+            }
+        }
+    };
+}
+
+in_mode!(aligned, Mode::Aligned);
+in_mode!(unaligned, Mode::Unaligned);
+in_mode!(alignment_timeout, Mode::Timeout);
 
 #[test]
 fn every_fail_point_has_a_test() {

@@ -24,9 +24,14 @@ use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
 use serde::{de::DeserializeOwned, Serialize};
 use std::hash::Hash;
 
-/// What flows through streams: owned, clonable (for fan-out), sendable between threads.
-pub trait Data: Clone + Send + 'static {}
-impl<T: Clone + Send + 'static> Data for T {}
+/// What flows through streams: owned, clonable (for fan-out), sendable between threads,
+/// and serializable: an unaligned checkpoint stores the records it overtook in the
+/// channels (see [`JobBuilder::aligned_checkpoint_timeout`]), so every record type derives
+/// `Serialize` and `Deserialize`, as in any engine that checkpoints data in flight.
+///
+/// [`JobBuilder::aligned_checkpoint_timeout`]: crate::dsl::JobBuilder::aligned_checkpoint_timeout
+pub trait Data: Clone + Send + Serialize + DeserializeOwned + 'static {}
+impl<T: Clone + Send + Serialize + DeserializeOwned + 'static> Data for T {}
 
 /// What streams are keyed by: encoded with postcard to find its key group and state.
 pub trait Key: Data + Serialize + DeserializeOwned + Eq + Hash + Sync {}

@@ -24,6 +24,11 @@ pub struct CheckpointStats {
     /// barrier to the last one's. In exactly-once mode the inputs whose barrier arrived
     /// are not read meanwhile; in at-least-once mode they are.
     pub max_alignment: Duration,
+    /// Bytes of records in flight stored by unaligned snapshots (see
+    /// [`JobBuilder::aligned_checkpoint_timeout`](crate::dsl::JobBuilder::aligned_checkpoint_timeout)).
+    pub inflight_bytes: u64,
+    /// Task instances that snapshotted unaligned (0: the checkpoint was aligned).
+    pub unaligned_tasks: usize,
     /// Whether it was the final checkpoint.
     pub is_final: bool,
     /// Bytes of keyed state per stateful operator (summed over subtasks): the encoded

@@ -562,6 +562,11 @@ pub struct ExactlyOnceCheck {
     /// State backend of the crashing stages (the failure-free run always uses the
     /// in-memory backend, so a RocksDB check also compares the two backends).
     pub state_backend: crate::state::StateBackend,
+    /// Alignment timeout of the crashing stages (see
+    /// [`JobBuilder::aligned_checkpoint_timeout`](crate::dsl::JobBuilder::aligned_checkpoint_timeout)):
+    /// `None` aligns every checkpoint, `Some(Duration::ZERO)` takes every one unaligned.
+    /// The failure-free run is always aligned.
+    pub aligned_checkpoint_timeout: Option<std::time::Duration>,
 }
 
 impl Default for ExactlyOnceCheck {
@@ -575,6 +580,7 @@ impl Default for ExactlyOnceCheck {
             source_pacing: std::time::Duration::from_micros(300),
             storage_url: None,
             state_backend: crate::state::StateBackend::Memory,
+            aligned_checkpoint_timeout: None,
         }
     }
 }
@@ -628,6 +634,7 @@ impl ExactlyOnceCheck {
         parallelism: usize,
         crash: bool,
         backend: crate::state::StateBackend,
+        timeout: Option<std::time::Duration>,
     ) -> Result<crate::dsl::Job> {
         let mut b = crate::dsl::Job::builder(name)
             .checkpoint_storage_instance(storage.clone())
@@ -639,6 +646,9 @@ impl ExactlyOnceCheck {
             .state_backend(backend);
         if crash {
             b = b.inject_failure_after_checkpoint(self.crash_after_checkpoints);
+        }
+        if let Some(t) = timeout {
+            b = b.aligned_checkpoint_timeout(t);
         }
         b.build()
     }
@@ -682,6 +692,7 @@ impl ExactlyOnceCheck {
                 self.golden_parallelism,
                 false,
                 crate::state::StateBackend::Memory,
+                None,
             )
             .map_err(|e| Failed(e.to_string()))?;
         build(&job, &golden_sink);
@@ -710,7 +721,14 @@ impl ExactlyOnceCheck {
         for (i, &p) in self.stages.iter().enumerate() {
             let last = i + 1 == self.stages.len();
             let job = self
-                .job(name, &storage, p, !last, self.state_backend.clone())
+                .job(
+                    name,
+                    &storage,
+                    p,
+                    !last,
+                    self.state_backend.clone(),
+                    self.aligned_checkpoint_timeout,
+                )
                 .map_err(|e| Failed(e.to_string()))?;
             build(&job, &sink);
             match job.run() {

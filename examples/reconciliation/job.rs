@@ -38,6 +38,8 @@ pub struct JobConfig {
     /// Checkpoint without barrier alignment (duplicates possible after a failure; the
     /// benchmark compares checkpoint times).
     pub at_least_once: bool,
+    /// Alignment timeout before a checkpoint goes unaligned (`None`: always aligned).
+    pub aligned_timeout: Option<Duration>,
 }
 
 /// Where and how the ledger goes into PostgreSQL.
@@ -183,7 +185,7 @@ fn read_stream<T>(
     ts: fn(&T) -> i64,
 ) -> Stream<T>
 where
-    T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+    T: exactly::prelude::Data + Sync,
 {
     job.source(name, JsonLinesSource::<T>::new(dir.join(name)))
         .with_watermarks(
@@ -304,6 +306,9 @@ pub fn job(
     }
     if cfg.at_least_once {
         b = b.at_least_once();
+    }
+    if let Some(t) = cfg.aligned_timeout {
+        b = b.aligned_checkpoint_timeout(t);
     }
     if let Some(bar) = progress {
         b = b.on_checkpoint(move |c| {

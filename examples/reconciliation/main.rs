@@ -96,6 +96,10 @@ struct JobFlags {
     /// Pause this many microseconds after every source batch (tests slow the job down).
     #[arg(long = "pace-us", default_value_t = 0)]
     pace_us: u64,
+    /// Let a checkpoint go unaligned after aligning this long (0: always unaligned;
+    /// unset: always aligned).
+    #[arg(long = "aligned-checkpoint-timeout-ms", value_name = "MS")]
+    aligned_checkpoint_timeout_ms: Option<u64>,
     /// How the ledger table is written.
     #[arg(long = "ledger-commit", value_enum, requires = "ledger_postgres")]
     ledger_commit: Option<LedgerCommit>,
@@ -200,6 +204,7 @@ impl Flags {
             savepoint_on_stop: j.savepoint_on_stop.clone(),
             from_savepoint: j.from_savepoint.clone(),
             at_least_once: false,
+            aligned_timeout: j.aligned_checkpoint_timeout_ms.map(Duration::from_millis),
         })
     }
 }

@@ -262,7 +262,7 @@ pub struct Windowed<K, R> {
 }
 
 /// What the window operator emits before the split into results and late records.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum WindowEvent<K, R, T> {
     /// A window fired.
     Fired(Windowed<K, R>),

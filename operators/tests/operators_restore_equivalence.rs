@@ -5,7 +5,8 @@
 //! no record is late and results do not depend on timing.
 //!
 //! Every case runs on both state backends (the failure-free run always uses the
-//! in-memory one, so the RocksDB cases also compare the backends).
+//! in-memory one, so the RocksDB cases also compare the backends), and with unaligned
+//! checkpoints and an alignment timeout (the failure-free run is always aligned).
 
 use exactly_engine::prelude::*;
 use exactly_engine::state::StateBackend;
@@ -54,13 +55,17 @@ fn source(job: &Job, name: &str, splits: usize) -> Stream<Ev> {
         .with_watermarks(bounded())
 }
 
+/// The state backend and alignment timeout of the crashing runs.
+type Setup = (StateBackend, Option<Duration>);
+
 fn check<T: Data + Ord + std::fmt::Debug>(
-    backend: StateBackend,
+    (backend, timeout): Setup,
     name: &str,
     build: impl Fn(&Job, &CollectSink<T>),
 ) {
     let report = ExactlyOnceCheck {
         state_backend: backend,
+        aligned_checkpoint_timeout: timeout,
         ..Default::default()
     }
     .run(name, build)
@@ -76,7 +81,7 @@ fn check<T: Data + Ord + std::fmt::Debug>(
 /// A windowed result, flattened so it sorts and compares.
 type Row = (u32, i64, i64, i64);
 
-fn tumbling_window_count(backend: StateBackend) {
+fn tumbling_window_count(backend: Setup) {
     check(backend, "tumbling", |job, out: &CollectSink<Row>| {
         source(job, "events", 4)
             .filter(|e| e.id % 5 != 0)
@@ -90,7 +95,7 @@ fn tumbling_window_count(backend: StateBackend) {
     });
 }
 
-fn sliding_window_reduce(backend: StateBackend) {
+fn sliding_window_reduce(backend: Setup) {
     check(backend, "sliding", |job, out: &CollectSink<Row>| {
         source(job, "events", 4)
             .key_by(|e| e.key)
@@ -109,7 +114,7 @@ fn sliding_window_reduce(backend: StateBackend) {
     });
 }
 
-fn session_window_count(backend: StateBackend) {
+fn session_window_count(backend: Setup) {
     check(backend, "session", |job, out: &CollectSink<Row>| {
         source(job, "events", 4)
             // Gaps of 5 s every 15 s, so sessions open and close.
@@ -124,7 +129,7 @@ fn session_window_count(backend: StateBackend) {
     });
 }
 
-fn full_window_process(backend: StateBackend) {
+fn full_window_process(backend: Setup) {
     check(backend, "window-process", |job, out: &CollectSink<Row>| {
         source(job, "events", 4)
             .key_by(|e| e.key % 11)
@@ -139,7 +144,7 @@ fn full_window_process(backend: StateBackend) {
     });
 }
 
-fn dedup_event_time(backend: StateBackend) {
+fn dedup_event_time(backend: Setup) {
     check(backend, "dedup", |job, out: &CollectSink<Ev>| {
         source(job, "events", 4)
             .dedup_by(
@@ -152,7 +157,7 @@ fn dedup_event_time(backend: StateBackend) {
     });
 }
 
-fn interval_join(backend: StateBackend) {
+fn interval_join(backend: Setup) {
     check(
         backend,
         "interval-join",
@@ -175,7 +180,7 @@ fn interval_join(backend: StateBackend) {
     );
 }
 
-fn window_join(backend: StateBackend) {
+fn window_join(backend: Setup) {
     check(
         backend,
         "window-join",
@@ -196,7 +201,7 @@ fn window_join(backend: StateBackend) {
     );
 }
 
-fn running_reduce(backend: StateBackend) {
+fn running_reduce(backend: Setup) {
     check(backend, "reduce", |job, out: &CollectSink<(u32, i64)>| {
         // A running value depends on per-key order: one split keeps it deterministic.
         let input: Vec<(u32, i64)> = events()
@@ -254,7 +259,20 @@ macro_rules! on_backend {
 
 mod backend {
     use super::*;
-    on_backend!(memory, StateBackend::Memory);
+    on_backend!(memory, (StateBackend::Memory, None));
     #[cfg(feature = "rocksdb")]
-    on_backend!(rocksdb, StateBackend::rocksdb());
+    on_backend!(rocksdb, (StateBackend::rocksdb(), None));
+    on_backend!(
+        memory_unaligned,
+        (StateBackend::Memory, Some(Duration::ZERO))
+    );
+    on_backend!(
+        memory_alignment_timeout,
+        (StateBackend::Memory, Some(Duration::from_millis(1)))
+    );
+    #[cfg(feature = "rocksdb")]
+    on_backend!(
+        rocksdb_unaligned,
+        (StateBackend::rocksdb(), Some(Duration::ZERO))
+    );
 }

@@ -37,7 +37,7 @@ use crate::ids::{CheckpointId, OperatorId};
 use crate::manifest::{Manifest, Savepoint, MANIFEST_FORMAT_VERSION};
 use crate::plan::{BuildCtx, ChannelPool, Graph, NodeId, Plan, RestoredState, SplitLists};
 use crate::report::{push_recent, CheckpointStats, JobReport, REPORTED_CHECKPOINTS};
-use crate::runtime::{RuntimeConfig, SourceControl, TaskEnv, TaskEvent};
+use crate::runtime::{inflight, RuntimeConfig, SourceControl, TaskEnv, TaskEvent};
 use crate::state::TaskSnapshotPayload;
 use crate::storage::CheckpointStorage;
 use committer::{CommitJob, Committer};
@@ -73,6 +73,9 @@ pub(crate) struct JobSettings {
     pub source_pacing: Option<Duration>,
     /// Checkpoints without alignment (see `JobBuilder::at_least_once`).
     pub at_least_once: bool,
+    /// Alignment timeout before a checkpoint goes unaligned (see
+    /// `JobBuilder::aligned_checkpoint_timeout`); `None`: always aligned.
+    pub aligned_timeout: Option<Duration>,
     pub backend: crate::state::StateBackend,
     pub allow_non_restored_state: bool,
     /// The savepoint a new deployment starts from.
@@ -632,6 +635,9 @@ fn check_all_state_restores(
                 if let Some(snaps) = state.operators.remove(old) {
                     state.operators.insert(n.op.clone(), snaps);
                 }
+                if let Some(snaps) = state.operators.remove(&inflight::operator_of(old)) {
+                    state.operators.insert(inflight::operator_of(&n.op), snaps);
+                }
                 if let Some(types) = state.types.remove(old) {
                     state.types.insert(n.op.clone(), types);
                 }
@@ -640,7 +646,18 @@ fn check_all_state_restores(
             _ => {}
         }
     }
-    let known: HashSet<&OperatorId> = graph.nodes.iter().map(|n| &n.op).collect();
+    // Records in flight of an unaligned checkpoint belong to the task they were read by.
+    let in_flight: Vec<OperatorId> = graph
+        .nodes
+        .iter()
+        .map(|n| inflight::operator_of(&n.op))
+        .collect();
+    let known: HashSet<&OperatorId> = graph
+        .nodes
+        .iter()
+        .map(|n| &n.op)
+        .chain(&in_flight)
+        .collect();
     let sinks: HashSet<&OperatorId> = graph
         .nodes
         .iter()
@@ -651,7 +668,10 @@ fn check_all_state_restores(
         .operators
         .keys()
         .filter(|op| !known.contains(op))
-        .map(|op| format!("state of operator '{op}'"))
+        .map(|op| match inflight::task_of(op) {
+            Some(task) => format!("records in flight of task '{task}'"),
+            None => format!("state of operator '{op}'"),
+        })
         .collect();
     let mut orphan_sinks: Vec<String> = pending
         .iter()
@@ -737,7 +757,22 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
         report.recovery_time = t0.elapsed();
     }
     let plan = Plan::new(graph, s.parallelism);
-    let channels = ChannelPool::new(graph, &plan, s.channel_capacity, s.batch_size);
+    let alignment = if s.at_least_once {
+        crate::aligner::Mode::AtLeastOnce
+    } else if let Some(t) = s.aligned_timeout {
+        crate::aligner::Mode::Unaligned {
+            timeout_ms: t.as_millis().min(u64::MAX as u128) as u64,
+        }
+    } else {
+        crate::aligner::Mode::Aligned
+    };
+    let channels = ChannelPool::new(
+        graph,
+        &plan,
+        s.channel_capacity,
+        s.batch_size,
+        matches!(alignment, crate::aligner::Mode::Unaligned { .. }),
+    );
     let splits = SplitLists::default();
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
     let cancel = Arc::new(AtomicBool::new(false));
@@ -746,7 +781,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             batch_size: s.batch_size,
             buffer_timeout: s.buffer_timeout,
             source_pacing: s.source_pacing,
-            at_least_once: s.at_least_once,
+            alignment,
             max_parallelism: s.max_parallelism,
             job: s.name.clone(),
             checkpoint_interval: s.interval,
@@ -768,6 +803,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             rt: rt.handle().clone(),
             completed: run.completed.clone(),
         },
+        aligned: Default::default(),
     };
     let tasks = plan.task_keys(graph);
     let mut controls: Vec<Sender<SourceControl>> = Vec::new();
@@ -854,6 +890,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             rt,
             storage,
             controls: std::mem::take(&mut controls),
+            aligned: env.aligned.clone(),
             commits: commit_tx,
             cancel: cancel.clone(),
             report,
@@ -914,6 +951,8 @@ struct Driver<'a> {
     rt: &'a tokio::runtime::Runtime,
     storage: &'a CheckpointStorage,
     controls: Vec<Sender<SourceControl>>,
+    /// Checkpoints the tasks must take aligned.
+    aligned: crate::runtime::AlignedIds,
     /// Written manifests' committables, to the commit lane.
     commits: Sender<CommitJob>,
     cancel: Arc<AtomicBool>,
@@ -985,6 +1024,8 @@ impl Driver<'_> {
         let mut triggered_at: BTreeMap<CheckpointId, Instant> = BTreeMap::new();
         let mut pauses: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
         let mut aligns: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
+        // Bytes in flight stored and tasks that went unaligned, per checkpoint.
+        let mut unaligned: BTreeMap<CheckpointId, (u64, usize)> = BTreeMap::new();
         let mut op_bytes: BTreeMap<CheckpointId, BTreeMap<String, u64>> = BTreeMap::new();
         // Checkpoints whose manifest is written, waiting for the commit lane.
         let mut committing: BTreeMap<CheckpointId, CheckpointStats> = BTreeMap::new();
@@ -1005,8 +1046,15 @@ impl Driver<'_> {
                     handle,
                     sync_pause,
                     alignment,
+                    inflight_bytes,
+                    unaligned: went_unaligned,
                     operator_bytes,
                 }) => {
+                    if went_unaligned {
+                        let u = unaligned.entry(id).or_default();
+                        u.0 += inflight_bytes;
+                        u.1 += 1;
+                    }
                     let p = pauses.entry(id).or_insert(Duration::ZERO);
                     *p = (*p).max(sync_pause);
                     let a = aligns.entry(id).or_insert(Duration::ZERO);
@@ -1128,6 +1176,9 @@ impl Driver<'_> {
                 match d {
                     Decision::Trigger { id, is_final } => {
                         tracing::debug!(checkpoint = %id, is_final, "trigger");
+                        if is_final || asked_next.iter().any(|r| r.name.is_some()) {
+                            self.aligned.mark(id);
+                        }
                         if !asked_next.is_empty() {
                             asked_at.insert(id, std::mem::take(&mut asked_next));
                         }
@@ -1142,6 +1193,7 @@ impl Driver<'_> {
                             asked_at.insert(id, std::mem::take(&mut asked_next));
                         }
                         stop_id = Some(id);
+                        self.aligned.mark(id);
                         triggered_at.insert(id, Instant::now());
                         for tx in &self.controls {
                             let _ = tx.send(SourceControl::Stop { id });
@@ -1244,6 +1296,8 @@ impl Driver<'_> {
                                 uploaded_bytes,
                                 max_sync_pause: pauses.remove(&id).unwrap_or_default(),
                                 max_alignment: aligns.remove(&id).unwrap_or_default(),
+                                inflight_bytes: unaligned.get(&id).map_or(0, |u| u.0),
+                                unaligned_tasks: unaligned.remove(&id).map_or(0, |u| u.1),
                                 is_final,
                                 state_bytes_by_operator: op_bytes.remove(&id).unwrap_or_default(),
                                 metrics: self.metrics.snapshot(),
@@ -1251,6 +1305,7 @@ impl Driver<'_> {
                         );
                         pauses.retain(|&p, _| p > id);
                         aligns.retain(|&p, _| p > id);
+                        unaligned.retain(|&p, _| p > id);
                         op_bytes.retain(|&p, _| p > id);
                         triggered_at.retain(|&p, _| p >= id);
                         // The lane re-checks the lease before it commits: a newer

@@ -174,6 +174,35 @@ impl JobBuilder {
         self
     }
 
+    /// Let a checkpoint go **unaligned** once its barriers have been aligning at a task
+    /// for `timeout` (`Duration::ZERO`: always unaligned; default: always aligned).
+    ///
+    /// An aligned barrier waits behind every record queued in the channels in front of
+    /// it, so under backpressure a checkpoint takes as long as the backlog takes to
+    /// process. An unaligned one overtakes that backlog: senders announce each barrier
+    /// on a priority lane, the task snapshots as soon as it switches, forwards the
+    /// barrier at once, and stores with the checkpoint the records it overtook (every
+    /// record read from an input between the snapshot and that input's barrier). A
+    /// restore replays them before new input, so the guarantee is still exactly once,
+    /// also at another parallelism (records of keyed inputs go to the subtask owning
+    /// their key group). The price: checkpoints grow by the records in flight (at most
+    /// [`JobBuilder::channel_capacity`] batches per channel, reported as
+    /// `CheckpointStats::inflight_bytes`), and those records are encoded while a
+    /// checkpoint is being taken. Record types must be serializable for this (every
+    /// stream's type is, see [`crate::api::Data`]).
+    ///
+    /// Tasks with one input channel snapshot at their barrier either way; what changes
+    /// for them is that the barrier reaches them ahead of the queued records.
+    pub fn aligned_checkpoint_timeout(mut self, timeout: Duration) -> Self {
+        self.s.aligned_timeout = Some(timeout);
+        self
+    }
+
+    /// Always take unaligned checkpoints: `aligned_checkpoint_timeout(Duration::ZERO)`.
+    pub fn unaligned_checkpoints(self) -> Self {
+        self.aligned_checkpoint_timeout(Duration::ZERO)
+    }
+
     /// Fault injection for tests: after the `n`-th checkpoint completed in an attempt,
     /// the next batch a source reads fails the attempt, as a crash in the middle of the
     /// stream would. Used by [`crate::testing::ExactlyOnceCheck`].
@@ -236,6 +265,13 @@ impl JobBuilder {
         }
         if s.batch_size == 0 {
             return Err(Error::config("batch_size must be at least 1"));
+        }
+        if s.at_least_once && s.aligned_timeout.is_some() {
+            return Err(Error::config(
+                "at_least_once() and unaligned checkpoints (aligned_checkpoint_timeout) are \
+                 alternatives: at least once never aligns, unaligned checkpoints stay exactly \
+                 once; choose one",
+            ));
         }
         if s.channel_capacity == 0 {
             return Err(Error::config("channel_capacity must be at least 1 batch"));
@@ -420,6 +456,7 @@ impl Job {
                 inject_failure_after: None,
                 source_pacing: None,
                 at_least_once: false,
+                aligned_timeout: None,
                 backend: StateBackend::Memory,
                 allow_non_restored_state: false,
                 restore_from_savepoint: None,

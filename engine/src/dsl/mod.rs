@@ -29,7 +29,7 @@ use crate::api::{Data, Key, TwoPhaseCommitSink};
 use crate::error::Result;
 use crate::ids::{KeyGroupRange, OperatorId};
 use crate::plan::{
-    ErasedSink, NodeId, NodeInput, OpFactory, Partition, SenderFactory, SharedGraph,
+    ErasedSink, KeyGroupFn, NodeId, NodeInput, OpFactory, Partition, SenderFactory, SharedGraph,
 };
 use crate::process::{KeyedContext, KeyedCore, KeyedProcessFunction, ProcessFn};
 use crate::runtime::exchange::{ByKeyGroup, ExchangeOut};
@@ -379,11 +379,12 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
         g.add_node(OperatorId(format!("process-{node}")));
         g.nodes[node].unnamed_state = true;
         let kf = self.key_fn.clone();
-        let sender: SenderFactory<T> = Arc::new(move |senders, batches, ctx| {
+        let sender: SenderFactory<T> = Arc::new(move |senders, batches, lanes, ctx| {
             let cfg = &ctx.env.config;
             Box::new(ExchangeOut::new(
                 senders,
                 batches,
+                lanes,
                 ByKeyGroup::new(kf.clone(), cfg.max_parallelism),
                 cfg.batch_size,
                 ctx.env.cancel.clone(),
@@ -421,11 +422,16 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
             }))
         });
         g.nodes[node].input = Some(Arc::new(NodeInput { op }));
+        let kf = self.key_fn.clone();
+        let key_group: KeyGroupFn<T> = Arc::new(move |r: &T, max: u16| {
+            let key = crate::codec::encode(&kf(r), "key")?;
+            Ok(crate::ids::key_group_of_bytes(&key, max))
+        });
         g.connect(
             self.stream.node,
             node,
             Partition::Hash,
-            Some(Arc::new(sender)),
+            Some((Arc::new(sender), Arc::new(key_group))),
         );
         drop(g);
         Stream::new(self.stream.graph.clone(), node)

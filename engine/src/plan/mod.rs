@@ -14,7 +14,7 @@ use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
 use crate::runtime::exchange::{ExchangeOut, RoundRobin};
 use crate::runtime::heads::{InputHead, TaskHead};
 use crate::runtime::ops::{Discard, Fanout};
-use crate::runtime::{BatchPool, Collector, Message, SourceControl, TaskEnv};
+use crate::runtime::{Announce, BatchPool, Collector, Lanes, Message, SourceControl, TaskEnv};
 use crate::state::OperatorSnapshot;
 use crossbeam_channel::{Receiver, Sender};
 use std::any::Any;
@@ -29,10 +29,11 @@ pub(crate) type OpFactory<I> =
     Arc<dyn Fn(&mut BuildCtx<'_>) -> Result<Box<dyn Collector<I>>> + Send + Sync>;
 /// Builds the sending side of a hash edge for one upstream subtask.
 pub(crate) type SenderFactory<T> = Arc<
-    dyn Fn(Vec<Sender<Message<T>>>, BatchPool<T>, &BuildCtx<'_>) -> Box<dyn Collector<T>>
+    dyn Fn(Vec<Sender<Message<T>>>, BatchPool<T>, Lanes, &BuildCtx<'_>) -> Box<dyn Collector<T>>
         + Send
         + Sync,
 >;
+pub(crate) use crate::runtime::inflight::KeyGroupFn;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Partition {
@@ -48,6 +49,8 @@ pub(crate) struct Edge {
     pub partition: Partition,
     /// `SenderFactory<T>` for hash edges.
     pub hash_sender: Option<Arc<dyn Any + Send + Sync>>,
+    /// `KeyGroupFn<T>` for hash edges.
+    pub key_group: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 /// The typed input side of a node.
@@ -116,15 +119,35 @@ impl<I: Data> ErasedInput for NodeInput<I> {
     fn build_head(&self, node: NodeId, ctx: &mut BuildCtx<'_>) -> Result<Box<dyn TaskHead>> {
         let mut receivers = Vec::new();
         let mut pools = Vec::new();
+        let mut routes = Vec::new();
         for &e in &ctx.graph.nodes[node].in_edges {
             let (mine, pool) = ctx.channels.take(e, |c: &mut EdgeChannels<I>| {
                 c.receivers[ctx.subtask.0].take()
             })?;
+            let route = match &ctx.graph.edges[e].key_group {
+                Some(f) => Some(
+                    f.downcast_ref::<KeyGroupFn<I>>()
+                        .ok_or_else(|| Error::config("internal: key group of the wrong type"))?
+                        .clone(),
+                ),
+                None => None,
+            };
             pools.extend(mine.iter().map(|_| pool.clone()));
+            routes.extend(mine.iter().map(|_| route.clone()));
             receivers.extend(mine);
         }
-        let op = (self.op)(ctx)?;
         let key = ctx.key();
+        let parallelism = ctx.plan.parallelism[node];
+        let max = ctx.env.config.max_parallelism;
+        let replay = crate::runtime::inflight::replay::<I>(
+            ctx.restored(&crate::runtime::inflight::operator_of(&key.task)),
+            crate::ids::KeyGroupRange::for_subtask(max, parallelism, ctx.subtask),
+            ctx.subtask,
+            parallelism,
+            ctx.env.config.batch_size,
+        )?;
+        let lane = ctx.channels.lane_end(node, ctx.subtask.0);
+        let op = (self.op)(ctx)?;
         let metrics = &ctx.env.metrics;
         let records_in = metrics.counter(&key.task.0, "records_in");
         let busy_ns = metrics.counter(&key.task.0, crate::telemetry::BUSY_NS);
@@ -140,9 +163,12 @@ impl<I: Data> ErasedInput for NodeInput<I> {
         );
         Ok(Box::new(InputHead {
             key,
-            parallelism: ctx.plan.parallelism[node],
+            parallelism,
             receivers,
             pools,
+            routes,
+            lane,
+            replay,
             op,
             env: ctx.env.clone(),
             records_in,
@@ -237,14 +263,16 @@ impl Graph {
         from: NodeId,
         to: NodeId,
         partition: Partition,
-        hash_sender: Option<Arc<dyn Any + Send + Sync>>,
+        hash: Option<(Arc<dyn Any + Send + Sync>, Arc<dyn Any + Send + Sync>)>,
     ) {
         let e = self.edges.len();
+        let (hash_sender, key_group) = hash.unzip();
         self.edges.push(Edge {
             from,
             to,
             partition,
             hash_sender,
+            key_group,
         });
         self.nodes[from].out_edges.push(e);
         self.nodes[to].in_edges.push(e);
@@ -314,12 +342,30 @@ impl Plan {
     }
 }
 
-/// Channels of every edge that crosses tasks, for one run.
-pub(crate) struct ChannelPool(Mutex<HashMap<EdgeId, Box<dyn Any + Send>>>);
+/// Channels of every edge that crosses tasks, for one run, and each receiving task's
+/// priority lane for barrier announcements.
+pub(crate) struct ChannelPool {
+    edges: Mutex<HashMap<EdgeId, Box<dyn Any + Send>>>,
+    /// Per edge: the index of its first channel among the receiving task's inputs.
+    offsets: HashMap<EdgeId, usize>,
+    /// Per (task head, subtask): its lane, if barriers are announced.
+    lanes: HashMap<(NodeId, usize), Sender<Announce>>,
+    lane_ends: Mutex<HashMap<(NodeId, usize), Receiver<Announce>>>,
+}
 
 impl ChannelPool {
-    pub fn new(graph: &Graph, plan: &Plan, capacity: usize, batch_size: usize) -> ChannelPool {
+    /// `announce`: create priority lanes (checkpoints may be unaligned).
+    pub fn new(
+        graph: &Graph,
+        plan: &Plan,
+        capacity: usize,
+        batch_size: usize,
+        announce: bool,
+    ) -> ChannelPool {
         let mut map = HashMap::new();
+        let mut offsets = HashMap::new();
+        let mut lanes = HashMap::new();
+        let mut lane_ends = HashMap::new();
         for (e, edge) in graph.edges.iter().enumerate() {
             if plan.chained[e] {
                 continue;
@@ -335,7 +381,35 @@ impl ChannelPool {
                 input.make_channels(up, down, one_to_one, capacity, batch_size),
             );
         }
-        ChannelPool(Mutex::new(map))
+        for (n, node) in graph.nodes.iter().enumerate() {
+            let mut offset = 0;
+            for &e in &node.in_edges {
+                if plan.chained[e] {
+                    continue;
+                }
+                let edge = &graph.edges[e];
+                let (up, down) = (plan.parallelism[edge.from], plan.parallelism[edge.to]);
+                offsets.insert(e, offset);
+                offset += if edge.partition == Partition::Forward && up == down {
+                    1
+                } else {
+                    up
+                };
+            }
+            if announce && offset > 0 {
+                for s in 0..plan.parallelism[n] {
+                    let (tx, rx) = crossbeam_channel::unbounded();
+                    lanes.insert((n, s), tx);
+                    lane_ends.insert((n, s), rx);
+                }
+            }
+        }
+        ChannelPool {
+            edges: Mutex::new(map),
+            offsets,
+            lanes,
+            lane_ends: Mutex::new(lane_ends),
+        }
     }
 
     /// Take one subtask's end of edge `e` (`side` picks senders or receivers), with the
@@ -347,7 +421,7 @@ impl ChannelPool {
     ) -> Result<(End, BatchPool<T>)> {
         // Only used while tasks are built; a poisoned lock means a builder panicked, and
         // the map itself is still consistent.
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.edges.lock().unwrap_or_else(|p| p.into_inner());
         let chans = map
             .get_mut(&e)
             .and_then(|c| c.downcast_mut::<EdgeChannels<T>>())
@@ -355,6 +429,37 @@ impl ChannelPool {
         let end = side(chans)
             .ok_or_else(|| Error::config(format!("internal: an end of edge {e} taken twice")))?;
         Ok((end, chans.pool.clone()))
+    }
+
+    /// Where upstream subtask `up` of edge `e` announces barriers, per output channel
+    /// (empty unless barriers are announced).
+    fn lanes(&self, graph: &Graph, plan: &Plan, e: EdgeId, up: usize) -> Lanes {
+        let edge = &graph.edges[e];
+        let down = plan.parallelism[edge.to];
+        let one_to_one =
+            edge.partition == Partition::Forward && plan.parallelism[edge.from] == down;
+        let offset = self.offsets.get(&e).copied().unwrap_or(0);
+        let targets: Vec<usize> = if one_to_one {
+            vec![up]
+        } else {
+            (0..down).collect()
+        };
+        targets
+            .into_iter()
+            .filter_map(|d| {
+                let lane = self.lanes.get(&(edge.to, d))?.clone();
+                Some((lane, offset + if one_to_one { 0 } else { up }))
+            })
+            .collect()
+    }
+
+    /// The lane task `node`'s subtask reads announcements from, if barriers are
+    /// announced.
+    fn lane_end(&self, node: NodeId, subtask: usize) -> Option<Receiver<Announce>> {
+        self.lane_ends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(node, subtask))
     }
 }
 
@@ -443,16 +548,18 @@ impl BuildCtx<'_> {
             let (senders, batches) = self
                 .channels
                 .take(e, |c: &mut EdgeChannels<T>| c.senders[subtask].take())?;
+            let lanes = self.channels.lanes(graph, self.plan, e, subtask);
             let out: Box<dyn Collector<T>> = match (&edge.partition, &edge.hash_sender) {
                 (Partition::Hash, Some(f)) => {
                     let f = f
                         .downcast_ref::<SenderFactory<T>>()
                         .ok_or_else(|| Error::config("internal: hash sender of the wrong type"))?;
-                    f(senders, batches, self)
+                    f(senders, batches, lanes, self)
                 }
                 _ => Box::new(ExchangeOut::new(
                     senders,
                     batches,
+                    lanes,
                     RoundRobin(self.subtask.0),
                     self.env.config.batch_size,
                     self.env.cancel.clone(),

@@ -1,6 +1,6 @@
 //! Senders of an edge that leaves a task: forward, round-robin and hash by key group.
 
-use super::{send_blocking, BatchPool, Collector, Message, TaskSnapshot};
+use super::{send_blocking, Announce, BatchPool, Collector, Lanes, Message, TaskSnapshot};
 use crate::api::{Data, Key};
 use crate::codec;
 use crate::error::Result;
@@ -81,12 +81,15 @@ pub(crate) struct ExchangeOut<T, P> {
     partitioner: P,
     batch_size: usize,
     cancel: Arc<AtomicBool>,
+    /// Where barriers are announced ahead of the records (unaligned checkpoints).
+    lanes: Lanes,
 }
 
 impl<T: Data, P: Partitioner<T>> ExchangeOut<T, P> {
     pub fn new(
         senders: Vec<Sender<Message<T>>>,
         pool: BatchPool<T>,
+        lanes: Lanes,
         partitioner: P,
         batch_size: usize,
         cancel: Arc<AtomicBool>,
@@ -99,6 +102,7 @@ impl<T: Data, P: Partitioner<T>> ExchangeOut<T, P> {
             partitioner,
             batch_size,
             cancel,
+            lanes,
         }
     }
 
@@ -147,6 +151,12 @@ impl<T: Data, P: Partitioner<T>> Collector<T> for ExchangeOut<T, P> {
     }
 
     fn barrier(&mut self, id: CheckpointId, _snap: &mut TaskSnapshot) -> Result<()> {
+        // Announce first: a receiver that goes unaligned reads its channel ahead to the
+        // barrier, which makes room for the records and the barrier still to send.
+        for (lane, input) in &self.lanes {
+            // A receiver that is gone fails its attempt on its own.
+            let _ = lane.send(Announce { input: *input, id });
+        }
         self.broadcast(|| Message::Barrier(id))
     }
 

@@ -1,7 +1,12 @@
 //! The loop at the head of each task: a source reader or the task's input channels.
 
-use super::{BatchPool, Collector, Message, SourceControl, TaskEnv, TaskEvent, TaskSnapshot};
-use crate::aligner::BarrierAligner;
+use super::inflight::{InFlight, KeyGroupFn};
+use super::{
+    Announce, BatchPool, Collector, Message, SnapshotFigures, SourceControl, TaskEnv, TaskEvent,
+    TaskSnapshot,
+};
+use crate::aligner::{BarrierAligner, Mode, Step};
+use crate::api::Data;
 use crate::api::{Source, SourceContext, SourcePoll, SourceReader};
 use crate::codec;
 use crate::coordinator::TaskKey;
@@ -10,7 +15,7 @@ use crate::ids::{CheckpointId, OperatorId};
 use crate::state::StateSnapshot;
 use crate::time::{Timestamp, WatermarkStrategy};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -123,8 +128,10 @@ impl<S: Source> SourceHead<S> {
             self.parallelism,
             id,
             snap,
-            started,
-            Duration::ZERO,
+            SnapshotFigures {
+                sync_pause: started.elapsed(),
+                ..Default::default()
+            },
         )
     }
 
@@ -489,6 +496,13 @@ pub(crate) struct InputHead<T> {
     pub receivers: Vec<Receiver<Message<T>>>,
     /// Where each receiver's processed batches go back to.
     pub pools: Vec<BatchPool<T>>,
+    /// Per receiver: the key group of its records if its edge is keyed (for storing
+    /// records in flight).
+    pub routes: Vec<Option<KeyGroupFn<T>>>,
+    /// Barrier announcements of the senders (unaligned checkpoints only).
+    pub lane: Option<Receiver<Announce>>,
+    /// Records in flight of the restored checkpoint, processed before any input.
+    pub replay: Vec<Vec<T>>,
     pub op: Box<dyn Collector<T>>,
     pub env: TaskEnv,
     /// Records received, counted per batch (`<task>.records_in`).
@@ -541,15 +555,28 @@ impl InputWatermarks {
     }
 }
 
-impl<T> InputHead<T> {
-    /// Snapshot for `id`, whose first barrier arrived at `aligning_since`.
-    fn snapshot(&mut self, id: CheckpointId, aligning_since: Option<Instant>) -> Result<()> {
-        let started = Instant::now();
-        let alignment = aligning_since.map_or(Duration::ZERO, |t| started.duration_since(t));
-        let mut snap = TaskSnapshot::default();
-        self.op.barrier(id, &mut snap)?;
-        self.env
-            .complete_snapshot(&self.key, self.parallelism, id, snap, started, alignment)
+/// An unaligned snapshot whose records in flight are still being read.
+struct Capture {
+    id: CheckpointId,
+    snap: TaskSnapshot,
+    figures: SnapshotFigures,
+    records: InFlight,
+}
+
+/// The input side of a task: channels, what was read ahead of them, and alignment.
+struct Inputs<T> {
+    /// Per input: messages read ahead of processing (unaligned checkpoints), in order.
+    ahead: Vec<VecDeque<Message<T>>>,
+    ended: Vec<bool>,
+    aligner: BarrierAligner,
+    /// When the checkpoint being aligned reached the task.
+    since: Option<Instant>,
+    capture: Option<Capture>,
+}
+
+impl<T: Data> InputHead<T> {
+    fn now_ms(&self) -> u64 {
+        self.env.clock.monotonic_ms().max(0) as u64
     }
 
     fn forward(&mut self, change: Option<Option<Timestamp>>) -> Result<()> {
@@ -559,34 +586,240 @@ impl<T> InputHead<T> {
             None => Ok(()),
         }
     }
+
+    /// Act on what the aligner decided, and on what follows from it.
+    fn step(&mut self, inp: &mut Inputs<T>, mut step: Step) -> Result<()> {
+        loop {
+            match step {
+                Step::Wait => break,
+                Step::Aligned(id) => {
+                    let started = Instant::now();
+                    let alignment = inp.since.take().map_or(Duration::ZERO, |t| started - t);
+                    let mut snap = TaskSnapshot::default();
+                    self.op.barrier(id, &mut snap)?;
+                    let figures = SnapshotFigures {
+                        sync_pause: started.elapsed(),
+                        alignment,
+                        ..Default::default()
+                    };
+                    self.env
+                        .complete_snapshot(&self.key, self.parallelism, id, snap, figures)?;
+                    break;
+                }
+                Step::Unaligned(id) => {
+                    let started = Instant::now();
+                    let alignment = inp.since.take().map_or(Duration::ZERO, |t| started - t);
+                    let mut snap = TaskSnapshot::default();
+                    // Snapshot now and forward the barrier; what is read from here to
+                    // each input's barrier is stored with the checkpoint.
+                    self.op.barrier(id, &mut snap)?;
+                    if !snap.commits.is_empty() {
+                        let commits = std::mem::take(&mut snap.commits);
+                        let _ = self.env.events.send(TaskEvent::Committables(commits));
+                    }
+                    if let Some(old) = inp.capture.take() {
+                        tracing::debug!(task = %self.key.task, checkpoint = %old.id, "unaligned checkpoint abandoned");
+                    }
+                    let mut records = InFlight::new(self.key.subtask, inp.ahead.len());
+                    // Records read ahead for an earlier checkpoint and not processed yet
+                    // are not in this snapshot either: in flight for this one too.
+                    for (i, ahead) in inp.ahead.iter().enumerate() {
+                        if !inp.aligner.is_capturing(i) {
+                            continue;
+                        }
+                        for msg in ahead {
+                            match msg {
+                                Message::Batch(b) => records.capture(
+                                    i,
+                                    b,
+                                    self.routes[i].as_ref(),
+                                    self.env.config.max_parallelism,
+                                )?,
+                                Message::Barrier(_) | Message::End => break,
+                                Message::Watermark(_) | Message::Idle => {}
+                            }
+                        }
+                    }
+                    inp.capture = Some(Capture {
+                        id,
+                        snap,
+                        figures: SnapshotFigures {
+                            sync_pause: started.elapsed(),
+                            alignment,
+                            inflight_bytes: 0,
+                            unaligned: true,
+                        },
+                        records,
+                    });
+                    break;
+                }
+                Step::Captured(id) => {
+                    if let Some(c) = inp.capture.take_if(|c| c.id == id) {
+                        let Capture {
+                            id,
+                            mut snap,
+                            mut figures,
+                            records,
+                        } = c;
+                        let (list, bytes) = records.into_entries();
+                        figures.inflight_bytes = bytes;
+                        if !list.is_empty() {
+                            snap.operators.push((
+                                super::inflight::operator_of(&self.key.task),
+                                crate::state::StateSnapshot {
+                                    list,
+                                    ..Default::default()
+                                },
+                            ));
+                        }
+                        self.env.complete_snapshot(
+                            &self.key,
+                            self.parallelism,
+                            id,
+                            snap,
+                            figures,
+                        )?;
+                    }
+                    // An alignment held back by the capture may go on now.
+                    step = inp.aligner.on_tick(self.now_ms());
+                }
+            }
+        }
+        // A capture the aligner gave up (its barrier will never come) is dropped: its
+        // committables went to the coordinator already and carry into the next one.
+        if inp
+            .capture
+            .as_ref()
+            .is_some_and(|c| inp.aligner.capturing() != Some(c.id))
+        {
+            inp.capture = None;
+        }
+        Ok(())
+    }
+
+    /// A barrier read on input `i`.
+    fn on_barrier(&mut self, inp: &mut Inputs<T>, i: usize, id: CheckpointId) -> Result<()> {
+        if inp.aligner.aligning().is_none() && inp.aligner.capturing() != Some(id) {
+            inp.since = Some(Instant::now());
+        }
+        let keep = self.env.aligned.contains(id);
+        let step = inp.aligner.on_barrier(i, id, keep, self.now_ms());
+        self.step(inp, step)
+    }
+
+    /// Store `batch` from input `i` with the unaligned checkpoint if it is in flight.
+    fn capture(&mut self, inp: &mut Inputs<T>, i: usize, batch: &[T]) -> Result<()> {
+        if inp.aligner.is_capturing(i) {
+            if let Some(c) = &mut inp.capture {
+                c.records.capture(
+                    i,
+                    batch,
+                    self.routes[i].as_ref(),
+                    self.env.config.max_parallelism,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A barrier announced on the lane.
+    fn announced(&mut self, inp: &mut Inputs<T>, a: Announce) -> Result<()> {
+        if inp.aligner.aligning().is_none() && inp.aligner.capturing() != Some(a.id) {
+            inp.since = Some(Instant::now());
+        }
+        let keep = self.env.aligned.contains(a.id);
+        let step = inp.aligner.on_announce(a.input, a.id, keep, self.now_ms());
+        self.step(inp, step)
+    }
+
+    /// Read inputs whose barrier was announced ahead to that barrier, storing what is
+    /// in front of it, without processing it yet.
+    fn read_ahead(&mut self, inp: &mut Inputs<T>, rx: &[Receiver<Message<T>>]) -> Result<()> {
+        for (i, rx) in rx.iter().enumerate() {
+            while inp.aligner.drain(i)
+                && !matches!(
+                    inp.ahead[i].back(),
+                    Some(Message::Barrier(_) | Message::End)
+                )
+            {
+                match rx.try_recv() {
+                    Ok(msg) => self.take_ahead(inp, i, msg)?,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return Err(Error::Cancelled),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `msg` was read ahead on input `i`.
+    fn take_ahead(&mut self, inp: &mut Inputs<T>, i: usize, msg: Message<T>) -> Result<()> {
+        match msg {
+            Message::Barrier(id) if inp.aligner.capturing() == Some(id) => {
+                // The captured barrier: input `i`'s records in flight are complete.
+                // What was read ahead stays queued, to be processed in order.
+                self.on_barrier(inp, i, id)
+            }
+            Message::Batch(b) => {
+                self.capture(inp, i, &b)?;
+                inp.ahead[i].push_back(Message::Batch(b));
+                Ok(())
+            }
+            other => {
+                inp.ahead[i].push_back(other);
+                Ok(())
+            }
+        }
+    }
 }
 
-impl<T: 'static> TaskHead for InputHead<T> {
+impl<T: Data> TaskHead for InputHead<T> {
     fn run(mut self: Box<Self>) -> Result<()> {
         let timeout = self.env.config.buffer_timeout;
         let receivers = std::mem::take(&mut self.receivers);
-        let mut aligner = if self.env.config.at_least_once {
-            BarrierAligner::at_least_once(receivers.len())
-        } else {
-            BarrierAligner::new(receivers.len())
+        let n = receivers.len();
+        let mut inp = Inputs {
+            ahead: (0..n).map(|_| VecDeque::new()).collect(),
+            ended: vec![false; n],
+            aligner: BarrierAligner::new(n, self.env.config.alignment),
+            since: None,
+            capture: None,
         };
-        let mut wms = InputWatermarks::new(receivers.len());
-        let mut ended = vec![false; receivers.len()];
-        // When the first barrier of the alignment in progress arrived.
-        let mut aligning_since: Option<Instant> = None;
+        let lane = self.lane.take();
+        let unaligned = matches!(self.env.config.alignment, Mode::Unaligned { .. });
+        // Records in flight of the restored checkpoint come before any new input.
+        for mut b in std::mem::take(&mut self.replay) {
+            self.records_in.add(b.len() as u64);
+            self.op.push(&mut b)?;
+        }
+        let mut wms = InputWatermarks::new(n);
         // The select set changes only when an input blocks, unblocks or ends.
         let mut dirty = true;
         let mut sel = Select::new();
         let mut index_of: Vec<usize> = Vec::new();
         let mut last_periodic = Instant::now();
         loop {
+            if unaligned {
+                if let Some(lane) = &lane {
+                    while let Ok(a) = lane.try_recv() {
+                        self.announced(&mut inp, a)?;
+                        dirty = true;
+                    }
+                }
+                self.read_ahead(&mut inp, &receivers)?;
+            }
             if dirty {
                 sel = Select::new();
                 index_of.clear();
                 for (i, rx) in receivers.iter().enumerate() {
-                    if !ended[i] && aligner.is_readable(i) {
+                    if !inp.ended[i] && inp.aligner.is_readable(i) {
                         sel.recv(rx);
                         index_of.push(i);
+                    }
+                }
+                if unaligned {
+                    if let Some(lane) = &lane {
+                        sel.recv(lane);
                     }
                 }
                 dirty = false;
@@ -606,15 +839,52 @@ impl<T: 'static> TaskHead for InputHead<T> {
                 }
                 self.op.flush()?;
                 self.op.tick(self.env.clock.now_ms())?;
+                if unaligned {
+                    let step = inp.aligner.on_tick(self.now_ms());
+                    self.step(&mut inp, step)?;
+                    dirty = true;
+                }
                 last_periodic = Instant::now();
             }
-            let oper = match sel.select_timeout(timeout) {
-                Ok(oper) => oper,
-                Err(_) => continue,
+            // What was read ahead comes first, in order, as long as its input may be
+            // read (an input blocked at a barrier waits, its queue with it).
+            let queued = (0..n).find(|&i| !inp.ahead[i].is_empty() && inp.aligner.is_readable(i));
+            let (i, msg) = if let Some(i) = queued {
+                let msg = inp.ahead[i].pop_front().expect("not empty");
+                (i, msg)
+            } else {
+                let oper = match sel.select_timeout(timeout) {
+                    Ok(oper) => oper,
+                    Err(_) => continue,
+                };
+                if oper.index() == index_of.len() {
+                    // The lane (the last operation of the select).
+                    if let Some(l) = &lane {
+                        if let Ok(a) = oper.recv(l) {
+                            self.announced(&mut inp, a)?;
+                        }
+                    }
+                    dirty = true;
+                    continue;
+                }
+                let i = index_of[oper.index()];
+                match oper.recv(&receivers[i]) {
+                    Ok(msg) => {
+                        if inp.aligner.drain(i) {
+                            self.take_ahead(&mut inp, i, msg)?;
+                            dirty = true;
+                            continue;
+                        }
+                        if let Message::Batch(b) = &msg {
+                            self.capture(&mut inp, i, b)?;
+                        }
+                        (i, msg)
+                    }
+                    Err(_) => return Err(Error::Cancelled),
+                }
             };
-            let i = index_of[oper.index()];
-            match oper.recv(&receivers[i]) {
-                Ok(Message::Batch(mut b)) => {
+            match msg {
+                Message::Batch(mut b) => {
                     wms.idle[i] = false;
                     self.records_in.add(b.len() as u64);
                     let started = Instant::now();
@@ -622,47 +892,35 @@ impl<T: 'static> TaskHead for InputHead<T> {
                     self.pools[i].give(b);
                     self.busy_ns.add(started.elapsed().as_nanos() as u64);
                 }
-                Ok(Message::Watermark(wm)) => {
+                Message::Watermark(wm) => {
                     wms.idle[i] = false;
                     wms.input[i] = wms.input[i].max(wm);
                     let change = wms.update();
                     self.forward(change)?;
                 }
-                Ok(Message::Idle) => {
+                Message::Idle => {
                     wms.idle[i] = true;
                     let change = wms.update();
                     self.forward(change)?;
                 }
-                Ok(Message::Barrier(id)) => {
+                Message::Barrier(id) => {
                     dirty = true;
-                    let first = aligner.aligning().is_none();
-                    let snapshot = aligner.on_barrier(i, id);
-                    if first && aligner.aligning().is_some() {
-                        aligning_since = Some(Instant::now());
-                    }
-                    if let Some(id) = snapshot {
-                        let since = aligning_since.take();
-                        self.snapshot(id, since)?;
-                    }
+                    self.on_barrier(&mut inp, i, id)?;
                 }
-                Ok(Message::End) => {
+                Message::End => {
                     dirty = true;
-                    ended[i] = true;
+                    inp.ended[i] = true;
                     wms.idle[i] = false;
                     wms.input[i] = Timestamp::MAX;
                     let change = wms.update();
                     self.forward(change)?;
-                    let out = aligner.on_end(i);
-                    if let Some(id) = out.snapshot {
-                        let since = aligning_since.take();
-                        self.snapshot(id, since)?;
-                    }
+                    let out = inp.aligner.on_end(i);
+                    self.step(&mut inp, out.step)?;
                     if out.all_ended {
                         self.op.end()?;
                         return Ok(());
                     }
                 }
-                Err(_) => return Err(Error::Cancelled),
             }
         }
     }

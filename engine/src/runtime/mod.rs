@@ -8,6 +8,7 @@
 
 pub(crate) mod exchange;
 pub(crate) mod heads;
+pub(crate) mod inflight;
 pub(crate) mod ops;
 
 use crate::coordinator::TaskKey;
@@ -145,6 +146,42 @@ pub(crate) enum Message<T> {
     End,
 }
 
+/// A barrier announced on a task's priority lane as its sender puts it into input
+/// channel `input` of the task: in unaligned mode the task learns of the barrier at
+/// once, not after the records queued in front of it (see [`crate::aligner`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Announce {
+    pub input: usize,
+    pub id: CheckpointId,
+}
+
+/// Where a sender announces barriers: per output channel, the receiving task's lane and
+/// the channel's input index there. Empty unless checkpoints may be unaligned.
+pub(crate) type Lanes = Vec<(Sender<Announce>, usize)>;
+
+/// Checkpoints that must be taken aligned whatever the mode: the final one, a stop and
+/// savepoints. Their snapshots are the end of a run (or the start of another version of
+/// the job), so nothing may be left in flight. The driver marks an id before it
+/// triggers it; tasks look it up once per checkpoint.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AlignedIds(Arc<std::sync::Mutex<std::collections::BTreeSet<CheckpointId>>>);
+
+impl AlignedIds {
+    pub fn mark(&self, id: CheckpointId) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id);
+    }
+
+    pub fn contains(&self, id: CheckpointId) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&id)
+    }
+}
+
 /// Emptied batches of one edge, handed back from the receiving tasks to the sending
 /// ones, so that in steady state a batch costs no allocation (and, with the system
 /// allocator, no free of a large block in another thread than the one that allocated
@@ -227,6 +264,10 @@ pub(crate) enum TaskEvent {
         sync_pause: Duration,
         /// From the first of its inputs' barriers to the last (zero for one input).
         alignment: Duration,
+        /// Bytes of records in flight stored with the snapshot (unaligned only).
+        inflight_bytes: u64,
+        /// Whether the task snapshotted unaligned.
+        unaligned: bool,
         /// Bytes of keyed state per stateful operator of the task.
         operator_bytes: Vec<(OperatorId, u64)>,
     },
@@ -272,8 +313,8 @@ pub(crate) struct RuntimeConfig {
     pub batch_size: usize,
     pub buffer_timeout: Duration,
     pub source_pacing: Option<Duration>,
-    /// Barriers not aligned (at-least-once checkpoints).
-    pub at_least_once: bool,
+    /// How tasks with several inputs align barriers.
+    pub alignment: crate::aligner::Mode,
     pub max_parallelism: u16,
     pub job: String,
     pub checkpoint_interval: Option<Duration>,
@@ -295,6 +336,8 @@ pub(crate) struct TaskEnv {
     pub crash: Option<Arc<AtomicBool>>,
     /// The keyed state backend and what it needs.
     pub backend: crate::state::BackendEnv,
+    /// Checkpoints that must stay aligned.
+    pub aligned: AlignedIds,
 }
 
 impl TaskEnv {
@@ -305,16 +348,20 @@ impl TaskEnv {
     /// Finish a task's part of checkpoint `id`: committables go to the coordinator at
     /// once (in order with this task's earlier messages); the state view is encoded and
     /// uploaded on the I/O runtime while the task goes on, then acknowledged.
-    /// `started` is when the task began handling the barrier.
     pub fn complete_snapshot(
         &self,
         key: &TaskKey,
         parallelism: usize,
         id: CheckpointId,
         mut snap: TaskSnapshot,
-        started: std::time::Instant,
-        alignment: Duration,
+        figures: SnapshotFigures,
     ) -> Result<()> {
+        let SnapshotFigures {
+            sync_pause,
+            alignment,
+            inflight_bytes,
+            unaligned,
+        } = figures;
         if !snap.commits.is_empty() {
             let _ = self.events.send(TaskEvent::Committables(snap.commits));
         }
@@ -336,8 +383,10 @@ impl TaskEnv {
                 key: key.clone(),
                 id,
                 handle,
-                sync_pause: started.elapsed(),
+                sync_pause,
                 alignment,
+                inflight_bytes,
+                unaligned,
                 operator_bytes: Vec::new(),
             });
             return Ok(());
@@ -356,7 +405,6 @@ impl TaskEnv {
         let events = self.events.clone();
         let key = key.clone();
         let generation = self.config.generation;
-        let sync_pause = started.elapsed();
         self.rt.spawn(async move {
             let res = async {
                 // RocksDB checkpoints: upload the SST files not uploaded before.
@@ -420,6 +468,8 @@ impl TaskEnv {
                     handle,
                     sync_pause,
                     alignment,
+                    inflight_bytes,
+                    unaligned,
                     operator_bytes,
                 }),
                 Err(e) => events.send(TaskEvent::Decline {
@@ -430,6 +480,18 @@ impl TaskEnv {
         });
         Ok(())
     }
+}
+
+/// A task's figures for one checkpoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SnapshotFigures {
+    /// Time the task spent on the barrier before reading on.
+    pub sync_pause: Duration,
+    /// From the checkpoint reaching the task to its snapshot.
+    pub alignment: Duration,
+    /// Bytes of in-flight records stored (unaligned).
+    pub inflight_bytes: u64,
+    pub unaligned: bool,
 }
 
 /// Send with backpressure, giving up when the job is cancelled or the receiver is gone.

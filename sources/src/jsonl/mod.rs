@@ -152,7 +152,7 @@ fn missing_or_io(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-impl<T: DeserializeOwned + Clone + Send + 'static> Source for JsonLinesSource<T> {
+impl<T: exactly_engine::api::Data> Source for JsonLinesSource<T> {
     type Item = T;
     type Offset = JsonLinesOffset;
     type Reader = JsonLinesReader<T>;
@@ -386,7 +386,7 @@ mod tests {
     use super::*;
     use exactly_engine::ids::{OperatorId, SubtaskIndex};
 
-    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
     struct R {
         n: u32,
     }
