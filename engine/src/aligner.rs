@@ -31,21 +31,28 @@
 //!
 //! # Unaligned
 //!
-//! In [`Mode::Unaligned`] a sender announces each barrier on a priority lane as it puts
-//! the barrier into the channel ([`BarrierAligner::on_announce`]), so the receiver
-//! learns of it at once instead of after every record queued in front of it. The task
-//! starts aligned; once `timeout_ms` passed since the checkpoint reached it (zero: at
-//! once) it switches ([`Step::Unaligned`]): it snapshots at that moment, forwards the
-//! barrier, and from then on every record it reads from an input whose barrier it has
-//! not read yet is *in flight*: it belongs before the barrier but is not in the
-//! snapshot, so the task stores it with the checkpoint (and still processes it). An
-//! input that announced its barrier is read ahead ([`BarrierAligner::drain`]) into a
-//! queue, so its barrier is found without processing what is in front of it. When the
-//! barrier was read on every input, the in-flight data is complete ([`Step::Captured`])
-//! and the task acknowledges. A restore replays the stored records before new input:
-//! the restored state plus those records is exactly the state aligned at the barrier.
-//! Inputs that already delivered the barrier when the task switches hold nothing in
-//! flight. A newer checkpoint arriving while one is still being captured abandons it.
+//! In [`Mode::Unaligned`] a checkpoint is announced on each task's priority lane
+//! ([`BarrierAligner::on_announce`]) when the driver triggers it, and again by each
+//! sender as it puts the barrier into the channel, so the task learns of it at once
+//! instead of after every record queued in front of the barrier (and even while its
+//! sources are still blocked behind full channels). The task starts aligned; once
+//! `timeout_ms` passed since the checkpoint reached it (zero: at once) it switches
+//! ([`Step::Unaligned`]): it snapshots at that moment, forwards the barrier, and from
+//! then on every record it reads from an input whose barrier it has not read yet is *in
+//! flight*: it belongs before the barrier but is not in the snapshot, so the task
+//! stores it with the checkpoint (and still processes it). As in Chandy and Lamport's
+//! algorithm, any moment will do for the snapshot, provided the task records each input
+//! from then until that input's barrier (the marker). Those inputs are read ahead
+//! ([`BarrierAligner::drain`]) into a queue, so their barriers are found without
+//! processing what is in front of them, and their senders, no longer held back, get to
+//! their own barriers sooner. When the barrier was read on every input, the in-flight
+//! data is complete ([`Step::Captured`]) and the task acknowledges. A restore replays
+//! the stored records before new input: the restored state plus those records is
+//! exactly the state aligned at the barrier. Inputs that already delivered the barrier
+//! when the task switches hold nothing in flight. One capture at a time: a newer
+//! checkpoint switches once the capture in front of it completed, and a capture whose
+//! barrier is overtaken by a newer one on some input is abandoned (that checkpoint was
+//! abandoned upstream).
 
 use crate::ids::CheckpointId;
 
@@ -93,8 +100,6 @@ pub enum Step {
 #[derive(Debug, Clone)]
 pub struct BarrierAligner {
     inputs: Vec<Input>,
-    /// Per input: announced the barrier being aligned or captured.
-    announced: Vec<bool>,
     aligning: Option<CheckpointId>,
     /// When the checkpoint being aligned reached the task (protocol clock, ms).
     since_ms: Option<u64>,
@@ -121,7 +126,6 @@ impl BarrierAligner {
     pub fn new(inputs: usize, mode: Mode) -> Self {
         BarrierAligner {
             inputs: vec![Input::Open; inputs],
-            announced: vec![false; inputs],
             aligning: None,
             since_ms: None,
             keep_aligned: false,
@@ -146,10 +150,9 @@ impl BarrierAligner {
         self.inputs[i] == Input::Capturing
     }
 
-    /// Whether input `i` should be read ahead to its barrier: it is being captured and
-    /// announced where its barrier is.
+    /// Whether input `i` should be read ahead to its barrier (it is being captured).
     pub fn drain(&self, i: usize) -> bool {
-        self.inputs[i] == Input::Capturing && self.announced[i]
+        self.inputs[i] == Input::Capturing
     }
 
     /// The checkpoint being aligned, if any.
@@ -178,12 +181,6 @@ impl BarrierAligner {
         // A newer checkpoint: the one being aligned was abandoned upstream, its barrier
         // will not come on the inputs still open.
         self.unblock_all();
-        for (i, a) in self.announced.iter_mut().enumerate() {
-            // Announcements of the capture in progress still tell where to read ahead.
-            if self.inputs[i] != Input::Capturing {
-                *a = false;
-            }
-        }
         self.aligning = Some(id);
         self.since_ms = Some(now_ms);
         self.keep_aligned = keep_aligned;
@@ -192,34 +189,23 @@ impl BarrierAligner {
 
     fn abandon_capture(&mut self) {
         if self.capturing.take().is_some() {
-            for (s, a) in self.inputs.iter_mut().zip(&mut self.announced) {
+            for s in &mut self.inputs {
                 if *s == Input::Capturing {
                     *s = Input::Open;
-                    *a = false;
                 }
             }
         }
     }
 
-    /// Barrier `id` was announced on input `i` (unaligned mode: it is now in the
-    /// channel, behind what is queued there). `keep_aligned`: the checkpoint must not
-    /// go unaligned (final, stop, savepoint).
-    pub fn on_announce(
-        &mut self,
-        i: usize,
-        id: CheckpointId,
-        keep_aligned: bool,
-        now_ms: u64,
-    ) -> Step {
-        if self.capturing == Some(id) {
-            self.announced[i] = true;
+    /// Checkpoint `id` was announced (unaligned mode): triggered, or its barrier is in
+    /// an input channel behind what is queued there. The task need not have read any
+    /// of its barriers to snapshot: as in Chandy and Lamport's algorithm, any moment
+    /// will do, provided that from then on it stores what each input delivers until
+    /// that input's barrier. `keep_aligned`: the checkpoint must not go unaligned
+    /// (final, stop, savepoint).
+    pub fn on_announce(&mut self, id: CheckpointId, keep_aligned: bool, now_ms: u64) -> Step {
+        if self.capturing == Some(id) || !self.begin(id, keep_aligned, now_ms) {
             return Step::Wait;
-        }
-        if !self.begin(id, keep_aligned, now_ms) {
-            return Step::Wait;
-        }
-        if self.inputs[i] != Input::Capturing {
-            self.announced[i] = true;
         }
         self.on_tick(now_ms)
     }
@@ -235,7 +221,6 @@ impl BarrierAligner {
         if self.capturing == Some(id) {
             if self.inputs[i] == Input::Capturing {
                 self.inputs[i] = Input::Open;
-                self.announced[i] = false;
             }
             return self.try_captured();
         }
@@ -463,10 +448,12 @@ mod tests {
     fn an_announced_barrier_overtakes_what_is_queued() {
         let mut a = BarrierAligner::new(2, UNALIGNED);
         // Barrier 3 is behind a backlog on input 1: the announcement alone snapshots.
-        assert_eq!(a.on_announce(1, c(3), false, 10), Step::Unaligned(c(3)));
+        assert_eq!(a.on_announce(c(3), false, 10), Step::Unaligned(c(3)));
         assert!(a.is_capturing(0) && a.is_capturing(1));
-        assert!(a.drain(1), "input 1 is read ahead to its barrier");
-        assert!(!a.drain(0), "input 0 did not say where its barrier is");
+        assert!(
+            a.drain(0) && a.drain(1),
+            "both are read ahead to their barrier"
+        );
         assert!(a.is_readable(0) && a.is_readable(1), "nothing blocks");
         assert_eq!(a.on_barrier(1, c(3), false, 11), Step::Wait);
         assert!(
@@ -474,12 +461,11 @@ mod tests {
             "after its barrier input 1 is not in flight"
         );
         assert!(a.is_capturing(0));
-        assert_eq!(a.on_announce(0, c(3), false, 12), Step::Wait);
-        assert!(a.drain(0));
+        assert_eq!(a.on_announce(c(3), false, 12), Step::Wait);
         assert_eq!(a.on_barrier(0, c(3), false, 12), Step::Captured(c(3)));
         assert_eq!(a.capturing(), None);
         // Stale announcements and barriers of 3 change nothing.
-        assert_eq!(a.on_announce(0, c(3), false, 13), Step::Wait);
+        assert_eq!(a.on_announce(c(3), false, 13), Step::Wait);
         assert!(!a.drain(0) && !a.is_capturing(0));
     }
 
@@ -488,13 +474,12 @@ mod tests {
         let mut a = BarrierAligner::new(3, Mode::Unaligned { timeout_ms: 100 });
         assert_eq!(a.on_barrier(0, c(1), false, 1_000), Step::Wait);
         assert!(!a.is_readable(0), "aligned first: input 0 waits");
-        assert_eq!(a.on_announce(2, c(1), false, 1_010), Step::Wait);
+        assert_eq!(a.on_announce(c(1), false, 1_010), Step::Wait);
         assert_eq!(a.on_tick(1_099), Step::Wait);
         assert_eq!(a.on_tick(1_100), Step::Unaligned(c(1)));
         // Input 0 delivered the barrier before the switch: nothing of it is in flight.
         assert!(a.is_readable(0) && !a.is_capturing(0));
-        assert!(a.is_capturing(1) && !a.drain(1));
-        assert!(a.is_capturing(2) && a.drain(2));
+        assert!(a.is_capturing(1) && a.is_capturing(2));
         assert_eq!(a.on_end(2).step, Step::Wait, "an end completes that input");
         assert_eq!(a.on_barrier(1, c(1), false, 1_200), Step::Captured(c(1)));
     }
@@ -511,7 +496,7 @@ mod tests {
     #[test]
     fn a_newer_checkpoint_waits_for_the_capture_in_front_of_it() {
         let mut a = BarrierAligner::new(2, UNALIGNED);
-        assert_eq!(a.on_announce(0, c(1), false, 0), Step::Unaligned(c(1)));
+        assert_eq!(a.on_announce(c(1), false, 0), Step::Unaligned(c(1)));
         assert_eq!(a.on_barrier(0, c(1), false, 0), Step::Wait);
         // Checkpoint 2 reaches input 0 while input 1 still holds 1's barrier.
         assert_eq!(a.on_barrier(0, c(2), false, 0), Step::Wait);
@@ -526,7 +511,7 @@ mod tests {
     #[test]
     fn a_capture_whose_barrier_never_comes_is_abandoned() {
         let mut a = BarrierAligner::new(2, UNALIGNED);
-        assert_eq!(a.on_announce(0, c(1), false, 0), Step::Unaligned(c(1)));
+        assert_eq!(a.on_announce(c(1), false, 0), Step::Unaligned(c(1)));
         // Input 1 delivers barrier 2 without 1: checkpoint 1 was abandoned upstream.
         assert_eq!(a.on_barrier(1, c(2), false, 0), Step::Unaligned(c(2)));
         assert_eq!(a.capturing(), Some(c(2)));
@@ -537,13 +522,13 @@ mod tests {
     #[test]
     fn final_and_stop_checkpoints_stay_aligned() {
         let mut a = BarrierAligner::new(2, UNALIGNED);
-        assert_eq!(a.on_announce(0, c(4), true, 0), Step::Wait);
+        assert_eq!(a.on_announce(c(4), true, 0), Step::Wait);
         assert_eq!(a.on_barrier(0, c(4), true, 0), Step::Wait);
         assert_eq!(a.on_tick(1_000_000), Step::Wait, "never switches");
         assert!(!a.is_readable(0) && !a.is_capturing(1));
         assert_eq!(a.on_barrier(1, c(4), true, 5), Step::Aligned(c(4)));
         // The next one may go unaligned again.
-        assert_eq!(a.on_announce(1, c(5), false, 6), Step::Unaligned(c(5)));
+        assert_eq!(a.on_announce(c(5), false, 6), Step::Unaligned(c(5)));
     }
 
     #[test]
@@ -660,7 +645,7 @@ mod tests {
                             announced[i] = k + 1;
                             if let Item::Barrier(id) = items[k] {
                                 if matches!(mode, Mode::Unaligned { .. }) {
-                                    steps.push(a.on_announce(i, CheckpointId(id), false, now));
+                                    steps.push(a.on_announce(CheckpointId(id), false, now));
                                 }
                             }
                         }

@@ -890,6 +890,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             rt,
             storage,
             controls: std::mem::take(&mut controls),
+            lanes: channels.all_lanes(),
             aligned: env.aligned.clone(),
             commits: commit_tx,
             cancel: cancel.clone(),
@@ -953,6 +954,10 @@ struct Driver<'a> {
     controls: Vec<Sender<SourceControl>>,
     /// Checkpoints the tasks must take aligned.
     aligned: crate::runtime::AlignedIds,
+    /// Every task's priority lane (unaligned checkpoints only): a triggered checkpoint
+    /// is announced to all tasks at once, so a task blocked behind a full channel
+    /// upstream need not wait for its sources to get to their barrier.
+    lanes: Vec<Sender<crate::runtime::Announce>>,
     /// Written manifests' committables, to the commit lane.
     commits: Sender<CommitJob>,
     cancel: Arc<AtomicBool>,
@@ -1178,6 +1183,10 @@ impl Driver<'_> {
                         tracing::debug!(checkpoint = %id, is_final, "trigger");
                         if is_final || asked_next.iter().any(|r| r.name.is_some()) {
                             self.aligned.mark(id);
+                        } else {
+                            for lane in &self.lanes {
+                                let _ = lane.send(crate::runtime::Announce { id });
+                            }
                         }
                         if !asked_next.is_empty() {
                             asked_at.insert(id, std::mem::take(&mut asked_next));

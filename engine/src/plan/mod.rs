@@ -346,8 +346,6 @@ impl Plan {
 /// priority lane for barrier announcements.
 pub(crate) struct ChannelPool {
     edges: Mutex<HashMap<EdgeId, Box<dyn Any + Send>>>,
-    /// Per edge: the index of its first channel among the receiving task's inputs.
-    offsets: HashMap<EdgeId, usize>,
     /// Per (task head, subtask): its lane, if barriers are announced.
     lanes: HashMap<(NodeId, usize), Sender<Announce>>,
     lane_ends: Mutex<HashMap<(NodeId, usize), Receiver<Announce>>>,
@@ -363,7 +361,6 @@ impl ChannelPool {
         announce: bool,
     ) -> ChannelPool {
         let mut map = HashMap::new();
-        let mut offsets = HashMap::new();
         let mut lanes = HashMap::new();
         let mut lane_ends = HashMap::new();
         for (e, edge) in graph.edges.iter().enumerate() {
@@ -380,33 +377,18 @@ impl ChannelPool {
                 e,
                 input.make_channels(up, down, one_to_one, capacity, batch_size),
             );
-        }
-        for (n, node) in graph.nodes.iter().enumerate() {
-            let mut offset = 0;
-            for &e in &node.in_edges {
-                if plan.chained[e] {
-                    continue;
-                }
-                let edge = &graph.edges[e];
-                let (up, down) = (plan.parallelism[edge.from], plan.parallelism[edge.to]);
-                offsets.insert(e, offset);
-                offset += if edge.partition == Partition::Forward && up == down {
-                    1
-                } else {
-                    up
-                };
-            }
-            if announce && offset > 0 {
-                for s in 0..plan.parallelism[n] {
-                    let (tx, rx) = crossbeam_channel::unbounded();
-                    lanes.insert((n, s), tx);
-                    lane_ends.insert((n, s), rx);
+            if announce {
+                for s in 0..down {
+                    lanes.entry((edge.to, s)).or_insert_with(|| {
+                        let (tx, rx) = crossbeam_channel::unbounded();
+                        lane_ends.insert((edge.to, s), rx);
+                        tx
+                    });
                 }
             }
         }
         ChannelPool {
             edges: Mutex::new(map),
-            offsets,
             lanes,
             lane_ends: Mutex::new(lane_ends),
         }
@@ -431,14 +413,13 @@ impl ChannelPool {
         Ok((end, chans.pool.clone()))
     }
 
-    /// Where upstream subtask `up` of edge `e` announces barriers, per output channel
-    /// (empty unless barriers are announced).
+    /// Where upstream subtask `up` of edge `e` announces barriers: the lanes of the
+    /// subtasks it sends to (none unless barriers are announced).
     fn lanes(&self, graph: &Graph, plan: &Plan, e: EdgeId, up: usize) -> Lanes {
         let edge = &graph.edges[e];
         let down = plan.parallelism[edge.to];
         let one_to_one =
             edge.partition == Partition::Forward && plan.parallelism[edge.from] == down;
-        let offset = self.offsets.get(&e).copied().unwrap_or(0);
         let targets: Vec<usize> = if one_to_one {
             vec![up]
         } else {
@@ -446,11 +427,14 @@ impl ChannelPool {
         };
         targets
             .into_iter()
-            .filter_map(|d| {
-                let lane = self.lanes.get(&(edge.to, d))?.clone();
-                Some((lane, offset + if one_to_one { 0 } else { up }))
-            })
+            .filter_map(|d| self.lanes.get(&(edge.to, d)).cloned())
             .collect()
+    }
+
+    /// Every task's lane, for the driver to announce a triggered checkpoint to all of
+    /// them (empty unless barriers are announced).
+    pub fn all_lanes(&self) -> Vec<Sender<Announce>> {
+        self.lanes.values().cloned().collect()
     }
 
     /// The lane task `node`'s subtask reads announcements from, if barriers are

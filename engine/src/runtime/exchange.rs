@@ -153,9 +153,9 @@ impl<T: Data, P: Partitioner<T>> Collector<T> for ExchangeOut<T, P> {
     fn barrier(&mut self, id: CheckpointId, _snap: &mut TaskSnapshot) -> Result<()> {
         // Announce first: a receiver that goes unaligned reads its channel ahead to the
         // barrier, which makes room for the records and the barrier still to send.
-        for (lane, input) in &self.lanes {
+        for lane in &self.lanes {
             // A receiver that is gone fails its attempt on its own.
-            let _ = lane.send(Announce { input: *input, id });
+            let _ = lane.send(Announce { id });
         }
         self.broadcast(|| Message::Barrier(id))
     }

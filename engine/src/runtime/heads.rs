@@ -728,12 +728,13 @@ impl<T: Data> InputHead<T> {
             inp.since = Some(Instant::now());
         }
         let keep = self.env.aligned.contains(a.id);
-        let step = inp.aligner.on_announce(a.input, a.id, keep, self.now_ms());
+        let step = inp.aligner.on_announce(a.id, keep, self.now_ms());
         self.step(inp, step)
     }
 
-    /// Read inputs whose barrier was announced ahead to that barrier, storing what is
-    /// in front of it, without processing it yet.
+    /// Read inputs being captured ahead to their barrier, storing what is in front of
+    /// it, without processing it yet: the barrier is found at once, and the senders are
+    /// not held back on their way to theirs.
     fn read_ahead(&mut self, inp: &mut Inputs<T>, rx: &[Receiver<Message<T>>]) -> Result<()> {
         for (i, rx) in rx.iter().enumerate() {
             while inp.aligner.drain(i)

@@ -146,18 +146,18 @@ pub(crate) enum Message<T> {
     End,
 }
 
-/// A barrier announced on a task's priority lane as its sender puts it into input
-/// channel `input` of the task: in unaligned mode the task learns of the barrier at
-/// once, not after the records queued in front of it (see [`crate::aligner`]).
+/// Checkpoint `id` announced on a task's priority lane, by the driver as it triggers
+/// the checkpoint and by each sender as it puts the barrier into one of the task's
+/// input channels: in unaligned mode the task learns of the checkpoint at once, not
+/// after the records queued in front of the barrier (see [`crate::aligner`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Announce {
-    pub input: usize,
     pub id: CheckpointId,
 }
 
-/// Where a sender announces barriers: per output channel, the receiving task's lane and
-/// the channel's input index there. Empty unless checkpoints may be unaligned.
-pub(crate) type Lanes = Vec<(Sender<Announce>, usize)>;
+/// Where a sender announces barriers: the lanes of the tasks it sends to. Empty unless
+/// checkpoints may be unaligned.
+pub(crate) type Lanes = Vec<Sender<Announce>>;
 
 /// Checkpoints that must be taken aligned whatever the mode: the final one, a stop and
 /// savepoints. Their snapshots are the end of a run (or the start of another version of
