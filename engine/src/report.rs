@@ -21,8 +21,9 @@ pub struct CheckpointStats {
     /// Longest time any task spent on this checkpoint before resuming its input.
     pub max_sync_pause: Duration,
     /// Longest barrier alignment of any task with several inputs: from the first input's
-    /// barrier to the last one's. In exactly-once mode the inputs whose barrier arrived
-    /// are not read meanwhile; in at-least-once mode they are.
+    /// barrier (or, with unaligned checkpoints, the checkpoint's announcement) to the
+    /// snapshot. In exactly-once mode the inputs whose barrier arrived are not read
+    /// meanwhile; in at-least-once mode they are; an unaligned snapshot ends it early.
     pub max_alignment: Duration,
     /// Bytes of records in flight stored by unaligned snapshots (see
     /// [`JobBuilder::aligned_checkpoint_timeout`](crate::dsl::JobBuilder::aligned_checkpoint_timeout)).
