@@ -19,7 +19,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{cores, env_num, listing, periodic, CountSink};
+use common::{cores, env_num, listing, periodic, spread_key, CountSink};
 use exactly::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -97,8 +97,7 @@ fn run(
     job.source(
         "events",
         GeneratorSource::new(events, move |i| Event {
-            key: ((u128::from(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)) * u128::from(keys)) >> 64)
-                as u64,
+            key: spread_key(i, keys),
             amount: (i % 100) as i64,
         })
         .with_splits(PARALLELISM as u64),

@@ -10,7 +10,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{cores, env_num, listing, median, periodic, CountSink};
+use common::{cores, env_num, listing, median, periodic, spread_key, CountSink};
 use exactly::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -73,10 +73,7 @@ fn run_on(
     job.source(
         "events",
         GeneratorSource::new(events, move |i| Event {
-            // Multiply-shift onto [0, keys): the generator divides nothing per event
-            // (a `%` by a key count known only at run time is a division).
-            key: ((u128::from(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)) * u128::from(keys)) >> 64)
-                as u64,
+            key: spread_key(i, keys),
             amount: (i % 100) as i64,
         })
         .with_splits(PARALLELISM as u64),

@@ -43,6 +43,13 @@ pub fn periodic<X>(report: &JobReport, f: impl Fn(&CheckpointStats) -> X) -> Vec
         .collect()
 }
 
+/// Event `i`'s key among `keys`, spread by multiply-shift: the generator divides
+/// nothing per event (a `%` by a key count known only at run time is a division).
+#[inline]
+pub fn spread_key(i: u64, keys: u64) -> u64 {
+    ((u128::from(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)) * u128::from(keys)) >> 64) as u64
+}
+
 /// The median of `v` (zero when empty).
 pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
