@@ -150,7 +150,7 @@ fn main() {
     for mode in modes {
         let (elapsed, r) = run(events, 10_000, spin_ns, interval, mode);
         let eps = events as f64 / elapsed.as_secs_f64();
-        let unaligned = periodic(&r, |c| c.unaligned_tasks > 0)
+        let unaligned = periodic(&r, |c| !c.unaligned_tasks.is_empty())
             .into_iter()
             .filter(|u| *u)
             .count();

@@ -91,7 +91,7 @@ fn main() {
     let unaligned = report
         .checkpoints
         .iter()
-        .filter(|c| c.unaligned_tasks > 0)
+        .filter(|c| !c.unaligned_tasks.is_empty())
         .count();
     let mut inflight: Vec<u64> = report
         .checkpoints

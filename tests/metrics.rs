@@ -147,5 +147,16 @@ fn a_running_job_serves_its_metrics_for_prometheus() {
         body.contains("exactly_checkpoint_duration_seconds"),
         "the duration family: {body}"
     );
+    // A stop checkpoint is always aligned: nothing in flight.
+    assert_eq!(
+        sample(&body, "exactly_checkpoint_unaligned_tasks", &job_label),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "exactly_checkpoint_inflight_bytes", &job_label),
+        Some(0.0),
+        "{body}"
+    );
     assert_eq!(sample(&body, read[0], &read[1..]), Some(half), "{body}");
 }

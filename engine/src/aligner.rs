@@ -225,6 +225,11 @@ impl BarrierAligner {
             return self.try_captured();
         }
         if self.inputs[i] == Input::Capturing {
+            if self.capturing.is_some_and(|c| id < c) {
+                // An older checkpoint's barrier still in front of the captured one (that
+                // checkpoint was aborted): stale, the capture goes on.
+                return Step::Wait;
+            }
             // A newer barrier before the captured one: that checkpoint was abandoned
             // upstream and its in-flight data will never be complete.
             self.abandon_capture();
@@ -529,6 +534,20 @@ mod tests {
         assert_eq!(a.on_barrier(1, c(4), true, 5), Step::Aligned(c(4)));
         // The next one may go unaligned again.
         assert_eq!(a.on_announce(c(5), false, 6), Step::Unaligned(c(5)));
+    }
+
+    #[test]
+    fn an_aborted_checkpoints_late_barrier_does_not_cancel_the_capture() {
+        // Checkpoint 1 (a savepoint: kept aligned) is aligning when it is aborted; 2 is
+        // announced and captured while 1's barrier is still queued on input 1.
+        let mut a = BarrierAligner::new(2, UNALIGNED);
+        assert_eq!(a.on_barrier(0, c(1), true, 0), Step::Wait);
+        assert_eq!(a.on_announce(c(2), false, 5), Step::Unaligned(c(2)));
+        assert_eq!(a.on_barrier(1, c(1), true, 6), Step::Wait);
+        assert_eq!(a.capturing(), Some(c(2)), "the capture of 2 goes on");
+        assert!(a.is_capturing(1));
+        assert_eq!(a.on_barrier(1, c(2), false, 7), Step::Wait);
+        assert_eq!(a.on_barrier(0, c(2), false, 8), Step::Captured(c(2)));
     }
 
     #[test]

@@ -28,8 +28,9 @@ pub struct CheckpointStats {
     /// Bytes of records in flight stored by unaligned snapshots (see
     /// [`JobBuilder::aligned_checkpoint_timeout`](crate::dsl::JobBuilder::aligned_checkpoint_timeout)).
     pub inflight_bytes: u64,
-    /// Task instances that snapshotted unaligned (0: the checkpoint was aligned).
-    pub unaligned_tasks: usize,
+    /// The task instances (task, subtask) that snapshotted unaligned, in order; empty
+    /// when the checkpoint was aligned everywhere.
+    pub unaligned_tasks: Vec<(String, usize)>,
     /// Whether it was the final checkpoint.
     pub is_final: bool,
     /// Bytes of keyed state per stateful operator (summed over subtasks): the encoded

@@ -88,6 +88,9 @@ pub(crate) fn checkpoint_completed(job: &str, c: &CheckpointStats) {
     gauge!("exactly_checkpoint_last_id", "job" => job.clone()).set(c.id.0 as f64);
     gauge!("exactly_checkpoint_state_bytes", "job" => job.clone()).set(c.state_bytes as f64);
     gauge!("exactly_checkpoint_uploaded_bytes", "job" => job.clone()).set(c.uploaded_bytes as f64);
+    gauge!("exactly_checkpoint_inflight_bytes", "job" => job.clone()).set(c.inflight_bytes as f64);
+    gauge!("exactly_checkpoint_unaligned_tasks", "job" => job.clone())
+        .set(c.unaligned_tasks.len() as f64);
     for (op, bytes) in &c.state_bytes_by_operator {
         gauge!("exactly_operator_state_bytes", "job" => job.clone(), "operator" => op.clone())
             .set(*bytes as f64);

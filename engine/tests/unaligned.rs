@@ -161,7 +161,11 @@ fn an_unaligned_checkpoint_overtakes_the_backlog_and_a_restore_replays_it() {
         .find(|c| c.id == id)
         .cloned()
         .unwrap();
-    assert!(c.unaligned_tasks > 0, "{c:?}");
+    assert_eq!(
+        c.unaligned_tasks,
+        vec![("gated".to_string(), 0)],
+        "the keyed task went unaligned"
+    );
     assert!(
         c.inflight_bytes > 0,
         "the overtaken backlog is stored: {c:?}"
@@ -181,4 +185,95 @@ fn an_unaligned_checkpoint_overtakes_the_backlog_and_a_restore_replays_it() {
     let report = job(&storage, false, &gate, &sink, &stats).run().unwrap();
     assert_eq!(report.restored_from, Some(id));
     check_output(sink.committed());
+}
+
+/// `source (2) → gate (1) → sink`: the gate is a task of its own, fed by two channels.
+/// At parallelism 1 everywhere it is chained into the source's task and has no input
+/// to replay records in flight into.
+fn forward_job(
+    storage: &exactly_engine::storage::CheckpointStorage,
+    source_parallelism: usize,
+    gate: &Gated,
+    sink: &CollectSink<u64>,
+) -> Job {
+    let job = Job::builder("chained")
+        .checkpoint_storage_instance(storage.clone())
+        .parallelism(source_parallelism)
+        .batch_size(BATCH)
+        .channel_capacity(CAPACITY)
+        .restart_policy(RestartPolicy::none())
+        .unaligned_checkpoints()
+        .build()
+        .unwrap();
+    let g = gate.clone();
+    job.source(
+        "numbers",
+        VecSource::new((0..RECORDS).collect()).with_splits(2),
+    )
+    .map(move |r: u64| {
+        while !g.open.load(Ordering::SeqCst) {
+            let p = g.permits.load(Ordering::SeqCst);
+            if p > 0
+                && g.permits
+                    .compare_exchange(p, p - 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        g.processed.fetch_add(1, Ordering::SeqCst);
+        r
+    })
+    .name("gate")
+    .parallelism(1)
+    .sink("out", sink.clone());
+    job
+}
+
+#[test]
+fn records_in_flight_of_a_task_that_chaining_removed_are_refused_not_dropped() {
+    let storage = exactly_engine::storage::CheckpointStorage::in_memory();
+    let sink = CollectSink::new();
+    let gate = Gated {
+        permits: Arc::new(AtomicU64::new(BATCH as u64)),
+        processed: Arc::new(AtomicU64::new(0)),
+        open: Arc::new(AtomicBool::new(false)),
+    };
+    let handle = forward_job(&storage, 2, &gate, &sink).start().unwrap();
+    until(|| gate.processed.load(Ordering::SeqCst) == BATCH as u64);
+    // The gate has finished its first batch and waits: the checkpoint overtakes the
+    // backlog queued in front of it.
+    let id = std::thread::scope(|s| {
+        let asked = s.spawn(|| handle.checkpoint());
+        while !asked.is_finished() {
+            gate.permits.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        asked.join().unwrap().unwrap()
+    });
+    handle.cancel();
+    gate.open.store(true, Ordering::SeqCst);
+    assert!(handle.wait().is_err());
+
+    // At parallelism 1 the gate is chained behind the source: its records in flight
+    // would be lost, so the restore is refused, naming them.
+    let err = forward_job(&storage, 1, &gate, &sink).run().unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("checkpoint {}", id.0))
+            && msg.contains("records in flight of task 'gate'")
+            && msg.contains("old parallelism"),
+        "{msg}"
+    );
+    // At the old parallelism it restores and finishes exactly once.
+    let report = forward_job(&storage, 2, &gate, &sink).run().unwrap();
+    assert_eq!(report.restored_from, Some(id));
+    let mut got = sink.committed();
+    got.sort_unstable();
+    assert!(
+        got == (0..RECORDS).collect::<Vec<_>>(),
+        "{} records",
+        got.len()
+    );
 }

@@ -619,6 +619,27 @@ fn check_all_state_restores(
 ) -> Result<()> {
     for n in &graph.nodes {
         let Some(old) = &n.restores else { continue };
+        // A task's records in flight follow its head's rename, whether or not that
+        // operator has state of its own (a sink, a union).
+        let (old_flight, new_flight) = (inflight::operator_of(old), inflight::operator_of(&n.op));
+        match (
+            state.operators.contains_key(&old_flight),
+            state.operators.contains_key(&new_flight),
+        ) {
+            (true, true) => {
+                return Err(Error::config(format!(
+                    "checkpoint {checkpoint} holds records in flight of both tasks '{old}' and \
+                     '{}'; task '{}' cannot replay those of '{old}' without dropping its own",
+                    n.op, n.op
+                )))
+            }
+            (true, false) => {
+                if let Some(snaps) = state.operators.remove(&old_flight) {
+                    state.operators.insert(new_flight, snaps);
+                }
+            }
+            _ => {}
+        }
         match (
             state.operators.contains_key(old),
             state.operators.contains_key(&n.op),
@@ -635,9 +656,6 @@ fn check_all_state_restores(
                 if let Some(snaps) = state.operators.remove(old) {
                     state.operators.insert(n.op.clone(), snaps);
                 }
-                if let Some(snaps) = state.operators.remove(&inflight::operator_of(old)) {
-                    state.operators.insert(inflight::operator_of(&n.op), snaps);
-                }
                 if let Some(types) = state.types.remove(old) {
                     state.types.insert(n.op.clone(), types);
                 }
@@ -646,11 +664,15 @@ fn check_all_state_restores(
             _ => {}
         }
     }
-    // Records in flight of an unaligned checkpoint belong to the task they were read by.
-    let in_flight: Vec<OperatorId> = graph
-        .nodes
+    // Records in flight of an unaligned checkpoint are replayed by the task they were
+    // read by, so only the heads of this run's tasks with inputs take them: an operator
+    // chained into another task now (its parallelism changed) has no input of its own.
+    let plan = Plan::new(graph, s.parallelism);
+    let in_flight: Vec<OperatorId> = plan
+        .heads
         .iter()
-        .map(|n| inflight::operator_of(&n.op))
+        .filter(|&&h| !graph.nodes[h].in_edges.is_empty())
+        .map(|&h| inflight::operator_of(&graph.nodes[h].op))
         .collect();
     let known: HashSet<&OperatorId> = graph
         .nodes
@@ -686,10 +708,18 @@ fn check_all_state_restores(
         return Ok(());
     }
     if !s.allow_non_restored_state {
+        let flight = if orphans.iter().any(|o| o.starts_with("records in flight")) {
+            " (records in flight of an unaligned checkpoint are replayed by the task that \
+             read them: if a parallelism change chained that operator into another task, \
+             restore at the old parallelism, then take a savepoint, which is always \
+             aligned, before changing it)"
+        } else {
+            ""
+        };
         return Err(Error::config(format!(
             "checkpoint {checkpoint} holds {} that this job has no operator for: was an \
              operator renamed or removed? Give it back its old name to restore it, or call \
-             JobBuilder::allow_non_restored_state() to drop it on purpose",
+             JobBuilder::allow_non_restored_state() to drop it on purpose{flight}",
             orphans.join(", ")
         )));
     }
@@ -1030,7 +1060,7 @@ impl Driver<'_> {
         let mut pauses: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
         let mut aligns: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
         // Bytes in flight stored and tasks that went unaligned, per checkpoint.
-        let mut unaligned: BTreeMap<CheckpointId, (u64, usize)> = BTreeMap::new();
+        let mut unaligned: BTreeMap<CheckpointId, (u64, Vec<(String, usize)>)> = BTreeMap::new();
         let mut op_bytes: BTreeMap<CheckpointId, BTreeMap<String, u64>> = BTreeMap::new();
         // Checkpoints whose manifest is written, waiting for the commit lane.
         let mut committing: BTreeMap<CheckpointId, CheckpointStats> = BTreeMap::new();
@@ -1058,7 +1088,7 @@ impl Driver<'_> {
                     if went_unaligned {
                         let u = unaligned.entry(id).or_default();
                         u.0 += inflight_bytes;
-                        u.1 += 1;
+                        u.1.push((key.task.0.clone(), key.subtask.0));
                     }
                     let p = pauses.entry(id).or_insert(Duration::ZERO);
                     *p = (*p).max(sync_pause);
@@ -1306,7 +1336,13 @@ impl Driver<'_> {
                                 max_sync_pause: pauses.remove(&id).unwrap_or_default(),
                                 max_alignment: aligns.remove(&id).unwrap_or_default(),
                                 inflight_bytes: unaligned.get(&id).map_or(0, |u| u.0),
-                                unaligned_tasks: unaligned.remove(&id).map_or(0, |u| u.1),
+                                unaligned_tasks: unaligned
+                                    .remove(&id)
+                                    .map(|mut u| {
+                                        u.1.sort();
+                                        u.1
+                                    })
+                                    .unwrap_or_default(),
                                 is_final,
                                 state_bytes_by_operator: op_bytes.remove(&id).unwrap_or_default(),
                                 metrics: self.metrics.snapshot(),

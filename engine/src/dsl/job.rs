@@ -174,25 +174,32 @@ impl JobBuilder {
         self
     }
 
-    /// Let a checkpoint go **unaligned** once its barriers have been aligning at a task
-    /// for `timeout` (`Duration::ZERO`: always unaligned; default: always aligned).
+    /// Let a checkpoint go **unaligned** once it has been in progress at a task for
+    /// `timeout`, counted from the moment the task heard of it (`Duration::ZERO`: always
+    /// unaligned; default: always aligned).
     ///
     /// An aligned barrier waits behind every record queued in the channels in front of
     /// it, so under backpressure a checkpoint takes as long as the backlog takes to
-    /// process. An unaligned one overtakes that backlog: senders announce each barrier
-    /// on a priority lane, the task snapshots as soon as it switches, forwards the
-    /// barrier at once, and stores with the checkpoint the records it overtook (every
-    /// record read from an input between the snapshot and that input's barrier). A
-    /// restore replays them before new input, so the guarantee is still exactly once,
-    /// also at another parallelism (records of keyed inputs go to the subtask owning
-    /// their key group). The price: checkpoints grow by the records in flight (at most
-    /// [`JobBuilder::channel_capacity`] batches per channel, reported as
-    /// `CheckpointStats::inflight_bytes`), and those records are encoded while a
-    /// checkpoint is being taken. Record types must be serializable for this (every
-    /// stream's type is, see [`crate::api::Data`]).
+    /// process. An unaligned one overtakes that backlog: the driver announces each
+    /// triggered checkpoint to every task on a priority lane (and senders announce their
+    /// barriers there), the task snapshots as soon as it switches, forwards the barrier
+    /// at once, and stores with the checkpoint the records it overtook (every record
+    /// read from an input between the snapshot and that input's barrier). A restore
+    /// replays them before new input, so the guarantee is still exactly once, also at
+    /// another parallelism (records of keyed inputs go to the subtask owning their key
+    /// group), as long as the tasks stay the same: an operator that a parallelism change
+    /// chains into another task has no input to replay into, and the restore is refused.
+    /// The final checkpoint, stops and savepoints are always aligned.
     ///
-    /// Tasks with one input channel snapshot at their barrier either way; what changes
-    /// for them is that the barrier reaches them ahead of the queued records.
+    /// The price: checkpoints grow by the records in flight (what the channels held when
+    /// the task switched, [`JobBuilder::channel_capacity`] batches per channel, plus what
+    /// the senders emit before their barriers; reported as
+    /// `CheckpointStats::inflight_bytes`), those records are encoded and held in memory
+    /// while a checkpoint is being taken, and record types must be serializable (every
+    /// stream's type is, see [`crate::api::Data`]). A record in flight is replayed before
+    /// event time advances after a restore, so one that came late in the interrupted run
+    /// may count as on time: with late data, results can differ from an uninterrupted
+    /// run as they can with any change of arrival order; nothing is lost or doubled.
     pub fn aligned_checkpoint_timeout(mut self, timeout: Duration) -> Self {
         self.s.aligned_timeout = Some(timeout);
         self

@@ -735,7 +735,10 @@ impl<T: Data> InputHead<T> {
     /// Read inputs being captured ahead to their barrier, storing what is in front of
     /// it, without processing it yet: the barrier is found at once, and the senders are
     /// not held back on their way to theirs.
-    fn read_ahead(&mut self, inp: &mut Inputs<T>, rx: &[Receiver<Message<T>>]) -> Result<()> {
+    /// Returns whether a barrier was taken (which can change what may be read: the
+    /// select set must be rebuilt).
+    fn read_ahead(&mut self, inp: &mut Inputs<T>, rx: &[Receiver<Message<T>>]) -> Result<bool> {
+        let mut stepped = false;
         for (i, rx) in rx.iter().enumerate() {
             while inp.aligner.drain(i)
                 && !matches!(
@@ -744,31 +747,32 @@ impl<T: Data> InputHead<T> {
                 )
             {
                 match rx.try_recv() {
-                    Ok(msg) => self.take_ahead(inp, i, msg)?,
+                    Ok(msg) => stepped |= self.take_ahead(inp, i, msg)?,
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => return Err(Error::Cancelled),
                 }
             }
         }
-        Ok(())
+        Ok(stepped)
     }
 
-    /// `msg` was read ahead on input `i`.
-    fn take_ahead(&mut self, inp: &mut Inputs<T>, i: usize, msg: Message<T>) -> Result<()> {
+    /// `msg` was read ahead on input `i`; returns whether it was the captured barrier.
+    fn take_ahead(&mut self, inp: &mut Inputs<T>, i: usize, msg: Message<T>) -> Result<bool> {
         match msg {
             Message::Barrier(id) if inp.aligner.capturing() == Some(id) => {
                 // The captured barrier: input `i`'s records in flight are complete.
                 // What was read ahead stays queued, to be processed in order.
-                self.on_barrier(inp, i, id)
+                self.on_barrier(inp, i, id)?;
+                Ok(true)
             }
             Message::Batch(b) => {
                 self.capture(inp, i, &b)?;
                 inp.ahead[i].push_back(Message::Batch(b));
-                Ok(())
+                Ok(false)
             }
             other => {
                 inp.ahead[i].push_back(other);
-                Ok(())
+                Ok(false)
             }
         }
     }
@@ -807,7 +811,9 @@ impl<T: Data> TaskHead for InputHead<T> {
                         dirty = true;
                     }
                 }
-                self.read_ahead(&mut inp, &receivers)?;
+                if self.read_ahead(&mut inp, &receivers)? {
+                    dirty = true;
+                }
             }
             if dirty {
                 sel = Select::new();
@@ -872,7 +878,8 @@ impl<T: Data> TaskHead for InputHead<T> {
                 match oper.recv(&receivers[i]) {
                     Ok(msg) => {
                         if inp.aligner.drain(i) {
-                            self.take_ahead(&mut inp, i, msg)?;
+                            // Whatever it was, the select set is rebuilt next round.
+                            let _ = self.take_ahead(&mut inp, i, msg)?;
                             dirty = true;
                             continue;
                         }
