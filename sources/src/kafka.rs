@@ -130,7 +130,10 @@ where
             )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // Records of aborted (and still open) transactions are never read; their
+            // markers occupy offsets, which the reader's offsets step over.
+            .set("isolation.level", "read_committed");
         for (k, v) in &self.config {
             c.set(k, v);
         }
