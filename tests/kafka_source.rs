@@ -88,27 +88,7 @@ fn produce(cfg: &ClientConfig, topic: &str, n: u64) {
     let producer: ThreadedProducer<Deliveries> =
         cfg.create_with_context(Deliveries::default()).unwrap();
     for seq in 0..n {
-        let e = Event {
-            seq,
-            key: (seq % 37) as u32,
-            ts: seq as i64 * 10,
-        };
-        let payload = serde_json::to_vec(&e).unwrap();
-        let key = seq.to_string();
-        let mut record = BaseRecord::to(topic)
-            .partition((seq % PARTITIONS as u64) as i32)
-            .key(&key)
-            .payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    // Queue full: let deliveries drain.
-                    std::thread::sleep(Duration::from_millis(5));
-                    record = r;
-                }
-            }
-        }
+        send_event(&producer, topic, seq);
     }
     producer.flush(Duration::from_secs(60)).unwrap();
     assert_eq!(
@@ -116,6 +96,31 @@ fn produce(cfg: &ClientConfig, topic: &str, n: u64) {
         0,
         "records of the test data were not delivered"
     );
+}
+
+/// Queue event `seq` for its partition (round-robin by sequence number).
+fn send_event(producer: &ThreadedProducer<Deliveries>, topic: &str, seq: u64) {
+    let e = Event {
+        seq,
+        key: (seq % 37) as u32,
+        ts: seq as i64 * 10,
+    };
+    let payload = serde_json::to_vec(&e).unwrap();
+    let key = seq.to_string();
+    let mut record = BaseRecord::to(topic)
+        .partition((seq % PARTITIONS as u64) as i32)
+        .key(&key)
+        .payload(&payload);
+    loop {
+        match producer.send(record) {
+            Ok(()) => break,
+            Err((_, r)) => {
+                // Queue full: let deliveries drain.
+                std::thread::sleep(Duration::from_millis(5));
+                record = r;
+            }
+        }
+    }
 }
 
 type Decode = fn(&[u8]) -> serde_json::Result<Event>;
@@ -384,27 +389,7 @@ fn produce_transactions(topic: &str, txns: u64, per_txn: u64) -> Vec<u64> {
         producer.begin_transaction().unwrap();
         let mut this = Vec::new();
         for _ in 0..per_txn {
-            let e = Event {
-                seq,
-                key: (seq % 37) as u32,
-                ts: seq as i64 * 10,
-            };
-            let payload = serde_json::to_vec(&e).unwrap();
-            let key = seq.to_string();
-            let mut record = BaseRecord::to(topic)
-                .partition((seq % PARTITIONS as u64) as i32)
-                .key(&key)
-                .payload(&payload);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        // Queue full: let deliveries drain.
-                        std::thread::sleep(Duration::from_millis(5));
-                        record = r;
-                    }
-                }
-            }
+            send_event(&producer, topic, seq);
             this.push(seq);
             seq += 1;
         }
