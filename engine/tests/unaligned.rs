@@ -154,6 +154,9 @@ fn an_unaligned_checkpoint_overtakes_the_backlog_and_a_restore_replays_it() {
         during < BACKLOG / 2,
         "the checkpoint completed after {during} records, of a backlog of at least {BACKLOG}"
     );
+    // The figures reach `on_checkpoint` once the checkpoint's output is committed,
+    // which may be just after `checkpoint()` returned.
+    until(|| stats.lock().unwrap().iter().any(|c| c.id == id));
     let c = stats
         .lock()
         .unwrap()
@@ -189,12 +192,15 @@ fn an_unaligned_checkpoint_overtakes_the_backlog_and_a_restore_replays_it() {
 
 /// `source (2) → gate (1) → sink`: the gate is a task of its own, fed by two channels.
 /// At parallelism 1 everywhere it is chained into the source's task and has no input
-/// to replay records in flight into.
+/// to replay records in flight into. The gate is named `name`, restoring the state of
+/// `restores` if given.
 fn forward_job(
     storage: &exactly_engine::storage::CheckpointStorage,
     source_parallelism: usize,
     gate: &Gated,
     sink: &CollectSink<u64>,
+    name: &str,
+    restores: Option<&str>,
 ) -> Job {
     let job = Job::builder("chained")
         .checkpoint_storage_instance(storage.clone())
@@ -206,41 +212,45 @@ fn forward_job(
         .build()
         .unwrap();
     let g = gate.clone();
-    job.source(
-        "numbers",
-        VecSource::new((0..RECORDS).collect()).with_splits(2),
-    )
-    .map(move |r: u64| {
-        while !g.open.load(Ordering::SeqCst) {
-            let p = g.permits.load(Ordering::SeqCst);
-            if p > 0
-                && g.permits
-                    .compare_exchange(p, p - 1, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-            {
-                break;
+    let gated = job
+        .source(
+            "numbers",
+            VecSource::new((0..RECORDS).collect()).with_splits(2),
+        )
+        .map(move |r: u64| {
+            while !g.open.load(Ordering::SeqCst) {
+                let p = g.permits.load(Ordering::SeqCst);
+                if p > 0
+                    && g.permits
+                        .compare_exchange(p, p - 1, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    break;
+                }
+                std::thread::yield_now();
             }
-            std::thread::yield_now();
-        }
-        g.processed.fetch_add(1, Ordering::SeqCst);
-        r
-    })
-    .name("gate")
-    .parallelism(1)
-    .sink("out", sink.clone());
+            g.processed.fetch_add(1, Ordering::SeqCst);
+            r
+        })
+        .name(name);
+    let gated = match restores {
+        Some(old) => gated.restore_state_of(old),
+        None => gated,
+    };
+    gated.parallelism(1).sink("out", sink.clone());
     job
 }
 
-#[test]
-fn records_in_flight_of_a_task_that_chaining_removed_are_refused_not_dropped() {
-    let storage = exactly_engine::storage::CheckpointStorage::in_memory();
-    let sink = CollectSink::new();
-    let gate = Gated {
-        permits: Arc::new(AtomicU64::new(BATCH as u64)),
-        processed: Arc::new(AtomicU64::new(0)),
-        open: Arc::new(AtomicBool::new(false)),
-    };
-    let handle = forward_job(&storage, 2, &gate, &sink).start().unwrap();
+/// Run the forward job at source parallelism 2 until an unaligned checkpoint stored
+/// the gate's backlog, then cancel it; returns that checkpoint.
+fn checkpoint_with_records_in_flight(
+    storage: &exactly_engine::storage::CheckpointStorage,
+    gate: &Gated,
+    sink: &CollectSink<u64>,
+) -> exactly_engine::ids::CheckpointId {
+    let handle = forward_job(storage, 2, gate, sink, "gate", None)
+        .start()
+        .unwrap();
     until(|| gate.processed.load(Ordering::SeqCst) == BATCH as u64);
     // The gate has finished its first batch and waits: the checkpoint overtakes the
     // backlog queued in front of it.
@@ -255,10 +265,39 @@ fn records_in_flight_of_a_task_that_chaining_removed_are_refused_not_dropped() {
     handle.cancel();
     gate.open.store(true, Ordering::SeqCst);
     assert!(handle.wait().is_err());
+    id
+}
+
+fn new_gate() -> Gated {
+    Gated {
+        permits: Arc::new(AtomicU64::new(BATCH as u64)),
+        processed: Arc::new(AtomicU64::new(0)),
+        open: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+fn all_records_once(sink: &CollectSink<u64>) {
+    let mut got = sink.committed();
+    got.sort_unstable();
+    assert!(
+        got == (0..RECORDS).collect::<Vec<_>>(),
+        "{} records",
+        got.len()
+    );
+}
+
+#[test]
+fn records_in_flight_of_a_task_that_chaining_removed_are_refused_not_dropped() {
+    let storage = exactly_engine::storage::CheckpointStorage::in_memory();
+    let sink = CollectSink::new();
+    let gate = new_gate();
+    let id = checkpoint_with_records_in_flight(&storage, &gate, &sink);
 
     // At parallelism 1 the gate is chained behind the source: its records in flight
     // would be lost, so the restore is refused, naming them.
-    let err = forward_job(&storage, 1, &gate, &sink).run().unwrap_err();
+    let err = forward_job(&storage, 1, &gate, &sink, "gate", None)
+        .run()
+        .unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains(&format!("checkpoint {}", id.0))
@@ -267,13 +306,24 @@ fn records_in_flight_of_a_task_that_chaining_removed_are_refused_not_dropped() {
         "{msg}"
     );
     // At the old parallelism it restores and finishes exactly once.
-    let report = forward_job(&storage, 2, &gate, &sink).run().unwrap();
+    let report = forward_job(&storage, 2, &gate, &sink, "gate", None)
+        .run()
+        .unwrap();
     assert_eq!(report.restored_from, Some(id));
-    let mut got = sink.committed();
-    got.sort_unstable();
-    assert!(
-        got == (0..RECORDS).collect::<Vec<_>>(),
-        "{} records",
-        got.len()
-    );
+    all_records_once(&sink);
+}
+
+#[test]
+fn records_in_flight_follow_a_renamed_task_without_state() {
+    let storage = exactly_engine::storage::CheckpointStorage::in_memory();
+    let sink = CollectSink::new();
+    let gate = new_gate();
+    let id = checkpoint_with_records_in_flight(&storage, &gate, &sink);
+    // The gate (a map: no state of its own) renamed on purpose: its backlog goes with
+    // it and is replayed.
+    let report = forward_job(&storage, 2, &gate, &sink, "gate-v2", Some("gate"))
+        .run()
+        .unwrap();
+    assert_eq!(report.restored_from, Some(id));
+    all_records_once(&sink);
 }
