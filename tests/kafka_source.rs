@@ -46,8 +46,8 @@ struct Event {
     ts: i64,
 }
 
-/// A fresh topic with `n` events spread round-robin over the partitions.
-fn topic_with(name: &str, n: u64) -> String {
+/// A new, empty topic named after `name`, with `PARTITIONS` partitions.
+fn fresh_topic(name: &str) -> String {
     let topic = format!(
         "{name}-{}",
         std::time::SystemTime::now()
@@ -56,6 +56,12 @@ fn topic_with(name: &str, n: u64) -> String {
             .as_nanos()
     );
     create_topic(&topic, PARTITIONS);
+    topic
+}
+
+/// A fresh topic with `n` events spread round-robin over the partitions.
+fn topic_with(name: &str, n: u64) -> String {
+    let topic = fresh_topic(name);
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers());
     cfg.set("batch.num.messages", "1").set("linger.ms", "0");
@@ -409,14 +415,7 @@ fn produce_transactions(topic: &str, txns: u64, per_txn: u64) -> Vec<u64> {
 
 #[test]
 fn a_transactional_topic_is_read_committed_exactly_once() {
-    let topic = format!(
-        "txn-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    create_topic(&topic, PARTITIONS);
+    let topic = fresh_topic("txn");
     // 30 transactions of 600 events: 10 aborted, 12,000 events committed.
     let committed = produce_transactions(&topic, 30, 600);
     assert_eq!(committed.len(), 12_000);

@@ -24,6 +24,20 @@ pub fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>, what: &s
     })
 }
 
+/// The key group of `key`: the hash of its postcard encoding, written into `buf`
+/// (cleared first; a scratch buffer kept by the caller, so nothing is allocated).
+#[inline]
+pub fn key_group_of<K: Serialize + ?Sized>(
+    key: &K,
+    buf: &mut Vec<u8>,
+    max_parallelism: u16,
+    what: &str,
+) -> Result<crate::ids::KeyGroup> {
+    buf.clear();
+    encode_into(key, buf, what)?;
+    Ok(crate::ids::key_group_of_bytes(buf, max_parallelism))
+}
+
 /// Postcard output appended to a vector, byte strings copied in one go. (postcard's own
 /// `to_extend` pushes them byte by byte: a quarter of the snapshot encoder's time for
 /// string keys.)

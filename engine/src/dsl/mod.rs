@@ -423,9 +423,8 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
         });
         g.nodes[node].input = Some(Arc::new(NodeInput { op }));
         let kf = self.key_fn.clone();
-        let key_group: KeyGroupFn<T> = Arc::new(move |r: &T, max: u16| {
-            let key = crate::codec::encode(&kf(r), "key")?;
-            Ok(crate::ids::key_group_of_bytes(&key, max))
+        let key_group: KeyGroupFn<T> = Arc::new(move |r: &T, max: u16, buf: &mut Vec<u8>| {
+            crate::codec::key_group_of(&kf(r), buf, max, "key")
         });
         g.connect(
             self.stream.node,

@@ -4,7 +4,7 @@ use super::{send_blocking, Announce, BatchPool, Collector, Lanes, Message, TaskS
 use crate::api::{Data, Key};
 use crate::codec;
 use crate::error::Result;
-use crate::ids::{key_group_of_bytes, subtask_for_key_group, CheckpointId, KeyGroup};
+use crate::ids::{subtask_for_key_group, CheckpointId, KeyGroup};
 use crate::time::Timestamp;
 use crossbeam_channel::Sender;
 use std::sync::atomic::AtomicBool;
@@ -65,9 +65,7 @@ impl<T, K: Key, F: Fn(&T) -> K> Partitioner<T> for ByKeyGroup<K, F> {
             self.set_channels(channels);
         }
         let key = (self.key_fn)(record);
-        self.scratch.clear();
-        codec::encode_into(&key, &mut self.scratch, "key")?;
-        let kg = key_group_of_bytes(&self.scratch, self.max_parallelism);
+        let kg = codec::key_group_of(&key, &mut self.scratch, self.max_parallelism, "key")?;
         Ok(self.owners[kg.0 as usize] as usize)
     }
 }

@@ -17,10 +17,11 @@ use crate::error::{Error, Result};
 use crate::ids::{KeyGroupRange, OperatorId, SubtaskIndex};
 use crate::state::OperatorSnapshot;
 
-/// The key group of a record on a hash edge, for routing its records in flight.
-/// Takes the job's maximum parallelism (the number of key groups).
+/// The key group of a record on a hash edge, for routing its records in flight: given
+/// the job's maximum parallelism (the number of key groups) and a scratch buffer for
+/// the encoded key.
 pub(crate) type KeyGroupFn<T> =
-    std::sync::Arc<dyn Fn(&T, u16) -> Result<crate::ids::KeyGroup> + Send + Sync>;
+    std::sync::Arc<dyn Fn(&T, u16, &mut Vec<u8>) -> Result<crate::ids::KeyGroup> + Send + Sync>;
 
 const VERSION: u8 = 1;
 const NOT_KEYED: u16 = u16::MAX;
@@ -40,6 +41,8 @@ pub(crate) fn task_of(op: &OperatorId) -> Option<&str> {
 pub(crate) struct InFlight {
     subtask: u32,
     inputs: Vec<Vec<u8>>,
+    /// Scratch for encoded keys.
+    key: Vec<u8>,
 }
 
 impl InFlight {
@@ -47,6 +50,7 @@ impl InFlight {
         InFlight {
             subtask: subtask.0 as u32,
             inputs: vec![Vec::new(); inputs],
+            key: Vec::new(),
         }
     }
 
@@ -66,7 +70,7 @@ impl InFlight {
         }
         for r in batch {
             let kg = match route {
-                Some(f) => f(r, max)?.0,
+                Some(f) => f(r, max, &mut self.key)?.0,
                 None => NOT_KEYED,
             };
             buf.extend_from_slice(&kg.to_le_bytes());
@@ -160,7 +164,7 @@ mod tests {
     #[test]
     fn records_in_flight_go_where_their_key_group_lives_after_a_rescale() {
         let max = 8u16;
-        let route: KeyGroupFn<u64> = Arc::new(|r: &u64, _| Ok(KeyGroup((*r % 8) as u16)));
+        let route: KeyGroupFn<u64> = Arc::new(|r: &u64, _, _| Ok(KeyGroup((*r % 8) as u16)));
         // Two old subtasks: one keyed input and one forward input each.
         let mut olds = Vec::new();
         for s in 0..2u64 {
