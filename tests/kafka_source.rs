@@ -12,7 +12,10 @@
 //!   twice into the output and none was skipped. The pipeline includes an event-time
 //!   window, so per-partition watermarks are exercised.
 //! * A partition added to the topic while an unbounded job runs is found and read from
-//!   its first record, once.
+//!   its first record, once, without a restart.
+//! * 64 partitions at parallelism 2 are read by two consumers, not 64.
+//! * Records deleted before the job read them stop it, naming them, instead of being
+//!   jumped over.
 //! * A topic written in transactions, some committed and some aborted: the job reads
 //!   exactly the committed records, once each, across crashes, restores inside the
 //!   topic and rescaling, although commit and abort markers occupy offsets between
@@ -214,6 +217,160 @@ fn check_resume_at_next_record(src: KafkaSource<Event, Decode>) {
     assert!(out.is_empty(), "records after the end: {out:?}");
 }
 
+/// Kafka clients alive in this process: librdkafka gives each exactly one thread named
+/// `rdk:main`. (The test command runs each test in a process of its own; under a plain
+/// `cargo test` the other tests' clients count too.)
+fn kafka_clients() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == "rdk:main")
+        .count()
+}
+
+/// A topic with 64 partitions read at parallelism 2 takes two consumers (one per
+/// subtask, each partition read through its own queue), not 64 clients with their
+/// threads and connections; every record is read once.
+#[test]
+fn sixty_four_partitions_take_one_consumer_per_subtask() {
+    static MOST_CLIENTS: AtomicU64 = AtomicU64::new(0);
+    const WIDE: u64 = 64;
+    let topic = format!("wide-{}", fresh_topic("x"));
+    create_topic(&topic, WIDE as i32);
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20");
+    let producer: ThreadedProducer<Deliveries> =
+        cfg.create_with_context(Deliveries::default()).unwrap();
+    for seq in 0..WIDE * 100 {
+        let payload = serde_json::to_vec(&Event { seq, key: 0, ts: 0 }).unwrap();
+        producer
+            .send(
+                BaseRecord::<(), _>::to(&topic)
+                    .partition((seq % WIDE) as i32)
+                    .payload(&payload),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    assert_eq!(producer.context().0.load(Ordering::SeqCst), 0);
+    drop(producer);
+
+    let job = Job::builder("wide")
+        .checkpoint_storage("memory://")
+        .parallelism(2)
+        .build()
+        .unwrap();
+    let out = CollectSink::new();
+    job.source("events", source(&topic))
+        .map(|e: Event| {
+            if e.seq.is_multiple_of(50) {
+                MOST_CLIENTS.fetch_max(kafka_clients() as u64, Ordering::SeqCst);
+            }
+            e.seq
+        })
+        .sink("out", out.clone());
+    job.run().unwrap();
+    assert_eq!(out.sorted(), (0..WIDE * 100).collect::<Vec<_>>());
+    let most = MOST_CLIENTS.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&most),
+        "{most} Kafka clients while reading 64 partitions at parallelism 2"
+    );
+}
+
+/// Records deleted under the offset a job must read on from (retention, or
+/// `DeleteRecords`) stop it with an error naming topic, partition and offsets: at a
+/// restore, and while it reads. Never a silent jump over the gap, which is what the
+/// consumer's default reset policy does.
+#[test]
+fn records_deleted_before_they_were_read_stop_the_job_naming_them() {
+    use exactly::engine::api::{Source, SourceContext, SourcePoll, SourceReader};
+    use exactly::engine::error::ErrorClass;
+    let topic = topic_with("deleted", 300);
+    let ctx = SourceContext {
+        operator: exactly::engine::ids::OperatorId("events".into()),
+        subtask: exactly::engine::ids::SubtaskIndex(0),
+    };
+    // Fetch one record at a time and keep at most one queued, so the reader's fetch
+    // position stays a few records ahead of what it returned.
+    let src = source(&topic)
+        .set("queued.min.messages", "1")
+        .set("fetch.message.max.bytes", "1")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.queue.backoff.ms", "5");
+    let splits = src.splits().unwrap();
+    common::kafka::delete_records_below(&topic, 0, 50);
+
+    // A restore below the log start.
+    let err = src
+        .open(&splits[0], Some(10), &ctx)
+        .err()
+        .expect("restore below the log start");
+    let msg = err.to_string();
+    for part in [
+        topic.as_str(),
+        "partition 0",
+        "offset 10",
+        "offset 50",
+        "deleted",
+    ] {
+        assert!(msg.contains(part), "'{part}' missing in: {msg}");
+    }
+    assert_eq!(
+        err.class(),
+        ErrorClass::Stop,
+        "retrying cannot bring records back"
+    );
+    // At or above the log start, the rest is read.
+    let mut at_start = src.open(&splits[0], Some(50), &ctx).unwrap();
+    let mut out = Vec::new();
+    while at_start.poll_batch(&mut out, 100).unwrap() != SourcePoll::End {}
+    assert_eq!(out.len(), 50);
+    assert_eq!(out[0].seq, 150, "partition 0's record 50 is event 150");
+
+    // While reading: partition 1 is read from its start, then its records below 90
+    // are deleted while the reader is a few records in.
+    let mut reader = src.open(&splits[1], None, &ctx).unwrap();
+    let mut read = Vec::new();
+    while read.len() < 5 {
+        let want = 5 - read.len();
+        reader.poll_batch(&mut read, want).unwrap();
+    }
+    common::kafka::delete_records_below(&topic, 1, 90);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no error after the deletion"
+        );
+        match reader.poll_batch(&mut read, 10) {
+            Ok(SourcePoll::End) => panic!(
+                "the partition ended without an error; read {:?}",
+                read.iter().map(|e| e.seq).collect::<Vec<_>>()
+            ),
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    // What was read is gap-free, and the error names the gap.
+    let seqs: Vec<u64> = read.iter().map(|e| e.seq).collect();
+    let expected: Vec<u64> = (0..seqs.len() as u64).map(|i| 1 + 3 * i).collect();
+    assert_eq!(seqs, expected, "records were skipped");
+    let msg = err.to_string();
+    for part in [
+        topic.as_str(),
+        "partition 1",
+        &format!("offset {}", seqs.len()),
+        "offset 90",
+    ] {
+        assert!(msg.contains(part), "'{part}' missing in: {msg}");
+    }
+    assert_eq!(err.class(), ErrorClass::Stop);
+}
+
 #[test]
 fn crash_restore_and_rescale_over_partitions() {
     let topic = topic_with("rescale", 30_000);
@@ -374,6 +531,9 @@ fn a_partition_added_while_the_job_runs_is_read_once() {
     handle.stop_with_checkpoint();
     let report = handle.wait().unwrap();
     assert!(report.stopped_at.is_some());
+    // Finding the partition must not cost a restart (a consumer that has been running
+    // does not know the new partition until its metadata is refreshed).
+    assert_eq!(report.restarts, 0, "the job restarted");
     assert_eq!(out.sorted(), (0..400).collect::<Vec<u64>>());
 }
 

@@ -1,4 +1,5 @@
-//! A Kafka source: one split per partition, offsets in the checkpoint.
+//! A Kafka source: one split per partition, offsets in the checkpoint, one consumer per
+//! subtask.
 //!
 //! The offset of a split is the offset of the **next** record to read, so a restored
 //! reader seeks exactly there: nothing before it is read again, nothing from it on is
@@ -12,6 +13,10 @@
 //! Event time is per partition: each partition is a split, and the engine tracks
 //! watermarks per split and merges them. Restoring at another parallelism redistributes
 //! partitions like any other splits.
+//!
+//! Records deleted before the job read them (retention, `DeleteRecords`) are an error
+//! naming topic, partition and offsets, at a restore and while reading: the consumer's
+//! `auto.offset.reset` is `error`, so librdkafka never jumps over such a gap.
 //!
 //! Partitions added to the topic while an unbounded job runs are found within a minute
 //! ([`KafkaSource::discover_partitions_every`]) and read from their first record; a
@@ -28,11 +33,15 @@ use exactly_engine::api::{Data, Source, SourceContext, SourcePoll, SourceReader}
 use exactly_engine::error::{Error, Result};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// How long metadata and watermark requests may take.
@@ -49,7 +58,36 @@ pub struct KafkaSource<T, F> {
     group: Option<String>,
     /// How often an unbounded source looks for partitions added to the topic.
     discover: Option<Duration>,
+    /// Each subtask's consumer, shared by its readers while any is open.
+    consumers: Arc<Mutex<HashMap<usize, Weak<Shared>>>>,
     _t: PhantomData<fn() -> T>,
+}
+
+/// The consumer of one subtask: every partition the subtask reads is assigned to it and
+/// read through its own partition queue, so a subtask needs one client (and its
+/// threads and connections) whatever the number of partitions.
+struct Shared {
+    consumer: Arc<BaseConsumer<GroupCommits>>,
+    /// Readers open on it.
+    readers: AtomicUsize,
+}
+
+impl Shared {
+    /// Serve the consumer's main queue: commit callbacks and client-wide errors. No
+    /// message arrives there (each partition's queue is split off before the partition
+    /// is assigned); one that did would belong to some reader, so it is an error rather
+    /// than a record dropped.
+    fn serve(&self) -> std::result::Result<(), String> {
+        match self.consumer.poll(Duration::ZERO) {
+            None => Ok(()),
+            Some(Err(e)) => Err(e.to_string()),
+            Some(Ok(m)) => Err(format!(
+                "a record of partition {} at offset {} arrived outside its partition's queue",
+                m.partition(),
+                m.offset()
+            )),
+        }
+    }
 }
 
 /// How often an unbounded source looks for new partitions unless told otherwise.
@@ -73,6 +111,7 @@ where
             config: Vec::new(),
             group: None,
             discover: Some(DISCOVER_PARTITIONS_EVERY),
+            consumers: Arc::default(),
             _t: PhantomData,
         }
     }
@@ -130,7 +169,11 @@ where
             )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            // Every reader is assigned an exact offset. If that offset stops existing
+            // (retention or `DeleteRecords` removed records the job has not read yet),
+            // librdkafka would jump to the earliest or latest record and skip the gap
+            // silently; make it an error instead.
+            .set("auto.offset.reset", "error")
             // Records of aborted (and still open) transactions are never read; their
             // markers occupy offsets, which the reader's offsets step over.
             .set("isolation.level", "read_committed");
@@ -159,6 +202,18 @@ impl ConsumerContext for GroupCommits {
             }
         }
     }
+}
+
+/// Records from `next` on, not yet processed, are gone from the partition: the broker
+/// keeps it only from `low`. Retrying cannot bring them back, so the job stops.
+fn deleted(topic: &str, partition: i32, next: i64, low: i64) -> Error {
+    Error::config(format!(
+        "Kafka topic '{topic}' partition {partition}: the job must read on from offset {next}, \
+         but the broker keeps the partition only from offset {low}: records {next}..{low} were \
+         deleted (retention or DeleteRecords) before the job processed them. Nothing after \
+         them was read. Restore the records (e.g. from a backup topic), or accept the loss \
+         deliberately by starting over with new checkpoint storage and a new output location"
+    ))
 }
 
 fn source_err(ctx: &SourceContext, message: String) -> Error {
@@ -217,29 +272,28 @@ where
             .next()
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| source_err(ctx, format!("'{split}' is not a partition split")))?;
-        let consumer = self
-            .consumer(&ctx.operator.0)
-            .map_err(|e| source_err(ctx, format!("creating a Kafka consumer: {e}")))?;
-        let (low, high) = consumer
-            .fetch_watermarks(&self.topic, partition, REQUEST_TIMEOUT)
+        let shared = self.shared(ctx, partition)?;
+        let consumer = &shared.consumer;
+        let (low, high) = watermarks(consumer, &self.topic, partition)
             .map_err(|e| source_err(ctx, format!("watermarks of {split}: {e}")))?;
         let next = from.unwrap_or(low);
         if next < low {
-            return Err(source_err(
-                ctx,
-                format!(
-                    "{split}: the checkpoint resumes at offset {next}, but the broker retains only from {low}; records were deleted before they were processed"
-                ),
-            ));
+            return Err(deleted(&self.topic, partition, next, low));
         }
+        // The partition's own queue first, so none of its records reaches the main one.
+        let queue = consumer
+            .split_partition_queue(&self.topic, partition)
+            .ok_or_else(|| source_err(ctx, format!("no queue for {split}")))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next))
             .map_err(|e| source_err(ctx, format!("{split}: {e}")))?;
         consumer
-            .assign(&tpl)
+            .incremental_assign(&tpl)
             .map_err(|e| source_err(ctx, format!("assigning {split}: {e}")))?;
+        shared.readers.fetch_add(1, Ordering::Relaxed);
         Ok(KafkaReader {
-            consumer,
+            queue,
+            shared,
             decode: self.decode.clone(),
             ctx: ctx.clone(),
             split: split.to_string(),
@@ -255,10 +309,83 @@ where
     }
 }
 
+/// The low and high watermarks of a partition. A consumer that has been running knows
+/// the topic's partitions as of its last metadata refresh; one just added to the topic
+/// is unknown to it until the next, so on `UnknownPartition` the metadata is fetched
+/// again (a few times, while the broker propagates it) before giving up.
+fn watermarks(
+    consumer: &BaseConsumer<GroupCommits>,
+    topic: &str,
+    partition: i32,
+) -> KafkaResult<(i64, i64)> {
+    use rdkafka::error::RDKafkaErrorCode::UnknownPartition;
+    let mut attempts = 0;
+    loop {
+        match consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT) {
+            Err(e) if e.rdkafka_error_code() == Some(UnknownPartition) && attempts < 20 => {
+                attempts += 1;
+                consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A fetch at an offset the partition no longer has (with `auto.offset.reset=error`).
+fn out_of_range(e: &KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode::{AutoOffsetReset, OffsetOutOfRange};
+    matches!(
+        e.rdkafka_error_code(),
+        Some(AutoOffsetReset | OffsetOutOfRange)
+    )
+}
+
+impl<T, F, E> KafkaSource<T, F>
+where
+    T: Data,
+    F: Fn(&[u8]) -> std::result::Result<T, E> + Send + Sync + 'static,
+    E: std::fmt::Display,
+{
+    /// The consumer of `ctx`'s subtask: the one its open readers use, or a new one. A
+    /// partition the subtask's consumer already reads (a second reader of one split,
+    /// which the engine never opens but a caller of the source could) gets a consumer
+    /// of its own.
+    fn shared(&self, ctx: &SourceContext, partition: i32) -> Result<Arc<Shared>> {
+        let mut consumers = self.consumers.lock().unwrap_or_else(|e| e.into_inner());
+        let subtask = ctx.subtask.0;
+        if let Some(shared) = consumers.get(&subtask).and_then(Weak::upgrade) {
+            let taken = shared
+                .consumer
+                .assignment()
+                .is_ok_and(|tpl| tpl.find_partition(&self.topic, partition).is_some());
+            if !taken {
+                return Ok(shared);
+            }
+            return Ok(Arc::new(Shared {
+                consumer: Arc::new(
+                    self.consumer(&ctx.operator.0)
+                        .map_err(|e| source_err(ctx, format!("creating a Kafka consumer: {e}")))?,
+                ),
+                readers: AtomicUsize::new(0),
+            }));
+        }
+        let consumer = self
+            .consumer(&ctx.operator.0)
+            .map_err(|e| source_err(ctx, format!("creating a Kafka consumer: {e}")))?;
+        let shared = Arc::new(Shared {
+            consumer: Arc::new(consumer),
+            readers: AtomicUsize::new(0),
+        });
+        consumers.insert(subtask, Arc::downgrade(&shared));
+        Ok(shared)
+    }
+}
+
 impl<T, F> KafkaReader<T, F> {
     /// The consumer's fetch position in the partition (the next offset it fetches).
     fn position(&self) -> Option<i64> {
-        let tpl = self.consumer.position().ok()?;
+        let tpl = self.shared.consumer.position().ok()?;
         match tpl.find_partition(&self.topic, self.partition)?.offset() {
             Offset::Offset(o) => Some(o),
             _ => None,
@@ -266,9 +393,11 @@ impl<T, F> KafkaReader<T, F> {
     }
 }
 
-/// Reads one partition.
+/// Reads one partition, through its queue of the subtask's consumer.
 pub struct KafkaReader<T, F> {
-    consumer: BaseConsumer<GroupCommits>,
+    /// Declared first: dropped before the consumer it belongs to.
+    queue: PartitionQueue<GroupCommits>,
+    shared: Arc<Shared>,
     decode: F,
     ctx: SourceContext,
     split: String,
@@ -295,15 +424,21 @@ where
     type Offset = i64;
 
     fn poll_batch(&mut self, out: &mut Vec<T>, max: usize) -> Result<SourcePoll> {
+        self.shared
+            .serve()
+            .map_err(|e| source_err(&self.ctx, format!("reading {}: {e}", self.split)))?;
+        // The only reader of its consumer waits briefly for a first record; with several,
+        // none waits (the source task pauses once all of them are idle), so one idle
+        // partition never delays the others.
+        let first_wait = if self.shared.readers.load(Ordering::Relaxed) == 1 {
+            Duration::from_millis(100)
+        } else {
+            Duration::ZERO
+        };
         let mut got = 0;
         while got < max && !self.ended {
-            // Wait briefly for the first record only; then take what is buffered.
-            let wait = if got == 0 {
-                Duration::from_millis(100)
-            } else {
-                Duration::ZERO
-            };
-            let Some(msg) = self.consumer.poll(wait) else {
+            let wait = if got == 0 { first_wait } else { Duration::ZERO };
+            let Some(msg) = self.queue.poll(wait) else {
                 break;
             };
             let msg = match msg {
@@ -323,6 +458,21 @@ where
                         break;
                     }
                     continue;
+                }
+                Err(e) if out_of_range(&e) => {
+                    let low = watermarks(&self.shared.consumer, &self.topic, self.partition)
+                        .map_err(|w| {
+                            source_err(
+                                &self.ctx,
+                                format!("reading {}: {e} (and its watermarks: {w})", self.split),
+                            )
+                        })?
+                        .0;
+                    return Err(if low > self.next {
+                        deleted(&self.topic, self.partition, self.next, low)
+                    } else {
+                        source_err(&self.ctx, format!("reading {}: {e}", self.split))
+                    });
                 }
                 Err(e) => {
                     return Err(source_err(
@@ -369,9 +519,20 @@ where
         // waits for a commit still in flight, so the final checkpoint's offset lands.
         let committed = tpl
             .add_partition_offset(&self.topic, self.partition, Offset::Offset(*offset))
-            .and_then(|()| self.consumer.commit(&tpl, CommitMode::Async));
+            .and_then(|()| self.shared.consumer.commit(&tpl, CommitMode::Async));
         if let Err(e) = committed {
-            self.consumer.context().commit_callback(Err(e), &tpl);
+            self.shared.consumer.context().commit_callback(Err(e), &tpl);
         }
+    }
+}
+
+impl<T, F> Drop for KafkaReader<T, F> {
+    /// Take the partition off the consumer, which other readers of the subtask may go on
+    /// using (the last one closes it).
+    fn drop(&mut self) {
+        self.shared.readers.fetch_sub(1, Ordering::Relaxed);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, self.partition);
+        let _ = self.shared.consumer.incremental_unassign(&tpl);
     }
 }

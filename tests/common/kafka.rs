@@ -45,6 +45,22 @@ pub fn create_topic(topic: &str, partitions: i32) {
     wait_for_leaders(&cfg, topic, partitions);
 }
 
+/// Delete the records of `topic`'s `partition` below `offset` (what retention does to
+/// old segments, at once).
+pub fn delete_records_below(topic: &str, partition: i32, offset: i64) {
+    use exactly::sources::rdkafka::{Offset, TopicPartitionList};
+    let (_, admin, rt) = admin();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .unwrap();
+    let done = rt
+        .block_on(admin.delete_records(&tpl, &AdminOptions::new()))
+        .unwrap();
+    for e in done.elements() {
+        assert!(e.error().is_ok(), "deleting records: {:?}", e.error());
+    }
+}
+
 /// Grow `topic` to `partitions` partitions and wait until each has a leader.
 pub fn add_partitions(topic: &str, partitions: usize) {
     use exactly::sources::rdkafka::admin::NewPartitions;
