@@ -3,7 +3,9 @@
 //! ```text
 //! ledger demo [--dir ledger-demo] [--events 1000000]     generate, run, verify in one go
 //! ledger generate --events N --accounts A --seed S --out payments.jsonl
-//! ledger run --input payments.jsonl --out DIR|s3://bucket/prefix --checkpoints DIR [--interval-ms 100] [--parallelism P]
+//! ledger run --input payments.jsonl|kafka://host:port/topic
+//!            --out DIR|s3://bucket/prefix|kafka://host:port/topic [--kafka-staging DIR]
+//!            --checkpoints DIR [--interval-ms 100] [--parallelism P]
 //!            [--state memory|rocksdb] [--pace-us 0 (pause per source batch)]
 //!            [--format jsonl|parquet]
 //! ledger verify --input payments.jsonl --out DIR
@@ -120,12 +122,19 @@ fn generate(a: &GenerateArgs) -> Result<()> {
 /// `ledger run`: the job.
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The payments file.
+    /// The payments file, or `kafka://host:port/topic` (feature `kafka`; JSON payments,
+    /// read to the end each partition had when the job started).
     #[arg(long)]
     input: PathBuf,
-    /// Output: a directory, or `s3://bucket/prefix` (feature `s3`).
+    /// Output: a directory, `s3://bucket/prefix` (feature `s3`), or
+    /// `kafka://host:port/topic` (feature `kafka`; one JSON balance update per record,
+    /// keyed by account, committed in transactions; needs `--kafka-staging`).
     #[arg(long)]
     out: PathBuf,
+    /// Where records for a Kafka output wait between a checkpoint's barrier and its
+    /// commit (a directory that survives restarts).
+    #[arg(long = "kafka-staging")]
+    kafka_staging: Option<PathBuf>,
     /// Checkpoint location: a directory, or `s3://bucket/prefix`.
     #[arg(long)]
     checkpoints: PathBuf,
@@ -182,11 +191,44 @@ fn run(a: &RunArgs) -> Result<()> {
             )
         })
         .build()?;
-    let balances = job
-        .source("payments", JsonLinesSource::<Payment>::new(input))
+    let payments = match kafka_topic(input) {
+        #[cfg(feature = "kafka")]
+        Some((brokers, topic)) => job.source(
+            "payments",
+            exactly::sources::KafkaSource::new(brokers, topic, |b: &[u8]| {
+                serde_json::from_slice::<Payment>(b)
+            })
+            .bounded(),
+        ),
+        #[cfg(not(feature = "kafka"))]
+        Some(_) => bail!("--input kafka://...: Kafka input needs the `kafka` feature"),
+        None => job.source("payments", JsonLinesSource::<Payment>::new(input)),
+    };
+    let balances = payments
         .key_by(|p| p.account)
         .process(Balance)
         .name("balance");
+    if let Some((brokers, topic)) = kafka_topic(out) {
+        #[cfg(feature = "kafka")]
+        {
+            use exactly::sinks::kafka::{KafkaSink, Staging};
+            let staging = a
+                .kafka_staging
+                .as_ref()
+                .context("--out kafka://... needs --kafka-staging DIR (records wait there between a checkpoint's barrier and its commit)")?;
+            let encode = |u: &BalanceUpdate, key: &mut Vec<u8>, value: &mut Vec<u8>| {
+                key.extend_from_slice(u.account.to_string().as_bytes());
+                serde_json::to_writer(value, u).expect("a balance update encodes");
+            };
+            let sink = KafkaSink::new(brokers, topic, Staging::dir(staging)?, encode)?
+                .marker_topic(&format!("{topic}-commits"));
+            balances.sink("balances", sink);
+        }
+        #[cfg(not(feature = "kafka"))]
+        bail!("--out kafka://{brokers}/{topic}: Kafka output needs the `kafka` feature");
+        #[cfg(feature = "kafka")]
+        return finish(job);
+    }
     // Part files in S3 through multipart uploads (AWS_* environment), or in a directory.
     let s3 = out.to_str().filter(|o| o.starts_with("s3://"));
     match (s3, a.format) {
@@ -213,6 +255,16 @@ fn run(a: &RunArgs) -> Result<()> {
         #[cfg(not(feature = "parquet"))]
         (_, Format::Parquet) => bail!("--format parquet needs the `parquet` feature"),
     }
+    finish(job)
+}
+
+/// `kafka://host:port[,host:port]/topic` as (brokers, topic).
+fn kafka_topic(p: &Path) -> Option<(&str, &str)> {
+    p.to_str()?.strip_prefix("kafka://")?.split_once('/')
+}
+
+/// Run the job and report how it ended.
+fn finish(job: Job) -> Result<()> {
     let report = job.run()?;
     eprintln!(
         "done in {:.2}s: restored from {:?}, {} checkpoints, {} in-process restarts",
@@ -359,6 +411,7 @@ fn demo(a: &DemoArgs) -> Result<()> {
         state: args::State::Memory,
         pace_us: 0,
         format: Format::Jsonl,
+        kafka_staging: None,
     })?;
     verify(&VerifyArgs {
         input,
