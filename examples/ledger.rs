@@ -4,7 +4,8 @@
 //! ledger demo [--dir ledger-demo] [--events 1000000]     generate, run, verify in one go
 //! ledger generate --events N --accounts A --seed S --out payments.jsonl
 //! ledger run --input payments.jsonl|kafka://host:port/topic
-//!            --out DIR|s3://bucket/prefix|kafka://host:port/topic [--kafka-staging DIR]
+//!            --out DIR|s3://bucket/prefix|kafka://host:port/topic|postgresql://...
+//!            [--kafka-staging DIR] [--pg-table balances]
 //!            --checkpoints DIR [--interval-ms 100] [--parallelism P]
 //!            [--state memory|rocksdb] [--pace-us 0 (pause per source batch)]
 //!            [--format jsonl|parquet]
@@ -126,15 +127,20 @@ struct RunArgs {
     /// read to the end each partition had when the job started).
     #[arg(long)]
     input: PathBuf,
-    /// Output: a directory, `s3://bucket/prefix` (feature `s3`), or
+    /// Output: a directory, `s3://bucket/prefix` (feature `s3`),
     /// `kafka://host:port/topic` (feature `kafka`; one JSON balance update per record,
-    /// keyed by account, committed in transactions; needs `--kafka-staging`).
+    /// keyed by account, committed in transactions; needs `--kafka-staging`), or a
+    /// `postgresql://` URL (feature `postgres`; see `--pg-table`).
     #[arg(long)]
     out: PathBuf,
     /// Where records for a Kafka output wait between a checkpoint's barrier and its
     /// commit (a directory that survives restarts).
     #[arg(long = "kafka-staging")]
     kafka_staging: Option<PathBuf>,
+    /// The table for a PostgreSQL output (`--out postgresql://...`, feature `postgres`;
+    /// created if missing; rows committed with two-phase commit).
+    #[arg(long = "pg-table", default_value = "balances")]
+    pg_table: String,
     /// Checkpoint location: a directory, or `s3://bucket/prefix`.
     #[arg(long)]
     checkpoints: PathBuf,
@@ -227,6 +233,38 @@ fn run(a: &RunArgs) -> Result<()> {
         #[cfg(not(feature = "kafka"))]
         bail!("--out kafka://{brokers}/{topic}: Kafka output needs the `kafka` feature");
         #[cfg(feature = "kafka")]
+        return finish(job);
+    }
+    if let Some(url) = out
+        .to_str()
+        .filter(|o| o.starts_with("postgresql://") || o.starts_with("postgres://"))
+    {
+        #[cfg(feature = "postgres")]
+        {
+            use exactly::sinks::postgres::client::{Client, NoTls};
+            use exactly::sinks::postgres::{PostgresSink, Sql};
+            let table = &a.pg_table;
+            Client::connect(url, NoTls)
+                .and_then(|mut c| {
+                    c.batch_execute(&format!(
+                        "CREATE TABLE IF NOT EXISTS {table} (seq bigint, account bigint, amount_cents bigint, balance_cents bigint)"
+                    ))
+                })
+                .with_context(|| format!("creating table {table} on {url}"))?;
+            let sql = Sql::insert(table, &["seq", "account", "amount_cents", "balance_cents"]);
+            let row = |u: &BalanceUpdate| {
+                (
+                    u.seq as i64,
+                    u.account as i64,
+                    u.amount_cents,
+                    u.balance_cents,
+                )
+            };
+            balances.sink("balances", PostgresSink::two_phase(url, sql, row));
+        }
+        #[cfg(not(feature = "postgres"))]
+        bail!("--out {url}: PostgreSQL output needs the `postgres` feature");
+        #[cfg(feature = "postgres")]
         return finish(job);
     }
     // Part files in S3 through multipart uploads (AWS_* environment), or in a directory.
@@ -412,6 +450,7 @@ fn demo(a: &DemoArgs) -> Result<()> {
         pace_us: 0,
         format: Format::Jsonl,
         kafka_staging: None,
+        pg_table: "balances".into(),
     })?;
     verify(&VerifyArgs {
         input,

@@ -5,7 +5,8 @@
 //! SIGKILLed at random moments while the parallelism changes between starts, and is
 //! started again until it finishes. An independent `read_committed` consumer then finds
 //! every balance update of a failure-free computation exactly once: nothing lost,
-//! nothing doubled, no balance computed from a payment counted twice.
+//! nothing doubled, no balance computed from a payment counted twice. With the
+//! `postgres` feature, the same from Kafka into a PostgreSQL table (two-phase sink).
 //!
 //! `EXACTLY_CHAOS_SEED` changes the random seed (printed, for reproduction).
 
@@ -51,6 +52,8 @@ struct BalanceUpdate {
 struct Pipeline {
     input: String,
     output: String,
+    /// PostgreSQL output instead of the `output` topic: (URL, table).
+    pg: Option<(String, String)>,
     dir: tempfile::TempDir,
     golden: Vec<BalanceUpdate>,
 }
@@ -68,6 +71,7 @@ impl Pipeline {
             output: format!("balances-{name}-{n}"),
             dir: tempfile::tempdir().unwrap(),
             golden: Vec::new(),
+            pg: None,
         };
         create_topic(&p.input, PARTITIONS);
         create_topic(&p.output, PARTITIONS);
@@ -108,6 +112,35 @@ impl Pipeline {
         Pipeline { golden, ..p }
     }
 
+    /// The same, writing into a new PostgreSQL table instead of a topic.
+    #[cfg(feature = "postgres")]
+    fn into_postgres(self) -> Pipeline {
+        let conninfo = std::env::var("EXACTLY_PG_URL").expect(
+            "EXACTLY_PG_URL is not set: run the suite with ./scripts/test.sh, which starts PostgreSQL",
+        );
+        // The example takes a URL; the test script gives `key=value` pairs.
+        let field = |k: &str| {
+            conninfo
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("no {k} in EXACTLY_PG_URL"))
+                .to_string()
+        };
+        let url = format!(
+            "postgresql://{}:{}@{}:{}/{}",
+            field("user"),
+            field("password"),
+            field("host"),
+            field("port"),
+            field("dbname")
+        );
+        let table = self.output.replace('-', "_");
+        Pipeline {
+            pg: Some((url, table)),
+            ..self
+        }
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -117,12 +150,16 @@ impl Pipeline {
         let bin = example_binary("ledger", &["kafka", "failpoints"]);
         let mut cmd = Command::new(bin);
         cmd.args(["run", "--input"])
-            .arg(format!("kafka://{}/{}", brokers(), self.input))
-            .arg("--out")
-            .arg(format!("kafka://{}/{}", brokers(), self.output))
-            .arg("--kafka-staging")
-            .arg(self.path("staging"))
-            .arg("--checkpoints")
+            .arg(format!("kafka://{}/{}", brokers(), self.input));
+        match &self.pg {
+            Some((url, table)) => cmd.args(["--out", url, "--pg-table", table]),
+            None => cmd
+                .arg("--out")
+                .arg(format!("kafka://{}/{}", brokers(), self.output))
+                .arg("--kafka-staging")
+                .arg(self.path("staging")),
+        };
+        cmd.arg("--checkpoints")
             .arg(self.path("checkpoints"))
             .args(["--interval-ms", "50", "--pace-us", "40000"])
             .args(["--parallelism", &parallelism.to_string()])
@@ -152,9 +189,25 @@ impl Pipeline {
         }
     }
 
-    /// The sum of the output partitions' end offsets (records and transaction markers):
-    /// it grows with every commit.
+    /// Grows with every commit: the sum of the output partitions' end offsets (records
+    /// and transaction markers), or the table's row count.
     fn output_end(&self) -> i64 {
+        #[cfg(feature = "postgres")]
+        if let Some((url, table)) = &self.pg {
+            use exactly::sinks::postgres::client::{Client, NoTls};
+            let mut c = Client::connect(url, NoTls).unwrap();
+            return c
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM information_schema.tables WHERE table_name = '{table}'"
+                    ),
+                    &[],
+                )
+                .ok()
+                .filter(|r| r.get::<_, i64>(0) > 0)
+                .and_then(|_| c.query_one(&format!("SELECT count(*) FROM {table}"), &[]).ok())
+                .map_or(0, |r| r.get(0));
+        }
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers())
             .create()
@@ -169,8 +222,30 @@ impl Pipeline {
             .sum()
     }
 
-    /// What a `read_committed` consumer finds in the output: every record, sorted.
+    /// What a `read_committed` consumer (or a query of the table) finds in the output:
+    /// every record, sorted.
     fn committed(&self) -> Vec<BalanceUpdate> {
+        #[cfg(feature = "postgres")]
+        if let Some((url, table)) = &self.pg {
+            use exactly::sinks::postgres::client::{Client, NoTls};
+            let mut c = Client::connect(url, NoTls).unwrap();
+            let mut got: Vec<BalanceUpdate> = c
+                .query(
+                    &format!("SELECT seq, account, amount_cents, balance_cents FROM {table}"),
+                    &[],
+                )
+                .unwrap()
+                .iter()
+                .map(|r| BalanceUpdate {
+                    seq: r.get::<_, i64>(0) as u64,
+                    account: r.get::<_, i64>(1) as u32,
+                    amount_cents: r.get(2),
+                    balance_cents: r.get(3),
+                })
+                .collect();
+            got.sort();
+            return got;
+        }
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers())
             .set("group.id", format!("verify-{}", self.output))
@@ -299,15 +374,34 @@ fn random_sigkills_with_rescaling_leave_each_balance_committed_once() {
                 | 1
         });
     println!("EXACTLY_CHAOS_SEED={seed}");
-    let p = Pipeline::new("chaos");
+    sigkill_with_rescaling(&Pipeline::new("chaos"), &mut seed);
+}
+
+/// Kafka to PostgreSQL (two-phase commit) under the same SIGKILLs: the table holds each
+/// balance update once.
+#[cfg(feature = "postgres")]
+#[test]
+fn kafka_to_postgres_under_random_sigkills_commits_each_balance_once() {
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("EXACTLY_CHAOS_SEED={seed}");
+    sigkill_with_rescaling(&Pipeline::new("pg").into_postgres(), &mut seed);
+}
+
+/// Start `p` five times at parallelism 2, 3, 1, 2, 3, SIGKILLing each start, then run it
+/// to the end and check its output.
+fn sigkill_with_rescaling(p: &Pipeline, seed: &mut u64) {
     let mut kills = 0;
     for parallelism in [2, 3, 1, 2, 3] {
         let before = p.output_end();
         let mut child = p.start(parallelism, None);
         // One start in four is killed during start-up or recovery; the others once this
         // run committed something (the output grew), plus up to 150 ms.
-        if xorshift(&mut seed).is_multiple_of(4) {
-            std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 700));
+        if xorshift(seed).is_multiple_of(4) {
+            std::thread::sleep(Duration::from_millis(xorshift(seed) % 700));
         } else {
             let deadline = Instant::now() + Duration::from_secs(60);
             while p.output_end() == before
@@ -316,7 +410,7 @@ fn random_sigkills_with_rescaling_leave_each_balance_committed_once() {
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 150));
+            std::thread::sleep(Duration::from_millis(xorshift(seed) % 150));
         }
         if child.try_wait().unwrap().is_some() {
             break; // finished before the kill
