@@ -307,6 +307,38 @@ fn transaction_timeout_below_checkpoint_interval_is_refused() {
     assert!(topic_values(&fx).is_empty());
 }
 
+/// A transaction timeout above the broker's `transaction.max.timeout.ms` (15 minutes by
+/// default) is refused by the broker when the first producer initialises; the job stops
+/// with a configuration error naming the setting (a class that is never retried, so the
+/// default restart policy does not wait it out), and nothing is committed.
+#[test]
+fn transaction_timeout_above_the_brokers_maximum_is_refused() {
+    let fx = fixture("maxtimeout");
+    let staging = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::builder(&fx.job)
+        .checkpoint_storage(dir.path().to_str().unwrap())
+        .checkpoint_every(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    job.source("n", GeneratorSource::new(10, |i| i)).sink(
+        "ledger",
+        sink(&fx, staging.path()).transaction_timeout(Duration::from_secs(3600)),
+    );
+    let err = job.run().unwrap_err();
+    assert!(
+        matches!(err, exactly::engine::error::Error::Config { .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("transaction.timeout.ms = 3600000 ms")
+            && msg.contains("transaction.max.timeout.ms"),
+        "{msg}"
+    );
+    assert!(topic_values(&fx).is_empty());
+}
+
 #[test]
 fn crashes_and_rescaling_commit_every_record_exactly_once() {
     // A stage that finishes before its crash proves nothing (checkpoints that commit
