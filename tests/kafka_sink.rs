@@ -307,6 +307,106 @@ fn transaction_timeout_below_checkpoint_interval_is_refused() {
     assert!(topic_values(&fx).is_empty());
 }
 
+/// Another producer's transaction open on the marker partition holds `read_committed`
+/// readers at its start (the last stable offset). A checkpoint's marker committed
+/// behind it is invisible to them until it ends, so a recovery that stopped reading at
+/// the first end it was shown would take the checkpoint for uncommitted and produce its
+/// records again. The recovery reads on until its position reaches the partition's end
+/// as of its start: the records stay in the topic once.
+#[test]
+fn a_marker_behind_an_open_transaction_is_found() {
+    use exactly::sources::rdkafka::producer::ThreadedProducer;
+    let fx = fixture("openmarker");
+    let staging = tempfile::tempdir().unwrap();
+    let s = sink(&fx, staging.path());
+    s.recover(&recovery(&fx, None), Vec::new()).unwrap(); // creates the marker topic
+    let foreign: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", &fx.brokers)
+        .set("transactional.id", format!("foreign-{}", fx.job))
+        .create()
+        .unwrap();
+    foreign.init_transactions(Duration::from_secs(30)).unwrap();
+    foreign.begin_transaction().unwrap();
+    foreign
+        .send(
+            exactly::sources::rdkafka::producer::BaseRecord::to(&fx.markers)
+                .partition(0)
+                .key("foreign")
+                .payload("1"),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    foreign.flush(Duration::from_secs(30)).unwrap();
+    // Checkpoint 1 commits, its marker behind the open transaction.
+    let c1 = stage(&fx, &s, 0, 1, 0..500);
+    s.commit(&c1).unwrap();
+    assert_eq!(topic_values(&fx), (0..500).collect::<Vec<_>>());
+    drop(s);
+    // A restarted process restores checkpoint 1 while the transaction is still open;
+    // it ends two seconds later.
+    let ender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        foreign.abort_transaction(Duration::from_secs(30)).unwrap();
+    });
+    let restarted = sink(&fx, staging.path());
+    let highest = restarted
+        .recover(&recovery(&fx, Some(1)), vec![c1])
+        .unwrap();
+    ender.join().unwrap();
+    assert_eq!(highest, Some(CheckpointId(1)), "the marker was found");
+    assert_eq!(
+        topic_values(&fx),
+        (0..500).collect::<Vec<_>>(),
+        "checkpoint 1 produced again"
+    );
+}
+
+/// This sink's own producer fenced during a commit (another process took its
+/// transactional id, as a newer instance's recovery does): the commit fails, nothing of
+/// it becomes visible, and the commit is not retried on the fenced producer. The
+/// process that restores the checkpoint commits its records once; an interval without
+/// records then has nothing to commit, and the next one commits.
+#[test]
+fn a_commit_fenced_midway_is_failed_and_committed_once_after_restore() {
+    let fx = fixture("fenced");
+    let staging = tempfile::tempdir().unwrap();
+    let s = sink(&fx, staging.path());
+    s.recover(&recovery(&fx, None), Vec::new()).unwrap();
+    let c1 = stage(&fx, &s, 0, 1, 0..100);
+    s.commit(&c1).unwrap(); // the producer exists now
+    let c2 = stage(&fx, &s, 0, 2, 100..300);
+    // Another producer takes subtask 0's transactional id: ours is fenced.
+    let usurper: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &fx.brokers)
+        .set("transactional.id", transactional_id(&fx, 0))
+        .create()
+        .unwrap();
+    usurper.init_transactions(Duration::from_secs(30)).unwrap();
+    let err = s.commit(&c2).unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("fenced"),
+        "not reported as fenced: {err}"
+    );
+    assert_eq!(
+        topic_values(&fx),
+        (0..100).collect::<Vec<_>>(),
+        "records of a fenced commit are visible"
+    );
+    drop(usurper);
+    drop(s);
+    let restarted = sink(&fx, staging.path());
+    restarted
+        .recover(&recovery(&fx, Some(2)), vec![c2])
+        .unwrap();
+    assert_eq!(topic_values(&fx), (0..300).collect::<Vec<_>>());
+    // An interval without records has nothing to commit, and the next one commits.
+    let mut w = restarted.open_writer(&writer_ctx(&fx, 0)).unwrap();
+    assert!(w.pre_commit(CheckpointId(3)).unwrap().is_none());
+    let c4 = stage(&fx, &restarted, 0, 4, 300..310);
+    restarted.commit(&c4).unwrap();
+    assert_eq!(topic_values(&fx), (0..310).collect::<Vec<_>>());
+}
+
 /// A transaction timeout above the broker's `transaction.max.timeout.ms` (15 minutes by
 /// default) is refused by the broker when the first producer initialises; the job stops
 /// with a configuration error naming the setting (a class that is never retried, so the

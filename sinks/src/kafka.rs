@@ -308,8 +308,16 @@ impl Inner {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.marker_topic, 0, Offset::Beginning)
             .map_err(|e| err(e.to_string()))?;
-        let (_, high) = consumer
-            .fetch_watermarks(&self.marker_topic, 0, REQUEST_TIMEOUT)
+        // The end of the log, asked as a `read_uncommitted` client: under
+        // `read_committed` the broker answers with the last stable offset, which an open
+        // transaction holds at its start, and reading up to there would miss every
+        // marker committed behind it.
+        let mut u = self.client_config();
+        u.set("group.id", "exactly-marker-reader")
+            .set("isolation.level", "read_uncommitted");
+        let (_, high) = u
+            .create::<BaseConsumer>()
+            .and_then(|c| c.fetch_watermarks(&self.marker_topic, 0, REQUEST_TIMEOUT))
             .map_err(|e| err(format!("watermarks of '{}': {e}", self.marker_topic)))?;
         consumer
             .assign(&tpl)
