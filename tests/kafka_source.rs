@@ -281,6 +281,39 @@ fn sixty_four_partitions_take_one_consumer_per_subtask() {
     );
 }
 
+/// A task failure restarts the job inside the process: every subtask's readers close
+/// and reopen on the restored offsets, their shared consumers with them (a consumer
+/// still holding a partition would refuse it to its successor). Every record is still
+/// committed once.
+#[test]
+fn an_in_process_restart_reopens_the_shared_consumers() {
+    use std::sync::atomic::AtomicBool;
+    static FAILED: AtomicBool = AtomicBool::new(false);
+    let topic = topic_with("restart", 3_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let job = Job::builder("restart")
+        .checkpoint_storage(tmp.path().to_str().unwrap())
+        .checkpoint_every(Duration::from_millis(20))
+        .parallelism(2)
+        .source_pacing(Duration::from_millis(5))
+        .batch_size(50)
+        .build()
+        .unwrap();
+    let out = CollectSink::new();
+    job.source("events", source(&topic))
+        .map(|e: Event| {
+            if e.seq == 2_000 && !FAILED.swap(true, Ordering::SeqCst) {
+                panic!("injected failure at event 2000");
+            }
+            e.seq
+        })
+        .sink("out", out.clone());
+    let report = job.run().unwrap();
+    assert!(FAILED.load(Ordering::SeqCst));
+    assert_eq!(report.restarts, 1);
+    assert_eq!(out.sorted(), (0..3_000).collect::<Vec<u64>>());
+}
+
 /// Records deleted under the offset a job must read on from (retention, or
 /// `DeleteRecords`) stop it with an error naming topic, partition and offsets: at a
 /// restore, and while it reads. Never a silent jump over the gap, which is what the
