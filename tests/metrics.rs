@@ -11,6 +11,20 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+/// The process's one Prometheus endpoint: every job of a process serves on the same
+/// address, so the tests here (which a plain `cargo test` runs in one process) share it.
+fn endpoint() -> SocketAddr {
+    static ADDR: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("127.0.0.1:{port}").parse().unwrap()
+    })
+}
+
 /// `GET /metrics`, the body.
 fn scrape(addr: SocketAddr) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
@@ -32,12 +46,7 @@ fn sample(body: &str, family: &str, labels: &[&str]) -> Option<f64> {
 
 #[test]
 fn a_running_job_serves_its_metrics_for_prometheus() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = endpoint();
     let payments: Vec<(u32, i64)> = (0..10_000).map(|i| (i % 97, i64::from(i))).collect();
     let half = (payments.len() / 2) as f64;
     let dir = tempfile::tempdir().unwrap();
@@ -159,4 +168,100 @@ fn a_running_job_serves_its_metrics_for_prometheus() {
         "{body}"
     );
     assert_eq!(sample(&body, read[0], &read[1..]), Some(half), "{body}");
+}
+
+/// The Kafka source's backlog (its partitions' ends as the consumer last saw them minus
+/// the next offsets) is served as `exactly_source_backlog_records`: while a blocked
+/// operator holds the job back it shows the records not read yet, and once the job
+/// catches up it falls to 0.
+#[cfg(feature = "kafka")]
+#[test]
+fn the_kafka_sources_backlog_is_served() {
+    use exactly::sources::rdkafka::config::ClientConfig;
+    use exactly::sources::rdkafka::producer::{
+        BaseRecord, DefaultProducerContext, Producer, ThreadedProducer,
+    };
+    use exactly::sources::KafkaSource;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static OPEN: AtomicBool = AtomicBool::new(false);
+    const N: u64 = 20_000;
+    let topic = format!(
+        "backlog-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    common::kafka::create_topic(&topic, 2);
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", common::kafka::brokers())
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for i in 0..N {
+        let payload = i.to_le_bytes();
+        let mut record = BaseRecord::<(), _>::to(&topic)
+            .partition((i % 2) as i32)
+            .payload(&payload[..]);
+        while let Err((_, r)) = producer.send(record) {
+            std::thread::sleep(Duration::from_millis(2));
+            record = r;
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+
+    let addr = endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::builder("backlog")
+        .parallelism(2)
+        .batch_size(100)
+        .channel_capacity(2)
+        .checkpoint_storage(dir.path().to_str().unwrap())
+        .prometheus_endpoint(addr)
+        .build()
+        .unwrap();
+    let decode = |b: &[u8]| b.try_into().map(u64::from_le_bytes);
+    job.source(
+        "events",
+        KafkaSource::new(&common::kafka::brokers(), &topic, decode),
+    )
+    .map(|i: u64| {
+        while !OPEN.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        i
+    })
+    .sink("out", exactly::testing::CollectSink::<u64>::new());
+    let handle = job.start().unwrap();
+    // The backlog summed over the source's subtasks, once every subtask reported one.
+    let backlog = || -> Option<f64> {
+        let body = scrape(addr)?;
+        let values: Vec<f64> = body
+            .lines()
+            .filter(|l| {
+                l.starts_with("exactly_source_backlog_records{")
+                    && l.contains("operator=\"events\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (values.len() == 2).then(|| values.iter().sum())
+    };
+    let wait_for = |what: &str, ok: &dyn Fn(f64) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = backlog();
+            if now.is_some_and(ok) {
+                return now.unwrap();
+            }
+            assert!(Instant::now() < deadline, "{what}: backlog {now:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Held back: at most the few batches the channels and the map hold are read.
+    let held = wait_for("while held back", &|b| b >= (N - 2_000) as f64);
+    assert!(held <= N as f64, "more than the topic holds: {held}");
+    OPEN.store(true, Ordering::SeqCst);
+    wait_for("after catching up", &|b| b == 0.0);
+    handle.stop_with_checkpoint();
+    handle.wait().unwrap();
 }

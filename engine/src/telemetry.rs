@@ -13,6 +13,7 @@
 //! | `exactly_counter` | counter | `job`, `operator`, `name` (`records` of a source: records read; `records_in` of a task: records received; `busy_ns` of a task: nanoseconds its operators spent on batches, summed over subtasks, so its rate over the subtasks is how busy they are; and every counter operators register) |
 //! | `exactly_task_input_fill_ratio` | gauge | `job`, `operator`, `subtask` (batches queued on the task's inputs over their capacity: near 1, the task holds its inputs back, which is backpressure) |
 //! | `exactly_task_watermark_lag_seconds` | gauge | `job`, `operator`, `subtask` (the clock's time minus the task's event time, once it has one) |
+//! | `exactly_source_backlog_records` | gauge | `job`, `operator`, `subtask` (records of the subtask's splits not read yet, for sources that know, e.g. Kafka's consumer lag) |
 //! | `exactly_checkpoints_completed_total` | counter | `job` |
 //! | `exactly_checkpoints_aborted_total` | counter | `job` |
 //! | `exactly_restarts_total` | counter | `job` |
@@ -61,6 +62,7 @@ pub(crate) fn gauges(job: &str, metrics: &crate::metrics::Metrics) {
             WATERMARK_LAG_MS => {
                 gauge!("exactly_task_watermark_lag_seconds", &labels).set(value as f64 / 1000.0)
             }
+            SOURCE_BACKLOG => gauge!("exactly_source_backlog_records", &labels).set(value as f64),
             _ => {}
         }
     }
@@ -70,6 +72,8 @@ pub(crate) fn gauges(job: &str, metrics: &crate::metrics::Metrics) {
 pub(crate) const INPUT_FILL_PERMILLE: &str = "input_fill_permille";
 /// Gauge of an input task: clock time minus its event time, in milliseconds.
 pub(crate) const WATERMARK_LAG_MS: &str = "watermark_lag_ms";
+/// Gauge of a source task: records of its splits not read yet, where its readers know.
+pub(crate) const SOURCE_BACKLOG: &str = "source_backlog_records";
 /// Counter of an input task: nanoseconds its operators spent on batches.
 pub(crate) const BUSY_NS: &str = "busy_ns";
 

@@ -298,6 +298,8 @@ where
             ctx: ctx.clone(),
             split: split.to_string(),
             topic: self.topic.clone(),
+            topic_c: std::ffi::CString::new(self.topic.as_str())
+                .map_err(|_| source_err(ctx, format!("topic '{}' contains NUL", self.topic)))?,
             partition,
             commit_to_group: self.group.is_some(),
             next,
@@ -402,6 +404,8 @@ pub struct KafkaReader<T, F> {
     ctx: SourceContext,
     split: String,
     topic: String,
+    /// The topic as a C string, for librdkafka's cached watermarks.
+    topic_c: std::ffi::CString,
     partition: i32,
     /// Commit completed checkpoints' offsets to the consumer group.
     commit_to_group: bool,
@@ -510,6 +514,10 @@ where
         self.next
     }
 
+    fn backlog(&self) -> Option<u64> {
+        self.lag()
+    }
+
     fn checkpoint_complete(&mut self, offset: &i64) {
         if !self.commit_to_group {
             return;
@@ -523,6 +531,30 @@ where
         if let Err(e) = committed {
             self.shared.consumer.context().commit_callback(Err(e), &tpl);
         }
+    }
+}
+
+impl<T, F> KafkaReader<T, F> {
+    /// The partition's end as of the consumer's last fetch response, minus the next
+    /// offset to read (librdkafka keeps the end from every fetch; asking costs no
+    /// request).
+    fn lag(&self) -> Option<u64> {
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: `rd_kafka_get_watermark_offsets` reads the client's cached offsets
+        // of a partition under its own lock and writes two integers; the client is
+        // alive (the consumer is held by `self.shared`), the topic is a NUL-terminated
+        // string that outlives the call, and the out-pointers point at live locals.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.shared.consumer.client().native_ptr(),
+                self.topic_c.as_ptr(),
+                self.partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+            .then(|| high.saturating_sub(self.next).max(0) as u64)
     }
 }
 

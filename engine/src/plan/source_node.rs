@@ -111,6 +111,10 @@ impl<S: Source> ErasedSource for SourceNode<S> {
             ))
         })?;
         let records = ctx.env.metrics.counter(&operator.0, "records");
+        let backlog =
+            ctx.env
+                .metrics
+                .gauge(&operator.0, crate::telemetry::SOURCE_BACKLOG, ctx.subtask.0);
         Ok(Box::new(SourceHead::<S> {
             key: ctx.key(),
             parallelism,
@@ -121,6 +125,8 @@ impl<S: Source> ErasedSource for SourceNode<S> {
             env: ctx.env.clone(),
             watermarks,
             records,
+            backlog,
+            backlog_countdown: 0,
             unannounced: Default::default(),
             discovery,
         }))

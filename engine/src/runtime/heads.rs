@@ -65,6 +65,11 @@ pub(crate) struct SourceHead<S: Source> {
     pub watermarks: Option<SourceWatermarks<S::Item>>,
     /// Records read (counted per batch).
     pub records: crate::metrics::Counter,
+    /// Records not read yet over the readers that know ([`SourceReader::backlog`]),
+    /// sampled every buffer timeout.
+    pub backlog: crate::metrics::Gauge,
+    /// Batches until the backlog is sampled before a push (0: at the next one).
+    pub backlog_countdown: u32,
     /// Offsets of each reader recorded at barriers whose completion has not been
     /// announced yet, oldest first (at most [`MAX_UNANNOUNCED`]).
     pub unannounced: std::collections::VecDeque<(CheckpointId, Vec<S::Offset>)>,
@@ -350,6 +355,19 @@ impl<S: Source> SourceHead<S> {
         Ok(())
     }
 
+    /// Set the backlog gauge from the readers that know theirs.
+    fn sample_backlog(&mut self) {
+        let mut known = None;
+        for r in self.readers.iter().filter(|r| !r.done) {
+            if let Some(b) = r.reader.backlog() {
+                *known.get_or_insert(0) += b;
+            }
+        }
+        if let Some(sum) = known {
+            self.backlog.set(sum);
+        }
+    }
+
     /// Every buffer timeout: watermark, flush, processing-time tick, and (when due) a
     /// look for new splits.
     fn periodic(&mut self, last: &mut Instant) -> Result<()> {
@@ -358,6 +376,7 @@ impl<S: Source> SourceHead<S> {
             self.out.flush()?;
             self.out.tick(self.env.clock.now_ms())?;
             self.discover()?;
+            self.sample_backlog();
             *last = Instant::now();
         }
         Ok(())
@@ -455,6 +474,12 @@ impl<S: Source> TaskHead for SourceHead<S> {
                     }
                     self.records.add(buf.len() as u64);
                     self.observe(i, &buf);
+                    // A push can block for long under backpressure, which is when the
+                    // backlog matters: sample it before one batch in 16 as well.
+                    if self.backlog_countdown == 0 {
+                        self.sample_backlog();
+                    }
+                    self.backlog_countdown = self.backlog_countdown.wrapping_sub(1) & 15;
                     self.out.push(&mut buf)?;
                     self.emit_watermark()?;
                     if let Some(pause) = self.env.config.source_pacing {
