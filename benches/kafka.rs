@@ -13,7 +13,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{cores, env_num, listing, median, CountSink};
+use common::{commit_latencies, cores, env_num, listing, median, CountSink};
 use exactly::prelude::*;
 use exactly::sinks::kafka::{KafkaSink, Staging};
 use exactly::sources::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -210,26 +210,40 @@ fn encode(r: &u64, _key: &mut Vec<u8>, value: &mut Vec<u8>) {
     value.extend_from_slice(&r.to_le_bytes());
 }
 
-/// Records 0..n from a generator into a new topic through the transactional sink.
-fn job_sink(n: u64) -> (f64, JobReport) {
-    let dir = tempfile::tempdir().unwrap();
-    let staging = tempfile::tempdir().unwrap();
-    let topic = unique("output");
-    create_topic(&topic);
-    let job = Job::builder(&unique("sink"))
-        .checkpoint_storage(dir.path().to_str().unwrap())
+type Encode = fn(&u64, &mut Vec<u8>, &mut Vec<u8>);
+
+/// A job checkpointing every second into `checkpoints`, and a transactional sink into
+/// `topic` staging in `staging`, with a marker topic of its own.
+fn job_into_kafka(
+    name: &str,
+    checkpoints: &std::path::Path,
+    staging: &std::path::Path,
+    topic: &str,
+) -> (Job, KafkaSink<u64, Encode>) {
+    let job = Job::builder(&unique(name))
+        .checkpoint_storage(checkpoints.to_str().unwrap())
         .checkpoint_every(Duration::from_secs(1))
         .parallelism(PARALLELISM)
         .build()
         .unwrap();
     let sink = KafkaSink::new(
         &brokers(),
-        &topic,
-        Staging::dir(staging.path()).unwrap(),
-        encode as fn(&u64, &mut Vec<u8>, &mut Vec<u8>),
+        topic,
+        Staging::dir(staging).unwrap(),
+        encode as Encode,
     )
     .unwrap()
-    .marker_topic(&unique("markers"));
+    .marker_topic(&unique(&format!("{name}-markers")));
+    (job, sink)
+}
+
+/// Records 0..n from a generator into a new topic through the transactional sink.
+fn job_sink(n: u64) -> (f64, JobReport) {
+    let dir = tempfile::tempdir().unwrap();
+    let staging = tempfile::tempdir().unwrap();
+    let topic = unique("output");
+    create_topic(&topic);
+    let (job, sink) = job_into_kafka("sink", dir.path(), staging.path(), &topic);
     job.source(
         "gen",
         GeneratorSource::new(n, |i| i).with_splits(PARALLELISM as u64),
@@ -296,20 +310,7 @@ fn end_to_end(rate: u64, seconds: u64) -> (Duration, Duration, JobReport) {
     create_topic(&output);
     let dir = tempfile::tempdir().unwrap();
     let staging = tempfile::tempdir().unwrap();
-    let job = Job::builder(&unique("e2e"))
-        .checkpoint_storage(dir.path().to_str().unwrap())
-        .checkpoint_every(Duration::from_secs(1))
-        .parallelism(PARALLELISM)
-        .build()
-        .unwrap();
-    let sink = KafkaSink::new(
-        &brokers(),
-        &output,
-        Staging::dir(staging.path()).unwrap(),
-        encode as fn(&u64, &mut Vec<u8>, &mut Vec<u8>),
-    )
-    .unwrap()
-    .marker_topic(&unique("e2e-markers"));
+    let (job, sink) = job_into_kafka("e2e", dir.path(), staging.path(), &output);
     job.source("in", KafkaSource::new(&brokers(), &input, decode))
         .sink("out", sink);
     let handle = job.start().unwrap();
@@ -405,11 +406,7 @@ fn main() {
         }
     }
     let (rate, report) = job_sink(n);
-    let commit: Vec<Duration> = report
-        .checkpoints
-        .iter()
-        .map(|c| c.end_to_end.saturating_sub(c.duration))
-        .collect();
+    let commit = commit_latencies(&report);
     println!(
         "{:>32}: {rate:>10.0} records/s ({:>9.0} per core), {} checkpoints, median checkpoint {:?}, median commit {:?} (max {:?})",
         "transactional sink, every 1 s",

@@ -12,7 +12,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{env_num, listing, median, CountSink};
+use common::{commit_latencies, env_num, listing, median, CountSink};
 use exactly::prelude::*;
 use exactly::sinks::postgres::client::{Client, NoTls};
 use exactly::sinks::postgres::{PostgresSink, Sql};
@@ -80,11 +80,7 @@ fn run(label: &str, rows: u64, target: Target) {
             .get(0);
         assert_eq!(n as u64, rows, "every row committed exactly once");
     }
-    let commit: Vec<Duration> = report
-        .checkpoints
-        .iter()
-        .map(|c| c.end_to_end.saturating_sub(c.duration))
-        .collect();
+    let commit = commit_latencies(&report);
     println!(
         "{label:>12}: {:>9.0} rows/s, {} checkpoints, median commit latency {:?} (max {:?})",
         rows as f64 / elapsed.as_secs_f64(),

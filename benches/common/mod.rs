@@ -43,6 +43,16 @@ pub fn periodic<X>(report: &JobReport, f: impl Fn(&CheckpointStats) -> X) -> Vec
         .collect()
 }
 
+/// How long each checkpoint of a run took from its last acknowledgement to its output
+/// committed (what a sink's commits add to the latency of its output).
+pub fn commit_latencies(report: &JobReport) -> Vec<Duration> {
+    report
+        .checkpoints
+        .iter()
+        .map(|c| c.end_to_end.saturating_sub(c.duration))
+        .collect()
+}
+
 /// Event `i`'s key among `keys`, spread by multiply-shift: the generator divides
 /// nothing per event (a `%` by a key count known only at run time is a division).
 #[inline]
