@@ -130,7 +130,8 @@ struct RunArgs {
     /// Output: a directory, `s3://bucket/prefix` (feature `s3`),
     /// `kafka://host:port/topic` (feature `kafka`; one JSON balance update per record,
     /// keyed by account, committed in transactions; needs `--kafka-staging`), or a
-    /// `postgresql://` URL (feature `postgres`; see `--pg-table`).
+    /// PostgreSQL URL or `host=... dbname=...` string (feature `postgres`; see
+    /// `--pg-table`).
     #[arg(long)]
     out: PathBuf,
     /// Where records for a Kafka output wait between a checkpoint's barrier and its
@@ -235,10 +236,14 @@ fn run(a: &RunArgs) -> Result<()> {
         #[cfg(feature = "kafka")]
         return finish(job);
     }
-    if let Some(url) = out
-        .to_str()
-        .filter(|o| o.starts_with("postgresql://") || o.starts_with("postgres://"))
-    {
+    // A PostgreSQL URL, or libpq's `host=... dbname=...` form (which would otherwise
+    // become a directory of that name).
+    if let Some(url) = out.to_str().filter(|o| {
+        o.starts_with("postgresql://")
+            || o.starts_with("postgres://")
+            || o.split_whitespace()
+                .any(|kv| kv.starts_with("host=") || kv.starts_with("dbname="))
+    }) {
         #[cfg(feature = "postgres")]
         {
             use exactly::sinks::postgres::client::{Client, NoTls};
@@ -250,7 +255,7 @@ fn run(a: &RunArgs) -> Result<()> {
                         "CREATE TABLE IF NOT EXISTS {table} (seq bigint, account bigint, amount_cents bigint, balance_cents bigint)"
                     ))
                 })
-                .with_context(|| format!("creating table {table} on {url}"))?;
+                .with_context(|| format!("creating table {table} in the --out database"))?;
             let sql = Sql::insert(table, &["seq", "account", "amount_cents", "balance_cents"]);
             let row = |u: &BalanceUpdate| {
                 (

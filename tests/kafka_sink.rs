@@ -407,6 +407,30 @@ fn a_commit_fenced_midway_is_failed_and_committed_once_after_restore() {
     assert_eq!(topic_values(&fx), (0..310).collect::<Vec<_>>());
 }
 
+/// The marker topic the sink creates keeps one record per transactional id for ever:
+/// compacted, not deleted by retention (a marker lost to retention would let a
+/// replayed commit produce its records again), in one partition.
+#[test]
+fn the_marker_topic_is_created_compacted() {
+    let fx = fixture("markertopic");
+    let staging = tempfile::tempdir().unwrap();
+    sink(&fx, staging.path())
+        .recover(&recovery(&fx, None), Vec::new())
+        .unwrap();
+    assert_eq!(
+        common::kafka::topic_config(&fx.markers, "cleanup.policy").as_deref(),
+        Some("compact")
+    );
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &fx.brokers)
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(&fx.markers), Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(md.topics()[0].partitions().len(), 1);
+}
+
 /// A transaction timeout above the broker's `transaction.max.timeout.ms` (15 minutes by
 /// default) is refused by the broker when the first producer initialises; the job stops
 /// with a configuration error naming the setting (a class that is never retried, so the

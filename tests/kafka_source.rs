@@ -606,6 +606,49 @@ fn produce_transactions(topic: &str, txns: u64, per_txn: u64) -> Vec<u64> {
     committed
 }
 
+/// A bounded job over a topic with a transaction still open ends where each partition
+/// was stable when its reader opened (the last stable offset: the broker answers the
+/// end of a `read_committed` reader with it), instead of waiting for the transaction:
+/// it reads the records committed before it, once, and finishes; the transaction's
+/// records, which may yet commit, are left for a later run.
+#[test]
+fn a_bounded_job_ends_at_the_last_stable_offset_of_an_open_transaction() {
+    let topic = topic_with("opentxn", 300);
+    let t = Duration::from_secs(30);
+    let producer: ThreadedProducer<Deliveries> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", format!("{topic}-open"))
+        .create_with_context(Deliveries::default())
+        .unwrap();
+    producer.init_transactions(t).unwrap();
+    producer.begin_transaction().unwrap();
+    for seq in 300..330 {
+        send_event(&producer, &topic, seq);
+    }
+    producer.flush(t).unwrap();
+    let job = Job::builder("opentxn")
+        .checkpoint_storage("memory://")
+        .parallelism(2)
+        .build()
+        .unwrap();
+    let out = CollectSink::new();
+    job.source("events", source(&topic))
+        .map(|e: Event| e.seq)
+        .sink("out", out.clone());
+    let handle = job.start().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !handle.is_finished() {
+        if std::time::Instant::now() > deadline {
+            handle.cancel();
+            panic!("the bounded job waits for the open transaction");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    handle.wait().unwrap();
+    producer.abort_transaction(t).unwrap();
+    assert_eq!(out.sorted(), (0..300).collect::<Vec<u64>>());
+}
+
 #[test]
 fn a_transactional_topic_is_read_committed_exactly_once() {
     let topic = fresh_topic("txn");

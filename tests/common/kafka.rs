@@ -45,6 +45,17 @@ pub fn create_topic(topic: &str, partitions: i32) {
     wait_for_leaders(&cfg, topic, partitions);
 }
 
+/// The value of `topic`'s configuration entry `name`, as the broker describes it.
+pub fn topic_config(topic: &str, name: &str) -> Option<String> {
+    use exactly::sources::rdkafka::admin::ResourceSpecifier;
+    let (_, admin, rt) = admin();
+    let described = rt
+        .block_on(admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &AdminOptions::new()))
+        .unwrap();
+    let resource = described.into_iter().next()?.ok()?;
+    resource.get(name)?.value.clone()
+}
+
 /// Delete the records of `topic`'s `partition` below `offset` (what retention does to
 /// old segments, at once).
 pub fn delete_records_below(topic: &str, partition: i32, offset: i64) {
