@@ -268,7 +268,10 @@ fn run(a: &RunArgs) -> Result<()> {
             balances.sink("balances", PostgresSink::two_phase(url, sql, row));
         }
         #[cfg(not(feature = "postgres"))]
-        bail!("--out {url}: PostgreSQL output needs the `postgres` feature");
+        {
+            let _ = url;
+            bail!("--out: PostgreSQL output needs the `postgres` feature");
+        }
         #[cfg(feature = "postgres")]
         return finish(job);
     }

@@ -407,6 +407,41 @@ fn a_commit_fenced_midway_is_failed_and_committed_once_after_restore() {
     assert_eq!(topic_values(&fx), (0..310).collect::<Vec<_>>());
 }
 
+/// The checkpoint storage lost manifests (deleted, moved aside, a fresh location for the
+/// same job) while the topic kept what they committed: the recovery finds a marker above
+/// the restored checkpoint and stops with an error that explains this, instead of
+/// letting the job produce those records again. Restoring the right checkpoint works.
+#[test]
+fn markers_above_the_restored_checkpoint_stop_the_recovery() {
+    let fx = fixture("ahead");
+    let staging = tempfile::tempdir().unwrap();
+    let s = sink(&fx, staging.path());
+    s.recover(&recovery(&fx, None), Vec::new()).unwrap();
+    for cp in 1..=3u64 {
+        let c = stage(&fx, &s, 0, cp, cp * 100..cp * 100 + 100);
+        s.commit(&c).unwrap();
+    }
+    drop(s);
+    for restored in [None, Some(2)] {
+        let err = sink(&fx, staging.path())
+            .recover(&recovery(&fx, restored), Vec::new())
+            .unwrap_err();
+        assert!(
+            matches!(err, exactly::engine::error::Error::Config { .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("committed by checkpoint 3") && msg.contains(&fx.markers),
+            "{msg}"
+        );
+    }
+    assert_eq!(topic_values(&fx), (100..400).collect::<Vec<_>>());
+    sink(&fx, staging.path())
+        .recover(&recovery(&fx, Some(3)), Vec::new())
+        .unwrap();
+}
+
 /// The marker topic the sink creates keeps one record per transactional id for ever:
 /// compacted, not deleted by retention (a marker lost to retention would let a
 /// replayed commit produce its records again), in one partition.

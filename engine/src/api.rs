@@ -123,9 +123,10 @@ pub trait SourceReader: 'static {
 
     /// Records of this split that exist but are not read yet, if the source knows
     /// without asking anyone (a Kafka partition: its end as the consumer last saw it,
-    /// minus the next offset). Summed over a subtask's splits about once a second into
-    /// the `exactly_source_backlog_records` gauge: how far the job is behind its input.
-    /// Called on the source's thread; must not block. The default knows nothing.
+    /// minus the next offset). Summed over a subtask's splits into the
+    /// `exactly_source_backlog_records` gauge every buffer timeout and before one pushed
+    /// batch in 16: how far the job is behind its input. Called on the source's thread;
+    /// must not block. The default knows nothing.
     fn backlog(&self) -> Option<u64> {
         None
     }

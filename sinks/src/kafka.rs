@@ -695,8 +695,24 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
         let highest_marker = markers
             .iter()
             .filter(|(k, _)| k.starts_with(&mine))
-            .map(|(_, &v)| v)
-            .max();
+            .max_by_key(|(_, &v)| v);
+        // A marker above the restored checkpoint: the checkpoint storage lost manifests
+        // whose records are already in the topic (deleted, moved aside, a fresh location
+        // for the same job). Going on would produce them again.
+        if let Some((id, &cp)) = highest_marker {
+            if ctx.restored.is_none_or(|r| cp > r.0) {
+                return Err(Error::output_ahead_of_checkpoints(
+                    &ctx.sink.0,
+                    &format!(
+                        "marker topic '{}' records a transaction of '{id}'",
+                        inner.marker_topic
+                    ),
+                    cp,
+                    ctx.restored,
+                ));
+            }
+        }
+        let highest_marker = highest_marker.map(|(_, &cp)| cp);
         *inner.markers.lock().expect("markers") = Some(markers);
         pending.sort_by_key(|c| c.checkpoint);
         for c in &pending {

@@ -66,7 +66,7 @@ pub(crate) struct SourceHead<S: Source> {
     /// Records read (counted per batch).
     pub records: crate::metrics::Counter,
     /// Records not read yet over the readers that know ([`SourceReader::backlog`]),
-    /// sampled every buffer timeout.
+    /// sampled every buffer timeout and before one pushed batch in 16.
     pub backlog: crate::metrics::Gauge,
     /// Batches until the backlog is sampled before a push (0: at the next one).
     pub backlog_countdown: u32,
