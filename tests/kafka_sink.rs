@@ -146,6 +146,7 @@ fn recovery(fx: &Fx, restored: Option<u64>) -> RecoveryContext {
         sink: OperatorId("ledger".into()),
         restored: restored.map(CheckpointId),
         generation: 1,
+        storage_id: "test-location".to_string(),
     }
 }
 
@@ -264,6 +265,7 @@ fn an_older_instance_never_touches_what_a_newer_one_staged() {
     assert!(c.staged.ends_with("-0-g1.stage"), "{}", c.staged);
     let older = RecoveryContext {
         generation: 0,
+        storage_id: "test-location".to_string(),
         ..recovery(&fx, None)
     };
     let err = sink(&fx, staging.path())
@@ -440,6 +442,77 @@ fn markers_above_the_restored_checkpoint_stop_the_recovery() {
     sink(&fx, staging.path())
         .recover(&recovery(&fx, Some(3)), Vec::new())
         .unwrap();
+}
+
+/// Two different jobs with one name (and a sink of one name) on one Kafka cluster share
+/// transactional ids and markers. Job B, restoring its checkpoint 3 with that
+/// checkpoint's output pending, would find job A's marker at 3 and skip its own commit as
+/// done: its records lost. Markers carry the committing checkpoint location's identity,
+/// so B's recovery stops instead, naming both, and touches nothing. A marker without an
+/// identity (written before they were recorded) is taken as the job's own.
+#[test]
+fn another_job_with_the_same_name_is_refused_not_skipped() {
+    let fx = fixture("samename");
+    let (staging_a, staging_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let location = |id: &str, restored: Option<u64>| RecoveryContext {
+        storage_id: id.to_string(),
+        ..recovery(&fx, restored)
+    };
+    let a = sink(&fx, staging_a.path());
+    a.recover(&location("location-a", None), Vec::new())
+        .unwrap();
+    for cp in 1..=3u64 {
+        a.commit(&stage(&fx, &a, 0, cp, cp * 100..cp * 100 + 100))
+            .unwrap();
+    }
+    drop(a);
+    // A marker of job A's subtask 1 from before identities: no header.
+    let old: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &fx.brokers)
+        .create()
+        .unwrap();
+    old.send(
+        BaseRecord::to(&fx.markers)
+            .partition(0)
+            .key(&transactional_id(&fx, 1))
+            .payload("1"),
+    )
+    .unwrap();
+    old.flush(Duration::from_secs(30)).unwrap();
+    let b = sink(&fx, staging_b.path());
+    let theirs = stage(&fx, &b, 0, 3, 5000..5100);
+    let err = b
+        .recover(&location("location-b", Some(3)), vec![theirs])
+        .unwrap_err();
+    assert!(
+        matches!(err, exactly::engine::error::Error::Config { .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("another checkpoint location")
+            && msg.contains("location-a")
+            && msg.contains("location-b")
+            && msg.contains(&fx.markers),
+        "{msg}"
+    );
+    assert_eq!(
+        topic_values(&fx),
+        (100..400).collect::<Vec<_>>(),
+        "B produced nothing"
+    );
+    assert_eq!(
+        staged_files(staging_b.path()),
+        1,
+        "B's staged output is kept"
+    );
+    // Job A itself, on its own location, goes on.
+    let a = sink(&fx, staging_a.path());
+    assert_eq!(
+        a.recover(&location("location-a", Some(3)), Vec::new())
+            .unwrap(),
+        Some(CheckpointId(3))
+    );
 }
 
 /// The marker topic the sink creates keeps one record per transactional id for ever:

@@ -434,6 +434,7 @@ fn connection_loss_during_commit_and_writing() {
             sink: OperatorId(table.into()),
             restored: restored.map(CheckpointId),
             generation: 1,
+            storage_id: "test-location".to_string(),
         };
         sink.recover(&recovery(None), Vec::new()).unwrap();
         let mut w = sink
@@ -560,6 +561,7 @@ fn an_older_instance_never_aborts_what_a_newer_one_staged() {
             sink: OperatorId("out".into()),
             restored: None,
             generation,
+            storage_id: "test-location".to_string(),
         };
         // Creates the staging tables of the idempotent mode.
         sink.recover(&recovery(1), vec![]).unwrap();

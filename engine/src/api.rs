@@ -165,6 +165,11 @@ pub struct RecoveryContext {
     /// This instance's fencing generation (see [`SinkContext::generation`]). A recovery
     /// that finds artifacts of a higher generation must stop with [`crate::error::Error::Fenced`].
     pub generation: u64,
+    /// The checkpoint location's identity ([`crate::storage::CheckpointStorage::storage_id`]):
+    /// the same for every run on one location, different for another job or a location
+    /// started over. A sink committing into a system other jobs share puts it in its
+    /// commit records to tell its own from theirs.
+    pub storage_id: String,
 }
 
 /// A sink that stages output at each barrier and makes it visible only after the

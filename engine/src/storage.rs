@@ -22,6 +22,9 @@
 //! <root>/_leases/<gen:020>                     the newest instance's lease
 //! <root>/_takeovers/<gen:020>.json             the checkpoint instance <gen> restored
 //!                                              (see [`Takeover`])
+//! <root>/_id                                   the location's identity, made by the
+//!                                              first run (see
+//!                                              [`CheckpointStorage::storage_id`])
 //! ```
 //!
 //! # Invariants
@@ -587,6 +590,39 @@ impl CheckpointStorage {
         }
     }
 
+    /// The identity of this checkpoint location: made at random by the first run that
+    /// asks (create-if-absent, so two instances starting together agree on one) and read
+    /// back by every later run. Two jobs, or one job started over on an emptied or new
+    /// location, have different ones; a location copied elsewhere keeps its own. Sinks
+    /// that write to a system shared between jobs put it in what they commit (the Kafka
+    /// sink's markers), so a job can tell its own commits from another job's with the
+    /// same name.
+    pub async fn storage_id(&self) -> Result<String> {
+        let path = self.root.clone().join("_id");
+        loop {
+            match self.store.get(&path).await {
+                Ok(r) => {
+                    let bytes = r.bytes().await.map_err(|e| storage_err("read", &path, e))?;
+                    let id = String::from_utf8_lossy(&bytes).trim().to_string();
+                    if id.is_empty() {
+                        return Err(Error::config(format!(
+                            "{} in {} is empty: the checkpoint location's identity is damaged; \
+                             restore the file from a backup of the location",
+                            path, self.url
+                        )));
+                    }
+                    return Ok(id);
+                }
+                Err(object_store::Error::NotFound { .. }) => {
+                    // Either this put creates it, or another instance's did: read it.
+                    self.put_once(&path, new_storage_id().into_bytes(), "create storage id")
+                        .await?;
+                }
+                Err(e) => return Err(storage_err("get", &path, e)),
+            }
+        }
+    }
+
     /// Fail with [`Error::Fenced`] if a lease newer than `epoch` exists.
     pub async fn check_lease(&self, epoch: u64) -> Result<()> {
         match self.leases().await?.into_iter().max() {
@@ -787,6 +823,19 @@ pub struct Lease {
     /// When the store wrote the object (leases are never rewritten, so when it was
     /// taken), in milliseconds since the Unix epoch, if the store reports it.
     pub created_at_ms: Option<u64>,
+}
+
+/// 128 bits that differ between locations: the time in nanoseconds, and a hash keyed by
+/// the standard library's per-process random seed over it and the process id.
+fn new_storage_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(nanos);
+    h.write_u32(std::process::id());
+    format!("{nanos:016x}{:016x}", h.finish())
 }
 
 /// Savepoint names follow the rule of job and operator names (they become file names).
@@ -990,6 +1039,30 @@ mod tests {
         let s = CheckpointStorage::from_url(&url).unwrap();
         let c = rt().block_on(s.acquire_lease()).unwrap();
         assert!(c >= b, "{b} {c}");
+    }
+
+    /// One identity per location: kept across runs (and by two instances asking at
+    /// once), new when the location is emptied, different for another location.
+    #[test]
+    fn a_location_keeps_one_identity_until_it_is_emptied() {
+        let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let url = |d: &tempfile::TempDir| format!("file://{}", d.path().display());
+        let id = |u: &str| {
+            let s = CheckpointStorage::from_url(u).unwrap();
+            rt().block_on(s.storage_id()).unwrap()
+        };
+        let s = CheckpointStorage::from_url(&url(&dir)).unwrap();
+        let (a, b) = rt().block_on(async { futures::join!(s.storage_id(), s.storage_id()) });
+        let first = a.unwrap();
+        assert_eq!(b.unwrap(), first);
+        assert_eq!(first.len(), 32, "{first}");
+        assert_eq!(id(&url(&dir)), first, "a later run reads it back");
+        assert_ne!(id(&url(&other)), first);
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        assert_ne!(id(&url(&dir)), first, "an emptied location is another one");
+        std::fs::write(dir.path().join("_id"), "").unwrap();
+        let err = rt().block_on(s.storage_id()).unwrap_err();
+        assert!(err.to_string().contains("identity is damaged"), "{err}");
     }
 
     #[test]

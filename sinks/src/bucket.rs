@@ -628,6 +628,7 @@ mod tests {
             sink: OperatorId("out".into()),
             restored: None,
             generation: 1,
+            storage_id: "test-location".to_string(),
         }
     }
 

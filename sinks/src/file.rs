@@ -577,6 +577,7 @@ mod tests {
             sink: OperatorId(sink.into()),
             restored: restored.map(CheckpointId),
             generation: 1,
+            storage_id: "test-location".to_string(),
         }
     }
 
@@ -692,6 +693,7 @@ mod tests {
         // An even newer one (generation 3) aborts them, and learns of checkpoint 5.
         let newest = RecoveryContext {
             generation: 3,
+            storage_id: "test-location".to_string(),
             ..rctx("s", Some(4))
         };
         assert_eq!(

@@ -19,7 +19,12 @@
 //! * **Commit** (after the manifest): one transaction of the producer whose
 //!   transactional id is derived from job, sink and subtask produces the staged records
 //!   into the topic *and* a marker record `transactional id → checkpoint` into the
-//!   marker topic, then commits. Records and marker become visible atomically.
+//!   marker topic, then commits. Records and marker become visible atomically. The
+//!   marker's `exactly-location` header names the job's checkpoint location
+//!   (`RecoveryContext::storage_id`): markers of this job's and sink's transactional ids
+//!   from another location (a second job with the same name, or this job's location
+//!   replaced) stop the recovery, or a commit that read the markers again, with a
+//!   configuration error instead of being taken for this job's commits.
 //! * **Idempotence**: a commit first compares the checkpoint with the subtask's marker
 //!   (known after this process's own commits, or read from the marker topic with
 //!   `read_committed`); at or below the marker it was already committed and does nothing.
@@ -56,7 +61,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -158,7 +163,54 @@ struct Inner {
     producers: Mutex<HashMap<String, ThreadedProducer<DefaultProducerContext>>>,
     /// The last committed checkpoint per transactional id; `None` until read from the
     /// marker topic, and again after a commit whose outcome is unknown.
-    markers: Mutex<Option<HashMap<String, u64>>>,
+    markers: Mutex<Option<HashMap<String, Marker>>>,
+    /// The job's checkpoint location identity, known from recovery; every marker
+    /// carries it in a header.
+    storage_id: Mutex<Option<String>>,
+}
+
+/// The marker header naming the checkpoint location that committed.
+const LOCATION_HEADER: &str = "exactly-location";
+
+/// What the marker topic holds for one transactional id.
+#[derive(Debug, Default)]
+struct Marker {
+    /// The highest checkpoint committed.
+    checkpoint: u64,
+    /// Every checkpoint location identity its markers name (markers written before
+    /// identities were recorded name none).
+    locations: BTreeSet<String>,
+}
+
+impl Marker {
+    /// A location other than `mine` that committed under this transactional id.
+    fn foreign(&self, mine: &str) -> Option<&str> {
+        self.locations
+            .iter()
+            .map(String::as_str)
+            .find(|&l| l != mine)
+    }
+}
+
+/// The error for commits of another checkpoint location under this job's and sink's
+/// transactional ids: another job with the same name, or this job's location replaced.
+fn foreign_marker(
+    sink: &OperatorId,
+    marker_topic: &str,
+    id: &str,
+    theirs: &str,
+    mine: &str,
+) -> Error {
+    Error::config(format!(
+        "Kafka sink '{sink}': marker topic '{marker_topic}' holds commits of transactional \
+         id '{id}' made from another checkpoint location (identity {theirs}; this job's is \
+         {mine}). Either a second job with this job's name and a sink of this name writes \
+         to the same Kafka cluster (each would fence the other's producers and could skip \
+         the other's checkpoints): give every job a name of its own, or each sink its own \
+         marker_topic; or this job's checkpoint location was replaced or emptied while the \
+         topic kept its output: restore the location, or start over with a new topic or \
+         sink name"
+    ))
 }
 
 impl<T: Data, E: KafkaEncoder<T>> KafkaSink<T, E> {
@@ -179,6 +231,7 @@ impl<T: Data, E: KafkaEncoder<T>> KafkaSink<T, E> {
                 rt: crate::bucket::runtime()?,
                 producers: Mutex::new(HashMap::new()),
                 markers: Mutex::new(None),
+                storage_id: Mutex::new(None),
             }),
             encoder: Arc::new(encoder),
             _t: PhantomData,
@@ -295,7 +348,7 @@ impl Inner {
     /// transaction still open (another job's, or one a crashed process left until its
     /// timeout); a marker committed after that would be missed and its checkpoint
     /// produced twice, so the reader waits until its position reaches the watermark.
-    fn read_markers(&self, sink: &OperatorId) -> Result<HashMap<String, u64>> {
+    fn read_markers(&self, sink: &OperatorId) -> Result<HashMap<String, Marker>> {
         let err = |m: String| kafka_err(sink, "recover", None, m);
         let mut c = self.client_config();
         c.set("group.id", "exactly-marker-reader")
@@ -362,8 +415,19 @@ impl Inner {
                     ) else {
                         continue;
                     };
-                    let e = markers.entry(key.to_string()).or_insert(cp);
-                    *e = (*e).max(cp);
+                    let e: &mut Marker = markers.entry(key.to_string()).or_default();
+                    e.checkpoint = e.checkpoint.max(cp);
+                    let location = m.headers().and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == LOCATION_HEADER)
+                            .and_then(|h| h.value)
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                    });
+                    if let Some(l) = location {
+                        if !e.locations.contains(l) {
+                            e.locations.insert(l.to_string());
+                        }
+                    }
                 }
             }
         }
@@ -420,9 +484,20 @@ impl Inner {
             if markers.is_none() {
                 *markers = Some(self.read_markers(sink)?);
             }
-            markers
-                .as_ref()
-                .and_then(|m| m.get(&c.transactional_id).copied())
+            let marker = markers.as_ref().and_then(|m| m.get(&c.transactional_id));
+            let mine = self.storage_id.lock().expect("storage id");
+            if let (Some(marker), Some(mine)) = (marker, mine.as_deref()) {
+                if let Some(theirs) = marker.foreign(mine) {
+                    return Err(foreign_marker(
+                        sink,
+                        &self.marker_topic,
+                        &c.transactional_id,
+                        theirs,
+                        mine,
+                    ));
+                }
+            }
+            marker.map(|m| m.checkpoint)
         };
         let path = Path::parse(&c.staged)
             .map_err(|e| kafka_err(sink, "commit", cp, format!("staged path: {e}")))?;
@@ -465,7 +540,8 @@ impl Inner {
         match result {
             Ok(()) => {
                 if let Some(m) = self.markers.lock().expect("markers").as_mut() {
-                    m.insert(c.transactional_id.clone(), c.checkpoint);
+                    let marker = m.entry(c.transactional_id.clone()).or_default();
+                    marker.checkpoint = marker.checkpoint.max(c.checkpoint);
                 }
                 self.delete_staged(&path);
                 Ok(())
@@ -499,13 +575,18 @@ impl Inner {
                 send(p, r)?;
             }
             let marker = c.checkpoint.to_string();
-            send(
-                p,
-                BaseRecord::<str, str>::to(&self.marker_topic)
-                    .partition(0)
-                    .key(c.transactional_id.as_str())
-                    .payload(marker.as_str()),
-            )?;
+            let storage_id = self.storage_id.lock().expect("storage id").clone();
+            let mut record = BaseRecord::<str, str>::to(&self.marker_topic)
+                .partition(0)
+                .key(c.transactional_id.as_str())
+                .payload(marker.as_str());
+            if let Some(id) = &storage_id {
+                record = record.headers(OwnedHeaders::new().insert(Header {
+                    key: LOCATION_HEADER,
+                    value: Some(id.as_bytes()),
+                }));
+            }
+            send(p, record)?;
             p.commit_transaction(REQUEST_TIMEOUT)
         })();
         if outcome.is_err() {
@@ -643,6 +724,7 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
         mut pending: Vec<KafkaCommittable>,
     ) -> Result<Option<CheckpointId>> {
         let inner = &self.inner;
+        *inner.storage_id.lock().expect("storage id") = Some(ctx.storage_id.clone());
         inner.ensure_marker_topic(&ctx.sink)?;
         // Staged objects of this job and sink: (path, checkpoint, subtask).
         let dir = inner.staged_dir(&ctx.job, &ctx.sink.0);
@@ -692,14 +774,26 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
         }
         let markers = inner.read_markers(&ctx.sink)?;
         let mine = id_prefix(&ctx.job, &ctx.sink.0);
-        let highest_marker = markers
-            .iter()
-            .filter(|(k, _)| k.starts_with(&mine))
-            .max_by_key(|(_, &v)| v);
+        let ours = || markers.iter().filter(|(k, _)| k.starts_with(&mine));
+        // Before anything is compared: a marker of another location under these ids
+        // is not this job's history, whatever its checkpoint.
+        if let Some((id, theirs)) = ours().find_map(|(k, m)| Some((k, m.foreign(&ctx.storage_id)?)))
+        {
+            return Err(foreign_marker(
+                &ctx.sink,
+                &inner.marker_topic,
+                id,
+                theirs,
+                &ctx.storage_id,
+            ));
+        }
+        let highest_marker = ours()
+            .map(|(k, m)| (k, m.checkpoint))
+            .max_by_key(|&(_, v)| v);
         // A marker above the restored checkpoint: the checkpoint storage lost manifests
         // whose records are already in the topic (deleted, moved aside, a fresh location
         // for the same job). Going on would produce them again.
-        if let Some((id, &cp)) = highest_marker {
+        if let Some((id, cp)) = highest_marker {
             if ctx.restored.is_none_or(|r| cp > r.0) {
                 return Err(Error::output_ahead_of_checkpoints(
                     &ctx.sink.0,
@@ -712,7 +806,7 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
                 ));
             }
         }
-        let highest_marker = highest_marker.map(|(_, &cp)| cp);
+        let highest_marker = highest_marker.map(|(_, cp)| cp);
         *inner.markers.lock().expect("markers") = Some(markers);
         pending.sort_by_key(|c| c.checkpoint);
         for c in &pending {

@@ -556,7 +556,14 @@ fn recover(
     // Before any sink settles: a failure from here on must not let a later recovery
     // restore a manifest that an older instance writes after this point.
     rt.block_on(point.take_over(storage, generation))?;
-    let settled = settle_sinks(graph, s, &pending, state.checkpoint, generation);
+    let storage_id = rt.block_on(storage.storage_id())?;
+    let settled = settle_sinks(
+        graph,
+        s,
+        &pending,
+        state.checkpoint,
+        (generation, &storage_id),
+    );
     if let Err(e) = &settled {
         if e.class() == ErrorClass::Stop {
             // This run goes no further (a sink refused: e.g. output ahead of the
@@ -581,7 +588,7 @@ fn settle_sinks(
     s: &JobSettings,
     pending: &[crate::manifest::PendingCommit],
     restored: Option<CheckpointId>,
-    generation: u64,
+    (generation, storage_id): (u64, &str),
 ) -> Result<Option<CheckpointId>> {
     let mut max_seen = None;
     for n in &graph.nodes {
@@ -596,6 +603,7 @@ fn settle_sinks(
                 sink: n.op.clone(),
                 restored,
                 generation,
+                storage_id: storage_id.to_string(),
             };
             let staged = sink.recover(&ctx, mine)?;
             max_seen = max_seen.max(staged);
