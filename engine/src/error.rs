@@ -279,6 +279,27 @@ impl Error {
         ))
     }
 
+    /// What a user function's error becomes: [`Error::Operator`] naming the operator
+    /// instance, except an engine error the function passed on (with `?`) whose class is
+    /// [`ErrorClass::Stop`] (a state declared with another type than the checkpoint's),
+    /// which stays as it is: restarting cannot fix it.
+    pub fn from_user(
+        operator: &OperatorId,
+        subtask: SubtaskIndex,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    ) -> Self {
+        let source = match source.downcast::<Error>() {
+            Ok(e) if e.class() == ErrorClass::Stop => return *e,
+            Ok(e) => e,
+            Err(other) => other,
+        };
+        Error::Operator {
+            operator: operator.clone(),
+            subtask,
+            source,
+        }
+    }
+
     /// Shorthand for an I/O error with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {

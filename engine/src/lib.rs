@@ -19,6 +19,7 @@ pub mod failpoints;
 pub mod ids;
 pub mod manifest;
 pub mod metrics;
+pub mod operator;
 pub(crate) mod plan;
 pub mod process;
 pub mod report;
@@ -41,6 +42,7 @@ pub mod prelude {
     pub use crate::error::{Error, ErrorClass};
     pub use crate::ids::CheckpointId;
     pub use crate::metrics::{Counter, OpenContext};
+    pub use crate::operator::{Operator, OperatorContext};
     pub use crate::process::{Emitter, KeyedContext, KeyedProcessFunction};
     pub use crate::report::{CheckpointStats, JobReport};
     pub use crate::runtime::StopHandle;

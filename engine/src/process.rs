@@ -360,19 +360,7 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>> KeyedCore<K, I, F> {
     }
 
     fn fail(&self, source: BoxError) -> Error {
-        // An engine error the function passed on (with `?`) keeps its class: a state
-        // declared with another type than the checkpoint's stops the job at once, since
-        // restarting cannot fix it.
-        let source = match source.downcast::<Error>() {
-            Ok(e) if e.class() == crate::error::ErrorClass::Stop => return *e,
-            Ok(e) => e,
-            Err(other) => other,
-        };
-        Error::Operator {
-            operator: self.operator.clone(),
-            subtask: self.subtask,
-            source,
-        }
+        Error::from_user(&self.operator, self.subtask, source)
     }
 
     /// Call `open` on the function.

@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
     &["driver"],
     &["plan"],
     &["runtime"],
-    &["process", "telemetry"],
+    &["process", "operator", "telemetry"],
     &["state"],
     &["storage", "coordinator"],
     &["manifest", "report", "codec", "api", "aligner", "retention"],

@@ -246,7 +246,7 @@ fn validate(graph: &Graph, s: &JobSettings) -> Result<()> {
         }
         if n.unnamed_state {
             return Err(Error::config(format!(
-                "keyed operator '{}' has no name: call .name(\"...\") on it. Its state is \
+                "stateful operator '{}' has no name: call .name(\"...\") on it. Its state is \
                  stored under its name, and the generated one changes when operators are \
                  added before it, which would restore the state into another operator or none",
                 n.op

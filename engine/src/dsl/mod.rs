@@ -28,13 +28,13 @@ pub use job::{Job, JobBuilder, JobHandle};
 use crate::api::{Data, Key, TwoPhaseCommitSink};
 use crate::error::Result;
 use crate::ids::{KeyGroupRange, OperatorId};
+use crate::operator::{Filter, FlatMap, Map, Operator};
 use crate::plan::{
     ErasedSink, KeyGroupFn, NodeId, NodeInput, OpFactory, Partition, SenderFactory, SharedGraph,
 };
 use crate::process::{KeyedContext, KeyedCore, KeyedProcessFunction, ProcessFn};
 use crate::runtime::exchange::{ByKeyGroup, ExchangeOut};
-use crate::runtime::ops::{FilterOp, FlatMapOp, KeyedProcessOp, MapOp, PassOp, SinkOp};
-use crate::runtime::Collector;
+use crate::runtime::ops::{KeyedProcessOp, PassOp, SinkOp, UserOp, UserOpEnv};
 use crate::state::KeyedState;
 use crate::time::WatermarkStrategy;
 use std::marker::PhantomData;
@@ -66,22 +66,76 @@ impl<T: Data> Stream<T> {
         }
     }
 
-    fn chained<U: Data>(
-        &self,
-        kind: &str,
-        make: impl Fn(Box<dyn Collector<U>>) -> Box<dyn Collector<T>> + Send + Sync + 'static,
-    ) -> Stream<U> {
+    /// Add `op` as a node named `<kind>-<node>` fed by this stream, chained into its
+    /// task (no exchange).
+    fn add_operator<O: Operator<T>>(&self, kind: &str, op: O) -> Stream<O::Out> {
         let mut g = self.graph.lock();
         let node = g.nodes.len();
         g.add_node(OperatorId(format!("{kind}-{node}")));
-        let op: OpFactory<T> = Arc::new(move |ctx| {
-            let next = ctx.build_output::<U>(node)?;
-            Ok(make(next))
+        g.nodes[node].unnamed_state = crate::operator::has_state::<T, O>();
+        let factory: OpFactory<T> = Arc::new(move |ctx| {
+            let operator = ctx.graph.nodes[node].op.clone();
+            let next = ctx.build_output::<O::Out>(node)?;
+            let env = UserOpEnv {
+                subtask: ctx.subtask,
+                parallelism: ctx.parallelism_of(node),
+                clock: ctx.env.clock.clone(),
+                metrics: ctx.env.metrics.clone(),
+                restored: ctx
+                    .restored(&operator)
+                    .iter()
+                    .map(|s| s.list.as_slice())
+                    .collect(),
+                restored_types: ctx.restored_types(&operator),
+                operator,
+            };
+            Ok(Box::new(UserOp::open(op.clone(), env, next)?))
         });
-        g.nodes[node].input = Some(Arc::new(NodeInput { op }));
+        g.nodes[node].input = Some(Arc::new(NodeInput { op: factory }));
         g.connect(self.node, node, Partition::Forward, None);
         drop(g);
         Stream::new(self.graph.clone(), node)
+    }
+
+    /// Run a non-keyed [`Operator`] in every parallel instance of this stream, chained
+    /// into the same task (no exchange). An operator with state must be named
+    /// (`.name("...")`); see [`crate::operator`] for how its state is stored and
+    /// redistributed when the parallelism changes.
+    ///
+    /// ```
+    /// # use exactly_engine::prelude::*;
+    /// # use exactly_engine::testing::VecSource;
+    /// /// Drops a record equal to the one before it in this instance.
+    /// #[derive(Clone, Default)]
+    /// struct DropRepeats(Option<u32>);
+    ///
+    /// impl Operator<u32> for DropRepeats {
+    ///     type Out = u32;
+    ///     type State = u32;
+    ///     fn open(&mut self, restored: Vec<u32>, _: &mut OperatorContext<'_, u32>) -> Result<(), BoxError> {
+    ///         self.0 = restored.last().copied();
+    ///         Ok(())
+    ///     }
+    ///     fn process(&mut self, n: u32, ctx: &mut OperatorContext<'_, u32>) -> Result<(), BoxError> {
+    ///         if self.0 != Some(n) {
+    ///             ctx.emit(n);
+    ///         }
+    ///         self.0 = Some(n);
+    ///         Ok(())
+    ///     }
+    ///     fn snapshot(&mut self, _: CheckpointId) -> Result<Vec<u32>, BoxError> {
+    ///         Ok(self.0.into_iter().collect())
+    ///     }
+    /// }
+    ///
+    /// # let job = Job::builder("d").checkpoint_storage("memory://").build().unwrap();
+    /// let changes = job
+    ///     .source("readings", VecSource::new(vec![1u32, 1, 2]))
+    ///     .transform(DropRepeats::default())
+    ///     .name("changes");
+    /// ```
+    pub fn transform<O: Operator<T>>(&self, op: O) -> Stream<O::Out> {
+        self.add_operator("transform", op)
     }
 
     /// Transform each record.
@@ -93,13 +147,7 @@ impl<T: Data> Stream<T> {
     /// let lengths = job.source("words", VecSource::new(vec!["a".to_string()])).map(|w| w.len());
     /// ```
     pub fn map<U: Data>(&self, f: impl Fn(T) -> U + Clone + Send + Sync + 'static) -> Stream<U> {
-        self.chained("map", move |next| {
-            Box::new(MapOp {
-                f: f.clone(),
-                buf: Vec::new(),
-                next,
-            })
-        })
+        self.add_operator("map", Map(f))
     }
 
     /// Keep the records for which `f` is true.
@@ -111,9 +159,7 @@ impl<T: Data> Stream<T> {
     /// let even = job.source("n", VecSource::new(vec![1u32, 2, 3])).filter(|n| n % 2 == 0);
     /// ```
     pub fn filter(&self, f: impl Fn(&T) -> bool + Clone + Send + Sync + 'static) -> Stream<T> {
-        self.chained("filter", move |next| {
-            Box::new(FilterOp { f: f.clone(), next })
-        })
+        self.add_operator("filter", Filter(f))
     }
 
     /// Turn each record into zero or more records.
@@ -130,13 +176,7 @@ impl<T: Data> Stream<T> {
         &self,
         f: impl Fn(T) -> I + Clone + Send + Sync + 'static,
     ) -> Stream<U> {
-        self.chained("flat_map", move |next| {
-            Box::new(FlatMapOp {
-                f: f.clone(),
-                buf: Vec::new(),
-                next,
-            })
-        })
+        self.add_operator("flat_map", FlatMap(f))
     }
 
     /// Partition the stream by key: records with equal keys go to the same parallel

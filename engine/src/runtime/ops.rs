@@ -1,12 +1,18 @@
 //! Operators that run chained inside a task.
 
 use super::{Collector, TaskSnapshot};
-use crate::api::{Data, Key, SinkWriter, TwoPhaseCommitSink};
+use crate::api::{BoxError, Data, Key, SinkWriter, TwoPhaseCommitSink};
 use crate::error::{Error, Result};
 use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
 use crate::manifest::PendingCommit;
+use crate::metrics::Metrics;
+use crate::operator::{self, Operator, OperatorContext};
 use crate::process::{KeyedCore, KeyedProcessFunction};
-use crate::time::{TimeDomain, Timestamp};
+use crate::state::types::{Declared, StateTypeMap, StateTypes};
+use crate::state::StateSnapshot;
+use crate::time::{Clock, TimeDomain, Timestamp};
+use std::marker::PhantomData;
+use std::sync::Arc;
 
 macro_rules! forward_control {
     () => {
@@ -31,47 +37,166 @@ macro_rules! forward_control {
     };
 }
 
-pub(crate) struct MapOp<U, F> {
-    pub f: F,
-    pub buf: Vec<U>,
-    pub next: Box<dyn Collector<U>>,
+/// A user [`Operator`] in a task: builds its context around each call, passes what it
+/// emits on after each call, and stores its state at barriers.
+pub(crate) struct UserOp<I, O: Operator<I>> {
+    op: O,
+    operator: OperatorId,
+    subtask: SubtaskIndex,
+    parallelism: usize,
+    /// The recorded state types, for a stateful operator.
+    types: Option<StateTypeMap>,
+    watermark: Timestamp,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    out: Vec<O::Out>,
+    next: Box<dyn Collector<O::Out>>,
+    _i: PhantomData<fn(I)>,
 }
 
-impl<T, U, F: FnMut(T) -> U> Collector<T> for MapOp<U, F> {
-    fn push(&mut self, batch: &mut Vec<T>) -> Result<()> {
-        self.buf.extend(batch.drain(..).map(&mut self.f));
-        self.next.push(&mut self.buf)
+/// Where a [`UserOp`] runs, and what it restores.
+pub(crate) struct UserOpEnv<'a> {
+    pub operator: OperatorId,
+    pub subtask: SubtaskIndex,
+    pub parallelism: usize,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    /// The stored lists of every old instance of the operator.
+    pub restored: Vec<&'a [Vec<u8>]>,
+    pub restored_types: StateTypeMap,
+}
+
+impl<I, O: Operator<I>> UserOp<I, O> {
+    /// Check the restored state against the operator's declaration, hand it this
+    /// instance's entries and open it.
+    pub fn open(mut op: O, env: UserOpEnv<'_>, next: Box<dyn Collector<O::Out>>) -> Result<Self> {
+        let UserOpEnv {
+            operator,
+            subtask,
+            parallelism,
+            clock,
+            metrics,
+            restored,
+            restored_types,
+        } = env;
+        let (types, entries) = if operator::has_state::<I, O>() {
+            let mut types = StateTypes::new(operator.clone(), restored_types);
+            types.declare(
+                operator::STATE_NAME,
+                Declared {
+                    description: operator::describe::<O::State>(),
+                    version: 1,
+                    migrates_from: None,
+                },
+            )?;
+            let entries = operator::restore_entries(&operator, &restored, subtask, parallelism)?;
+            (Some(types.recorded()), entries)
+        } else {
+            if restored.iter().any(|l| !l.is_empty()) {
+                return Err(Error::config(format!(
+                    "operator '{operator}' declares no state (its State type is zero-sized), \
+                     but the checkpoint holds state of it: give the operator its old State \
+                     type, or drop the state on purpose with allow_non_restored_state()"
+                )));
+            }
+            (None, Vec::new())
+        };
+        let mut out = Vec::new();
+        let mut ctx = OperatorContext {
+            out: &mut out,
+            watermark: Timestamp::MIN,
+            clock: &*clock,
+            operator: &operator,
+            subtask,
+            parallelism,
+            metrics: &metrics,
+        };
+        op.open(entries, &mut ctx)
+            .map_err(|e| Error::from_user(&operator, subtask, e))?;
+        Ok(UserOp {
+            op,
+            operator,
+            subtask,
+            parallelism,
+            types,
+            watermark: Timestamp::MIN,
+            clock,
+            metrics,
+            out,
+            next,
+            _i: PhantomData,
+        })
     }
-    forward_control!();
-}
 
-pub(crate) struct FilterOp<T, F> {
-    pub f: F,
-    pub next: Box<dyn Collector<T>>,
-}
-
-impl<T, F: FnMut(&T) -> bool> Collector<T> for FilterOp<T, F> {
-    fn push(&mut self, batch: &mut Vec<T>) -> Result<()> {
-        batch.retain(|x| (self.f)(x));
-        self.next.push(batch)
-    }
-    forward_control!();
-}
-
-pub(crate) struct FlatMapOp<U, F> {
-    pub f: F,
-    pub buf: Vec<U>,
-    pub next: Box<dyn Collector<U>>,
-}
-
-impl<T, U, I: IntoIterator<Item = U>, F: FnMut(T) -> I> Collector<T> for FlatMapOp<U, F> {
-    fn push(&mut self, batch: &mut Vec<T>) -> Result<()> {
-        for x in batch.drain(..) {
-            self.buf.extend((self.f)(x));
+    /// Call `f` with the operator and its context, then pass what it emitted on.
+    #[inline]
+    fn call(
+        &mut self,
+        f: impl FnOnce(&mut O, &mut OperatorContext<'_, O::Out>) -> std::result::Result<(), BoxError>,
+    ) -> Result<()> {
+        let mut ctx = OperatorContext {
+            out: &mut self.out,
+            watermark: self.watermark,
+            clock: &*self.clock,
+            operator: &self.operator,
+            subtask: self.subtask,
+            parallelism: self.parallelism,
+            metrics: &self.metrics,
+        };
+        if let Err(e) = f(&mut self.op, &mut ctx) {
+            return Err(Error::from_user(&self.operator, self.subtask, e));
         }
-        self.next.push(&mut self.buf)
+        if !self.out.is_empty() {
+            self.next.push(&mut self.out)?;
+        }
+        Ok(())
     }
-    forward_control!();
+}
+
+impl<I, O: Operator<I>> Collector<I> for UserOp<I, O> {
+    #[inline]
+    fn push(&mut self, batch: &mut Vec<I>) -> Result<()> {
+        self.call(|op, ctx| op.process_batch(batch, ctx))
+    }
+    fn barrier(&mut self, id: CheckpointId, snap: &mut TaskSnapshot) -> Result<()> {
+        if let Some(types) = &self.types {
+            let entries = self
+                .op
+                .snapshot(id)
+                .map_err(|e| Error::from_user(&self.operator, self.subtask, e))?;
+            let list =
+                operator::encode_entries(&self.operator, self.subtask, self.parallelism, &entries)?;
+            snap.operators.push((
+                self.operator.clone(),
+                StateSnapshot {
+                    list,
+                    types: types.clone(),
+                    ..Default::default()
+                },
+            ));
+        }
+        self.next.barrier(id, snap)
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.next.flush()
+    }
+    fn end(&mut self) -> Result<()> {
+        self.next.end()
+    }
+    fn watermark(&mut self, wm: Timestamp) -> Result<()> {
+        if wm > self.watermark {
+            self.watermark = wm;
+            self.call(|op, ctx| op.on_watermark(wm, ctx))?;
+        }
+        self.next.watermark(wm)
+    }
+    fn idle(&mut self) -> Result<()> {
+        self.next.idle()
+    }
+    fn tick(&mut self, now: Timestamp) -> Result<()> {
+        self.call(|op, ctx| op.on_processing_time(now, ctx))?;
+        self.next.tick(now)
+    }
 }
 
 /// Identity (the operator of a union node).
