@@ -137,6 +137,7 @@ fn writer_ctx(fx: &Fx, subtask: usize) -> SinkContext {
         parallelism: 2,
         checkpoint_interval: Some(Duration::from_secs(1)),
         generation: 1,
+        io: common::test_io(),
     }
 }
 
@@ -147,6 +148,7 @@ fn recovery(fx: &Fx, restored: Option<u64>) -> RecoveryContext {
         restored: restored.map(CheckpointId),
         generation: 1,
         storage_id: "test-location".to_string(),
+        io: common::test_io(),
     }
 }
 
@@ -266,6 +268,7 @@ fn an_older_instance_never_touches_what_a_newer_one_staged() {
     let older = RecoveryContext {
         generation: 0,
         storage_id: "test-location".to_string(),
+        io: common::test_io(),
         ..recovery(&fx, None)
     };
     let err = sink(&fx, staging.path())
@@ -456,6 +459,7 @@ fn another_job_with_the_same_name_is_refused_not_skipped() {
     let (staging_a, staging_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let location = |id: &str, restored: Option<u64>| RecoveryContext {
         storage_id: id.to_string(),
+        io: common::test_io(),
         ..recovery(&fx, restored)
     };
     let a = sink(&fx, staging_a.path());

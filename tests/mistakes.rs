@@ -106,7 +106,7 @@ fn a_keyed_operator_without_a_name_is_refused() {
     let err = ledger(tmp.path(), "payments", None, "tag", false)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("keyed operator 'process-"), "{err}");
+    assert!(err.contains("stateful operator 'process-"), "{err}");
     assert!(err.contains("has no name"), "{err}");
     assert!(!tmp.path().join("out").exists(), "nothing ran");
 }

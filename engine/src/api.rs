@@ -151,6 +151,10 @@ pub struct SinkContext {
     /// stage with it, so a recovery can tell its own and older instances' artifacts
     /// (safe to abort) from a newer instance's (never to be touched).
     pub generation: u64,
+    /// The job's I/O runtime: a sink runs its network and storage calls here (spawned,
+    /// or `block_on` from the operator thread, which is not one of its workers) instead
+    /// of starting a runtime of its own.
+    pub io: tokio::runtime::Handle,
 }
 
 /// What recovery tells a sink.
@@ -170,6 +174,9 @@ pub struct RecoveryContext {
     /// started over. A sink committing into a system other jobs share puts it in its
     /// commit records to tell its own from theirs.
     pub storage_id: String,
+    /// The job's I/O runtime (see [`SinkContext::io`]). Recovery comes before every
+    /// commit of a run, so a sink keeps this handle for its commits.
+    pub io: tokio::runtime::Handle,
 }
 
 /// A sink that stages output at each barrier and makes it visible only after the
@@ -218,4 +225,11 @@ pub trait SinkWriter: 'static {
 
     /// Stage everything written since the previous barrier.
     fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<Option<Self::Committable>>;
+
+    /// How long the last [`SinkWriter::pre_commit`] waited for staging that had started
+    /// before the barrier (uploads still in flight), reported as the checkpoint's
+    /// `max_sink_wait`. A writer that stages synchronously has nothing to report.
+    fn last_pre_commit_wait(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }

@@ -25,6 +25,10 @@ pub struct CheckpointStats {
     /// snapshot. In exactly-once mode the inputs whose barrier arrived are not read
     /// meanwhile; in at-least-once mode they are; an unaligned snapshot ends it early.
     pub max_alignment: Duration,
+    /// Longest time a sink waited at the barrier for staging it had started before
+    /// (e.g. the object-store sink's part uploads still in flight); zero for sinks that
+    /// stage at the barrier itself.
+    pub max_sink_wait: Duration,
     /// Bytes of records in flight stored by unaligned snapshots (see
     /// [`JobBuilder::aligned_checkpoint_timeout`](crate::dsl::JobBuilder::aligned_checkpoint_timeout)).
     pub inflight_bytes: u64,

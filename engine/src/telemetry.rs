@@ -21,6 +21,7 @@
 //! | `exactly_checkpoint_end_to_end_seconds` | histogram | `job` (trigger to output committed) |
 //! | `exactly_checkpoint_sync_pause_seconds` | histogram | `job` (longest task pause) |
 //! | `exactly_checkpoint_alignment_seconds` | histogram | `job` (longest barrier alignment) |
+//! | `exactly_checkpoint_sink_wait_seconds` | histogram | `job` (longest wait of a sink for uploads at the barrier) |
 //! | `exactly_checkpoint_last_id` | gauge | `job` |
 //! | `exactly_checkpoint_state_bytes` | gauge | `job` |
 //! | `exactly_checkpoint_uploaded_bytes` | gauge | `job` |
@@ -89,6 +90,8 @@ pub(crate) fn checkpoint_completed(job: &str, c: &CheckpointStats) {
         .record(c.max_sync_pause.as_secs_f64());
     histogram!("exactly_checkpoint_alignment_seconds", "job" => job.clone())
         .record(c.max_alignment.as_secs_f64());
+    histogram!("exactly_checkpoint_sink_wait_seconds", "job" => job.clone())
+        .record(c.max_sink_wait.as_secs_f64());
     gauge!("exactly_checkpoint_last_id", "job" => job.clone()).set(c.id.0 as f64);
     gauge!("exactly_checkpoint_state_bytes", "job" => job.clone()).set(c.state_bytes as f64);
     gauge!("exactly_checkpoint_uploaded_bytes", "job" => job.clone()).set(c.uploaded_bytes as f64);

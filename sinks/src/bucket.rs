@@ -7,11 +7,16 @@
 //!   (`<prefix>/part-<sink>-<subtask>-g<generation>-<run>-<seq>.<ext>`, the generation
 //!   being the job instance's lease; a new file once one exceeds
 //!   [`ObjectStoreSink::max_file_bytes`]). A file is a multipart upload: full parts are
-//!   uploaded while records arrive, so memory stays bounded.
+//!   uploaded while records arrive, on the job's I/O runtime, so the operator thread
+//!   goes on encoding while they travel; it waits only when [`PARTS_AHEAD`] parts are
+//!   already queued behind the ones in flight (memory stays bounded: at most
+//!   `PARTS_AHEAD + PARTS_IN_FLIGHT + 1` parts of 8 MiB per subtask).
 //! * Before a file's upload starts, a marker `<prefix>/_pending/<sink>/<file>.json`
 //!   records its path and upload id.
-//! * At the barrier the rest of each file goes up as its last part; the committable is
-//!   every file's path, upload id, part ids and size. Nothing is visible yet.
+//! * At the barrier the rest of each file goes up as its last part, and the barrier
+//!   waits for every part of the interval's files (the checkpoint's `max_sink_wait`
+//!   reports how long); the committable is every file's path, upload id, part ids and
+//!   size. Nothing is visible yet.
 //! * Commit completes the uploads (the object appears atomically with all its bytes),
 //!   then deletes the markers. Completing an upload that was already completed fails
 //!   with "no such upload"; the commit then checks that the object exists with the
@@ -31,13 +36,15 @@ use crate::file::RecordEncoder;
 use exactly_engine::api::{Data, RecoveryContext, SinkContext, SinkWriter, TwoPhaseCommitSink};
 use exactly_engine::error::{Error, Result};
 use exactly_engine::ids::{CheckpointId, OperatorId};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::runtime::Handle;
 
 /// An object store that supports the low-level multipart API.
 pub trait Bucket: ObjectStore + MultipartStore {}
@@ -45,6 +52,10 @@ impl<B: ObjectStore + MultipartStore> Bucket for B {}
 
 /// Parts are this large (S3 needs at least 5 MiB for every part but the last).
 const PART_BYTES: usize = 8 << 20;
+/// Parts of one file uploaded at the same time.
+pub const PARTS_IN_FLIGHT: usize = 2;
+/// Parts of one file queued behind those in flight before the writer waits.
+pub const PARTS_AHEAD: usize = 1;
 
 /// One staged file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +120,8 @@ pub struct ObjectStoreSink<T, E> {
     prefix: Path,
     encoder: E,
     max_file_bytes: u64,
-    rt: Arc<tokio::runtime::Runtime>,
+    /// The job's I/O runtime, known from recovery (which comes before every commit).
+    io: Mutex<Option<Handle>>,
     /// `s3://bucket/prefix`, for the job's check that no two sinks share a location.
     location: Option<String>,
     /// On S3: lists uploads the server knows of (an upload created just before a crash
@@ -117,16 +129,6 @@ pub struct ObjectStoreSink<T, E> {
     #[cfg(feature = "s3")]
     lister: Option<Arc<crate::s3_uploads::UploadLister>>,
     _t: PhantomData<fn(T)>,
-}
-
-pub(crate) fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("object-sink-io")
-        .enable_all()
-        .build()
-        .map(Arc::new)
-        .map_err(|e| Error::io("starting the object store sink's I/O runtime", e))
 }
 
 impl<T: Data, E: RecordEncoder<T>> ObjectStoreSink<T, E> {
@@ -139,7 +141,7 @@ impl<T: Data, E: RecordEncoder<T>> ObjectStoreSink<T, E> {
             prefix,
             encoder,
             max_file_bytes: 128 << 20,
-            rt: runtime()?,
+            io: Mutex::new(None),
             location: None,
             #[cfg(feature = "s3")]
             lister: None,
@@ -178,6 +180,13 @@ impl<T: Data, E: RecordEncoder<T>> ObjectStoreSink<T, E> {
             checkpoint: c.map(CheckpointId),
             source: Box::new(e),
         }
+    }
+
+    /// The job's I/O runtime, as recovery passed it.
+    fn io(&self) -> Result<Handle> {
+        self.io.lock().expect("io handle").clone().ok_or_else(|| {
+            Error::config("the object store sink was asked to commit before its recovery ran")
+        })
     }
 
     fn marker_dir(&self, sink: &str) -> Path {
@@ -262,7 +271,7 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
     fn open_writer(&self, ctx: &SinkContext) -> Result<Self::Writer> {
         Ok(ObjectWriter {
             store: self.store.clone(),
-            rt: self.rt.clone(),
+            io: ctx.io.clone(),
             prefix: self.prefix.clone(),
             markers: self.marker_dir(&ctx.sink.0),
             encoder: self.encoder.clone(),
@@ -274,7 +283,8 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
             seq: 0,
             buf: Vec::new(),
             open: None,
-            done: Vec::new(),
+            finishing: Vec::new(),
+            waited: Duration::ZERO,
             _t: PhantomData,
         })
     }
@@ -286,7 +296,7 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
     fn commit(&self, c: &ObjectsCommittable) -> Result<()> {
         self.check_paths(c)?;
         let store = &self.store;
-        self.rt.block_on(async {
+        self.io()?.block_on(async {
             for f in &c.files {
                 let path = Path::from(f.path.as_str());
                 let id = f.upload_id.clone();
@@ -356,10 +366,11 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
         pending: Vec<ObjectsCommittable>,
     ) -> Result<Option<CheckpointId>> {
         let sink = ctx.sink.0.clone();
+        *self.io.lock().expect("io handle") = Some(ctx.io.clone());
         // Output committed by a checkpoint above the one restored: the checkpoint
         // storage lost manifests (deleted, moved aside, replaced) that this output
         // already committed; going on would commit their records again.
-        let high = self.rt.block_on(self.committed_high_water(&sink))?;
+        let high = ctx.io.block_on(self.committed_high_water(&sink))?;
         if let Some(high) = high.filter(|&h| ctx.restored.is_none_or(|r| h > r.0)) {
             return Err(Error::output_ahead_of_checkpoints(
                 &sink,
@@ -373,7 +384,7 @@ impl<T: Data, E: RecordEncoder<T>> TwoPhaseCommitSink for ObjectStoreSink<T, E> 
         }
         let dir = self.marker_dir(&sink);
         let store = &self.store;
-        self.rt.block_on(async {
+        ctx.io.block_on(async {
             let markers: Vec<_> = store
                 .list(Some(&dir))
                 .try_collect()
@@ -446,19 +457,32 @@ fn run_id() -> String {
     format!("{:016x}", crate::unique_u64())
 }
 
-/// A file being uploaded.
+/// A file being uploaded: its parts go to the task that uploads them.
 struct OpenFile {
     path: Path,
     marker: Path,
-    upload_id: String,
-    parts: Vec<String>,
+    parts: tokio::sync::mpsc::Sender<PutPayload>,
     size: u64,
+    upload: Upload,
+}
+
+/// The task uploading one file: its upload id and part ids, in order, once every part
+/// sent to it is uploaded.
+type Upload = tokio::task::JoinHandle<object_store::Result<(String, Vec<String>)>>;
+
+/// A file whose last part was sent, waiting for its upload at the barrier.
+struct FinishingFile {
+    path: Path,
+    marker: Path,
+    size: u64,
+    upload: Upload,
 }
 
 /// Writes one sink subtask's files.
 pub struct ObjectWriter<T, E> {
     store: Arc<dyn Bucket>,
-    rt: Arc<tokio::runtime::Runtime>,
+    /// The job's I/O runtime: uploads run there.
+    io: Handle,
     prefix: Path,
     markers: Path,
     encoder: E,
@@ -469,11 +493,13 @@ pub struct ObjectWriter<T, E> {
     /// This instance's fencing generation: in object names and markers.
     generation: u64,
     seq: u64,
-    /// Encoded bytes not uploaded yet.
+    /// Encoded bytes not sent to an upload yet.
     buf: Vec<u8>,
     open: Option<OpenFile>,
-    /// Files of this interval whose last part is uploaded.
-    done: Vec<StagedObject>,
+    /// Files of this interval whose last part was sent.
+    finishing: Vec<FinishingFile>,
+    /// How long the last barrier waited for uploads.
+    waited: Duration,
     _t: PhantomData<fn(T)>,
 }
 
@@ -487,8 +513,22 @@ impl<T, E: RecordEncoder<T>> ObjectWriter<T, E> {
         }
     }
 
-    /// Start a file: record its upload in a marker first, so recovery can abort it.
-    fn start_file(&mut self) -> Result<()> {
+    /// Wait for an upload task: its upload id and part ids, or why it failed.
+    fn join(&self, upload: Upload) -> Result<(String, Vec<String>)> {
+        match self.io.block_on(upload) {
+            Ok(r) => r.map_err(|e| self.err("write", e)),
+            Err(e) => Err(Error::Sink {
+                sink: OperatorId(self.sink.clone()),
+                step: "write",
+                checkpoint: None,
+                source: format!("the upload task ended: {e}").into(),
+            }),
+        }
+    }
+
+    /// Start a file: a task on the I/O runtime creates its upload, records it in a
+    /// marker (so recovery can abort it), then uploads the parts sent to it.
+    fn start_file(&mut self) {
         let name = format!(
             "part-{}-{:04}-g{}-{}-{:06}.{}",
             self.sink,
@@ -501,73 +541,81 @@ impl<T, E: RecordEncoder<T>> ObjectWriter<T, E> {
         self.seq += 1;
         let path = self.prefix.clone().join(name.as_str());
         let marker = self.markers.clone().join(format!("{name}.json"));
-        let store = self.store.clone();
-        let generation = self.generation;
+        let (parts, mut queued) = tokio::sync::mpsc::channel::<PutPayload>(PARTS_AHEAD);
+        let (store, generation) = (self.store.clone(), self.generation);
         let (p, m) = (path.clone(), marker.clone());
-        let upload_id = self
-            .rt
-            .block_on(async move {
-                let id = store.create_multipart(&p).await?;
-                let body = serde_json::to_vec(&Marker {
-                    path: p.to_string(),
-                    upload_id: id.clone(),
-                    generation,
-                })
-                .expect("a marker serialises");
-                store.put(&m, PutPayload::from(body)).await?;
-                Ok::<_, object_store::Error>(id)
+        let upload = self.io.spawn(async move {
+            let id = store.create_multipart(&p).await?;
+            let body = serde_json::to_vec(&Marker {
+                path: p.to_string(),
+                upload_id: id.clone(),
+                generation,
             })
-            .map_err(|e| self.err("write", e))?;
+            .expect("a marker serialises");
+            store.put(&m, PutPayload::from(body)).await?;
+            let incoming = futures::stream::poll_fn(move |cx| queued.poll_recv(cx));
+            let ids: Vec<String> = incoming
+                .enumerate()
+                .map(|(idx, data)| {
+                    let (store, p, id) = (store.clone(), p.clone(), id.clone());
+                    async move {
+                        let part = store.put_part(&p, &id, idx, data).await?;
+                        Ok::<_, object_store::Error>(part.content_id)
+                    }
+                })
+                .buffered(PARTS_IN_FLIGHT)
+                .try_collect()
+                .await?;
+            Ok((id, ids))
+        });
         self.open = Some(OpenFile {
             path,
             marker,
-            upload_id,
-            parts: Vec::new(),
+            parts,
             size: 0,
+            upload,
         });
-        Ok(())
     }
 
-    /// Upload `n` bytes from the front of the buffer as the next part of the open file.
+    /// Send `n` bytes from the front of the buffer as the next part of the open file;
+    /// waits only while the file's queue of parts is full.
     fn upload_part(&mut self, n: usize) -> Result<()> {
         if self.open.is_none() {
-            self.start_file()?;
+            self.start_file();
         }
         let rest = self.buf.split_off(n);
         let data = std::mem::replace(&mut self.buf, rest);
-        let f = self.open.as_mut().expect("started above");
-        let (store, path, id, idx) = (
-            self.store.clone(),
-            f.path.clone(),
-            f.upload_id.clone(),
-            f.parts.len(),
-        );
         let len = data.len() as u64;
-        let part = self.rt.block_on(async move {
-            store
-                .put_part(&path, &id, idx, PutPayload::from(data))
-                .await
-        });
-        let part = part.map_err(|e| self.err("write", e))?;
         let f = self.open.as_mut().expect("started above");
-        f.parts.push(part.content_id);
+        if f.parts.blocking_send(PutPayload::from(data)).is_err() {
+            // The task stopped taking parts: it failed; its error says why.
+            let f = self.open.take().expect("open");
+            drop(f.parts);
+            self.join(f.upload)?;
+            return Err(Error::Sink {
+                sink: OperatorId(self.sink.clone()),
+                step: "write",
+                checkpoint: None,
+                source: "the upload task stopped taking parts".into(),
+            });
+        }
         f.size += len;
         Ok(())
     }
 
-    /// Complete the open file's encoding and upload what is buffered as its last part.
+    /// Complete the open file's encoding and send what is buffered as its last part.
     fn finish_file(&mut self) -> Result<()> {
         self.encoder.finish_file(&mut self.buf)?;
         if !self.buf.is_empty() {
             self.upload_part(self.buf.len())?;
         }
         if let Some(f) = self.open.take() {
-            self.done.push(StagedObject {
-                path: f.path.to_string(),
-                upload_id: f.upload_id,
-                parts: f.parts,
+            // Dropping the sender ends the file's stream of parts.
+            self.finishing.push(FinishingFile {
+                path: f.path,
+                marker: f.marker,
                 size: f.size,
-                marker: f.marker.to_string(),
+                upload: f.upload,
             });
         }
         Ok(())
@@ -594,14 +642,31 @@ impl<T: Data, E: RecordEncoder<T>> SinkWriter for ObjectWriter<T, E> {
 
     fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<Option<ObjectsCommittable>> {
         self.finish_file()?;
-        if self.done.is_empty() {
+        let started = Instant::now();
+        let mut files = Vec::with_capacity(self.finishing.len());
+        for f in std::mem::take(&mut self.finishing) {
+            let (upload_id, parts) = self.join(f.upload)?;
+            files.push(StagedObject {
+                path: f.path.to_string(),
+                upload_id,
+                parts,
+                size: f.size,
+                marker: f.marker.to_string(),
+            });
+        }
+        self.waited = started.elapsed();
+        if files.is_empty() {
             return Ok(None);
         }
         Ok(Some(ObjectsCommittable {
             sink: self.sink.clone(),
             checkpoint: checkpoint.0,
-            files: std::mem::take(&mut self.done),
+            files,
         }))
+    }
+
+    fn last_pre_commit_wait(&self) -> Duration {
+        self.waited
     }
 }
 
@@ -619,6 +684,7 @@ mod tests {
             parallelism: 1,
             checkpoint_interval: None,
             generation: 1,
+            io: crate::test_io(),
         }
     }
 
@@ -629,6 +695,7 @@ mod tests {
             restored: None,
             generation: 1,
             storage_id: "test-location".to_string(),
+            io: crate::test_io(),
         }
     }
 
@@ -636,7 +703,7 @@ mod tests {
         sink: &ObjectStoreSink<(u32, String), impl RecordEncoder<(u32, String)>>,
     ) -> Vec<(String, Vec<u8>)> {
         let store = sink.store.clone();
-        sink.rt.block_on(async move {
+        crate::test_io().block_on(async move {
             let metas: Vec<_> = store.list(None).try_collect().await.unwrap();
             let mut out = Vec::new();
             for m in metas {
@@ -652,19 +719,87 @@ mod tests {
     }
 
     fn memory_sink<E: RecordEncoder<(u32, String)>>(e: E) -> ObjectStoreSink<(u32, String), E> {
-        ObjectStoreSink::new(Arc::new(object_store::memory::InMemory::new()), "out", e)
+        recovered(
+            ObjectStoreSink::new(Arc::new(object_store::memory::InMemory::new()), "out", e)
+                .unwrap()
+                .max_file_bytes(20 << 20),
+        )
+    }
+
+    /// A sink after the fresh start's recovery, as a job runs it before any commit.
+    fn recovered<T: Data, E: RecordEncoder<T>>(
+        sink: ObjectStoreSink<T, E>,
+    ) -> ObjectStoreSink<T, E> {
+        assert_eq!(sink.recover(&recovery(), Vec::new()).unwrap(), None);
+        sink
+    }
+
+    /// Part uploads run on the job's I/O runtime while the operator thread goes on: with
+    /// the runtime's only worker held, a write that fills a part still returns and no
+    /// upload has started (no marker exists yet); once the runtime runs again, the
+    /// barrier waits for the upload, says how long, and the committed file is whole.
+    #[test]
+    fn parts_upload_while_records_are_written_and_the_barrier_waits_for_them() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sink = memory_sink(JsonLines);
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (held, is_held) = std::sync::mpsc::channel::<()>();
+        rt.spawn(async move {
+            held.send(()).unwrap();
+            let _ = gate.recv(); // blocks the worker until released
+        });
+        is_held.recv().unwrap();
+        let mut w = sink
+            .open_writer(&SinkContext {
+                io: rt.handle().clone(),
+                ..ctx()
+            })
+            .unwrap();
+        let records: Vec<(u32, String)> = (0..9_000).map(|i| (i, "x".repeat(1_000))).collect();
+        w.write(&mut records.clone()).unwrap();
+        assert!(
+            objects(&sink).is_empty(),
+            "an upload started on the operator thread"
+        );
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            release.send(()).unwrap();
+        });
+        let c = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
+        releaser.join().unwrap();
+        assert!(w.last_pre_commit_wait() > Duration::ZERO);
+        assert_eq!(c.files.len(), 1);
+        assert_eq!(c.files[0].parts.len(), 2, "a full part and the rest");
+        sink.commit(&c).unwrap();
+        let files = objects(&sink);
+        assert_eq!(
+            files.len(),
+            1,
+            "{:?}",
+            files.iter().map(|f| &f.0).collect::<Vec<_>>()
+        );
+        let lines: Vec<(u32, String)> = std::str::from_utf8(&files[0].1)
             .unwrap()
-            .max_file_bytes(20 << 20)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines, records);
     }
 
     #[test]
     fn a_sink_at_the_bucket_root_commits() {
-        let sink = ObjectStoreSink::<(u32, String), _>::new(
-            Arc::new(object_store::memory::InMemory::new()),
-            "",
-            JsonLines,
-        )
-        .unwrap();
+        let sink = recovered(
+            ObjectStoreSink::<(u32, String), _>::new(
+                Arc::new(object_store::memory::InMemory::new()),
+                "",
+                JsonLines,
+            )
+            .unwrap(),
+        );
         let mut w = sink.open_writer(&ctx()).unwrap();
         w.write(&mut vec![(1, "a".to_string())]).unwrap();
         let c = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
@@ -701,6 +836,7 @@ mod tests {
         let sink = memory_sink(JsonLines);
         let newer = SinkContext {
             generation: 2,
+            io: crate::test_io(),
             ..ctx()
         };
         let mut w = sink.open_writer(&newer).unwrap();
@@ -860,7 +996,7 @@ mod tests {
         sink.commit(&c).unwrap();
         let store = sink.store.clone();
         let path = Path::from(c.files[0].path.as_str());
-        sink.rt
+        crate::test_io()
             .block_on(async move { store.delete(&path).await })
             .unwrap();
         let err = sink.commit(&c).unwrap_err();
@@ -890,9 +1026,11 @@ mod tests {
             .unwrap()
             .row_group_rows(4_096);
         let store = Arc::new(object_store::memory::InMemory::new());
-        let sink = ObjectStoreSink::new(store.clone(), "out", format)
-            .unwrap()
-            .max_file_bytes(12 << 20);
+        let sink = recovered(
+            ObjectStoreSink::new(store.clone(), "out", format)
+                .unwrap()
+                .max_file_bytes(12 << 20),
+        );
         let mut w = sink.open_writer(&ctx()).unwrap();
         w.write(&mut rows).unwrap();
         let c = w.pre_commit(CheckpointId(1)).unwrap().unwrap();
@@ -902,8 +1040,7 @@ mod tests {
         let mut got = Vec::new();
         for f in &c.files {
             let path = Path::from(f.path.as_str());
-            let bytes = sink
-                .rt
+            let bytes = crate::test_io()
                 .block_on(async { store.get(&path).await.unwrap().bytes().await.unwrap() });
             assert_eq!(bytes.len() as u64, f.size);
             got.extend(crate::parquet::tests::read::<Wide>(bytes.to_vec()).0);

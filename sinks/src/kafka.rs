@@ -158,7 +158,9 @@ struct Inner {
     config: Vec<(String, String)>,
     transaction_timeout: Duration,
     staging: Staging,
-    rt: Arc<tokio::runtime::Runtime>,
+    /// The job's I/O runtime (for the staging store and the admin client), known from
+    /// recovery, which comes before every commit.
+    io: Mutex<Option<tokio::runtime::Handle>>,
     /// Initialised transactional producers by transactional id.
     producers: Mutex<HashMap<String, ThreadedProducer<DefaultProducerContext>>>,
     /// The last committed checkpoint per transactional id; `None` until read from the
@@ -228,7 +230,7 @@ impl<T: Data, E: KafkaEncoder<T>> KafkaSink<T, E> {
                 config: Vec::new(),
                 transaction_timeout: Duration::from_secs(60),
                 staging,
-                rt: crate::bucket::runtime()?,
+                io: Mutex::new(None),
                 producers: Mutex::new(HashMap::new()),
                 markers: Mutex::new(None),
                 storage_id: Mutex::new(None),
@@ -289,6 +291,13 @@ fn kafka_err(sink: &OperatorId, step: &'static str, cp: Option<u64>, msg: String
 }
 
 impl Inner {
+    /// The job's I/O runtime, as recovery passed it.
+    fn io(&self) -> Result<tokio::runtime::Handle> {
+        self.io.lock().expect("io handle").clone().ok_or_else(|| {
+            Error::config("the Kafka sink was asked to commit before its recovery ran")
+        })
+    }
+
     fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
@@ -455,7 +464,7 @@ impl Inner {
         let topic = NewTopic::new(&self.marker_topic, 1, TopicReplication::Fixed(-1))
             .set("cleanup.policy", "compact");
         let created = self
-            .rt
+            .io()?
             .block_on(admin.create_topics([&topic], &AdminOptions::new()));
         let failure = match created {
             Ok(results) => results.into_iter().find_map(|r| match r {
@@ -509,7 +518,7 @@ impl Inner {
         let store = self.staging.store.clone();
         let get_path = path.clone();
         let bytes = match self
-            .rt
+            .io()?
             .block_on(async move { store.get(&get_path).await?.bytes().await })
         {
             Ok(b) => b,
@@ -598,7 +607,14 @@ impl Inner {
     fn delete_staged(&self, path: &Path) {
         let store = self.staging.store.clone();
         let p = path.clone();
-        match self.rt.block_on(async move { store.delete(&p).await }) {
+        let io = match self.io() {
+            Ok(io) => io,
+            // Left behind; the next recovery deletes it.
+            Err(e) => {
+                return tracing::warn!(path = %path, error = %e, "deleting staged Kafka records")
+            }
+        };
+        match io.block_on(async move { store.delete(&p).await }) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             // Left behind; the next recovery deletes it.
             Err(e) => tracing::warn!(path = %path, error = %e, "deleting staged Kafka records"),
@@ -699,6 +715,7 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
         }
         Ok(KafkaWriter {
             inner: self.inner.clone(),
+            io: ctx.io.clone(),
             encoder: self.encoder.clone(),
             dir: self.inner.staged_dir(&ctx.job, &ctx.sink.0),
             transactional_id: transactional_id(&ctx.job, &ctx.sink.0, ctx.subtask.0),
@@ -725,13 +742,14 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
     ) -> Result<Option<CheckpointId>> {
         let inner = &self.inner;
         *inner.storage_id.lock().expect("storage id") = Some(ctx.storage_id.clone());
+        *inner.io.lock().expect("io handle") = Some(ctx.io.clone());
         inner.ensure_marker_topic(&ctx.sink)?;
         // Staged objects of this job and sink: (path, checkpoint, subtask).
         let dir = inner.staged_dir(&ctx.job, &ctx.sink.0);
         let store = inner.staging.store.clone();
         let list_dir = dir.clone();
-        let listed: Vec<Path> = inner
-            .rt
+        let listed: Vec<Path> = ctx
+            .io
             .block_on(async move {
                 store
                     .list(Some(&list_dir))
@@ -828,6 +846,8 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
 /// Buffers one subtask's records of the current checkpoint interval.
 pub struct KafkaWriter<T, E> {
     inner: Arc<Inner>,
+    /// The job's I/O runtime, for staging.
+    io: tokio::runtime::Handle,
     encoder: Arc<E>,
     dir: Path,
     transactional_id: String,
@@ -871,8 +891,7 @@ impl<T: Data, E: KafkaEncoder<T>> SinkWriter for KafkaWriter<T, E> {
         let payload = PutPayload::from(std::mem::replace(&mut self.buf, STAGE_MAGIC.to_vec()));
         let store = self.inner.staging.store.clone();
         let put_path = path.clone();
-        self.inner
-            .rt
+        self.io
             .block_on(async move { store.put(&put_path, payload).await })
             .map_err(|e| Error::Sink {
                 sink: OperatorId(self.transactional_id.clone()),

@@ -559,10 +559,15 @@ fn recover(
     let storage_id = rt.block_on(storage.storage_id())?;
     let settled = settle_sinks(
         graph,
-        s,
         &pending,
-        state.checkpoint,
-        (generation, &storage_id),
+        crate::api::RecoveryContext {
+            job: s.name.clone(),
+            sink: OperatorId(String::new()),
+            restored: state.checkpoint,
+            generation,
+            storage_id,
+            io: rt.handle().clone(),
+        },
     );
     if let Err(e) = &settled {
         if e.class() == ErrorClass::Stop {
@@ -585,10 +590,8 @@ fn recover(
 /// after it; the highest checkpoint id a sink saw staged.
 fn settle_sinks(
     graph: &Graph,
-    s: &JobSettings,
     pending: &[crate::manifest::PendingCommit],
-    restored: Option<CheckpointId>,
-    (generation, storage_id): (u64, &str),
+    mut ctx: crate::api::RecoveryContext,
 ) -> Result<Option<CheckpointId>> {
     let mut max_seen = None;
     for n in &graph.nodes {
@@ -598,13 +601,7 @@ fn settle_sinks(
                 .filter(|p| p.sink == n.op)
                 .map(|p| p.committable.clone())
                 .collect();
-            let ctx = crate::api::RecoveryContext {
-                job: s.name.clone(),
-                sink: n.op.clone(),
-                restored,
-                generation,
-                storage_id: storage_id.to_string(),
-            };
+            ctx.sink = n.op.clone();
             let staged = sink.recover(&ctx, mine)?;
             max_seen = max_seen.max(staged);
         }
@@ -1067,6 +1064,7 @@ impl Driver<'_> {
         let mut triggered_at: BTreeMap<CheckpointId, Instant> = BTreeMap::new();
         let mut pauses: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
         let mut aligns: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
+        let mut sink_waits: BTreeMap<CheckpointId, Duration> = BTreeMap::new();
         // Bytes in flight stored and tasks that went unaligned, per checkpoint.
         let mut unaligned: BTreeMap<CheckpointId, (u64, Vec<(String, usize)>)> = BTreeMap::new();
         let mut op_bytes: BTreeMap<CheckpointId, BTreeMap<String, u64>> = BTreeMap::new();
@@ -1092,6 +1090,7 @@ impl Driver<'_> {
                     inflight_bytes,
                     unaligned: went_unaligned,
                     operator_bytes,
+                    sink_wait,
                 }) => {
                     if went_unaligned {
                         let u = unaligned.entry(id).or_default();
@@ -1102,6 +1101,8 @@ impl Driver<'_> {
                     *p = (*p).max(sync_pause);
                     let a = aligns.entry(id).or_insert(Duration::ZERO);
                     *a = (*a).max(alignment);
+                    let w = sink_waits.entry(id).or_insert(Duration::ZERO);
+                    *w = (*w).max(sink_wait);
                     let per_op = op_bytes.entry(id).or_default();
                     for (op, b) in operator_bytes {
                         *per_op.entry(op.0).or_default() += b;
@@ -1343,6 +1344,7 @@ impl Driver<'_> {
                                 uploaded_bytes,
                                 max_sync_pause: pauses.remove(&id).unwrap_or_default(),
                                 max_alignment: aligns.remove(&id).unwrap_or_default(),
+                                max_sink_wait: sink_waits.remove(&id).unwrap_or_default(),
                                 inflight_bytes: unaligned.get(&id).map_or(0, |u| u.0),
                                 unaligned_tasks: unaligned
                                     .remove(&id)
@@ -1358,6 +1360,7 @@ impl Driver<'_> {
                         );
                         pauses.retain(|&p, _| p > id);
                         aligns.retain(|&p, _| p > id);
+                        sink_waits.retain(|&p, _| p > id);
                         unaligned.retain(|&p, _| p > id);
                         op_bytes.retain(|&p, _| p > id);
                         triggered_at.retain(|&p, _| p >= id);

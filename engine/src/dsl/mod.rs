@@ -249,6 +249,7 @@ impl<T: Data> Stream<T> {
                 parallelism: ctx.parallelism_of(node),
                 checkpoint_interval: ctx.env.config.checkpoint_interval,
                 generation: ctx.env.config.generation,
+                io: ctx.env.rt.clone(),
             })?;
             Ok(Box::new(SinkOp::<S> {
                 sink: sink_id,

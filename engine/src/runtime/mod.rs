@@ -234,6 +234,9 @@ impl<T> BatchPool<T> {
 pub(crate) struct TaskSnapshot {
     pub operators: Vec<(OperatorId, StateSnapshot)>,
     pub commits: Vec<PendingCommit>,
+    /// The longest time a sink of the task waited at this barrier for staging started
+    /// before it.
+    pub sink_wait: Duration,
 }
 
 /// The input side of a chained operator (or of an exchange that leaves the task).
@@ -270,6 +273,8 @@ pub(crate) enum TaskEvent {
         unaligned: bool,
         /// Bytes of keyed state per stateful operator of the task.
         operator_bytes: Vec<(OperatorId, u64)>,
+        /// The longest wait of a sink of the task for its staging at the barrier.
+        sink_wait: Duration,
     },
     Decline {
         id: CheckpointId,
@@ -362,6 +367,7 @@ impl TaskEnv {
             inflight_bytes,
             unaligned,
         } = figures;
+        let sink_wait = snap.sink_wait;
         if !snap.commits.is_empty() {
             let _ = self.events.send(TaskEvent::Committables(snap.commits));
         }
@@ -388,6 +394,7 @@ impl TaskEnv {
                 inflight_bytes,
                 unaligned,
                 operator_bytes: Vec::new(),
+                sink_wait,
             });
             return Ok(());
         }
@@ -471,6 +478,7 @@ impl TaskEnv {
                     inflight_bytes,
                     unaligned,
                     operator_bytes,
+                    sink_wait,
                 }),
                 Err(e) => events.send(TaskEvent::Decline {
                     id,

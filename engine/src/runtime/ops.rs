@@ -372,6 +372,7 @@ impl<S: TwoPhaseCommitSink> Collector<S::Item> for SinkOp<S> {
 
     fn barrier(&mut self, id: CheckpointId, snap: &mut TaskSnapshot) -> Result<()> {
         let staged = self.writer.pre_commit(id)?;
+        snap.sink_wait = snap.sink_wait.max(self.writer.last_pre_commit_wait());
         fail::fail_point!("sink::after_pre_commit");
         if let Some(c) = staged {
             let committable = serde_json::to_value(&c).map_err(|e| Error::Codec {
