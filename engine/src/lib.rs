@@ -17,6 +17,7 @@ pub mod dsl;
 pub mod error;
 pub mod failpoints;
 pub mod ids;
+pub mod inspect;
 pub mod manifest;
 pub mod metrics;
 pub mod operator;

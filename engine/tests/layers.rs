@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// not use each other.
 const LAYERS: &[&[&str]] = &[
     &["lib"],
-    &["testing"],
+    &["testing", "inspect"],
     &["dsl"],
     &["driver"],
     &["plan"],

@@ -454,7 +454,7 @@ impl RestorePoint {
 }
 
 /// The newest manifest that is not an orphan (see [`crate::storage::Takeover`]).
-async fn newest_restorable(
+pub(crate) async fn newest_restorable(
     storage: &CheckpointStorage,
     ids: &[CheckpointId],
     takeovers: &[crate::storage::Takeover],

@@ -22,7 +22,7 @@
 mod bytes;
 #[cfg(feature = "rocksdb")]
 mod cache;
-mod layout;
+pub(crate) mod layout;
 #[cfg(feature = "rocksdb")]
 pub mod rocks;
 mod table;
