@@ -120,7 +120,7 @@ impl StateReader {
         operator: &str,
         name: &str,
         declared: Declared,
-    ) -> Result<(Vec<(&[u8], &[u8])>, Restore)> {
+    ) -> Result<(Entries<'_>, Restore)> {
         let op = OperatorId(operator.to_string());
         let snaps = self.snapshots(&op)?;
         let recorded = self.types.get(operator).cloned().unwrap_or_default();
@@ -226,6 +226,9 @@ impl StateReader {
         crate::operator::restore_entries(&op, &lists, SubtaskIndex(0), 1)
     }
 }
+
+/// Keyed entries of one state: the entry key after the state's name, and the value.
+type Entries<'a> = Vec<(&'a [u8], &'a [u8])>;
 
 fn bad_key(state: &str) -> Error {
     Error::Codec {
