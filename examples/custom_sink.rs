@@ -21,7 +21,12 @@
 //!   checkpoint there is nothing to do. Otherwise the file is cut back to the journal's
 //!   length (a crash mid-append leaves a partial tail), the staged bytes are appended and
 //!   fsynced, and the journal is replaced atomically. Commits of one subtask come in
-//!   checkpoint order;
+//!   checkpoint order. The journal also names the fencing generation of the instance
+//!   that committed: an older instance (a zombie still committing after a newer one
+//!   took over) finds a newer generation there and stops as fenced instead of cutting
+//!   the file back. (The engine checks its lease just before committing too; a zombie
+//!   passing both checks in the same instant as the newer instance's append is not
+//!   caught: a lock file would close that window);
 //! * **recover**: a journal above the restored checkpoint means the checkpoint storage
 //!   lost manifests that the output already holds, so stop instead of writing them again;
 //!   a staged file of a newer generation belongs to a newer instance, so stop as fenced
@@ -45,6 +50,8 @@ use std::time::Duration;
 #[derive(Clone)]
 struct CsvLedgerSink {
     dir: PathBuf,
+    /// This instance's fencing generation, known from recovery (before any commit).
+    generation: Arc<AtomicU64>,
 }
 
 /// What a barrier staged: the manifest keeps it until the commit is done.
@@ -61,6 +68,8 @@ struct Staged {
 struct Journal {
     checkpoint: u64,
     len: u64,
+    /// The generation of the instance that committed it.
+    generation: u64,
 }
 
 struct CsvWriter {
@@ -116,10 +125,25 @@ impl CsvLedgerSink {
     /// Commit `c` of sink `sink`; doing it twice appends nothing the second time.
     fn commit_as(&self, sink: &str, c: &Staged) -> exactly::engine::error::Result<()> {
         let journal = self.journal(sink, c.subtask)?;
-        if journal.checkpoint >= c.checkpoint {
-            return Ok(()); // committed before a crash: the restore's re-commit
+        let generation = self.generation.load(Ordering::SeqCst);
+        if journal.generation > generation {
+            return Err(Error::Fenced {
+                epoch: generation,
+                newer: journal.generation,
+                url: self.journal_path(sink, c.subtask).display().to_string(),
+            });
         }
         let staged = self.staging(sink).join(&c.file);
+        if journal.checkpoint >= c.checkpoint {
+            // Committed before a crash: the restore's re-commit. The staged file may
+            // still be there if the crash came before its removal.
+            return match fs::remove_file(&staged) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io(format!("removing {}", staged.display()), e))
+                }
+                _ => Ok(()),
+            };
+        }
         let bytes = fs::read(&staged).map_err(|e| Error::CommitLost {
             sink: exactly::engine::ids::OperatorId(sink.to_string()),
             checkpoint: CheckpointId(c.checkpoint),
@@ -141,6 +165,7 @@ impl CsvLedgerSink {
         let next = Journal {
             checkpoint: c.checkpoint,
             len: journal.len + bytes.len() as u64,
+            generation,
         };
         let json = serde_json::to_vec(&next).expect("a journal serialises");
         write_atomically(&self.journal_path(sink, c.subtask), &json)?;
@@ -188,6 +213,7 @@ impl TwoPhaseCommitSink for CsvLedgerSink {
         mut pending: Vec<Staged>,
     ) -> exactly::engine::error::Result<Option<CheckpointId>> {
         let sink = ctx.sink.0.as_str();
+        self.generation.store(ctx.generation, Ordering::SeqCst);
         let staging = self.staging(sink);
         fs::create_dir_all(&staging).map_err(io(format!("creating {}", staging.display())))?;
         let mut highest = None;
@@ -274,6 +300,7 @@ impl SinkWriter for CsvWriter {
         let mut f = File::create(&path).map_err(io(format!("creating {}", path.display())))?;
         f.write_all(&self.buf)
             .and_then(|()| f.sync_all())
+            .and_then(|()| File::open(&self.staging)?.sync_all())
             .map_err(io(format!("writing {}", path.display())))?;
         self.buf.clear();
         Ok(Some(Staged {
@@ -335,7 +362,13 @@ fn main() -> Result<()> {
         }
         p
     })
-    .sink(SINK, CsvLedgerSink { dir: out.clone() });
+    .sink(
+        SINK,
+        CsvLedgerSink {
+            dir: out.clone(),
+            generation: Arc::default(),
+        },
+    );
     let report = job.run()?;
     println!(
         "{} checkpoints, {} restart(s){}",

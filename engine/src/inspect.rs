@@ -8,8 +8,11 @@
 //! Types are checked as a restore checks them: a handle that declares another type than
 //! the checkpoint recorded is an error naming both, and a handle with a migration
 //! (`.version(2).migrate_from`) reads values written at the older version converted.
-//! State in RocksDB files (`StateBackend::rocksdb()`) is not read here; restore it into
-//! the job to see it.
+//! Types are compared by their names from `std::any::type_name`, which include the crate
+//! they are defined in: declare the state types in a library crate that the job and the
+//! reading program share (a type defined in the job's `main.rs` has another name in any
+//! other program). State in RocksDB files (`StateBackend::rocksdb()`) is not read here;
+//! restore it into the job to see it.
 //!
 //! ```no_run
 //! use exactly_engine::inspect::StateReader;
@@ -203,11 +206,16 @@ impl StateReader {
     }
 
     /// Every entry of the state of the non-keyed operator `operator` (written with
-    /// [`crate::operator::Operator`]), of all its instances.
-    pub fn operator_entries<S: DeserializeOwned>(&self, operator: &str) -> Result<Vec<S>> {
+    /// [`crate::operator::Operator`]), of all its instances; `state_version` is the
+    /// operator's [`crate::operator::Operator::STATE_VERSION`].
+    pub fn operator_entries<S: DeserializeOwned>(
+        &self,
+        operator: &str,
+        state_version: u32,
+    ) -> Result<Vec<S>> {
         let op = OperatorId(operator.to_string());
         let snaps = self.snapshots(&op)?;
-        let declared = crate::operator::describe::<S>();
+        let declared = crate::operator::describe::<S>(state_version);
         match self
             .types
             .get(operator)

@@ -19,8 +19,11 @@
 //! An operator whose `State` is a zero-sized type (`()`) has no state: nothing is stored
 //! and it needs no name. Any other operator must be named (`.name("...")`) before the job
 //! runs, so that a later version of the job finds its state, and the type it declares is
-//! recorded: a restore into an operator that now declares another type is an error naming
-//! both, never a reinterpretation of the old bytes.
+//! recorded (its name from `std::any::type_name`, with [`Operator::STATE_VERSION`]): a
+//! restore into an operator that now declares another type is an error naming both. A
+//! type that keeps its name while its fields change is the same type to this check:
+//! raise `STATE_VERSION` with such a change, so the old entries are refused rather than
+//! decoded as the new layout.
 //!
 //! ```
 //! # use exactly_engine::prelude::*;
@@ -79,6 +82,13 @@ pub trait Operator<I>: Clone + Send + Sync + 'static {
     type Out: Data;
     /// One entry of the operator's state (`()` for none).
     type State: Serialize + DeserializeOwned + Send + 'static;
+
+    /// The version of [`Operator::State`]'s layout, recorded with its type name. Raise
+    /// it when the type keeps its name but its fields change: a restore of entries
+    /// written at another version is then refused instead of decoding old bytes as the
+    /// new layout (operator state has no conversion function yet: restore under a new
+    /// operator name, which starts empty, to change it).
+    const STATE_VERSION: u32 = 1;
 
     /// Called once per parallel instance before any record, with the state entries this
     /// instance restores (none on a fresh start). The default accepts only an empty
@@ -325,9 +335,12 @@ pub(crate) fn has_state<I, O: Operator<I>>() -> bool {
     std::mem::size_of::<O::State>() != 0
 }
 
-/// How a state type is recorded in checkpoints.
-pub(crate) fn describe<S>() -> String {
-    format!("OperatorState<{}>", std::any::type_name::<S>())
+/// How a state type is recorded in checkpoints (version 1 has no suffix).
+pub(crate) fn describe<S>(version: u32) -> String {
+    match version {
+        0 | 1 => format!("OperatorState<{}>", std::any::type_name::<S>()),
+        v => format!("OperatorState<{}> version {v}", std::any::type_name::<S>()),
+    }
 }
 
 /// The first entry of an instance's stored list: who wrote the rest.

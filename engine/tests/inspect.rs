@@ -98,7 +98,7 @@ fn a_checkpoints_state_reads_back_with_the_jobs_types() {
         .map(|(a, s, n)| ((a, s), n))
         .collect();
     assert_eq!(got, signs);
-    let counts = reader.operator_entries::<u64>("count").unwrap();
+    let counts = reader.operator_entries::<u64>("count", 1).unwrap();
     assert_eq!(counts.len(), 2, "one entry per instance");
     assert_eq!(counts.iter().sum::<u64>(), input.len() as u64);
 
@@ -118,7 +118,7 @@ fn a_checkpoints_state_reads_back_with_the_jobs_types() {
         .to_string();
     assert!(err.contains("keyed by u64"), "{err}");
     let err = reader
-        .operator_entries::<i32>("count")
+        .operator_entries::<i32>("count", 1)
         .unwrap_err()
         .to_string();
     assert!(

@@ -183,6 +183,59 @@ impl Operator<u64> for Renamed {
     }
 }
 
+/// The same operator with a new layout version of its state.
+#[derive(Clone)]
+struct Reshaped(Tally);
+
+impl Operator<u64> for Reshaped {
+    type Out = (u8, u64);
+    type State = u64;
+    const STATE_VERSION: u32 = 2;
+
+    fn open(
+        &mut self,
+        restored: Vec<u64>,
+        ctx: &mut OperatorContext<'_, (u8, u64)>,
+    ) -> Result<(), BoxError> {
+        self.0.open(restored, ctx)
+    }
+
+    fn process(
+        &mut self,
+        record: u64,
+        ctx: &mut OperatorContext<'_, (u8, u64)>,
+    ) -> Result<(), BoxError> {
+        self.0.process(record, ctx)
+    }
+}
+
+#[test]
+fn a_new_state_version_is_refused_naming_both() {
+    let storage = CheckpointStorage::in_memory();
+    let sink = CollectSink::new();
+    assert!(run(&storage, 2, &sink, true, RestartPolicy::none()).is_err());
+    let job = Job::builder("tally")
+        .checkpoint_storage_instance(storage)
+        .parallelism(2)
+        .build()
+        .unwrap();
+    job.source(
+        "numbers",
+        VecSource::new((0..RECORDS).collect()).with_splits(3),
+    )
+    .transform(Reshaped(Tally {
+        count: 0,
+        fail_at: Arc::new(AtomicU64::new(u64::MAX)),
+    }))
+    .name("tally")
+    .sink("out", sink.clone());
+    let err = job.run().unwrap_err().to_string();
+    assert!(
+        err.contains("holds OperatorState<u64>,") && err.contains("OperatorState<u64> version 2"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_changed_state_type_is_refused_naming_both() {
     let storage = CheckpointStorage::in_memory();

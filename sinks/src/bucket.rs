@@ -10,7 +10,10 @@
 //!   uploaded while records arrive, on the job's I/O runtime, so the operator thread
 //!   goes on encoding while they travel; it waits only when [`PARTS_AHEAD`] parts are
 //!   already queued behind the ones in flight (memory stays bounded: at most
-//!   `PARTS_AHEAD + PARTS_IN_FLIGHT + 1` parts of 8 MiB per subtask).
+//!   `PARTS_AHEAD + PARTS_IN_FLIGHT + 1` parts of 8 MiB per file being written, and a
+//!   file rolled over within an interval (see `max_file_bytes`) keeps at most that many
+//!   until its upload ends). A writer dropped by a failed attempt stops its uploads;
+//!   recovery aborts what they started.
 //! * Before a file's upload starts, a marker `<prefix>/_pending/<sink>/<file>.json`
 //!   records its path and upload id.
 //! * At the barrier the rest of each file goes up as its last part, and the barrier
@@ -619,6 +622,19 @@ impl<T, E: RecordEncoder<T>> ObjectWriter<T, E> {
             });
         }
         Ok(())
+    }
+}
+
+impl<T, E> Drop for ObjectWriter<T, E> {
+    /// A writer dropped with uploads under way belongs to an attempt that failed: its
+    /// uploads stop, so none starts after the next attempt's recovery looked.
+    fn drop(&mut self) {
+        if let Some(f) = &self.open {
+            f.upload.abort();
+        }
+        for f in &self.finishing {
+            f.upload.abort();
+        }
     }
 }
 

@@ -210,8 +210,8 @@ fn foreign_marker(
          to the same Kafka cluster (each would fence the other's producers and could skip \
          the other's checkpoints): give every job a name of its own, or each sink its own \
          marker_topic; or this job's checkpoint location was replaced or emptied while the \
-         topic kept its output: restore the location, or start over with a new topic or \
-         sink name"
+         topic kept its output: restore the location, or start over under a new job or \
+         sink name (the transactional ids and markers are named after them)"
     ))
 }
 

@@ -8,7 +8,7 @@ use crate::manifest::PendingCommit;
 use crate::metrics::Metrics;
 use crate::operator::{self, Operator, OperatorContext};
 use crate::process::{KeyedCore, KeyedProcessFunction};
-use crate::state::types::{Declared, StateTypeMap, StateTypes};
+use crate::state::types::StateTypeMap;
 use crate::state::StateSnapshot;
 use crate::time::{Clock, TimeDomain, Timestamp};
 use std::marker::PhantomData;
@@ -80,23 +80,29 @@ impl<I, O: Operator<I>> UserOp<I, O> {
             restored_types,
         } = env;
         let (types, entries) = if operator::has_state::<I, O>() {
-            let mut types = StateTypes::new(operator.clone(), restored_types);
-            types.declare(
-                operator::STATE_NAME,
-                Declared {
-                    description: operator::describe::<O::State>(),
-                    version: 1,
-                    migrates_from: None,
-                },
-            )?;
+            let declared = operator::describe::<O::State>(O::STATE_VERSION);
+            if let Some(old) = restored_types.get(operator::STATE_NAME) {
+                if *old != declared {
+                    return Err(Error::config(format!(
+                        "operator '{operator}': the checkpoint holds {old}, the operator now \
+                         declares {declared}. Restoring would read the old entries as the new \
+                         type; keep the old State type (and STATE_VERSION), or give the \
+                         operator a new name, which starts its state empty (with \
+                         allow_non_restored_state() to drop the old one)"
+                    )));
+                }
+            }
+            let mut types = restored_types;
+            types.insert(operator::STATE_NAME.to_string(), declared);
             let entries = operator::restore_entries(&operator, &restored, subtask, parallelism)?;
-            (Some(types.recorded()), entries)
+            (Some(types), entries)
         } else {
             if restored.iter().any(|l| !l.is_empty()) {
                 return Err(Error::config(format!(
                     "operator '{operator}' declares no state (its State type is zero-sized), \
                      but the checkpoint holds state of it: give the operator its old State \
-                     type, or drop the state on purpose with allow_non_restored_state()"
+                     type, or give it a new name and drop the old state on purpose with \
+                     allow_non_restored_state()"
                 )));
             }
             (None, Vec::new())
@@ -126,6 +132,14 @@ impl<I, O: Operator<I>> UserOp<I, O> {
             next,
             _i: PhantomData,
         })
+    }
+
+    /// Pass on what is left in the output (emitted by `open`).
+    fn drain(&mut self) -> Result<()> {
+        if !self.out.is_empty() {
+            self.next.push(&mut self.out)?;
+        }
+        Ok(())
     }
 
     /// Call `f` with the operator and its context, then pass what it emitted on.
@@ -159,6 +173,8 @@ impl<I, O: Operator<I>> Collector<I> for UserOp<I, O> {
         self.call(|op, ctx| op.process_batch(batch, ctx))
     }
     fn barrier(&mut self, id: CheckpointId, snap: &mut TaskSnapshot) -> Result<()> {
+        // Records emitted before the barrier belong to this checkpoint.
+        self.drain()?;
         if let Some(types) = &self.types {
             let entries = self
                 .op
@@ -178,9 +194,11 @@ impl<I, O: Operator<I>> Collector<I> for UserOp<I, O> {
         self.next.barrier(id, snap)
     }
     fn flush(&mut self) -> Result<()> {
+        self.drain()?;
         self.next.flush()
     }
     fn end(&mut self) -> Result<()> {
+        self.drain()?;
         self.next.end()
     }
     fn watermark(&mut self, wm: Timestamp) -> Result<()> {
