@@ -411,16 +411,7 @@ fn state_dump_decodes_every_balance_of_the_final_checkpoint() {
     for i in 0..4_000u32 {
         *expected.entry(i % 97).or_insert(0i64) += i64::from(i) - 500;
     }
-    let dumped: std::collections::BTreeMap<u32, i64> = out
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("key group"))
-        .map(|l| {
-            let (_, rest) = l.split_once(" key ").unwrap();
-            let (k, v) = rest.split_once("  value ").unwrap();
-            (k.parse().unwrap(), v.parse().unwrap())
-        })
-        .collect();
-    assert_eq!(dumped, expected);
+    assert_eq!(dumped_balances(&out), expected);
     assert!(
         !out.contains("operator payments"),
         "only the operator asked for"
@@ -432,6 +423,56 @@ fn state_dump_decodes_every_balance_of_the_final_checkpoint() {
         err.contains("holds no state of operator 'nope'; operators with state: balance"),
         "{err}"
     );
+}
+
+/// The `key group .. key K  value V` lines of a dump.
+fn dumped_balances(out: &str) -> std::collections::BTreeMap<u32, i64> {
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("key group"))
+        .map(|l| {
+            let (_, rest) = l.split_once(" key ").unwrap();
+            let (k, v) = rest.split_once("  value ").unwrap();
+            (k.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+/// RocksDB state is read from a copy of the checkpoint's files: the same entries and
+/// balances as the in-memory backend's dump.
+#[cfg(feature = "rocksdb")]
+#[test]
+fn state_dump_reads_rocksdb_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let payments: Vec<(u32, i64)> = (0..4_000).map(|i| (i % 97, i64::from(i) - 500)).collect();
+    let checkpoints = dir.path().join("checkpoints");
+    let job = Job::builder("ledger")
+        .parallelism(2)
+        .state_backend(exactly::state::StateBackend::rocksdb())
+        .checkpoint_storage(checkpoints.to_str().unwrap())
+        .build()
+        .unwrap();
+    common::running_balances(&job, VecSource::new(payments), &dir.path().join("out"));
+    job.run().unwrap();
+    let (out, err, code) = exactly(&[
+        "state",
+        "dump",
+        checkpoints.to_str().unwrap(),
+        "--operator",
+        "balance",
+        "--entries",
+        "1000",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("  state balance: ValueState<i64> keyed by u32\n    97 entries,")
+            && out.contains("entries above read from a copy of its files"),
+        "{out}"
+    );
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..4_000u32 {
+        *expected.entry(i % 97).or_insert(0i64) += i64::from(i) - 500;
+    }
+    assert_eq!(dumped_balances(&out), expected);
 }
 
 /// A manifest an older instance wrote after a newer one took over (recorded in a

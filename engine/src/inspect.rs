@@ -11,8 +11,9 @@
 //! Types are compared by their names from `std::any::type_name`, which include the crate
 //! they are defined in: declare the state types in a library crate that the job and the
 //! reading program share (a type defined in the job's `main.rs` has another name in any
-//! other program). State in RocksDB files (`StateBackend::rocksdb()`) is not read here;
-//! restore it into the job to see it.
+//! other program). State in RocksDB files (`StateBackend::rocksdb()`) is read too when
+//! the `rocksdb` feature is on: each instance's files are copied into a temporary
+//! directory, opened read-only and scanned (so the whole state is read into memory).
 //!
 //! ```no_run
 //! use exactly_engine::inspect::StateReader;
@@ -81,7 +82,10 @@ impl StateReader {
                     path: h.path.clone(),
                     message: e.to_string(),
                 })?;
-            for (op, snap) in payload.operators {
+            for (op, mut snap) in payload.operators {
+                if let Some(db) = snap.db.take() {
+                    snap.keyed = rocksdb_entries(storage, id, &op, db).await?;
+                }
                 operators.entry(op).or_default().push(snap);
             }
             for (op, t) in &h.state_types {
@@ -153,12 +157,6 @@ impl StateReader {
                 self.operators().collect::<Vec<_>>().join(", ")
             ))
         })?;
-        if snaps.iter().any(|s| s.db.is_some()) {
-            return Err(Error::config(format!(
-                "operator '{op}' keeps its state in RocksDB files, which are not read \
-                 offline; restore the checkpoint into the job to see it"
-            )));
-        }
         Ok(snaps)
     }
 
@@ -237,6 +235,60 @@ impl StateReader {
 
 /// Keyed entries of one state: the entry key after the state's name, and the value.
 type Entries<'a> = Vec<(&'a [u8], &'a [u8])>;
+
+/// The entries of one operator instance's RocksDB checkpoint, per key group (in the
+/// backend-independent layout), read from a temporary copy of its files.
+pub async fn rocksdb_entries(
+    storage: &CheckpointStorage,
+    checkpoint: CheckpointId,
+    operator: &OperatorId,
+    db: crate::state::DbSnapshot,
+) -> Result<Vec<crate::state::KeyGroupEntries>> {
+    #[cfg(feature = "rocksdb")]
+    {
+        let _ = checkpoint;
+        let dir = std::env::temp_dir().join(format!(
+            "exactly-inspect-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let env = crate::state::BackendEnv {
+            backend: crate::state::StateBackend::rocksdb(),
+            local_dir: dir.clone(),
+            storage: storage.clone(),
+            rt: tokio::runtime::Handle::current(),
+            completed: std::sync::Arc::default(),
+        };
+        let read = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let mut groups: Vec<crate::state::KeyGroupEntries> = Vec::new();
+            let result = crate::state::rocks::read_snapshot(&db, db.range, &env, |kg, k, v| {
+                match groups.last_mut() {
+                    Some((g, entries)) if *g == kg => entries.push((k.to_vec(), v.to_vec())),
+                    _ => groups.push((kg, vec![(k.to_vec(), v.to_vec())])),
+                }
+                Ok(())
+            });
+            let _ = std::fs::remove_dir_all(&dir);
+            result.map(|()| groups)
+        });
+        read.await.map_err(|e| Error::State {
+            context: format!("reading the RocksDB state of '{operator}'"),
+            message: e.to_string(),
+        })?
+    }
+    #[cfg(not(feature = "rocksdb"))]
+    {
+        let _ = (storage, db);
+        Err(Error::config(format!(
+            "operator '{operator}' of checkpoint {checkpoint} keeps its state in RocksDB \
+             files; reading them needs the `rocksdb` feature"
+        )))
+    }
+}
 
 fn bad_key(state: &str) -> Error {
     Error::Codec {

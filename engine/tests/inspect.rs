@@ -48,12 +48,23 @@ fn rt() -> tokio::runtime::Runtime {
 
 #[test]
 fn a_checkpoints_state_reads_back_with_the_jobs_types() {
+    read_back(StateBackend::Memory);
+}
+
+#[cfg(feature = "rocksdb")]
+#[test]
+fn a_rocksdb_checkpoints_state_reads_back_with_the_jobs_types() {
+    read_back(StateBackend::rocksdb());
+}
+
+fn read_back(backend: StateBackend) {
     let input: Vec<(u32, i64)> = (0..5_000i64)
         .map(|i| ((i % 97) as u32, i % 13 - 6))
         .collect();
     let storage = CheckpointStorage::in_memory();
     let job = Job::builder("inspect")
         .checkpoint_storage_instance(storage.clone())
+        .state_backend(backend)
         .parallelism(2)
         .build()
         .unwrap();
