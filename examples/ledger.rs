@@ -8,7 +8,7 @@
 //!            [--kafka-staging DIR] [--pg-table balances]
 //!            --checkpoints DIR [--interval-ms 100] [--parallelism P]
 //!            [--state memory|rocksdb] [--pace-us 0 (pause per source batch)]
-//!            [--format jsonl|parquet]
+//!            [--format jsonl|parquet] [--name ledger]
 //! ledger verify --input payments.jsonl --out DIR
 //! ```
 //!
@@ -145,6 +145,10 @@ struct RunArgs {
     /// Checkpoint location: a directory, or `s3://bucket/prefix`.
     #[arg(long)]
     checkpoints: PathBuf,
+    /// The job's name: it names the checkpoints and, with a Kafka output, the
+    /// transactional ids, so two jobs writing to one Kafka cluster need different names.
+    #[arg(long, default_value = "ledger")]
+    name: String,
     /// Checkpoint interval in milliseconds.
     #[arg(long = "interval-ms", default_value_t = 1000)]
     interval_ms: u64,
@@ -173,7 +177,7 @@ fn run(a: &RunArgs) -> Result<()> {
     let (input, out, checkpoints) = (&a.input, &a.out, &a.checkpoints);
     let (interval, parallelism, pace_us) = (a.interval_ms, a.parallelism, a.pace_us);
     let started = Instant::now();
-    let mut builder = Job::builder("ledger");
+    let mut builder = Job::builder(&a.name);
     if pace_us > 0 {
         builder = builder.source_pacing(Duration::from_micros(pace_us));
     }
@@ -459,6 +463,7 @@ fn demo(a: &DemoArgs) -> Result<()> {
         format: Format::Jsonl,
         kafka_staging: None,
         pg_table: "balances".into(),
+        name: "ledger".into(),
     })?;
     verify(&VerifyArgs {
         input,

@@ -52,6 +52,8 @@ struct BalanceUpdate {
 struct Pipeline {
     input: String,
     output: String,
+    /// The job's name, unique to the test (see `start`).
+    job: String,
     /// PostgreSQL output instead of the `output` topic: (URL, table).
     pg: Option<(String, String)>,
     dir: tempfile::TempDir,
@@ -69,6 +71,7 @@ impl Pipeline {
         let p = Pipeline {
             input: format!("payments-{name}-{n}"),
             output: format!("balances-{name}-{n}"),
+            job: format!("ledger-{name}-{n}"),
             dir: tempfile::tempdir().unwrap(),
             golden: Vec::new(),
             pg: None,
@@ -127,6 +130,23 @@ impl Pipeline {
         }
     }
 
+    /// Every run's stderr, appended to one file in the test's directory.
+    fn stderr_log(&self) -> Stdio {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("stderr.log"))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null())
+    }
+
+    /// The last 40 lines the runs wrote to stderr.
+    fn stderr_tail(&self) -> String {
+        let all = std::fs::read_to_string(self.path("stderr.log")).unwrap_or_default();
+        let lines: Vec<&str> = all.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -135,7 +155,9 @@ impl Pipeline {
     fn start(&self, parallelism: usize, crash_at: Option<&str>) -> std::process::Child {
         let bin = example_binary("ledger", &["kafka", "failpoints"]);
         let mut cmd = Command::new(bin);
-        cmd.args(["run", "--input"])
+        // Each test its own job name: jobs with one name share transactional ids, and
+        // tests running at the same time would fence each other's producers.
+        cmd.args(["run", "--name", &self.job, "--input"])
             .arg(format!("kafka://{}/{}", brokers(), self.input));
         match &self.pg {
             Some((url, table)) => cmd.args(["--out", url, "--pg-table", table]),
@@ -150,7 +172,7 @@ impl Pipeline {
             .args(["--interval-ms", "50", "--pace-us", "40000"])
             .args(["--parallelism", &parallelism.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(self.stderr_log());
         match crash_at {
             Some(point) => cmd.env("EXACTLY_CRASH_AT", point),
             None => cmd.env_remove("EXACTLY_CRASH_AT"),
@@ -164,12 +186,19 @@ impl Pipeline {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "the final run failed: {status}");
+                assert!(
+                    status.success(),
+                    "the final run failed: {status}; the runs' stderr ends:\n{}",
+                    self.stderr_tail()
+                );
                 return;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("the final run did not finish in two minutes");
+                panic!(
+                    "the final run did not finish in two minutes; the runs' stderr ends:\n{}",
+                    self.stderr_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
