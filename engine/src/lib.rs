@@ -11,6 +11,7 @@
 pub(crate) mod aligner;
 pub mod api;
 pub mod codec;
+pub mod connect;
 pub(crate) mod coordinator;
 pub(crate) mod driver;
 pub mod dsl;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// not use each other.
 const LAYERS: &[&[&str]] = &[
     &["lib"],
-    &["testing", "inspect"],
+    &["testing", "inspect", "connect"],
     &["dsl"],
     &["driver"],
     &["plan"],

@@ -156,7 +156,7 @@ impl<T: Data, E: RecordEncoder<T>> ObjectStoreSink<T, E> {
     /// AWS environment variables (as for checkpoint storage).
     #[cfg(feature = "s3")]
     pub fn s3(url: &str, encoder: E) -> Result<Self> {
-        let (store, prefix) = exactly_engine::storage::s3_bucket(url)?;
+        let (store, prefix) = exactly_engine::connect::s3_bucket(url)?;
         let store = Arc::new(store);
         let bucket = url
             .trim_start_matches("s3://")

@@ -110,7 +110,7 @@ impl Staging {
     /// An S3 URL `s3://bucket/prefix`, configured from the `AWS_*` environment.
     #[cfg(feature = "s3")]
     pub fn s3(url: &str) -> Result<Staging> {
-        let (store, prefix) = exactly_engine::storage::s3_bucket(url)?;
+        let (store, prefix) = exactly_engine::connect::s3_bucket(url)?;
         Ok(Staging {
             store: Arc::new(store),
             prefix,

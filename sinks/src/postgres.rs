@@ -371,7 +371,7 @@ where
                     let mut rows = Vec::with_capacity(staged.len());
                     for row in &staged {
                         let bytes: &[u8] = row.get(0);
-                        let record: T = exactly_engine::codec::decode(bytes, "staged record")
+                        let record: T = exactly_engine::connect::decode(bytes, "staged record")
                             .map_err(SinkFailure::Engine)?;
                         rows.push(map(&record));
                     }
@@ -832,7 +832,7 @@ where
                 }
                 PgMode::Idempotent => {
                     self.staged
-                        .push(exactly_engine::codec::encode(&record, "staged record")?);
+                        .push(exactly_engine::connect::encode(&record, "staged record")?);
                     if self.staged.len() >= self.batch_rows.min(MAX_PARAMS / 6) {
                         self.flush()?;
                     }
