@@ -235,6 +235,13 @@ fn recovery_commits_prepared_and_drops_uncompleted_checkpoints() {
     let _c2 = stage(&fx, &s, 0, 2, 700..900);
     drop(s);
     assert!(topic_values(&fx).is_empty());
+    // A put a crash interrupted leaves its temporary file, which listing does not show.
+    let half = staging
+        .path()
+        .join(&fx.job)
+        .join("ledger")
+        .join("00000000000000000003-1-g1.stage#1");
+    std::fs::write(&half, b"half").unwrap();
 
     let restarted = sink(&fx, staging.path());
     let highest = restarted
@@ -249,7 +256,7 @@ fn recovery_commits_prepared_and_drops_uncompleted_checkpoints() {
     assert_eq!(
         staged_files(staging.path()),
         0,
-        "checkpoint 2's staged records are deleted, never produced"
+        "checkpoint 2's staged records and the half-written file are deleted, never produced"
     );
 }
 

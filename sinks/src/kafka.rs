@@ -82,6 +82,9 @@ const NO_KEY: u32 = u32::MAX;
 pub struct Staging {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
+    /// The directory of [`Staging::dir`]: a put interrupted by a crash leaves its
+    /// temporary file (`<name>#<n>`) there, which listing the store does not show.
+    local: Option<std::path::PathBuf>,
 }
 
 impl Staging {
@@ -97,6 +100,7 @@ impl Staging {
         Ok(Staging {
             store: Arc::new(store),
             prefix: Path::default(),
+            local: Some(path.to_path_buf()),
         })
     }
 
@@ -104,7 +108,11 @@ impl Staging {
     pub fn store(store: Arc<dyn ObjectStore>, prefix: &str) -> Result<Staging> {
         let prefix = Path::parse(prefix.trim_matches('/'))
             .map_err(|e| Error::config(format!("Kafka staging prefix '{prefix}': {e}")))?;
-        Ok(Staging { store, prefix })
+        Ok(Staging {
+            store,
+            prefix,
+            local: None,
+        })
     }
 
     /// An S3 URL `s3://bucket/prefix`, configured from the `AWS_*` environment.
@@ -114,6 +122,7 @@ impl Staging {
         Ok(Staging {
             store: Arc::new(store),
             prefix,
+            local: None,
         })
     }
 }
@@ -777,6 +786,25 @@ impl<T: Data, E: KafkaEncoder<T>> TwoPhaseCommitSink for KafkaSink<T, E> {
                 Ok((p, cp, subtask))
             })
             .collect::<Result<_>>()?;
+        // Temporary files of puts a crash interrupted (local staging only), of this
+        // instance's generation or older: never committed, never listed.
+        if let Some(root) = &inner.staging.local {
+            let local_dir = root.join(&ctx.job).join(&ctx.sink.0);
+            for entry in std::fs::read_dir(&local_dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = entry.file_name().to_string_lossy().to_string();
+                let Some((staged, _)) = name.split_once('#') else {
+                    continue;
+                };
+                if staged_name_parts(staged).is_some_and(|(_, _, g)| g <= ctx.generation) {
+                    tracing::info!(file = %name, "deleting a staged file a crash left half written");
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         // Fence the previous producers and abort what they left open.
         let ids: BTreeSet<String> = pending
             .iter()
