@@ -35,9 +35,7 @@ use crate::error::{Error, Result};
 use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
 use crate::manifest::{Manifest, StateTypeMap};
 use crate::state::types::{Declared, Restore, StateTypes};
-use crate::state::{
-    layout, MapState, OperatorSnapshot, StateValue, TaskSnapshotPayload, ValueState,
-};
+use crate::state::{layout, MapState, OperatorSnapshot, StateValue, ValueState};
 use crate::storage::CheckpointStorage;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
@@ -71,27 +69,24 @@ impl StateReader {
         Self::read(storage, id, m).await
     }
 
+    /// The state a restore of checkpoint `id` starts from (the same reading), with
+    /// RocksDB instances' entries read out of their files.
     async fn read(storage: &CheckpointStorage, id: CheckpointId, m: Manifest) -> Result<Self> {
-        let mut operators: BTreeMap<OperatorId, Vec<OperatorSnapshot>> = BTreeMap::new();
-        let mut types: BTreeMap<String, StateTypeMap> = BTreeMap::new();
-        for h in m.tasks.iter().filter(|h| !h.path.is_empty()) {
-            let bytes = storage.read_state(id, h).await?;
-            let payload: TaskSnapshotPayload =
-                codec::decode(&bytes, &h.path).map_err(|e| Error::CorruptCheckpoint {
-                    checkpoint: id,
-                    path: h.path.clone(),
-                    message: e.to_string(),
-                })?;
-            for (op, mut snap) in payload.operators {
+        let restored = crate::driver::read_checkpoint_state(storage, id, &m).await?;
+        let mut operators = BTreeMap::new();
+        for (op, mut snaps) in restored.operators {
+            for snap in &mut snaps {
                 if let Some(db) = snap.db.take() {
                     snap.keyed = rocksdb_entries(storage, id, &op, db).await?;
                 }
-                operators.entry(op).or_default().push(snap);
             }
-            for (op, t) in &h.state_types {
-                types.entry(op.clone()).or_default().extend(t.clone());
-            }
+            operators.insert(op, snaps);
         }
+        let types = restored
+            .types
+            .into_iter()
+            .map(|(op, t)| (op.0, t))
+            .collect();
         Ok(StateReader {
             checkpoint: id,
             job: m.job,

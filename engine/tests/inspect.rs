@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 
 const BALANCE: ValueState<i64> = ValueState::new("balance");
 const BY_SIGN: MapState<String, u64> = MapState::new("by-sign");
+/// Payments per account, with a time-to-live (its values carry an expiry).
+const PAYMENTS: ValueState<u64> =
+    ValueState::new("payments").with_ttl(std::time::Duration::from_secs(86_400));
 
 /// Counts records per instance; its state is the count.
 #[derive(Clone, Default)]
@@ -78,6 +81,8 @@ fn read_back(backend: StateBackend) {
             let sign = if c < 0 { "debit" } else { "credit" }.to_string();
             let n = ctx.map_get(BY_SIGN, &sign)?.unwrap_or(0) + 1;
             ctx.map_put(BY_SIGN, &sign, &n)?;
+            let p = ctx.value(PAYMENTS)?.unwrap_or(0) + 1;
+            ctx.set_value(PAYMENTS, &p)?;
             ctx.emit(b);
             let _ = a;
             Ok(())
@@ -88,8 +93,10 @@ fn read_back(backend: StateBackend) {
 
     let mut balances: BTreeMap<u32, i64> = BTreeMap::new();
     let mut signs: BTreeMap<(u32, String), u64> = BTreeMap::new();
+    let mut payments: BTreeMap<u32, u64> = BTreeMap::new();
     for &(a, c) in &input {
         *balances.entry(a).or_default() += c;
+        *payments.entry(a).or_default() += 1;
         let sign = if c < 0 { "debit" } else { "credit" };
         *signs.entry((a, sign.to_string())).or_default() += 1;
     }
@@ -109,6 +116,12 @@ fn read_back(backend: StateBackend) {
         .map(|(a, s, n)| ((a, s), n))
         .collect();
     assert_eq!(got, signs);
+    let got: BTreeMap<u32, u64> = reader
+        .values::<u32, u64>("balance", PAYMENTS)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(got, payments, "values of a state with a time-to-live");
     let counts = reader.operator_entries::<u64>("count", 1).unwrap();
     assert_eq!(counts.len(), 2, "one entry per instance");
     assert_eq!(counts.iter().sum::<u64>(), input.len() as u64);

@@ -513,35 +513,7 @@ fn recover(
                 m.max_parallelism, s.max_parallelism
             )));
         }
-        let reads = m
-            .tasks
-            .iter()
-            .filter(|h| !h.path.is_empty())
-            .map(|h| storage.read_state(latest, h));
-        let files = rt.block_on(futures::future::try_join_all(reads))?;
-        for (bytes, h) in files
-            .iter()
-            .zip(m.tasks.iter().filter(|h| !h.path.is_empty()))
-        {
-            let payload: TaskSnapshotPayload =
-                crate::codec::decode(bytes, &h.path).map_err(|e| Error::CorruptCheckpoint {
-                    checkpoint: latest,
-                    path: h.path.clone(),
-                    message: e.to_string(),
-                })?;
-            for (op, snap) in payload.operators {
-                state.operators.entry(op).or_default().push(snap);
-            }
-        }
-        for h in &m.tasks {
-            for (op, types) in &h.state_types {
-                let known = state.types.entry(OperatorId(op.clone())).or_default();
-                for (name, t) in types {
-                    known.entry(name.clone()).or_insert_with(|| t.clone());
-                }
-            }
-        }
-        state.checkpoint = Some(latest);
+        state = rt.block_on(read_checkpoint_state(storage, latest, &m))?;
         #[cfg(feature = "rocksdb")]
         crate::state::rocks::prune_local_cache(
             local_dir,
@@ -584,6 +556,43 @@ fn recover(
         first_id: point.first_id(settled?),
         from_savepoint,
     })
+}
+
+/// Every task file of checkpoint `id` (manifest `m`) read, verified and decoded: each
+/// operator's snapshots (one per instance that wrote state) and the state types the
+/// checkpoint recorded. What a restore starts from, and what `inspect` reads.
+pub(crate) async fn read_checkpoint_state(
+    storage: &CheckpointStorage,
+    id: CheckpointId,
+    m: &crate::manifest::Manifest,
+) -> Result<RestoredState> {
+    let mut state = RestoredState {
+        checkpoint: Some(id),
+        ..Default::default()
+    };
+    let with_state = || m.tasks.iter().filter(|h| !h.path.is_empty());
+    let files =
+        futures::future::try_join_all(with_state().map(|h| storage.read_state(id, h))).await?;
+    for (bytes, h) in files.iter().zip(with_state()) {
+        let payload: TaskSnapshotPayload =
+            crate::codec::decode(bytes, &h.path).map_err(|e| Error::CorruptCheckpoint {
+                checkpoint: id,
+                path: h.path.clone(),
+                message: e.to_string(),
+            })?;
+        for (op, snap) in payload.operators {
+            state.operators.entry(op).or_default().push(snap);
+        }
+    }
+    for h in &m.tasks {
+        for (op, types) in &h.state_types {
+            let known = state.types.entry(OperatorId(op.clone())).or_default();
+            for (name, t) in types {
+                known.entry(name.clone()).or_insert_with(|| t.clone());
+            }
+        }
+    }
+    Ok(state)
 }
 
 /// Let every sink commit the restored checkpoint's output and abort what was staged

@@ -134,7 +134,7 @@ impl<I, O: Operator<I>> UserOp<I, O> {
         })
     }
 
-    /// Pass on what is left in the output (emitted by `open`).
+    /// Pass on what the operator emitted (also what `open` left, before a barrier).
     fn drain(&mut self) -> Result<()> {
         if !self.out.is_empty() {
             self.next.push(&mut self.out)?;
@@ -160,10 +160,7 @@ impl<I, O: Operator<I>> UserOp<I, O> {
         if let Err(e) = f(&mut self.op, &mut ctx) {
             return Err(Error::from_user(&self.operator, self.subtask, e));
         }
-        if !self.out.is_empty() {
-            self.next.push(&mut self.out)?;
-        }
-        Ok(())
+        self.drain()
     }
 }
 
