@@ -12,6 +12,14 @@
 //! ledger verify --input payments.jsonl --out DIR
 //! ```
 //!
+//! Several processes (feature `kafka`): start `ledger run` N times with
+//! `EXACTLY_INSTANCES=N` and `EXACTLY_INSTANCE=0..N` (or a host name ending in the
+//! ordinal), the same flags, `--input kafka://...` and `--kafka-staging DIR`: each
+//! instance reads its share of the input's partitions, sends each payment through the
+//! topic `<name>-balance-repartition` to the instance that owns its account, checkpoints
+//! under `<checkpoints>/instances/<i>/` and follows the input until stopped (SIGTERM
+//! stops it with a checkpoint).
+//!
 //! `ledger --help` and `ledger <command> --help` describe every flag. `run` resumes from
 //! its checkpoint directory, so it can be killed and started again
 //! any number of times; `verify` recomputes every balance from the input without the
@@ -177,9 +185,17 @@ fn run(a: &RunArgs) -> Result<()> {
     let (input, out, checkpoints) = (&a.input, &a.out, &a.checkpoints);
     let (interval, parallelism, pace_us) = (a.interval_ms, a.parallelism, a.pace_us);
     let started = Instant::now();
-    let mut builder = Job::builder(&a.name);
+    let mut builder = Job::builder(&a.name).instance_from_env()?;
     if pace_us > 0 {
         builder = builder.source_pacing(Duration::from_micros(pace_us));
+    }
+    // Used only when the job runs as several instances (EXACTLY_INSTANCES).
+    #[cfg(feature = "kafka")]
+    if let (Some((brokers, _)), Some(staging)) = (kafka_topic(input), &a.kafka_staging) {
+        use exactly::kafka_repartition::KafkaRepartition;
+        use exactly::sinks::kafka::Staging;
+        builder =
+            builder.repartition_through(KafkaRepartition::new(brokers, Staging::dir(staging)?));
     }
     let job = builder
         .checkpoint_every(Duration::from_millis(interval))
@@ -204,13 +220,19 @@ fn run(a: &RunArgs) -> Result<()> {
         .build()?;
     let payments = match kafka_topic(input) {
         #[cfg(feature = "kafka")]
-        Some((brokers, topic)) => job.source(
-            "payments",
-            exactly::sources::KafkaSource::new(brokers, topic, |b: &[u8]| {
+        Some((brokers, topic)) => {
+            let source = exactly::sources::KafkaSource::new(brokers, topic, |b: &[u8]| {
                 serde_json::from_slice::<Payment>(b)
-            })
-            .bounded(),
-        ),
+            });
+            // Across instances the job follows its input until stopped: the topic the
+            // instances exchange payments through has no end.
+            let source = if job.instance().count > 1 {
+                source
+            } else {
+                source.bounded()
+            };
+            job.source("payments", source)
+        }
         #[cfg(not(feature = "kafka"))]
         Some(_) => bail!("--input kafka://...: Kafka input needs the `kafka` feature"),
         None => job.source("payments", JsonLinesSource::<Payment>::new(input)),

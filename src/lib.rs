@@ -32,6 +32,8 @@
 #![warn(missing_docs)]
 
 pub use exactly_engine as engine;
+#[cfg(feature = "kafka")]
+pub mod kafka_repartition;
 /// Keyed state: handles, and the backends ([`state::StateBackend`]: in memory, or
 /// RocksDB with incremental checkpoints).
 pub use exactly_engine::state;

@@ -153,6 +153,20 @@ impl Pipeline {
 
     /// One start of the job at `parallelism`, crashing at `crash_at` if given.
     fn start(&self, parallelism: usize, crash_at: Option<&str>) -> std::process::Child {
+        self.command(parallelism, crash_at).spawn().unwrap()
+    }
+
+    /// One start of instance `index` of `count`, at parallelism 1: it follows the input
+    /// until stopped.
+    fn start_instance(&self, index: usize, count: usize) -> std::process::Child {
+        self.command(1, None)
+            .env("EXACTLY_INSTANCES", count.to_string())
+            .env("EXACTLY_INSTANCE", index.to_string())
+            .spawn()
+            .unwrap()
+    }
+
+    fn command(&self, parallelism: usize, crash_at: Option<&str>) -> Command {
         let bin = example_binary("ledger", &["kafka", "failpoints"]);
         let mut cmd = Command::new(bin);
         // Each test its own job name: jobs with one name share transactional ids, and
@@ -177,7 +191,9 @@ impl Pipeline {
             Some(point) => cmd.env("EXACTLY_CRASH_AT", point),
             None => cmd.env_remove("EXACTLY_CRASH_AT"),
         };
-        cmd.spawn().unwrap()
+        cmd.env_remove("EXACTLY_INSTANCES")
+            .env_remove("EXACTLY_INSTANCE");
+        cmd
     }
 
     /// Run to completion (no fault), within two minutes.
@@ -438,4 +454,144 @@ fn sigkill_with_rescaling(p: &Pipeline, seed: &mut u64) {
     assert!(kills >= 3, "only {kills} kills: the job finished too soon");
     p.finish(2);
     p.check();
+}
+
+/// The job as three processes (`EXACTLY_INSTANCES=3`): the input's partitions hold
+/// accounts by `account % 3`, which is not how the engine spreads accounts over key
+/// groups, so most payments cross to another instance through the repartition topic.
+/// Instances are SIGKILLed at random and started again with the same ordinal while the
+/// others run: one at a time, two at once, and one while another recovers. Each
+/// balance update is committed once, and the output is the failure-free computation's.
+#[test]
+fn three_instances_under_random_sigkills_commit_each_balance_once() {
+    let mut seed = common::seed();
+    let p = Pipeline::new("instances");
+    const N: usize = 3;
+    let mut instances: Vec<std::process::Child> = (0..N).map(|i| p.start_instance(i, N)).collect();
+    let alive = |instances: &mut [std::process::Child], p: &Pipeline| {
+        for (i, c) in instances.iter_mut().enumerate() {
+            if let Some(status) = c.try_wait().unwrap() {
+                panic!(
+                    "instance {i} ended by itself ({status}); the runs' stderr ends:\n{}",
+                    p.stderr_tail()
+                );
+            }
+        }
+    };
+    let restart = |instances: &mut [std::process::Child], i: usize, p: &Pipeline| {
+        instances[i].kill().unwrap();
+        instances[i].wait().unwrap();
+        instances[i] = p.start_instance(i, N);
+    };
+    let (mut kills, mut pairs, mut during_recovery, mut round) = (0, 0, 0, 0);
+    while kills < 21 {
+        round += 1;
+        // Each round once the output grew since the last (the instances made progress
+        // between the kills), plus up to 300 ms.
+        let (before, since) = (p.output_end(), Instant::now());
+        while p.output_end() == before && since.elapsed() < Duration::from_secs(60) {
+            alive(&mut instances, &p);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 300));
+        alive(&mut instances, &p);
+        println!(
+            "round {round}: output end offsets {} after {:?}",
+            p.output_end(),
+            since.elapsed()
+        );
+        let i = (xorshift(&mut seed) % N as u64) as usize;
+        let j = (i + 1 + (xorshift(&mut seed) % (N as u64 - 1)) as usize) % N;
+        match round % 4 {
+            0 => {
+                // Two at once.
+                instances[i].kill().unwrap();
+                instances[j].kill().unwrap();
+                restart(&mut instances, i, &p);
+                restart(&mut instances, j, &p);
+                kills += 2;
+                pairs += 1;
+            }
+            1 => {
+                // One while another is still starting and recovering.
+                restart(&mut instances, i, &p);
+                std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 150));
+                restart(&mut instances, j, &p);
+                kills += 2;
+                during_recovery += 1;
+            }
+            _ => {
+                restart(&mut instances, i, &p);
+                kills += 1;
+            }
+        }
+    }
+    let at_last_kill = p.output_end();
+    println!(
+        "{kills} SIGKILLs: {pairs} pairs at once, {during_recovery} during another's \
+         recovery; output end offsets {at_last_kill} at the last kill"
+    );
+    // Every payment processed: every balance update committed, then stop each instance
+    // with a checkpoint (SIGTERM), which must end it with exit code 0.
+    let got = p.committed();
+    alive(&mut instances, &p);
+    assert!(
+        got.len() >= p.golden.len(),
+        "{} of {} balance updates committed",
+        got.len(),
+        p.golden.len()
+    );
+    for c in &instances {
+        let term = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+    }
+    for (i, c) in instances.iter_mut().enumerate() {
+        let status = c.wait().unwrap();
+        assert!(
+            status.success(),
+            "instance {i} did not stop cleanly on SIGTERM: {status}; the runs' stderr ends:\n{}",
+            p.stderr_tail()
+        );
+    }
+    p.check();
+    // The kills came while the job worked: its output grew after the last one (the
+    // output ends count records and transaction markers).
+    let end = p.output_end();
+    println!("output end offsets {end} after the stop");
+    assert!(
+        at_last_kill < end,
+        "the output was complete before the last kill: pace the job more slowly"
+    );
+    no_open_transaction(&p.output, PARTITIONS);
+    no_open_transaction(&format!("{}-balance-repartition", p.job), 128);
+}
+
+/// A `read_committed` consumer sees each partition's end where a `read_uncommitted`
+/// one does: no transaction is open (the last stable offset is the high watermark).
+fn no_open_transaction(topic: &str, partitions: i32) {
+    let consumer = |isolation: &str| -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("isolation.level", isolation)
+            .create()
+            .unwrap()
+    };
+    let (committed, all) = (consumer("read_committed"), consumer("read_uncommitted"));
+    for p in 0..partitions {
+        let stable = committed
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap()
+            .1;
+        let end = all
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap()
+            .1;
+        assert_eq!(
+            stable, end,
+            "{topic} partition {p}: a transaction is still open"
+        );
+    }
 }

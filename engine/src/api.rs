@@ -94,6 +94,16 @@ pub trait Source: Send + Sync + 'static {
     fn discover_splits_every(&self) -> Option<std::time::Duration> {
         None
     }
+
+    /// The key group whose records `split` holds, for a source partitioned by the
+    /// engine's key groups (a repartition topic: one partition per key group). Such a
+    /// split is read by the subtask owning that key group, so what it reads can feed a
+    /// keyed operator without an exchange. `None`, the default: splits are dealt out in
+    /// order.
+    fn split_key_group(&self, split: &str) -> Option<crate::ids::KeyGroup> {
+        let _ = split;
+        None
+    }
 }
 
 /// Reads one split of a [`Source`].
@@ -232,4 +242,44 @@ pub trait SinkWriter: 'static {
     fn last_pre_commit_wait(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
+}
+
+/// One record on its way to another instance: its key group (the partition of the
+/// repartition topic it goes to) and its postcard encoding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Routed {
+    /// The key group of the record's key.
+    pub key_group: u16,
+    /// The record, postcard-encoded.
+    pub payload: Vec<u8>,
+}
+
+/// The topic a `key_by` crosses between instances through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepartitionTopic {
+    /// `<job>-<keyed operator>-repartition`: stable while the job and the operator keep
+    /// their names.
+    pub name: String,
+    /// Partitions it must have: one per key group (the job's `max_parallelism`).
+    pub key_groups: u16,
+}
+
+/// How records cross from one instance to another when a job runs as several processes
+/// ([`crate::dsl::JobBuilder::instance`]): a topic with one partition per key group,
+/// written by a two-phase-commit sink at every checkpoint and read by a source that
+/// sees only committed records and reports each partition's key group
+/// ([`Source::split_key_group`]). Exactly-once holds per hop: the writing instance's
+/// checkpoint commits what it wrote, the reading instance's checkpoint holds how far it
+/// read. `exactly::kafka_repartition::KafkaRepartition` is the Kafka implementation.
+pub trait Repartitioner: Send + Sync + 'static {
+    /// Writes routed records into the partition of their key group.
+    type Sink: TwoPhaseCommitSink<Item = Routed>;
+    /// Reads a topic's committed payloads, one split per partition.
+    type Source: Source<Item = Vec<u8>>;
+
+    /// The writing side of `topic`; creates the topic if it does not exist.
+    fn sink(&self, topic: &RepartitionTopic) -> Result<Self::Sink>;
+
+    /// The reading side of `topic`.
+    fn source(&self, topic: &RepartitionTopic) -> Result<Self::Source>;
 }

@@ -51,6 +51,33 @@ impl fmt::Display for OperatorId {
     }
 }
 
+/// Which of several copies of one job's binary this process is: `index` of `count`.
+/// Every instance builds the same job; instance `index` runs subtasks
+/// `index * p .. (index + 1) * p` of each operator's `count * p` (`p`: the job's
+/// parallelism in each process), so it reads those subtasks' share of the source splits
+/// and owns their key groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// This instance, `0..count`.
+    pub index: usize,
+    /// How many instances run the job.
+    pub count: usize,
+}
+
+impl Instance {
+    /// The one instance of a job that runs in a single process.
+    pub const SINGLE: Instance = Instance { index: 0, count: 1 };
+
+    /// Local subtask `subtask` of `parallelism` in this process, as the job-wide subtask
+    /// and the job-wide parallelism.
+    pub fn global(&self, subtask: SubtaskIndex, parallelism: usize) -> (SubtaskIndex, usize) {
+        (
+            SubtaskIndex(self.index * parallelism + subtask.0),
+            self.count * parallelism,
+        )
+    }
+}
+
 /// A half-open range of key groups `[start, end)` owned by one subtask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyGroupRange {

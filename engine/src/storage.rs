@@ -242,6 +242,24 @@ impl CheckpointStorage {
         }
     }
 
+    /// The location `path` (`/`-separated) below this one, on the same store: where
+    /// one instance of a job that runs as several keeps its checkpoints.
+    pub fn child(&self, path: &str) -> CheckpointStorage {
+        let mut root = self.root.clone();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            root = root.join(part);
+        }
+        CheckpointStorage {
+            store: self.store.clone(),
+            root,
+            url: format!(
+                "{}/{}",
+                self.url.trim_end_matches('/'),
+                path.trim_matches('/')
+            ),
+        }
+    }
+
     /// The URL this storage was opened with.
     pub fn url(&self) -> &str {
         &self.url

@@ -165,6 +165,9 @@ struct Inner {
     topic: String,
     marker_topic: String,
     config: Vec<(String, String)>,
+    /// The partition of a record with a key, from the key; `None`: the producer's
+    /// partitioner chooses.
+    partition_of_key: Option<fn(&[u8]) -> i32>,
     transaction_timeout: Duration,
     staging: Staging,
     /// The job's I/O runtime (for the staging store and the admin client), known from
@@ -237,6 +240,7 @@ impl<T: Data, E: KafkaEncoder<T>> KafkaSink<T, E> {
                 topic: topic.to_string(),
                 marker_topic: "exactly-commits".to_string(),
                 config: Vec::new(),
+                partition_of_key: None,
                 transaction_timeout: Duration::from_secs(60),
                 staging,
                 io: Mutex::new(None),
@@ -256,6 +260,14 @@ impl<T: Data, E: KafkaEncoder<T>> KafkaSink<T, E> {
     /// The topic holding commit markers (default `exactly-commits`).
     pub fn marker_topic(mut self, topic: &str) -> Self {
         self.inner_mut().marker_topic = topic.to_string();
+        self
+    }
+
+    /// Choose each record's partition from its key (when it has one) instead of the
+    /// producer's partitioner: for a topic whose partitions mean something to its
+    /// readers, such as a repartition topic with one partition per key group.
+    pub fn partition_by_key(mut self, partition: fn(&[u8]) -> i32) -> Self {
+        self.inner_mut().partition_of_key = Some(partition);
         self
     }
 
@@ -589,6 +601,9 @@ impl Inner {
                 let mut r = BaseRecord::<[u8], [u8]>::to(&self.topic).payload(value);
                 if let Some(k) = key {
                     r = r.key(k);
+                    if let Some(partition) = self.partition_of_key {
+                        r = r.partition(partition(k));
+                    }
                 }
                 send(p, r)?;
             }

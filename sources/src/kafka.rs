@@ -58,6 +58,8 @@ pub struct KafkaSource<T, F> {
     group: Option<String>,
     /// How often an unbounded source looks for partitions added to the topic.
     discover: Option<Duration>,
+    /// Partition `n` holds the records of key group `n`.
+    key_group_partitions: bool,
     /// Each subtask's consumer, shared by its readers while any is open.
     consumers: Arc<Mutex<HashMap<usize, Weak<Shared>>>>,
     _t: PhantomData<fn() -> T>,
@@ -111,6 +113,7 @@ where
             config: Vec::new(),
             group: None,
             discover: Some(DISCOVER_PARTITIONS_EVERY),
+            key_group_partitions: false,
             consumers: Arc::default(),
             _t: PhantomData,
         }
@@ -136,6 +139,15 @@ where
     /// Set a librdkafka client property (security, timeouts, ...).
     pub fn set(mut self, key: &str, value: &str) -> Self {
         self.config.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Partition `n` of the topic holds the records of the engine's key group `n` (a
+    /// repartition topic): each partition is read by the subtask that owns its key
+    /// group ([`Source::split_key_group`]), so the records can feed a keyed operator
+    /// without an exchange.
+    pub fn partitions_are_key_groups(mut self) -> Self {
+        self.key_group_partitions = true;
         self
     }
 
@@ -264,6 +276,14 @@ where
 
     fn discover_splits_every(&self) -> Option<Duration> {
         self.discover.filter(|_| !self.bounded)
+    }
+
+    fn split_key_group(&self, split: &str) -> Option<exactly_engine::ids::KeyGroup> {
+        if !self.key_group_partitions {
+            return None;
+        }
+        let partition = split.strip_prefix(&self.topic)?.strip_prefix('-')?;
+        partition.parse().ok().map(exactly_engine::ids::KeyGroup)
     }
 
     fn open(&self, split: &str, from: Option<i64>, ctx: &SourceContext) -> Result<Self::Reader> {

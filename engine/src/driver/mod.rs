@@ -92,6 +92,21 @@ pub(crate) struct JobSettings {
     pub live: Arc<std::sync::Mutex<Arc<crate::metrics::Metrics>>>,
     /// SIGTERM and SIGINT stop the job with a checkpoint while it runs.
     pub stop_on_signals: bool,
+    /// Which of the job's processes this is.
+    pub instance: crate::ids::Instance,
+}
+
+impl JobSettings {
+    /// The job name sinks see: the job's own, with `@<instance>` when it runs as several
+    /// processes, so that each instance's transactional ids, staged output and commit
+    /// records are its own (each has its own checkpoint location and lease).
+    pub fn connector_job(&self) -> String {
+        if self.instance.count > 1 {
+            format!("{}@{}", self.name, self.instance.index)
+        } else {
+            self.name.clone()
+        }
+    }
 }
 
 pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
@@ -533,7 +548,7 @@ fn recover(
         graph,
         &pending,
         crate::api::RecoveryContext {
-            job: s.name.clone(),
+            job: s.connector_job(),
             sink: OperatorId(String::new()),
             restored: state.checkpoint,
             generation,
@@ -827,7 +842,8 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             source_pacing: s.source_pacing,
             alignment,
             max_parallelism: s.max_parallelism,
-            job: s.name.clone(),
+            job: s.connector_job(),
+            instance: s.instance,
             checkpoint_interval: s.interval,
             generation: lease,
         }),

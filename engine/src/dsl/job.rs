@@ -1,10 +1,11 @@
 //! The job: configuration, the graph being built, and `run()`.
 
 use super::Stream;
-use crate::api::Source;
+use crate::api::{Repartitioner, Source};
 use crate::driver::{self, JobSettings, RestartPolicy};
 use crate::error::{Error, Result};
 use crate::ids::{valid_name, OperatorId, NAME_RULE};
+use crate::plan::repartition::DynRepartitioner;
 use crate::plan::{SharedGraph, SourceNode};
 use crate::report::{CheckpointStats, JobReport};
 use crate::runtime::StopHandle;
@@ -17,6 +18,7 @@ use std::time::Duration;
 pub struct JobBuilder {
     s: JobSettings,
     storage_url: Option<String>,
+    repartitioner: Option<Arc<dyn DynRepartitioner>>,
 }
 
 impl JobBuilder {
@@ -255,6 +257,46 @@ impl JobBuilder {
         self
     }
 
+    /// Run as instance `index` of `count` copies of this binary (default: 0 of 1, one
+    /// process). Every instance builds the same job; instance `index` runs its share of
+    /// every operator (subtasks `index * p .. (index + 1) * p` of `count * p`, with `p`
+    /// this process's [`JobBuilder::parallelism`]): those subtasks' source splits and
+    /// key groups. Each instance checkpoints on its own, under `instances/<index>/` of
+    /// the checkpoint storage, with its own lease; a `key_by` reaches the instance that
+    /// owns the key through [`JobBuilder::repartition_through`], which a job with more
+    /// than one instance and a `key_by` needs. Sinks see the job name as
+    /// `<name>@<index>`, so each instance's transactional ids and staged output are its
+    /// own. Every instance must be started with the same `count` and parallelism.
+    pub fn instance(mut self, index: usize, count: usize) -> Self {
+        self.s.instance = crate::ids::Instance { index, count };
+        self
+    }
+
+    /// [`JobBuilder::instance`] from the environment: `EXACTLY_INSTANCES` (the count;
+    /// unset: one instance) and `EXACTLY_INSTANCE` (the index), or, without it, the
+    /// ordinal that ends the host name (`ledger-2` is 2, as the pods of a Kubernetes
+    /// StatefulSet are named).
+    pub fn instance_from_env(self) -> Result<Self> {
+        let var = |name: &str| std::env::var(name).ok();
+        match instance_from(
+            var("EXACTLY_INSTANCES").as_deref(),
+            var("EXACTLY_INSTANCE").as_deref(),
+            var("HOSTNAME").as_deref(),
+        )? {
+            Some(i) => Ok(self.instance(i.index, i.count)),
+            None => Ok(self),
+        }
+    }
+
+    /// How a `key_by` crosses instances when the job runs as several
+    /// ([`JobBuilder::instance`]): a topic per keyed operator with one partition per key
+    /// group (`exactly::kafka_repartition::KafkaRepartition` for Kafka). Ignored when
+    /// the job runs as one instance, whose exchanges stay in memory.
+    pub fn repartition_through(mut self, repartitioner: impl Repartitioner) -> Self {
+        self.repartitioner = Some(Arc::new(repartitioner));
+        self
+    }
+
     /// Validate the settings and create the job.
     pub fn build(mut self) -> Result<Job> {
         let s = &self.s;
@@ -305,6 +347,13 @@ impl JobBuilder {
                 ));
             }
         }
+        let instance = self.s.instance;
+        if instance.count == 0 || instance.index >= instance.count {
+            return Err(Error::config(format!(
+                "instance {} of {}: the index must be below the number of instances",
+                instance.index, instance.count
+            )));
+        }
         if self.s.storage.is_none() {
             let url = self
                 .storage_url
@@ -312,11 +361,55 @@ impl JobBuilder {
                 .unwrap_or_else(|| format!("exactly-checkpoints/{}", self.s.name));
             self.s.storage = Some(CheckpointStorage::from_url(&url)?);
         }
+        let graph = SharedGraph::default();
+        if instance.count > 1 {
+            let storage = self.s.storage.take().expect("set above");
+            self.s.storage = Some(storage.child(&format!("instances/{}", instance.index)));
+            graph.lock().repartitioner = self.repartitioner.take();
+        }
         Ok(Job {
             settings: self.s,
-            graph: SharedGraph::default(),
+            graph,
         })
     }
+}
+
+/// The instance the variables `EXACTLY_INSTANCES`, `EXACTLY_INSTANCE` and `HOSTNAME`
+/// name (see [`JobBuilder::instance_from_env`]); `None` without a count.
+fn instance_from(
+    count: Option<&str>,
+    index: Option<&str>,
+    host: Option<&str>,
+) -> Result<Option<crate::ids::Instance>> {
+    fn set(v: Option<&str>) -> Option<&str> {
+        v.map(str::trim).filter(|v| !v.is_empty())
+    }
+    let Some(count) = set(count) else {
+        return Ok(None);
+    };
+    let count: usize = count.parse().map_err(|_| {
+        Error::config(format!(
+            "EXACTLY_INSTANCES='{count}' is not a number of instances"
+        ))
+    })?;
+    let index = match set(index) {
+        Some(i) => i.parse().map_err(|_| {
+            Error::config(format!("EXACTLY_INSTANCE='{i}' is not an instance index"))
+        })?,
+        None => {
+            let host = set(host).unwrap_or_default();
+            host.rsplit_once('-')
+                .and_then(|(_, n)| n.parse().ok())
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "EXACTLY_INSTANCES is set but EXACTLY_INSTANCE is not, and the host name \
+                         '{host}' does not end in an ordinal (`name-<n>`, as a StatefulSet's \
+                         pods): set EXACTLY_INSTANCE"
+                    ))
+                })?
+        }
+    };
+    Ok(Some(crate::ids::Instance { index, count }))
 }
 
 /// A job started with [`Job::start`], running on its own thread.
@@ -474,8 +567,10 @@ impl Job {
                 latest: Default::default(),
                 live: Default::default(),
                 stop_on_signals: false,
+                instance: crate::ids::Instance::SINGLE,
             },
             storage_url: None,
+            repartitioner: None,
         }
     }
 
@@ -501,7 +596,13 @@ impl Job {
     /// call it from `tokio::task::spawn_blocking` or a thread of its own where that
     /// matters.
     pub fn run(&self) -> Result<JobReport> {
-        let graph = self.graph.lock();
+        let mut graph = self.graph.lock();
+        crate::plan::repartition::bind(
+            &mut graph,
+            &self.settings.name,
+            self.settings.max_parallelism,
+            self.settings.instance,
+        )?;
         if tokio::runtime::Handle::try_current().is_err() {
             return driver::run(&graph, &self.settings);
         }
@@ -550,7 +651,13 @@ impl Job {
         self.settings.stop.clone()
     }
 
-    /// The checkpoint storage of this job.
+    /// Which of the job's processes this is ([`JobBuilder::instance`]).
+    pub fn instance(&self) -> crate::ids::Instance {
+        self.settings.instance
+    }
+
+    /// The checkpoint storage of this job (this instance's, for a job that runs as
+    /// several).
     pub fn storage(&self) -> &CheckpointStorage {
         self.settings
             .storage
@@ -566,3 +673,37 @@ const _: fn() = || {
     send::<super::Stream<u32>>();
     send::<JobHandle>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::instance_from;
+    use crate::ids::Instance;
+
+    #[test]
+    fn the_instance_comes_from_the_variables_or_the_host_name() {
+        let i = |index, count| Some(Instance { index, count });
+        assert_eq!(instance_from(None, Some("2"), Some("x-1")).unwrap(), None);
+        assert_eq!(instance_from(Some(" "), None, None).unwrap(), None);
+        assert_eq!(
+            instance_from(Some("3"), Some("2"), Some("x-1")).unwrap(),
+            i(2, 3)
+        );
+        assert_eq!(
+            instance_from(Some("3"), None, Some("ledger-1")).unwrap(),
+            i(1, 3)
+        );
+        assert_eq!(
+            instance_from(Some("3"), Some(""), Some("my-job-0")).unwrap(),
+            i(0, 3)
+        );
+        for (count, index, host) in [
+            (Some("three"), Some("0"), None),
+            (Some("3"), Some("first"), None),
+            (Some("3"), None, Some("ledger")),
+            (Some("3"), None, None),
+        ] {
+            let e = instance_from(count, index, host).unwrap_err().to_string();
+            assert!(e.contains("EXACTLY_INSTANCE"), "{e}");
+        }
+    }
+}

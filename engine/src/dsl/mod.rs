@@ -26,15 +26,15 @@ pub use crate::driver::RestartPolicy;
 pub use job::{Job, JobBuilder, JobHandle};
 
 use crate::api::{Data, Key, TwoPhaseCommitSink};
-use crate::error::Result;
-use crate::ids::{KeyGroupRange, OperatorId};
+use crate::ids::OperatorId;
 use crate::operator::{Filter, FlatMap, Map, Operator};
+use crate::plan::repartition::PendingRepartition;
 use crate::plan::{
-    ErasedSink, KeyGroupFn, NodeId, NodeInput, OpFactory, Partition, SenderFactory, SharedGraph,
+    KeyGroupFn, NodeId, NodeInput, OpFactory, Partition, SenderFactory, SharedGraph,
 };
 use crate::process::{KeyedContext, KeyedCore, KeyedProcessFunction, ProcessFn};
 use crate::runtime::exchange::{ByKeyGroup, ExchangeOut};
-use crate::runtime::ops::{KeyedProcessOp, PassOp, SinkOp, UserOp, UserOpEnv};
+use crate::runtime::ops::{KeyedProcessOp, PassOp, UserOp, UserOpEnv};
 use crate::state::KeyedState;
 use crate::time::WatermarkStrategy;
 use std::marker::PhantomData;
@@ -236,33 +236,9 @@ impl<T: Data> Stream<T> {
     /// job.source("n", VecSource::new(vec![1u32])).sink("out", out.clone());
     /// ```
     pub fn sink<S: TwoPhaseCommitSink<Item = T>>(&self, name: &str, sink: S) -> Stream<()> {
-        let sink = Arc::new(sink);
         let mut g = self.graph.lock();
         let node = g.add_node(OperatorId(name.to_string()));
-        let writer_sink = sink.clone();
-        let op: OpFactory<T> = Arc::new(move |ctx| {
-            let sink_id = ctx.graph.nodes[node].op.clone();
-            let writer = writer_sink.open_writer(&crate::api::SinkContext {
-                job: ctx.env.config.job.clone(),
-                sink: sink_id.clone(),
-                subtask: ctx.subtask,
-                parallelism: ctx.parallelism_of(node),
-                checkpoint_interval: ctx.env.config.checkpoint_interval,
-                generation: ctx.env.config.generation,
-                io: ctx.env.rt.clone(),
-            })?;
-            Ok(Box::new(SinkOp::<S> {
-                sink: sink_id,
-                subtask: ctx.subtask,
-                writer,
-            }))
-        });
-        g.nodes[node].input = Some(Arc::new(NodeInput { op }));
-        g.nodes[node].sink_location = sink.location();
-        g.nodes[node].sink = Some(Arc::new(SinkCommitter {
-            sink,
-            name: OperatorId(name.to_string()),
-        }) as Arc<dyn ErasedSink>);
+        crate::plan::set_sink(&mut g, node, sink);
         g.connect(self.node, node, Partition::Forward, None);
         drop(g);
         Stream::new(self.graph.clone(), node)
@@ -357,52 +333,6 @@ impl<T: Data> Stream<T> {
     }
 }
 
-struct SinkCommitter<S> {
-    sink: Arc<S>,
-    name: OperatorId,
-}
-
-impl<S: TwoPhaseCommitSink> ErasedSink for SinkCommitter<S> {
-    fn commit(&self, committable: &serde_json::Value) -> Result<()> {
-        let c: S::Committable = serde_json::from_value(committable.clone()).map_err(|e| {
-            crate::error::Error::Codec {
-                what: format!("committable of sink '{}'", self.name),
-                message: e.to_string(),
-            }
-        })?;
-        self.sink.commit(&c).map_err(|e| match e {
-            // Sinks' `commit` has no context; name the sink as the job knows it.
-            crate::error::Error::CommitLost {
-                sink,
-                checkpoint,
-                message,
-            } if sink != self.name => crate::error::Error::CommitLost {
-                sink: self.name.clone(),
-                checkpoint,
-                message: format!("{message} (sink at {sink})"),
-            },
-            e => e,
-        })
-    }
-
-    fn recover(
-        &self,
-        ctx: &crate::api::RecoveryContext,
-        pending: Vec<serde_json::Value>,
-    ) -> Result<Option<crate::ids::CheckpointId>> {
-        let typed = pending
-            .into_iter()
-            .map(|v| {
-                serde_json::from_value(v).map_err(|e| crate::error::Error::Codec {
-                    what: format!("committable of sink '{}'", self.name),
-                    message: e.to_string(),
-                })
-            })
-            .collect::<Result<Vec<S::Committable>>>()?;
-        self.sink.recover(ctx, typed)
-    }
-}
-
 /// A stream partitioned by key.
 #[derive(Clone)]
 pub struct KeyedStream<T, K, KF> {
@@ -416,6 +346,15 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
     /// See [`KeyedProcessFunction`] for an example.
     pub fn process<F: KeyedProcessFunction<K, T>>(&self, func: F) -> Stream<F::Out> {
         let mut g = self.stream.graph.lock();
+        // Across instances, records reach the operator through a topic: a sink in
+        // front of it and a source feeding it, named and connected when the job runs.
+        let crossing = g.repartitioner.is_some().then(|| {
+            let n = g.nodes.len();
+            let out = g.add_node(OperatorId(format!("repartition-{n}")));
+            let input = g.add_node(OperatorId(format!("repartition-{}", n + 1)));
+            g.connect(self.stream.node, out, Partition::Forward, None);
+            (out, input)
+        });
         let node = g.nodes.len();
         g.add_node(OperatorId(format!("process-{node}")));
         g.nodes[node].unnamed_state = true;
@@ -436,7 +375,7 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
             let operator = ctx.graph.nodes[node].op.clone();
             let max = ctx.env.config.max_parallelism;
             let mut state = KeyedState::open(
-                KeyGroupRange::for_subtask(max, ctx.parallelism_of(node), ctx.subtask),
+                ctx.key_groups(node),
                 max,
                 &operator,
                 ctx.subtask,
@@ -467,12 +406,24 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> KeyedStre
         let key_group: KeyGroupFn<T> = Arc::new(move |r: &T, max: u16, buf: &mut Vec<u8>| {
             crate::codec::key_group_of(&kf(r), buf, max, "key")
         });
-        g.connect(
-            self.stream.node,
-            node,
-            Partition::Hash,
-            Some((Arc::new(sender), Arc::new(key_group))),
-        );
+        match crossing {
+            None => g.connect(
+                self.stream.node,
+                node,
+                Partition::Hash,
+                Some((Arc::new(sender), Arc::new(key_group))),
+            ),
+            Some((out, input)) => {
+                g.connect(input, node, Partition::Forward, None);
+                g.repartitions.push(PendingRepartition {
+                    out,
+                    input,
+                    keyed: node,
+                    bind: crate::plan::repartition::binder::<T, K, KF>(self.key_fn.clone()),
+                    bound: None,
+                });
+            }
+        }
         drop(g);
         Stream::new(self.stream.graph.clone(), node)
     }

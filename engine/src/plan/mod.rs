@@ -5,15 +5,16 @@
 //! added, and the builder downcasts with the same types when a task is assembled, so the
 //! operators that run are fully monomorphised.
 
+pub(crate) mod repartition;
 mod source_node;
 
-use crate::api::{Data, Source};
+use crate::api::{Data, Source, TwoPhaseCommitSink};
 use crate::coordinator::TaskKey;
 use crate::error::{Error, Result};
 use crate::ids::{CheckpointId, OperatorId, SubtaskIndex};
 use crate::runtime::exchange::{ExchangeOut, RoundRobin};
 use crate::runtime::heads::{InputHead, TaskHead};
-use crate::runtime::ops::{Discard, Fanout};
+use crate::runtime::ops::{Discard, Fanout, SinkOp};
 use crate::runtime::{Announce, BatchPool, Collector, Lanes, Message, SourceControl, TaskEnv};
 use crate::state::OperatorSnapshot;
 use crossbeam_channel::{Receiver, Sender};
@@ -138,10 +139,9 @@ impl<I: Data> ErasedInput for NodeInput<I> {
         }
         let key = ctx.key();
         let parallelism = ctx.plan.parallelism[node];
-        let max = ctx.env.config.max_parallelism;
         let replay = crate::runtime::inflight::replay::<I>(
             ctx.restored(&crate::runtime::inflight::operator_of(&key.task)),
-            crate::ids::KeyGroupRange::for_subtask(max, parallelism, ctx.subtask),
+            ctx.key_groups(node),
             ctx.subtask,
             parallelism,
             ctx.env.config.batch_size,
@@ -238,6 +238,10 @@ pub(crate) struct Graph {
     pub edges: Vec<Edge>,
     /// Problems found while the DSL was used; reported by `run()`.
     pub errors: Vec<String>,
+    /// How keyed exchanges cross instances, for a job that runs as several.
+    pub repartitioner: Option<Arc<dyn repartition::DynRepartitioner>>,
+    /// The keyed exchanges that cross instances.
+    pub repartitions: Vec<repartition::PendingRepartition>,
 }
 
 impl Graph {
@@ -276,6 +280,80 @@ impl Graph {
         });
         self.nodes[from].out_edges.push(e);
         self.nodes[to].in_edges.push(e);
+    }
+}
+
+/// Make `node` a sink node writing into `sink`: its writers per subtask, and its commit
+/// side for the driver.
+pub(crate) fn set_sink<S: TwoPhaseCommitSink>(g: &mut Graph, node: NodeId, sink: S) {
+    let sink = Arc::new(sink);
+    let writer_sink = sink.clone();
+    let op: OpFactory<S::Item> = Arc::new(move |ctx| {
+        let sink_id = ctx.graph.nodes[node].op.clone();
+        let writer = writer_sink.open_writer(&crate::api::SinkContext {
+            job: ctx.env.config.job.clone(),
+            sink: sink_id.clone(),
+            subtask: ctx.subtask,
+            parallelism: ctx.parallelism_of(node),
+            checkpoint_interval: ctx.env.config.checkpoint_interval,
+            generation: ctx.env.config.generation,
+            io: ctx.env.rt.clone(),
+        })?;
+        Ok(Box::new(SinkOp::<S> {
+            sink: sink_id,
+            subtask: ctx.subtask,
+            writer,
+        }))
+    });
+    g.nodes[node].input = Some(Arc::new(NodeInput { op }));
+    g.nodes[node].sink_location = sink.location();
+    let name = g.nodes[node].op.clone();
+    g.nodes[node].sink = Some(Arc::new(SinkCommitter { sink, name }) as Arc<dyn ErasedSink>);
+}
+
+struct SinkCommitter<S> {
+    sink: Arc<S>,
+    name: OperatorId,
+}
+
+impl<S: TwoPhaseCommitSink> ErasedSink for SinkCommitter<S> {
+    fn commit(&self, committable: &serde_json::Value) -> Result<()> {
+        let c: S::Committable = serde_json::from_value(committable.clone()).map_err(|e| {
+            crate::error::Error::Codec {
+                what: format!("committable of sink '{}'", self.name),
+                message: e.to_string(),
+            }
+        })?;
+        self.sink.commit(&c).map_err(|e| match e {
+            // Sinks' `commit` has no context; name the sink as the job knows it.
+            crate::error::Error::CommitLost {
+                sink,
+                checkpoint,
+                message,
+            } if sink != self.name => crate::error::Error::CommitLost {
+                sink: self.name.clone(),
+                checkpoint,
+                message: format!("{message} (sink at {sink})"),
+            },
+            e => e,
+        })
+    }
+
+    fn recover(
+        &self,
+        ctx: &crate::api::RecoveryContext,
+        pending: Vec<serde_json::Value>,
+    ) -> Result<Option<crate::ids::CheckpointId>> {
+        let typed = pending
+            .into_iter()
+            .map(|v| {
+                serde_json::from_value(v).map_err(|e| crate::error::Error::Codec {
+                    what: format!("committable of sink '{}'", self.name),
+                    message: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<S::Committable>>>()?;
+        self.sink.recover(ctx, typed)
     }
 }
 
@@ -502,6 +580,25 @@ impl BuildCtx<'_> {
 
     pub fn parallelism_of(&self, node: NodeId) -> usize {
         self.plan.parallelism[node]
+    }
+
+    /// This subtask of `node` as the job-wide subtask, and the job-wide parallelism:
+    /// the same as the local ones unless the job runs as several instances.
+    pub fn global_share(&self, node: NodeId) -> (SubtaskIndex, usize) {
+        self.env
+            .config
+            .instance
+            .global(self.subtask, self.parallelism_of(node))
+    }
+
+    /// The key groups this subtask of `node` owns (its job-wide share).
+    pub fn key_groups(&self, node: NodeId) -> crate::ids::KeyGroupRange {
+        let (subtask, parallelism) = self.global_share(node);
+        crate::ids::KeyGroupRange::for_subtask(
+            self.env.config.max_parallelism,
+            parallelism,
+            subtask,
+        )
     }
 
     /// The state types the restored checkpoint recorded for `op`.

@@ -5,7 +5,7 @@ use crate::api::{Source, SourceContext};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::runtime::heads::{
-    Discovery, SourceHead, SourceWatermarks, SplitReader, SplitState, TaskHead,
+    split_owner, Discovery, SourceHead, SourceWatermarks, SplitReader, SplitState, TaskHead,
 };
 use crate::time::{Timestamp, WatermarkStrategy};
 use std::collections::HashMap;
@@ -60,9 +60,11 @@ impl<S: Source> ErasedSource for SourceNode<S> {
             last: Instant::now(),
             known: splits.iter().cloned().collect(),
         });
+        let (global, total) = ctx.global_share(node);
+        let max = ctx.env.config.max_parallelism;
         let mut readers = Vec::new();
         for (i, split) in splits.iter().enumerate() {
-            if i % parallelism != ctx.subtask.0 {
+            if split_owner(self.source.split_key_group(split), i, max, total) != global.0 {
                 continue;
             }
             let (from, done, max_ts) = match restored.remove(split) {
@@ -118,6 +120,7 @@ impl<S: Source> ErasedSource for SourceNode<S> {
         Ok(Box::new(SourceHead::<S> {
             key: ctx.key(),
             parallelism,
+            global: (global.0, total, max),
             operator,
             readers,
             out,

@@ -11,7 +11,7 @@ use crate::api::{Source, SourceContext, SourcePoll, SourceReader};
 use crate::codec;
 use crate::coordinator::TaskKey;
 use crate::error::{Error, Result};
-use crate::ids::{CheckpointId, OperatorId};
+use crate::ids::{CheckpointId, KeyGroup, OperatorId};
 use crate::state::StateSnapshot;
 use crate::time::{Timestamp, WatermarkStrategy};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
@@ -57,6 +57,9 @@ pub(crate) struct SourceWatermarks<T> {
 pub(crate) struct SourceHead<S: Source> {
     pub key: TaskKey,
     pub parallelism: usize,
+    /// Job-wide subtask, job-wide parallelism and key groups, for dealing out splits
+    /// found while the job runs.
+    pub global: (usize, usize, u16),
     pub operator: OperatorId,
     pub readers: Vec<SplitReader<S>>,
     pub out: Box<dyn Collector<S::Item>>,
@@ -88,11 +91,26 @@ pub(crate) struct Discovery<S> {
     pub known: HashSet<String>,
 }
 
-/// The subtask that reads a split found while the job runs: the same in every subtask,
-/// whenever each of them finds it. (Splits listed at the start of a run are dealt out
-/// in list order instead, from the one list all subtasks share.)
-pub(crate) fn discovered_split_owner(split: &str, parallelism: usize) -> usize {
-    (xxhash_rust::xxh3::xxh3_64(split.as_bytes()) % parallelism as u64) as usize
+/// Where a split found while the job runs is dealt out: the same number in every
+/// subtask, whenever each of them finds it. (Splits listed at the start of a run are
+/// dealt out in list order instead, from the one list all subtasks share.)
+pub(crate) fn discovered_split_hash(split: &str) -> usize {
+    xxhash_rust::xxh3::xxh3_64(split.as_bytes()) as usize
+}
+
+/// The job-wide subtask of `total` that reads a split: the owner of its key group if it
+/// has one ([`Source::split_key_group`]), else dealt out by `index` (its place in the
+/// listing, or [`discovered_split_hash`] for a split found later).
+pub(crate) fn split_owner(
+    key_group: Option<KeyGroup>,
+    index: usize,
+    max: u16,
+    total: usize,
+) -> usize {
+    match key_group {
+        Some(kg) => crate::ids::subtask_for_key_group(kg, max, total).0,
+        None => index % total,
+    }
 }
 
 /// Checkpoints whose offsets a source keeps for completion notices; older ones are
@@ -336,8 +354,10 @@ impl<S: Source> SourceHead<S> {
             }
         };
         for split in splits {
+            let (global, total, max) = self.global;
+            let hashed = discovered_split_hash(&split);
             if !d.known.insert(split.clone())
-                || discovered_split_owner(&split, self.parallelism) != self.key.subtask.0
+                || split_owner(d.source.split_key_group(&split), hashed, max, total) != global
             {
                 continue;
             }

@@ -321,7 +321,10 @@ pub(crate) struct RuntimeConfig {
     /// How tasks with several inputs align barriers.
     pub alignment: crate::aligner::Mode,
     pub max_parallelism: u16,
+    /// The job name sinks see (the job's, with `@<instance>` when it runs as several).
     pub job: String,
+    /// Which of the job's processes this is.
+    pub instance: crate::ids::Instance,
     pub checkpoint_interval: Option<Duration>,
     /// This instance's lease (fencing generation).
     pub generation: u64,

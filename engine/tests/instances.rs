@@ -1,0 +1,346 @@
+//! A job run as several instances in one test process: each instance reads its share of
+//! the source splits, and a `key_by` reaches the instance owning the key through a
+//! repartition topic, here an in-memory one with the same contract as Kafka's (records
+//! visible once committed, one partition per key group, offsets per partition).
+//! `tests/kafka_end_to_end.rs` runs the same across processes against a real broker.
+
+use exactly_engine::api::{
+    RecoveryContext, RepartitionTopic, Repartitioner, Routed, SinkContext, SinkWriter, Source,
+    SourceContext, SourcePoll, SourceReader, TwoPhaseCommitSink,
+};
+use exactly_engine::error::{Error, Result};
+use exactly_engine::ids::{key_group_of_bytes, subtask_for_key_group, CheckpointId, KeyGroup};
+use exactly_engine::prelude::*;
+use exactly_engine::testing::{CollectSink, VecSource};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Topics in memory: per topic, per partition, the committed payloads.
+#[derive(Clone, Default)]
+struct MemoryTopics(Arc<Mutex<Topics>>);
+
+#[derive(Default)]
+struct Topics {
+    partitions: HashMap<String, Vec<Vec<Vec<u8>>>>,
+    /// The last checkpoint committed per writer (job, sink, subtask): commits are
+    /// idempotent, as the Kafka sink's markers make them.
+    committed: HashMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Staged {
+    writer: String,
+    checkpoint: u64,
+    records: Vec<(u16, Vec<u8>)>,
+}
+
+struct MemorySink {
+    topics: MemoryTopics,
+    topic: String,
+}
+
+struct MemoryWriter {
+    writer: String,
+    buf: Vec<(u16, Vec<u8>)>,
+}
+
+struct MemorySource {
+    topics: MemoryTopics,
+    topic: String,
+    partitions: u16,
+}
+
+struct MemoryReader {
+    topics: MemoryTopics,
+    topic: String,
+    partition: usize,
+    next: u64,
+}
+
+impl Repartitioner for MemoryTopics {
+    type Sink = MemorySink;
+    type Source = MemorySource;
+    fn sink(&self, t: &RepartitionTopic) -> Result<MemorySink> {
+        self.0
+            .lock()
+            .unwrap()
+            .partitions
+            .entry(t.name.clone())
+            .or_insert_with(|| vec![Vec::new(); t.key_groups as usize]);
+        Ok(MemorySink {
+            topics: self.clone(),
+            topic: t.name.clone(),
+        })
+    }
+    fn source(&self, t: &RepartitionTopic) -> Result<MemorySource> {
+        Ok(MemorySource {
+            topics: self.clone(),
+            topic: t.name.clone(),
+            partitions: t.key_groups,
+        })
+    }
+}
+
+impl TwoPhaseCommitSink for MemorySink {
+    type Item = Routed;
+    type Committable = Staged;
+    type Writer = MemoryWriter;
+    fn open_writer(&self, ctx: &SinkContext) -> Result<MemoryWriter> {
+        Ok(MemoryWriter {
+            writer: format!("{}/{}/{}", ctx.job, ctx.sink, ctx.subtask),
+            buf: Vec::new(),
+        })
+    }
+    fn commit(&self, c: &Staged) -> Result<()> {
+        let mut t = self.topics.0.lock().unwrap();
+        if t.committed
+            .get(&c.writer)
+            .is_some_and(|&done| done >= c.checkpoint)
+        {
+            return Ok(());
+        }
+        let parts = t.partitions.get_mut(&self.topic).expect("created");
+        for (kg, payload) in &c.records {
+            parts[*kg as usize].push(payload.clone());
+        }
+        t.committed.insert(c.writer.clone(), c.checkpoint);
+        Ok(())
+    }
+    fn recover(&self, _: &RecoveryContext, pending: Vec<Staged>) -> Result<Option<CheckpointId>> {
+        for c in &pending {
+            self.commit(c)?;
+        }
+        Ok(None)
+    }
+}
+
+impl SinkWriter for MemoryWriter {
+    type Item = Routed;
+    type Committable = Staged;
+    fn write(&mut self, batch: &mut Vec<Routed>) -> Result<()> {
+        self.buf
+            .extend(batch.drain(..).map(|r| (r.key_group, r.payload)));
+        Ok(())
+    }
+    fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<Option<Staged>> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Staged {
+            writer: self.writer.clone(),
+            checkpoint: checkpoint.0,
+            records: std::mem::take(&mut self.buf),
+        }))
+    }
+}
+
+impl Source for MemorySource {
+    type Item = Vec<u8>;
+    type Offset = u64;
+    type Reader = MemoryReader;
+    fn splits(&self) -> Result<Vec<String>> {
+        Ok((0..self.partitions).map(|p| format!("p-{p}")).collect())
+    }
+    fn split_key_group(&self, split: &str) -> Option<KeyGroup> {
+        split.strip_prefix("p-")?.parse().ok().map(KeyGroup)
+    }
+    fn open(&self, split: &str, from: Option<u64>, _: &SourceContext) -> Result<MemoryReader> {
+        let partition = self
+            .split_key_group(split)
+            .ok_or_else(|| Error::config(format!("split {split}")))?;
+        Ok(MemoryReader {
+            topics: self.topics.clone(),
+            topic: self.topic.clone(),
+            partition: partition.0 as usize,
+            next: from.unwrap_or(0),
+        })
+    }
+}
+
+impl SourceReader for MemoryReader {
+    type Item = Vec<u8>;
+    type Offset = u64;
+    fn poll_batch(&mut self, out: &mut Vec<Vec<u8>>, max: usize) -> Result<SourcePoll> {
+        let t = self.topics.0.lock().unwrap();
+        let part = &t.partitions[&self.topic][self.partition];
+        let new = &part[(self.next as usize).min(part.len())..];
+        let n = new.len().min(max);
+        out.extend(new[..n].iter().cloned());
+        self.next += n as u64;
+        Ok(if n == 0 {
+            SourcePoll::Idle
+        } else {
+            SourcePoll::Ready
+        })
+    }
+    fn offset(&self) -> u64 {
+        self.next
+    }
+}
+
+const COUNT: ValueState<u64> = ValueState::new("count");
+const KEYS: u64 = 50;
+const RECORDS: u64 = 4_000;
+
+/// Instance `index` of `count`: counts per key; its output goes to `out`.
+fn instance(
+    index: usize,
+    count: usize,
+    dir: &std::path::Path,
+    topics: &MemoryTopics,
+    out: &CollectSink<(u64, u64)>,
+) -> Job {
+    let job = Job::builder("counts")
+        .instance(index, count)
+        .parallelism(2)
+        .checkpoint_every(Duration::from_millis(20))
+        .checkpoint_storage(dir.to_str().unwrap())
+        .repartition_through(topics.clone())
+        .build()
+        .unwrap();
+    job.source(
+        "keys",
+        VecSource::new((0..RECORDS).map(|i| i % KEYS).collect()).with_splits(8),
+    )
+    .key_by(|k: &u64| *k)
+    .process_fn(|k: u64, ctx: &mut KeyedContext<'_, u64, (u64, u64)>| {
+        let n = ctx.value(COUNT)?.unwrap_or(0) + 1;
+        ctx.set_value(COUNT, &n)?;
+        ctx.emit((k, n));
+        Ok(())
+    })
+    .name("count")
+    .sink("out", out.clone());
+    job
+}
+
+/// Start every instance, wait until `outs` hold `expected` records, stop them with a
+/// checkpoint.
+fn run_until(jobs: Vec<Job>, outs: &[CollectSink<(u64, u64)>], expected: usize) {
+    let handles: Vec<_> = jobs.into_iter().map(|j| j.start().unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while outs.iter().map(|o| o.committed().len()).sum::<usize>() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "the instances did not finish the input"
+        );
+        assert!(
+            handles.iter().all(|h| !h.is_finished()),
+            "an instance ended by itself"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for h in &handles {
+        h.stop_with_checkpoint();
+    }
+    for h in handles {
+        h.wait().unwrap();
+    }
+}
+
+/// Two instances, each with two subtasks: the splits of the input are read once over
+/// both, every key is counted by the instance that owns its key group, and every
+/// count is committed once.
+#[test]
+fn two_instances_count_each_key_once_in_the_instance_owning_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let topics = MemoryTopics::default();
+    let outs = [CollectSink::new(), CollectSink::new()];
+    let jobs = (0..2)
+        .map(|i| instance(i, 2, dir.path(), &topics, &outs[i]))
+        .collect();
+    run_until(jobs, &outs, RECORDS as usize);
+    let mut all: Vec<(u64, u64)> = Vec::new();
+    for (i, out) in outs.iter().enumerate() {
+        for (k, n) in out.committed() {
+            let kg = key_group_of_bytes(&postcard::to_allocvec(&k).unwrap(), 128);
+            // Two instances of two subtasks: four subtasks job-wide, two per instance.
+            let owner = subtask_for_key_group(kg, 128, 4).0 / 2;
+            assert_eq!(
+                owner, i,
+                "key {k} was counted by instance {i}, not its owner"
+            );
+            all.push((k, n));
+        }
+    }
+    all.sort();
+    let expected: Vec<(u64, u64)> = (0..KEYS)
+        .flat_map(|k| (1..=RECORDS / KEYS).map(move |n| (k, n)))
+        .collect();
+    assert_eq!(all, expected);
+    // Each instance checkpointed on its own.
+    for i in 0..2 {
+        assert!(dir.path().join(format!("instances/{i}")).is_dir());
+    }
+}
+
+/// Mistakes refused before anything runs: a `key_by` with no way to reach the other
+/// instances, event time that would not cross them, an unnamed keyed operator (its
+/// topic is named after it), an instance outside the count.
+#[test]
+fn instance_mistakes_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().to_str().unwrap();
+    let counting = |job: &Job, name: Option<&str>| {
+        let s = job
+            .source("keys", VecSource::new(vec![1u64, 2, 3]))
+            .key_by(|k: &u64| *k)
+            .process_fn(|k: u64, ctx: &mut KeyedContext<'_, u64, u64>| {
+                ctx.emit(k);
+                Ok(())
+            });
+        let s = match name {
+            Some(n) => s.name(n),
+            None => s,
+        };
+        s.sink("out", CollectSink::new());
+    };
+    let builder = || {
+        Job::builder("mistakes")
+            .instance(0, 2)
+            .checkpoint_storage(storage)
+    };
+
+    let job = builder().build().unwrap();
+    counting(&job, Some("count"));
+    let e = job.run().unwrap_err().to_string();
+    assert!(e.contains("repartition_through"), "{e}");
+
+    let job = builder()
+        .repartition_through(MemoryTopics::default())
+        .build()
+        .unwrap();
+    counting(&job, None);
+    let e = job.run().unwrap_err().to_string();
+    assert!(e.contains("has no name"), "{e}");
+
+    let job = builder()
+        .repartition_through(MemoryTopics::default())
+        .build()
+        .unwrap();
+    job.source("events", VecSource::new(vec![1i64, 2]))
+        .with_watermarks(WatermarkStrategy::bounded_out_of_orderness(
+            Duration::from_secs(1),
+            |t: &i64| *t,
+        ))
+        .key_by(|t: &i64| *t)
+        .process_fn(|t: i64, ctx: &mut KeyedContext<'_, i64, i64>| {
+            ctx.emit(t);
+            Ok(())
+        })
+        .name("windowed")
+        .sink("out", CollectSink::new());
+    let e = job.run().unwrap_err().to_string();
+    assert!(e.contains("event time does not cross instances"), "{e}");
+
+    let e = Job::builder("mistakes")
+        .instance(2, 2)
+        .checkpoint_storage(storage)
+        .build()
+        .err()
+        .expect("instance 2 of 2 is refused")
+        .to_string();
+    assert!(e.contains("below the number of instances"), "{e}");
+}
