@@ -9,6 +9,7 @@
 //!            --checkpoints DIR [--interval-ms 100] [--parallelism P]
 //!            [--state memory|rocksdb] [--pace-us 0 (pause per source batch)]
 //!            [--format jsonl|parquet] [--name ledger]
+//!            [--savepoint-on-stop NAME] [--restore-savepoint NAME]
 //! ledger verify --input payments.jsonl --out DIR
 //! ```
 //!
@@ -172,6 +173,13 @@ struct RunArgs {
     /// Part file format.
     #[arg(long, value_enum, default_value_t = Format::Jsonl)]
     format: Format,
+    /// Keep the checkpoint a stop (SIGTERM) takes as this savepoint.
+    #[arg(long = "savepoint-on-stop")]
+    savepoint_on_stop: Option<String>,
+    /// Start from this savepoint (a new deployment; also with another number of
+    /// instances than the one that took it).
+    #[arg(long = "restore-savepoint")]
+    restore_savepoint: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -188,6 +196,12 @@ fn run(a: &RunArgs) -> Result<()> {
     let mut builder = Job::builder(&a.name).instance_from_env()?;
     if pace_us > 0 {
         builder = builder.source_pacing(Duration::from_micros(pace_us));
+    }
+    if let Some(name) = &a.savepoint_on_stop {
+        builder = builder.savepoint_on_stop(name);
+    }
+    if let Some(name) = &a.restore_savepoint {
+        builder = builder.restore_from_savepoint(name);
     }
     // Used only when the job runs as several instances (EXACTLY_INSTANCES).
     #[cfg(feature = "kafka")]
@@ -486,6 +500,8 @@ fn demo(a: &DemoArgs) -> Result<()> {
         kafka_staging: None,
         pg_table: "balances".into(),
         name: "ledger".into(),
+        savepoint_on_stop: None,
+        restore_savepoint: None,
     })?;
     verify(&VerifyArgs {
         input,

@@ -131,10 +131,17 @@ impl KafkaRepartition {
             let md = c
                 .fetch_metadata(Some(&topic.name), REQUEST_TIMEOUT)
                 .map_err(|e| context(&e))?;
+            // Counted once every partition has a leader: readers and writers of a topic
+            // just created would otherwise each wait for theirs.
             Ok(md
                 .topics()
                 .iter()
                 .find(|t| t.name() == topic.name && t.error().is_none())
+                .filter(|t| {
+                    t.partitions()
+                        .iter()
+                        .all(|p| p.error().is_none() && p.leader() >= 0)
+                })
                 .map(|t| t.partitions().len())
                 .filter(|&n| n > 0))
         };
@@ -181,7 +188,11 @@ impl KafkaRepartition {
                 None if std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100))
                 }
-                None => return Err(context(&"created, but not visible in the metadata")),
+                None => {
+                    return Err(context(
+                        &"created, but its partitions have no leader yet; try again",
+                    ))
+                }
             }
         }
     }

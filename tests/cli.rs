@@ -10,7 +10,7 @@ use exactly::engine::ids::CheckpointId;
 use exactly::engine::manifest::Manifest;
 use exactly::engine::storage::CheckpointStorage;
 use exactly::prelude::*;
-use exactly::testing::VecSource;
+use exactly::testing::{CollectSink, VecSource};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -540,4 +540,65 @@ fn an_orphaned_checkpoint_is_marked_and_never_the_latest() {
     let (out, err, code) = exactly(&["savepoints", "create", &loc, "kept"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&format!("keeps checkpoint {first} ")), "{out}");
+}
+
+/// `savepoints assignment` on a savepoint of a job run as two instances: the splits
+/// each instance read and the key groups it owned, and where both go with three.
+#[test]
+fn savepoint_assignment_shows_the_instances_before_and_after_a_rescale() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("checkpoints");
+    for i in 0..2 {
+        let job = Job::builder("numbers")
+            .instance(i, 2)
+            .parallelism(1)
+            .checkpoint_storage(root.to_str().unwrap())
+            .build()
+            .unwrap();
+        job.source(
+            "numbers",
+            VecSource::new((0..600u64).collect()).with_splits(6),
+        )
+        .map(|n| n * 2)
+        .sink("out", CollectSink::new());
+        job.run().unwrap();
+        let part = root.join(format!("instances/{i}"));
+        let (_, err, code) = exactly(&["savepoints", "create", part.to_str().unwrap(), "sp"]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let (out, err, code) = exactly(&[
+        "savepoints",
+        "assignment",
+        root.to_str().unwrap(),
+        "sp",
+        "--instances",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let expected = [
+        "before: 2 instance(s) of 1 subtask(s)",
+        "  instance 0: key groups 0..64",
+        "    numbers: 0, 2, 4",
+        "  instance 1: key groups 64..128",
+        "    numbers: 1, 3, 5",
+        "after: 3 instance(s) of 1 subtask(s)",
+        "  instance 0: key groups 0..43",
+        "    numbers: 0, 3",
+        "  instance 1: key groups 43..86",
+        "    numbers: 1, 4",
+        "  instance 2: key groups 86..128",
+        "    numbers: 2, 5",
+    ];
+    let lines: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(lines, expected, "{out}");
+    let (_, err, code) = exactly(&[
+        "savepoints",
+        "assignment",
+        root.to_str().unwrap(),
+        "nope",
+        "--instances",
+        "2",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no savepoint 'nope'"), "{err}");
 }

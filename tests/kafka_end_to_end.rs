@@ -156,10 +156,11 @@ impl Pipeline {
         self.command(parallelism, crash_at).spawn().unwrap()
     }
 
-    /// One start of instance `index` of `count`, at parallelism 1: it follows the input
-    /// until stopped.
-    fn start_instance(&self, index: usize, count: usize) -> std::process::Child {
+    /// One start of instance `index` of `count`, at parallelism 1, with more `args`: it
+    /// follows the input until stopped.
+    fn start_instance(&self, index: usize, count: usize, args: &[&str]) -> std::process::Child {
         self.command(1, None)
+            .args(args)
             .env("EXACTLY_INSTANCES", count.to_string())
             .env("EXACTLY_INSTANCE", index.to_string())
             .spawn()
@@ -192,7 +193,10 @@ impl Pipeline {
             None => cmd.env_remove("EXACTLY_CRASH_AT"),
         };
         cmd.env_remove("EXACTLY_INSTANCES")
-            .env_remove("EXACTLY_INSTANCE");
+            .env_remove("EXACTLY_INSTANCE")
+            // Errors, not backtraces, at the end of the runs' stderr.
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0");
         cmd
     }
 
@@ -456,20 +460,107 @@ fn sigkill_with_rescaling(p: &Pipeline, seed: &mut u64) {
     p.check();
 }
 
-/// The job as three processes (`EXACTLY_INSTANCES=3`): the input's partitions hold
+/// The job as several processes (`EXACTLY_INSTANCES`): the input's partitions hold
 /// accounts by `account % 3`, which is not how the engine spreads accounts over key
 /// groups, so most payments cross to another instance through the repartition topic.
-/// Instances are SIGKILLed at random and started again with the same ordinal while the
-/// others run: one at a time, two at once, and one while another recovers. Each
-/// balance update is committed once, and the output is the failure-free computation's.
+/// Three instances, then two, then four: each deployment is stopped with SIGTERM into
+/// one savepoint name and the next starts from it, gathering the key groups and
+/// partitions its instances now own. Meanwhile instances are SIGKILLed at random and
+/// started again with the same ordinal while the others run: one at a time, two at
+/// once, and one while another recovers. Each balance update is committed once, and
+/// the output is the failure-free computation's.
 #[test]
-fn three_instances_under_random_sigkills_commit_each_balance_once() {
+fn instances_under_sigkills_and_rescaling_commit_each_balance_once() {
     let mut seed = common::seed();
     let p = Pipeline::new("instances");
-    const N: usize = 3;
-    let mut instances: Vec<std::process::Child> = (0..N).map(|i| p.start_instance(i, N)).collect();
-    let alive = |instances: &mut [std::process::Child], p: &Pipeline| {
-        for (i, c) in instances.iter_mut().enumerate() {
+    let mut kills = 0;
+    let mut last_kill_output = 0;
+    let deployments: [(usize, Option<&str>, &str); 3] = [
+        (3, None, "to-2"),
+        (2, Some("to-2"), "to-4"),
+        (4, Some("to-4"), "final"),
+    ];
+    for (count, from, stop_as) in deployments {
+        let mut args = vec!["--savepoint-on-stop", stop_as];
+        if let Some(from) = from {
+            args.extend(["--restore-savepoint", from]);
+        }
+        let mut instances = Deployment::start(&p, count, &args);
+        let (k, at) = instances.sigkill_while_working(&p, 7, &mut seed);
+        kills += k;
+        last_kill_output = at;
+        if stop_as == "final" {
+            // Every payment processed: every balance update committed.
+            let got = p.committed();
+            instances.alive(&p);
+            assert!(
+                got.len() >= p.golden.len(),
+                "{} of {} balance updates committed",
+                got.len(),
+                p.golden.len()
+            );
+        }
+        instances.stop(&p);
+        println!("{count} instances stopped into savepoint '{stop_as}'");
+    }
+    println!("{kills} SIGKILLs in all");
+    p.check();
+    // The kills came while the job worked: its output grew after the last one (the
+    // output ends count records and transaction markers).
+    let end = p.output_end();
+    println!("output end offsets {end} after the stop");
+    assert!(
+        last_kill_output < end,
+        "the output was complete before the last kill: pace the job more slowly"
+    );
+    no_open_transaction(&p.output, PARTITIONS);
+    no_open_transaction(&format!("{}-balance-repartition", p.job), 128);
+}
+
+/// The processes of one deployment of the job.
+struct Deployment<'a> {
+    children: Vec<std::process::Child>,
+    /// Per instance, the newest checkpoint in its location when it was last started.
+    started_after: Vec<u64>,
+    args: &'a [&'a str],
+}
+
+/// The newest checkpoint instance `i` completed (its newest manifest), or 0.
+fn newest_checkpoint(p: &Pipeline, i: usize) -> u64 {
+    let dir = p
+        .path("checkpoints")
+        .join(format!("instances/{i}/manifests"));
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| {
+                    e.ok()?
+                        .file_name()
+                        .to_str()?
+                        .strip_suffix(".json")?
+                        .parse()
+                        .ok()
+                })
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+impl<'a> Deployment<'a> {
+    fn start(p: &Pipeline, count: usize, args: &'a [&'a str]) -> Deployment<'a> {
+        Deployment {
+            started_after: (0..count).map(|i| newest_checkpoint(p, i)).collect(),
+            children: (0..count)
+                .map(|i| p.start_instance(i, count, args))
+                .collect(),
+            args,
+        }
+    }
+
+    /// No instance ended by itself.
+    fn alive(&mut self, p: &Pipeline) {
+        for (i, c) in self.children.iter_mut().enumerate() {
             if let Some(status) = c.try_wait().unwrap() {
                 panic!(
                     "instance {i} ended by itself ({status}); the runs' stderr ends:\n{}",
@@ -477,96 +568,101 @@ fn three_instances_under_random_sigkills_commit_each_balance_once() {
                 );
             }
         }
-    };
-    let restart = |instances: &mut [std::process::Child], i: usize, p: &Pipeline| {
-        instances[i].kill().unwrap();
-        instances[i].wait().unwrap();
-        instances[i] = p.start_instance(i, N);
-    };
-    let (mut kills, mut pairs, mut during_recovery, mut round) = (0, 0, 0, 0);
-    while kills < 21 {
-        round += 1;
-        // Each round once the output grew since the last (the instances made progress
-        // between the kills), plus up to 300 ms.
-        let (before, since) = (p.output_end(), Instant::now());
-        while p.output_end() == before && since.elapsed() < Duration::from_secs(60) {
-            alive(&mut instances, &p);
+    }
+
+    fn restart(&mut self, i: usize, p: &Pipeline) {
+        let count = self.children.len();
+        self.children[i].kill().unwrap();
+        self.children[i].wait().unwrap();
+        self.started_after[i] = newest_checkpoint(p, i);
+        self.children[i] = p.start_instance(i, count, self.args);
+    }
+
+    /// At least `at_least` SIGKILLs, each round once the output grew since the last
+    /// (the instances made progress between the kills) plus up to 300 ms: one
+    /// instance, two at once, or one while another recovers. Returns the kills and
+    /// the output's end offsets at the last.
+    fn sigkill_while_working(
+        &mut self,
+        p: &Pipeline,
+        at_least: usize,
+        seed: &mut u64,
+    ) -> (usize, i64) {
+        let n = self.children.len();
+        let mut kills = 0;
+        let mut round = 0;
+        while kills < at_least {
+            round += 1;
+            let (before, since) = (p.output_end(), Instant::now());
+            while p.output_end() == before && since.elapsed() < Duration::from_secs(60) {
+                self.alive(p);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(xorshift(seed) % 300));
+            self.alive(p);
+            let i = (xorshift(seed) % n as u64) as usize;
+            let j = (i + 1 + (xorshift(seed) % (n as u64 - 1)) as usize) % n;
+            let what = match round % 3 {
+                0 => {
+                    self.children[i].kill().unwrap();
+                    self.children[j].kill().unwrap();
+                    self.restart(i, p);
+                    self.restart(j, p);
+                    kills += 2;
+                    "two at once"
+                }
+                1 => {
+                    self.restart(i, p);
+                    std::thread::sleep(Duration::from_millis(xorshift(seed) % 150));
+                    self.restart(j, p);
+                    kills += 2;
+                    "one during another's recovery"
+                }
+                _ => {
+                    self.restart(i, p);
+                    kills += 1;
+                    "one"
+                }
+            };
+            println!(
+                "{n} instances, round {round}: killed {what} after {:?}, output end offsets {}",
+                since.elapsed(),
+                p.output_end()
+            );
+        }
+        (kills, p.output_end())
+    }
+
+    /// SIGTERM every instance once each completed a checkpoint since its last start
+    /// (it is up, its signal handler in place): each stops with a checkpoint and exits
+    /// 0.
+    fn stop(mut self, p: &Pipeline) {
+        let since = Instant::now();
+        while (0..self.children.len()).any(|i| newest_checkpoint(p, i) <= self.started_after[i]) {
+            assert!(
+                since.elapsed() < Duration::from_secs(60),
+                "an instance completed no checkpoint in a minute; the runs' stderr ends:\n{}",
+                p.stderr_tail()
+            );
+            self.alive(p);
             std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 300));
-        alive(&mut instances, &p);
-        println!(
-            "round {round}: output end offsets {} after {:?}",
-            p.output_end(),
-            since.elapsed()
-        );
-        let i = (xorshift(&mut seed) % N as u64) as usize;
-        let j = (i + 1 + (xorshift(&mut seed) % (N as u64 - 1)) as usize) % N;
-        match round % 4 {
-            0 => {
-                // Two at once.
-                instances[i].kill().unwrap();
-                instances[j].kill().unwrap();
-                restart(&mut instances, i, &p);
-                restart(&mut instances, j, &p);
-                kills += 2;
-                pairs += 1;
-            }
-            1 => {
-                // One while another is still starting and recovering.
-                restart(&mut instances, i, &p);
-                std::thread::sleep(Duration::from_millis(xorshift(&mut seed) % 150));
-                restart(&mut instances, j, &p);
-                kills += 2;
-                during_recovery += 1;
-            }
-            _ => {
-                restart(&mut instances, i, &p);
-                kills += 1;
-            }
+        for c in &self.children {
+            let term = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(term.success());
+        }
+        for (i, c) in self.children.iter_mut().enumerate() {
+            let status = c.wait().unwrap();
+            assert!(
+                status.success(),
+                "instance {i} did not stop cleanly on SIGTERM: {status}; the runs' stderr ends:\n{}",
+                p.stderr_tail()
+            );
         }
     }
-    let at_last_kill = p.output_end();
-    println!(
-        "{kills} SIGKILLs: {pairs} pairs at once, {during_recovery} during another's \
-         recovery; output end offsets {at_last_kill} at the last kill"
-    );
-    // Every payment processed: every balance update committed, then stop each instance
-    // with a checkpoint (SIGTERM), which must end it with exit code 0.
-    let got = p.committed();
-    alive(&mut instances, &p);
-    assert!(
-        got.len() >= p.golden.len(),
-        "{} of {} balance updates committed",
-        got.len(),
-        p.golden.len()
-    );
-    for c in &instances {
-        let term = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(term.success());
-    }
-    for (i, c) in instances.iter_mut().enumerate() {
-        let status = c.wait().unwrap();
-        assert!(
-            status.success(),
-            "instance {i} did not stop cleanly on SIGTERM: {status}; the runs' stderr ends:\n{}",
-            p.stderr_tail()
-        );
-    }
-    p.check();
-    // The kills came while the job worked: its output grew after the last one (the
-    // output ends count records and transaction markers).
-    let end = p.output_end();
-    println!("output end offsets {end} after the stop");
-    assert!(
-        at_last_kill < end,
-        "the output was complete before the last kill: pace the job more slowly"
-    );
-    no_open_transaction(&p.output, PARTITIONS);
-    no_open_transaction(&format!("{}-balance-repartition", p.job), 128);
 }
 
 /// A `read_committed` consumer sees each partition's end where a `read_uncommitted`

@@ -140,6 +140,8 @@ pub struct CheckpointCoordinator {
     writing: Option<Ending>,
     /// A final or stop checkpoint whose manifest is written, waiting for its commits.
     closing: Option<Ending>,
+    /// Stopped or finished was decided: the job is over, nothing is triggered again.
+    ended: bool,
     /// A stop with a checkpoint was requested; the checkpoint in flight, if any, is
     /// the stop checkpoint when `in_flight.stop`.
     stop_requested: bool,
@@ -171,6 +173,7 @@ impl CheckpointCoordinator {
             in_flight: None,
             writing: None,
             closing: None,
+            ended: false,
             stop_requested: false,
             asap: false,
             last_completed: None,
@@ -189,7 +192,7 @@ impl CheckpointCoordinator {
     /// Whether a checkpoint is in flight, its manifest being written, or a final or
     /// stop checkpoint waiting for its commits: no checkpoint may be triggered.
     pub fn busy(&self) -> bool {
-        self.in_flight.is_some() || self.writing.is_some() || self.closing.is_some()
+        self.in_flight.is_some() || self.writing.is_some() || self.closing.is_some() || self.ended
     }
 
     fn all_sources_finished(&self) -> bool {
@@ -387,6 +390,7 @@ impl CheckpointCoordinator {
         match self.closing {
             Some(c) if c.id <= id => {
                 self.closing = None;
+                self.ended = true;
                 if c.is_final {
                     vec![Decision::Finished]
                 } else {
@@ -804,6 +808,15 @@ mod tests {
                 id: CheckpointId(8)
             }]
         );
+        // Over: a tick in the same round as the decision (before the driver acted on
+        // it), the sources ending as they stop, another request: nothing is taken
+        // after the stop checkpoint (a second one would find its savepoint's name
+        // taken).
+        assert!(c.on_tick(t0 + s(9)).is_empty());
+        for t in &tasks {
+            assert!(c.on_source_finished(t.clone(), t0 + s(9)).is_empty());
+        }
+        assert!(c.request_checkpoint(t0 + s(9)).is_empty());
     }
 
     #[test]

@@ -112,6 +112,10 @@ pub struct Savepoint {
     pub checkpoint: CheckpointId,
     /// Wall-clock time of creation, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
+    /// The instance that took it, for a job that runs as several processes (each takes
+    /// its own, under one name); `None` for a job in one process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<crate::ids::Instance>,
 }
 
 #[derive(Serialize, Deserialize)]

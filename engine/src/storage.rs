@@ -706,6 +706,13 @@ impl CheckpointStorage {
             return Ok(());
         }
         let old = self.read_savepoint(&sp.name).await?;
+        if old
+            .as_ref()
+            .is_some_and(|o| o.checkpoint == sp.checkpoint && o.job == sp.job)
+        {
+            // Written already (a retried write whose first attempt went through).
+            return Ok(());
+        }
         Err(Error::config(format!(
             "savepoint '{}' exists already in {}{}; choose another name, or delete it first",
             sp.name,
@@ -778,6 +785,12 @@ impl CheckpointStorage {
         if self.read_savepoint(name).await?.is_none() {
             return Ok(false);
         }
+        // The mark first: a later savepoint of this name must not find it.
+        let mark = self.savepoint_committed_path(name);
+        match self.store.delete(&mark).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(storage_err("delete", &mark, e)),
+        }
         match self.store.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
             Err(e) => Err(storage_err("delete", &path, e)),
@@ -797,6 +810,51 @@ impl CheckpointStorage {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(storage_err("delete", &manifest, e)),
         }
+    }
+
+    /// The instances that keep checkpoints below this location (`instances/<i>/`, for a
+    /// job that runs as several processes), ascending.
+    pub async fn instance_dirs(&self) -> Result<Vec<usize>> {
+        let dir = self.root.clone().join("instances");
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&dir))
+            .await
+            .map_err(|e| storage_err("list", &dir, e))?;
+        let mut found: Vec<usize> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|d| d.filename())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        found.sort_unstable();
+        Ok(found)
+    }
+
+    /// Record that the stop which took savepoint `name` committed all its output before
+    /// the job ended: nothing of it is left for a restore to commit. A job rescaled to
+    /// another number of instances restores only from such savepoints.
+    pub async fn mark_savepoint_committed(&self, name: &str) -> Result<()> {
+        let path = self.savepoint_committed_path(name);
+        self.put_object(&path, PutPayload::from_static(b"committed\n"))
+            .await
+    }
+
+    /// Whether [`CheckpointStorage::mark_savepoint_committed`] was recorded for `name`.
+    pub async fn savepoint_committed(&self, name: &str) -> Result<bool> {
+        let path = self.savepoint_committed_path(name);
+        match self.store.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(storage_err("head", &path, e)),
+        }
+    }
+
+    fn savepoint_committed_path(&self, name: &str) -> Path {
+        self.root
+            .clone()
+            .join("savepoints")
+            .join(format!("{name}.committed"))
     }
 
     /// Ids of every state directory, with or without a manifest, ascending.

@@ -54,6 +54,7 @@ fn savepoints_are_written_once_listed_and_deleted() {
             job: "s3".into(),
             checkpoint: CheckpointId(3),
             created_at_ms: 1,
+            instance: None,
         };
         s.write_savepoint(&sp).await.unwrap();
         let again = s.write_savepoint(&sp).await.unwrap_err().to_string();

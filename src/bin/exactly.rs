@@ -8,6 +8,7 @@
 //! exactly savepoints list    <location>          named checkpoints retention keeps
 //! exactly savepoints create  <location> NAME [--checkpoint ID]
 //! exactly savepoints delete  <location> NAME
+//! exactly savepoints assignment <location> NAME --instances N [--parallelism P]
 //! exactly state dump         <location> [ID] [--operator NAME] [--entries N]
 //! ```
 //!
@@ -103,6 +104,21 @@ enum SavepointsCommand {
         location: String,
         /// The savepoint's name.
         name: String,
+    },
+    /// Which instance owns which key groups and source splits in a savepoint, and would
+    /// own them started as another number of instances.
+    Assignment {
+        /// The job's checkpoint location (for several instances: the one holding
+        /// `instances/<i>/`).
+        location: String,
+        /// The savepoint's name.
+        name: String,
+        /// The number of instances to start from it.
+        #[arg(long)]
+        instances: usize,
+        /// Subtasks per instance (default: as when the savepoint was taken).
+        #[arg(long)]
+        parallelism: Option<usize>,
     },
 }
 
@@ -208,6 +224,12 @@ fn run(args: Cli) -> Result<ExitCode, Failure> {
         Command::Savepoints(SavepointsCommand::Delete { location, name }) => {
             savepoints::delete(&rt, &open(&rt, &location)?, &name)
         }
+        Command::Savepoints(SavepointsCommand::Assignment {
+            location,
+            name,
+            instances,
+            parallelism,
+        }) => savepoints::assignment(&rt, &open(&rt, &location)?, &name, instances, parallelism),
         Command::State(StateCommand::Dump {
             location,
             id,

@@ -126,7 +126,7 @@ pub fn dump(
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_payload(
+pub(crate) fn read_payload(
     rt: &Runtime,
     loc: &Location,
     id: CheckpointId,

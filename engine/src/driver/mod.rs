@@ -94,6 +94,9 @@ pub(crate) struct JobSettings {
     pub stop_on_signals: bool,
     /// Which of the job's processes this is.
     pub instance: crate::ids::Instance,
+    /// The checkpoint location of the whole job, where `storage` is this instance's
+    /// part of it (`instances/<i>/`); `None` for a job in one process.
+    pub root_storage: Option<CheckpointStorage>,
 }
 
 impl JobSettings {
@@ -109,18 +112,22 @@ impl JobSettings {
     }
 }
 
-pub(crate) fn run(graph: &Graph, s: &JobSettings) -> Result<JobReport> {
+pub(crate) fn run(graph: &mut Graph, s: &JobSettings) -> Result<JobReport> {
+    // First, so that a stop asked while the job starts (an orchestrator's SIGTERM to a
+    // process still connecting to its systems) is a stop with a checkpoint, not a kill.
+    let _signals = if s.stop_on_signals {
+        Some(SignalStop::install(&s.stop)?)
+    } else {
+        None
+    };
+    crate::plan::repartition::bind(graph, &s.name, s.max_parallelism, s.instance)?;
+    let graph: &Graph = graph;
     validate(graph, s)?;
     #[cfg(feature = "prometheus")]
     if let Some(addr) = s.prometheus {
         crate::telemetry::install_prometheus(addr)?;
     }
     let started = Instant::now();
-    let _signals = if s.stop_on_signals {
-        Some(SignalStop::install(&s.stop)?)
-    } else {
-        None
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(format!("{}-io", s.name))
@@ -404,6 +411,93 @@ async fn check_savepoint(
     )))
 }
 
+/// The union restore: savepoint `name` was taken under one name by every instance of a
+/// deployment with another number of instances (or by the job in one process). Each
+/// old instance's part is checked like a savepoint restore (it exists, no checkpoint
+/// of the old deployment came after it, its stop committed all its output: the
+/// `.committed` mark), and their state is merged, so that this instance's operators
+/// pick what they now own: key groups by range, source splits (input partitions and
+/// repartition-topic partitions) by owner, as an in-process rescale does. Nothing is
+/// left to commit. `None` when the savepoint was taken with this instance layout (the
+/// ordinary restore applies) or does not exist (which it reports).
+async fn union_restore(
+    s: &JobSettings,
+    own: &CheckpointStorage,
+    name: &str,
+) -> Result<Option<(String, RestoredState)>> {
+    let root = s.root_storage.as_ref().unwrap_or(own);
+    let mut parts: Vec<(CheckpointStorage, crate::manifest::Savepoint)> = Vec::new();
+    for k in root.instance_dirs().await? {
+        let part = root.child(&format!("instances/{k}"));
+        if let Some(sp) = part.read_savepoint(name).await? {
+            parts.push((part, sp));
+        }
+    }
+    if parts.is_empty() && s.instance.count > 1 {
+        // Taken by the job in one process, at the root of the location.
+        if let Some(sp) = root.read_savepoint(name).await? {
+            parts.push((root.clone(), sp));
+        }
+    }
+    let old_count = match parts.first() {
+        None => return Ok(None),
+        Some((_, sp)) => sp.instance.map_or(1, |i| i.count),
+    };
+    let mut indices: Vec<usize> = parts
+        .iter()
+        .map(|(_, sp)| sp.instance.map_or(0, |i| i.index))
+        .collect();
+    indices.sort_unstable();
+    if parts
+        .iter()
+        .any(|(_, sp)| sp.instance.map_or(1, |i| i.count) != old_count)
+        || indices != (0..old_count).collect::<Vec<_>>()
+    {
+        return Err(Error::config(format!(
+            "savepoint '{name}' in {}: the instances that took it do not form one deployment              (found instances {indices:?}, expected 0..{old_count}): a part is missing, or two              deployments used the name",
+            root.url()
+        )));
+    }
+    if old_count == s.instance.count {
+        return Ok(None);
+    }
+    let mut state = RestoredState::default();
+    for (part, sp) in &parts {
+        let (_, newest) = RestorePoint::find(part).await?;
+        check_savepoint(part, s, name, newest.map(|m| m.checkpoint)).await?;
+        if !part.savepoint_committed(name).await? {
+            return Err(Error::config(format!(
+                "savepoint '{name}' in {}: its stop did not confirm that all its output was                  committed, so starting with another number of instances could lose it.                  Start that deployment again with its own number of instances (it resumes                  and commits), stop every instance with a new savepoint, and start from that",
+                part.url()
+            )));
+        }
+        let m = part.read_manifest(sp.checkpoint).await?;
+        if m.max_parallelism != s.max_parallelism {
+            return Err(Error::config(format!(
+                "savepoint '{name}' was taken with max_parallelism {}, the job now has {}; it                  is fixed for the life of a job's state",
+                m.max_parallelism, s.max_parallelism
+            )));
+        }
+        if m.tasks.iter().any(|t| !t.shared.is_empty()) {
+            return Err(Error::config(format!(
+                "savepoint '{name}' in {} holds RocksDB state, whose files stay in each                  instance's location: changing the number of instances is supported for                  in-memory state only so far",
+                part.url()
+            )));
+        }
+        let read = read_checkpoint_state(part, sp.checkpoint, &m).await?;
+        for (op, snaps) in read.operators {
+            state.operators.entry(op).or_default().extend(snaps);
+        }
+        for (op, types) in read.types {
+            let known = state.types.entry(op).or_default();
+            for (n, t) in types {
+                known.entry(n).or_insert(t);
+            }
+        }
+    }
+    Ok(Some((name.to_string(), state)))
+}
+
 /// Where a recovering instance stands: the checkpoint it restores and what it must
 /// record before any sink settles (steps 1 and 3 of the protocol above, as far as
 /// checkpoint storage decides them).
@@ -502,7 +596,29 @@ fn recover(
     let mut state = RestoredState::default();
     let mut pending = Vec::new();
     let mut from_savepoint = s.restore_from_savepoint.clone();
-    if let Some(name) = &s.restore_from_savepoint {
+    // A savepoint of a deployment with another number of instances: each old instance
+    // took its part, and this instance gathers the key groups and splits it now owns.
+    // A restart of the deployment that started from the savepoint resumes from its own
+    // newer checkpoints (an instance added by a rescale has the savepoint in other
+    // instances' locations only).
+    let resuming = |name: &str| {
+        newest
+            .as_ref()
+            .is_some_and(|(_, m)| m.from_savepoint.as_deref() == Some(name))
+    };
+    let union = match &s.restore_from_savepoint {
+        Some(name) if !resuming(name) => rt.block_on(union_restore(s, storage, name))?,
+        _ => None,
+    };
+    if let Some((name, mut union)) = union {
+        // Sinks restore this instance's own history: what its location committed last.
+        union.checkpoint = newest.as_ref().map(|(id, _)| *id);
+        let newest_id = union.checkpoint.unwrap_or(CheckpointId(0));
+        check_all_state_restores(graph, s, newest_id, &mut union, &mut pending)?;
+        tracing::info!(job = %s.name, savepoint = %name, instance = s.instance.index,
+            of = s.instance.count, "restoring a savepoint taken by another number of instances");
+        state = union;
+    } else if let Some(name) = s.restore_from_savepoint.as_ref().filter(|n| !resuming(n)) {
         rt.block_on(check_savepoint(
             storage,
             s,
@@ -510,7 +626,7 @@ fn recover(
             newest.as_ref().map(|(id, _)| *id),
         ))?;
     }
-    if let Some((latest, m)) = newest {
+    if let Some((latest, m)) = newest.filter(|_| state.checkpoint.is_none()) {
         if from_savepoint.is_none() {
             from_savepoint = m.from_savepoint.clone();
         }
@@ -1274,6 +1390,19 @@ impl Driver<'_> {
                     }
                     Decision::Stopped { id } => {
                         tracing::info!(job = %self.s.name, checkpoint = %id, "stopped with a checkpoint");
+                        // Its output is committed: say so next to the savepoint, which
+                        // lets a deployment with another number of instances start
+                        // from it (see `union_restore`).
+                        if let Some(name) = savepoint.as_ref().filter(|_| stop_id == Some(id)) {
+                            if let Err(e) = self
+                                .rt
+                                .block_on(self.storage.mark_savepoint_committed(name))
+                            {
+                                tracing::warn!(savepoint = %name, error = %e,
+                                    "could not record that the savepoint's output is committed; \
+                                     restoring it with another number of instances will be refused");
+                            }
+                        }
                         stopped = Some(id);
                         self.cancel.store(true, Ordering::Relaxed);
                     }
@@ -1474,6 +1603,7 @@ impl Driver<'_> {
             job: self.s.name.clone(),
             checkpoint: manifest.checkpoint,
             created_at_ms: manifest.completed_at_ms,
+            instance: (self.s.instance.count > 1).then_some(self.s.instance),
         };
         self.rt.block_on(self.storage.write_savepoint(&sp))?;
         tracing::info!(savepoint = %name, checkpoint = %manifest.checkpoint, "savepoint written");

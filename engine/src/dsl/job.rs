@@ -365,6 +365,7 @@ impl JobBuilder {
         if instance.count > 1 {
             let storage = self.s.storage.take().expect("set above");
             self.s.storage = Some(storage.child(&format!("instances/{}", instance.index)));
+            self.s.root_storage = Some(storage);
             graph.lock().repartitioner = self.repartitioner.take();
         }
         Ok(Job {
@@ -568,6 +569,7 @@ impl Job {
                 live: Default::default(),
                 stop_on_signals: false,
                 instance: crate::ids::Instance::SINGLE,
+                root_storage: None,
             },
             storage_url: None,
             repartitioner: None,
@@ -597,16 +599,10 @@ impl Job {
     /// matters.
     pub fn run(&self) -> Result<JobReport> {
         let mut graph = self.graph.lock();
-        crate::plan::repartition::bind(
-            &mut graph,
-            &self.settings.name,
-            self.settings.max_parallelism,
-            self.settings.instance,
-        )?;
         if tokio::runtime::Handle::try_current().is_err() {
-            return driver::run(&graph, &self.settings);
+            return driver::run(&mut graph, &self.settings);
         }
-        let (graph, settings) = (&*graph, &self.settings);
+        let (graph, settings) = (&mut *graph, &self.settings);
         std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name(format!("{}-driver", settings.name))
