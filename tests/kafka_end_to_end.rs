@@ -56,6 +56,8 @@ struct Pipeline {
     job: String,
     /// PostgreSQL output instead of the `output` topic: (URL, table).
     pg: Option<(String, String)>,
+    /// Checkpoints in S3 (`s3://bucket/prefix`) instead of the test's directory.
+    s3_checkpoints: Option<String>,
     dir: tempfile::TempDir,
     golden: Vec<BalanceUpdate>,
 }
@@ -75,6 +77,7 @@ impl Pipeline {
             dir: tempfile::tempdir().unwrap(),
             golden: Vec::new(),
             pg: None,
+            s3_checkpoints: None,
         };
         create_topic(&p.input, PARTITIONS);
         create_topic(&p.output, PARTITIONS);
@@ -147,6 +150,14 @@ impl Pipeline {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Where the job checkpoints: a directory of the test, or S3.
+    fn checkpoints(&self) -> String {
+        match &self.s3_checkpoints {
+            Some(url) => url.clone(),
+            None => self.path("checkpoints").to_str().unwrap().to_string(),
+        }
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -183,7 +194,7 @@ impl Pipeline {
                 .arg(self.path("staging")),
         };
         cmd.arg("--checkpoints")
-            .arg(self.path("checkpoints"))
+            .arg(self.checkpoints())
             .args(["--interval-ms", "50", "--pace-us", "40000"])
             .args(["--parallelism", &parallelism.to_string()])
             .stdout(Stdio::null())
@@ -472,7 +483,17 @@ fn sigkill_with_rescaling(p: &Pipeline, seed: &mut u64) {
 #[test]
 fn instances_under_sigkills_and_rescaling_commit_each_balance_once() {
     let mut seed = common::seed();
-    let p = Pipeline::new("instances");
+    let mut p = Pipeline::new("instances");
+    // With the `s3` feature (the test command has every feature), the instances
+    // checkpoint into the S3 server the suite starts.
+    #[cfg(feature = "s3")]
+    {
+        p.s3_checkpoints = Some(format!(
+            "s3://{}/{}/checkpoints",
+            exactly::testing::s3_test_bucket(),
+            p.job
+        ));
+    }
     let mut kills = 0;
     let mut last_kill_output = 0;
     let deployments: [(usize, Option<&str>, &str); 3] = [
@@ -525,25 +546,20 @@ struct Deployment<'a> {
     args: &'a [&'a str],
 }
 
-/// The newest checkpoint instance `i` completed (its newest manifest), or 0.
+/// The newest checkpoint instance `i` completed, or 0, as the engine lists them.
 fn newest_checkpoint(p: &Pipeline, i: usize) -> u64 {
-    let dir = p
-        .path("checkpoints")
-        .join(format!("instances/{i}/manifests"));
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| {
-                    e.ok()?
-                        .file_name()
-                        .to_str()?
-                        .strip_suffix(".json")?
-                        .parse()
-                        .ok()
-                })
-                .max()
-                .unwrap_or(0)
-        })
+    use exactly::engine::storage::CheckpointStorage;
+    // Missing until the instance's first checkpoint.
+    let Ok(root) = CheckpointStorage::open_existing(&p.checkpoints()) else {
+        return 0;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(root.child(&format!("instances/{i}")).scan())
+        .ok()
+        .and_then(|(ids, _)| ids.last().map(|id| id.0))
         .unwrap_or(0)
 }
 

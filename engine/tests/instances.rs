@@ -184,41 +184,48 @@ const COUNT: ValueState<u64> = ValueState::new("count");
 const KEYS: u64 = 50;
 const RECORDS: u64 = 4_000;
 
-/// Instance `index` of `count`: counts per key; its output goes to `out`.
+/// Instance `index` of `count`: counts per key; its output goes to `out`. From a
+/// savepoint, a second source of as many records joins the first (a new version of
+/// the job).
 fn instance(
     index: usize,
     count: usize,
     dir: &std::path::Path,
     topics: &MemoryTopics,
     out: &CollectSink<(u64, u64)>,
+    from_savepoint: Option<&str>,
 ) -> Job {
-    let job = Job::builder("counts")
+    let mut builder = Job::builder("counts")
         .instance(index, count)
         .parallelism(2)
         .checkpoint_every(Duration::from_millis(20))
         .checkpoint_storage(dir.to_str().unwrap())
-        .repartition_through(topics.clone())
-        .build()
-        .unwrap();
-    job.source(
-        "keys",
-        VecSource::new((0..RECORDS).map(|i| i % KEYS).collect()).with_splits(8),
-    )
-    .key_by(|k: &u64| *k)
-    .process_fn(|k: u64, ctx: &mut KeyedContext<'_, u64, (u64, u64)>| {
-        let n = ctx.value(COUNT)?.unwrap_or(0) + 1;
-        ctx.set_value(COUNT, &n)?;
-        ctx.emit((k, n));
-        Ok(())
-    })
-    .name("count")
-    .sink("out", out.clone());
+        .repartition_through(topics.clone());
+    if let Some(name) = from_savepoint {
+        builder = builder.restore_from_savepoint(name);
+    }
+    let job = builder.build().unwrap();
+    let keys = || VecSource::new((0..RECORDS).map(|i| i % KEYS).collect()).with_splits(8);
+    let mut input = job.source("keys", keys());
+    if from_savepoint.is_some() {
+        input = input.union(&job.source("more", keys()));
+    }
+    input
+        .key_by(|k: &u64| *k)
+        .process_fn(|k: u64, ctx: &mut KeyedContext<'_, u64, (u64, u64)>| {
+            let n = ctx.value(COUNT)?.unwrap_or(0) + 1;
+            ctx.set_value(COUNT, &n)?;
+            ctx.emit((k, n));
+            Ok(())
+        })
+        .name("count")
+        .sink("out", out.clone());
     job
 }
 
 /// Start every instance, wait until `outs` hold `expected` records, stop them with a
-/// checkpoint.
-fn run_until(jobs: Vec<Job>, outs: &[CollectSink<(u64, u64)>], expected: usize) {
+/// checkpoint kept as savepoint `savepoint`.
+fn run_until(jobs: Vec<Job>, outs: &[CollectSink<(u64, u64)>], expected: usize, savepoint: &str) {
     let handles: Vec<_> = jobs.into_iter().map(|j| j.start().unwrap()).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while outs.iter().map(|o| o.committed().len()).sum::<usize>() < expected {
@@ -233,7 +240,7 @@ fn run_until(jobs: Vec<Job>, outs: &[CollectSink<(u64, u64)>], expected: usize) 
         std::thread::sleep(Duration::from_millis(10));
     }
     for h in &handles {
-        h.stop_with_checkpoint();
+        h.stop_with_savepoint(savepoint);
     }
     for h in handles {
         h.wait().unwrap();
@@ -242,22 +249,50 @@ fn run_until(jobs: Vec<Job>, outs: &[CollectSink<(u64, u64)>], expected: usize) 
 
 /// Two instances, each with two subtasks: the splits of the input are read once over
 /// both, every key is counted by the instance that owns its key group, and every
-/// count is committed once.
+/// count is committed once. Then three instances from their savepoint.
 #[test]
-fn two_instances_count_each_key_once_in_the_instance_owning_it() {
+fn instances_count_each_key_once_in_the_instance_owning_it_and_rescale() {
     let dir = tempfile::tempdir().unwrap();
     let topics = MemoryTopics::default();
     let outs = [CollectSink::new(), CollectSink::new()];
     let jobs = (0..2)
-        .map(|i| instance(i, 2, dir.path(), &topics, &outs[i]))
+        .map(|i| instance(i, 2, dir.path(), &topics, &outs[i], None))
         .collect();
-    run_until(jobs, &outs, RECORDS as usize);
-    let mut all: Vec<(u64, u64)> = Vec::new();
+    run_until(jobs, &outs, RECORDS as usize, "two");
+    assert_eq!(owned_counts(&outs), counts(1..=RECORDS / KEYS));
+    // Each instance checkpointed on its own.
+    for i in 0..2 {
+        assert!(dir.path().join(format!("instances/{i}")).is_dir());
+    }
+
+    // Three instances from the two's savepoint, with a second source: every key's
+    // count goes on from where the two left it, in the instance that owns it now.
+    let outs = [CollectSink::new(), CollectSink::new(), CollectSink::new()];
+    let jobs = (0..3)
+        .map(|i| instance(i, 3, dir.path(), &topics, &outs[i], Some("two")))
+        .collect();
+    run_until(jobs, &outs, RECORDS as usize, "three");
+    assert_eq!(
+        owned_counts(&outs),
+        counts(RECORDS / KEYS + 1..=2 * RECORDS / KEYS)
+    );
+}
+
+/// Every key's counts `n`, sorted.
+fn counts(n: std::ops::RangeInclusive<u64>) -> Vec<(u64, u64)> {
+    (0..KEYS)
+        .flat_map(|k| n.clone().map(move |n| (k, n)))
+        .collect()
+}
+
+/// Everything the instances committed, sorted, after checking that each key was
+/// counted by the instance owning its key group (two subtasks per instance).
+fn owned_counts(outs: &[CollectSink<(u64, u64)>]) -> Vec<(u64, u64)> {
+    let mut all = Vec::new();
     for (i, out) in outs.iter().enumerate() {
         for (k, n) in out.committed() {
             let kg = key_group_of_bytes(&postcard::to_allocvec(&k).unwrap(), 128);
-            // Two instances of two subtasks: four subtasks job-wide, two per instance.
-            let owner = subtask_for_key_group(kg, 128, 4).0 / 2;
+            let owner = subtask_for_key_group(kg, 128, 2 * outs.len()).0 / 2;
             assert_eq!(
                 owner, i,
                 "key {k} was counted by instance {i}, not its owner"
@@ -266,14 +301,7 @@ fn two_instances_count_each_key_once_in_the_instance_owning_it() {
         }
     }
     all.sort();
-    let expected: Vec<(u64, u64)> = (0..KEYS)
-        .flat_map(|k| (1..=RECORDS / KEYS).map(move |n| (k, n)))
-        .collect();
-    assert_eq!(all, expected);
-    // Each instance checkpointed on its own.
-    for i in 0..2 {
-        assert!(dir.path().join(format!("instances/{i}")).is_dir());
-    }
+    all
 }
 
 /// Mistakes refused before anything runs: a `key_by` with no way to reach the other

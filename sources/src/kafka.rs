@@ -72,9 +72,74 @@ struct Shared {
     consumer: Arc<BaseConsumer<GroupCommits>>,
     /// Readers open on it.
     readers: AtomicUsize,
+    /// Every partition's low and high watermark, asked for all of them at once when the
+    /// first reader opened: librdkafka answers a query for one partition in about half
+    /// a second, so opening 64 partitions one query each took half a minute.
+    opening: Mutex<Option<(std::time::Instant, Watermarks)>>,
 }
 
+/// Low and high watermark by partition.
+type Watermarks = HashMap<i32, (i64, i64)>;
+
+/// How long the watermarks asked for all partitions serve readers being opened.
+const OPENING_WATERMARKS_FOR: Duration = Duration::from_secs(5);
+
 impl Shared {
+    /// The low and high watermarks of `partition` from one query for every partition of
+    /// `topic` (asked again once older than [`OPENING_WATERMARKS_FOR`]); `None` if that
+    /// query failed or did not cover the partition (the caller asks for it alone). A
+    /// few seconds old is as good as fresh here: a low watermark only rises (the
+    /// consumer's `auto.offset.reset=error` still catches records deleted meanwhile),
+    /// and a bounded reader ends where its partition ended when the job started.
+    fn opening_watermarks(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
+        let mut cache = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = cache.as_ref().is_some_and(|(at, w)| {
+            at.elapsed() < OPENING_WATERMARKS_FOR && w.contains_key(&partition)
+        });
+        if !fresh {
+            *cache = Some((std::time::Instant::now(), self.all_watermarks(topic)?));
+        }
+        cache.as_ref()?.1.get(&partition).copied()
+    }
+
+    /// Low and high watermarks of every partition of `topic`: two list-offsets
+    /// requests (earliest, latest) for all of them.
+    fn all_watermarks(&self, topic: &str) -> Option<Watermarks> {
+        let md = self
+            .consumer
+            .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+            .ok()?;
+        let partitions: Vec<i32> = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)?
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .collect();
+        // As timestamps, "beginning" and "end" (-2 and -1) ask for the earliest and the
+        // latest offset (the last stable one, with `read_committed`).
+        let ask = |at: Offset| -> Option<HashMap<i32, i64>> {
+            let mut tpl = TopicPartitionList::new();
+            for &p in &partitions {
+                tpl.add_partition_offset(topic, p, at).ok()?;
+            }
+            let got = self.consumer.offsets_for_times(tpl, REQUEST_TIMEOUT).ok()?;
+            got.elements()
+                .iter()
+                .map(|e| match (e.error(), e.offset()) {
+                    (Ok(()), Offset::Offset(o)) => Some((e.partition(), o)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (low, high) = (ask(Offset::Beginning)?, ask(Offset::End)?);
+        partitions
+            .iter()
+            .map(|p| Some((*p, (*low.get(p)?, *high.get(p)?))))
+            .collect()
+    }
+
     /// Serve the consumer's main queue: commit callbacks and client-wide errors. No
     /// message arrives there (each partition's queue is split off before the partition
     /// is assigned); one that did would belong to some reader, so it is an error rather
@@ -294,8 +359,11 @@ where
             .ok_or_else(|| source_err(ctx, format!("'{split}' is not a partition split")))?;
         let shared = self.shared(ctx, partition)?;
         let consumer = &shared.consumer;
-        let (low, high) = watermarks(consumer, &self.topic, partition)
-            .map_err(|e| source_err(ctx, format!("watermarks of {split}: {e}")))?;
+        let (low, high) = match shared.opening_watermarks(&self.topic, partition) {
+            Some(w) => w,
+            None => watermarks(consumer, &self.topic, partition)
+                .map_err(|e| source_err(ctx, format!("watermarks of {split}: {e}")))?,
+        };
         let next = from.unwrap_or(low);
         if next < low {
             return Err(deleted(&self.topic, partition, next, low));
@@ -390,6 +458,7 @@ where
                         .map_err(|e| source_err(ctx, format!("creating a Kafka consumer: {e}")))?,
                 ),
                 readers: AtomicUsize::new(0),
+                opening: Mutex::new(None),
             }));
         }
         let consumer = self
@@ -398,6 +467,7 @@ where
         let shared = Arc::new(Shared {
             consumer: Arc::new(consumer),
             readers: AtomicUsize::new(0),
+            opening: Mutex::new(None),
         });
         consumers.insert(subtask, Arc::downgrade(&shared));
         Ok(shared)

@@ -1,0 +1,243 @@
+//! One job as 1, 2 and 3 instances on this machine: a keyed running count over Kafka
+//! input, the instances in one process (each its own job, checkpoint location and
+//! Kafka clients, as separate processes would have), checkpoints every second. One
+//! instance exchanges records in memory; two and three send every record through the
+//! repartition topic (written with the transactional sink at each checkpoint, read
+//! `read_committed`). Prints records/s, the engine's CPU time per record (this
+//! process's user + system time, the broker's excluded), and an estimate for N
+//! machines from those figures.
+//!
+//! `scripts/with-kafka.sh cargo bench --features kafka --bench instances`.
+//! `EXACTLY_BENCH_EVENTS` sets the record count (default 1,000,000, on 6 partitions).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{cores, env_num, CountSink};
+use exactly::kafka_repartition::KafkaRepartition;
+use exactly::prelude::*;
+use exactly::sinks::kafka::Staging;
+use exactly::sources::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use exactly::sources::rdkafka::client::DefaultClientContext;
+use exactly::sources::rdkafka::config::ClientConfig;
+use exactly::sources::rdkafka::producer::{
+    BaseRecord, DefaultProducerContext, Producer, ThreadedProducer,
+};
+use exactly::sources::KafkaSource;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const PARTITIONS: i32 = 6;
+const KEYS: u64 = 100_000;
+const COUNT: ValueState<u64> = ValueState::new("count");
+
+fn brokers() -> String {
+    std::env::var("EXACTLY_KAFKA_BROKERS").unwrap_or_else(|_| {
+        eprintln!(
+            "EXACTLY_KAFKA_BROKERS is not set; run `scripts/with-kafka.sh cargo bench --features kafka --bench instances`"
+        );
+        std::process::exit(1);
+    })
+}
+
+fn unique(name: &str) -> String {
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("bench-{name}-{n}")
+}
+
+/// A topic holding records 0..n, 8 bytes each (little-endian), round-robin.
+fn input(n: u64) -> String {
+    let topic = unique("instances-input");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for r in rt
+        .block_on(admin.create_topics(
+            &[NewTopic::new(
+                &topic,
+                PARTITIONS,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        ))
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "5")
+        .set("batch.size", "1000000")
+        .create()
+        .unwrap();
+    for i in 0..n {
+        let payload = i.to_le_bytes();
+        let mut record = BaseRecord::<(), [u8]>::to(&topic)
+            .partition((i % PARTITIONS as u64) as i32)
+            .payload(&payload);
+        while let Err((_, r)) = p.send(record) {
+            std::thread::sleep(Duration::from_millis(1));
+            record = r;
+        }
+    }
+    p.flush(Duration::from_secs(120)).unwrap();
+    topic
+}
+
+fn decode(b: &[u8]) -> Result<u64, String> {
+    b.try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| format!("{} bytes, not 8", b.len()))
+}
+
+/// This process's user + system CPU time.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // The kernel's USER_HZ, 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// What one run measured.
+struct Run {
+    /// From the start to the last record counted.
+    wall: Duration,
+    /// From 10 % to 90 % of the records counted: the steady state, without start-up
+    /// (clients, topic metadata, the first transactions) and the last checkpoint.
+    steady: Duration,
+    /// This process's CPU time over the whole run.
+    cpu: Duration,
+}
+
+/// `count` instances of the job over `topic` until every record was counted.
+fn run(topic: &str, n: u64, count: usize) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("instances");
+    let sinks: Vec<CountSink<(u64, u64)>> = (0..count).map(|_| CountSink::default()).collect();
+    let jobs: Vec<Job> = (0..count)
+        .map(|i| {
+            let job = Job::builder(&name)
+                .instance(i, count)
+                .parallelism(1)
+                .checkpoint_every(Duration::from_secs(1))
+                .checkpoint_storage(dir.path().join("chk").to_str().unwrap())
+                .repartition_through(KafkaRepartition::new(
+                    &brokers(),
+                    Staging::dir(dir.path().join("staging")).unwrap(),
+                ))
+                .build()
+                .unwrap();
+            job.source("in", KafkaSource::new(&brokers(), topic, decode))
+                .key_by(|r: &u64| r % KEYS)
+                .process_fn(|r: u64, ctx: &mut KeyedContext<'_, u64, (u64, u64)>| {
+                    let c = ctx.value(COUNT)?.unwrap_or(0) + 1;
+                    ctx.set_value(COUNT, &c)?;
+                    ctx.emit((r, c));
+                    Ok(())
+                })
+                .name("count")
+                .sink("out", sinks[i].clone());
+            job
+        })
+        .collect();
+    let (t, cpu) = (Instant::now(), cpu_time());
+    let handles: Vec<JobHandle> = jobs.into_iter().map(|j| j.start().unwrap()).collect();
+    let (mut at10, mut at90) = (None, None);
+    loop {
+        let counted: u64 = sinks
+            .iter()
+            .map(|s| s.committed.load(Ordering::Relaxed))
+            .sum();
+        if counted * 10 >= n && at10.is_none() {
+            at10 = Some(t.elapsed());
+        }
+        if counted * 10 >= 9 * n && at90.is_none() {
+            at90 = Some(t.elapsed());
+        }
+        if counted >= n {
+            break;
+        }
+        assert!(
+            handles.iter().all(|h| !h.is_finished()),
+            "an instance ended by itself"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (wall, cpu) = (t.elapsed(), cpu_time() - cpu);
+    let steady = at90.unwrap_or(wall) - at10.unwrap_or_default();
+    for h in &handles {
+        h.stop_with_checkpoint();
+    }
+    for h in handles {
+        h.wait().unwrap();
+    }
+    let counted: u64 = sinks
+        .iter()
+        .map(|s| s.committed.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(counted, n, "every record counted once");
+    Run { wall, steady, cpu }
+}
+
+fn main() {
+    if common::listing() {
+        return;
+    }
+    let n = env_num("EXACTLY_BENCH_EVENTS", 1_000_000);
+    // The broker's first transactions and consumer groups take seconds to set up: not
+    // part of the figures.
+    run(&input(10_000), 10_000, 2);
+    let topic = input(n);
+    println!(
+        "keyed running count over {n} Kafka records ({PARTITIONS} partitions, {KEYS} keys), \
+         1 subtask per instance, checkpoints every 1 s, {} cores",
+        cores()
+    );
+    println!(
+        "| instances | records/s, whole run | records/s, 10-90 % | per instance, 10-90 % | engine CPU per record | exchange |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut per_record = Vec::new();
+    for count in [1, 2, 3] {
+        let r = run(&topic, n, count);
+        let rate = n as f64 / r.wall.as_secs_f64();
+        let steady = 0.8 * n as f64 / r.steady.as_secs_f64();
+        let cpu_ns = r.cpu.as_nanos() as f64 / n as f64;
+        per_record.push(cpu_ns);
+        let exchange = if count == 1 {
+            "in memory"
+        } else {
+            "Kafka topic"
+        };
+        println!(
+            "| {count} | {rate:.0} | {steady:.0} | {:.0} | {cpu_ns:.0} ns | {exchange} |",
+            steady / count as f64
+        );
+    }
+    let across = per_record[1..].iter().sum::<f64>() / (per_record.len() - 1) as f64;
+    println!(
+        "estimate: with the repartition hop an instance needs about {across:.0} ns of CPU \
+         per record, so one core carries about {:.0} records/s; N machines of C cores, \
+         about N x C x {:.0} records/s until the brokers' limit (each record crosses \
+         them three times: input, repartition write, repartition read)",
+        1e9 / across,
+        1e9 / across
+    );
+}
