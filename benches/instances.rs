@@ -119,9 +119,6 @@ fn cpu_time() -> Duration {
 struct Run {
     /// From the start to the last record counted.
     wall: Duration,
-    /// From 10 % to 90 % of the records counted: the steady state, without start-up
-    /// (clients, topic metadata, the first transactions) and the last checkpoint.
-    steady: Duration,
     /// This process's CPU time over the whole run.
     cpu: Duration,
 }
@@ -159,21 +156,12 @@ fn run(topic: &str, n: u64, count: usize) -> Run {
         .collect();
     let (t, cpu) = (Instant::now(), cpu_time());
     let handles: Vec<JobHandle> = jobs.into_iter().map(|j| j.start().unwrap()).collect();
-    let (mut at10, mut at90) = (None, None);
-    loop {
-        let counted: u64 = sinks
-            .iter()
-            .map(|s| s.committed.load(Ordering::Relaxed))
-            .sum();
-        if counted * 10 >= n && at10.is_none() {
-            at10 = Some(t.elapsed());
-        }
-        if counted * 10 >= 9 * n && at90.is_none() {
-            at90 = Some(t.elapsed());
-        }
-        if counted >= n {
-            break;
-        }
+    while sinks
+        .iter()
+        .map(|s| s.committed.load(Ordering::Relaxed))
+        .sum::<u64>()
+        < n
+    {
         assert!(
             handles.iter().all(|h| !h.is_finished()),
             "an instance ended by itself"
@@ -181,7 +169,6 @@ fn run(topic: &str, n: u64, count: usize) -> Run {
         std::thread::sleep(Duration::from_millis(5));
     }
     let (wall, cpu) = (t.elapsed(), cpu_time() - cpu);
-    let steady = at90.unwrap_or(wall) - at10.unwrap_or_default();
     for h in &handles {
         h.stop_with_checkpoint();
     }
@@ -193,7 +180,7 @@ fn run(topic: &str, n: u64, count: usize) -> Run {
         .map(|s| s.committed.load(Ordering::Relaxed))
         .sum();
     assert_eq!(counted, n, "every record counted once");
-    Run { wall, steady, cpu }
+    Run { wall, cpu }
 }
 
 fn main() {
@@ -210,15 +197,12 @@ fn main() {
          1 subtask per instance, checkpoints every 1 s, {} cores",
         cores()
     );
-    println!(
-        "| instances | records/s, whole run | records/s, 10-90 % | per instance, 10-90 % | engine CPU per record | exchange |"
-    );
-    println!("|---|---|---|---|---|---|");
+    println!("| instances | records/s | per instance | engine CPU per record | exchange |");
+    println!("|---|---|---|---|---|");
     let mut per_record = Vec::new();
     for count in [1, 2, 3] {
         let r = run(&topic, n, count);
         let rate = n as f64 / r.wall.as_secs_f64();
-        let steady = 0.8 * n as f64 / r.steady.as_secs_f64();
         let cpu_ns = r.cpu.as_nanos() as f64 / n as f64;
         per_record.push(cpu_ns);
         let exchange = if count == 1 {
@@ -227,8 +211,8 @@ fn main() {
             "Kafka topic"
         };
         println!(
-            "| {count} | {rate:.0} | {steady:.0} | {:.0} | {cpu_ns:.0} ns | {exchange} |",
-            steady / count as f64
+            "| {count} | {rate:.0} | {:.0} | {cpu_ns:.0} ns | {exchange} |",
+            rate / count as f64
         );
     }
     let across = per_record[1..].iter().sum::<f64>() / (per_record.len() - 1) as f64;

@@ -494,6 +494,7 @@ fn instances_under_sigkills_and_rescaling_commit_each_balance_once() {
             p.job
         ));
     }
+    println!("checkpoints at {}", p.checkpoints());
     let mut kills = 0;
     let mut last_kill_output = 0;
     let deployments: [(usize, Option<&str>, &str); 3] = [
