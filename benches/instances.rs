@@ -13,89 +13,22 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use common::kafka::{brokers, decode, topic_of, unique};
 use common::{cores, env_num, CountSink};
 use exactly::kafka_repartition::KafkaRepartition;
 use exactly::prelude::*;
 use exactly::sinks::kafka::Staging;
-use exactly::sources::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use exactly::sources::rdkafka::client::DefaultClientContext;
-use exactly::sources::rdkafka::config::ClientConfig;
-use exactly::sources::rdkafka::producer::{
-    BaseRecord, DefaultProducerContext, Producer, ThreadedProducer,
-};
 use exactly::sources::KafkaSource;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const PARTITIONS: i32 = 6;
 const KEYS: u64 = 100_000;
 const COUNT: ValueState<u64> = ValueState::new("count");
 
-fn brokers() -> String {
-    std::env::var("EXACTLY_KAFKA_BROKERS").unwrap_or_else(|_| {
-        eprintln!(
-            "EXACTLY_KAFKA_BROKERS is not set; run `scripts/with-kafka.sh cargo bench --features kafka --bench instances`"
-        );
-        std::process::exit(1);
-    })
-}
-
-fn unique(name: &str) -> String {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("bench-{name}-{n}")
-}
-
 /// A topic holding records 0..n, 8 bytes each (little-endian), round-robin.
 fn input(n: u64) -> String {
-    let topic = unique("instances-input");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    for r in rt
-        .block_on(admin.create_topics(
-            &[NewTopic::new(
-                &topic,
-                PARTITIONS,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
-        .unwrap()
-    {
-        r.unwrap();
-    }
-    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("linger.ms", "5")
-        .set("batch.size", "1000000")
-        .create()
-        .unwrap();
-    for i in 0..n {
-        let payload = i.to_le_bytes();
-        let mut record = BaseRecord::<(), [u8]>::to(&topic)
-            .partition((i % PARTITIONS as u64) as i32)
-            .payload(&payload);
-        while let Err((_, r)) = p.send(record) {
-            std::thread::sleep(Duration::from_millis(1));
-            record = r;
-        }
-    }
-    p.flush(Duration::from_secs(120)).unwrap();
-    topic
-}
-
-fn decode(b: &[u8]) -> Result<u64, String> {
-    b.try_into()
-        .map(u64::from_le_bytes)
-        .map_err(|_| format!("{} bytes, not 8", b.len()))
+    topic_of(n, PARTITIONS)
 }
 
 /// This process's user + system CPU time.

@@ -13,17 +13,14 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use common::kafka::{brokers, create_topic, decode, producer, send, topic_of, unique};
 use common::{commit_latencies, cores, env_num, listing, median, CountSink};
 use exactly::prelude::*;
 use exactly::sinks::kafka::{KafkaSink, Staging};
-use exactly::sources::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use exactly::sources::rdkafka::client::DefaultClientContext;
 use exactly::sources::rdkafka::config::ClientConfig;
 use exactly::sources::rdkafka::consumer::{BaseConsumer, Consumer};
 use exactly::sources::rdkafka::message::Message;
-use exactly::sources::rdkafka::producer::{
-    BaseRecord, DefaultProducerContext, Producer, ThreadedProducer,
-};
+use exactly::sources::rdkafka::producer::Producer;
 use exactly::sources::rdkafka::{Offset, TopicPartitionList};
 use exactly::sources::{GeneratorSource, KafkaSource};
 use std::sync::atomic::Ordering;
@@ -31,108 +28,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const PARTITIONS: i32 = 4;
 const PARALLELISM: usize = 2;
-
-fn brokers() -> String {
-    std::env::var("EXACTLY_KAFKA_BROKERS").unwrap_or_else(|_| {
-        eprintln!(
-            "EXACTLY_KAFKA_BROKERS is not set; run `scripts/with-kafka.sh cargo bench --features kafka --bench kafka`"
-        );
-        std::process::exit(1);
-    })
-}
-
-fn unique(name: &str) -> String {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("bench-{name}-{n}")
-}
-
-fn create_topic(topic: &str) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    for r in rt
-        .block_on(admin.create_topics(
-            &[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
-        .unwrap()
-    {
-        r.unwrap();
-    }
-    // Wait until every partition has a leader.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(5))
-        .ok()
-        .and_then(|md| {
-            let t = md.topics().iter().find(|t| t.name() == topic)?;
-            Some(
-                t.partitions().len() == PARTITIONS as usize
-                    && t.partitions().iter().all(|p| p.leader() >= 0),
-            )
-        })
-        .unwrap_or(false)
-    {
-        assert!(Instant::now() < deadline, "topic {topic} has no leaders");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn producer() -> ThreadedProducer<DefaultProducerContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("batch.size", "1000000")
-        .create()
-        .unwrap()
-}
-
-/// Send `payload` to `partition`, waiting while the producer's queue is full.
-fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, partition: i32, payload: &[u8]) {
-    let mut record = BaseRecord::<(), [u8]>::to(topic)
-        .partition(partition)
-        .payload(payload);
-    loop {
-        match p.send(record) {
-            Ok(()) => return,
-            Err((_, r)) => {
-                std::thread::sleep(Duration::from_millis(1));
-                record = r;
-            }
-        }
-    }
-}
-
-/// A topic holding records 0..n, 8 bytes each (little-endian), round-robin.
-fn topic_of(n: u64) -> String {
-    let topic = unique("input");
-    create_topic(&topic);
-    let p = producer();
-    for i in 0..n {
-        send(&p, &topic, (i % PARTITIONS as u64) as i32, &i.to_le_bytes());
-    }
-    p.flush(Duration::from_secs(120)).unwrap();
-    topic
-}
-
-fn decode(b: &[u8]) -> Result<u64, String> {
-    b.try_into()
-        .map(u64::from_le_bytes)
-        .map_err(|_| format!("{} bytes, not 8", b.len()))
-}
 
 /// The baseline: one plain consumer per "subtask" thread, each assigned every other
 /// partition from its start (`read_committed`, as the source reads), reading until it
@@ -242,7 +137,7 @@ fn job_sink(n: u64) -> (f64, JobReport) {
     let dir = tempfile::tempdir().unwrap();
     let staging = tempfile::tempdir().unwrap();
     let topic = unique("output");
-    create_topic(&topic);
+    create_topic(&topic, PARTITIONS);
     let (job, sink) = job_into_kafka("sink", dir.path(), staging.path(), &topic);
     job.source(
         "gen",
@@ -306,8 +201,8 @@ fn micros_now() -> u64 {
 fn end_to_end(rate: u64, seconds: u64) -> (Duration, Duration, JobReport) {
     let input = unique("e2e-in");
     let output = unique("e2e-out");
-    create_topic(&input);
-    create_topic(&output);
+    create_topic(&input, PARTITIONS);
+    create_topic(&output, PARTITIONS);
     let dir = tempfile::tempdir().unwrap();
     let staging = tempfile::tempdir().unwrap();
     let (job, sink) = job_into_kafka("e2e", dir.path(), staging.path(), &output);
@@ -381,7 +276,7 @@ fn main() {
     println!(
         "Kafka: {n} records of 8 bytes on {PARTITIONS} partitions, parallelism {PARALLELISM}, {cores} cores"
     );
-    let topic = topic_of(n);
+    let topic = topic_of(n, PARTITIONS);
     // Twice each, alternating: the first reads of a topic just written run against a
     // broker still flushing it.
     for _ in 0..2 {

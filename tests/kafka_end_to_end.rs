@@ -483,17 +483,18 @@ fn sigkill_with_rescaling(p: &Pipeline, seed: &mut u64) {
 #[test]
 fn instances_under_sigkills_and_rescaling_commit_each_balance_once() {
     let mut seed = common::seed();
-    let mut p = Pipeline::new("instances");
+    let p = Pipeline::new("instances");
     // With the `s3` feature (the test command has every feature), the instances
     // checkpoint into the S3 server the suite starts.
     #[cfg(feature = "s3")]
-    {
-        p.s3_checkpoints = Some(format!(
+    let p = Pipeline {
+        s3_checkpoints: Some(format!(
             "s3://{}/{}/checkpoints",
             exactly::testing::s3_test_bucket(),
             p.job
-        ));
-    }
+        )),
+        ..p
+    };
     println!("checkpoints at {}", p.checkpoints());
     let mut kills = 0;
     let mut last_kill_output = 0;

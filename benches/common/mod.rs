@@ -1,6 +1,9 @@
 //! Helpers shared by the benchmarks (`#[path]`-included; each bench uses some).
 #![allow(dead_code)]
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
+
 use exactly::engine::error::Result;
 use exactly::engine::testing::CollectCommittable;
 use exactly::prelude::*;
