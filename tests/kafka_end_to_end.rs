@@ -40,6 +40,15 @@ struct Payment {
     amount_cents: i64,
 }
 
+/// Payment `seq` of the input.
+fn payment(seq: u64) -> Payment {
+    Payment {
+        seq,
+        account: (seq.wrapping_mul(7919) % ACCOUNTS) as u32,
+        amount_cents: (seq.wrapping_mul(2_654_435_761) % 100_000) as i64 - 40_000,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 struct BalanceUpdate {
     seq: u64,
@@ -58,6 +67,8 @@ struct Pipeline {
     pg: Option<(String, String)>,
     /// Checkpoints in S3 (`s3://bucket/prefix`) instead of the test's directory.
     s3_checkpoints: Option<String>,
+    /// Payments produced into the input so far.
+    produced: std::cell::Cell<usize>,
     dir: tempfile::TempDir,
     golden: Vec<BalanceUpdate>,
 }
@@ -66,6 +77,13 @@ impl Pipeline {
     /// Fresh topics; the input holds `PAYMENTS` payments, each account's in one
     /// partition in sequence order (so its balances do not depend on interleaving).
     fn new(name: &str) -> Pipeline {
+        let p = Pipeline::unproduced(name);
+        p.produce(PAYMENTS as usize);
+        p
+    }
+
+    /// Fresh topics, the input still empty: [`Pipeline::produce`] adds the payments.
+    fn unproduced(name: &str) -> Pipeline {
         let n = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -78,44 +96,54 @@ impl Pipeline {
             golden: Vec::new(),
             pg: None,
             s3_checkpoints: None,
+            produced: std::cell::Cell::new(0),
         };
         create_topic(&p.input, PARTITIONS);
         create_topic(&p.output, PARTITIONS);
+        let mut balances: HashMap<u32, i64> = HashMap::new();
+        let golden = (0..PAYMENTS)
+            .map(|seq| {
+                let Payment {
+                    account,
+                    amount_cents,
+                    ..
+                } = payment(seq);
+                let balance = balances.entry(account).or_default();
+                *balance += amount_cents;
+                BalanceUpdate {
+                    seq,
+                    account,
+                    amount_cents,
+                    balance_cents: *balance,
+                }
+            })
+            .collect();
+        Pipeline { golden, ..p }
+    }
+
+    /// Append the next `n` payments (at most up to `PAYMENTS`) to the input.
+    fn produce(&self, n: usize) {
         let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
             .set("bootstrap.servers", brokers())
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .create()
             .unwrap();
-        let mut balances: HashMap<u32, i64> = HashMap::new();
-        let mut golden = Vec::with_capacity(PAYMENTS as usize);
-        for seq in 0..PAYMENTS {
-            let account = (seq.wrapping_mul(7919) % ACCOUNTS) as u32;
-            let amount_cents = (seq.wrapping_mul(2_654_435_761) % 100_000) as i64 - 40_000;
-            let payload = serde_json::to_vec(&Payment {
-                seq,
-                account,
-                amount_cents,
-            })
-            .unwrap();
-            let mut record = BaseRecord::<(), _>::to(&p.input)
-                .partition(account as i32 % PARTITIONS)
+        let from = self.produced.get();
+        let to = (from + n).min(PAYMENTS as usize);
+        for seq in from as u64..to as u64 {
+            let payment = payment(seq);
+            let payload = serde_json::to_vec(&payment).unwrap();
+            let mut record = BaseRecord::<(), _>::to(&self.input)
+                .partition(payment.account as i32 % PARTITIONS)
                 .payload(&payload);
             while let Err((_, r)) = producer.send(record) {
                 std::thread::sleep(Duration::from_millis(2));
                 record = r;
             }
-            let balance = balances.entry(account).or_default();
-            *balance += amount_cents;
-            golden.push(BalanceUpdate {
-                seq,
-                account,
-                amount_cents,
-                balance_cents: *balance,
-            });
         }
         producer.flush(Duration::from_secs(60)).unwrap();
-        Pipeline { golden, ..p }
+        self.produced.set(to);
     }
 
     /// The same, writing into a new PostgreSQL table instead of a topic.
@@ -483,7 +511,9 @@ fn sigkill_with_rescaling(p: &Pipeline, seed: &mut u64) {
 #[test]
 fn instances_under_sigkills_and_rescaling_commit_each_balance_once() {
     let mut seed = common::seed();
-    let p = Pipeline::new("instances");
+    // The input grows while the test runs: each kill round first adds a part of it, so
+    // every kill, the last one too, comes while the job works.
+    let p = Pipeline::unproduced("instances");
     // With the `s3` feature (the test command has every feature), the instances
     // checkpoint into the S3 server the suite starts.
     #[cfg(feature = "s3")]
@@ -514,6 +544,7 @@ fn instances_under_sigkills_and_rescaling_commit_each_balance_once() {
         last_kill_output = at;
         if stop_as == "final" {
             // Every payment processed: every balance update committed.
+            p.produce(PAYMENTS as usize);
             let got = p.committed();
             instances.alive(&p);
             assert!(
@@ -596,8 +627,9 @@ impl<'a> Deployment<'a> {
         self.children[i] = p.start_instance(i, count, self.args);
     }
 
-    /// At least `at_least` SIGKILLs, each round once the output grew since the last
-    /// (the instances made progress between the kills) plus up to 300 ms: one
+    /// At least `at_least` SIGKILLs, each round adding a sixteenth of the input and
+    /// killing once the output grew since the last round (the instances made progress
+    /// between the kills) plus up to 300 ms: one
     /// instance, two at once, or one while another recovers. Returns the kills and
     /// the output's end offsets at the last.
     fn sigkill_while_working(
@@ -612,6 +644,7 @@ impl<'a> Deployment<'a> {
         while kills < at_least {
             round += 1;
             let (before, since) = (p.output_end(), Instant::now());
+            p.produce(PAYMENTS as usize / 16);
             while p.output_end() == before && since.elapsed() < Duration::from_secs(60) {
                 self.alive(p);
                 std::thread::sleep(Duration::from_millis(20));

@@ -118,6 +118,18 @@ impl KeyGroupRange {
     }
 }
 
+/// Where a split is dealt out when a job runs as several instances, the same in every
+/// process whenever it lists its splits: the number its name ends with (a Kafka
+/// partition `topic-3`, a numbered split `7`), or else a hash of the name. (In one
+/// process splits are dealt out in the order the source lists them.)
+pub fn split_slot(split: &str) -> u64 {
+    let tail = split.rsplit('-').next().unwrap_or(split);
+    match tail.parse::<u64>() {
+        Ok(n) if !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => xxhash_rust::xxh3::xxh3_64(split.as_bytes()),
+    }
+}
+
 /// The key group of an already encoded key.
 pub fn key_group_of_bytes(encoded_key: &[u8], max_parallelism: u16) -> KeyGroup {
     let h = xxhash_rust::xxh3::xxh3_64(encoded_key);
@@ -159,6 +171,18 @@ pub(crate) fn valid_name(n: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_split_is_placed_by_its_number_or_its_name() {
+        assert_eq!(super::split_slot("payments-12"), 12);
+        assert_eq!(super::split_slot("7"), 7);
+        let h = super::split_slot("day.jsonl");
+        assert_eq!(h, super::split_slot("day.jsonl"), "stable");
+        assert_ne!(h, super::split_slot("night.jsonl"));
+        assert_ne!(super::split_slot("x-"), 0, "no number: hashed");
+        assert_ne!(super::split_slot("x-+3"), 3, "a sign is not a number");
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -98,6 +98,12 @@ pub struct Manifest {
     /// written before generations were recorded.
     #[serde(default)]
     pub generation: u64,
+    /// The instance that wrote it, for a job that runs as several processes; `None` for
+    /// a job in one process. A restart with another number of instances is refused
+    /// (the instances' shares would move without their state): that goes through a
+    /// savepoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<crate::ids::Instance>,
 }
 
 /// A named checkpoint that retention keeps until the savepoint is deleted: the state a
@@ -214,6 +220,7 @@ mod tests {
             }],
             from_savepoint: None,
             generation: 1,
+            instance: None,
         }
     }
 

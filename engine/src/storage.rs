@@ -706,13 +706,6 @@ impl CheckpointStorage {
             return Ok(());
         }
         let old = self.read_savepoint(&sp.name).await?;
-        if old
-            .as_ref()
-            .is_some_and(|o| o.checkpoint == sp.checkpoint && o.job == sp.job)
-        {
-            // Written already (a retried write whose first attempt went through).
-            return Ok(());
-        }
         Err(Error::config(format!(
             "savepoint '{}' exists already in {}{}; choose another name, or delete it first",
             sp.name,
@@ -1089,6 +1082,7 @@ mod tests {
             pending_commits: vec![],
             from_savepoint: None,
             generation: 1,
+            instance: None,
         }
     }
 

@@ -264,6 +264,13 @@ fn instances_count_each_key_once_in_the_instance_owning_it_and_rescale() {
     for i in 0..2 {
         assert!(dir.path().join(format!("instances/{i}")).is_dir());
     }
+    // Restarted as three without the savepoint, an instance would restore its own
+    // part under another share of the work: refused.
+    let e = instance(0, 3, dir.path(), &topics, &CollectSink::new(), None)
+        .run()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("only through a savepoint"), "{e}");
 
     // Three instances from the two's savepoint, with a second source: every key's
     // count goes on from where the two left it, in the instance that owns it now.
@@ -305,8 +312,8 @@ fn owned_counts(outs: &[CollectSink<(u64, u64)>]) -> Vec<(u64, u64)> {
 }
 
 /// Mistakes refused before anything runs: a `key_by` with no way to reach the other
-/// instances, event time that would not cross them, an unnamed keyed operator (its
-/// topic is named after it), an instance outside the count.
+/// instances, event time that would not cross them, an unnamed or renamed keyed
+/// operator (its topic is named after it), an instance outside the count.
 #[test]
 fn instance_mistakes_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -343,6 +350,23 @@ fn instance_mistakes_are_refused_with_the_reason() {
     counting(&job, None);
     let e = job.run().unwrap_err().to_string();
     assert!(e.contains("has no name"), "{e}");
+
+    // A rename would move its repartition topic.
+    let job = builder()
+        .repartition_through(MemoryTopics::default())
+        .build()
+        .unwrap();
+    job.source("keys", VecSource::new(vec![1u64, 2, 3]))
+        .key_by(|k: &u64| *k)
+        .process_fn(|k: u64, ctx: &mut KeyedContext<'_, u64, u64>| {
+            ctx.emit(k);
+            Ok(())
+        })
+        .name("count-v2")
+        .restore_state_of("count")
+        .sink("out", CollectSink::new());
+    let e = job.run().unwrap_err().to_string();
+    assert!(e.contains("restores the state of 'count'"), "{e}");
 
     let job = builder()
         .repartition_through(MemoryTopics::default())

@@ -41,6 +41,7 @@ fn manifest(id: u64) -> Manifest {
         pending_commits: vec![],
         from_savepoint: None,
         generation: 1,
+        instance: None,
     }
 }
 

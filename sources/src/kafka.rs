@@ -75,7 +75,7 @@ struct Shared {
     /// Every partition's low and high watermark, asked for all of them at once when the
     /// first reader opened: librdkafka answers a query for one partition in about half
     /// a second, so opening 64 partitions one query each took half a minute.
-    opening: Mutex<Option<(std::time::Instant, Watermarks)>>,
+    opening: Mutex<Option<(std::time::Instant, Option<Watermarks>)>>,
 }
 
 /// Low and high watermark by partition.
@@ -94,12 +94,21 @@ impl Shared {
     fn opening_watermarks(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
         let mut cache = self.opening.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = cache.as_ref().is_some_and(|(at, w)| {
-            at.elapsed() < OPENING_WATERMARKS_FOR && w.contains_key(&partition)
+            at.elapsed() < OPENING_WATERMARKS_FOR
+                && w.as_ref().is_none_or(|w| w.contains_key(&partition))
         });
         if !fresh {
-            *cache = Some((std::time::Instant::now(), self.all_watermarks(topic)?));
+            let all = self.all_watermarks(topic);
+            if all.is_none() {
+                // Not asked again for a while: each reader asks for its own partition.
+                tracing::warn!(
+                    topic,
+                    "asking for every partition's watermarks at once failed; asking per partition"
+                );
+            }
+            *cache = Some((std::time::Instant::now(), all));
         }
-        cache.as_ref()?.1.get(&partition).copied()
+        cache.as_ref()?.1.as_ref()?.get(&partition).copied()
     }
 
     /// Low and high watermarks of every partition of `topic`: two list-offsets
@@ -125,19 +134,24 @@ impl Shared {
                 tpl.add_partition_offset(topic, p, at).ok()?;
             }
             let got = self.consumer.offsets_for_times(tpl, REQUEST_TIMEOUT).ok()?;
-            got.elements()
-                .iter()
-                .map(|e| match (e.error(), e.offset()) {
-                    (Ok(()), Offset::Offset(o)) => Some((e.partition(), o)),
-                    _ => None,
-                })
-                .collect()
+            Some(
+                got.elements()
+                    .iter()
+                    .filter_map(|e| match (e.error(), e.offset()) {
+                        (Ok(()), Offset::Offset(o)) => Some((e.partition(), o)),
+                        _ => None,
+                    })
+                    .collect(),
+            )
         };
         let (low, high) = (ask(Offset::Beginning)?, ask(Offset::End)?);
-        partitions
-            .iter()
-            .map(|p| Some((*p, (*low.get(p)?, *high.get(p)?))))
-            .collect()
+        // The partitions that answered both; the others are asked alone.
+        Some(
+            partitions
+                .iter()
+                .filter_map(|p| Some((*p, (*low.get(p)?, *high.get(p)?))))
+                .collect(),
+        )
     }
 
     /// Serve the consumer's main queue: commit callbacks and client-wide errors. No

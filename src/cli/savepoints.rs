@@ -3,7 +3,9 @@
 use super::format::utc;
 use crate::{Failure, Location};
 use exactly::engine::codec;
-use exactly::engine::ids::{subtask_for_key_group, KeyGroup, KeyGroupRange, SubtaskIndex};
+use exactly::engine::ids::{
+    split_slot, subtask_for_key_group, KeyGroup, KeyGroupRange, SubtaskIndex,
+};
 use exactly::engine::manifest::Savepoint;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -165,6 +167,12 @@ pub fn assignment(
         .max()
         .unwrap_or(1);
     let new_p = parallelism.unwrap_or(old_p);
+    if instances.saturating_mul(new_p) > usize::from(max) {
+        return Err(Failure(format!(
+            "{instances} instance(s) of {new_p} subtask(s) exceed the job's {max} key groups \
+             (max_parallelism): some subtasks would own none"
+        )));
+    }
     // Splits per operator, with the old instance holding each.
     let mut splits: BTreeMap<String, Vec<(String, usize)>> = BTreeMap::new();
     for part in &parts {
@@ -246,6 +254,7 @@ pub fn assignment(
             .flatten()
         {
             Some(kg) => subtask_for_key_group(KeyGroup(kg), max, total).0,
+            None if instances > 1 => (split_slot(split) % total as u64) as usize,
             None => at % total,
         };
         subtask / new_p

@@ -421,6 +421,7 @@ async fn check_savepoint(
 /// left to commit. `None` when the savepoint was taken with this instance layout (the
 /// ordinary restore applies) or does not exist (which it reports).
 async fn union_restore(
+    graph: &Graph,
     s: &JobSettings,
     own: &CheckpointStorage,
     name: &str,
@@ -439,48 +440,94 @@ async fn union_restore(
             parts.push((root.clone(), sp));
         }
     }
+    // A savepoint made with the CLI in an instance's location records no instance: its
+    // location says which, and the parts found how many.
+    let found = parts.len();
+    let layout = |part: &CheckpointStorage, sp: &crate::manifest::Savepoint| {
+        sp.instance.unwrap_or_else(|| {
+            let at_root = part.url() == root.url();
+            let index = part
+                .url()
+                .rsplit('/')
+                .next()
+                .and_then(|i| i.parse().ok())
+                .filter(|_| !at_root)
+                .unwrap_or(0);
+            let count = if at_root { 1 } else { found };
+            crate::ids::Instance { index, count }
+        })
+    };
     let old_count = match parts.first() {
         None => return Ok(None),
-        Some((_, sp)) => sp.instance.map_or(1, |i| i.count),
+        Some((part, sp)) => layout(part, sp).count,
     };
-    let mut indices: Vec<usize> = parts
-        .iter()
-        .map(|(_, sp)| sp.instance.map_or(0, |i| i.index))
-        .collect();
+    let mut indices: Vec<usize> = parts.iter().map(|(p, sp)| layout(p, sp).index).collect();
     indices.sort_unstable();
-    if parts
-        .iter()
-        .any(|(_, sp)| sp.instance.map_or(1, |i| i.count) != old_count)
+    if parts.iter().any(|(p, sp)| layout(p, sp).count != old_count)
         || indices != (0..old_count).collect::<Vec<_>>()
     {
         return Err(Error::config(format!(
-            "savepoint '{name}' in {}: the instances that took it do not form one deployment              (found instances {indices:?}, expected 0..{old_count}): a part is missing, or two              deployments used the name",
+            "savepoint '{name}' in {}: the instances that took it do not form one deployment \
+            (found instances {indices:?}, expected 0..{old_count}): a part is missing, or two \
+            deployments used the name",
             root.url()
         )));
     }
-    if old_count == s.instance.count {
+    // The same layout restores the ordinary way, each instance from its own part. Across
+    // instances a changed parallelism moves splits and key groups between them too.
+    let plan = Plan::new(graph, s.parallelism);
+    let mut same_parallelism = true;
+    for (part, sp) in &parts {
+        let m = part.read_manifest(sp.checkpoint).await?;
+        same_parallelism &= layout_matches(graph, &plan, &m);
+    }
+    if old_count == s.instance.count && (old_count == 1 || same_parallelism) {
         return Ok(None);
     }
     let mut state = RestoredState::default();
     for (part, sp) in &parts {
         let (_, newest) = RestorePoint::find(part).await?;
-        check_savepoint(part, s, name, newest.map(|m| m.checkpoint)).await?;
+        check_savepoint(part, s, name, newest.as_ref().map(|m| m.checkpoint)).await?;
+        // Checkpoints after the savepoint in an old instance's location are this
+        // deployment's (an instance that already started from it), or another
+        // deployment ran from it before: restoring it again would commit that
+        // deployment's output a second time.
+        if let Some(m) = newest.filter(|m| m.checkpoint != sp.checkpoint) {
+            let by = m.instance.map_or(1, |i| i.count);
+            if by != s.instance.count {
+                return Err(Error::config(format!(
+                    "savepoint '{name}' in {}: a deployment of {by} instance(s) started from \
+                    it and ran on (checkpoint {}); restoring it again with {} would commit \
+                    that deployment's output a second time. Stop that deployment with a new \
+                    savepoint and start from that",
+                    part.url(),
+                    m.checkpoint,
+                    s.instance.count
+                )));
+            }
+        }
         if !part.savepoint_committed(name).await? {
             return Err(Error::config(format!(
-                "savepoint '{name}' in {}: its stop did not confirm that all its output was                  committed, so starting with another number of instances could lose it.                  Start that deployment again with its own number of instances (it resumes                  and commits), stop every instance with a new savepoint, and start from that",
+                "savepoint '{name}' in {}: its stop did not confirm that all its output was \
+                committed, so starting with another number of instances could lose it. \
+                Start that deployment again with its own number of instances (it resumes \
+                and commits), stop every instance with a new savepoint, and start from that",
                 part.url()
             )));
         }
         let m = part.read_manifest(sp.checkpoint).await?;
         if m.max_parallelism != s.max_parallelism {
             return Err(Error::config(format!(
-                "savepoint '{name}' was taken with max_parallelism {}, the job now has {}; it                  is fixed for the life of a job's state",
+                "savepoint '{name}' was taken with max_parallelism {}, the job now has {}; it \
+                is fixed for the life of a job's state",
                 m.max_parallelism, s.max_parallelism
             )));
         }
         if m.tasks.iter().any(|t| !t.shared.is_empty()) {
             return Err(Error::config(format!(
-                "savepoint '{name}' in {} holds RocksDB state, whose files stay in each                  instance's location: changing the number of instances is supported for                  in-memory state only so far",
+                "savepoint '{name}' in {} holds RocksDB state, whose files stay in each \
+                instance's location: changing the number of instances is supported for \
+                in-memory state only so far",
                 part.url()
             )));
         }
@@ -496,6 +543,18 @@ async fn union_restore(
         }
     }
     Ok(Some((name.to_string(), state)))
+}
+
+/// Whether every task of manifest `m` that the job still has ran at the parallelism the
+/// job's plan gives it now.
+fn layout_matches(graph: &Graph, plan: &Plan, m: &crate::manifest::Manifest) -> bool {
+    m.tasks.iter().all(|t| {
+        graph
+            .nodes
+            .iter()
+            .position(|n| n.op == t.task)
+            .is_none_or(|node| plan.parallelism[node] == t.parallelism)
+    })
 }
 
 /// Where a recovering instance stands: the checkpoint it restores and what it must
@@ -607,7 +666,7 @@ fn recover(
             .is_some_and(|(_, m)| m.from_savepoint.as_deref() == Some(name))
     };
     let union = match &s.restore_from_savepoint {
-        Some(name) if !resuming(name) => rt.block_on(union_restore(s, storage, name))?,
+        Some(name) if !resuming(name) => rt.block_on(union_restore(graph, s, storage, name))?,
         _ => None,
     };
     if let Some((name, mut union)) = union {
@@ -642,6 +701,21 @@ fn recover(
             return Err(Error::config(format!(
                 "checkpoint {latest} was taken with max_parallelism {}, the job now has {}; it is fixed for the life of a job's state",
                 m.max_parallelism, s.max_parallelism
+            )));
+        }
+        let by = m.instance.map_or(1, |i| i.count);
+        let plan = Plan::new(graph, s.parallelism);
+        if by != s.instance.count || (s.instance.count > 1 && !layout_matches(graph, &plan, &m)) {
+            return Err(Error::config(format!(
+                "checkpoint {latest} in {} was taken by {by} instance(s) of this job with \
+                another share of the work than this one ({} instance(s), parallelism {}): \
+                across instances, the number of instances and the parallelism change only \
+                through a savepoint. Stop every instance with one savepoint name \
+                (savepoint_on_stop, or stop_with_savepoint) and start the new layout with \
+                restore_from_savepoint",
+                storage.url(),
+                s.instance.count,
+                s.parallelism
             )));
         }
         state = rt.block_on(read_checkpoint_state(storage, latest, &m))?;
@@ -1434,6 +1508,7 @@ impl Driver<'_> {
                             pending_commits,
                             from_savepoint: self.from_savepoint.clone(),
                             generation: self.lease,
+                            instance: (self.s.instance.count > 1).then_some(self.s.instance),
                         };
                         let written =
                             tracing::info_span!("manifest", checkpoint = %id).in_scope(|| {
@@ -1684,6 +1759,7 @@ mod tests {
             pending_commits: vec![],
             from_savepoint: None,
             generation,
+            instance: None,
         }
     }
 

@@ -354,6 +354,17 @@ impl JobBuilder {
                 instance.index, instance.count
             )));
         }
+        if instance.count > 1
+            && instance.count.saturating_mul(self.s.parallelism)
+                > usize::from(self.s.max_parallelism)
+        {
+            return Err(Error::config(format!(
+                "{} instances of parallelism {} make more subtasks than the job's {} key \
+                 groups (max_parallelism): lower the parallelism per instance, or raise \
+                 max_parallelism for a new job",
+                instance.count, self.s.parallelism, self.s.max_parallelism
+            )));
+        }
         if self.s.storage.is_none() {
             let url = self
                 .storage_url

@@ -76,9 +76,12 @@ impl<T: Data> Stream<T> {
         let factory: OpFactory<T> = Arc::new(move |ctx| {
             let operator = ctx.graph.nodes[node].op.clone();
             let next = ctx.build_output::<O::Out>(node)?;
+            // Job-wide, so that across instances each subtask's entries stay apart and
+            // a rescale through a savepoint deals them out once.
+            let (subtask, parallelism) = ctx.global_share(node);
             let env = UserOpEnv {
-                subtask: ctx.subtask,
-                parallelism: ctx.parallelism_of(node),
+                subtask,
+                parallelism,
                 clock: ctx.env.clock.clone(),
                 metrics: ctx.env.metrics.clone(),
                 restored: ctx

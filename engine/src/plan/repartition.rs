@@ -375,7 +375,9 @@ pub(crate) fn bind(
             .find(|e| e.partition == super::Partition::Hash)
         {
             return Err(Error::config(format!(
-                "the job runs as {} instances and keys records by key_by in front of '{}',                  but has no way to send records to the instance that owns their key:                  configure JobBuilder::repartition_through (Kafka: KafkaRepartition)",
+                "the job runs as {} instances and keys records by key_by in front of '{}', \
+                but has no way to send records to the instance that owns their key: \
+                configure JobBuilder::repartition_through (Kafka: KafkaRepartition)",
                 instance.count, g.nodes[e.to].op
             )));
         }
@@ -391,9 +393,21 @@ pub(crate) fn bind(
                  with .name(\"...\") after .process(...)"
             )));
         }
+        if let Some(old) = &g.nodes[p.keyed].restores {
+            return Err(Error::config(format!(
+                "keyed operator '{keyed}' restores the state of '{old}': across instances \
+                 its repartition topic is named after it, and records the old topic holds \
+                 but no instance read yet would be left behind. Renaming a keyed operator \
+                 of a job that runs as several instances is not supported yet: keep its \
+                 name, or rename it while the job runs as one instance"
+            )));
+        }
         if let Some(source) = event_time_source(g, p.out) {
             return Err(Error::config(format!(
-                "source '{source}' has watermarks, and its records reach keyed operator                  '{keyed}' through another instance: event time does not cross instances                  (watermarks are not carried through the repartition topic), so its timers                  would never fire. Run the job as one instance, or key it without event time"
+                "source '{source}' has watermarks, and its records reach keyed operator \
+                '{keyed}' through another instance: event time does not cross instances \
+                (watermarks are not carried through the repartition topic), so its timers \
+                would never fire. Run the job as one instance, or key it without event time"
             )));
         }
         let topic = RepartitionTopic {

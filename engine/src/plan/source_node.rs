@@ -64,7 +64,9 @@ impl<S: Source> ErasedSource for SourceNode<S> {
         let max = ctx.env.config.max_parallelism;
         let mut readers = Vec::new();
         for (i, split) in splits.iter().enumerate() {
-            if split_owner(self.source.split_key_group(split), i, max, total) != global.0 {
+            let key_group = self.source.split_key_group(split);
+            let across = ctx.env.config.instance.count > 1;
+            if split_owner(split, key_group, i, (max, total, across)) != global.0 {
                 continue;
             }
             let (from, done, max_ts) = match restored.remove(split) {

@@ -98,17 +98,20 @@ pub(crate) fn discovered_split_hash(split: &str) -> usize {
     xxhash_rust::xxh3::xxh3_64(split.as_bytes()) as usize
 }
 
-/// The job-wide subtask of `total` that reads a split: the owner of its key group if it
-/// has one ([`Source::split_key_group`]), else dealt out by `index` (its place in the
-/// listing, or [`discovered_split_hash`] for a split found later).
+/// The job-wide subtask of `total` that reads `split`: the owner of its key group if it
+/// has one ([`Source::split_key_group`]); across instances, by
+/// [`crate::ids::split_slot`], which every process computes alike whenever it lists;
+/// in one process by `index` (its place in the listing, or [`discovered_split_hash`]
+/// for a split found later).
 pub(crate) fn split_owner(
+    split: &str,
     key_group: Option<KeyGroup>,
     index: usize,
-    max: u16,
-    total: usize,
+    (max, total, across_instances): (u16, usize, bool),
 ) -> usize {
     match key_group {
         Some(kg) => crate::ids::subtask_for_key_group(kg, max, total).0,
+        None if across_instances => (crate::ids::split_slot(split) % total as u64) as usize,
         None => index % total,
     }
 }
@@ -356,8 +359,10 @@ impl<S: Source> SourceHead<S> {
         for split in splits {
             let (global, total, max) = self.global;
             let hashed = discovered_split_hash(&split);
+            let across = self.env.config.instance.count > 1;
+            let key_group = d.source.split_key_group(&split);
             if !d.known.insert(split.clone())
-                || split_owner(d.source.split_key_group(&split), hashed, max, total) != global
+                || split_owner(&split, key_group, hashed, (max, total, across)) != global
             {
                 continue;
             }
