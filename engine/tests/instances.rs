@@ -4,6 +4,7 @@
 //! visible once committed, one partition per key group, offsets per partition).
 //! `tests/kafka_end_to_end.rs` runs the same across processes against a real broker.
 
+use exactly_engine::api::BoxError;
 use exactly_engine::api::{
     RecoveryContext, RepartitionTopic, Repartitioner, Routed, SinkContext, SinkWriter, Source,
     SourceContext, SourcePoll, SourceReader, TwoPhaseCommitSink,
@@ -181,6 +182,44 @@ impl SourceReader for MemoryReader {
 }
 
 const COUNT: ValueState<u64> = ValueState::new("count");
+
+/// Passes records on and counts them in its operator state (not keyed); every opened
+/// instance adds the count it restored to `restored`. Across a rescale the counts must
+/// arrive once: each old entry in exactly one new instance.
+#[derive(Clone)]
+struct Seen {
+    count: u64,
+    restored: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Operator<u64> for Seen {
+    type Out = u64;
+    type State = u64;
+
+    fn open(
+        &mut self,
+        restored: Vec<u64>,
+        _ctx: &mut OperatorContext<'_, u64>,
+    ) -> std::result::Result<(), BoxError> {
+        self.count = restored.iter().sum();
+        self.restored.lock().unwrap().push(self.count);
+        Ok(())
+    }
+
+    fn process(
+        &mut self,
+        record: u64,
+        ctx: &mut OperatorContext<'_, u64>,
+    ) -> std::result::Result<(), BoxError> {
+        self.count += 1;
+        ctx.emit(record);
+        Ok(())
+    }
+
+    fn snapshot(&mut self, _: CheckpointId) -> std::result::Result<Vec<u64>, BoxError> {
+        Ok(vec![self.count])
+    }
+}
 const KEYS: u64 = 50;
 const RECORDS: u64 = 4_000;
 
@@ -194,6 +233,7 @@ fn instance(
     topics: &MemoryTopics,
     out: &CollectSink<(u64, u64)>,
     from_savepoint: Option<&str>,
+    seen: &Arc<Mutex<Vec<u64>>>,
 ) -> Job {
     let mut builder = Job::builder("counts")
         .instance(index, count)
@@ -211,6 +251,11 @@ fn instance(
         input = input.union(&job.source("more", keys()));
     }
     input
+        .transform(Seen {
+            count: 0,
+            restored: seen.clone(),
+        })
+        .name("seen")
         .key_by(|k: &u64| *k)
         .process_fn(|k: u64, ctx: &mut KeyedContext<'_, u64, (u64, u64)>| {
             let n = ctx.value(COUNT)?.unwrap_or(0) + 1;
@@ -255,8 +300,9 @@ fn instances_count_each_key_once_in_the_instance_owning_it_and_rescale() {
     let dir = tempfile::tempdir().unwrap();
     let topics = MemoryTopics::default();
     let outs = [CollectSink::new(), CollectSink::new()];
+    let seen = Arc::new(Mutex::new(Vec::new()));
     let jobs = (0..2)
-        .map(|i| instance(i, 2, dir.path(), &topics, &outs[i], None))
+        .map(|i| instance(i, 2, dir.path(), &topics, &outs[i], None, &seen))
         .collect();
     run_until(jobs, &outs, RECORDS as usize, "two");
     assert_eq!(owned_counts(&outs), counts(1..=RECORDS / KEYS));
@@ -266,7 +312,7 @@ fn instances_count_each_key_once_in_the_instance_owning_it_and_rescale() {
     }
     // Restarted as three without the savepoint, an instance would restore its own
     // part under another share of the work: refused.
-    let e = instance(0, 3, dir.path(), &topics, &CollectSink::new(), None)
+    let e = instance(0, 3, dir.path(), &topics, &CollectSink::new(), None, &seen)
         .run()
         .unwrap_err()
         .to_string();
@@ -275,14 +321,20 @@ fn instances_count_each_key_once_in_the_instance_owning_it_and_rescale() {
     // Three instances from the two's savepoint, with a second source: every key's
     // count goes on from where the two left it, in the instance that owns it now.
     let outs = [CollectSink::new(), CollectSink::new(), CollectSink::new()];
+    seen.lock().unwrap().clear();
     let jobs = (0..3)
-        .map(|i| instance(i, 3, dir.path(), &topics, &outs[i], Some("two")))
+        .map(|i| instance(i, 3, dir.path(), &topics, &outs[i], Some("two"), &seen))
         .collect();
     run_until(jobs, &outs, RECORDS as usize, "three");
     assert_eq!(
         owned_counts(&outs),
         counts(RECORDS / KEYS + 1..=2 * RECORDS / KEYS)
     );
+    // The operator state of the two (their counts of the first input) was restored
+    // once over the three instances' six subtasks.
+    let restored = seen.lock().unwrap().clone();
+    assert_eq!(restored.len(), 6);
+    assert_eq!(restored.iter().sum::<u64>(), RECORDS, "{restored:?}");
 }
 
 /// Every key's counts `n`, sorted.
