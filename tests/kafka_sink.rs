@@ -137,7 +137,7 @@ fn writer_ctx(fx: &Fx, subtask: usize) -> SinkContext {
         parallelism: 2,
         checkpoint_interval: Some(Duration::from_secs(1)),
         generation: 1,
-        io: common::test_io(),
+        io: exactly::testing::io_runtime(),
     }
 }
 
@@ -148,7 +148,7 @@ fn recovery(fx: &Fx, restored: Option<u64>) -> RecoveryContext {
         restored: restored.map(CheckpointId),
         generation: 1,
         storage_id: "test-location".to_string(),
-        io: common::test_io(),
+        io: exactly::testing::io_runtime(),
     }
 }
 
@@ -275,7 +275,7 @@ fn an_older_instance_never_touches_what_a_newer_one_staged() {
     let older = RecoveryContext {
         generation: 0,
         storage_id: "test-location".to_string(),
-        io: common::test_io(),
+        io: exactly::testing::io_runtime(),
         ..recovery(&fx, None)
     };
     let err = sink(&fx, staging.path())
@@ -466,7 +466,7 @@ fn another_job_with_the_same_name_is_refused_not_skipped() {
     let (staging_a, staging_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let location = |id: &str, restored: Option<u64>| RecoveryContext {
         storage_id: id.to_string(),
-        io: common::test_io(),
+        io: exactly::testing::io_runtime(),
         ..recovery(&fx, restored)
     };
     let a = sink(&fx, staging_a.path());

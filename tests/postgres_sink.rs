@@ -435,7 +435,7 @@ fn connection_loss_during_commit_and_writing() {
             restored: restored.map(CheckpointId),
             generation: 1,
             storage_id: "test-location".to_string(),
-            io: common::test_io(),
+            io: exactly::testing::io_runtime(),
         };
         sink.recover(&recovery(None), Vec::new()).unwrap();
         let mut w = sink
@@ -446,7 +446,7 @@ fn connection_loss_during_commit_and_writing() {
                 parallelism: 1,
                 checkpoint_interval: None,
                 generation: 1,
-                io: common::test_io(),
+                io: exactly::testing::io_runtime(),
             })
             .unwrap();
         w.write(&mut (0..100).collect()).unwrap();
@@ -564,7 +564,7 @@ fn an_older_instance_never_aborts_what_a_newer_one_staged() {
             restored: None,
             generation,
             storage_id: "test-location".to_string(),
-            io: common::test_io(),
+            io: exactly::testing::io_runtime(),
         };
         // Creates the staging tables of the idempotent mode.
         sink.recover(&recovery(1), vec![]).unwrap();
@@ -576,7 +576,7 @@ fn an_older_instance_never_aborts_what_a_newer_one_staged() {
                 parallelism: 1,
                 checkpoint_interval: None,
                 generation: 5,
-                io: common::test_io(),
+                io: exactly::testing::io_runtime(),
             })
             .unwrap();
         w.write(&mut vec![1, 2, 3]).unwrap();

@@ -29,6 +29,21 @@ pub fn s3_test_bucket() -> String {
     std::env::var("EXACTLY_S3_BUCKET").unwrap_or_else(|_| "exactly".into())
 }
 
+/// A runtime standing in for a job's I/O runtime where a test drives a sink or a
+/// storage call directly (one per test process, shared).
+pub fn io_runtime() -> tokio::runtime::Handle {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a test runtime")
+    })
+    .handle()
+    .clone()
+}
+
 /// A job for outage tests: checkpoints every 100 ms into `storage`, sources paced
 /// (100 records per batch, 10 ms apart) so the run lasts while the test breaks something,
 /// and a receiver that hears when checkpoint 3 completes (the moment to break it).

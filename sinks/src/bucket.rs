@@ -700,7 +700,7 @@ mod tests {
             parallelism: 1,
             checkpoint_interval: None,
             generation: 1,
-            io: crate::test_io(),
+            io: exactly_engine::testing::io_runtime(),
         }
     }
 
@@ -711,7 +711,7 @@ mod tests {
             restored: None,
             generation: 1,
             storage_id: "test-location".to_string(),
-            io: crate::test_io(),
+            io: exactly_engine::testing::io_runtime(),
         }
     }
 
@@ -719,7 +719,7 @@ mod tests {
         sink: &ObjectStoreSink<(u32, String), impl RecordEncoder<(u32, String)>>,
     ) -> Vec<(String, Vec<u8>)> {
         let store = sink.store.clone();
-        crate::test_io().block_on(async move {
+        exactly_engine::testing::io_runtime().block_on(async move {
             let metas: Vec<_> = store.list(None).try_collect().await.unwrap();
             let mut out = Vec::new();
             for m in metas {
@@ -852,7 +852,7 @@ mod tests {
         let sink = memory_sink(JsonLines);
         let newer = SinkContext {
             generation: 2,
-            io: crate::test_io(),
+            io: exactly_engine::testing::io_runtime(),
             ..ctx()
         };
         let mut w = sink.open_writer(&newer).unwrap();
@@ -1012,7 +1012,7 @@ mod tests {
         sink.commit(&c).unwrap();
         let store = sink.store.clone();
         let path = Path::from(c.files[0].path.as_str());
-        crate::test_io()
+        exactly_engine::testing::io_runtime()
             .block_on(async move { store.delete(&path).await })
             .unwrap();
         let err = sink.commit(&c).unwrap_err();
@@ -1056,7 +1056,7 @@ mod tests {
         let mut got = Vec::new();
         for f in &c.files {
             let path = Path::from(f.path.as_str());
-            let bytes = crate::test_io()
+            let bytes = exactly_engine::testing::io_runtime()
                 .block_on(async { store.get(&path).await.unwrap().bytes().await.unwrap() });
             assert_eq!(bytes.len() as u64, f.size);
             got.extend(crate::parquet::tests::read::<Wide>(bytes.to_vec()).0);

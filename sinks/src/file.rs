@@ -568,7 +568,7 @@ mod tests {
             parallelism: 2,
             checkpoint_interval: None,
             generation: 1,
-            io: crate::test_io(),
+            io: exactly_engine::testing::io_runtime(),
         }
     }
 
@@ -579,7 +579,7 @@ mod tests {
             restored: restored.map(CheckpointId),
             generation: 1,
             storage_id: "test-location".to_string(),
-            io: crate::test_io(),
+            io: exactly_engine::testing::io_runtime(),
         }
     }
 
@@ -669,7 +669,7 @@ mod tests {
         // Generation 2 (a newer instance) staged checkpoint 5 and has a file in progress.
         let newer = SinkContext {
             generation: 2,
-            io: crate::test_io(),
+            io: exactly_engine::testing::io_runtime(),
             ..ctx("s", 0)
         };
         let mut w = sink.open_writer(&newer).unwrap();
@@ -697,7 +697,7 @@ mod tests {
         let newest = RecoveryContext {
             generation: 3,
             storage_id: "test-location".to_string(),
-            io: crate::test_io(),
+            io: exactly_engine::testing::io_runtime(),
             ..rctx("s", Some(4))
         };
         assert_eq!(

@@ -45,18 +45,3 @@ pub(crate) fn unique_u64() -> u64 {
     h.write_u32(std::process::id());
     h.finish()
 }
-
-/// A runtime standing in for a job's I/O runtime in unit tests.
-#[cfg(test)]
-pub(crate) fn test_io() -> tokio::runtime::Handle {
-    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("a test runtime")
-    })
-    .handle()
-    .clone()
-}

@@ -229,17 +229,3 @@ pub fn running_balances<S: exactly::prelude::Source<Item = (u32, i64)>>(
         .name("balance")
         .sink("balances", FileSink::exactly_once(out));
 }
-
-/// A runtime standing in for a job's I/O runtime where a test drives a sink directly.
-pub fn test_io() -> tokio::runtime::Handle {
-    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("a test runtime")
-    })
-    .handle()
-    .clone()
-}
