@@ -833,6 +833,38 @@ impl CheckpointStorage {
             .await
     }
 
+    /// Record that a deployment with another layout took over this location's job
+    /// (`why` says which): a process that restarts here belongs to the old deployment
+    /// and would process input the new one processes, so its recovery refuses.
+    pub async fn retire(&self, why: &str) -> Result<()> {
+        let path = self.root.clone().join("_retired");
+        self.put_object(&path, PutPayload::from(why.as_bytes().to_vec()))
+            .await
+    }
+
+    /// Why this location was retired ([`CheckpointStorage::retire`]), if it was.
+    pub async fn retired(&self) -> Result<Option<String>> {
+        let path = self.root.clone().join("_retired");
+        match self.store.get(&path).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.map_err(|e| storage_err("read", &path, e))?;
+                Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(storage_err("get", &path, e)),
+        }
+    }
+
+    /// This location is used again by the deployment that retired it (an instance
+    /// added back by a later rescale).
+    pub async fn unretire(&self) -> Result<()> {
+        let path = self.root.clone().join("_retired");
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(storage_err("delete", &path, e)),
+        }
+    }
+
     /// Whether [`CheckpointStorage::mark_savepoint_committed`] was recorded for `name`.
     pub async fn savepoint_committed(&self, name: &str) -> Result<bool> {
         let path = self.savepoint_committed_path(name);

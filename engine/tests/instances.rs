@@ -335,6 +335,30 @@ fn instances_count_each_key_once_in_the_instance_owning_it_and_rescale() {
     let restored = seen.lock().unwrap().clone();
     assert_eq!(restored.len(), 6);
     assert_eq!(restored.iter().sum::<u64>(), RECORDS, "{restored:?}");
+
+    // Back to two from the three's savepoint (no new input): instance 2's location is
+    // retired. Started again as the third of three (as it ran, from "two", or from the
+    // savepoint that retired it), it would read input the two read: refused.
+    let outs = [CollectSink::new(), CollectSink::new()];
+    let jobs = (0..2)
+        .map(|i| instance(i, 2, dir.path(), &topics, &outs[i], Some("three"), &seen))
+        .collect();
+    run_until(jobs, &outs, 0, "two-again");
+    for from in [Some("two"), Some("three")] {
+        let h = instance(2, 3, dir.path(), &topics, &CollectSink::new(), from, &seen)
+            .start()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !h.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !h.is_finished() {
+            h.cancel();
+            panic!("the old deployment's instance 2 runs again (from {from:?})");
+        }
+        let e = h.wait().unwrap_err().to_string();
+        assert!(e.contains("is retired"), "{e}");
+    }
 }
 
 /// Every key's counts `n`, sorted.

@@ -427,65 +427,54 @@ async fn union_restore(
     name: &str,
 ) -> Result<Option<(String, RestoredState)>> {
     let root = s.root_storage.as_ref().unwrap_or(own);
-    let mut parts: Vec<(CheckpointStorage, crate::manifest::Savepoint)> = Vec::new();
+    // Each part with its layout: recorded in the savepoint, or (one made with the CLI)
+    // its location's index and the number of parts found.
+    let mut found: Vec<(CheckpointStorage, crate::manifest::Savepoint, usize)> = Vec::new();
     for k in root.instance_dirs().await? {
         let part = root.child(&format!("instances/{k}"));
         if let Some(sp) = part.read_savepoint(name).await? {
-            parts.push((part, sp));
+            found.push((part, sp, k));
         }
     }
-    if parts.is_empty() && s.instance.count > 1 {
+    let at_root = found.is_empty() && s.instance.count > 1;
+    if at_root {
         // Taken by the job in one process, at the root of the location.
         if let Some(sp) = root.read_savepoint(name).await? {
-            parts.push((root.clone(), sp));
+            found.push((root.clone(), sp, 0));
         }
     }
-    // A savepoint made with the CLI in an instance's location records no instance: its
-    // location says which, and the parts found how many.
-    let found = parts.len();
-    let layout = |part: &CheckpointStorage, sp: &crate::manifest::Savepoint| {
-        sp.instance.unwrap_or_else(|| {
-            let at_root = part.url() == root.url();
-            let index = part
-                .url()
-                .rsplit('/')
-                .next()
-                .and_then(|i| i.parse().ok())
-                .filter(|_| !at_root)
-                .unwrap_or(0);
-            let count = if at_root { 1 } else { found };
-            crate::ids::Instance { index, count }
-        })
+    let n = if at_root { 1 } else { found.len() };
+    let mut parts = Vec::with_capacity(found.len());
+    for (part, sp, k) in found {
+        let layout = sp
+            .instance
+            .unwrap_or(crate::ids::Instance { index: k, count: n });
+        let m = part.read_manifest(sp.checkpoint).await?;
+        parts.push((part, sp, layout, m));
+    }
+    let Some(old_count) = parts.first().map(|p| p.2.count) else {
+        return Ok(None);
     };
-    let old_count = match parts.first() {
-        None => return Ok(None),
-        Some((part, sp)) => layout(part, sp).count,
-    };
-    let mut indices: Vec<usize> = parts.iter().map(|(p, sp)| layout(p, sp).index).collect();
+    let mut indices: Vec<usize> = parts.iter().map(|p| p.2.index).collect();
     indices.sort_unstable();
-    if parts.iter().any(|(p, sp)| layout(p, sp).count != old_count)
-        || indices != (0..old_count).collect::<Vec<_>>()
+    if parts.iter().any(|p| p.2.count != old_count) || indices != (0..old_count).collect::<Vec<_>>()
     {
         return Err(Error::config(format!(
             "savepoint '{name}' in {}: the instances that took it do not form one deployment \
-            (found instances {indices:?}, expected 0..{old_count}): a part is missing, or two \
-            deployments used the name",
+             (found instances {indices:?}, expected 0..{old_count}): a part is missing, or two \
+             deployments used the name",
             root.url()
         )));
     }
     // The same layout restores the ordinary way, each instance from its own part. Across
     // instances a changed parallelism moves splits and key groups between them too.
     let plan = Plan::new(graph, s.parallelism);
-    let mut same_parallelism = true;
-    for (part, sp) in &parts {
-        let m = part.read_manifest(sp.checkpoint).await?;
-        same_parallelism &= layout_matches(graph, &plan, &m);
-    }
+    let same_parallelism = parts.iter().all(|p| layout_matches(graph, &plan, &p.3));
     if old_count == s.instance.count && (old_count == 1 || same_parallelism) {
         return Ok(None);
     }
     let mut state = RestoredState::default();
-    for (part, sp) in &parts {
+    for (part, sp, _, m) in &parts {
         let (_, newest) = RestorePoint::find(part).await?;
         check_savepoint(part, s, name, newest.as_ref().map(|m| m.checkpoint)).await?;
         // Checkpoints after the savepoint in an old instance's location are this
@@ -515,7 +504,6 @@ async fn union_restore(
                 part.url()
             )));
         }
-        let m = part.read_manifest(sp.checkpoint).await?;
         if m.max_parallelism != s.max_parallelism {
             return Err(Error::config(format!(
                 "savepoint '{name}' was taken with max_parallelism {}, the job now has {}; it \
@@ -531,7 +519,7 @@ async fn union_restore(
                 part.url()
             )));
         }
-        let read = read_checkpoint_state(part, sp.checkpoint, &m).await?;
+        let read = read_checkpoint_state(part, sp.checkpoint, m).await?;
         for (op, snaps) in read.operators {
             state.operators.entry(op).or_default().extend(snaps);
         }
@@ -542,6 +530,26 @@ async fn union_restore(
             }
         }
     }
+    // The old locations this layout does not use are retired: a process of the old
+    // deployment restarted there would read input this deployment reads. This
+    // instance's own location is in use again.
+    let mine: Vec<String> = if s.instance.count > 1 {
+        (0..s.instance.count)
+            .map(|i| root.child(&format!("instances/{i}")).url().to_string())
+            .collect()
+    } else {
+        vec![root.url().to_string()]
+    };
+    for (part, ..) in &parts {
+        if !mine.iter().any(|u| u == part.url()) {
+            part.retire(&format!(
+                "restarted as {} instance(s) from savepoint '{name}'",
+                s.instance.count
+            ))
+            .await?;
+        }
+    }
+    own.unretire().await?;
     Ok(Some((name.to_string(), state)))
 }
 
@@ -669,6 +677,19 @@ fn recover(
         Some(name) if !resuming(name) => rt.block_on(union_restore(graph, s, storage, name))?,
         _ => None,
     };
+    // A location a deployment of another layout took over (the union restore retires
+    // the old locations it does not use): a process restarting there without joining
+    // the new layout is the old deployment come back.
+    if union.is_none() {
+        if let Some(why) = rt.block_on(storage.retired())? {
+            return Err(Error::config(format!(
+                "checkpoint location {} is retired: the job was {why}. This process belongs \
+                 to the old deployment and would read input the new one reads; stop it (or \
+                 start it with the new deployment's instance count and savepoint)",
+                storage.url()
+            )));
+        }
+    }
     if let Some((name, mut union)) = union {
         // Sinks restore this instance's own history: what its location committed last.
         union.checkpoint = newest.as_ref().map(|(id, _)| *id);
