@@ -842,9 +842,19 @@ impl CheckpointStorage {
             .await
     }
 
-    /// Why this location was retired ([`CheckpointStorage::retire`]), if it was.
+    /// Why this location was retired ([`CheckpointStorage::retire`]), if it was. Asked
+    /// at every recovery, so found by listing (which recovery does anyway) and read only
+    /// when there.
     pub async fn retired(&self) -> Result<Option<String>> {
         let path = self.root.clone().join("_retired");
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&self.root))
+            .await
+            .map_err(|e| storage_err("list", &self.root, e))?;
+        if !listing.objects.iter().any(|o| o.location == path) {
+            return Ok(None);
+        }
         match self.store.get(&path).await {
             Ok(r) => {
                 let bytes = r.bytes().await.map_err(|e| storage_err("read", &path, e))?;
