@@ -295,7 +295,8 @@ fn an_in_process_restart_reopens_the_shared_consumers() {
         .checkpoint_storage(tmp.path().to_str().unwrap())
         .checkpoint_every(Duration::from_millis(20))
         .parallelism(2)
-        .source_pacing(Duration::from_millis(5))
+        // 20 batches a partition at most: several checkpoints before event 2000.
+        .source_batches_per_checkpoint(2)
         .batch_size(50)
         .build()
         .unwrap();
@@ -411,9 +412,10 @@ fn crash_restore_and_rescale_over_partitions() {
         // A consumer needs a few hundred ms for its first fetch: crash only after 15
         // checkpoints 20 ms apart, so the restored offsets lie inside the partitions
         // (an off-by-one in the source then changes a count; checked by mutation).
+        // 157 batches a partition: each crashing stage reads at most 16 · 4.
         checkpoint_interval: Duration::from_millis(20),
         crash_after_checkpoints: 15,
-        source_pacing: Duration::from_millis(2),
+        batches_per_checkpoint: 4,
         ..Default::default()
     }
     .run("kafka", |job, out: &CollectSink<(u32, i64, u64)>| {
@@ -677,9 +679,11 @@ fn a_transactional_topic_is_read_committed_exactly_once() {
     // Crashes restore inside the topic, between markers, at other parallelisms: the
     // output equals the failure-free run's.
     let report = ExactlyOnceCheck {
+        // 4,000 visible records a partition, at least 63 batches: each crashing stage
+        // reads at most 16.
         checkpoint_interval: Duration::from_millis(20),
         crash_after_checkpoints: 15,
-        source_pacing: Duration::from_millis(2),
+        batches_per_checkpoint: 1,
         ..Default::default()
     }
     .run("kafka-txn", |job, out: &CollectSink<u64>| {

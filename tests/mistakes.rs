@@ -679,7 +679,8 @@ fn two_instances_started_together(trials: u64, location: impl Fn(&Path, u64) -> 
             .checkpoint_storage(checkpoints)
             .checkpoint_every(Duration::from_millis(5))
             .batch_size(32)
-            .source_pacing(Duration::from_micros(300))
+            // 94 batches: at least 4 checkpoints, so the two runs overlap.
+            .source_batches_per_checkpoint(24)
             .restart_policy(RestartPolicy::fixed(2, Duration::ZERO))
             .build()?;
         running_balance(&job.source("payments", VecSource::new(payments.clone())))

@@ -569,8 +569,11 @@ pub struct ExactlyOnceCheck {
     pub checkpoint_interval: std::time::Duration,
     /// Batch size of every run (small batches interleave more).
     pub batch_size: usize,
-    /// Pause after each source batch, so crashes land mid-stream on fast machines.
-    pub source_pacing: std::time::Duration,
+    /// Batches each source split of a crashing stage reads per completed checkpoint
+    /// (see [`JobBuilder::source_batches_per_checkpoint`](crate::dsl::JobBuilder::source_batches_per_checkpoint)):
+    /// the crash after checkpoint `n` lands before a split's `(n + 1) · k + 1`-th batch
+    /// on any machine, so give the check more input than that.
+    pub batches_per_checkpoint: u32,
     /// Checkpoint storage of the crashing stages: `None` for memory, or a URL (e.g.
     /// `s3://bucket/prefix`) under which each attempt uses a fresh sub-prefix.
     pub storage_url: Option<String>,
@@ -592,42 +595,12 @@ impl Default for ExactlyOnceCheck {
             crash_after_checkpoints: 2,
             checkpoint_interval: std::time::Duration::from_millis(5),
             batch_size: 64,
-            source_pacing: std::time::Duration::from_micros(300),
+            batches_per_checkpoint: 8,
             storage_url: None,
             state_backend: crate::state::StateBackend::Memory,
             aligned_checkpoint_timeout: None,
         }
     }
-}
-
-enum Outcome {
-    /// A stage finished before its crash: inconclusive.
-    TooFast(String),
-    Failed(String),
-}
-
-/// Run `attempt` with source pacing `start`, doubling it after each attempt whose
-/// timing proved nothing (`Ok(None)`: the job finished before its crash could land
-/// mid-stream), at most `attempts` times. Crash tests use it so that a slow or loaded
-/// machine makes them slower, never flaky; `Err` from `attempt` is a real failure and
-/// ends the retries.
-pub fn with_slower_sources<T>(
-    start: std::time::Duration,
-    attempts: u32,
-    mut attempt: impl FnMut(std::time::Duration) -> std::result::Result<Option<T>, String>,
-) -> std::result::Result<T, String> {
-    let mut pacing = start;
-    for i in 0..attempts {
-        if i > 0 {
-            pacing *= 2;
-        }
-        if let Some(done) = attempt(pacing)? {
-            return Ok(done);
-        }
-    }
-    Err(format!(
-        "every attempt finished before its crash, the last with source pacing {pacing:?}; give it more input"
-    ))
 }
 
 /// What an [`ExactlyOnceCheck`] observed.
@@ -656,11 +629,12 @@ impl ExactlyOnceCheck {
             .checkpoint_every(self.checkpoint_interval)
             .parallelism(parallelism)
             .batch_size(self.batch_size)
-            .source_pacing(self.source_pacing)
             .restart_policy(crate::dsl::RestartPolicy::none())
             .state_backend(backend);
         if crash {
-            b = b.inject_failure_after_checkpoint(self.crash_after_checkpoints);
+            b = b
+                .source_batches_per_checkpoint(self.batches_per_checkpoint)
+                .inject_failure_after_checkpoint(self.crash_after_checkpoints);
         }
         if let Some(t) = timeout {
             b = b.aligned_checkpoint_timeout(t);
@@ -671,34 +645,24 @@ impl ExactlyOnceCheck {
     /// Run the check; `build` adds the pipeline to the job and must write its output to
     /// the given sink. Returns a description of the difference on failure.
     ///
-    /// A stage that finishes before its crash proves nothing, so the whole check starts
-    /// over with twice the source pacing (up to five times) instead of passing.
+    /// The crashing stages' sources read a fixed number of batches per checkpoint, so
+    /// where each crash lands does not depend on the machine's speed: the check needs
+    /// no sleeping and no retries. A stage that finishes before its crash proves
+    /// nothing and fails the check (give it more input).
     pub fn run<T, B>(&self, name: &str, build: B) -> std::result::Result<CheckReport, String>
     where
         T: Data + Ord + std::fmt::Debug,
         B: Fn(&crate::dsl::Job, &CollectSink<T>),
     {
-        let mut attempt = self.clone();
-        with_slower_sources(self.source_pacing, 5, |pacing| {
-            attempt.source_pacing = pacing;
-            match attempt.run_once(name, &build) {
-                Ok(r) => Ok(Some(r)),
-                Err(Outcome::TooFast(msg)) => {
-                    tracing::info!(check = name, "{msg}; retrying with slower sources");
-                    Ok(None)
-                }
-                Err(Outcome::Failed(msg)) => Err(msg),
-            }
-        })
-        .map_err(|e| format!("{name}: {e}"))
+        self.run_once(name, &build)
+            .map_err(|e| format!("{name}: {e}"))
     }
 
-    fn run_once<T, B>(&self, name: &str, build: &B) -> std::result::Result<CheckReport, Outcome>
+    fn run_once<T, B>(&self, name: &str, build: &B) -> std::result::Result<CheckReport, String>
     where
         T: Data + Ord + std::fmt::Debug,
         B: Fn(&crate::dsl::Job, &CollectSink<T>),
     {
-        use Outcome::Failed;
         let golden_sink = CollectSink::new();
         let job = self
             .job(
@@ -709,10 +673,10 @@ impl ExactlyOnceCheck {
                 crate::state::StateBackend::Memory,
                 None,
             )
-            .map_err(|e| Failed(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         build(&job, &golden_sink);
         job.run()
-            .map_err(|e| Failed(format!("failure-free run failed: {e}")))?;
+            .map_err(|e| format!("failure-free run failed: {e}"))?;
         let golden = golden_sink.sorted();
 
         let storage = match &self.storage_url {
@@ -723,8 +687,7 @@ impl ExactlyOnceCheck {
                     .map(|d| d.as_nanos())
                     .unwrap_or(0);
                 let url = format!("{}/check-{nanos}", url.trim_end_matches('/'));
-                crate::storage::CheckpointStorage::from_url(&url)
-                    .map_err(|e| Failed(e.to_string()))?
+                crate::storage::CheckpointStorage::from_url(&url).map_err(|e| e.to_string())?
             }
         };
         let sink = CollectSink::new();
@@ -744,21 +707,25 @@ impl ExactlyOnceCheck {
                     self.state_backend.clone(),
                     self.aligned_checkpoint_timeout,
                 )
-                .map_err(|e| Failed(e.to_string()))?;
+                .map_err(|e| e.to_string())?;
             build(&job, &sink);
             match job.run() {
                 Ok(r) if last => report.restored_from.push(r.restored_from),
                 Ok(_) => {
-                    return Err(Outcome::TooFast(format!(
-                        "stage {i} (parallelism {p}) finished before its injected failure after checkpoint {}",
-                        self.crash_after_checkpoints
-                    )))
+                    return Err(format!(
+                        "stage {i} (parallelism {p}) finished before its injected failure after \
+                         checkpoint {}, which proves nothing: give the check more than {} \
+                         batches of {} records per source split",
+                        self.crash_after_checkpoints,
+                        (self.crash_after_checkpoints + 1) * u64::from(self.batches_per_checkpoint),
+                        self.batch_size
+                    ))
                 }
                 Err(e) if !last && e.to_string().contains("injected failure") => {
                     report.crashes += 1;
                     report.restored_from.push(None);
                 }
-                Err(e) => return Err(Failed(format!("stage {i} (parallelism {p}) failed: {e}"))),
+                Err(e) => return Err(format!("stage {i} (parallelism {p}) failed: {e}")),
             }
         }
         let got = sink.sorted();
@@ -787,11 +754,11 @@ impl ExactlyOnceCheck {
                     (None, None) => break,
                 }
             }
-            return Err(Failed(format!(
+            return Err(format!(
                 "committed output differs from the failure-free run: {} records vs {} golden; {missing} missing, {extra} extra (duplicated or wrong)",
                 got.len(),
                 golden.len()
-            )));
+            ));
         }
         Ok(report)
     }
@@ -799,36 +766,41 @@ impl ExactlyOnceCheck {
 
 #[cfg(test)]
 mod tests {
-    use super::with_slower_sources;
-    use std::time::Duration;
+    use super::{CollectSink, ExactlyOnceCheck, VecSource};
+    use crate::dsl::Job;
+
+    fn doubled(records: u64) -> impl Fn(&Job, &CollectSink<(u64, u64)>) {
+        let input: Vec<(u64, u64)> = (0..records).map(|i| (i % 7, i)).collect();
+        move |job, out| {
+            job.source("numbers", VecSource::new(input.clone()).with_splits(2))
+                .map(|(k, v)| (k, v * 2))
+                .sink("out", out.clone());
+        }
+    }
 
     #[test]
-    fn slower_sources_double_the_pacing_until_an_attempt_proves_something() {
-        let ms = Duration::from_millis;
-        let mut tried = Vec::new();
-        let done = with_slower_sources(ms(1), 5, |p| {
-            tried.push(p);
-            Ok((p >= ms(4)).then_some(p))
-        });
-        assert_eq!(done, Ok(ms(4)));
-        assert_eq!(tried, [ms(1), ms(2), ms(4)]);
+    fn crashes_land_mid_stream_whatever_the_speed() {
+        // 2 splits of 2,000 records in batches of 64: 32 batches a split, more than the
+        // 3 · 8 a crashing stage may read before its crash. Run several times: the
+        // outcome must not depend on timing.
+        for _ in 0..5 {
+            let report = ExactlyOnceCheck::default()
+                .run("mid-stream", doubled(4_000))
+                .unwrap();
+            assert_eq!(report.crashes, 2);
+            assert_eq!(report.golden_records, 4_000);
+        }
+    }
 
-        let mut calls = 0;
-        let exhausted = with_slower_sources::<()>(ms(1), 3, |_| {
-            calls += 1;
-            Ok(None)
-        });
-        assert_eq!(calls, 3);
+    #[test]
+    fn a_stage_that_ends_before_its_crash_fails_the_check() {
+        // 2 splits of 500 records: 8 batches a split, fewer than the 24 a stage may read.
+        let err = ExactlyOnceCheck::default()
+            .run("too-short", doubled(1_000))
+            .unwrap_err();
         assert!(
-            exhausted.unwrap_err().contains("4ms"),
-            "names the last pacing"
+            err.contains("finished before its injected failure") && err.contains("24 batches"),
+            "{err}"
         );
-
-        let mut calls = 0;
-        let failed = with_slower_sources::<()>(ms(1), 5, |_| {
-            calls += 1;
-            Err("output differs".to_string())
-        });
-        assert_eq!((failed, calls), (Err("output differs".to_string()), 1));
     }
 }

@@ -169,7 +169,8 @@ fn numbers(chk: &str, crash_after: Option<u64>, out: &CollectSink<u64>) -> Resul
         .checkpoint_every(Duration::from_millis(20))
         .parallelism(2)
         .batch_size(64)
-        .source_pacing(Duration::from_millis(1))
+        // 157 batches a split: the crash after checkpoint 3 lands before batch 65.
+        .source_batches_per_checkpoint(16)
         .restart_policy(RestartPolicy::none())
         .at_least_once();
     if let Some(n) = crash_after {

@@ -9,7 +9,6 @@ mod common;
 use exactly_engine::manifest::Manifest;
 use exactly_engine::prelude::*;
 use exactly_engine::state::RocksDbConfig;
-use exactly_engine::testing::with_slower_sources;
 use exactly_engine::testing::{CollectSink, VecSource};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -17,11 +16,10 @@ use std::time::Duration;
 
 const KEYS: u64 = 20_000;
 const EVENTS: u64 = 300_000;
-/// Pause per source batch, so the crash lands mid-stream: about a second of input
-/// locally (doubled when an attempt was too fast); seconds against S3, where a first
-/// upload can take a second.
-const LOCAL_PACING: Duration = Duration::from_millis(1);
-const S3_PACING: Duration = Duration::from_millis(5);
+/// Batches each source split reads per completed checkpoint: with 586 batches a split,
+/// a crash after checkpoint 2 lands before batch 301, and a run restored there takes
+/// at least 3 checkpoints more, on any machine.
+const BATCHES_PER_CHECKPOINT: u32 = 100;
 
 fn events() -> Vec<(u64, i64)> {
     (0..EVENTS)
@@ -33,7 +31,6 @@ fn run(
     chk: &str,
     local: &Path,
     crash_after: Option<u64>,
-    pacing: Duration,
     out: &CollectSink<(u64, i64)>,
 ) -> Result<JobReport, Error> {
     let mut b = Job::builder("rocks-job")
@@ -42,7 +39,7 @@ fn run(
         .retain_checkpoints(2)
         .parallelism(2)
         .batch_size(256)
-        .source_pacing(pacing)
+        .source_batches_per_checkpoint(BATCHES_PER_CHECKPOINT)
         .restart_policy(RestartPolicy::none())
         .state_backend(StateBackend::RocksDb(RocksDbConfig {
             local_dir: Some(local.to_path_buf()),
@@ -94,43 +91,31 @@ fn golden() -> Vec<(u64, i64)> {
 }
 
 /// The crash-and-restore job: the first run crashes after `CRASH_AFTER` checkpoints,
-/// the second restores and finishes. `None` when the timing made the attempt prove
-/// nothing (the first run finished before its crash, or the second made too few
-/// checkpoints to show incrementality); the caller then retries with slower sources.
-fn crash_and_restore(
-    chk: &Path,
-    local: &Path,
-    pacing: Duration,
-    out: &CollectSink<(u64, i64)>,
-) -> Option<JobReport> {
+/// the second restores and finishes.
+fn crash_and_restore(chk: &Path, local: &Path, out: &CollectSink<(u64, i64)>) -> JobReport {
     const CRASH_AFTER: u64 = 2;
     let chk_url = chk.to_str().unwrap();
-    match run(chk_url, local, Some(CRASH_AFTER), pacing, out) {
-        Err(e) => assert!(e.to_string().contains("injected failure"), "{e}"),
-        Ok(_) => return None,
-    }
-    let report = run(chk_url, local, None, pacing, out).unwrap();
+    let err = run(chk_url, local, Some(CRASH_AFTER), out).expect_err("the first run crashes");
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    let report = run(chk_url, local, None, out).unwrap();
     assert!(report.restored_from.is_some(), "the second run restores");
     assert_eq!(
         out.sorted(),
         golden(),
         "committed output equals the failure-free result"
     );
-    (report.checkpoints.len() >= 3).then_some(report)
+    assert!(
+        report.checkpoints.len() >= 3,
+        "the restored run reads at most {BATCHES_PER_CHECKPOINT} batches a split per checkpoint"
+    );
+    report
 }
 
 #[test]
 fn incremental_checkpoints_crash_restore_and_shared_file_retention() {
-    // The shape of the test depends on timing (a loaded CI machine once left the
-    // restored run only two checkpoints), so an attempt that proves nothing starts over
-    // in a fresh directory with slower sources instead of passing or failing.
-    let (_tmp, chk, local, report) = with_slower_sources(LOCAL_PACING, 5, |pacing| {
-        let tmp = tempfile::tempdir().unwrap();
-        let (chk, local) = (tmp.path().join("chk"), tmp.path().join("local"));
-        let out = CollectSink::new();
-        Ok(crash_and_restore(&chk, &local, pacing, &out).map(|report| (tmp, chk, local, report)))
-    })
-    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (chk, local) = (tmp.path().join("chk"), tmp.path().join("local"));
+    let report = crash_and_restore(&chk, &local, &CollectSink::new());
 
     // Incremental: after the first checkpoint of the run, checkpoints upload less than
     // the state they reference.
@@ -183,14 +168,14 @@ fn restore_from_s3_after_the_working_directory_is_wiped() {
     let tmp = tempfile::tempdir().unwrap();
     let local = tmp.path().join("local");
     let out = CollectSink::new();
-    let err = run(&url, &local, Some(2), S3_PACING, &out).expect_err("the first run crashes");
+    let err = run(&url, &local, Some(2), &out).expect_err("the first run crashes");
     assert!(err.to_string().contains("injected failure"), "{err}");
     assert!(
         local.join("cache").read_dir().unwrap().next().is_some(),
         "files were cached"
     );
     std::fs::remove_dir_all(&local).unwrap();
-    let report = run(&url, &local, None, S3_PACING, &out).unwrap();
+    let report = run(&url, &local, None, &out).unwrap();
     assert!(
         report.restored_from.is_some(),
         "the second run restores from S3"

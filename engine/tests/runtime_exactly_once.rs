@@ -533,7 +533,8 @@ fn retention_keeps_the_newest_checkpoints_and_removes_orphaned_state() {
         .retain_checkpoints(2)
         .parallelism(2)
         .batch_size(64)
-        .source_pacing(Duration::from_millis(1))
+        // 105 batches a split: at least 6 checkpoints, however fast the machine.
+        .source_batches_per_checkpoint(20)
         .build()
         .unwrap();
     job.source("events", VecSource::new(data.clone()).with_splits(3))
@@ -592,7 +593,9 @@ fn a_second_instance_on_the_same_storage_fences_the_first() {
             .checkpoint_every(Duration::from_millis(5))
             .parallelism(2)
             .batch_size(64)
-            .source_pacing(Duration::from_millis(1))
+            // 313 batches a split: the older instance cannot finish before the newer
+            // one takes over, however fast the machine.
+            .source_batches_per_checkpoint(10)
             .restart_policy(RestartPolicy::none())
             .on_checkpoint(move |_| {
                 if !signalled.swap(true, Ordering::SeqCst) {
@@ -695,7 +698,8 @@ fn sources_hear_of_completed_checkpoints_after_their_output_is_committed() {
         .checkpoint_every(Duration::from_millis(5))
         .parallelism(2)
         .batch_size(64)
-        .source_pacing(Duration::from_micros(300))
+        // 157 batches a split: about 10 checkpoints to notice.
+        .source_batches_per_checkpoint(16)
         .build()
         .unwrap();
     job.source("numbers", source.clone())

@@ -149,7 +149,10 @@ fn failing_and_slow_storage_keeps_output_exactly_once() {
         .restart_policy(RestartPolicy::fixed(50, Duration::ZERO))
         .parallelism(2)
         .batch_size(64)
-        .source_pacing(Duration::from_micros(300))
+        // 469 batches a split: at least 10 checkpoints of 5 writes, so the faults
+        // (counted in storage calls, the outage ends at the 35th) land while the job
+        // runs, however fast the machine.
+        .source_batches_per_checkpoint(48)
         .build()
         .unwrap();
     build(&job, &input, &out);

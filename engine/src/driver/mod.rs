@@ -28,6 +28,7 @@
 
 mod committer;
 mod restart;
+mod restore;
 
 pub use restart::RestartPolicy;
 
@@ -37,7 +38,7 @@ use crate::ids::{CheckpointId, OperatorId};
 use crate::manifest::{Manifest, Savepoint, MANIFEST_FORMAT_VERSION};
 use crate::plan::{BuildCtx, ChannelPool, Graph, NodeId, Plan, RestoredState, SplitLists};
 use crate::report::{push_recent, CheckpointStats, JobReport, REPORTED_CHECKPOINTS};
-use crate::runtime::{inflight, RuntimeConfig, SourceControl, TaskEnv, TaskEvent};
+use crate::runtime::{RuntimeConfig, SourceControl, TaskEnv, TaskEvent};
 use crate::state::TaskSnapshotPayload;
 use crate::storage::CheckpointStorage;
 use committer::{CommitJob, Committer};
@@ -70,7 +71,8 @@ pub(crate) struct JobSettings {
     pub on_checkpoint: Option<CheckpointCallback>,
     pub clock: Arc<dyn crate::time::Clock>,
     pub inject_failure_after: Option<u64>,
-    pub source_pacing: Option<Duration>,
+    /// Test and demo knobs that slow sources down (off: sources read unwrapped).
+    pub pacing: crate::plan::paced::Pacing,
     /// Checkpoints without alignment (see `JobBuilder::at_least_once`).
     pub at_least_once: bool,
     /// Alignment timeout before a checkpoint goes unaligned (see
@@ -243,6 +245,12 @@ impl Drop for SignalStop {
 fn validate(graph: &Graph, s: &JobSettings) -> Result<()> {
     if !graph.errors.is_empty() {
         return Err(Error::config(graph.errors.join("; ")));
+    }
+    if s.pacing.batches_per_checkpoint.is_some() && s.interval.is_none() {
+        return Err(Error::config(
+            "source_batches_per_checkpoint needs periodic checkpoints (checkpoint_every): \
+             without them the sources would wait for a checkpoint that never comes",
+        ));
     }
     let mut seen = HashSet::new();
     let mut locations: std::collections::HashMap<&str, &OperatorId> = Default::default();
@@ -710,35 +718,14 @@ fn recover(
         if from_savepoint.is_none() {
             from_savepoint = m.from_savepoint.clone();
         }
-        if m.job != s.name {
-            return Err(Error::config(format!(
-                "checkpoint storage {} holds checkpoints of job '{}', not '{}'; use a separate location per job",
-                storage.url(),
-                m.job,
-                s.name
-            )));
-        }
-        if m.max_parallelism != s.max_parallelism {
-            return Err(Error::config(format!(
-                "checkpoint {latest} was taken with max_parallelism {}, the job now has {}; it is fixed for the life of a job's state",
-                m.max_parallelism, s.max_parallelism
-            )));
-        }
-        let by = m.instance.map_or(1, |i| i.count);
         let plan = Plan::new(graph, s.parallelism);
-        if by != s.instance.count || (s.instance.count > 1 && !layout_matches(graph, &plan, &m)) {
-            return Err(Error::config(format!(
-                "checkpoint {latest} in {} was taken by {by} instance(s) of this job with \
-                another share of the work than this one ({} instance(s), parallelism {}): \
-                across instances, the number of instances and the parallelism change only \
-                through a savepoint. Stop every instance with one savepoint name \
-                (savepoint_on_stop, or stop_with_savepoint) and start the new layout with \
-                restore_from_savepoint",
-                storage.url(),
-                s.instance.count,
-                s.parallelism
-            )));
-        }
+        restore::fits(
+            &m,
+            latest,
+            (&s.name, s.max_parallelism, s.instance.count, s.parallelism),
+            layout_matches(graph, &plan, &m),
+            storage.url(),
+        )?;
         state = rt.block_on(read_checkpoint_state(storage, latest, &m))?;
         #[cfg(feature = "rocksdb")]
         crate::state::rocks::prune_local_cache(
@@ -844,12 +831,8 @@ fn settle_sinks(
     Ok(max_seen)
 }
 
-/// Every piece of a checkpoint must go somewhere: state (keyed state, operator state,
-/// source offsets) to an operator of the same name, output pending commit to a sink of
-/// the same name. What has no place means an operator was renamed or removed, and
-/// restoring without it would silently restart that state empty (or re-read a source
-/// from its beginning), so it is an error, unless the job allows it on purpose; then it
-/// is dropped with a warning.
+/// Every piece of a checkpoint must go somewhere (see [`restore`]): the job's
+/// operators, task heads and sinks as receivers, the decision made there.
 fn check_all_state_restores(
     graph: &Graph,
     s: &JobSettings,
@@ -857,116 +840,30 @@ fn check_all_state_restores(
     state: &mut RestoredState,
     pending: &mut Vec<crate::manifest::PendingCommit>,
 ) -> Result<()> {
-    for n in &graph.nodes {
-        let Some(old) = &n.restores else { continue };
-        // A task's records in flight follow its head's rename, whether or not that
-        // operator has state of its own (a sink, a union).
-        let (old_flight, new_flight) = (inflight::operator_of(old), inflight::operator_of(&n.op));
-        match (
-            state.operators.contains_key(&old_flight),
-            state.operators.contains_key(&new_flight),
-        ) {
-            (true, true) => {
-                return Err(Error::config(format!(
-                    "checkpoint {checkpoint} holds records in flight of both tasks '{old}' and \
-                     '{}'; task '{}' cannot replay those of '{old}' without dropping its own",
-                    n.op, n.op
-                )))
-            }
-            (true, false) => {
-                if let Some(snaps) = state.operators.remove(&old_flight) {
-                    state.operators.insert(new_flight, snaps);
-                }
-            }
-            _ => {}
-        }
-        match (
-            state.operators.contains_key(old),
-            state.operators.contains_key(&n.op),
-        ) {
-            (true, true) => {
-                return Err(Error::config(format!(
-                    "checkpoint {checkpoint} holds state of both '{old}' and '{}'; operator '{}' \
-                     cannot restore the state of '{old}' without dropping its own",
-                    n.op, n.op
-                )))
-            }
-            (true, false) => {
-                tracing::info!(operator = %n.op, from = %old, "restoring the state of a renamed operator");
-                if let Some(snaps) = state.operators.remove(old) {
-                    state.operators.insert(n.op.clone(), snaps);
-                }
-                if let Some(types) = state.types.remove(old) {
-                    state.types.insert(n.op.clone(), types);
-                }
-            }
-            // Renamed by an earlier run, or nothing to restore.
-            _ => {}
-        }
-    }
-    // Records in flight of an unaligned checkpoint are replayed by the task they were
-    // read by, so only the heads of this run's tasks with inputs take them: an operator
-    // chained into another task now (its parallelism changed) has no input of its own.
     let plan = Plan::new(graph, s.parallelism);
-    let in_flight: Vec<OperatorId> = plan
-        .heads
-        .iter()
-        .filter(|&&h| !graph.nodes[h].in_edges.is_empty())
-        .map(|&h| inflight::operator_of(&graph.nodes[h].op))
-        .collect();
-    let known: HashSet<&OperatorId> = graph
-        .nodes
-        .iter()
-        .map(|n| &n.op)
-        .chain(&in_flight)
-        .collect();
-    let sinks: HashSet<&OperatorId> = graph
-        .nodes
-        .iter()
-        .filter(|n| n.sink.is_some())
-        .map(|n| &n.op)
-        .collect();
-    let mut orphans: Vec<String> = state
-        .operators
-        .keys()
-        .filter(|op| !known.contains(op))
-        .map(|op| match inflight::task_of(op) {
-            Some(task) => format!("records in flight of task '{task}'"),
-            None => format!("state of operator '{op}'"),
-        })
-        .collect();
-    let mut orphan_sinks: Vec<String> = pending
-        .iter()
-        .filter(|p| !sinks.contains(&p.sink))
-        .map(|p| format!("output of sink '{}' not yet committed", p.sink))
-        .collect();
-    orphans.sort();
-    orphan_sinks.sort();
-    orphan_sinks.dedup();
-    orphans.extend(orphan_sinks);
-    if orphans.is_empty() {
-        return Ok(());
+    let receivers = restore::Receivers {
+        operators: (graph.nodes.iter())
+            .map(|n| (n.op.clone(), n.restores.clone()))
+            .collect(),
+        task_heads: (plan.heads.iter())
+            .filter(|&&h| !graph.nodes[h].in_edges.is_empty())
+            .map(|&h| graph.nodes[h].op.clone())
+            .collect(),
+        sinks: (graph.nodes.iter())
+            .filter(|n| n.sink.is_some())
+            .map(|n| n.op.clone())
+            .collect(),
+    };
+    let dropped = restore::place(
+        &receivers,
+        s.allow_non_restored_state,
+        checkpoint,
+        state,
+        pending,
+    )?;
+    if !dropped.is_empty() {
+        tracing::warn!(job = %s.name, %checkpoint, dropped = %dropped.join(", "), "dropping checkpointed state that no operator of the job restores (allow_non_restored_state)");
     }
-    if !s.allow_non_restored_state {
-        let flight = if orphans.iter().any(|o| o.starts_with("records in flight")) {
-            " (records in flight of an unaligned checkpoint are replayed by the task that \
-             read them: if a parallelism change chained that operator into another task, \
-             restore at the old parallelism, then take a savepoint, which is always \
-             aligned, before changing it)"
-        } else {
-            ""
-        };
-        return Err(Error::config(format!(
-            "checkpoint {checkpoint} holds {} that this job has no operator for: was an \
-             operator renamed or removed? Give it back its old name to restore it, or call \
-             JobBuilder::allow_non_restored_state() to drop it on purpose{flight}",
-            orphans.join(", ")
-        )));
-    }
-    tracing::warn!(job = %s.name, %checkpoint, dropped = %orphans.join(", "), "dropping checkpointed state that no operator of the job restores (allow_non_restored_state)");
-    state.operators.retain(|op, _| known.contains(op));
-    state.types.retain(|op, _| known.contains(op));
-    pending.retain(|p| sinks.contains(&p.sink));
     Ok(())
 }
 
@@ -1050,7 +947,6 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
         config: Arc::new(RuntimeConfig {
             batch_size: s.batch_size,
             buffer_timeout: s.buffer_timeout,
-            source_pacing: s.source_pacing,
             alignment,
             max_parallelism: s.max_parallelism,
             job: s.connector_job(),
@@ -1064,9 +960,6 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
         cancel: cancel.clone(),
         clock: s.clock.clone(),
         metrics: metrics.clone(),
-        crash: s
-            .inject_failure_after
-            .map(|_| Arc::new(AtomicBool::new(false))),
         backend: crate::state::BackendEnv {
             backend: s.backend.clone(),
             local_dir: run.local_dir.clone(),
@@ -1166,7 +1059,7 @@ fn run_attempt(run: &RunContext<'_>, report: &mut JobReport, first_attempt: bool
             commits: commit_tx,
             cancel: cancel.clone(),
             report,
-            crash: env.crash.clone().zip(s.inject_failure_after),
+            crash_after: s.inject_failure_after,
             completed_in_attempt: 0,
             lease,
             metrics: metrics.clone(),
@@ -1233,8 +1126,9 @@ struct Driver<'a> {
     commits: Sender<CommitJob>,
     cancel: Arc<AtomicBool>,
     report: &'a mut JobReport,
-    /// Injected failure: armed after this many checkpoints of the attempt.
-    crash: Option<(Arc<AtomicBool>, u64)>,
+    /// Injected failure: sent to the sources after this many checkpoints of the
+    /// attempt.
+    crash_after: Option<u64>,
     completed_in_attempt: u64,
     metrics: Arc<crate::metrics::Metrics>,
     lease: u64,
@@ -1713,9 +1607,9 @@ impl Driver<'_> {
             cb(&stats);
         }
         self.completed_in_attempt += 1;
-        if let Some((armed, after)) = &self.crash {
-            if self.completed_in_attempt >= *after {
-                armed.store(true, Ordering::SeqCst);
+        if self.crash_after == Some(self.completed_in_attempt) {
+            for tx in &self.controls {
+                let _ = tx.send(SourceControl::Fail);
             }
         }
         crate::telemetry::checkpoint_completed(&self.s.name, &stats);

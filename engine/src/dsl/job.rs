@@ -212,9 +212,10 @@ impl JobBuilder {
         self.aligned_checkpoint_timeout(Duration::ZERO)
     }
 
-    /// Fault injection for tests: after the `n`-th checkpoint completed in an attempt,
-    /// the next batch a source reads fails the attempt, as a crash in the middle of the
-    /// stream would. Used by [`crate::testing::ExactlyOnceCheck`].
+    /// Fault injection for tests: once the `n`-th checkpoint of an attempt completed,
+    /// the sources fail the attempt, as a crash in the middle of the stream would (a
+    /// source that already stopped for a savepoint ignores it). The driver tells the
+    /// sources on their control channel, so a job without it checks nothing per batch. Used by [`crate::testing::ExactlyOnceCheck`].
     pub fn inject_failure_after_checkpoint(mut self, n: u64) -> Self {
         self.s.inject_failure_after = Some(n);
         self
@@ -223,7 +224,18 @@ impl JobBuilder {
     /// Sleep this long after every batch a source reads: slows a job down so tests and
     /// demos can crash it mid-stream. Off by default.
     pub fn source_pacing(mut self, pause: Duration) -> Self {
-        self.s.source_pacing = Some(pause);
+        self.s.pacing.pause = Some(pause);
+        self
+    }
+
+    /// For tests: each source split reads at most `batches` batches, then nothing more
+    /// until a checkpoint completes. A crash injected after checkpoint `n`
+    /// ([`inject_failure_after_checkpoint`](Self::inject_failure_after_checkpoint))
+    /// then lands before a split's `(n + 1) · batches + 1`-th batch however fast the
+    /// machine is, so a test with more input than that crashes mid-stream every time,
+    /// with no sleeping and no retries. Needs periodic checkpoints. Off by default.
+    pub fn source_batches_per_checkpoint(mut self, batches: u32) -> Self {
+        self.s.pacing.batches_per_checkpoint = Some(batches.max(1));
         self
     }
 
@@ -566,7 +578,7 @@ impl Job {
                 on_checkpoint: None,
                 clock: Arc::new(crate::time::SystemClock),
                 inject_failure_after: None,
-                source_pacing: None,
+                pacing: Default::default(),
                 at_least_once: false,
                 aligned_timeout: None,
                 backend: StateBackend::Memory,
@@ -591,9 +603,20 @@ impl Job {
     pub fn source<S: Source>(&self, name: &str, source: S) -> Stream<S::Item> {
         let mut g = self.graph.lock();
         let node = g.add_node(OperatorId(name.to_string()));
-        g.nodes[node].source = Some(Arc::new(SourceNode {
-            source: Arc::new(source),
-        }));
+        // Pacing wraps the source only when asked for: the production path stays free
+        // of test knobs.
+        g.nodes[node].source = if self.settings.pacing.is_off() {
+            Some(Arc::new(SourceNode {
+                source: Arc::new(source),
+            }))
+        } else {
+            Some(Arc::new(SourceNode {
+                source: Arc::new(crate::plan::paced::Paced {
+                    inner: source,
+                    pacing: self.settings.pacing,
+                }),
+            }))
+        };
         drop(g);
         Stream::new(self.graph.clone(), node)
     }

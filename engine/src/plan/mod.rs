@@ -5,6 +5,7 @@
 //! added, and the builder downcasts with the same types when a task is assembled, so the
 //! operators that run are fully monomorphised.
 
+pub(crate) mod paced;
 pub(crate) mod repartition;
 mod source_node;
 

@@ -182,6 +182,11 @@ impl<S: Source> SourceHead<S> {
                 self.stay_stopped()?;
                 Ok(true)
             }
+            SourceControl::Fail => Err(Error::Operator {
+                operator: self.operator.clone(),
+                subtask: self.key.subtask,
+                source: "injected failure".into(),
+            }),
         }
     }
 
@@ -198,7 +203,8 @@ impl<S: Source> SourceHead<S> {
                     self.barrier(id)?
                 }
                 Ok(SourceControl::Completed { id }) => self.announce(id),
-                Err(RecvTimeoutError::Timeout) => {}
+                // Stopped: an injected failure no longer lands mid-stream.
+                Ok(SourceControl::Fail) | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err(Error::Cancelled),
             }
         }
@@ -243,6 +249,7 @@ impl<S: Source> SourceHead<S> {
                     }
                 }
                 Ok(SourceControl::Trigger { .. } | SourceControl::Stop { .. })
+                | Ok(SourceControl::Fail)
                 | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
@@ -485,18 +492,6 @@ impl<S: Source> TaskHead for SourceHead<S> {
             match self.readers[i].reader.poll_batch(&mut buf, batch_size)? {
                 SourcePoll::Ready => {
                     idle_in_row = 0;
-                    if self
-                        .env
-                        .crash
-                        .as_ref()
-                        .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-                    {
-                        return Err(Error::Operator {
-                            operator: self.operator.clone(),
-                            subtask: self.key.subtask,
-                            source: "injected failure".into(),
-                        });
-                    }
                     self.records.add(buf.len() as u64);
                     self.observe(i, &buf);
                     // A push can block for long under backpressure, which is when the
@@ -507,9 +502,6 @@ impl<S: Source> TaskHead for SourceHead<S> {
                     self.backlog_countdown = self.backlog_countdown.wrapping_sub(1) & 15;
                     self.out.push(&mut buf)?;
                     self.emit_watermark()?;
-                    if let Some(pause) = self.env.config.source_pacing {
-                        std::thread::sleep(pause);
-                    }
                 }
                 SourcePoll::End => {
                     self.readers[i].done = true;

@@ -310,6 +310,10 @@ pub(crate) enum SourceControl {
     Stop {
         id: CheckpointId,
     },
+    /// Fail the attempt as a crash would (a test's injected failure: see
+    /// `JobBuilder::inject_failure_after_checkpoint`). Handled where the source reads
+    /// or waits for input; ignored once it stopped or finished.
+    Fail,
 }
 
 /// Tuning knobs shared by every task.
@@ -317,7 +321,6 @@ pub(crate) enum SourceControl {
 pub(crate) struct RuntimeConfig {
     pub batch_size: usize,
     pub buffer_timeout: Duration,
-    pub source_pacing: Option<Duration>,
     /// How tasks with several inputs align barriers.
     pub alignment: crate::aligner::Mode,
     pub max_parallelism: u16,
@@ -340,8 +343,6 @@ pub(crate) struct TaskEnv {
     pub cancel: Arc<AtomicBool>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Set by the driver when an injected failure is due (tests only).
-    pub crash: Option<Arc<AtomicBool>>,
     /// The keyed state backend and what it needs.
     pub backend: crate::state::BackendEnv,
     /// Checkpoints that must stay aligned.
