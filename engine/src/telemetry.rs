@@ -75,6 +75,10 @@ pub(crate) const INPUT_FILL_PERMILLE: &str = "input_fill_permille";
 pub(crate) const WATERMARK_LAG_MS: &str = "watermark_lag_ms";
 /// Gauge of a source task: records of its splits not read yet, where its readers know.
 pub(crate) const SOURCE_BACKLOG: &str = "source_backlog_records";
+/// Counter of an input task: the most batches it held read ahead on one input while
+/// capturing records in flight (summed over its subtasks; at most the channel capacity
+/// each).
+pub(crate) const READ_AHEAD_PEAK: &str = "read_ahead_peak_batches";
 /// Counter of an input task: nanoseconds its operators spent on batches.
 pub(crate) const BUSY_NS: &str = "busy_ns";
 

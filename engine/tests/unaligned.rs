@@ -327,3 +327,87 @@ fn records_in_flight_follow_a_renamed_task_without_state() {
     assert_eq!(report.restored_from, Some(id));
     all_records_once(&sink);
 }
+
+/// A sender that emits far more before its barrier than a channel holds (one source
+/// batch fans out into 500 batches): the capture reads ahead at most a channel's
+/// capacity of batches and processes those before reading on, so memory stays bounded,
+/// and the checkpoint still completes with every record once.
+#[test]
+fn reading_ahead_holds_at_most_a_channels_capacity() {
+    const SEEDS: u64 = 64;
+    const FAN: u64 = 500;
+    const SMALL: usize = 4;
+    let gate = new_gate();
+    let sink = CollectSink::new();
+    let job = Job::builder("read-ahead")
+        .checkpoint_storage("memory://")
+        .parallelism(1)
+        .batch_size(BATCH)
+        .channel_capacity(SMALL)
+        .unaligned_checkpoints()
+        .restart_policy(RestartPolicy::none())
+        .build()
+        .unwrap();
+    job.source("seeds", VecSource::new((0..SEEDS).collect()))
+        .flat_map(|s: u64| s * FAN..(s + 1) * FAN)
+        .key_by(|r: &u64| r % 7)
+        .process(gate.clone())
+        .name("gated")
+        .map(|o: (u64, u64, u64)| o.1)
+        .sink("out", sink.clone());
+    let handle = job.start().unwrap();
+    // The gate's first batch of permits is used: the operator waits inside its second
+    // batch, and the source inside the fan-out of its first, with the channel full.
+    until(|| gate.processed.load(Ordering::SeqCst) == BATCH as u64);
+    let id = std::thread::scope(|s| {
+        let asked = s.spawn(|| handle.checkpoint());
+        // A batch at a time until the operator has seen the checkpoint and reads ahead,
+        // then twenty more while it does; then everything may run.
+        let peak = || {
+            (handle.metrics())
+                .get("gated.read_ahead_peak_batches")
+                .copied()
+                .unwrap_or(0)
+        };
+        let mut given = BATCH as u64;
+        let mut step = |batches: u64| {
+            given += batches * BATCH as u64;
+            gate.permits
+                .fetch_add(batches * BATCH as u64, Ordering::SeqCst);
+            until(|| gate.processed.load(Ordering::SeqCst) >= given);
+        };
+        while peak() == 0 {
+            step(1);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        step(20);
+        gate.open.store(true, Ordering::SeqCst);
+        asked.join().unwrap()
+    })
+    .unwrap();
+    let report = handle.wait().unwrap();
+    let stats = (report.checkpoints.iter())
+        .find(|c| c.id == id)
+        .expect("the asked checkpoint is reported");
+    assert!(
+        !stats.unaligned_tasks.is_empty(),
+        "the checkpoint went unaligned"
+    );
+    let peak = report.metrics["gated.read_ahead_peak_batches"];
+    println!(
+        "read ahead at most {peak} batches; {} bytes in flight stored",
+        stats.inflight_bytes
+    );
+    assert!(
+        (1..=SMALL as u64).contains(&peak),
+        "{peak} batches read ahead at once; the channel holds {SMALL}"
+    );
+    let mut got = sink.committed();
+    got.sort_unstable();
+    assert!(
+        got == (0..SEEDS * FAN).collect::<Vec<u64>>(),
+        "{} outputs for {} records",
+        got.len(),
+        SEEDS * FAN
+    );
+}

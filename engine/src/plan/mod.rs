@@ -152,6 +152,7 @@ impl<I: Data> ErasedInput for NodeInput<I> {
         let metrics = &ctx.env.metrics;
         let records_in = metrics.counter(&key.task.0, "records_in");
         let busy_ns = metrics.counter(&key.task.0, crate::telemetry::BUSY_NS);
+        let read_ahead_peak = metrics.counter(&key.task.0, crate::telemetry::READ_AHEAD_PEAK);
         let fill = metrics.gauge(
             &key.task.0,
             crate::telemetry::INPUT_FILL_PERMILLE,
@@ -174,6 +175,7 @@ impl<I: Data> ErasedInput for NodeInput<I> {
             env: ctx.env.clone(),
             records_in,
             busy_ns,
+            read_ahead_peak,
             fill,
             lag,
         }))

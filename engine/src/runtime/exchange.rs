@@ -124,15 +124,34 @@ impl<T: Data, P: Partitioner<T>> ExchangeOut<T, P> {
 impl<T: Data, P: Partitioner<T>> Collector<T> for ExchangeOut<T, P> {
     fn push(&mut self, batch: &mut Vec<T>) -> Result<()> {
         let n = self.senders.len();
+        let size = self.batch_size;
         if n == 1 {
+            if batch.len() > size {
+                // An operator that fans out (a flat_map, a window firing) hands over more
+                // than a batch: it goes in batches, so a channel never holds more than
+                // its capacity times the batch size, which bounds what an aligned
+                // checkpoint waits for and an unaligned one stores.
+                self.send_buffer(0)?;
+                let mut records = batch.drain(..);
+                while records.len() >= size {
+                    let mut chunk = self.pool.take();
+                    chunk.extend(records.by_ref().take(size));
+                    send_blocking(&self.senders[0], Message::Batch(chunk), &self.cancel)?;
+                }
+                self.buffers[0].extend(records);
+                return Ok(());
+            }
+            if self.buffers[0].len() + batch.len() > size {
+                self.send_buffer(0)?;
+            }
             // Forward edge: move the whole batch when the buffer is empty, and leave
             // the caller a recycled one to fill next.
-            if self.buffers[0].is_empty() && batch.len() >= self.batch_size / 2 {
+            if self.buffers[0].is_empty() && batch.len() >= size / 2 {
                 let b = std::mem::replace(batch, self.pool.take());
                 return send_blocking(&self.senders[0], Message::Batch(b), &self.cancel);
             }
             self.buffers[0].append(batch);
-            if self.buffers[0].len() >= self.batch_size {
+            if self.buffers[0].len() >= size {
                 self.send_buffer(0)?;
             }
             return Ok(());
@@ -180,5 +199,53 @@ impl<T: Data, P: Partitioner<T>> Collector<T> for ExchangeOut<T, P> {
 
     fn tick(&mut self, _now: Timestamp) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ExchangeOut, RoundRobin};
+    use crate::runtime::{BatchPool, Collector, Message};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    /// What one receiver gets for `pushes` on a forward edge with batches of 16.
+    fn forwarded(pushes: &[std::ops::Range<u32>]) -> Vec<Vec<u32>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut out = ExchangeOut::new(
+            vec![tx],
+            BatchPool::new(4, 16),
+            Vec::new(),
+            RoundRobin(0),
+            16,
+            Arc::new(AtomicBool::new(false)),
+        );
+        for r in pushes {
+            out.push(&mut r.clone().collect()).unwrap();
+        }
+        out.flush().unwrap();
+        drop(out);
+        rx.iter()
+            .map(|m| match m {
+                Message::Batch(b) => b,
+                _ => panic!("only batches were sent"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_forward_edge_never_sends_more_than_a_batch_at_once() {
+        // A fan-out of 100 records after 5 buffered ones, then small and half batches.
+        let got = forwarded(&[0..5, 5..105, 105..108, 108..120, 120..130]);
+        assert!(
+            got.iter().all(|b| !b.is_empty() && b.len() <= 16),
+            "batch sizes {:?}",
+            got.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            got.concat(),
+            (0..130).collect::<Vec<u32>>(),
+            "in order, once"
+        );
     }
 }

@@ -551,6 +551,8 @@ pub(crate) struct InputHead<T> {
     pub records_in: crate::metrics::Counter,
     /// Time spent in the operators on batches (`<task>.busy_ns`).
     pub busy_ns: crate::metrics::Counter,
+    /// The most batches read ahead on one input (`<task>.read_ahead_peak_batches`).
+    pub read_ahead_peak: crate::metrics::Counter,
     /// Batches queued on the inputs over their capacity, in thousandths, and the
     /// clock's time minus the task's event time: sampled every buffer timeout.
     pub fill: crate::metrics::Gauge,
@@ -614,6 +616,8 @@ struct Inputs<T> {
     /// When the checkpoint being aligned reached the task.
     since: Option<Instant>,
     capture: Option<Capture>,
+    /// The most batches `ahead` has held on one input.
+    peak: usize,
 }
 
 impl<T: Data> InputHead<T> {
@@ -776,13 +780,17 @@ impl<T: Data> InputHead<T> {
 
     /// Read inputs being captured ahead to their barrier, storing what is in front of
     /// it, without processing it yet: the barrier is found at once, and the senders are
-    /// not held back on their way to theirs.
+    /// not held back on their way to theirs. At most a channel's capacity of batches is
+    /// held per input: past that, what was read ahead is processed first (memory stays
+    /// bounded however much a sender emits before its barrier).
     /// Returns whether a barrier was taken (which can change what may be read: the
     /// select set must be rebuilt).
     fn read_ahead(&mut self, inp: &mut Inputs<T>, rx: &[Receiver<Message<T>>]) -> Result<bool> {
         let mut stepped = false;
         for (i, rx) in rx.iter().enumerate() {
+            let cap = rx.capacity().unwrap_or(usize::MAX).max(1);
             while inp.aligner.drain(i)
+                && inp.ahead[i].len() < cap
                 && !matches!(
                     inp.ahead[i].back(),
                     Some(Message::Barrier(_) | Message::End)
@@ -810,6 +818,11 @@ impl<T: Data> InputHead<T> {
             Message::Batch(b) => {
                 self.capture(inp, i, &b)?;
                 inp.ahead[i].push_back(Message::Batch(b));
+                let held = inp.ahead[i].len();
+                if held > inp.peak {
+                    self.read_ahead_peak.add((held - inp.peak) as u64);
+                    inp.peak = held;
+                }
                 Ok(false)
             }
             other => {
@@ -831,6 +844,7 @@ impl<T: Data> TaskHead for InputHead<T> {
             aligner: BarrierAligner::new(n, self.env.config.alignment),
             since: None,
             capture: None,
+            peak: 0,
         };
         let lane = self.lane.take();
         let unaligned = matches!(self.env.config.alignment, Mode::Unaligned { .. });
