@@ -113,16 +113,49 @@ impl<R: SourceReader> SourceReader for PacedReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::SubtaskIndex;
-    use crate::testing::VecSource;
+    use crate::ids::{OperatorId, SubtaskIndex};
 
-    fn reader(pacing: Pacing) -> PacedReader<crate::testing::VecReader<u32>> {
+    /// The numbers `0..100` in one split.
+    struct Numbers;
+
+    struct NumbersReader(u32);
+
+    impl Source for Numbers {
+        type Item = u32;
+        type Offset = u32;
+        type Reader = NumbersReader;
+        fn splits(&self) -> Result<Vec<String>> {
+            Ok(vec!["0".into()])
+        }
+        fn open(&self, _: &str, from: Option<u32>, _: &SourceContext) -> Result<NumbersReader> {
+            Ok(NumbersReader(from.unwrap_or(0)))
+        }
+    }
+
+    impl SourceReader for NumbersReader {
+        type Item = u32;
+        type Offset = u32;
+        fn poll_batch(&mut self, out: &mut Vec<u32>, max: usize) -> Result<SourcePoll> {
+            if self.0 == 100 {
+                return Ok(SourcePoll::End);
+            }
+            let to = 100.min(self.0 + max as u32);
+            out.extend(self.0..to);
+            self.0 = to;
+            Ok(SourcePoll::Ready)
+        }
+        fn offset(&self) -> u32 {
+            self.0
+        }
+    }
+
+    fn reader(pacing: Pacing) -> PacedReader<NumbersReader> {
         let source = Paced {
-            inner: VecSource::new((0..100).collect::<Vec<u32>>()),
+            inner: Numbers,
             pacing,
         };
         let ctx = SourceContext {
-            operator: crate::ids::OperatorId("numbers".into()),
+            operator: OperatorId("numbers".into()),
             subtask: SubtaskIndex(0),
         };
         source.open("0", None, &ctx).unwrap()
