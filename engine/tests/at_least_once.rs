@@ -12,82 +12,30 @@ use std::time::{Duration, Instant};
 
 const N: u64 = 10_000;
 
-/// Emits `0..N/2`, then nothing until a checkpoint barrier has passed that point (its
-/// offset was taken), then `N/2..N`: the second half is certainly behind a barrier.
-#[derive(Clone)]
-struct AfterBarrier;
+/// A source of one split whose reader `make` builds from the offset to start at.
+struct OneSplit<F>(F);
 
-struct AfterBarrierReader {
-    next: u64,
-    barrier_seen: AtomicBool,
-}
-
-impl Source for AfterBarrier {
+impl<F, R> Source for OneSplit<F>
+where
+    F: Fn(Option<u64>) -> R + Send + Sync + 'static,
+    R: SourceReader<Item = u64, Offset = u64>,
+{
     type Item = u64;
     type Offset = u64;
-    type Reader = AfterBarrierReader;
+    type Reader = R;
     fn splits(&self) -> Result<Vec<String>> {
         Ok(vec!["0".into()])
     }
-    fn open(&self, _: &str, from: Option<u64>, _: &SourceContext) -> Result<AfterBarrierReader> {
-        Ok(AfterBarrierReader {
-            next: from.unwrap_or(0),
-            barrier_seen: AtomicBool::new(false),
-        })
-    }
-}
-
-impl SourceReader for AfterBarrierReader {
-    type Item = u64;
-    type Offset = u64;
-    fn poll_batch(&mut self, out: &mut Vec<u64>, max: usize) -> Result<SourcePoll> {
-        let end = if self.next < N / 2 {
-            N / 2
-        } else if self.barrier_seen.load(Ordering::SeqCst) {
-            N
-        } else {
-            return Ok(SourcePoll::Idle);
-        };
-        if self.next == N {
-            return Ok(SourcePoll::End);
-        }
-        let to = end.min(self.next + max as u64);
-        out.extend(self.next..to);
-        self.next = to;
-        Ok(SourcePoll::Ready)
-    }
-    fn offset(&self) -> u64 {
-        // Called when a barrier is injected, before it is sent on.
-        if self.next == N / 2 {
-            self.barrier_seen.store(true, Ordering::SeqCst);
-        }
-        self.next
+    fn open(&self, _: &str, from: Option<u64>, _: &SourceContext) -> Result<R> {
+        Ok((self.0)(from))
     }
 }
 
 /// Emits `N..N + 10` once its gate opens, blocking inside `poll_batch` until then, so
 /// its task cannot inject a barrier (at most a minute, so a failing test ends).
-#[derive(Clone)]
-struct Blocked(Arc<(Mutex<bool>, Condvar)>);
-
 struct BlockedReader {
     gate: Arc<(Mutex<bool>, Condvar)>,
     next: u64,
-}
-
-impl Source for Blocked {
-    type Item = u64;
-    type Offset = u64;
-    type Reader = BlockedReader;
-    fn splits(&self) -> Result<Vec<String>> {
-        Ok(vec!["0".into()])
-    }
-    fn open(&self, _: &str, from: Option<u64>, _: &SourceContext) -> Result<BlockedReader> {
-        Ok(BlockedReader {
-            gate: self.0.clone(),
-            next: from.unwrap_or(N),
-        })
-    }
 }
 
 impl SourceReader for BlockedReader {
@@ -123,8 +71,27 @@ fn an_input_whose_barrier_arrived_keeps_flowing_while_another_is_held_up() {
         .build()
         .unwrap();
     let out = CollectSink::new();
-    let a = job.source("a", AfterBarrier);
-    let b = job.source("b", Blocked(gate.clone()));
+    // The second half of `a` is released by the barrier that passes its first half.
+    let passed = Gate::default();
+    let halves = Halves {
+        rest: passed.clone(),
+        at_half: passed,
+    };
+    let a = job.source(
+        "a",
+        OneSplit(move |from: Option<u64>| HalvesReader {
+            s: halves.clone(),
+            next: from.unwrap_or(0),
+        }),
+    );
+    let blocked = gate.clone();
+    let b = job.source(
+        "b",
+        OneSplit(move |from: Option<u64>| BlockedReader {
+            gate: blocked.clone(),
+            next: from.unwrap_or(N),
+        }),
+    );
     let seen = seen_after_barrier.clone();
     a.union(&b)
         .map(move |x| {
@@ -234,21 +201,6 @@ struct HalvesReader {
     next: u64,
 }
 
-impl Source for Halves {
-    type Item = u64;
-    type Offset = u64;
-    type Reader = HalvesReader;
-    fn splits(&self) -> Result<Vec<String>> {
-        Ok(vec!["0".into()])
-    }
-    fn open(&self, _: &str, from: Option<u64>, _: &SourceContext) -> Result<HalvesReader> {
-        Ok(HalvesReader {
-            s: self.clone(),
-            next: from.unwrap_or(0),
-        })
-    }
-}
-
 impl SourceReader for HalvesReader {
     type Item = u64;
     type Offset = u64;
@@ -287,21 +239,6 @@ struct Late {
 struct LateReader {
     s: Late,
     next: u64,
-}
-
-impl Source for Late {
-    type Item = u64;
-    type Offset = u64;
-    type Reader = LateReader;
-    fn splits(&self) -> Result<Vec<String>> {
-        Ok(vec!["0".into()])
-    }
-    fn open(&self, _: &str, from: Option<u64>, _: &SourceContext) -> Result<LateReader> {
-        Ok(LateReader {
-            s: self.clone(),
-            next: from.unwrap_or(N),
-        })
-    }
 }
 
 impl SourceReader for LateReader {
@@ -358,19 +295,27 @@ fn after_a_crash_records_read_past_a_barrier_are_duplicated_and_nothing_is_lost(
         .build()
         .unwrap();
     let out = CollectSink::new();
+    let halves = Halves {
+        rest: rest.clone(),
+        at_half: at_half.clone(),
+    };
     let a = job.source(
         "a",
-        Halves {
-            rest: rest.clone(),
-            at_half: at_half.clone(),
-        },
+        OneSplit(move |from: Option<u64>| HalvesReader {
+            s: halves.clone(),
+            next: from.unwrap_or(0),
+        }),
     );
+    let late = Late {
+        first: first.clone(),
+        second: second.clone(),
+    };
     let b = job.source(
         "b",
-        Late {
-            first: first.clone(),
-            second: second.clone(),
-        },
+        OneSplit(move |from: Option<u64>| LateReader {
+            s: late.clone(),
+            next: from.unwrap_or(N),
+        }),
     );
     let (counted, armed) = (seen.clone(), crash.clone());
     a.union(&b)
