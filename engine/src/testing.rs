@@ -654,11 +654,16 @@ impl ExactlyOnceCheck {
         T: Data + Ord + std::fmt::Debug,
         B: Fn(&crate::dsl::Job, &CollectSink<T>),
     {
-        self.run_once(name, &build)
+        self.stages_against_golden(name, &build)
             .map_err(|e| format!("{name}: {e}"))
     }
 
-    fn run_once<T, B>(&self, name: &str, build: &B) -> std::result::Result<CheckReport, String>
+    /// The failure-free run, then the stages; the first difference as an error.
+    fn stages_against_golden<T, B>(
+        &self,
+        name: &str,
+        build: &B,
+    ) -> std::result::Result<CheckReport, String>
     where
         T: Data + Ord + std::fmt::Debug,
         B: Fn(&crate::dsl::Job, &CollectSink<T>),
