@@ -104,6 +104,14 @@ pub trait Source: Send + Sync + 'static {
         let _ = split;
         None
     }
+
+    /// Whether this source's readers know their splits' event time from the data itself
+    /// ([`SourceReader::watermark`]) rather than from a
+    /// [`crate::time::WatermarkStrategy`]: a repartition topic, whose writers leave
+    /// their watermarks in it. The default: no.
+    fn watermarks_from_readers(&self) -> bool {
+        false
+    }
 }
 
 /// Reads one split of a [`Source`].
@@ -139,6 +147,15 @@ pub trait SourceReader: 'static {
     /// must not block. The default knows nothing.
     fn backlog(&self) -> Option<u64> {
         None
+    }
+
+    /// The split's watermark as far as the reader has read, for a source whose readers
+    /// know it ([`Source::watermarks_from_readers`]): `Some(t)` (`Timestamp::MIN`
+    /// while not known yet), or `None` while the split is idle (nothing will arrive
+    /// for now that could be late). Merged over a subtask's splits as a minimum, idle
+    /// ones left out. Asked after every batch: keep it cheap. The default: not known.
+    fn watermark(&self) -> Option<crate::time::Timestamp> {
+        Some(crate::time::Timestamp::MIN)
     }
 }
 
@@ -241,6 +258,21 @@ pub trait SinkWriter: 'static {
     /// `max_sink_wait`. A writer that stages synchronously has nothing to report.
     fn last_pre_commit_wait(&self) -> std::time::Duration {
         std::time::Duration::ZERO
+    }
+
+    /// Event time reached this sink: records written from now on have timestamps from
+    /// `wm` on (or are late). Most sinks have no use for it; the repartition sink of a
+    /// job across instances carries it to the instances that read what it writes. The
+    /// default ignores it.
+    fn watermark(&mut self, wm: crate::time::Timestamp) -> Result<()> {
+        let _ = wm;
+        Ok(())
+    }
+
+    /// Every input of this sink is idle: until the next [`SinkWriter::watermark`], its
+    /// event time should not hold anyone back. The default ignores it.
+    fn idle(&mut self) -> Result<()> {
+        Ok(())
     }
 }
 

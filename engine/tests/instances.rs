@@ -388,8 +388,8 @@ fn owned_counts(outs: &[CollectSink<(u64, u64)>]) -> Vec<(u64, u64)> {
 }
 
 /// Mistakes refused before anything runs: a `key_by` with no way to reach the other
-/// instances, event time that would not cross them, an unnamed or renamed keyed
-/// operator (its topic is named after it), an instance outside the count.
+/// instances, an unnamed or renamed keyed operator (its topic is named after it), an
+/// instance outside the count.
 #[test]
 fn instance_mistakes_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -444,25 +444,6 @@ fn instance_mistakes_are_refused_with_the_reason() {
     let e = job.run().unwrap_err().to_string();
     assert!(e.contains("restores the state of 'count'"), "{e}");
 
-    let job = builder()
-        .repartition_through(MemoryTopics::default())
-        .build()
-        .unwrap();
-    job.source("events", VecSource::new(vec![1i64, 2]))
-        .with_watermarks(WatermarkStrategy::bounded_out_of_orderness(
-            Duration::from_secs(1),
-            |t: &i64| *t,
-        ))
-        .key_by(|t: &i64| *t)
-        .process_fn(|t: i64, ctx: &mut KeyedContext<'_, i64, i64>| {
-            ctx.emit(t);
-            Ok(())
-        })
-        .name("windowed")
-        .sink("out", CollectSink::new());
-    let e = job.run().unwrap_err().to_string();
-    assert!(e.contains("event time does not cross instances"), "{e}");
-
     let e = Job::builder("mistakes")
         .instance(2, 2)
         .checkpoint_storage(storage)
@@ -471,4 +452,210 @@ fn instance_mistakes_are_refused_with_the_reason() {
         .expect("instance 2 of 2 is refused")
         .to_string();
     assert!(e.contains("below the number of instances"), "{e}");
+}
+
+/// Event time across instances: per key, 1 s tumbling windows counted with event-time
+/// timers behind a repartition topic. Each of the 8 splits holds its own stretch of
+/// time, 100 s apart, so the writers' watermarks are far apart: a reader that let one
+/// writer's watermark stand for all (or kept watermarks of the deployment before a
+/// rescale) would fire windows before the slower writers' records arrive, which then
+/// count twice or late. Every window must be counted once, equal to the batch count.
+#[test]
+fn event_time_crosses_instances_and_rescales() {
+    let dir = tempfile::tempdir().unwrap();
+    let topics = MemoryTopics::default();
+    let late = Arc::new(Mutex::new(0u64));
+    let outs = [CollectSink::new(), CollectSink::new()];
+    let jobs = (0..2)
+        .map(|i| windowed(i, 2, dir.path(), &topics, &outs[i], None, &late))
+        .collect();
+    let first = batch_windows(0);
+    run_until_windows(jobs, &outs, first.len(), "two");
+    assert_windows(&outs, &first);
+    assert_eq!(
+        *late.lock().unwrap(),
+        0,
+        "records arrived after their window fired"
+    );
+
+    // Three instances from the savepoint with a new source, later in time: the two's
+    // watermarks (at the end of time, their input done) must not fire its windows.
+    let outs = [CollectSink::new(), CollectSink::new(), CollectSink::new()];
+    let jobs = (0..3)
+        .map(|i| windowed(i, 3, dir.path(), &topics, &outs[i], Some("two"), &late))
+        .collect();
+    let second = batch_windows(1);
+    run_until_windows(jobs, &outs, second.len(), "three");
+    assert_windows(&outs, &second);
+    assert_eq!(
+        *late.lock().unwrap(),
+        0,
+        "records arrived after their window fired"
+    );
+}
+
+const WINDOW_MS: i64 = 1_000;
+const SPLITS: u64 = 8;
+const PER_SPLIT: u64 = 600;
+const WINDOW_KEYS: u64 = 7;
+
+/// Input `round` (0: the first source, 1: the one added after the rescale): record `r`
+/// is in split `r % 8` (the test source deals round-robin), its timestamp 10 ms after
+/// its split's previous one, each split starting 100 s after the one before, up to
+/// 40 ms out of order.
+fn timed_events(round: u64) -> Vec<(i64, u64)> {
+    (0..SPLITS * PER_SPLIT)
+        .map(|r| {
+            let (split, seq) = (r % SPLITS, r / SPLITS);
+            let jitter = [0, 40, 10, 30, 20][(seq % 5) as usize];
+            let ts = (round * 1_000 + split * 100) as i64 * 1_000 + seq as i64 * 10 + jitter;
+            (ts, seq % WINDOW_KEYS)
+        })
+        .collect()
+}
+
+/// The window counts of input `round`, computed in one pass: (key, window start, count).
+fn batch_windows(round: u64) -> Vec<(u64, i64, u64)> {
+    let mut m = std::collections::BTreeMap::new();
+    for (ts, key) in timed_events(round) {
+        *m.entry((key, ts.div_euclid(WINDOW_MS) * WINDOW_MS))
+            .or_insert(0) += 1;
+    }
+    m.into_iter().map(|((k, w), n)| (k, w, n)).collect()
+}
+
+const WINDOW_COUNTS: MapState<i64, u64> = MapState::new("window-counts");
+
+/// Counts each key's records per 1 s window, emitted when the watermark passes the
+/// window's end; a record whose window has already fired is counted in `late`.
+#[derive(Clone)]
+struct WindowCount {
+    late: Arc<Mutex<u64>>,
+}
+
+impl KeyedProcessFunction<u64, (i64, u64)> for WindowCount {
+    type Out = (u64, i64, u64);
+
+    fn process(
+        &mut self,
+        (ts, _): (i64, u64),
+        ctx: &mut KeyedContext<'_, u64, (u64, i64, u64)>,
+    ) -> std::result::Result<(), BoxError> {
+        let start = ts.div_euclid(WINDOW_MS) * WINDOW_MS;
+        let end = start + WINDOW_MS - 1;
+        if end <= ctx.current_watermark() {
+            *self.late.lock().unwrap() += 1;
+        }
+        let n = ctx.map_get(WINDOW_COUNTS, &start)?.unwrap_or(0) + 1;
+        ctx.map_put(WINDOW_COUNTS, &start, &n)?;
+        ctx.register_event_time_timer(end);
+        Ok(())
+    }
+
+    fn on_timer(
+        &mut self,
+        t: Timer,
+        ctx: &mut KeyedContext<'_, u64, (u64, i64, u64)>,
+    ) -> std::result::Result<(), BoxError> {
+        let start = t.time + 1 - WINDOW_MS;
+        if let Some(n) = ctx.map_get(WINDOW_COUNTS, &start)? {
+            ctx.map_remove(WINDOW_COUNTS, &start)?;
+            ctx.emit((*ctx.key(), start, n));
+        }
+        Ok(())
+    }
+}
+
+/// Instance `index` of `count` of the windowed job; from a savepoint, it reads the
+/// second input instead of the first (whose splits the savepoint has finished).
+fn windowed(
+    index: usize,
+    count: usize,
+    dir: &std::path::Path,
+    topics: &MemoryTopics,
+    out: &CollectSink<(u64, i64, u64)>,
+    from_savepoint: Option<&str>,
+    late: &Arc<Mutex<u64>>,
+) -> Job {
+    let mut builder = Job::builder("windows")
+        .instance(index, count)
+        .parallelism(2)
+        .batch_size(50)
+        .checkpoint_every(Duration::from_millis(20))
+        // Each split reads one batch per checkpoint: the fast and the slow splits stay
+        // apart for the whole run.
+        .source_batches_per_checkpoint(1)
+        .checkpoint_storage(dir.to_str().unwrap())
+        .repartition_through(topics.clone());
+    if let Some(name) = from_savepoint {
+        builder = builder.restore_from_savepoint(name);
+    }
+    let job = builder.build().unwrap();
+    let source = |name: &str, round: u64| {
+        job.source(
+            name,
+            VecSource::new(timed_events(round)).with_splits(SPLITS as usize),
+        )
+        .with_watermarks(WatermarkStrategy::bounded_out_of_orderness(
+            Duration::from_millis(50),
+            |e: &(i64, u64)| e.0,
+        ))
+    };
+    let mut input = source("events", 0);
+    if from_savepoint.is_some() {
+        input = input.union(&source("later", 1));
+    }
+    input
+        .key_by(|e: &(i64, u64)| e.1)
+        .process(WindowCount { late: late.clone() })
+        .name("window-count")
+        .sink("out", out.clone());
+    job
+}
+
+fn run_until_windows(
+    jobs: Vec<Job>,
+    outs: &[CollectSink<(u64, i64, u64)>],
+    expected: usize,
+    savepoint: &str,
+) {
+    let handles: Vec<_> = jobs.into_iter().map(|j| j.start().unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while outs.iter().map(|o| o.committed().len()).sum::<usize>() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "the windows did not all fire: {} of {expected}",
+            outs.iter().map(|o| o.committed().len()).sum::<usize>()
+        );
+        assert!(
+            handles.iter().all(|h| !h.is_finished()),
+            "an instance ended by itself"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for h in &handles {
+        h.stop_with_savepoint(savepoint);
+    }
+    for h in handles {
+        h.wait().unwrap();
+    }
+}
+
+/// The committed window counts equal `expected`; if not, the first differences.
+fn assert_windows(outs: &[CollectSink<(u64, i64, u64)>], expected: &[(u64, i64, u64)]) {
+    let mut all: Vec<_> = outs.iter().flat_map(|o| o.committed()).collect();
+    all.sort();
+    if all != expected {
+        let missing: Vec<_> = expected.iter().filter(|w| !all.contains(w)).collect();
+        let extra: Vec<_> = all.iter().filter(|w| !expected.contains(w)).collect();
+        panic!(
+            "{} window counts committed, {} expected; {} missing, first {:?}; {} wrong, first {:?}",
+            all.len(),
+            expected.len(),
+            missing.len(),
+            &missing[..missing.len().min(5)],
+            extra.len(),
+            &extra[..extra.len().min(5)]
+        );
+    }
 }

@@ -122,7 +122,12 @@ pub(crate) fn run(graph: &mut Graph, s: &JobSettings) -> Result<JobReport> {
     } else {
         None
     };
-    crate::plan::repartition::bind(graph, &s.name, s.max_parallelism, s.instance)?;
+    crate::plan::repartition::bind(
+        graph,
+        &s.name,
+        (s.max_parallelism, s.parallelism),
+        s.instance,
+    )?;
     let graph: &Graph = graph;
     validate(graph, s)?;
     #[cfg(feature = "prometheus")]

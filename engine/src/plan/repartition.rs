@@ -13,6 +13,21 @@
 //! Everything here is typed at the edges and erased in the middle: the repartitioner
 //! knows bytes, the two nodes know the stream's type. The crossing costs an encoding
 //! and an allocation per record on each side, next to which the network hop dominates.
+//!
+//! **Event time crosses too.** A payload's first byte says what it is: a record, or a
+//! watermark. At each barrier, a writer whose event time changed since it last said so
+//! writes its watermark (or that it is idle) into every partition, in the same
+//! transaction as its records, so a watermark is visible exactly when the records
+//! before it are. A reader keeps, per partition, the last watermark of every writer of
+//! the deployment it belongs to (`instances × writing subtasks`, known when the job is
+//! bound) and reports their minimum, idle writers left out; a partition is idle when
+//! every writer is. Watermarks of another deployment (before a rescale) are ignored:
+//! everything that deployment wrote precedes, in each partition, what the current one
+//! writes, and its watermarks promise nothing about the current writers' input (a new
+//! version of the job may read a new source). The per-writer watermarks are part of
+//! the reader's offset, so a restarted reader does not wait for every writer to speak
+//! again. Cost: one watermark per partition per writer per checkpoint interval at
+//! most, and a byte per record.
 
 use super::{Graph, NodeId, SourceNode};
 use crate::api::{
@@ -21,7 +36,9 @@ use crate::api::{
 };
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::ids::{CheckpointId, KeyGroup, OperatorId};
+use crate::ids::{CheckpointId, Instance, KeyGroup, OperatorId};
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -164,11 +181,59 @@ where
     }
 }
 
+/// The first byte of a payload in a repartition topic: a record follows.
+const RECORD: u8 = 0;
+/// The first byte of a payload in a repartition topic: a [`Marker`] follows.
+const WATERMARK: u8 = 1;
+
+/// Who writes a repartition topic: every subtask of the writing operator in every
+/// instance. Watermarks are kept per writer of one layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Layout {
+    pub instances: u32,
+    /// Writing subtasks over all instances.
+    pub writers: u32,
+}
+
+/// What a writer says of its event time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Mark {
+    /// Its records from here on have timestamps from this one on (or are late).
+    At(Timestamp),
+    /// Its input is idle: leave it out until it speaks again.
+    Idle,
+}
+
+/// A writer's watermark, as written into every partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Marker {
+    layout: Layout,
+    writer: u32,
+    mark: Mark,
+}
+
+/// The minimum over the writers' marks, idle ones left out: `MIN` while a writer has
+/// not spoken, `None` when every writer is idle.
+pub(crate) fn merge(marks: &[Option<Mark>]) -> Option<Timestamp> {
+    let mut min: Option<Timestamp> = None;
+    for m in marks {
+        match m {
+            None => return Some(Timestamp::MIN),
+            Some(Mark::Idle) => {}
+            Some(Mark::At(t)) => min = Some(min.map_or(*t, |m| m.min(*t))),
+        }
+    }
+    min
+}
+
 /// The sink in front of the topic: each record with its key group, encoded.
 pub(crate) struct EncodeSink<T, K, KF> {
     inner: Arc<dyn DynSink>,
     key_fn: KF,
     max_parallelism: u16,
+    instance: Instance,
+    /// Writing subtasks per instance, as the job was bound.
+    per_instance: usize,
     _t: PhantomData<fn(T) -> K>,
 }
 
@@ -180,12 +245,26 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> TwoPhaseC
     type Writer = EncodeWriter<T, K, KF>;
 
     fn open_writer(&self, ctx: &SinkContext) -> Result<Self::Writer> {
+        if ctx.parallelism != self.per_instance {
+            return Err(Error::config(format!(
+                "internal: repartition sink '{}' runs {} subtasks, bound for {}",
+                ctx.sink, ctx.parallelism, self.per_instance
+            )));
+        }
+        let (writer, writers) = self.instance.global(ctx.subtask, ctx.parallelism);
         Ok(EncodeWriter {
             inner: self.inner.open_writer(ctx)?,
             key_fn: self.key_fn.clone(),
             max_parallelism: self.max_parallelism,
             key: Vec::new(),
             routed: Vec::new(),
+            layout: Layout {
+                instances: self.instance.count as u32,
+                writers: writers as u32,
+            },
+            writer: writer.0 as u32,
+            current: None,
+            marked: None,
             _t: PhantomData,
         })
     }
@@ -208,6 +287,12 @@ pub(crate) struct EncodeWriter<T, K, KF> {
     /// Scratch for encoding keys.
     key: Vec<u8>,
     routed: Vec<Routed>,
+    layout: Layout,
+    writer: u32,
+    /// Event time as it reached this writer (`None`: nothing yet).
+    current: Option<Mark>,
+    /// What this writer last wrote into the topic, in this run.
+    marked: Option<Mark>,
     _t: PhantomData<fn(T) -> K>,
 }
 
@@ -223,30 +308,70 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + 'static> SinkWriter for EncodeWriter<T, 
                 self.max_parallelism,
                 "key",
             )?;
+            let mut payload = Vec::with_capacity(32);
+            payload.push(RECORD);
+            codec::encode_into(&record, &mut payload, "repartitioned record")?;
             self.routed.push(Routed {
                 key_group: kg.0,
-                payload: codec::encode(&record, "repartitioned record")?,
+                payload,
             });
         }
         self.inner.write(&mut self.routed)
     }
     fn pre_commit(&mut self, checkpoint: CheckpointId) -> Result<Option<serde_json::Value>> {
+        // Event time changed since this writer last said: say it in every partition,
+        // after the records it covers and in their transaction.
+        if let Some(mark) = self.current.filter(|m| Some(*m) != self.marked) {
+            let mut payload = vec![WATERMARK];
+            let marker = Marker {
+                layout: self.layout,
+                writer: self.writer,
+                mark,
+            };
+            codec::encode_into(&marker, &mut payload, "repartition watermark")?;
+            self.routed
+                .extend((0..self.max_parallelism).map(|kg| Routed {
+                    key_group: kg,
+                    payload: payload.clone(),
+                }));
+            self.inner.write(&mut self.routed)?;
+            self.marked = Some(mark);
+        }
         self.inner.pre_commit(checkpoint)
     }
     fn last_pre_commit_wait(&self) -> std::time::Duration {
         self.inner.last_pre_commit_wait()
+    }
+    fn watermark(&mut self, wm: Timestamp) -> Result<()> {
+        self.current = Some(Mark::At(wm));
+        Ok(())
+    }
+    fn idle(&mut self) -> Result<()> {
+        self.current = Some(Mark::Idle);
+        Ok(())
     }
 }
 
 /// The source behind the topic: records decoded back into the stream's type.
 pub(crate) struct DecodeSource<T> {
     inner: Arc<dyn DynSource>,
+    /// The deployment whose writers' watermarks count.
+    layout: Layout,
     _t: PhantomData<fn() -> T>,
+}
+
+/// Where a reader of a repartition topic is: the topic's own offset, and the last
+/// watermark of every writer of `layout` read so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RepartitionOffset {
+    inner: Vec<u8>,
+    layout: Layout,
+    marks: Vec<Option<Mark>>,
 }
 
 impl<T: Data> Source for DecodeSource<T> {
     type Item = T;
-    type Offset = Vec<u8>;
+    type Offset = RepartitionOffset;
     type Reader = DecodeReader<T>;
 
     fn splits(&self) -> Result<Vec<String>> {
@@ -255,13 +380,25 @@ impl<T: Data> Source for DecodeSource<T> {
     fn open(
         &self,
         split: &str,
-        from: Option<Vec<u8>>,
+        from: Option<RepartitionOffset>,
         ctx: &SourceContext,
     ) -> Result<Self::Reader> {
+        let (inner, marks) = match from {
+            None => (None, None),
+            // Another deployment's watermarks promise nothing about this one's writers.
+            Some(o) if o.layout == self.layout && o.marks.len() == self.layout.writers as usize => {
+                (Some(o.inner), Some(o.marks))
+            }
+            Some(o) => (Some(o.inner), None),
+        };
+        let marks = marks.unwrap_or_else(|| vec![None; self.layout.writers as usize]);
         Ok(DecodeReader {
-            inner: self.inner.open(split, from, ctx)?,
+            inner: self.inner.open(split, inner, ctx)?,
             split: split.to_string(),
             buf: Vec::new(),
+            layout: self.layout,
+            watermark: merge(&marks),
+            marks,
             _t: PhantomData,
         })
     }
@@ -271,53 +408,99 @@ impl<T: Data> Source for DecodeSource<T> {
     fn split_key_group(&self, split: &str) -> Option<KeyGroup> {
         self.inner.split_key_group(split)
     }
+    fn watermarks_from_readers(&self) -> bool {
+        true
+    }
 }
 
 pub(crate) struct DecodeReader<T> {
     inner: BoxReader,
     split: String,
     buf: Vec<Vec<u8>>,
+    layout: Layout,
+    marks: Vec<Option<Mark>>,
+    /// [`merge`] of `marks`, kept current.
+    watermark: Option<Timestamp>,
     _t: PhantomData<fn() -> T>,
+}
+
+/// A payload of `split` that does not decode.
+fn foreign<T>(split: &str, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::config(format!(
+        "{what} of repartition split '{split}' does not decode as {} ({e}): the instances \
+         run different versions of the job",
+        std::any::type_name::<T>()
+    ))
 }
 
 impl<T: Data> SourceReader for DecodeReader<T> {
     type Item = T;
-    type Offset = Vec<u8>;
+    type Offset = RepartitionOffset;
 
     fn poll_batch(&mut self, out: &mut Vec<T>, max: usize) -> Result<SourcePoll> {
         self.buf.clear();
         let polled = self.inner.poll_batch(&mut self.buf, max)?;
+        let mut marked = false;
         for payload in self.buf.drain(..) {
-            out.push(
-                codec::decode(&payload, "repartitioned record").map_err(|e| {
-                    Error::config(format!(
-                        "a record of repartition split '{}' does not decode as {} ({e}): \
-                     the instances run different versions of the job",
-                        self.split,
-                        std::any::type_name::<T>()
+            match payload.split_first() {
+                Some((&RECORD, record)) => out.push(
+                    codec::decode(record, "repartitioned record")
+                        .map_err(|e| foreign::<T>(&self.split, "a record", e))?,
+                ),
+                Some((&WATERMARK, marker)) => {
+                    let m: Marker = codec::decode(marker, "repartition watermark")
+                        .map_err(|e| foreign::<T>(&self.split, "a watermark", e))?;
+                    if m.layout == self.layout && m.writer < self.layout.writers {
+                        self.marks[m.writer as usize] = Some(m.mark);
+                        marked = true;
+                    }
+                }
+                _ => {
+                    return Err(foreign::<T>(
+                        &self.split,
+                        "a payload",
+                        "neither a record nor a watermark",
                     ))
-                })?,
-            );
+                }
+            }
+        }
+        if marked {
+            self.watermark = merge(&self.marks);
         }
         Ok(polled)
     }
-    fn offset(&self) -> Vec<u8> {
-        self.inner.offset()
+    fn offset(&self) -> RepartitionOffset {
+        RepartitionOffset {
+            inner: self.inner.offset(),
+            layout: self.layout,
+            marks: self.marks.clone(),
+        }
     }
-    fn checkpoint_complete(&mut self, offset: &Vec<u8>) {
-        self.inner.checkpoint_complete(offset)
+    fn checkpoint_complete(&mut self, offset: &RepartitionOffset) {
+        self.inner.checkpoint_complete(&offset.inner)
     }
     fn backlog(&self) -> Option<u64> {
         self.inner.backlog()
+    }
+    fn watermark(&self) -> Option<Timestamp> {
+        self.watermark
     }
 }
 
 /// Fills a repartition's two nodes with their connectors.
 pub(crate) type BindFn = Arc<
-    dyn Fn(&mut Graph, &PendingRepartition, &RepartitionTopic, &dyn DynRepartitioner) -> Result<()>
+    dyn Fn(&mut Graph, &PendingRepartition, &Binding, &dyn DynRepartitioner) -> Result<()>
         + Send
         + Sync,
 >;
+
+/// What a repartition is bound to when the job runs.
+pub(crate) struct Binding {
+    pub topic: RepartitionTopic,
+    pub instance: Instance,
+    /// Subtasks of the writing side per instance.
+    pub writers_per_instance: usize,
+}
 
 /// The two nodes a `key_by` across instances added, waiting for the keyed operator's
 /// final name.
@@ -337,16 +520,22 @@ pub(crate) struct PendingRepartition {
 pub(crate) fn binder<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static>(
     key_fn: KF,
 ) -> BindFn {
-    Arc::new(move |g, p, topic, rep| {
+    Arc::new(move |g, p, b, rep| {
         let sink = EncodeSink {
-            inner: rep.sink(topic)?,
+            inner: rep.sink(&b.topic)?,
             key_fn: key_fn.clone(),
-            max_parallelism: topic.key_groups,
+            max_parallelism: b.topic.key_groups,
+            instance: b.instance,
+            per_instance: b.writers_per_instance,
             _t: PhantomData,
         };
         super::set_sink(g, p.out, sink);
         let source = DecodeSource::<T> {
-            inner: rep.source(topic)?,
+            inner: rep.source(&b.topic)?,
+            layout: Layout {
+                instances: b.instance.count as u32,
+                writers: (b.instance.count * b.writers_per_instance) as u32,
+            },
             _t: PhantomData,
         };
         g.nodes[p.input].source = Some(Arc::new(SourceNode {
@@ -362,8 +551,8 @@ pub(crate) fn binder<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 's
 pub(crate) fn bind(
     g: &mut Graph,
     job: &str,
-    max_parallelism: u16,
-    instance: crate::ids::Instance,
+    (max_parallelism, parallelism): (u16, usize),
+    instance: Instance,
 ) -> Result<()> {
     if instance.count <= 1 {
         return Ok(());
@@ -402,14 +591,6 @@ pub(crate) fn bind(
                  name, or rename it while the job runs as one instance"
             )));
         }
-        if let Some(source) = event_time_source(g, p.out) {
-            return Err(Error::config(format!(
-                "source '{source}' has watermarks, and its records reach keyed operator \
-                '{keyed}' through another instance: event time does not cross instances \
-                (watermarks are not carried through the repartition topic), so its timers \
-                would never fire. Run the job as one instance, or key it without event time"
-            )));
-        }
         let topic = RepartitionTopic {
             name: format!("{job}-{keyed}-repartition"),
             key_groups: max_parallelism,
@@ -421,24 +602,35 @@ pub(crate) fn bind(
         g.nodes[p.input].op = OperatorId(format!("{keyed}.repartition-in"));
         // The reading side feeds the keyed operator one to one: same parallelism.
         g.nodes[p.input].parallelism = g.nodes[p.keyed].parallelism;
-        (p.bind)(g, &p, &topic, rep.as_ref())?;
-        g.repartitions[i].bound = Some(topic.name);
+        let binding = Binding {
+            writers_per_instance: super::Plan::new(g, parallelism).parallelism[p.out],
+            topic,
+            instance,
+        };
+        (p.bind)(g, &p, &binding, rep.as_ref())?;
+        g.repartitions[i].bound = Some(binding.topic.name);
     }
     Ok(())
 }
 
-/// A source with watermarks upstream of `node`, if any.
-fn event_time_source(g: &Graph, node: NodeId) -> Option<OperatorId> {
-    let mut stack = vec![node];
-    let mut seen = std::collections::HashSet::new();
-    while let Some(n) = stack.pop() {
-        if !seen.insert(n) {
-            continue;
+#[cfg(test)]
+mod tests {
+    use super::{merge, Mark};
+    use crate::time::Timestamp;
+
+    #[test]
+    fn a_partitions_watermark_is_the_slowest_writers_idle_ones_left_out() {
+        let at = |t| Some(Mark::At(t));
+        let idle = Some(Mark::Idle);
+        for (marks, expected) in [
+            (vec![at(5), at(3), at(9)], Some(3)),
+            // A writer that has not spoken holds everything back.
+            (vec![at(5), None, at(9)], Some(Timestamp::MIN)),
+            (vec![at(5), idle, at(9)], Some(5)),
+            (vec![idle, idle], None),
+            (vec![idle, at(Timestamp::MAX)], Some(Timestamp::MAX)),
+        ] {
+            assert_eq!(merge(&marks), expected, "{marks:?}");
         }
-        if g.nodes[n].source.is_some() && g.nodes[n].watermarks.is_some() {
-            return Some(g.nodes[n].op.clone());
-        }
-        stack.extend(g.nodes[n].in_edges.iter().map(|&e| g.edges[e].from));
     }
-    None
 }

@@ -82,17 +82,21 @@ impl<S: Source> ErasedSource for SourceNode<S> {
                 last_data: ctx.env.clock.monotonic_ms(),
             });
         }
-        let watermarks = match &ctx.graph.nodes[node].watermarks {
+        let strategy = match &ctx.graph.nodes[node].watermarks {
             None => None,
-            Some(any) => {
-                let strategy = any
-                    .downcast_ref::<WatermarkStrategy<S::Item>>()
+            Some(any) => Some(
+                any.downcast_ref::<WatermarkStrategy<S::Item>>()
                     .ok_or_else(|| {
                         Error::config(format!(
                             "internal: watermark strategy of '{operator}' has the wrong type"
                         ))
                     })?
-                    .clone();
+                    .clone(),
+            ),
+        };
+        let watermarks = match strategy {
+            None if !self.source.watermarks_from_readers() => None,
+            strategy => {
                 let metrics = &ctx.env.metrics;
                 Some(SourceWatermarks {
                     strategy,

@@ -41,7 +41,8 @@ pub(crate) type SplitState<O> = (String, O, bool, Timestamp);
 
 /// Event-time bookkeeping of one source subtask.
 pub(crate) struct SourceWatermarks<T> {
-    pub strategy: WatermarkStrategy<T>,
+    /// `None`: the readers know their splits' watermarks ([`SourceReader::watermark`]).
+    pub strategy: Option<WatermarkStrategy<T>>,
     /// Records with negative timestamps, far-future timestamps, and watermark stalls.
     pub negative: crate::metrics::Counter,
     pub future: crate::metrics::Counter,
@@ -261,9 +262,12 @@ impl<S: Source> SourceHead<S> {
         let Some(w) = &mut self.watermarks else {
             return;
         };
-        let times = w.strategy.extract.scan(batch);
         let r = &mut self.readers[i];
         r.last_data = self.env.clock.monotonic_ms();
+        let Some(strategy) = &w.strategy else {
+            return;
+        };
+        let times = strategy.extract.scan(batch);
         w.records_since_advance += batch.len() as u64;
         w.negative.add(times.negative);
         if times.negative > 0 && !w.warned_negative {
@@ -276,7 +280,7 @@ impl<S: Source> SourceHead<S> {
                 .env
                 .clock
                 .now_ms()
-                .saturating_add(w.strategy.max_future.as_millis() as i64);
+                .saturating_add(strategy.max_future.as_millis() as i64);
             if max > limit {
                 w.future.inc();
             }
@@ -294,7 +298,7 @@ impl<S: Source> SourceHead<S> {
         let Some(w) = &mut self.watermarks else {
             return Ok(());
         };
-        let idle_timeout = w.strategy.idle_timeout;
+        let idle_timeout = w.strategy.as_ref().and_then(|s| s.idle_timeout);
         let now = self.env.clock.monotonic_ms();
         let mut min: Option<Timestamp> = None;
         let mut all_idle = true;
@@ -306,14 +310,16 @@ impl<S: Source> SourceHead<S> {
             {
                 continue;
             }
-            all_idle = false;
-            let wm = if r.max_ts == Timestamp::MIN {
-                Timestamp::MIN
-            } else {
-                r.max_ts
-                    .saturating_sub(w.strategy.bound_ms)
-                    .saturating_sub(1)
+            let wm = match &w.strategy {
+                // The reader knows; `None` is an idle split.
+                None => match r.reader.watermark() {
+                    Some(wm) => wm,
+                    None => continue,
+                },
+                Some(_) if r.max_ts == Timestamp::MIN => Timestamp::MIN,
+                Some(s) => r.max_ts.saturating_sub(s.bound_ms).saturating_sub(1),
             };
+            all_idle = false;
             min = Some(min.map_or(wm, |m| m.min(wm)));
         }
         // A source that discovers splits is never done: more may come.
@@ -334,11 +340,14 @@ impl<S: Source> SourceHead<S> {
                 w.records_since_advance = 0;
                 return self.out.watermark(w.emitted);
             }
-            if w.records_since_advance > 0 && w.last_advance.elapsed() >= w.strategy.stall_warning {
+            let stall_warning = w.strategy.as_ref().map(|s| s.stall_warning);
+            if let Some(stall_warning) = stall_warning
+                .filter(|&t| w.records_since_advance > 0 && w.last_advance.elapsed() >= t)
+            {
                 w.stalls.inc();
                 tracing::warn!(source = %self.operator, watermark = w.emitted, records = w.records_since_advance,
                     "the watermark has not advanced for {:?} while records flowed: timestamps may not increase, or the out-of-orderness bound is too large",
-                    w.strategy.stall_warning);
+                    stall_warning);
                 w.last_advance = Instant::now();
             }
         }
@@ -500,7 +509,11 @@ impl<S: Source> TaskHead for SourceHead<S> {
                         self.sample_backlog();
                     }
                     self.backlog_countdown = self.backlog_countdown.wrapping_sub(1) & 15;
-                    self.out.push(&mut buf)?;
+                    // Empty when a reader read only what is not records (a repartition
+                    // topic's watermarks).
+                    if !buf.is_empty() {
+                        self.out.push(&mut buf)?;
+                    }
                     self.emit_watermark()?;
                 }
                 SourcePoll::End => {

@@ -409,11 +409,11 @@ impl<S: TwoPhaseCommitSink> Collector<S::Item> for SinkOp<S> {
     fn end(&mut self) -> Result<()> {
         Ok(())
     }
-    fn watermark(&mut self, _: Timestamp) -> Result<()> {
-        Ok(())
+    fn watermark(&mut self, wm: Timestamp) -> Result<()> {
+        self.writer.watermark(wm)
     }
     fn idle(&mut self) -> Result<()> {
-        Ok(())
+        self.writer.idle()
     }
     fn tick(&mut self, _: Timestamp) -> Result<()> {
         Ok(())
