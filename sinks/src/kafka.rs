@@ -57,8 +57,9 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -385,8 +386,8 @@ impl Inner {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed");
-        let consumer: BaseConsumer = c
-            .create()
+        let consumer: BaseConsumer<EndIsNoError> = c
+            .create_with_context(EndIsNoError)
             .map_err(|e| err(format!("creating the marker reader: {e}")))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.marker_topic, 0, Offset::Beginning)
@@ -952,6 +953,25 @@ impl<T: Data, E: KafkaEncoder<T>> SinkWriter for KafkaWriter<T, E> {
         Ok(Some(c))
     }
 }
+
+/// The marker reader's client: librdkafka also reports reaching the end of the marker
+/// partition as a client-wide error, which is the reader's expected end, not an error.
+struct EndIsNoError;
+
+impl ClientContext for EndIsNoError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
+            tracing::trace!(%reason, "end of the marker partition");
+        } else {
+            tracing::error!(%error, %reason, "Kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for EndIsNoError {}
 
 #[cfg(test)]
 mod tests {

@@ -35,7 +35,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
@@ -282,7 +282,21 @@ struct GroupCommits {
     warned: std::sync::atomic::AtomicBool,
 }
 
-impl ClientContext for GroupCommits {}
+impl ClientContext for GroupCommits {
+    /// librdkafka also reports a bounded reader's end of partition as a client-wide
+    /// error; each reader sees it on its own queue, where it is the expected end, so it
+    /// is not logged as an error here.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
+            tracing::trace!(%reason, "end of partition");
+        } else {
+            tracing::error!(%error, %reason, "Kafka client error");
+        }
+    }
+}
 
 impl ConsumerContext for GroupCommits {
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {

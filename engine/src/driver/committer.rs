@@ -2,8 +2,8 @@
 //!
 //! The coordinator thread writes a checkpoint's manifest (the commit point) and hands its
 //! pending committables to this lane, then goes on triggering and aligning the next
-//! checkpoint. The lane commits in checkpoint order on one thread, so commits stay
-//! ordered per sink. When commits are slower than the checkpoint interval, jobs queue up;
+//! checkpoint. The lane commits each sink's committables in checkpoint order, different
+//! sinks concurrently, so commits stay ordered per sink. When commits are slower than the checkpoint interval, jobs queue up;
 //! the lane takes the newest one, whose manifest names every committable still pending,
 //! so one round commits everything due and a slow sink cannot build an unbounded
 //! backlog. A committable already committed in an earlier round of this attempt is
@@ -73,10 +73,45 @@ impl Committer<'_> {
         }
     }
 
-    /// Commit `pending` oldest first, skipping what an earlier round committed.
+    /// Commit `pending`, skipping what an earlier round committed: each sink's oldest
+    /// first, different sinks at the same time (a job with many sinks, such as one
+    /// running as several instances with a repartition topic per keyed operator, would
+    /// otherwise wait for each sink's round trips in turn).
     fn commit(&self, pending: &[PendingCommit], committed_through: CheckpointId) -> Result<()> {
-        let mut first = true;
+        let mut by_sink: Vec<(&crate::ids::OperatorId, Vec<&PendingCommit>)> = Vec::new();
         for p in pending.iter().filter(|p| p.checkpoint > committed_through) {
+            match by_sink.iter_mut().find(|(sink, _)| **sink == p.sink) {
+                Some((_, list)) => list.push(p),
+                None => by_sink.push((&p.sink, vec![p])),
+            }
+        }
+        match by_sink.as_slice() {
+            [] => Ok(()),
+            [(_, list)] => self.commit_in_order(list),
+            _ => std::thread::scope(|scope| {
+                let running: Vec<_> = by_sink
+                    .iter()
+                    .map(|(_, list)| scope.spawn(|| self.commit_in_order(list)))
+                    .collect();
+                // Every sink's commits run to their end; the first failure is reported.
+                let mut result = Ok(());
+                for r in running {
+                    let r = r.join().unwrap_or_else(|_| {
+                        Err(Error::config("a sink's commit panicked".to_string()))
+                    });
+                    if result.is_ok() {
+                        result = r;
+                    }
+                }
+                result
+            }),
+        }
+    }
+
+    /// Commit one sink's `pending` in order.
+    fn commit_in_order(&self, pending: &[&PendingCommit]) -> Result<()> {
+        let mut first = true;
+        for p in pending {
             if !std::mem::take(&mut first) {
                 fail::fail_point!("sink::between_commits");
             }

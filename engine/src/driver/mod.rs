@@ -814,24 +814,47 @@ pub(crate) async fn read_checkpoint_state(
 }
 
 /// Let every sink commit the restored checkpoint's output and abort what was staged
-/// after it; the highest checkpoint id a sink saw staged.
+/// after it; the highest checkpoint id a sink saw staged. The sinks recover at the same
+/// time: one sink's recovery can wait on what another's fences (Kafka sinks sharing a
+/// marker topic: a transaction a killed process left open on it holds every reader
+/// until the sink owning it fences it, or until it times out).
 fn settle_sinks(
     graph: &Graph,
     pending: &[crate::manifest::PendingCommit],
-    mut ctx: crate::api::RecoveryContext,
+    ctx: crate::api::RecoveryContext,
 ) -> Result<Option<CheckpointId>> {
-    let mut max_seen = None;
-    for n in &graph.nodes {
-        if let Some(sink) = &n.sink {
-            let mine = pending
-                .iter()
-                .filter(|p| p.sink == n.op)
-                .map(|p| p.committable.clone())
+    let recover = |n: &crate::plan::Node, sink: &Arc<dyn crate::plan::ErasedSink>| {
+        let mine = pending
+            .iter()
+            .filter(|p| p.sink == n.op)
+            .map(|p| p.committable.clone())
+            .collect();
+        let mut ctx = ctx.clone();
+        ctx.sink = n.op.clone();
+        sink.recover(&ctx, mine)
+    };
+    let sinks: Vec<_> = (graph.nodes.iter())
+        .filter_map(|n| n.sink.as_ref().map(|s| (n, s)))
+        .collect();
+    let results: Vec<Result<Option<CheckpointId>>> = match sinks.as_slice() {
+        [] => Vec::new(),
+        [(n, sink)] => vec![recover(n, sink)],
+        _ => std::thread::scope(|scope| {
+            let running: Vec<_> = (sinks.iter())
+                .map(|(n, sink)| scope.spawn(|| recover(n, sink)))
                 .collect();
-            ctx.sink = n.op.clone();
-            let staged = sink.recover(&ctx, mine)?;
-            max_seen = max_seen.max(staged);
-        }
+            running
+                .into_iter()
+                .map(|r| {
+                    r.join()
+                        .unwrap_or_else(|_| Err(Error::config("a sink's recovery panicked")))
+                })
+                .collect()
+        }),
+    };
+    let mut max_seen = None;
+    for r in results {
+        max_seen = max_seen.max(r?);
     }
     Ok(max_seen)
 }
