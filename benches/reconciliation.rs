@@ -10,11 +10,14 @@
 
 #[path = "../examples/reconciliation/generator.rs"]
 mod generator;
+// The benchmark reads and writes files only: the Kafka side goes unused here.
 #[path = "../examples/reconciliation/job.rs"]
+#[allow(dead_code)]
 mod job;
 #[path = "../examples/reconciliation/model.rs"]
 mod model;
 #[path = "../examples/reconciliation/verifier.rs"]
+#[allow(dead_code)]
 mod verifier;
 
 use std::time::{Duration, Instant};
@@ -54,20 +57,27 @@ fn main() {
         ledger_pg: None,
         savepoint_on_stop: None,
         from_savepoint: None,
+        max_parallelism: 128,
         at_least_once: std::env::var("EXACTLY_BENCH_AT_LEAST_ONCE").is_ok_and(|v| v == "1"),
         // `EXACTLY_BENCH_ALIGNED_TIMEOUT_MS=0`: unaligned checkpoints.
         aligned_timeout: std::env::var("EXACTLY_BENCH_ALIGNED_TIMEOUT_MS")
             .ok()
             .map(|v| Duration::from_millis(v.parse().expect("milliseconds"))),
     };
+    let io = job::Io::Files {
+        input: input.clone(),
+        out: dir.path().join("out"),
+    };
+    let checkpoints = dir.path().join("checkpoints");
     let j = job::job(
         "reconciliation",
-        &dir.path().join("checkpoints"),
+        checkpoints.to_str().unwrap(),
         &cfg,
+        &io,
         None,
     )
     .unwrap();
-    job::build(&j, &input, &dir.path().join("out"), &cfg);
+    job::build(&j, &io, &cfg).unwrap();
     let t = Instant::now();
     let report = j.run().unwrap();
     let elapsed = t.elapsed();

@@ -571,6 +571,39 @@ fn instances_under_sigkills_and_rescaling_commit_each_balance_once() {
     no_open_transaction(&format!("{}-balance-repartition", p.job), 128);
 }
 
+/// A job run as instance processes, as [`Deployment`] starts, kills and stops them.
+trait InstanceJob {
+    /// Start instance `index` of `count` with more `args`.
+    fn start_instance(&self, index: usize, count: usize, args: &[&str]) -> std::process::Child;
+    /// Where the instances checkpoint.
+    fn checkpoints(&self) -> String;
+    /// The last lines the runs wrote to stderr.
+    fn stderr_tail(&self) -> String;
+    /// Grows with every commit of output.
+    fn output_end(&self) -> i64;
+    /// Before each kill round: more input, for a job that follows a growing input.
+    fn feed(&self) {}
+}
+
+impl InstanceJob for Pipeline {
+    fn start_instance(&self, index: usize, count: usize, args: &[&str]) -> std::process::Child {
+        Pipeline::start_instance(self, index, count, args)
+    }
+    fn checkpoints(&self) -> String {
+        Pipeline::checkpoints(self)
+    }
+    fn stderr_tail(&self) -> String {
+        Pipeline::stderr_tail(self)
+    }
+    fn output_end(&self) -> i64 {
+        Pipeline::output_end(self)
+    }
+    /// The ledger's input grows while it runs: a sixteenth of it per round.
+    fn feed(&self) {
+        self.produce(PAYMENTS as usize / 16);
+    }
+}
+
 /// The processes of one deployment of the job.
 struct Deployment<'a> {
     children: Vec<std::process::Child>,
@@ -579,8 +612,18 @@ struct Deployment<'a> {
     args: &'a [&'a str],
 }
 
+/// A failing test leaves no instance running.
+impl Drop for Deployment<'_> {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// The newest checkpoint instance `i` completed, or 0, as the engine lists them.
-fn newest_checkpoint(p: &Pipeline, i: usize) -> u64 {
+fn newest_checkpoint(p: &dyn InstanceJob, i: usize) -> u64 {
     use exactly::engine::storage::CheckpointStorage;
     // Missing until the instance's first checkpoint.
     let Ok(root) = CheckpointStorage::open_existing(&p.checkpoints()) else {
@@ -597,7 +640,7 @@ fn newest_checkpoint(p: &Pipeline, i: usize) -> u64 {
 }
 
 impl<'a> Deployment<'a> {
-    fn start(p: &Pipeline, count: usize, args: &'a [&'a str]) -> Deployment<'a> {
+    fn start(p: &dyn InstanceJob, count: usize, args: &'a [&'a str]) -> Deployment<'a> {
         Deployment {
             started_after: (0..count).map(|i| newest_checkpoint(p, i)).collect(),
             children: (0..count)
@@ -608,7 +651,7 @@ impl<'a> Deployment<'a> {
     }
 
     /// No instance ended by itself.
-    fn alive(&mut self, p: &Pipeline) {
+    fn alive(&mut self, p: &dyn InstanceJob) {
         for (i, c) in self.children.iter_mut().enumerate() {
             if let Some(status) = c.try_wait().unwrap() {
                 panic!(
@@ -619,7 +662,7 @@ impl<'a> Deployment<'a> {
         }
     }
 
-    fn restart(&mut self, i: usize, p: &Pipeline) {
+    fn restart(&mut self, i: usize, p: &dyn InstanceJob) {
         let count = self.children.len();
         self.children[i].kill().unwrap();
         self.children[i].wait().unwrap();
@@ -627,14 +670,14 @@ impl<'a> Deployment<'a> {
         self.children[i] = p.start_instance(i, count, self.args);
     }
 
-    /// At least `at_least` SIGKILLs, each round adding a sixteenth of the input and
+    /// At least `at_least` SIGKILLs, each round feeding the job ([`InstanceJob::feed`]) and
     /// killing once the output grew since the last round (the instances made progress
     /// between the kills) plus up to 300 ms: one
     /// instance, two at once, or one while another recovers. Returns the kills and
     /// the output's end offsets at the last.
     fn sigkill_while_working(
         &mut self,
-        p: &Pipeline,
+        p: &dyn InstanceJob,
         at_least: usize,
         seed: &mut u64,
     ) -> (usize, i64) {
@@ -644,7 +687,7 @@ impl<'a> Deployment<'a> {
         while kills < at_least {
             round += 1;
             let (before, since) = (p.output_end(), Instant::now());
-            p.produce(PAYMENTS as usize / 16);
+            p.feed();
             while p.output_end() == before && since.elapsed() < Duration::from_secs(60) {
                 self.alive(p);
                 std::thread::sleep(Duration::from_millis(20));
@@ -687,7 +730,7 @@ impl<'a> Deployment<'a> {
     /// SIGTERM every instance once each completed a checkpoint since its last start
     /// (it is up, its signal handler in place): each stops with a checkpoint and exits
     /// 0.
-    fn stop(mut self, p: &Pipeline) {
+    fn stop(mut self, p: &dyn InstanceJob) {
         let since = Instant::now();
         while (0..self.children.len()).any(|i| newest_checkpoint(p, i) <= self.started_after[i]) {
             assert!(
@@ -741,4 +784,276 @@ fn no_open_transaction(topic: &str, partitions: i32) {
             "{topic} partition {p}: a transaction is still open"
         );
     }
+}
+
+/// The reconciliation job as instance processes: its three streams in Kafka topics, its
+/// three outputs into Kafka topics, its six keyed operators (three deduplications by
+/// event, reconciliation by trip, daily windows and closing balances by account) fed through
+/// repartition topics, event time (watermarks) crossing with them.
+struct Reconciliation {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    prefix: String,
+    job: String,
+    /// Checkpoints in S3 (`s3://bucket/prefix`) instead of the test's directory.
+    s3_checkpoints: Option<String>,
+}
+
+const STREAMS: [&str; 3] = ["charges", "payments", "payouts"];
+const OUTPUTS: [&str; 3] = ["results", "daily-totals", "balances"];
+const KEYED: [&str; 6] = [
+    "dedup-charges",
+    "dedup-payments",
+    "dedup-payouts",
+    "reconcile",
+    "daily",
+    "closing-balances",
+];
+
+impl Reconciliation {
+    /// Generated input for `trips` trips, in topics of 3 partitions by trip, and the
+    /// failure-free single-process run's output (files) in `DIR/out`.
+    fn new(name: &str, trips: u64) -> Reconciliation {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let r = Reconciliation {
+            bin: example_binary("reconciliation", &["kafka"]),
+            dir: tempfile::tempdir().unwrap(),
+            prefix: format!("recon-{name}-{n}-"),
+            job: format!("recon-{name}-{n}"),
+            s3_checkpoints: None,
+        };
+        common::generate(
+            &r.bin,
+            // One file per stream, in arrival order: produced in that order, each
+            // partition's disorder stays within the generator's bound.
+            &[
+                "--trips",
+                &trips.to_string(),
+                "--seed",
+                "17",
+                "--files",
+                "1",
+                "--dir",
+            ],
+            r.dir.path(),
+        );
+        let golden = Command::new(&r.bin)
+            .args(["run", "--dir"])
+            .arg(r.dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(golden.success(), "the failure-free run failed");
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        for stream in STREAMS {
+            let topic = format!("{}{stream}", r.prefix);
+            create_topic(&topic, PARTITIONS);
+            let mut files: Vec<_> = walk(&r.dir.path().join("input").join(stream));
+            files.sort();
+            for f in files {
+                for line in std::fs::read_to_string(&f).unwrap().lines() {
+                    // By trip: no partition holds what a keyed operator needs together.
+                    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                    let trip = v["trip_id"].as_u64().expect("events have a trip_id");
+                    let mut record = BaseRecord::<(), _>::to(&topic)
+                        .partition((trip % PARTITIONS as u64) as i32)
+                        .payload(line.as_bytes());
+                    while let Err((_, rec)) = producer.send(record) {
+                        std::thread::sleep(Duration::from_millis(2));
+                        record = rec;
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(60)).unwrap();
+        for out in OUTPUTS {
+            create_topic(&format!("{}{out}", r.prefix), PARTITIONS);
+        }
+        r
+    }
+
+    fn stderr_log(&self) -> Stdio {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("stderr.log"))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null())
+    }
+
+    /// `verify --kafka`: reads the output topics (`read_committed`) into `DIR/out-kafka`
+    /// and checks them against the independent recomputation. Its report on failure.
+    fn verify(&self) -> Result<(), String> {
+        let out = Command::new(&self.bin)
+            .args(["verify", "--dir"])
+            .arg(self.dir.path())
+            .args(["--kafka", &brokers(), "--topic-prefix", &self.prefix])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+}
+
+impl InstanceJob for Reconciliation {
+    fn start_instance(&self, index: usize, count: usize, args: &[&str]) -> std::process::Child {
+        Command::new(&self.bin)
+            .args(["run", "--dir"])
+            .arg(self.dir.path())
+            .args(["--name", &self.job, "--kafka", &brokers()])
+            .args(["--topic-prefix", &self.prefix, "--kafka-staging"])
+            .arg(self.dir.path().join("staging"))
+            .args(["--checkpoints", &self.checkpoints()])
+            .args(["--parallelism", "1", "--checkpoint-ms", "500"])
+            // 8 key groups: 8 partitions per repartition topic, not 128.
+            .args(["--max-parallelism", "8"])
+            .args(args)
+            .env("EXACTLY_INSTANCES", count.to_string())
+            .env("EXACTLY_INSTANCE", index.to_string())
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0")
+            .stdout(Stdio::null())
+            .stderr(self.stderr_log())
+            .spawn()
+            .unwrap()
+    }
+    fn checkpoints(&self) -> String {
+        match &self.s3_checkpoints {
+            Some(url) => url.clone(),
+            None => self
+                .dir
+                .path()
+                .join("checkpoints-kafka")
+                .display()
+                .to_string(),
+        }
+    }
+    fn stderr_tail(&self) -> String {
+        let all = std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
+        let lines: Vec<&str> = all.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+    fn output_end(&self) -> i64 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .unwrap();
+        OUTPUTS
+            .iter()
+            .flat_map(|out| (0..PARTITIONS).map(move |p| (format!("{}{out}", self.prefix), p)))
+            .map(|(topic, p)| {
+                consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .unwrap()
+                    .1
+            })
+            .sum()
+    }
+}
+
+/// The reconciliation job (inputs in Kafka topics partitioned by trip, so every keyed
+/// operator gets its records from other instances) as three processes, then two, then
+/// four, through savepoints taken at SIGTERM, SIGKILLed at random while it works (one
+/// instance, two at once, one during another's recovery; the last round kills all and
+/// restarts them at full speed). Its output topics, read `read_committed`, must equal
+/// the failure-free single-process run's output line for line and pass the independent
+/// verifier; no transaction is left open and nothing staged.
+#[test]
+fn reconciliation_as_instances_under_sigkills_and_rescaling_equals_the_failure_free_run() {
+    let mut seed = common::seed();
+    let r = Reconciliation::new("instances", 2_000);
+    #[cfg(feature = "s3")]
+    let r = Reconciliation {
+        s3_checkpoints: Some(format!(
+            "s3://{}/{}/checkpoints",
+            exactly::testing::s3_test_bucket(),
+            r.job
+        )),
+        ..r
+    };
+    println!("checkpoints at {}", InstanceJob::checkpoints(&r));
+    // Slowly: one event per input partition every 150 ms (about 60 events/s over the
+    // nine), so the input lasts through every kill round.
+    let slow = ["--batch-size", "1", "--pace-us", "150000"];
+    let mut kills = 0;
+    let mut last_kill_output = 0;
+    let deployments: [(usize, Option<&str>, &str); 3] = [
+        (3, None, "to-2"),
+        (2, Some("to-2"), "to-4"),
+        (4, Some("to-4"), "final"),
+    ];
+    for (count, from, stop_as) in deployments {
+        let mut fast = vec!["--savepoint-on-stop", stop_as];
+        if let Some(from) = from {
+            fast.extend(["--from-savepoint", from]);
+        }
+        let args = [slow.as_slice(), &fast].concat();
+        let mut instances = Deployment::start(&r, count, &args);
+        let (k, _) = instances.sigkill_while_working(&r, 7, &mut seed);
+        kills += k;
+        if stop_as == "final" {
+            // The last kill: all of them, restarted at full speed to finish the input.
+            for c in &mut instances.children {
+                c.kill().unwrap();
+                c.wait().unwrap();
+            }
+            kills += count;
+            last_kill_output = r.output_end();
+            instances = Deployment::start(&r, count, &fast);
+            // Every window and deadline fires once the input's event time ends.
+            let deadline = Instant::now() + Duration::from_secs(180);
+            while let Err(report) = r.verify() {
+                instances.alive(&r);
+                assert!(
+                    Instant::now() < deadline,
+                    "the output did not verify in three minutes:\n{report}\nthe runs' stderr ends:\n{}",
+                    r.stderr_tail()
+                );
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+        instances.stop(&r);
+        println!("{count} instances stopped into savepoint '{stop_as}'");
+    }
+    println!("{kills} SIGKILLs in all");
+    assert!(kills >= 20, "{kills} kills");
+    // Stopped: nothing more arrives, nothing arrived twice.
+    if let Err(report) = r.verify() {
+        panic!("after the stop:\n{report}");
+    }
+    let golden = common::committed_lines(&r.dir.path().join("out"));
+    let got = common::committed_lines(&r.dir.path().join("out-kafka"));
+    assert_eq!(got.len(), golden.len(), "records committed");
+    assert!(
+        got == golden,
+        "the output differs from the failure-free run's"
+    );
+    let end = r.output_end();
+    assert!(
+        last_kill_output < end,
+        "the output was complete before the last kill ({end} offsets)"
+    );
+    for out in OUTPUTS {
+        no_open_transaction(&format!("{}{out}", r.prefix), PARTITIONS);
+    }
+    for op in KEYED {
+        no_open_transaction(&format!("{}-{op}-repartition", r.job), 8);
+    }
+    let staged = walk(&r.dir.path().join("staging"));
+    assert!(staged.is_empty(), "staged records left: {staged:?}");
 }

@@ -14,9 +14,38 @@ use exactly::operators::{AggregateFunction, DedupExt, DedupTime, WindowExt, Wind
 use exactly::prelude::*;
 #[cfg(feature = "postgres")]
 use exactly::sinks::postgres::{PostgresSink, Sql};
-use serde::{Deserialize, Serialize};
-use std::path::Path;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// Where the job reads its three streams and writes its three outputs.
+#[derive(Debug, Clone)]
+pub enum Io {
+    /// `input/<stream>/` files in, `out/<sink>/` part files out.
+    Files { input: PathBuf, out: PathBuf },
+    /// Topics `<prefix><stream>` in (read to their end as of the start), topics
+    /// `<prefix><sink>` out through the transactional Kafka sink (feature `kafka`).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    Kafka(KafkaIo),
+}
+
+/// The Kafka side of [`Io::Kafka`].
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+pub struct KafkaIo {
+    pub brokers: String,
+    pub prefix: String,
+    /// Where records wait between a checkpoint's barrier and their commit.
+    pub staging: PathBuf,
+}
+
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+impl KafkaIo {
+    /// The topic of stream or sink `name`.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+}
 
 /// Job settings.
 #[derive(Debug, Clone)]
@@ -35,6 +64,8 @@ pub struct JobConfig {
     pub savepoint_on_stop: Option<String>,
     /// Start this deployment from this savepoint.
     pub from_savepoint: Option<String>,
+    /// Key groups (see `JobBuilder::max_parallelism`).
+    pub max_parallelism: u16,
     /// Checkpoint without barrier alignment (duplicates possible after a failure; the
     /// benchmark compares checkpoint times).
     pub at_least_once: bool,
@@ -177,27 +208,67 @@ impl KeyedProcessFunction<String, Posting> for ClosingBalances {
     }
 }
 
-fn read_stream<T>(
-    job: &Job,
-    dir: &Path,
-    name: &str,
-    cfg: &JobConfig,
-    ts: fn(&T) -> i64,
-) -> Stream<T>
+fn read_stream<T>(job: &Job, io: &Io, name: &str, cfg: &JobConfig, ts: fn(&T) -> i64) -> Stream<T>
 where
-    T: exactly::prelude::Data + Sync,
+    T: exactly::prelude::Data + Sync + DeserializeOwned,
 {
-    job.source(name, JsonLinesSource::<T>::new(dir.join(name)))
-        .with_watermarks(
-            WatermarkStrategy::bounded_out_of_orderness(cfg.out_of_order, ts)
-                .with_idleness(Duration::from_secs(5)),
-        )
+    let stream = match io {
+        Io::Files { input, .. } => job.source(name, JsonLinesSource::<T>::new(input.join(name))),
+        #[cfg(feature = "kafka")]
+        Io::Kafka(k) => {
+            // Bounded: each partition is read to its end as of the start, so event time
+            // ends with the input and the last windows and deadlines fire, also when
+            // the job runs as several instances (which go on until stopped).
+            let decode = |b: &[u8]| serde_json::from_slice::<T>(b);
+            let source = exactly::sources::KafkaSource::new(&k.brokers, &k.topic(name), decode);
+            job.source(name, source.bounded())
+        }
+        #[cfg(not(feature = "kafka"))]
+        Io::Kafka(_) => unreachable!("--kafka is refused without the kafka feature"),
+    };
+    stream.with_watermarks(
+        WatermarkStrategy::bounded_out_of_orderness(cfg.out_of_order, ts)
+            .with_idleness(Duration::from_secs(5)),
+    )
 }
 
-/// Add the reconciliation pipeline to `job`: inputs under `input`, outputs under `out`.
-pub fn build(job: &Job, input: &Path, out: &Path, cfg: &JobConfig) {
+/// Write `stream` into sink `name`: part files under `out/<name>`, or topic
+/// `<prefix><name>` with records keyed by `key`.
+fn write<T: exactly::prelude::Data + Serialize>(
+    stream: Stream<T>,
+    io: &Io,
+    name: &str,
+    key: fn(&T) -> String,
+) -> anyhow::Result<()> {
+    match io {
+        Io::Files { out, .. } => {
+            stream.sink(name, FileSink::exactly_once(out.join(name)));
+        }
+        #[cfg(feature = "kafka")]
+        Io::Kafka(k) => {
+            use exactly::sinks::kafka::{KafkaSink, Staging};
+            let encode = move |r: &T, k: &mut Vec<u8>, v: &mut Vec<u8>| {
+                k.extend_from_slice(key(r).as_bytes());
+                serde_json::to_writer(v, r).expect("an output record encodes");
+            };
+            let topic = k.topic(name);
+            let sink = KafkaSink::new(&k.brokers, &topic, Staging::dir(&k.staging)?, encode)?
+                .marker_topic(&format!("{topic}-commits"));
+            stream.sink(name, sink);
+        }
+        #[cfg(not(feature = "kafka"))]
+        Io::Kafka(_) => {
+            let _ = key;
+            unreachable!("--kafka is refused without the kafka feature")
+        }
+    }
+    Ok(())
+}
+
+/// Add the reconciliation pipeline to `job`, reading and writing through `io`.
+pub fn build(job: &Job, io: &Io, cfg: &JobConfig) -> anyhow::Result<()> {
     let redelivery_horizon = Duration::from_secs(24 * 3600);
-    let charges = read_stream(job, input, "charges", cfg, |c: &Charge| c.ts)
+    let charges = read_stream(job, io, "charges", cfg, |c: &Charge| c.ts)
         .dedup_by(
             |c| c.event_id.clone(),
             redelivery_horizon,
@@ -205,7 +276,7 @@ pub fn build(job: &Job, input: &Path, out: &Path, cfg: &JobConfig) {
         )
         .name("dedup-charges")
         .map(TripEvent::Charge);
-    let payments = read_stream(job, input, "payments", cfg, |p: &Payment| p.ts)
+    let payments = read_stream(job, io, "payments", cfg, |p: &Payment| p.ts)
         .dedup_by(
             |p| p.event_id.clone(),
             redelivery_horizon,
@@ -213,7 +284,7 @@ pub fn build(job: &Job, input: &Path, out: &Path, cfg: &JobConfig) {
         )
         .name("dedup-payments")
         .map(TripEvent::Payment);
-    let payouts = read_stream(job, input, "payouts", cfg, |p: &Payout| p.ts)
+    let payouts = read_stream(job, io, "payouts", cfg, |p: &Payout| p.ts)
         .dedup_by(
             |p| p.event_id.clone(),
             redelivery_horizon,
@@ -223,11 +294,11 @@ pub fn build(job: &Job, input: &Path, out: &Path, cfg: &JobConfig) {
         .map(TripEvent::Payout);
     let events = charges.union(&payments).union(&payouts);
 
-    events
+    let results = events
         .key_by(|e| e.trip_id())
         .process(Reconcile)
-        .name("reconcile")
-        .sink("results", FileSink::exactly_once(out.join("results")));
+        .name("reconcile");
+    write(results, io, "results", |r| r.trip_id().to_string())?;
 
     let postings = events.flat_map(|e| e.postings());
     // Without the feature `--ledger-postgres` is refused when the flags are read.
@@ -242,7 +313,7 @@ pub fn build(job: &Job, input: &Path, out: &Path, cfg: &JobConfig) {
         };
         postings.sink("ledger", sink);
     }
-    postings
+    let daily = postings
         .key_by(|p| p.account.clone())
         .window(
             Windows::tumbling(Duration::from_millis(DAY_MS as u64)),
@@ -255,16 +326,14 @@ pub fn build(job: &Job, input: &Path, out: &Path, cfg: &JobConfig) {
             account: w.key,
             day_start: w.window.start,
             net_cents: w.value,
-        })
-        .sink(
-            "daily-totals",
-            FileSink::exactly_once(out.join("daily-totals")),
-        );
-    postings
+        });
+    write(daily, io, "daily-totals", |d| d.account.clone())?;
+    let balances = postings
         .key_by(|p| p.account.clone())
         .process(ClosingBalances)
-        .name("closing-balances")
-        .sink("balances", FileSink::exactly_once(out.join("balances")));
+        .name("closing-balances");
+    write(balances, io, "balances", |b| b.account.clone())?;
+    Ok(())
 }
 
 /// Events read so far by the three sources, from a job's counters.
@@ -275,29 +344,39 @@ pub fn events_read(metrics: &std::collections::BTreeMap<String, u64>) -> u64 {
         .sum()
 }
 
-/// A job with the settings of `cfg`, checkpointing into `checkpoints`. With `progress`,
-/// a line per completed checkpoint is printed above that bar (or to stderr when the
-/// bar is hidden, as it is when stderr is not a terminal).
+/// A job with the settings of `cfg`, checkpointing into `checkpoints` (a directory or
+/// `s3://bucket/prefix`). With Kafka, it runs as the instance `EXACTLY_INSTANCE` of
+/// `EXACTLY_INSTANCES` when those are set, its `key_by`s crossing instances through
+/// repartition topics. With `progress`, a line per completed checkpoint is printed
+/// above that bar (or to stderr when the bar is hidden, as it is when stderr is not a
+/// terminal).
 pub fn job(
     name: &str,
-    checkpoints: &Path,
+    checkpoints: &str,
     cfg: &JobConfig,
+    io: &Io,
     progress: Option<indicatif::ProgressBar>,
 ) -> anyhow::Result<Job> {
     let started = std::time::Instant::now();
     let mut b = Job::builder(name)
-        .checkpoint_storage(
-            checkpoints
-                .to_str()
-                .ok_or_else(|| anyhow::anyhow!("checkpoint path is not UTF-8"))?,
-        )
+        .instance_from_env()?
+        .checkpoint_storage(checkpoints)
         .checkpoint_every(cfg.checkpoint_every)
         .stop_on_sigterm()
         .parallelism(cfg.parallelism)
+        .max_parallelism(cfg.max_parallelism)
         .batch_size(cfg.batch_size);
     if let Some(p) = cfg.pacing {
         b = b.source_pacing(p);
     }
+    #[cfg(feature = "kafka")]
+    if let Io::Kafka(k) = io {
+        use exactly::kafka_repartition::KafkaRepartition;
+        use exactly::sinks::kafka::Staging;
+        b = b.repartition_through(KafkaRepartition::new(&k.brokers, Staging::dir(&k.staging)?));
+    }
+    #[cfg(not(feature = "kafka"))]
+    let _ = io;
     if let Some(name) = &cfg.savepoint_on_stop {
         b = b.savepoint_on_stop(name);
     }

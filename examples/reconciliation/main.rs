@@ -11,6 +11,14 @@
 //! reconciliation verify   --dir DIR [--ledger-postgres ... --ledger-table ledger]
 //! ```
 //!
+//! With the `kafka` feature, `run --kafka host:port` reads the three streams from
+//! topics `reconciliation-charges`, `-payments` and `-payouts` (`--topic-prefix`) and
+//! writes the outputs into `reconciliation-results`, `-daily-totals` and `-balances`
+//! through the transactional sink; `verify --kafka host:port` reads those with
+//! `read_committed`. Started N times with `EXACTLY_INSTANCES=N` and
+//! `EXACTLY_INSTANCE=0..N`, `run --kafka` is one job across N processes (see "Beyond
+//! one machine" in the README).
+//!
 //! `reconciliation --help` and `reconciliation <command> --help` describe every flag
 //! (`--flag value` and `--flag=value` both work).
 //!
@@ -42,6 +50,24 @@ struct Flags {
     /// Present for `demo` and `run`.
     job: Option<JobFlags>,
     ledger: LedgerFlags,
+    kafka: KafkaFlags,
+}
+
+/// Kafka topics instead of files (feature `kafka`).
+#[derive(clap::Args, Default)]
+struct KafkaFlags {
+    /// Read the streams from, and write the outputs to, topics on these brokers
+    /// (host:port[,host:port]).
+    #[arg(long, value_name = "BROKERS")]
+    kafka: Option<String>,
+    /// The topics' names: <prefix>charges, <prefix>payments, <prefix>payouts in,
+    /// <prefix>results, <prefix>daily-totals, <prefix>balances out.
+    #[arg(long = "topic-prefix", default_value = "reconciliation-")]
+    topic_prefix: String,
+    /// Where records wait between a checkpoint's barrier and their commit
+    /// (default DIR/kafka-staging).
+    #[arg(long = "kafka-staging", value_name = "DIR")]
+    kafka_staging: Option<PathBuf>,
 }
 
 /// `--dir`: input, output and checkpoints live under it.
@@ -111,6 +137,20 @@ struct JobFlags {
     /// deploy a new version.
     #[arg(long = "from-savepoint", value_name = "NAME")]
     from_savepoint: Option<String>,
+    /// Where the checkpoints go: a directory or s3://bucket/prefix (default
+    /// DIR/checkpoints).
+    #[arg(long, value_name = "LOCATION")]
+    checkpoints: Option<String>,
+    /// Key groups: the most subtasks a keyed operator can ever have over all instances,
+    /// and with Kafka the partitions of each repartition topic. Fixed for the job's
+    /// life (a restore with another number is refused).
+    #[arg(long = "max-parallelism", default_value_t = 128,
+          value_parser = clap::value_parser!(u16).range(1..=32768))]
+    max_parallelism: u16,
+    /// The job's name: with Kafka it names the transactional ids and the repartition
+    /// topics, so two deployments on one cluster need different names.
+    #[arg(long, default_value = "reconciliation")]
+    name: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -164,6 +204,31 @@ impl Flags {
         self.dir.clone()
     }
 
+    /// Files under DIR, or Kafka topics with `--kafka`.
+    fn io(&self) -> Result<job::Io> {
+        let Some(brokers) = &self.kafka.kafka else {
+            return Ok(job::Io::Files {
+                input: self.dir.join("input"),
+                out: self.dir.join("out"),
+            });
+        };
+        if !cfg!(feature = "kafka") {
+            bail!(
+                "--kafka needs the Kafka connectors, an opt-in feature: \
+                 cargo run --release --features kafka --example reconciliation -- ..."
+            );
+        }
+        Ok(job::Io::Kafka(job::KafkaIo {
+            brokers: brokers.clone(),
+            prefix: self.kafka.topic_prefix.clone(),
+            staging: self
+                .kafka
+                .kafka_staging
+                .clone()
+                .unwrap_or_else(|| self.dir.join("kafka-staging")),
+        }))
+    }
+
     fn gen_config(&self) -> Result<generator::GenConfig> {
         let g = self
             .gen
@@ -203,6 +268,7 @@ impl Flags {
             ledger_pg: self.ledger_table()?,
             savepoint_on_stop: j.savepoint_on_stop.clone(),
             from_savepoint: j.from_savepoint.clone(),
+            max_parallelism: j.max_parallelism,
             at_least_once: false,
             aligned_timeout: j.aligned_checkpoint_timeout_ms.map(Duration::from_millis),
         })
@@ -230,7 +296,9 @@ fn generate(a: &Flags) -> Result<()> {
 fn run(a: &Flags) -> Result<bool> {
     let dir = a.dir();
     let input = dir.join("input");
-    if !input.join("anomalies.jsonl").exists() {
+    let io = a.io()?;
+    let files = matches!(io, job::Io::Files { .. });
+    if files && !input.join("anomalies.jsonl").exists() {
         bail!(
             "no input in {}: run `reconciliation generate --dir {}` first",
             input.display(),
@@ -241,14 +309,22 @@ fn run(a: &Flags) -> Result<bool> {
     if let Some(pg) = &cfg.ledger_pg {
         create_ledger_table(pg)?;
     }
-    let bar = progress_bar(&input)?;
-    let job = job::job(
-        "reconciliation",
-        &dir.join("checkpoints"),
-        &cfg,
-        Some(bar.clone()),
-    )?;
-    job::build(&job, &input, &dir.join("out"), &cfg);
+    let bar = if files {
+        progress_bar(&input)?
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let checkpoints = match a.job.as_ref().and_then(|j| j.checkpoints.clone()) {
+        Some(location) => location,
+        None => dir
+            .join("checkpoints")
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("--dir is not UTF-8"))?
+            .to_string(),
+    };
+    let name = a.job.as_ref().map_or("reconciliation", |j| j.name.as_str());
+    let job = job::job(name, &checkpoints, &cfg, &io, Some(bar.clone()))?;
+    job::build(&job, &io, &cfg)?;
     // On its own thread, so that this one can show progress; SIGTERM and Ctrl-C still
     // stop it with a checkpoint.
     let handle = job.start()?;
@@ -341,7 +417,18 @@ fn create_ledger_table(_: &job::LedgerTable) -> Result<()> {
 
 fn verify(a: &Flags) -> Result<()> {
     let dir = a.dir();
-    let report = verifier::verify(&dir.join("input"), &dir.join("out"), a.ledger_table()?)?;
+    let out = match a.io()? {
+        job::Io::Files { out, .. } => out,
+        #[cfg(feature = "kafka")]
+        job::Io::Kafka(k) => {
+            let out = dir.join("out-kafka");
+            verifier::read_committed_topics(&k, &["results", "daily-totals", "balances"], &out)?;
+            out
+        }
+        #[cfg(not(feature = "kafka"))]
+        job::Io::Kafka(_) => unreachable!("--kafka is refused without the kafka feature"),
+    };
+    let report = verifier::verify(&dir.join("input"), &out, a.ledger_table()?)?;
     report.print();
     if !report.passed() {
         bail!("verification failed");
@@ -412,13 +499,18 @@ enum Command {
         job: JobFlags,
         #[command(flatten)]
         ledger: LedgerFlags,
+        #[command(flatten)]
+        kafka: KafkaFlags,
     },
-    /// Check DIR/out (and the ledger table) against an independent recomputation.
+    /// Check DIR/out (or the output topics, and the ledger table) against an
+    /// independent recomputation from DIR/input.
     Verify {
         #[command(flatten)]
         dir: DirFlag,
         #[command(flatten)]
         ledger: LedgerFlags,
+        #[command(flatten)]
+        kafka: KafkaFlags,
     },
 }
 
@@ -449,6 +541,7 @@ fn main() -> Result<()> {
             gen: Some(gen),
             job: Some(job),
             ledger,
+            kafka: KafkaFlags::default(),
         }),
         Command::Generate { dir, disorder, gen } => generate(&Flags {
             dir: dir.dir,
@@ -456,26 +549,30 @@ fn main() -> Result<()> {
             gen: Some(gen),
             job: None,
             ledger: no_ledger(),
+            kafka: KafkaFlags::default(),
         }),
         Command::Run {
             dir,
             disorder,
             job,
             ledger,
+            kafka,
         } => run(&Flags {
             dir: dir.dir,
             out_of_order_ms: disorder.out_of_order_ms,
             gen: None,
             job: Some(job),
             ledger,
+            kafka,
         })
         .map(|_| ()),
-        Command::Verify { dir, ledger } => verify(&Flags {
+        Command::Verify { dir, ledger, kafka } => verify(&Flags {
             dir: dir.dir,
             out_of_order_ms: 0,
             gen: None,
             job: None,
             ledger,
+            kafka,
         }),
     }
 }

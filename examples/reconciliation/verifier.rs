@@ -328,3 +328,70 @@ fn check_table(t: &LedgerTable, postings: &[Posting]) -> Result<TableCheck> {
         missing,
     })
 }
+
+/// The committed records of topics `<prefix><name>` for each of `names`, as a
+/// `read_committed` consumer reads them up to each partition's last stable offset, into
+/// `out/<name>/part-kafka.jsonl` (one record a line): the verifier then reads them like
+/// the file sink's part files.
+#[cfg(feature = "kafka")]
+pub fn read_committed_topics(k: &crate::job::KafkaIo, names: &[&str], out: &Path) -> Result<()> {
+    use exactly::sources::rdkafka::config::ClientConfig;
+    use exactly::sources::rdkafka::consumer::{BaseConsumer, Consumer};
+    use exactly::sources::rdkafka::message::Message;
+    use exactly::sources::rdkafka::{Offset, TopicPartitionList};
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    for name in names {
+        let topic = k.topic(name);
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &k.brokers)
+            .set("group.id", "reconciliation-verify")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()?;
+        let md = consumer.fetch_metadata(Some(&topic), TIMEOUT)?;
+        let partitions = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+        if partitions == 0 {
+            anyhow::bail!("topic {topic} does not exist on {}", k.brokers);
+        }
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = Vec::new();
+        for p in 0..partitions {
+            // Asked as a read_committed client: the last stable offset.
+            ends.push(consumer.fetch_watermarks(&topic, p, TIMEOUT)?.1);
+            tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let dir = out.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(dir.join("part-kafka.jsonl"))?);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let positions = consumer.position()?;
+            let behind = (0..partitions).find(|&p| {
+                let at = match positions.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => 0,
+                };
+                at < ends[p as usize]
+            });
+            let Some(p) = behind else {
+                break;
+            };
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "{topic} partition {p}: not read to its last stable offset {} in two minutes",
+                    ends[p as usize]
+                );
+            }
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                let m = m?;
+                w.write_all(m.payload().unwrap_or_default())?;
+                w.write_all(b"\n")?;
+            }
+        }
+        w.flush()?;
+    }
+    Ok(())
+}
