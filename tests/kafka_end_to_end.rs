@@ -57,6 +57,17 @@ struct BalanceUpdate {
     balance_cents: i64,
 }
 
+/// A producer for test input: idempotent, so a request retried while a new topic's
+/// leader settles does not write a record twice.
+fn input_producer() -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
 /// One pipeline's topics, directories and the updates a failure-free run commits.
 struct Pipeline {
     input: String,
@@ -123,12 +134,7 @@ impl Pipeline {
 
     /// Append the next `n` payments (at most up to `PAYMENTS`) to the input.
     fn produce(&self, n: usize) {
-        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create()
-            .unwrap();
+        let producer = input_producer();
         let from = self.produced.get();
         let to = (from + n).min(PAYMENTS as usize);
         for seq in from as u64..to as u64 {
@@ -514,30 +520,15 @@ fn instances_under_sigkills_and_rescaling_commit_each_balance_once() {
     // The input grows while the test runs: each kill round first adds a part of it, so
     // every kill, the last one too, comes while the job works.
     let p = Pipeline::unproduced("instances");
-    // With the `s3` feature (the test command has every feature), the instances
-    // checkpoint into the S3 server the suite starts.
-    #[cfg(feature = "s3")]
     let p = Pipeline {
-        s3_checkpoints: Some(format!(
-            "s3://{}/{}/checkpoints",
-            exactly::testing::s3_test_bucket(),
-            p.job
-        )),
+        s3_checkpoints: s3_checkpoints(&p.job),
         ..p
     };
     println!("checkpoints at {}", p.checkpoints());
     let mut kills = 0;
     let mut last_kill_output = 0;
-    let deployments: [(usize, Option<&str>, &str); 3] = [
-        (3, None, "to-2"),
-        (2, Some("to-2"), "to-4"),
-        (4, Some("to-4"), "final"),
-    ];
-    for (count, from, stop_as) in deployments {
-        let mut args = vec!["--savepoint-on-stop", stop_as];
-        if let Some(from) = from {
-            args.extend(["--restore-savepoint", from]);
-        }
+    for (count, from, stop_as) in RESCALES {
+        let args = savepoint_flags(stop_as, from, "--restore-savepoint");
         let mut instances = Deployment::start(&p, count, &args);
         let (k, at) = instances.sigkill_while_working(&p, 7, &mut seed);
         kills += k;
@@ -601,6 +592,44 @@ impl InstanceJob for Pipeline {
     /// The ledger's input grows while it runs: a sixteenth of it per round.
     fn feed(&self) {
         self.produce(PAYMENTS as usize / 16);
+    }
+}
+
+/// The deployments the multi-process tests go through, each stopped (SIGTERM) into a
+/// savepoint the next starts from: (instances, savepoint to start from, savepoint to
+/// stop into).
+const RESCALES: [(usize, Option<&str>, &str); 3] = [
+    (3, None, "to-2"),
+    (2, Some("to-2"), "to-4"),
+    (4, Some("to-4"), "final"),
+];
+
+/// The flags of one of [`RESCALES`]: stop into `stop_as`, start from `from` (given with
+/// `from_flag`, as the example names it).
+fn savepoint_flags<'a>(
+    stop_as: &'a str,
+    from: Option<&'a str>,
+    from_flag: &'a str,
+) -> Vec<&'a str> {
+    let mut flags = vec!["--savepoint-on-stop", stop_as];
+    if let Some(from) = from {
+        flags.extend([from_flag, from]);
+    }
+    flags
+}
+
+/// Where job `job`'s instances checkpoint: with the `s3` feature (the test command has
+/// every feature), the S3 server the suite starts; without, the test's directory.
+fn s3_checkpoints(job: &str) -> Option<String> {
+    #[cfg(feature = "s3")]
+    return Some(format!(
+        "s3://{}/{job}/checkpoints",
+        exactly::testing::s3_test_bucket()
+    ));
+    #[cfg(not(feature = "s3"))]
+    {
+        let _ = job;
+        None
     }
 }
 
@@ -847,12 +876,7 @@ impl Reconciliation {
             .status()
             .unwrap();
         assert!(golden.success(), "the failure-free run failed");
-        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create()
-            .unwrap();
+        let producer = input_producer();
         for stream in STREAMS {
             let topic = format!("{}{stream}", r.prefix);
             create_topic(&topic, PARTITIONS);
@@ -977,13 +1001,8 @@ impl InstanceJob for Reconciliation {
 fn reconciliation_as_instances_under_sigkills_and_rescaling_equals_the_failure_free_run() {
     let mut seed = common::seed();
     let r = Reconciliation::new("instances", 2_000);
-    #[cfg(feature = "s3")]
     let r = Reconciliation {
-        s3_checkpoints: Some(format!(
-            "s3://{}/{}/checkpoints",
-            exactly::testing::s3_test_bucket(),
-            r.job
-        )),
+        s3_checkpoints: s3_checkpoints(&r.job),
         ..r
     };
     println!("checkpoints at {}", InstanceJob::checkpoints(&r));
@@ -992,16 +1011,8 @@ fn reconciliation_as_instances_under_sigkills_and_rescaling_equals_the_failure_f
     let slow = ["--batch-size", "1", "--pace-us", "150000"];
     let mut kills = 0;
     let mut last_kill_output = 0;
-    let deployments: [(usize, Option<&str>, &str); 3] = [
-        (3, None, "to-2"),
-        (2, Some("to-2"), "to-4"),
-        (4, Some("to-4"), "final"),
-    ];
-    for (count, from, stop_as) in deployments {
-        let mut fast = vec!["--savepoint-on-stop", stop_as];
-        if let Some(from) = from {
-            fast.extend(["--from-savepoint", from]);
-        }
+    for (count, from, stop_as) in RESCALES {
+        let fast = savepoint_flags(stop_as, from, "--from-savepoint");
         let args = [slow.as_slice(), &fast].concat();
         let mut instances = Deployment::start(&r, count, &args);
         let (k, _) = instances.sigkill_while_working(&r, 7, &mut seed);

@@ -270,13 +270,20 @@ fn instance(
 
 /// Start every instance, wait until `outs` hold `expected` records, stop them with a
 /// checkpoint kept as savepoint `savepoint`.
-fn run_until(jobs: Vec<Job>, outs: &[CollectSink<(u64, u64)>], expected: usize, savepoint: &str) {
+fn run_until<T: exactly_engine::api::Data>(
+    jobs: Vec<Job>,
+    outs: &[CollectSink<T>],
+    expected: usize,
+    savepoint: &str,
+) {
     let handles: Vec<_> = jobs.into_iter().map(|j| j.start().unwrap()).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while outs.iter().map(|o| o.committed().len()).sum::<usize>() < expected {
+    let committed = || outs.iter().map(|o| o.committed().len()).sum::<usize>();
+    while committed() < expected {
         assert!(
             Instant::now() < deadline,
-            "the instances did not finish the input"
+            "the instances did not finish the input: {} of {expected} records committed",
+            committed()
         );
         assert!(
             handles.iter().all(|h| !h.is_finished()),
@@ -470,7 +477,7 @@ fn event_time_crosses_instances_and_rescales() {
         .map(|i| windowed(i, 2, dir.path(), &topics, &outs[i], None, &late))
         .collect();
     let first = batch_windows(0);
-    run_until_windows(jobs, &outs, first.len(), "two");
+    run_until(jobs, &outs, first.len(), "two");
     assert_windows(&outs, &first);
     assert_eq!(
         *late.lock().unwrap(),
@@ -485,7 +492,7 @@ fn event_time_crosses_instances_and_rescales() {
         .map(|i| windowed(i, 3, dir.path(), &topics, &outs[i], Some("two"), &late))
         .collect();
     let second = batch_windows(1);
-    run_until_windows(jobs, &outs, second.len(), "three");
+    run_until(jobs, &outs, second.len(), "three");
     assert_windows(&outs, &second);
     assert_eq!(
         *late.lock().unwrap(),
@@ -611,34 +618,6 @@ fn windowed(
         .name("window-count")
         .sink("out", out.clone());
     job
-}
-
-fn run_until_windows(
-    jobs: Vec<Job>,
-    outs: &[CollectSink<(u64, i64, u64)>],
-    expected: usize,
-    savepoint: &str,
-) {
-    let handles: Vec<_> = jobs.into_iter().map(|j| j.start().unwrap()).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while outs.iter().map(|o| o.committed().len()).sum::<usize>() < expected {
-        assert!(
-            Instant::now() < deadline,
-            "the windows did not all fire: {} of {expected}",
-            outs.iter().map(|o| o.committed().len()).sum::<usize>()
-        );
-        assert!(
-            handles.iter().all(|h| !h.is_finished()),
-            "an instance ended by itself"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for h in &handles {
-        h.stop_with_savepoint(savepoint);
-    }
-    for h in handles {
-        h.wait().unwrap();
-    }
 }
 
 /// The committed window counts equal `expected`; if not, the first differences.
