@@ -835,11 +835,14 @@ impl CheckpointStorage {
 
     /// Record that a deployment with another layout took over this location's job
     /// (`why` says which): a process that restarts here belongs to the old deployment
-    /// and would process input the new one processes, so its recovery refuses.
+    /// and would process input the new one processes, so its recovery refuses. A
+    /// process of the old deployment still running here is fenced too: retiring takes
+    /// the location's lease, so its next checkpoint or commit finds a newer one.
     pub async fn retire(&self, why: &str) -> Result<()> {
         let path = self.root.clone().join("_retired");
         self.put_object(&path, PutPayload::from(why.as_bytes().to_vec()))
-            .await
+            .await?;
+        self.acquire_lease().await.map(|_| ())
     }
 
     /// Why this location was retired ([`CheckpointStorage::retire`]), if it was. Asked
@@ -1151,6 +1154,25 @@ mod tests {
         let s = CheckpointStorage::from_url(&url).unwrap();
         let c = rt().block_on(s.acquire_lease()).unwrap();
         assert!(c >= b, "{b} {c}");
+    }
+
+    /// A process still running on a location that a new deployment retires loses its
+    /// lease: its next checkpoint or commit is fenced, and a restart there refuses.
+    #[test]
+    fn retiring_a_location_fences_the_process_still_running_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CheckpointStorage::from_url(&format!("file://{}", dir.path().display())).unwrap();
+        rt().block_on(async {
+            let running = s.acquire_lease().await.unwrap();
+            s.check_lease(running).await.unwrap();
+            s.retire("restarted as 2 instance(s)").await.unwrap();
+            let e = s.check_lease(running).await.unwrap_err();
+            assert!(matches!(e, Error::Fenced { .. }), "{e}");
+            assert_eq!(
+                s.retired().await.unwrap().as_deref(),
+                Some("restarted as 2 instance(s)")
+            );
+        });
     }
 
     /// One identity per location: kept across runs (and by two instances asking at
