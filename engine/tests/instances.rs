@@ -465,8 +465,9 @@ fn instance_mistakes_are_refused_with_the_reason() {
 /// timers behind a repartition topic. Each of the 8 splits holds its own stretch of
 /// time, 100 s apart, so the writers' watermarks are far apart: a reader that let one
 /// writer's watermark stand for all (or kept watermarks of the deployment before a
-/// rescale) would fire windows before the slower writers' records arrive, which then
-/// count twice or late. Every window must be counted once, equal to the batch count.
+/// rescale, or of the version before an upgrade with the same layout) would fire
+/// windows before the slower writers' records arrive, which then count twice or late.
+/// Every window must be counted once, equal to the batch count.
 #[test]
 fn event_time_crosses_instances_and_rescales() {
     let dir = tempfile::tempdir().unwrap();
@@ -494,6 +495,22 @@ fn event_time_crosses_instances_and_rescales() {
     let second = batch_windows(1);
     run_until(jobs, &outs, second.len(), "three");
     assert_windows(&outs, &second);
+    assert_eq!(
+        *late.lock().unwrap(),
+        0,
+        "records arrived after their window fired"
+    );
+
+    // A new version with the same layout and one more source: the three's watermarks
+    // (restored in the readers' offsets, and at the end of time) are not this
+    // deployment's, and must not fire its windows either.
+    let outs = [CollectSink::new(), CollectSink::new(), CollectSink::new()];
+    let jobs = (0..3)
+        .map(|i| windowed(i, 3, dir.path(), &topics, &outs[i], Some("three"), &late))
+        .collect();
+    let third = batch_windows(2);
+    run_until(jobs, &outs, third.len(), "upgraded");
+    assert_windows(&outs, &third);
     assert_eq!(
         *late.lock().unwrap(),
         0,
@@ -611,6 +628,9 @@ fn windowed(
     let mut input = source("events", 0);
     if from_savepoint.is_some() {
         input = input.union(&source("later", 1));
+    }
+    if from_savepoint == Some("three") {
+        input = input.union(&source("latest", 2));
     }
     input
         .key_by(|e: &(i64, u64)| e.1)

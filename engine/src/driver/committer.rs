@@ -3,10 +3,10 @@
 //! The coordinator thread writes a checkpoint's manifest (the commit point) and hands its
 //! pending committables to this lane, then goes on triggering and aligning the next
 //! checkpoint. The lane commits each sink's committables in checkpoint order, different
-//! sinks concurrently, so commits stay ordered per sink. When commits are slower than the checkpoint interval, jobs queue up;
-//! the lane takes the newest one, whose manifest names every committable still pending,
-//! so one round commits everything due and a slow sink cannot build an unbounded
-//! backlog. A committable already committed in an earlier round of this attempt is
+//! sinks concurrently, so commits stay ordered per sink. When commits are slower than
+//! the checkpoint interval, jobs queue up; the lane takes the newest one, whose
+//! manifest names every committable still pending, so one round commits everything due
+//! and a slow sink cannot build an unbounded backlog. A committable already committed in an earlier round of this attempt is
 //! skipped (a restore re-commits it anyway: commits are idempotent).
 //!
 //! Each round is reported back as a [`TaskEvent::Committed`]; the coordinator drops the

@@ -127,6 +127,7 @@ pub(crate) fn run(graph: &mut Graph, s: &JobSettings) -> Result<JobReport> {
         &s.name,
         (s.max_parallelism, s.parallelism),
         s.instance,
+        s.restore_from_savepoint.as_deref(),
     )?;
     let graph: &Graph = graph;
     validate(graph, s)?;

@@ -21,7 +21,8 @@
 //! before it are. A reader keeps, per partition, the last watermark of every writer of
 //! the deployment it belongs to (`instances × writing subtasks`, known when the job is
 //! bound) and reports their minimum, idle writers left out; a partition is idle when
-//! every writer is. Watermarks of another deployment (before a rescale) are ignored:
+//! every writer is. Watermarks of another deployment (another layout, or a start from
+//! another savepoint) are ignored:
 //! everything that deployment wrote precedes, in each partition, what the current one
 //! writes, and its watermarks promise nothing about the current writers' input (a new
 //! version of the job may read a new source). The per-writer watermarks are part of
@@ -187,12 +188,17 @@ const RECORD: u8 = 0;
 const WATERMARK: u8 = 1;
 
 /// Who writes a repartition topic: every subtask of the writing operator in every
-/// instance. Watermarks are kept per writer of one layout.
+/// instance, of one deployment. Watermarks are kept per writer of one layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Layout {
     pub instances: u32,
     /// Writing subtasks over all instances.
     pub writers: u32,
+    /// The deployment: a hash of the savepoint it started from (0: none). A new
+    /// version started from a savepoint with the same layout may read input whose
+    /// event time lies behind the old version's watermarks (an added source): those
+    /// watermarks, restored or still in the topic, must not count for it.
+    pub deployment: u64,
 }
 
 /// What a writer says of its event time.
@@ -234,6 +240,8 @@ pub(crate) struct EncodeSink<T, K, KF> {
     instance: Instance,
     /// Writing subtasks per instance, as the job was bound.
     per_instance: usize,
+    /// See [`Layout::deployment`].
+    deployment: u64,
     _t: PhantomData<fn(T) -> K>,
 }
 
@@ -261,6 +269,7 @@ impl<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 'static> TwoPhaseC
             layout: Layout {
                 instances: self.instance.count as u32,
                 writers: writers as u32,
+                deployment: self.deployment,
             },
             writer: writer.0 as u32,
             current: None,
@@ -500,6 +509,8 @@ pub(crate) struct Binding {
     pub instance: Instance,
     /// Subtasks of the writing side per instance.
     pub writers_per_instance: usize,
+    /// See [`Layout::deployment`].
+    pub deployment: u64,
 }
 
 /// The two nodes a `key_by` across instances added, waiting for the keyed operator's
@@ -527,6 +538,7 @@ pub(crate) fn binder<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 's
             max_parallelism: b.topic.key_groups,
             instance: b.instance,
             per_instance: b.writers_per_instance,
+            deployment: b.deployment,
             _t: PhantomData,
         };
         super::set_sink(g, p.out, sink);
@@ -535,6 +547,7 @@ pub(crate) fn binder<T: Data, K: Key, KF: Fn(&T) -> K + Clone + Send + Sync + 's
             layout: Layout {
                 instances: b.instance.count as u32,
                 writers: (b.instance.count * b.writers_per_instance) as u32,
+                deployment: b.deployment,
             },
             _t: PhantomData,
         };
@@ -553,6 +566,7 @@ pub(crate) fn bind(
     job: &str,
     (max_parallelism, parallelism): (u16, usize),
     instance: Instance,
+    from_savepoint: Option<&str>,
 ) -> Result<()> {
     if instance.count <= 1 {
         return Ok(());
@@ -606,6 +620,8 @@ pub(crate) fn bind(
             writers_per_instance: super::Plan::new(g, parallelism).parallelism[p.out],
             topic,
             instance,
+            deployment: from_savepoint
+                .map_or(0, |name| xxhash_rust::xxh3::xxh3_64(name.as_bytes())),
         };
         (p.bind)(g, &p, &binding, rep.as_ref())?;
         g.repartitions[i].bound = Some(binding.topic.name);
