@@ -14,7 +14,7 @@
 mod common;
 
 use common::kafka::{brokers, decode, topic_of, unique};
-use common::{cores, env_num, CountSink};
+use common::{cores, cpu_time, env_num, CountSink};
 use exactly::kafka_repartition::KafkaRepartition;
 use exactly::prelude::*;
 use exactly::sinks::kafka::Staging;
@@ -29,23 +29,6 @@ const COUNT: ValueState<u64> = ValueState::new("count");
 /// A topic holding records 0..n, 8 bytes each (little-endian), round-robin.
 fn input(n: u64) -> String {
     topic_of(n, PARTITIONS)
-}
-
-/// This process's user + system CPU time.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    // The kernel's USER_HZ, 100 on Linux.
-    Duration::from_millis(ticks * 10)
 }
 
 /// What one run measured.

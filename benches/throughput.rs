@@ -4,13 +4,16 @@
 //! checkpoint durations and bytes uploaded per checkpoint.
 //!
 //! `cargo bench --bench throughput`; `EXACTLY_BENCH_EVENTS` sets the event count and
-//! `EXACTLY_BENCH_KEYS` the number of distinct keys (state size). Without
+//! `EXACTLY_BENCH_KEYS` the number of distinct keys (state size);
+//! `EXACTLY_BENCH_ROUNDS` repeats the cases alternately and summarises what
+//! checkpointing costs (throughput lost and CPU per event added, median of the rounds).
+//! Without
 //! the `rocksdb` feature only the in-memory cases run.
 
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{cores, env_num, listing, median, periodic, spread_key, CountSink};
+use common::{cores, cpu_time, env_num, listing, median, periodic, spread_key, CountSink};
 use exactly::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::Ordering;
@@ -103,6 +106,19 @@ fn recovery(url: &str, events: u64) -> Duration {
     report.recovery_time
 }
 
+/// The middle value (the upper one of an even count).
+fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn list(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn main() {
     if listing() {
         return;
@@ -120,24 +136,60 @@ fn main() {
         cases.push(("rocksdb, no checkpoints", None, StateBackend::rocksdb()));
         cases.push(("rocksdb, every 1 s", every, StateBackend::rocksdb()));
     }
-    for (label, interval, backend) in cases {
-        let (elapsed, report) = run(events, interval, backend);
-        let eps = events as f64 / elapsed.as_secs_f64();
-        let durations = periodic(&report, |c| c.duration);
-        let pauses = periodic(&report, |c| c.max_sync_pause);
-        let uploaded = periodic(&report, |c| c.uploaded_bytes);
-        let last = report.checkpoints.last().unwrap();
-        println!(
-            "{label:>24}: {:>10.0} events/s ({:>9.0} events/s per core), {} checkpoints, median checkpoint {:?} (median synchronous pause {:?}, mean upload {} bytes), final checkpoint {:?} ({} bytes of state)",
-            eps,
-            eps / cores as f64,
-            report.checkpoints.len(),
-            median(if durations.is_empty() { vec![last.duration] } else { durations }),
-            median(if pauses.is_empty() { vec![last.max_sync_pause] } else { pauses }),
-            uploaded.iter().sum::<u64>() / uploaded.len().max(1) as u64,
-            last.duration,
-            last.state_bytes,
-        );
+    // Rounds alternate the cases, so a slow spell of the machine falls on both; the
+    // summary compares each case with checkpoints with the one just before it.
+    let rounds = env_num("EXACTLY_BENCH_ROUNDS", 1).max(1);
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("round {round} of {rounds}");
+        }
+        for (i, (label, interval, backend)) in cases.iter().enumerate() {
+            let cpu = cpu_time();
+            let (elapsed, report) = run(events, *interval, backend.clone());
+            let cpu_ns = (cpu_time() - cpu).as_nanos() as f64 / events as f64;
+            let eps = events as f64 / elapsed.as_secs_f64();
+            rates[i].push(eps / cores as f64);
+            cpus[i].push(cpu_ns);
+            let durations = periodic(&report, |c| c.duration);
+            let pauses = periodic(&report, |c| c.max_sync_pause);
+            let uploaded = periodic(&report, |c| c.uploaded_bytes);
+            let last = report.checkpoints.last().unwrap();
+            println!(
+                "{label:>24}: {:>10.0} events/s ({:>9.0} events/s per core, {cpu_ns:.1} ns CPU per event), {} checkpoints, median checkpoint {:?} (median synchronous pause {:?}, mean upload {} bytes), final checkpoint {:?} ({} bytes of state)",
+                eps,
+                eps / cores as f64,
+                report.checkpoints.len(),
+                median(if durations.is_empty() { vec![last.duration] } else { durations }),
+                median(if pauses.is_empty() { vec![last.max_sync_pause] } else { pauses }),
+                uploaded.iter().sum::<u64>() / uploaded.len().max(1) as u64,
+                last.duration,
+                last.state_bytes,
+            );
+        }
+    }
+    if rounds > 1 {
+        // Cases come in pairs: checkpoints off, then every second.
+        for pair in (0..cases.len()).step_by(2) {
+            let (off, on) = (pair, pair + 1);
+            let loss: Vec<f64> = (0..rounds as usize)
+                .map(|r| 100.0 * (1.0 - rates[on][r] / rates[off][r]))
+                .collect();
+            let cpu: Vec<f64> = (0..rounds as usize)
+                .map(|r| 100.0 * (cpus[on][r] / cpus[off][r] - 1.0))
+                .collect();
+            println!(
+                "{:>24}: median of {rounds} rounds {:.0} events/s per core off, {:.0} every 1 s; checkpointing costs {:.1} % of the throughput (rounds: {}) and {:.1} % more CPU per event (rounds: {})",
+                cases[on].0.split(',').next().unwrap_or(""),
+                median_f64(rates[off].clone()),
+                median_f64(rates[on].clone()),
+                median_f64(loss.clone()),
+                list(&loss),
+                median_f64(cpu.clone()),
+                list(&cpu),
+            );
+        }
     }
     let dir = tempfile::tempdir().unwrap();
     println!(

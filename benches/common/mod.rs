@@ -36,6 +36,23 @@ pub fn cores() -> usize {
         .unwrap_or(1)
 }
 
+/// This process's user + system CPU time.
+pub fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // The kernel's USER_HZ, 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
 /// `f` of every periodic (not final) checkpoint of a run.
 pub fn periodic<X>(report: &JobReport, f: impl Fn(&CheckpointStats) -> X) -> Vec<X> {
     report
