@@ -290,10 +290,6 @@ impl<T> Collector<T> for Discard {
     }
 }
 
-/// How many records ahead of the one being processed a keyed operator prefetches state:
-/// enough to cover a memory access while the records in between are processed.
-const PREFETCH_AHEAD: usize = 8;
-
 pub(crate) struct KeyedProcessOp<K, I, F: KeyedProcessFunction<K, I>, KF> {
     pub core: KeyedCore<K, I, F>,
     pub key_fn: KF,
@@ -324,17 +320,14 @@ impl<K: Key, I, F: KeyedProcessFunction<K, I>, KF: Fn(&I) -> K> Collector<I>
     for KeyedProcessOp<K, I, F, KF>
 {
     fn push(&mut self, batch: &mut Vec<I>) -> Result<()> {
-        // Keys first, so that each record's state is prefetched a few records before
-        // it is needed: with large state, the wait for memory is most of the work.
+        // Keys first, so that the state backend sees the whole batch before it is
+        // processed (see `KeyedState::begin_batch`): with large state, the wait for
+        // memory or the database is most of the work.
         self.keys.clear();
         self.keys.extend(batch.iter().map(&self.key_fn));
-        for key in self.keys.iter().take(PREFETCH_AHEAD) {
-            self.core.state.prefetch(key);
-        }
+        self.core.state.begin_batch(&self.keys)?;
         for (i, record) in batch.drain(..).enumerate() {
-            if let Some(ahead) = self.keys.get(i + PREFETCH_AHEAD) {
-                self.core.state.prefetch(ahead);
-            }
+            self.core.state.next_record(i, &self.keys);
             self.core.process(&self.keys[i], record, &mut self.out)?;
             if self.out.len() >= self.batch_size {
                 self.next.push(&mut self.out)?;

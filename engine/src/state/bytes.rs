@@ -13,6 +13,7 @@ use crate::ids::{key_group_of_bytes, CheckpointId, KeyGroup, KeyGroupRange};
 use crate::time::{TimeDomain, Timestamp};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use smallvec::SmallVec;
 use std::any::TypeId;
 
 pub(crate) struct ByteState {
@@ -30,6 +31,64 @@ pub(crate) struct ByteState {
     /// map) and the value type's id.
     checked: Vec<(&'static str, u8, TypeId)>,
     pub types: StateTypes,
+    /// The batch being processed, read ahead ([`ByteState::read_ahead`]); boxed, so
+    /// the backends' state types stay of similar size.
+    ahead: Box<Ahead>,
+}
+
+/// Value states read ahead at most (the first ones an operator reads).
+const AHEAD_STATES: usize = 4;
+/// No slot, in [`Ahead::slots`].
+const NO_SLOT: u32 = u32::MAX;
+
+/// A batch's keys encoded once, and the cache slots of their entries.
+#[derive(Default)]
+struct Ahead {
+    /// Value states whose entries are read ahead: those read with `get`.
+    states: SmallVec<[&'static str; AHEAD_STATES]>,
+    /// The batch's encoded keys back to back, where each ends, and its key group index.
+    keys: Vec<u8>,
+    ends: Vec<usize>,
+    groups: Vec<u16>,
+    /// Per state and record (state-major), the entry's cache slot or [`NO_SLOT`], for
+    /// the first `covered` states (a state first read during the batch is not).
+    slots: Vec<u32>,
+    covered: usize,
+    /// The cache generation the slots belong to.
+    generation: u64,
+    /// The record whose key is the current key, if it is one of the batch's.
+    current: Option<usize>,
+    /// The batch's entry keys back to back (state-major, as `slots`) and where each
+    /// ends; the entries missing from the cache; scratch of the `MultiGet`.
+    entry_keys: Vec<u8>,
+    entry_ends: Vec<u32>,
+    misses: Vec<Miss>,
+    /// Scratch of [`ByteState::read_misses`]: the misses in the database's order, the
+    /// number of each one's entry in that order, and each entry's slot.
+    order: Vec<u32>,
+    unique: Vec<u32>,
+    entry_slots: Vec<u32>,
+    values: Vec<u8>,
+    found: Vec<Option<(usize, usize)>>,
+    /// `MultiGet`s made.
+    multi_gets: u64,
+}
+
+struct Miss {
+    group: u16,
+    /// Its entry key in [`Ahead::entry_keys`].
+    start: u32,
+    end: u32,
+    hash: u64,
+    /// Index into [`Ahead::slots`].
+    at: u32,
+}
+
+impl Ahead {
+    fn key(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.keys[start..self.ends[i]]
+    }
 }
 
 impl ByteState {
@@ -51,6 +110,7 @@ impl ByteState {
             value_buf: Vec::new(),
             checked: Vec::new(),
             types: StateTypes::default(),
+            ahead: Box::default(),
         }
     }
 
@@ -133,6 +193,12 @@ impl ByteState {
         self.cache.counts()
     }
 
+    /// Entries read from the database one by one, and `MultiGet`s made.
+    #[cfg(test)]
+    pub fn reads(&self) -> (u64, u64) {
+        (self.cache.point_reads, self.ahead.multi_gets)
+    }
+
     /// The key groups this instance owns.
     pub fn range(&self) -> KeyGroupRange {
         self.range
@@ -140,6 +206,7 @@ impl ByteState {
 
     /// Make `key` the current key.
     pub fn set_key<K: Serialize>(&mut self, key: &K) -> Result<()> {
+        self.ahead.current = None;
         self.key.clear();
         codec::encode_into(key, &mut self.key, "state key")?;
         let kg = key_group_of_bytes(&self.key, self.max_parallelism);
@@ -164,7 +231,196 @@ impl ByteState {
         self.scratch.extend_from_slice(&self.key);
     }
 
+    /// Before a batch with keys `keys`: encode them and find their key groups once, and
+    /// find the cache slots of their entries of the value states read so far, reading
+    /// the missing ones from the database in one `MultiGet`. Then
+    /// [`ByteState::use_ahead`] makes a record's key current without encoding it, and
+    /// its value reads and writes go straight to their slots. Everything here is a
+    /// shortcut: an entry without a slot (no room in the cache, a state read for the
+    /// first time) is read the usual way.
+    pub fn read_ahead<K: Serialize>(&mut self, keys: &[K]) -> Result<()> {
+        let a = &mut self.ahead;
+        a.current = None;
+        a.keys.clear();
+        a.ends.clear();
+        a.groups.clear();
+        for k in keys {
+            let start = a.keys.len();
+            codec::encode_into(k, &mut a.keys, "state key")?;
+            let kg = key_group_of_bytes(&a.keys[start..], self.max_parallelism);
+            debug_assert!(
+                self.range.contains(kg),
+                "key group {kg:?} outside {:?}",
+                self.range
+            );
+            a.groups.push(kg.0 - self.range.start);
+            a.ends.push(a.keys.len());
+        }
+        let n = keys.len();
+        a.covered = a.states.len();
+        a.slots.clear();
+        a.slots.resize(a.covered * n, NO_SLOT);
+        if a.states.is_empty() {
+            return Ok(());
+        }
+        // Find the slots; if making room for the missing entries evicted (slot numbers
+        // changed), find them again.
+        for _ in 0..2 {
+            self.ahead.generation = self.cache.generation();
+            self.find_slots();
+            let a = &self.ahead;
+            if a.misses.is_empty() {
+                return Ok(());
+            }
+            let key_bytes = a.misses.iter().map(|m| (m.end - m.start) as usize).sum();
+            if !self
+                .cache
+                .room_for(&mut self.db, a.misses.len(), key_bytes)?
+            {
+                // Too many to cache at once: the hits keep their slots, the misses are
+                // read one by one when the records need them.
+                return Ok(());
+            }
+            if self.cache.generation() == self.ahead.generation {
+                return self.read_misses();
+            }
+        }
+        // Evicted twice (not expected: the first eviction made room): no slot holds.
+        self.ahead.slots.fill(NO_SLOT);
+        Ok(())
+    }
+
+    /// The slots of the batch's entries that the cache holds; the others in `misses`.
+    fn find_slots(&mut self) {
+        let a = &mut self.ahead;
+        a.misses.clear();
+        a.entry_keys.clear();
+        a.entry_ends.clear();
+        let n = a.groups.len();
+        // Every entry key first, then the lookups: a lookup hashing bytes just written
+        // byte by byte waits for those stores, which wait for the previous lookup's
+        // memory access, so interleaving them would serialise the cache misses.
+        for &name in &a.states[..a.covered] {
+            for i in 0..n {
+                let start = if i == 0 { 0 } else { a.ends[i - 1] };
+                a.entry_keys.push(name.len() as u8);
+                a.entry_keys.extend_from_slice(name.as_bytes());
+                a.entry_keys.extend_from_slice(&a.keys[start..a.ends[i]]);
+                a.entry_ends.push(a.entry_keys.len() as u32);
+            }
+        }
+        for at in 0..a.entry_ends.len() {
+            let start = if at == 0 { 0 } else { a.entry_ends[at - 1] };
+            let end = a.entry_ends[at];
+            let g = a.groups[at % n] as usize;
+            match self
+                .cache
+                .lookup(g, &a.entry_keys[start as usize..end as usize])
+            {
+                (_, Some(slot)) => a.slots[at] = slot,
+                (hash, None) => a.misses.push(Miss {
+                    group: g as u16,
+                    start,
+                    end,
+                    hash,
+                    at: at as u32,
+                }),
+            }
+        }
+    }
+
+    /// Read the missing entries in one `MultiGet` (in the database's order, each once)
+    /// and cache them, room having been made, in the batch's order: the slots are then
+    /// dirtied in about the order they were made, which the checkpoint walks.
+    fn read_misses(&mut self) -> Result<()> {
+        let a = &mut self.ahead;
+        let (buf, misses) = (&a.entry_keys, &a.misses);
+        let entry = |j: u32| {
+            let m = &misses[j as usize];
+            (m.group, &buf[m.start as usize..m.end as usize])
+        };
+        a.order.clear();
+        a.order.extend(0..misses.len() as u32);
+        a.order.sort_unstable_by(|&x, &y| entry(x).cmp(&entry(y)));
+        // Each miss's entry, numbered in the database's order.
+        a.unique.clear();
+        a.unique.resize(misses.len(), 0);
+        let mut u = 0;
+        for (j, &m) in a.order.iter().enumerate() {
+            if j > 0 && entry(a.order[j - 1]) != entry(m) {
+                u += 1;
+            }
+            a.unique[m as usize] = u;
+        }
+        a.values.clear();
+        a.found.clear();
+        let order = &a.order;
+        let firsts = (0..order.len())
+            .filter(|&j| j == 0 || entry(order[j - 1]) != entry(order[j]))
+            .map(|j| {
+                let (g, key) = entry(order[j]);
+                (g as usize, key)
+            });
+        self.db.multi_get(firsts, &mut a.values, &mut a.found)?;
+        a.multi_gets += 1;
+        a.entry_slots.clear();
+        a.entry_slots.resize(u as usize + 1, NO_SLOT);
+        for (j, m) in a.misses.iter().enumerate() {
+            let u = a.unique[j] as usize;
+            let slot = match a.entry_slots[u] {
+                NO_SLOT => {
+                    let key = &a.entry_keys[m.start as usize..m.end as usize];
+                    let value = a.found[u].map(|(s, e)| &a.values[s..e]);
+                    self.cache.insert_read(m.hash, m.group as usize, key, value)
+                }
+                slot => {
+                    // A key twice in the batch: read again, as a second record's is.
+                    self.cache.reference(slot);
+                    slot
+                }
+            };
+            a.entry_slots[u] = slot;
+            a.slots[m.at as usize] = slot;
+        }
+        Ok(())
+    }
+
+    /// Make record `i` of the batch last read ahead the current key.
+    #[inline]
+    pub fn use_ahead(&mut self, i: usize) {
+        let a = &mut self.ahead;
+        self.key.clear();
+        self.key.extend_from_slice(a.key(i));
+        self.group = a.groups[i] as usize;
+        a.current = Some(i);
+    }
+
+    /// The cache slot of the current key's entry of value state `name`, if it was read
+    /// ahead and its slot still holds.
+    #[inline]
+    fn slot_ahead(&self, name: &str) -> Option<u32> {
+        let a = &self.ahead;
+        let i = a.current?;
+        if a.generation != self.cache.generation() {
+            return None;
+        }
+        let si = a.states[..a.covered].iter().position(|&n| n == name)?;
+        let slot = a.slots[si * a.groups.len() + i];
+        (slot != NO_SLOT).then_some(slot)
+    }
+
     pub fn get<V: StateValue>(&mut self, s: ValueState<V>) -> Result<Option<V>> {
+        if let Some(slot) = self.slot_ahead(s.name()) {
+            return self
+                .cache
+                .slot_value(slot)
+                .map(|b| codec::decode(b, s.name()))
+                .transpose();
+        }
+        let a = &mut self.ahead;
+        if a.states.len() < AHEAD_STATES && !a.states.contains(&s.name()) {
+            a.states.push(s.name());
+        }
         self.entry_key(s.name());
         self.cache
             .get(&mut self.db, self.group, &self.scratch)?
@@ -173,9 +429,13 @@ impl ByteState {
     }
 
     pub fn put<V: StateValue>(&mut self, s: ValueState<V>, value: &V) -> Result<()> {
-        self.entry_key(s.name());
         self.value_buf.clear();
         codec::encode_into(value, &mut self.value_buf, s.name())?;
+        if let Some(slot) = self.slot_ahead(s.name()) {
+            self.cache.set_slot(slot, Some(&self.value_buf));
+            return Ok(());
+        }
+        self.entry_key(s.name());
         self.cache.set(
             &mut self.db,
             self.group,
@@ -185,6 +445,10 @@ impl ByteState {
     }
 
     pub fn clear<V>(&mut self, s: ValueState<V>) -> Result<()> {
+        if let Some(slot) = self.slot_ahead(s.name()) {
+            self.cache.set_slot(slot, None);
+            return Ok(());
+        }
         self.entry_key(s.name());
         self.cache
             .set(&mut self.db, self.group, &self.scratch, None)

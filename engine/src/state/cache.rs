@@ -103,7 +103,15 @@ pub(crate) struct EntryCache {
     order: Vec<(u128, u32)>,
     bytes: usize,
     budget: usize,
+    /// Bumped whenever slots are renumbered (an eviction): slot numbers handed out by
+    /// [`EntryCache::lookup`] and [`EntryCache::insert_read`] before are void.
+    generation: u64,
+    /// Entries read from the database one by one (misses of [`EntryCache::get`]).
+    pub point_reads: u64,
 }
+
+/// Bytes assumed per value not read yet, to make room for a batch's missing entries.
+const VALUE_ESTIMATE: usize = 16;
 
 impl EntryCache {
     /// An empty cache holding about `budget` bytes.
@@ -115,6 +123,89 @@ impl EntryCache {
             order: Vec::new(),
             bytes: 0,
             budget,
+            generation: 0,
+            point_reads: 0,
+        }
+    }
+
+    /// Changes whenever slot numbers change (see [`EntryCache::lookup`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Entry `key` of key group index `g`: its hash, and its slot if cached (marked
+    /// read again, as [`EntryCache::get`] marks a hit). The slot number holds while
+    /// [`EntryCache::generation`] does not change.
+    #[inline]
+    pub fn lookup(&mut self, g: usize, key: &[u8]) -> (u64, Option<u32>) {
+        let g16 = g as u16;
+        let hash = hash_of(&(g16, key));
+        let i = self.find(hash, g16, key);
+        if let Some(i) = i {
+            self.slots[i].referenced = true;
+        }
+        (hash, i.map(|i| i as u32))
+    }
+
+    /// Make room for `entries` entries not cached yet, with `key_bytes` bytes of keys in
+    /// all, flushing and evicting if needed (which changes the generation). False if
+    /// they would take more than half the cache: reading them ahead would evict what is
+    /// about to be used.
+    pub fn room_for(
+        &mut self,
+        db: &mut RocksStore,
+        entries: usize,
+        key_bytes: usize,
+    ) -> Result<bool> {
+        let need = key_bytes + entries * (ENTRY_OVERHEAD + VALUE_ESTIMATE);
+        if need > self.budget / 2 {
+            return Ok(false);
+        }
+        if self.bytes + need > self.budget {
+            self.flush(db)?;
+            db.settle()?;
+            self.evict();
+        }
+        Ok(true)
+    }
+
+    /// Cache entry `key` of key group index `g` (hash `hash`, from
+    /// [`EntryCache::lookup`]) as the database holds it (`value`; `None` if absent),
+    /// after [`EntryCache::room_for`]; it must not be cached. Returns its slot.
+    pub fn insert_read(&mut self, hash: u64, g: usize, key: &[u8], value: Option<&[u8]>) -> u32 {
+        debug_assert!(self.find(hash, g as u16, key).is_none(), "cached twice");
+        let i = self.insert(hash, g as u16, key, None);
+        if value.is_some() {
+            let s = &mut self.slots[i];
+            s.set_value(value);
+            self.bytes += s.value.len();
+        }
+        i as u32
+    }
+
+    /// Mark slot `i` read again.
+    pub fn reference(&mut self, i: u32) {
+        self.slots[i as usize].referenced = true;
+    }
+
+    /// The value in slot `i` (of the current generation).
+    #[inline]
+    pub fn slot_value(&self, i: u32) -> Option<&[u8]> {
+        self.slots[i as usize].value()
+    }
+
+    /// Set slot `i` (of the current generation) to `value` (`None`: delete the entry),
+    /// in the cache only.
+    #[inline]
+    pub fn set_slot(&mut self, i: u32, value: Option<&[u8]>) {
+        let s = &mut self.slots[i as usize];
+        let before = s.bytes();
+        s.set_value(value);
+        let after = s.bytes();
+        self.bytes = self.bytes + after - before;
+        if !s.dirty {
+            s.dirty = true;
+            self.dirty.push(i);
         }
     }
 
@@ -177,6 +268,7 @@ impl EntryCache {
             self.slots.retain_mut(|s| std::mem::take(&mut s.referenced));
         }
         self.bytes = self.slots.iter().map(Slot::bytes).sum();
+        self.generation += 1;
         self.index.clear();
         let slots = &self.slots;
         for (i, s) in slots.iter().enumerate() {
@@ -200,6 +292,7 @@ impl EntryCache {
                 i
             }
             None => {
+                self.point_reads += 1;
                 self.make_room(db, key.len())?;
                 let mut found = None;
                 let value = db.get(g, key, |v| {
@@ -237,15 +330,7 @@ impl EntryCache {
                 self.insert(hash, g16, key, None)
             }
         };
-        let s = &mut self.slots[i];
-        let before = s.bytes();
-        s.set_value(value);
-        let after = s.bytes();
-        self.bytes = self.bytes + after - before;
-        if !s.dirty {
-            s.dirty = true;
-            self.dirty.push(i as u32);
-        }
+        self.set_slot(i as u32, value);
         Ok(())
     }
 
@@ -442,6 +527,55 @@ mod tests {
         }
     }
 
+    /// A batch's keys, once a value state has been read: the entries the cache lacks
+    /// are read in one `MultiGet` (absent ones too), and the batch's reads and writes
+    /// then cost no database read; what they find is what the database holds.
+    #[test]
+    fn a_batch_reads_its_missing_entries_in_one_multi_get() {
+        let f = Fixture::new();
+        let mut s = f.open_caching(ALL, &[], 64 << 20);
+        for k in 0..100u64 {
+            s.put(&k, V, &(k as u32 * 3), 0).unwrap();
+        }
+        let snap = snapshot_of(&f, &mut s, 1);
+        let mut s = f.open_caching(ALL, &[snap], 64 << 20);
+        let reads = |s: &KeyedState<u64>| match &s.inner {
+            Inner::Rocks(b, _) => b.reads(),
+            Inner::Memory(_) => unreachable!("the fixture opens RocksDB state"),
+        };
+        // Nothing is read ahead for a state not read yet.
+        s.begin_batch(&[0u64, 1]).unwrap();
+        assert_eq!(cache_counts(&s).0, 0);
+        s.next_record(0, &[0, 1]);
+        assert_eq!(s.get(&0, V, 0).unwrap(), Some(0));
+        assert_eq!(reads(&s), (1, 0), "one point read");
+        // Keys 150.. were never written; keys 1..10 come twice.
+        let batch: Vec<u64> = (1..50).chain(150..160).chain(1..10).collect();
+        s.begin_batch(&batch).unwrap();
+        assert_eq!(reads(&s), (1, 1), "one MultiGet for the batch");
+        let mut written = std::collections::HashSet::new();
+        for (i, &k) in batch.iter().enumerate() {
+            s.next_record(i, &batch);
+            let want = match written.insert(k) {
+                false => Some(k as u32),
+                true => (k < 100).then_some(k as u32 * 3),
+            };
+            assert_eq!(s.get(&batch[i], V, 0).unwrap(), want, "key {k}");
+            s.put(&batch[i], V, &(k as u32), 0).unwrap();
+        }
+        assert_eq!(reads(&s), (1, 1), "every read of the batch hit the cache");
+        let snap = snapshot_of(&f, &mut s, 2);
+        let mut r = f.open_caching(ALL, &[snap], 64 << 20);
+        for k in (0..100u64).chain(150..160) {
+            let want = match k {
+                0 => Some(0),
+                1..50 | 150..160 => Some(k as u32),
+                _ => Some(k as u32 * 3),
+            };
+            assert_eq!(r.get(&k, V, 0).unwrap(), want, "key {k} restored");
+        }
+    }
+
     #[test]
     fn a_full_cache_writes_its_entries_and_evicts() {
         let f = Fixture::new();
@@ -477,6 +611,10 @@ mod tests {
         MapRetainAll(u8),
         /// Let time pass.
         Wait(u8),
+        /// A batch as a keyed operator processes it (keys read ahead, then record by
+        /// record): per record, read the value and then add the number to it (0: clear
+        /// it; 3: also put a map entry, which may evict and void the slots read ahead).
+        Batch(Vec<(u64, u8)>),
         /// Check every key against the model through this instance.
         Check,
         /// Checkpoint, check that both backends restore the model from it, and carry on
@@ -498,6 +636,7 @@ mod tests {
             1 => k.prop_map(Op::MapClear),
             1 => (2u8..5).prop_map(Op::MapRetainAll),
             1 => (0u8..4).prop_map(Op::Wait),
+            3 => proptest::collection::vec((0..KEYS, 0u8..4), 0..12).prop_map(Op::Batch),
             1 => Just(Op::Check),
             1 => prop_oneof![Just(0usize), Just(400), Just(2_000), Just(64 << 20)]
                 .prop_map(Op::Checkpoint),
@@ -590,6 +729,28 @@ mod tests {
                     model.maps.retain(|(k, u), v| keep(*k, *u, v));
                 }
                 Op::Wait(t) => now += i64::from(t),
+                Op::Batch(ref records) => {
+                    let keys: Vec<u64> = records.iter().map(|r| r.0).collect();
+                    s.begin_batch(&keys).unwrap();
+                    for (i, &(k, add)) in records.iter().enumerate() {
+                        s.next_record(i, &keys);
+                        let got = s.get(&keys[i], V, now).unwrap();
+                        assert_eq!(got, model.values.get(&k).copied(), "key {k} in a batch");
+                        if add == 0 {
+                            s.clear(&keys[i], V);
+                            model.values.remove(&k);
+                        } else {
+                            let v = got.unwrap_or(0).wrapping_add(u32::from(add));
+                            s.put(&keys[i], V, &v, now).unwrap();
+                            model.values.insert(k, v);
+                        }
+                        if add == 3 {
+                            s.map_put(&keys[i], M, &add, &u32::from(add)).unwrap();
+                            model.maps.insert((k, add), u32::from(add));
+                        }
+                        s.take_failure().unwrap();
+                    }
+                }
                 Op::Check => model.check(&mut s, now, "live"),
                 Op::Checkpoint(bytes) => {
                     *next_id += 1;

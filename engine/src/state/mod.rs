@@ -547,6 +547,11 @@ pub struct BackendEnv {
 /// Keyed state of one operator instance, scoped by the key passed to each call: typed
 /// tables in memory, or a RocksDB instance (see [`StateBackend`]).
 ///
+/// How many records ahead of the one being processed a keyed operator prefetches
+/// in-memory state: enough to cover a memory access while the records in between are
+/// processed.
+const PREFETCH_AHEAD: usize = 8;
+
 /// Operations that cannot report an error in their signature (timer registration,
 /// clearing) record a backend failure instead; the operator reports it right after the
 /// record or timer that caused it, and the job restarts from its last checkpoint.
@@ -656,14 +661,48 @@ impl<K: Key> KeyedState<K> {
         }
     }
 
-    /// Start fetching `key`'s entries into the processor's cache (in memory; RocksDB
-    /// reads through its own block cache).
+    /// Before a batch of records with keys `keys` (processed in order, record `i`
+    /// announced with [`KeyedState::next_record`]). In memory: start fetching the first
+    /// records' entries into the processor's cache. RocksDB: encode the keys once and
+    /// find their value entries in the cache, reading the missing ones in one
+    /// `MultiGet` (see `ByteState::read_ahead`).
     #[inline]
-    pub fn prefetch(&self, key: &K) {
-        match &self.inner {
-            Inner::Memory(m) => m.prefetch(key),
+    pub fn begin_batch(&mut self, keys: &[K]) -> Result<()> {
+        match &mut self.inner {
+            Inner::Memory(m) => {
+                for key in keys.iter().take(PREFETCH_AHEAD) {
+                    m.prefetch(key);
+                }
+                Ok(())
+            }
             #[cfg(feature = "rocksdb")]
-            Inner::Rocks(..) => {}
+            Inner::Rocks(b, last) => {
+                *last = None;
+                b.read_ahead(keys)
+            }
+        }
+    }
+
+    /// Record `i` of the batch begun with `keys` is processed next. In memory: fetch
+    /// the entries of the record [`PREFETCH_AHEAD`] further. RocksDB: its key, encoded
+    /// ahead, becomes the current key.
+    #[inline]
+    pub fn next_record(&mut self, i: usize, keys: &[K]) {
+        match &mut self.inner {
+            Inner::Memory(m) => {
+                if let Some(ahead) = keys.get(i + PREFETCH_AHEAD) {
+                    m.prefetch(ahead);
+                }
+            }
+            #[cfg(feature = "rocksdb")]
+            Inner::Rocks(b, last) => {
+                b.use_ahead(i);
+                // Reuses the previous key's allocation (`clone_from`).
+                match last {
+                    Some(l) => l.clone_from(&keys[i]),
+                    None => *last = Some(keys[i].clone()),
+                }
+            }
         }
     }
 

@@ -39,8 +39,8 @@ use crate::manifest::SharedFile;
 use crate::storage::CheckpointStorage;
 use futures::{StreamExt, TryStreamExt};
 use rocksdb::{
-    checkpoint::Checkpoint, BlockBasedOptions, DBCompressionType, Options, ReadOptions, WriteBatch,
-    WriteOptions, DB,
+    checkpoint::Checkpoint, BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Options,
+    ReadOptions, WriteBatch, WriteOptions, DB, DEFAULT_COLUMN_FAMILY_NAME,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -122,6 +122,8 @@ pub struct RocksStore {
     start: u16,
     end: u16,
     key: Vec<u8>,
+    /// Where each key of a [`RocksStore::multi_get`] ends in `key`.
+    ends: Vec<usize>,
     write: WriteOptions,
     instance: String,
     completed: Arc<AtomicU64>,
@@ -173,7 +175,11 @@ impl RocksStore {
                 }
             }
         }
-        let db = DB::open(&options(cfg), &dir)
+        // The default column family by name, so that its handle serves `MultiGet`, with
+        // the database's options (a name alone would give it RocksDB's defaults).
+        let opts = options(cfg);
+        let default = ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, opts.clone());
+        let db = DB::open_cf_descriptors(&opts, &dir, [default])
             .map_err(|e| db_err(format!("opening {}", dir.display()), e))?;
         let mut write = WriteOptions::default();
         write.disable_wal(true);
@@ -186,6 +192,7 @@ impl RocksStore {
             start: range.start,
             end: range.end,
             key: Vec::new(),
+            ends: Vec::new(),
             write,
             instance,
             completed: env.completed.clone(),
@@ -268,6 +275,43 @@ impl RocksStore {
             Ok(v) => Ok(v.map(|v| f(&v))),
             Err(e) => Err(db_err("read", e)),
         }
+    }
+
+    /// Read the entries `keys` (key group index, entry key; sorted by both, each once)
+    /// in one `MultiGet`, appending each value found to `values` and its place there,
+    /// or `None`, to `found`, in order. Like [`RocksStore::get`], only for entries the
+    /// cache does not hold (what the checkpoint thread writes is still cached).
+    pub(crate) fn multi_get<'k>(
+        &mut self,
+        keys: impl Iterator<Item = (usize, &'k [u8])>,
+        values: &mut Vec<u8>,
+        found: &mut Vec<Option<(usize, usize)>>,
+    ) -> Result<()> {
+        self.key.clear();
+        self.ends.clear();
+        for (g, key) in keys {
+            self.key
+                .extend_from_slice(&(self.start + g as u16).to_be_bytes());
+            self.key.extend_from_slice(key);
+            self.ends.push(self.key.len());
+        }
+        let db = self.db.as_ref().expect("the database is open until drop");
+        let cf = db
+            .cf_handle(DEFAULT_COLUMN_FAMILY_NAME)
+            .expect("the default column family is opened by name");
+        let (buf, ends) = (&self.key, &self.ends);
+        let slices = (0..ends.len()).map(|i| &buf[if i == 0 { 0 } else { ends[i - 1] }..ends[i]]);
+        for r in db.batched_multi_get_cf(cf, slices, true) {
+            match r.map_err(|e| db_err("read", e))? {
+                Some(v) => {
+                    let start = values.len();
+                    values.extend_from_slice(&v);
+                    found.push(Some((start, values.len())));
+                }
+                None => found.push(None),
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn put(&mut self, g: usize, key: &[u8], value: &[u8]) -> Result<()> {
