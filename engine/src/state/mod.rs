@@ -684,7 +684,7 @@ impl<K: Key> KeyedState<K> {
     }
 
     /// Record `i` of the batch begun with `keys` is processed next. In memory: fetch
-    /// the entries of the record [`PREFETCH_AHEAD`] further. RocksDB: its key, encoded
+    /// the entries of the record a few (8) further. RocksDB: its key, encoded
     /// ahead, becomes the current key.
     #[inline]
     pub fn next_record(&mut self, i: usize, keys: &[K]) {
