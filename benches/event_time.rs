@@ -1,4 +1,4 @@
-//! Event-time operators: tumbling-window count over 1M keys (checkpoints off, then every
+//! Event-time operators: tumbling-window count and sum over 1M keys (checkpoints off, then every
 //! second; on RocksDB too with the `rocksdb` feature) and dedup over a stream with 10 %
 //! duplicates (every second), in-memory state unless said otherwise, local checkpoint
 //! directory. Prints events/s (total and per core) and checkpoint figures.
@@ -6,7 +6,7 @@
 //! `cargo bench --bench event_time`; `EXACTLY_BENCH_EVENTS` sets the event count,
 //! `EXACTLY_BENCH_ONLY=window` skips the dedup runs.
 
-use exactly::operators::{DedupExt, DedupTime, WindowExt, Windows};
+use exactly::operators::{AggregateFunction, DedupExt, DedupTime, WindowExt, Windows};
 use exactly::prelude::*;
 use exactly::testing::CollectSink;
 use serde::{Deserialize, Serialize};
@@ -24,6 +24,30 @@ struct Event {
     id: u64,
     key: u64,
     ts: i64,
+    amount: i64,
+}
+
+/// Count and sum of the amounts, per window.
+#[derive(Clone)]
+struct CountSum;
+
+impl AggregateFunction<Event> for CountSum {
+    type Acc = (u64, i64);
+    type Out = (u64, i64);
+    fn create(&self) -> (u64, i64) {
+        (0, 0)
+    }
+    fn add(&self, acc: &mut (u64, i64), e: &Event) {
+        acc.0 += 1;
+        acc.1 += e.amount;
+    }
+    fn result(&self, acc: &(u64, i64)) -> (u64, i64) {
+        *acc
+    }
+    fn merge(&self, acc: &mut (u64, i64), other: (u64, i64)) {
+        acc.0 += other.0;
+        acc.1 += other.1;
+    }
 }
 
 /// Event `i` of `events`. The generator gives each split a contiguous range of `i`, so
@@ -44,6 +68,7 @@ fn event(i: u64, events: u64) -> Event {
         id,
         key: i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % KEYS,
         ts: (position / 100) as i64, // 100k events per second of event time
+        amount: (i % 100) as i64,
     }
 }
 
@@ -101,17 +126,25 @@ fn main() {
 
     let every = Some(Duration::from_secs(1));
     let mut cases = vec![
-        ("tumbling count, 1M keys, off", None, StateBackend::Memory),
-        ("tumbling count, 1M keys, 1 s", every, StateBackend::Memory),
+        (
+            "tumbling count+sum, 1M keys, off",
+            None,
+            StateBackend::Memory,
+        ),
+        (
+            "tumbling count+sum, 1M keys, 1 s",
+            every,
+            StateBackend::Memory,
+        ),
     ];
     if cfg!(feature = "rocksdb") {
         cases.push((
-            "tumbling count, rocksdb, off",
+            "tumbling count+sum, rocksdb, off",
             None,
             StateBackend::rocksdb(),
         ));
         cases.push((
-            "tumbling count, rocksdb, 1 s",
+            "tumbling count+sum, rocksdb, 1 s",
             every,
             StateBackend::rocksdb(),
         ));
@@ -124,17 +157,24 @@ fn main() {
             .key_by(|e| e.key)
             .window(Windows::tumbling(Duration::from_secs(10)), |e| e.ts)
             .name("window")
-            .count()
+            .aggregate(CountSum)
             .results
             .map(|w| w.value)
             .sink("counts", out.clone());
         let t = Instant::now();
         let r = j.run().unwrap();
         let elapsed = t.elapsed();
+        let windows = out.committed();
         assert_eq!(
-            out.committed().iter().sum::<u64>(),
+            windows.iter().map(|w| w.0).sum::<u64>(),
             events,
             "every event counted once"
+        );
+        let amounts: i64 = (0..events).map(|i| (i % 100) as i64).sum();
+        assert_eq!(
+            windows.iter().map(|w| w.1).sum::<i64>(),
+            amounts,
+            "every amount summed once"
         );
         report(label, events, elapsed, &r);
     }
