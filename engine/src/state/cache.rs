@@ -6,7 +6,10 @@
 //!
 //! 1. A read looks in the cache; on a miss it reads RocksDB and caches what it found,
 //!    including "absent", so a key read again before it is written costs no database
-//!    lookup either.
+//!    lookup either. A batch's entries can be looked up at once beforehand
+//!    ([`EntryCache::lookup`]), the missing ones read in one `MultiGet` and cached
+//!    after [`EntryCache::room_for`] made room; the slot numbers handed out are used
+//!    for the batch's reads and writes while [`EntryCache::generation`] holds.
 //! 2. A write or delete changes only the cache and marks the entry dirty (a delete
 //!    leaves a dirty tombstone).
 //! 3. [`EntryCache::flush`] writes every dirty entry in one `WriteBatch`, in key

@@ -544,14 +544,14 @@ pub struct BackendEnv {
     pub completed: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Keyed state of one operator instance, scoped by the key passed to each call: typed
-/// tables in memory, or a RocksDB instance (see [`StateBackend`]).
-///
 /// How many records ahead of the one being processed a keyed operator prefetches
 /// in-memory state: enough to cover a memory access while the records in between are
 /// processed.
 const PREFETCH_AHEAD: usize = 8;
 
+/// Keyed state of one operator instance, scoped by the key passed to each call: typed
+/// tables in memory, or a RocksDB instance (see [`StateBackend`]).
+///
 /// Operations that cannot report an error in their signature (timer registration,
 /// clearing) record a backend failure instead; the operator reports it right after the
 /// record or timer that caused it, and the job restarts from its last checkpoint.
