@@ -14,7 +14,7 @@
 //! group of every entry is `xxh3(postcard(key)) % max_parallelism`; the in-memory backend
 //! keeps typed values and writes this layout only when a snapshot is encoded.
 
-use crate::ids::KeyGroup;
+use crate::ids::{KeyGroup, KeyGroupRange};
 use crate::time::{TimeDomain, Timestamp};
 
 /// First byte of timer and TTL cleanup entries.
@@ -179,6 +179,19 @@ impl GroupWriter {
         }
     }
 
+    /// A writer whose groups in `range` have room for `bytes` in all, spread evenly (a
+    /// snapshot's size is about the previous one's): no buffer grows by copying itself.
+    pub fn sized(max_parallelism: u16, range: KeyGroupRange, bytes: usize) -> Self {
+        let mut w = Self::new(max_parallelism);
+        let per_group = (bytes / range.len().max(1)) * 9 / 8;
+        if per_group > 0 {
+            for g in range.start..range.end {
+                w.groups[g as usize].bytes.reserve_exact(per_group);
+            }
+        }
+        w
+    }
+
     /// Append one entry whose key is the concatenation of `key_parts`.
     #[inline]
     pub fn push(&mut self, kg: KeyGroup, key_parts: &[&[u8]], value: &[u8]) {
@@ -213,6 +226,11 @@ impl GroupWriter {
 pub(crate) struct EncodedGroups(Vec<(KeyGroup, GroupBuf)>);
 
 impl EncodedGroups {
+    /// Bytes of the encoded entries, lengths included.
+    pub fn buffered(&self) -> usize {
+        self.0.iter().map(|(_, g)| g.bytes.len()).sum()
+    }
+
     /// Bytes of keys and values held.
     pub fn bytes(&self) -> usize {
         self.0.iter().map(|(_, g)| g.payload).sum()
@@ -323,15 +341,19 @@ mod tests {
 
     proptest::proptest! {
         /// Entries of any size (lengths of one to three varint bytes) in any key group
-        /// (two-byte group numbers too): the direct path and serde agree byte for byte.
+        /// (two-byte group numbers too): the direct path and serde agree byte for byte,
+        /// whatever room the writer was given ahead (for some of the groups, or none).
         #[test]
         fn direct_encoding_matches_serde(
             entries in proptest::collection::vec(
                 (0u16..400, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), 0usize..20_000),
                 0..40,
-            )
+            ),
+            sized in (0u16..400, 0u16..400, 0usize..200_000),
         ) {
-            let mut w = GroupWriter::new(400);
+            let (a, b, hint) = sized;
+            let range = KeyGroupRange { start: a.min(b), end: a.max(b) };
+            let mut w = GroupWriter::sized(400, range, hint);
             let mut model: std::collections::BTreeMap<u16, Vec<Pair>> = Default::default();
             for (kg, key, vlen) in &entries {
                 let value = vec![*vlen as u8; *vlen];

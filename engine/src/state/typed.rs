@@ -26,6 +26,7 @@ use crate::ids::{key_group_of_bytes, KeyGroup, KeyGroupRange};
 use crate::time::Timestamp;
 use std::any::TypeId;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// One state's live table.
@@ -474,6 +475,9 @@ pub(crate) struct TypedState<K> {
     pub types: StateTypes,
     /// Scratch for encoding a key to find its key group.
     key_buf: Vec<u8>,
+    /// Bytes the last snapshot encoded, so the next one sizes its buffers once instead
+    /// of growing (and copying) them.
+    encoded: Arc<AtomicUsize>,
 }
 
 impl<K: Key> TypedState<K> {
@@ -486,6 +490,7 @@ impl<K: Key> TypedState<K> {
             pending: HashMap::new(),
             types: StateTypes::default(),
             key_buf: Vec::new(),
+            encoded: Arc::default(),
         }
     }
 
@@ -648,6 +653,8 @@ impl<K: Key> TypedState<K> {
         parts.push(Box::new(self.timers.share()));
         LiveView {
             max_parallelism: self.max_parallelism,
+            range: self.range,
+            encoded: self.encoded.clone(),
             parts,
         }
     }
@@ -656,17 +663,23 @@ impl<K: Key> TypedState<K> {
 /// Shared tables of one operator as of a barrier, encoded later.
 pub(crate) struct LiveView {
     max_parallelism: u16,
+    range: KeyGroupRange,
+    /// The state's bytes at its previous snapshot (see [`TypedState`]).
+    encoded: Arc<AtomicUsize>,
     parts: Vec<Box<dyn TableView>>,
 }
 
 impl LiveView {
     /// Encode into the byte layout, releasing each table as soon as it is written.
     pub fn encode(self) -> Result<layout::EncodedGroups> {
-        let mut w = GroupWriter::new(self.max_parallelism);
+        let hint = self.encoded.load(Relaxed);
+        let mut w = GroupWriter::sized(self.max_parallelism, self.range, hint);
         for part in self.parts {
             part.encode(self.max_parallelism, &mut w)?;
         }
-        Ok(w.finish())
+        let groups = w.finish();
+        self.encoded.store(groups.buffered(), Relaxed);
+        Ok(groups)
     }
 }
 
