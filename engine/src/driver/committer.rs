@@ -6,8 +6,9 @@
 //! sinks concurrently, so commits stay ordered per sink. When commits are slower than
 //! the checkpoint interval, jobs queue up; the lane takes the newest one, whose
 //! manifest names every committable still pending, so one round commits everything due
-//! and a slow sink cannot build an unbounded backlog. A committable already committed in an earlier round of this attempt is
-//! skipped (a restore re-commits it anyway: commits are idempotent).
+//! and a slow sink cannot build an unbounded backlog. A committable already committed in
+//! an earlier round of this attempt is skipped (a restore re-commits it anyway: commits
+//! are idempotent).
 //!
 //! Each round is reported back as a [`TaskEvent::Committed`]; the coordinator drops the
 //! committed output from its pending set and, for a final or stop checkpoint, ends the
@@ -85,27 +86,12 @@ impl Committer<'_> {
                 None => by_sink.push((&p.sink, vec![p])),
             }
         }
-        match by_sink.as_slice() {
-            [] => Ok(()),
-            [(_, list)] => self.commit_in_order(list),
-            _ => std::thread::scope(|scope| {
-                let running: Vec<_> = by_sink
-                    .iter()
-                    .map(|(_, list)| scope.spawn(|| self.commit_in_order(list)))
-                    .collect();
-                // Every sink's commits run to their end; the first failure is reported.
-                let mut result = Ok(());
-                for r in running {
-                    let r = r.join().unwrap_or_else(|_| {
-                        Err(Error::config("a sink's commit panicked".to_string()))
-                    });
-                    if result.is_ok() {
-                        result = r;
-                    }
-                }
-                result
-            }),
-        }
+        // Every sink's commits run to their end; the first failure is reported.
+        super::all_at_once(&by_sink, "a sink's commit", |(_, list)| {
+            self.commit_in_order(list)
+        })
+        .into_iter()
+        .collect()
     }
 
     /// Commit one sink's `pending` in order.

@@ -814,6 +814,33 @@ pub(crate) async fn read_checkpoint_state(
     Ok(state)
 }
 
+/// `f` of every item, all at the same time (a scoped thread each when there are
+/// several), each run to its end; the results in the items' order, a panic as an error
+/// saying `what` panicked.
+pub(crate) fn all_at_once<I: Sync, R: Send>(
+    items: &[I],
+    what: &str,
+    f: impl Fn(&I) -> Result<R> + Sync,
+) -> Vec<Result<R>> {
+    match items {
+        [] => Vec::new(),
+        [one] => vec![f(one)],
+        _ => std::thread::scope(|scope| {
+            let f = &f;
+            let running: Vec<_> = (items.iter())
+                .map(|item| scope.spawn(move || f(item)))
+                .collect();
+            running
+                .into_iter()
+                .map(|r| {
+                    r.join()
+                        .unwrap_or_else(|_| Err(Error::config(format!("{what} panicked"))))
+                })
+                .collect()
+        }),
+    }
+}
+
 /// Let every sink commit the restored checkpoint's output and abort what was staged
 /// after it; the highest checkpoint id a sink saw staged. The sinks recover at the same
 /// time: one sink's recovery can wait on what another's fences (Kafka sinks sharing a
@@ -837,22 +864,7 @@ fn settle_sinks(
     let sinks: Vec<_> = (graph.nodes.iter())
         .filter_map(|n| n.sink.as_ref().map(|s| (n, s)))
         .collect();
-    let results: Vec<Result<Option<CheckpointId>>> = match sinks.as_slice() {
-        [] => Vec::new(),
-        [(n, sink)] => vec![recover(n, sink)],
-        _ => std::thread::scope(|scope| {
-            let running: Vec<_> = (sinks.iter())
-                .map(|(n, sink)| scope.spawn(|| recover(n, sink)))
-                .collect();
-            running
-                .into_iter()
-                .map(|r| {
-                    r.join()
-                        .unwrap_or_else(|_| Err(Error::config("a sink's recovery panicked")))
-                })
-                .collect()
-        }),
-    };
+    let results = all_at_once(&sinks, "a sink's recovery", |(n, sink)| recover(n, sink));
     let mut max_seen = None;
     for r in results {
         max_seen = max_seen.max(r?);
