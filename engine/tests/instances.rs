@@ -473,49 +473,30 @@ fn event_time_crosses_instances_and_rescales() {
     let dir = tempfile::tempdir().unwrap();
     let topics = MemoryTopics::default();
     let late = Arc::new(Mutex::new(0u64));
-    let outs = [CollectSink::new(), CollectSink::new()];
-    let jobs = (0..2)
-        .map(|i| windowed(i, 2, dir.path(), &topics, &outs[i], None, &late))
-        .collect();
-    let first = batch_windows(0);
-    run_until(jobs, &outs, first.len(), "two");
-    assert_windows(&outs, &first);
-    assert_eq!(
-        *late.lock().unwrap(),
-        0,
-        "records arrived after their window fired"
-    );
-
+    // Run `instances` instances (from savepoint `from`) over batch `batch`, stop them
+    // into savepoint `to`: every window of the batch once, no record late.
+    let phase = |instances: usize, from: Option<&str>, batch: u64, to: &str| {
+        let outs: Vec<_> = (0..instances).map(|_| CollectSink::new()).collect();
+        let jobs = (0..instances)
+            .map(|i| windowed(i, instances, dir.path(), &topics, &outs[i], from, &late))
+            .collect();
+        let expected = batch_windows(batch);
+        run_until(jobs, &outs, expected.len(), to);
+        assert_windows(&outs, &expected);
+        assert_eq!(
+            *late.lock().unwrap(),
+            0,
+            "records arrived after their window fired"
+        );
+    };
+    phase(2, None, 0, "two");
     // Three instances from the savepoint with a new source, later in time: the two's
     // watermarks (at the end of time, their input done) must not fire its windows.
-    let outs = [CollectSink::new(), CollectSink::new(), CollectSink::new()];
-    let jobs = (0..3)
-        .map(|i| windowed(i, 3, dir.path(), &topics, &outs[i], Some("two"), &late))
-        .collect();
-    let second = batch_windows(1);
-    run_until(jobs, &outs, second.len(), "three");
-    assert_windows(&outs, &second);
-    assert_eq!(
-        *late.lock().unwrap(),
-        0,
-        "records arrived after their window fired"
-    );
-
+    phase(3, Some("two"), 1, "three");
     // A new version with the same layout and one more source: the three's watermarks
     // (restored in the readers' offsets, and at the end of time) are not this
     // deployment's, and must not fire its windows either.
-    let outs = [CollectSink::new(), CollectSink::new(), CollectSink::new()];
-    let jobs = (0..3)
-        .map(|i| windowed(i, 3, dir.path(), &topics, &outs[i], Some("three"), &late))
-        .collect();
-    let third = batch_windows(2);
-    run_until(jobs, &outs, third.len(), "upgraded");
-    assert_windows(&outs, &third);
-    assert_eq!(
-        *late.lock().unwrap(),
-        0,
-        "records arrived after their window fired"
-    );
+    phase(3, Some("three"), 2, "upgraded");
 }
 
 const WINDOW_MS: i64 = 1_000;
