@@ -202,9 +202,17 @@ impl Pipeline {
     }
 
     /// One start of instance `index` of `count`, at parallelism 1, with more `args`: it
-    /// follows the input until stopped.
+    /// follows the input until stopped. Its state is in RocksDB when the suite has the
+    /// feature (the reconciliation job's instances keep theirs in memory), so RocksDB
+    /// state is carried across instance counts under SIGKILLs too.
     fn start_instance(&self, index: usize, count: usize, args: &[&str]) -> std::process::Child {
+        let state = if cfg!(feature = "rocksdb") {
+            "rocksdb"
+        } else {
+            "memory"
+        };
         self.command(1, None)
+            .args(["--state", state])
             .args(args)
             .env("EXACTLY_INSTANCES", count.to_string())
             .env("EXACTLY_INSTANCE", index.to_string())

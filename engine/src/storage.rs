@@ -340,6 +340,13 @@ impl CheckpointStorage {
         self.root.clone().join("shared")
     }
 
+    /// Whether `file` lies in this location's shared directory (and not in another
+    /// location of the same store, such as another instance's, whose retention and
+    /// retirement this location does not control).
+    pub fn holds_shared(&self, file: &SharedFile) -> bool {
+        Path::from(file.path.as_str()).prefix_matches(&self.shared_dir())
+    }
+
     /// Store a shared file uploaded by checkpoint `id` under a name unique to its
     /// producer (`instance`, `file`); writing the same name again stores the same bytes.
     pub async fn put_shared(

@@ -223,6 +223,26 @@ impl Operator<u64> for Seen {
 const KEYS: u64 = 50;
 const RECORDS: u64 = 4_000;
 
+/// How a deployment runs: subtasks per instance, how many sources of `RECORDS` records
+/// each it reads (a new version of the job adds one), and its state backend.
+#[derive(Clone)]
+struct Shape {
+    parallelism: usize,
+    sources: usize,
+    backend: StateBackend,
+}
+
+impl Shape {
+    /// Two subtasks in memory; from a savepoint, a second source joins the first.
+    fn of(from_savepoint: Option<&str>) -> Shape {
+        Shape {
+            parallelism: 2,
+            sources: 1 + from_savepoint.is_some() as usize,
+            backend: StateBackend::Memory,
+        }
+    }
+}
+
 /// Instance `index` of `count`: counts per key; its output goes to `out`. From a
 /// savepoint, a second source of as many records joins the first (a new version of
 /// the job).
@@ -235,9 +255,25 @@ fn instance(
     from_savepoint: Option<&str>,
     seen: &Arc<Mutex<Vec<u64>>>,
 ) -> Job {
+    let shape = Shape::of(from_savepoint);
+    shaped(index, count, dir, topics, out, from_savepoint, seen, &shape)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn shaped(
+    index: usize,
+    count: usize,
+    dir: &std::path::Path,
+    topics: &MemoryTopics,
+    out: &CollectSink<(u64, u64)>,
+    from_savepoint: Option<&str>,
+    seen: &Arc<Mutex<Vec<u64>>>,
+    shape: &Shape,
+) -> Job {
     let mut builder = Job::builder("counts")
         .instance(index, count)
-        .parallelism(2)
+        .parallelism(shape.parallelism)
+        .state_backend(shape.backend.clone())
         .checkpoint_every(Duration::from_millis(20))
         .checkpoint_storage(dir.to_str().unwrap())
         .repartition_through(topics.clone());
@@ -247,8 +283,8 @@ fn instance(
     let job = builder.build().unwrap();
     let keys = || VecSource::new((0..RECORDS).map(|i| i % KEYS).collect()).with_splits(8);
     let mut input = job.source("keys", keys());
-    if from_savepoint.is_some() {
-        input = input.union(&job.source("more", keys()));
+    for name in ["more", "again"].iter().take(shape.sources - 1) {
+        input = input.union(&job.source(name, keys()));
     }
     input
         .transform(Seen {
@@ -378,11 +414,16 @@ fn counts(n: std::ops::RangeInclusive<u64>) -> Vec<(u64, u64)> {
 /// Everything the instances committed, sorted, after checking that each key was
 /// counted by the instance owning its key group (two subtasks per instance).
 fn owned_counts(outs: &[CollectSink<(u64, u64)>]) -> Vec<(u64, u64)> {
+    owned_counts_of(outs, 2)
+}
+
+/// The same with `parallelism` subtasks per instance.
+fn owned_counts_of(outs: &[CollectSink<(u64, u64)>], parallelism: usize) -> Vec<(u64, u64)> {
     let mut all = Vec::new();
     for (i, out) in outs.iter().enumerate() {
         for (k, n) in out.committed() {
             let kg = key_group_of_bytes(&postcard::to_allocvec(&k).unwrap(), 128);
-            let owner = subtask_for_key_group(kg, 128, 2 * outs.len()).0 / 2;
+            let owner = subtask_for_key_group(kg, 128, parallelism * outs.len()).0 / parallelism;
             assert_eq!(
                 owner, i,
                 "key {k} was counted by instance {i}, not its owner"
@@ -392,6 +433,64 @@ fn owned_counts(outs: &[CollectSink<(u64, u64)>]) -> Vec<(u64, u64)> {
     }
     all.sort();
     all
+}
+
+/// RocksDB state across instance counts: 2 instances of 2 subtasks, then 4 of 1 from
+/// their savepoint (each new subtask's key groups are exactly an old subtask's, so its
+/// database opens in place from files in another instance's location), then 3 of 2.
+/// Each version adds a source, and every key's count goes on where it was. The
+/// checkpoints of each instance rest only on files in its own location: a location's
+/// retention (and retiring it) must not take away another's state.
+#[cfg(feature = "rocksdb")]
+#[test]
+fn rocksdb_state_follows_its_key_groups_across_instance_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let topics = MemoryTopics::default();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let phases = [
+        (2, 2, None, "two"),
+        (4, 1, Some("two"), "four"),
+        (3, 2, Some("four"), "three"),
+    ];
+    for (n, (count, parallelism, from, savepoint)) in phases.into_iter().enumerate() {
+        let shape = Shape {
+            parallelism,
+            sources: n + 1,
+            backend: StateBackend::RocksDb(exactly_engine::state::RocksDbConfig {
+                local_dir: Some(dir.path().join(format!("local-{savepoint}"))),
+                ..exactly_engine::state::RocksDbConfig::default()
+            }),
+        };
+        let outs: Vec<_> = (0..count).map(|_| CollectSink::new()).collect();
+        let jobs = (0..count)
+            .map(|i| shaped(i, count, dir.path(), &topics, &outs[i], from, &seen, &shape))
+            .collect();
+        run_until(jobs, &outs, RECORDS as usize, savepoint);
+        let before = n as u64 * RECORDS / KEYS;
+        assert_eq!(
+            owned_counts_of(&outs, parallelism),
+            counts(before + 1..=before + RECORDS / KEYS),
+            "{count} instances of {parallelism}"
+        );
+        for i in 0..count {
+            let manifests = dir.path().join(format!("instances/{i}/manifests"));
+            let mut files = 0;
+            for m in std::fs::read_dir(&manifests).unwrap() {
+                let text = std::fs::read_to_string(m.unwrap().path()).unwrap();
+                for at in text.match_indices("/shared/").map(|(at, _)| at) {
+                    files += 1;
+                    let start = text[..at].rfind('"').unwrap();
+                    let location = &text[start + 1..at];
+                    assert!(
+                        location.ends_with(&format!("instances/{i}")),
+                        "instance {i} of {count} rests on {}",
+                        &text[start + 1..at + 40]
+                    );
+                }
+            }
+            assert!(files > 0, "instance {i} of {count} has no RocksDB files");
+        }
+    }
 }
 
 /// Mistakes refused before anything runs: a `key_by` with no way to reach the other

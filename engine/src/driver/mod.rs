@@ -525,14 +525,6 @@ async fn union_restore(
                 m.max_parallelism, s.max_parallelism
             )));
         }
-        if m.tasks.iter().any(|t| !t.shared.is_empty()) {
-            return Err(Error::config(format!(
-                "savepoint '{name}' in {} holds RocksDB state, whose files stay in each \
-                instance's location: changing the number of instances is supported for \
-                in-memory state only so far",
-                part.url()
-            )));
-        }
         let read = read_checkpoint_state(part, sp.checkpoint, m).await?;
         for (op, snaps) in read.operators {
             state.operators.entry(op).or_default().extend(snaps);

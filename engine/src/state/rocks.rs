@@ -169,9 +169,14 @@ impl RocksStore {
         let mut confirmed = HashMap::new();
         if in_place {
             materialize(dbs[0], &dir, env)?;
+            // Files of another location (a savepoint taken by another number of
+            // instances) are uploaded again by the next checkpoint: this location's
+            // checkpoints must not rest on files another location's retention deletes.
             for f in &dbs[0].files {
                 if let DbFileContent::Shared(s) = &f.content {
-                    confirmed.insert(f.name.clone(), s.clone());
+                    if env.storage.holds_shared(s) {
+                        confirmed.insert(f.name.clone(), s.clone());
+                    }
                 }
             }
         }
