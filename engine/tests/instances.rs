@@ -243,65 +243,77 @@ impl Shape {
     }
 }
 
-/// Instance `index` of `count`: counts per key; its output goes to `out`. From a
-/// savepoint, a second source of as many records joins the first (a new version of
-/// the job).
-fn instance(
-    index: usize,
-    count: usize,
-    dir: &std::path::Path,
-    topics: &MemoryTopics,
-    out: &CollectSink<(u64, u64)>,
-    from_savepoint: Option<&str>,
-    seen: &Arc<Mutex<Vec<u64>>>,
-) -> Job {
-    let shape = Shape::of(from_savepoint);
-    shaped(index, count, dir, topics, out, from_savepoint, seen, &shape)
+/// What the instances of one test share: their checkpoint root, the topics between
+/// them, and the counts their `Seen` operators restored.
+struct Counting<'a> {
+    dir: &'a std::path::Path,
+    topics: &'a MemoryTopics,
+    seen: &'a Arc<Mutex<Vec<u64>>>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn shaped(
-    index: usize,
-    count: usize,
-    dir: &std::path::Path,
-    topics: &MemoryTopics,
-    out: &CollectSink<(u64, u64)>,
-    from_savepoint: Option<&str>,
-    seen: &Arc<Mutex<Vec<u64>>>,
-    shape: &Shape,
-) -> Job {
-    let mut builder = Job::builder("counts")
-        .instance(index, count)
-        .parallelism(shape.parallelism)
-        .state_backend(shape.backend.clone())
-        .checkpoint_every(Duration::from_millis(20))
-        .checkpoint_storage(dir.to_str().unwrap())
-        .repartition_through(topics.clone());
-    if let Some(name) = from_savepoint {
-        builder = builder.restore_from_savepoint(name);
+impl Counting<'_> {
+    /// Instance `index` of `count`: counts per key; its output goes to `out`. From a
+    /// savepoint, a second source of as many records joins the first (a new version
+    /// of the job).
+    fn instance(
+        &self,
+        index: usize,
+        count: usize,
+        out: &CollectSink<(u64, u64)>,
+        from_savepoint: Option<&str>,
+    ) -> Job {
+        self.shaped(
+            index,
+            count,
+            out,
+            from_savepoint,
+            &Shape::of(from_savepoint),
+        )
     }
-    let job = builder.build().unwrap();
-    let keys = || VecSource::new((0..RECORDS).map(|i| i % KEYS).collect()).with_splits(8);
-    let mut input = job.source("keys", keys());
-    for name in ["more", "again"].iter().take(shape.sources - 1) {
-        input = input.union(&job.source(name, keys()));
+
+    /// The same, shaped by `shape`.
+    fn shaped(
+        &self,
+        index: usize,
+        count: usize,
+        out: &CollectSink<(u64, u64)>,
+        from_savepoint: Option<&str>,
+        shape: &Shape,
+    ) -> Job {
+        let (dir, topics, seen) = (self.dir, self.topics, self.seen);
+        let mut builder = Job::builder("counts")
+            .instance(index, count)
+            .parallelism(shape.parallelism)
+            .state_backend(shape.backend.clone())
+            .checkpoint_every(Duration::from_millis(20))
+            .checkpoint_storage(dir.to_str().unwrap())
+            .repartition_through(topics.clone());
+        if let Some(name) = from_savepoint {
+            builder = builder.restore_from_savepoint(name);
+        }
+        let job = builder.build().unwrap();
+        let keys = || VecSource::new((0..RECORDS).map(|i| i % KEYS).collect()).with_splits(8);
+        let mut input = job.source("keys", keys());
+        for name in ["more", "again"].iter().take(shape.sources - 1) {
+            input = input.union(&job.source(name, keys()));
+        }
+        input
+            .transform(Seen {
+                count: 0,
+                restored: seen.clone(),
+            })
+            .name("seen")
+            .key_by(|k: &u64| *k)
+            .process_fn(|k: u64, ctx: &mut KeyedContext<'_, u64, (u64, u64)>| {
+                let n = ctx.value(COUNT)?.unwrap_or(0) + 1;
+                ctx.set_value(COUNT, &n)?;
+                ctx.emit((k, n));
+                Ok(())
+            })
+            .name("count")
+            .sink("out", out.clone());
+        job
     }
-    input
-        .transform(Seen {
-            count: 0,
-            restored: seen.clone(),
-        })
-        .name("seen")
-        .key_by(|k: &u64| *k)
-        .process_fn(|k: u64, ctx: &mut KeyedContext<'_, u64, (u64, u64)>| {
-            let n = ctx.value(COUNT)?.unwrap_or(0) + 1;
-            ctx.set_value(COUNT, &n)?;
-            ctx.emit((k, n));
-            Ok(())
-        })
-        .name("count")
-        .sink("out", out.clone());
-    job
 }
 
 /// Start every instance, wait until `outs` hold `expected` records, stop them with a
@@ -344,9 +356,12 @@ fn instances_count_each_key_once_in_the_instance_owning_it_and_rescale() {
     let topics = MemoryTopics::default();
     let outs = [CollectSink::new(), CollectSink::new()];
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let jobs = (0..2)
-        .map(|i| instance(i, 2, dir.path(), &topics, &outs[i], None, &seen))
-        .collect();
+    let c = Counting {
+        dir: dir.path(),
+        topics: &topics,
+        seen: &seen,
+    };
+    let jobs = (0..2).map(|i| c.instance(i, 2, &outs[i], None)).collect();
     run_until(jobs, &outs, RECORDS as usize, "two");
     assert_eq!(owned_counts(&outs), counts(1..=RECORDS / KEYS));
     // Each instance checkpointed on its own.
@@ -355,7 +370,8 @@ fn instances_count_each_key_once_in_the_instance_owning_it_and_rescale() {
     }
     // Restarted as three without the savepoint, an instance would restore its own
     // part under another share of the work: refused.
-    let e = instance(0, 3, dir.path(), &topics, &CollectSink::new(), None, &seen)
+    let e = c
+        .instance(0, 3, &CollectSink::new(), None)
         .run()
         .unwrap_err()
         .to_string();
@@ -366,7 +382,7 @@ fn instances_count_each_key_once_in_the_instance_owning_it_and_rescale() {
     let outs = [CollectSink::new(), CollectSink::new(), CollectSink::new()];
     seen.lock().unwrap().clear();
     let jobs = (0..3)
-        .map(|i| instance(i, 3, dir.path(), &topics, &outs[i], Some("two"), &seen))
+        .map(|i| c.instance(i, 3, &outs[i], Some("two")))
         .collect();
     run_until(jobs, &outs, RECORDS as usize, "three");
     assert_eq!(
@@ -384,13 +400,11 @@ fn instances_count_each_key_once_in_the_instance_owning_it_and_rescale() {
     // savepoint that retired it), it would read input the two read: refused.
     let outs = [CollectSink::new(), CollectSink::new()];
     let jobs = (0..2)
-        .map(|i| instance(i, 2, dir.path(), &topics, &outs[i], Some("three"), &seen))
+        .map(|i| c.instance(i, 2, &outs[i], Some("three")))
         .collect();
     run_until(jobs, &outs, 0, "two-again");
     for from in [Some("two"), Some("three")] {
-        let h = instance(2, 3, dir.path(), &topics, &CollectSink::new(), from, &seen)
-            .start()
-            .unwrap();
+        let h = c.instance(2, 3, &CollectSink::new(), from).start().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !h.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -447,6 +461,11 @@ fn rocksdb_state_follows_its_key_groups_across_instance_counts() {
     let dir = tempfile::tempdir().unwrap();
     let topics = MemoryTopics::default();
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let c = Counting {
+        dir: dir.path(),
+        topics: &topics,
+        seen: &seen,
+    };
     let phases = [
         (2, 2, None, "two"),
         (4, 1, Some("two"), "four"),
@@ -463,7 +482,7 @@ fn rocksdb_state_follows_its_key_groups_across_instance_counts() {
         };
         let outs: Vec<_> = (0..count).map(|_| CollectSink::new()).collect();
         let jobs = (0..count)
-            .map(|i| shaped(i, count, dir.path(), &topics, &outs[i], from, &seen, &shape))
+            .map(|i| c.shaped(i, count, &outs[i], from, &shape))
             .collect();
         run_until(jobs, &outs, RECORDS as usize, savepoint);
         let before = n as u64 * RECORDS / KEYS;
