@@ -433,13 +433,17 @@ async fn check_savepoint(
 /// pick what they now own: key groups by range, source splits (input partitions and
 /// repartition-topic partitions) by owner, as an in-process rescale does. Nothing is
 /// left to commit. `None` when the savepoint was taken with this instance layout (the
-/// ordinary restore applies) or does not exist (which it reports).
+/// ordinary restore applies) or does not exist (which it reports). Besides the state,
+/// the highest checkpoint id in any old instance's location: this instance's ids go on
+/// above it, so a sink whose commits are idempotent by checkpoint id never takes a new
+/// checkpoint for one an old instance of the same index committed, even if this
+/// instance's location was deleted after it was retired.
 async fn union_restore(
     graph: &Graph,
     s: &JobSettings,
     own: &CheckpointStorage,
     name: &str,
-) -> Result<Option<(String, RestoredState)>> {
+) -> Result<Option<(String, RestoredState, Option<CheckpointId>)>> {
     let root = s.root_storage.as_ref().unwrap_or(own);
     // Each part with its layout: recorded in the savepoint, or (one made with the CLI)
     // its location's index and the number of parts found.
@@ -488,8 +492,10 @@ async fn union_restore(
         return Ok(None);
     }
     let mut state = RestoredState::default();
+    let mut highest = None;
     for (part, sp, _, m) in &parts {
-        let (_, newest) = RestorePoint::find(part).await?;
+        let (point, newest) = RestorePoint::find(part).await?;
+        highest = highest.max(point.max_any).max(Some(sp.checkpoint));
         check_savepoint(part, s, name, newest.as_ref().map(|m| m.checkpoint)).await?;
         // Checkpoints after the savepoint in an old instance's location are this
         // deployment's (an instance that already started from it), or another
@@ -556,7 +562,7 @@ async fn union_restore(
         }
     }
     own.unretire().await?;
-    Ok(Some((name.to_string(), state)))
+    Ok(Some((name.to_string(), state, highest)))
 }
 
 /// Whether every task of manifest `m` that the job still has ran at the parallelism the
@@ -696,7 +702,9 @@ fn recover(
             )));
         }
     }
-    if let Some((name, mut union)) = union {
+    let mut union_floor = None;
+    if let Some((name, mut union, highest)) = union {
+        union_floor = highest;
         // Sinks restore this instance's own history: what its location committed last.
         union.checkpoint = newest.as_ref().map(|(id, _)| *id);
         let newest_id = union.checkpoint.unwrap_or(CheckpointId(0));
@@ -764,7 +772,7 @@ fn recover(
     }
     Ok(Restored {
         state,
-        first_id: point.first_id(settled?),
+        first_id: point.first_id(settled?.max(union_floor)),
         from_savepoint,
     })
 }
