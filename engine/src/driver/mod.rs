@@ -434,10 +434,12 @@ async fn check_savepoint(
 /// repartition-topic partitions) by owner, as an in-process rescale does. Nothing is
 /// left to commit. `None` when the savepoint was taken with this instance layout (the
 /// ordinary restore applies) or does not exist (which it reports). Besides the state,
-/// the highest checkpoint id in any old instance's location: this instance's ids go on
+/// the highest checkpoint id in any location of the job: this instance's ids go on
 /// above it, so a sink whose commits are idempotent by checkpoint id never takes a new
 /// checkpoint for one an old instance of the same index committed, even if this
-/// instance's location was deleted after it was retired.
+/// instance's location was deleted after it was retired (a sink that also checks the
+/// location's identity, as the Kafka, file and object-store sinks do, refuses to
+/// start there instead).
 async fn union_restore(
     graph: &Graph,
     s: &JobSettings,
@@ -492,7 +494,12 @@ async fn union_restore(
         return Ok(None);
     }
     let mut state = RestoredState::default();
-    let mut highest = None;
+    // Every location of the job, not only the savepoint's parts (a job once run in one
+    // process, instances of an earlier deployment): ids go above all of them.
+    let mut highest = root.scan().await?.1;
+    for k in root.instance_dirs().await? {
+        highest = highest.max(root.child(&format!("instances/{k}")).scan().await?.1);
+    }
     for (part, sp, _, m) in &parts {
         let (point, newest) = RestorePoint::find(part).await?;
         highest = highest.max(point.max_any).max(Some(sp.checkpoint));
