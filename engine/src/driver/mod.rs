@@ -495,14 +495,14 @@ async fn union_restore(
     }
     let mut state = RestoredState::default();
     // Every location of the job, not only the savepoint's parts (a job once run in one
-    // process, instances of an earlier deployment): ids go above all of them.
+    // process, instances of an earlier deployment): ids go above all of them. The parts
+    // are among these locations, their savepoints' checkpoints included.
     let mut highest = root.scan().await?.1;
     for k in root.instance_dirs().await? {
         highest = highest.max(root.child(&format!("instances/{k}")).scan().await?.1);
     }
     for (part, sp, _, m) in &parts {
-        let (point, newest) = RestorePoint::find(part).await?;
-        highest = highest.max(point.max_any).max(Some(sp.checkpoint));
+        let (_, newest) = RestorePoint::find(part).await?;
         check_savepoint(part, s, name, newest.as_ref().map(|m| m.checkpoint)).await?;
         // Checkpoints after the savepoint in an old instance's location are this
         // deployment's (an instance that already started from it), or another
